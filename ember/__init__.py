@@ -1,0 +1,87 @@
+"""ember: self-hosted microVM sandboxes for untrusted code.
+
+>>> from ember import Sandbox
+>>> with Sandbox.create() as sb:
+...     print(sb.exec("python3 -c 'print(6*7)'").stdout)
+"""
+
+from typing import TYPE_CHECKING, Any
+
+from ember.errors import (
+    BadRequestError,
+    CommandNotFoundError,
+    CommandTimeoutError,
+    EmberError,
+    EmberTimeoutError,
+    GuestError,
+    GuestPathNotFoundError,
+    NotFoundError,
+    SandboxNotFoundError,
+    SandboxStateError,
+    TemplateNotFoundError,
+)
+
+if TYPE_CHECKING:
+    from ember.sdk.async_sandbox import AsyncSandbox
+    from ember.sdk.process import AsyncProcess
+    from ember.sdk.results import (
+        CommandFailedError,
+        EntryInfo,
+        ExecResult,
+        OutputChunk,
+        ProcessInfo,
+        SandboxInfo,
+    )
+    from ember.sdk.sandbox import Files, Process, Sandbox
+
+# The SDK is imported on first use, so that `import ember.errors` (and the CLI's start-up)
+# stays light and lower layers can be imported without the SDK.
+_LAZY = {
+    "AsyncSandbox": "ember.sdk.async_sandbox",
+    "AsyncProcess": "ember.sdk.process",
+    "CommandFailedError": "ember.sdk.results",
+    "EntryInfo": "ember.sdk.results",
+    "ExecResult": "ember.sdk.results",
+    "OutputChunk": "ember.sdk.results",
+    "ProcessInfo": "ember.sdk.results",
+    "SandboxInfo": "ember.sdk.results",
+    "Files": "ember.sdk.sandbox",
+    "Process": "ember.sdk.sandbox",
+    "Sandbox": "ember.sdk.sandbox",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ember' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncProcess",
+    "AsyncSandbox",
+    "BadRequestError",
+    "CommandFailedError",
+    "CommandNotFoundError",
+    "CommandTimeoutError",
+    "EmberError",
+    "EmberTimeoutError",
+    "EntryInfo",
+    "ExecResult",
+    "Files",
+    "GuestError",
+    "GuestPathNotFoundError",
+    "NotFoundError",
+    "OutputChunk",
+    "Process",
+    "ProcessInfo",
+    "Sandbox",
+    "SandboxInfo",
+    "SandboxNotFoundError",
+    "SandboxStateError",
+    "TemplateNotFoundError",
+]

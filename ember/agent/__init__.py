@@ -1,0 +1,32 @@
+"""The in-guest side of ember: PID 1 (:mod:`.init`) and the agent (:mod:`.server`).
+
+Stdlib only, and nothing of ember but :mod:`ember.protocol`: the image builder copies
+``ember/{__init__.py,protocol,agent}`` to ``/.ember/lib`` and the guest runs them with the
+self-contained interpreter ``/.ember/runtime/bin/python3 -I -S``.
+"""
+
+from __future__ import annotations
+
+AGENT_VERSION = "0.1.0"
+
+INIT_PATH = "/.ember/init"
+"""Where the image builder writes :data:`INIT_SCRIPT`; the kernel runs it as ``init=``."""
+
+LIB_DIR = "/.ember/lib"
+
+INIT_SCRIPT = """#!/.ember/runtime/bin/python3 -IS
+import sys
+sys.path.insert(0, "/.ember/lib")
+from ember.agent.init import main
+main()
+"""
+"""The exact text of ``/.ember/init`` (mode 0755)."""
+
+SHUTDOWN_EXIT_CODE = 100
+"""The agent process exits with this code after a ``shutdown`` request; init then syncs
+and powers the VM off. Any other exit is a crash: init restarts the agent."""
+
+PORT_NAME = "ember.agent"
+"""Name of the virtio-serial port that carries the protocol."""
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"

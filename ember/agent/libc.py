@@ -1,0 +1,47 @@
+"""The few libc calls Python's stdlib lacks: mount(2) and reboot(2), through ctypes."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_REMOUNT = 0x20
+
+RB_AUTOBOOT = 0x01234567
+"""reboot(2) command that restarts the machine; with QEMU's -no-reboot it ends QEMU."""
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+
+
+def mount(source: str, target: str, fstype: str, flags: int = 0, data: str = "") -> None:
+    """mount(2); raise OSError on failure."""
+    libc = _libc()
+    rc = libc.mount(
+        source.encode(),
+        target.encode(),
+        fstype.encode() if fstype else None,
+        ctypes.c_ulong(flags),
+        data.encode() if data else None,
+    )
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount {fstype} on {target}: {os.strerror(err)}")
+
+
+def reboot(command: int = RB_AUTOBOOT) -> None:
+    """reboot(2); returns only on failure (raising OSError)."""
+    rc = _libc().reboot(ctypes.c_int(command))
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"reboot: {os.strerror(err)}")

@@ -1,0 +1,278 @@
+"""exec: run a program in a new session, stream its output, enforce its timeout, report exit."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import select
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ember.protocol import (
+    ErrorKind,
+    Kind,
+    Message,
+    get_bool,
+    get_opt_number,
+    get_opt_str,
+    get_str,
+    get_str_list,
+    get_str_map,
+)
+
+from . import DEFAULT_PATH
+from .errors import OpError, os_error
+from .reply import Reply
+from .stdin_feed import StdinFeed
+from .threads import start_thread
+from .users import Account, lookup_account
+
+OUTPUT_CHUNK = 64 * 1024
+LINGER_IDLE = 0.1
+"""After the program exits, output of processes it left behind (holding its pipes) is
+still forwarded while it keeps coming at least this often ..."""
+LINGER_MAX = 2.0
+"""... but for no longer than this."""
+PS_MAX_ARGS = 16
+PS_MAX_ARG_CHARS = 128
+
+
+@dataclass(frozen=True)
+class ExecSpec:
+    argv: tuple[str, ...]
+    env: dict[str, str]
+    cwd: str
+    account: Account
+    switch_user: bool
+    stdin: bool
+    timeout: float | None
+
+
+def build_env(account: Account, overrides: dict[str, str]) -> dict[str, str]:
+    """A clean environment (nothing of the agent's own) with the request's on top."""
+    env = {
+        "PATH": DEFAULT_PATH,
+        "HOME": account.home,
+        "USER": account.name,
+        "LOGNAME": account.name,
+        "LANG": "C.UTF-8",
+    }
+    env.update(overrides)
+    return env
+
+
+def exec_spec(msg: Message, *, passwd: str = "/etc/passwd", group: str = "/etc/group") -> ExecSpec:
+    """The spec of a checked ``exec`` request; raises :class:`OpError` (unknown user)."""
+    if "argv" in msg:
+        argv = tuple(get_str_list(msg, "argv"))
+    else:
+        argv = ("/bin/sh", "-c", get_str(msg, "shell"))
+    user = msg.get("user")
+    if not (user is None or isinstance(user, str | int)) or isinstance(user, bool):
+        raise OpError(ErrorKind.BAD_REQUEST, "exec: 'user' must be a name or a uid")
+    account = lookup_account(user, passwd=passwd, group=group)
+    cwd = get_opt_str(msg, "cwd")
+    if cwd is None:
+        cwd = account.home if os.path.isdir(account.home) else "/"
+    return ExecSpec(
+        argv=argv,
+        env=build_env(account, get_str_map(msg, "env")),
+        cwd=cwd,
+        account=account,
+        switch_user=user is not None and (os.geteuid() == 0 or account.uid != os.geteuid()),
+        stdin=get_bool(msg, "stdin"),
+        timeout=get_opt_number(msg, "timeout"),
+    )
+
+
+class ExecOp:
+    """One running exec. :meth:`run` is the body of its thread."""
+
+    def __init__(self, spec: ExecSpec, reply: Reply, on_final: Callable[[], None]) -> None:
+        self.spec = spec
+        self.reply = reply
+        self.stdin = StdinFeed() if spec.stdin else None
+        self._on_final = on_final
+        self._lock = threading.Lock()
+        self._pid: int | None = None
+        self._running = False
+
+    def describe(self) -> Message | None:
+        """This exec's ``ps`` entry (argv shortened), or None before it started."""
+        with self._lock:
+            if self._pid is None:
+                return None
+            argv = [a[:PS_MAX_ARG_CHARS] for a in self.spec.argv[:PS_MAX_ARGS]]
+            return {
+                "stream": self.reply.stream,
+                "pid": self._pid,
+                "argv": argv,
+                "running": self._running,
+            }
+
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` to the exec's process group."""
+        with self._lock:
+            if self._pid is None or not self._running:
+                raise OpError(
+                    ErrorKind.NOT_FOUND, f"stream {self.reply.stream} has no running process"
+                )
+            try:
+                os.killpg(self._pid, signum)
+            except OSError as err:
+                raise os_error(err, f"cannot signal process group {self._pid}") from None
+
+    def kill(self) -> None:
+        """SIGKILL the process group if it still runs (the agent is going away)."""
+        with contextlib.suppress(OpError):
+            self.signal(signal.SIGKILL)
+
+    def detach(self) -> None:
+        """The session ended: the program keeps running, its stdin closes."""
+        if self.stdin is not None:
+            self.stdin.abandon()
+
+    def run(self) -> None:
+        try:
+            proc = self._spawn()
+        except OpError as err:
+            if self.stdin is not None:
+                self.stdin.abandon()
+            self._on_final()
+            self.reply.fail(err)
+            return
+        with self._lock:
+            self._pid, self._running = proc.pid, True
+        self.reply.msg({"op": "started", "pid": proc.pid})
+        if self.stdin is not None and proc.stdin is not None:
+            feed, pipe = self.stdin, proc.stdin
+            start_thread(f"stdin-{self.reply.stream}", lambda: feed.pump(pipe))
+        try:
+            timed_out = self._pump(proc)
+        finally:
+            for output in (proc.stdout, proc.stderr):
+                if output is not None:
+                    output.close()
+            if proc.poll() is None:  # only if pumping failed: never leave it behind
+                self.kill()
+            code = proc.wait()
+            with self._lock:
+                self._running = False
+        self._on_final()
+        self.reply.msg(
+            {
+                "op": "exit",
+                "code": None if code < 0 else code,
+                "signal": -code if code < 0 else None,
+                "timed_out": timed_out,
+            }
+        )
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        spec = self.spec
+        if not os.path.isdir(spec.cwd):
+            if os.path.exists(spec.cwd):
+                raise OpError(ErrorKind.NOT_A_DIRECTORY, f"not a directory: {spec.cwd}")
+            raise OpError(ErrorKind.NOT_FOUND, f"no such directory: {spec.cwd}")
+        account = spec.account
+        switch = spec.switch_user
+        try:
+            return subprocess.Popen(
+                spec.argv,
+                stdin=subprocess.PIPE if spec.stdin else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=spec.cwd,
+                env=spec.env,
+                close_fds=True,
+                start_new_session=True,
+                user=account.uid if switch else None,
+                group=account.gid if switch else None,
+                extra_groups=list(account.groups) if switch else None,
+            )
+        except (FileNotFoundError, NotADirectoryError) as err:
+            if err.filename == spec.cwd:
+                raise OpError(ErrorKind.NOT_FOUND, f"no such directory: {spec.cwd}") from None
+            raise OpError(ErrorKind.NOT_FOUND, f"command not found: {spec.argv[0]}") from None
+        except OSError as err:
+            raise os_error(err, f"cannot run {spec.argv[0]}") from None
+        except (ValueError, subprocess.SubprocessError) as err:
+            raise OpError(ErrorKind.BAD_REQUEST, f"cannot run {spec.argv[0]}: {err}") from None
+
+    def _pump(self, proc: subprocess.Popen[bytes]) -> bool:
+        """Forward output until the program exited and its pipes closed (or went quiet).
+
+        Returns whether the timeout killed it.
+        """
+        assert proc.stdout is not None and proc.stderr is not None
+        kinds = {proc.stdout.fileno(): Kind.STDOUT, proc.stderr.fileno(): Kind.STDERR}
+        poller = select.poll()
+        for fd in kinds:
+            os.set_blocking(fd, False)
+            poller.register(fd, select.POLLIN)
+        pidfd = _pidfd_open(proc.pid)
+        if pidfd is not None:
+            poller.register(pidfd, select.POLLIN)
+        deadline = None if self.spec.timeout is None else time.monotonic() + self.spec.timeout
+        timed_out = False
+        exited_at: float | None = None
+        try:
+            while True:
+                now = time.monotonic()
+                if exited_at is None and pidfd is None and proc.poll() is not None:
+                    exited_at = now
+                    with self._lock:
+                        self._running = False
+                lingering = exited_at is not None
+                wait: float | None
+                if exited_at is not None:
+                    if not kinds or now >= exited_at + LINGER_MAX:
+                        return timed_out
+                    wait = LINGER_IDLE
+                else:
+                    wait = None if pidfd is not None else 0.05
+                    if deadline is not None:
+                        if now >= deadline:
+                            self.kill()
+                            timed_out, deadline = True, None
+                            continue
+                        wait = deadline - now if wait is None else min(wait, deadline - now)
+                events = poller.poll(None if wait is None else math.ceil(wait * 1000))
+                if lingering and not any(fd in kinds for fd, _ in events):
+                    return timed_out
+                for fd, _ in events:
+                    if fd == pidfd:
+                        poller.unregister(pidfd)
+                        exited_at = time.monotonic()
+                        with self._lock:
+                            self._running = False
+                    elif fd in kinds:
+                        self._forward(poller, kinds, fd)
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
+
+    def _forward(self, poller: select.poll, kinds: dict[int, Kind], fd: int) -> None:
+        try:
+            chunk = os.read(fd, OUTPUT_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if chunk:
+            self.reply.data(kinds[fd], chunk)  # dropped if the session ended
+        else:
+            poller.unregister(fd)
+            del kinds[fd]
+
+
+def _pidfd_open(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None  # old kernel: poll the child instead

@@ -1,0 +1,201 @@
+"""File operations: read (streamed), write (streamed in), list, stat, mkdir, remove, rename."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import stat
+
+from ember.protocol import (
+    MAX_DATA_PAYLOAD,
+    ErrorKind,
+    Kind,
+    Message,
+    get_bool,
+    get_opt_int,
+    get_str,
+)
+
+from .chunking import chunked
+from .errors import OpError, os_error
+from .reply import Reply
+
+
+def file_type(mode: int) -> str:
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "dir"
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    return "other"
+
+
+def safe_name(name: str) -> str:
+    """A file name as valid Unicode (undecodable bytes become U+FFFD)."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def entry(name: str, st: os.stat_result) -> Message:
+    return {
+        "name": safe_name(name),
+        "type": file_type(st.st_mode),
+        "size": st.st_size,
+        "mode": stat.S_IMODE(st.st_mode),
+        "mtime": st.st_mtime,
+    }
+
+
+def stat_path(msg: Message) -> list[Message]:
+    """``stat`` follows symlinks (``list`` does not)."""
+    path = get_str(msg, "path")
+    try:
+        st = os.stat(path)
+    except OSError as err:
+        raise os_error(err, f"cannot stat {path}") from None
+    name = os.path.basename(path.rstrip("/")) or "/"
+    return [{"op": "stat_result", **entry(name, st)}]
+
+
+def list_dir(msg: Message) -> list[Message]:
+    path = get_str(msg, "path")
+    entries: list[Message] = []
+    try:
+        with os.scandir(path) as found:
+            for item in found:
+                try:
+                    entries.append(entry(item.name, item.stat(follow_symlinks=False)))
+                except OSError:
+                    continue  # removed while listing
+    except OSError as err:
+        raise os_error(err, f"cannot list {path}") from None
+    entries.sort(key=lambda e: str(e["name"]))
+    return chunked("list_result", "entries", entries)
+
+
+def make_dir(msg: Message) -> list[Message]:
+    path = get_str(msg, "path")
+    try:
+        if get_bool(msg, "parents"):
+            os.makedirs(path, 0o755, exist_ok=True)
+        else:
+            os.mkdir(path, 0o755)
+    except OSError as err:
+        raise os_error(err, f"cannot create directory {path}") from None
+    return [{"op": "ok"}]
+
+
+def remove_path(msg: Message) -> list[Message]:
+    path = get_str(msg, "path")
+    if os.path.normpath(path) == "/":
+        raise OpError(ErrorKind.BAD_REQUEST, "refusing to remove /")
+    try:
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            if get_bool(msg, "recursive"):
+                shutil.rmtree(path)
+            else:
+                os.rmdir(path)
+        else:
+            os.unlink(path)
+    except OSError as err:
+        raise os_error(err, f"cannot remove {path}") from None
+    return [{"op": "ok"}]
+
+
+def rename_path(msg: Message) -> list[Message]:
+    src, dst = get_str(msg, "src"), get_str(msg, "dst")
+    try:
+        os.rename(src, dst)
+    except OSError as err:
+        raise os_error(err, f"cannot rename {src} to {dst}") from None
+    return [{"op": "ok"}]
+
+
+def stream_read(msg: Message, reply: Reply) -> list[Message]:
+    """Send ``file {size, mode}`` and the FILEDATA frames; return the final ``eof``."""
+    path = get_str(msg, "path")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+    except OSError as err:
+        raise os_error(err, f"cannot read {path}") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise OpError(ErrorKind.IS_A_DIRECTORY, f"cannot read {path}: it is a directory")
+        if not stat.S_ISREG(st.st_mode):
+            raise OpError(ErrorKind.BAD_REQUEST, f"cannot read {path}: not a regular file")
+        os.set_blocking(fd, True)
+        if not reply.msg({"op": "file", "size": st.st_size, "mode": stat.S_IMODE(st.st_mode)}):
+            return []
+        while True:
+            try:
+                chunk = os.read(fd, MAX_DATA_PAYLOAD)
+            except OSError as err:
+                raise os_error(err, f"cannot read {path}") from None
+            if not chunk:
+                return [{"op": "eof"}]
+            if not reply.data(Kind.FILEDATA, chunk):
+                return []
+    finally:
+        os.close(fd)
+
+
+class FileWriter:
+    """A ``write`` in progress: FILEDATA frames go to the file until ``eof``.
+
+    The file is written in place (not atomically); ``mode``, when given, is applied even
+    to an existing file.
+    """
+
+    def __init__(self, fd: int, path: str) -> None:
+        self.path = path
+        self.written = 0
+        self._fd: int | None = fd
+
+    @classmethod
+    def open(cls, msg: Message) -> FileWriter:
+        path = get_str(msg, "path")
+        mode = get_opt_int(msg, "mode")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+        flags |= os.O_APPEND if get_bool(msg, "append") else os.O_TRUNC
+        try:
+            fd = os.open(path, flags, 0o644 if mode is None else mode)
+        except OSError as err:
+            raise os_error(err, f"cannot write {path}") from None
+        try:
+            if mode is not None:
+                os.fchmod(fd, mode)
+            os.set_blocking(fd, True)
+        except OSError as err:
+            os.close(fd)
+            raise os_error(err, f"cannot write {path}") from None
+        return cls(fd, path)
+
+    def write(self, data: bytes) -> None:
+        if self._fd is None:
+            raise OpError(ErrorKind.INTERNAL, f"write to {self.path} already ended")
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError as err:
+            self.abort()
+            raise os_error(err, f"cannot write {self.path}") from None
+        self.written += len(data)
+
+    def finish(self) -> Message:
+        """Close the file; the final ``ok {size}`` (bytes written by this request)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError as err:
+                raise os_error(err, f"cannot write {self.path}") from None
+        return {"op": "ok", "size": self.written}
+
+    def abort(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)

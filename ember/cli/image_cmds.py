@@ -1,0 +1,116 @@
+"""``ember image ...``: templates."""
+
+from __future__ import annotations
+
+import datetime
+import sys
+import time
+
+import click
+from rich.table import Table
+
+from ember.cli.common import handle_errors, out_console, print_json, progress
+from ember.paths import Paths
+from ember.store import Store
+
+
+def _store(paths: Paths) -> Store:
+    return Store(paths.ensure().db)
+
+
+@click.group("image")
+def image() -> None:
+    """Build, list, check and remove templates (root filesystem images)."""
+
+
+@image.command("build")
+@click.argument("name")
+@click.option("--from", "source", metavar="SOURCE",
+              help="debian:SUITE | oci-layout:DIR[:TAG] | docker-archive:FILE.tar | "
+                   "registry:HOST/REPO[:TAG] | docker://HOST/REPO[:TAG] | dir:PATH. "
+                   "Optional for built-in templates (debian-python, debian).")
+@click.option("--package", "-p", "packages", multiple=True,
+              help="Extra Debian package (debian: sources only); repeatable.")
+@click.option("--force", is_flag=True, help="Replace an existing template of that name.")
+@click.option("--rebuild", is_flag=True, help="Ignore the cached image of the same recipe.")
+@click.option("--free-mib", type=click.IntRange(0, 1 << 20), default=1024, show_default=True,
+              help="Free space in the image's filesystem (sparse: costs no host disk).")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def build(name: str, source: str | None, packages: tuple[str, ...], force: bool, rebuild: bool,
+          free_mib: int, as_json: bool) -> None:
+    """Build template NAME from SOURCE into the image cache and register it."""
+    from ember.guest.image import build_image
+
+    paths = Paths.from_env()
+    t0 = time.monotonic()
+    with progress(not as_json, f"image {name}") as p:
+        rec = build_image(paths, _store(paths), name, source, packages=packages, force=force,
+                          rebuild=rebuild, free_mib=free_mib, progress=p)
+    took = time.monotonic() - t0
+    if as_json:
+        print_json({**rec.to_json(), "seconds": round(took, 2)})
+    else:
+        out_console.print(f"template [bold]{rec.name}[/] ready: {rec.digest} "
+                          f"({rec.size_bytes >> 20} MiB image, {took:.1f} s)")
+
+
+@image.command("ls")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def ls(as_json: bool) -> None:
+    """List templates."""
+    recs = _store(Paths.from_env()).list_templates()
+    if as_json:
+        print_json([r.to_json() for r in recs])
+        return
+    t = Table("NAME", "SOURCE", "DIGEST", "SIZE", "CREATED")
+    for r in recs:
+        created = datetime.datetime.fromtimestamp(r.created_at).strftime("%Y-%m-%d %H:%M")
+        t.add_row(r.name, r.source, r.digest[:19], f"{r.size_bytes >> 20} MiB", created)
+    out_console.print(t)
+
+
+@image.command("rm")
+@click.argument("names", nargs=-1, required=True)
+@handle_errors
+def rm(names: tuple[str, ...]) -> None:
+    """Remove templates (refused while sandboxes use them)."""
+    from ember.guest.image import remove_image
+
+    paths = Paths.from_env()
+    store = _store(paths)
+    for n in names:
+        remove_image(paths, store, n)
+        out_console.print(f"removed template {n}")
+
+
+@image.command("check")
+@click.argument("name")
+@click.option("--timeout", type=float, default=180.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def check(name: str, timeout: float, as_json: bool) -> None:
+    """Boot template NAME once and prove the guest init ran (kernel version and digest)."""
+    from ember.guest.check import check_image
+
+    paths = Paths.from_env()
+    with progress(not as_json, f"check {name}") as p:
+        res = check_image(paths, _store(paths), name, timeout=timeout, progress=p)
+    if as_json:
+        print_json({"template": res.template, "kernel": res.kernel_release,
+                    "digest": res.digest, "expected_digest": res.expected_digest,
+                    "ok": res.ok, "accel": res.accel, "accel_reason": res.accel_reason,
+                    "boot_to_init_s": round(res.boot_to_init_s, 3),
+                    "total_s": round(res.total_s, 3)})
+    else:
+        out_console.print(f"guest kernel: {res.kernel_release}")
+        out_console.print(f"image digest (read inside the guest): {res.digest}")
+        out_console.print(f"accelerator: {res.accel} ({res.accel_reason})")
+        out_console.print(f"boot to init: {res.boot_to_init_s:.2f} s; VM exited after "
+                          f"{res.total_s:.2f} s")
+        if res.ok:
+            out_console.print("[green]ok[/]: digest matches the registry")
+    if not res.ok:
+        click.echo(f"digest mismatch: registry has {res.expected_digest}", err=True)
+        sys.exit(1)

@@ -1,0 +1,32 @@
+"""``ember``: self-hosted microVM sandboxes for untrusted code."""
+
+from __future__ import annotations
+
+import click
+
+from ember.cli import doctor_cmd, image_cmds, kernel_cmds, sandbox_cmds
+from ember.cli.common import setup_logging
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--verbose", "-v", is_flag=True, help="Also print debug logs to stderr.")
+@click.version_option("0.1.0", prog_name="ember")
+def cli(verbose: bool) -> None:
+    """ember: microVM sandboxes for code you did not write.
+
+    State lives in EMBER_HOME (default /var/lib/ember as root); logs in
+    $EMBER_HOME/logs/ember.log; kernels and images in EMBER_CACHE ($EMBER_HOME/cache).
+    """
+    setup_logging(verbose)
+
+
+cli.add_command(kernel_cmds.kernel)
+cli.add_command(image_cmds.image)
+cli.add_command(doctor_cmd.doctor)
+for _cmd in (sandbox_cmds.run, sandbox_cmds.create, sandbox_cmds.ls, sandbox_cmds.inspect,
+             sandbox_cmds.exec_, sandbox_cmds.cp, sandbox_cmds.logs, sandbox_cmds.rm):
+    cli.add_command(_cmd)
+
+
+def main() -> None:
+    cli(prog_name="ember")

@@ -1,0 +1,242 @@
+"""Sandbox commands: run, create, ls, inspect, exec, cp, logs, rm."""
+
+from __future__ import annotations
+
+import datetime
+import sys
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+from rich.table import Table
+
+from ember.cli.common import handle_errors, out_console, print_json, progress
+from ember.errors import BadRequestError, CommandNotFoundError, EmberError
+from ember.runtime.spec import DEFAULT_TEMPLATE
+
+if TYPE_CHECKING:
+    from ember.sdk.sandbox import Sandbox
+
+CREATE_OPTIONS = [
+    click.option("--template", "-t", default=DEFAULT_TEMPLATE, show_default=True),
+    click.option("--vcpus", type=int, default=1, show_default=True),
+    click.option("--memory", "memory_mib", type=int, default=256, show_default=True,
+                 help="Guest RAM in MiB."),
+    click.option("--disk", "disk_mib", type=int, default=None,
+                 help="Disk size in MiB (default: the template's)."),
+    click.option("--timeout", type=float, default=300.0, show_default=True,
+                 help="Sandbox lifetime in seconds (0: no limit)."),
+    click.option("--env", "-e", "env", multiple=True, metavar="KEY=VALUE",
+                 help="Environment for every command; repeatable."),
+    click.option("--meta", "metadata", multiple=True, metavar="KEY=VALUE",
+                 help="Metadata stored with the sandbox; repeatable."),
+]
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def create_options(fn: F) -> F:
+    for opt in reversed(CREATE_OPTIONS):
+        fn = opt(fn)
+    return fn
+
+
+def _pairs(items: tuple[str, ...], what: str) -> dict[str, str]:
+    out = {}
+    for it in items:
+        if "=" not in it:
+            raise BadRequestError(f"{what} must be KEY=VALUE, got {it!r}")
+        k, v = it.split("=", 1)
+        out[k] = v
+    return out
+
+
+def _create(template: str, vcpus: int, memory_mib: int, disk_mib: int | None, timeout: float,
+            env: tuple[str, ...], metadata: tuple[str, ...], show: bool) -> Sandbox:
+    from ember.sdk.sandbox import Sandbox
+
+    with progress(show, "sandbox") as p:
+        return Sandbox.create(template, vcpus=vcpus, memory_mib=memory_mib, disk_mib=disk_mib,
+                              timeout=timeout or None, env=_pairs(env, "--env"),
+                              metadata=_pairs(metadata, "--meta"), on_progress=p)
+
+
+def _stream_exec(sb: Sandbox, cmd: list[str], stdin: bool, timeout: float | None) -> int:
+    data = sys.stdin.buffer.read() if stdin else None
+    argv: str | list[str] = cmd[0] if len(cmd) == 1 and " " in cmd[0] else cmd
+    p = sb.spawn(argv, stdin=data is not None, timeout=timeout)
+    if data is not None:
+        p.write_stdin(data)
+        p.close_stdin()
+    for chunk in p.output():
+        out = sys.stdout.buffer if chunk.stream == "stdout" else sys.stderr.buffer
+        out.write(chunk.data)
+        out.flush()
+    result = p.wait()
+    return int(result.exit_code)
+
+
+@click.command("run", context_settings={"ignore_unknown_options": True})
+@create_options
+@click.option("--stdin", "-i", "stdin", is_flag=True, help="Send this process's stdin.")
+@click.option("--cmd-timeout", type=float, default=None, help="Command timeout in seconds.")
+@click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
+@handle_errors
+def run(template: str, vcpus: int, memory_mib: int, disk_mib: int | None, timeout: float,
+        env: tuple[str, ...], metadata: tuple[str, ...], stdin: bool, cmd_timeout: float | None,
+        cmd: tuple[str, ...]) -> None:
+    """Create a sandbox, run CMD in it with streamed output, destroy it; exit with CMD's code.
+
+    Example: ember run -- python3 -c "print(6*7)"
+    """
+    sb = _create(template, vcpus, memory_mib, disk_mib, timeout, env, metadata, True)
+    code = 125
+    try:
+        code = _stream_exec(sb, list(cmd), stdin, cmd_timeout)
+    except CommandNotFoundError as err:
+        click.echo(f"ember: {err}", err=True)
+        code = 127
+    finally:
+        sb.kill()
+    sys.exit(code)
+
+
+@click.command("create")
+@create_options
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def create(template: str, vcpus: int, memory_mib: int, disk_mib: int | None, timeout: float,
+           env: tuple[str, ...], metadata: tuple[str, ...], as_json: bool) -> None:
+    """Create a sandbox that keeps running after this command; print its id."""
+    sb = _create(template, vcpus, memory_mib, disk_mib, timeout, env, metadata, not as_json)
+    info = sb.info()
+    sb.close()
+    if as_json:
+        print_json(info.__dict__)
+    else:
+        click.echo(info.id)
+
+
+@click.command("ls")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def ls(as_json: bool) -> None:
+    """List sandboxes (dead VMs are detected and marked failed)."""
+    from ember.sdk.sandbox import Sandbox
+
+    infos = Sandbox.list()
+    if as_json:
+        print_json([i.__dict__ for i in infos])
+        return
+    t = Table("ID", "TEMPLATE", "STATE", "VCPUS", "MEMORY", "CREATED", "EXPIRES", "NOTE")
+    for i in infos:
+        created = datetime.datetime.fromtimestamp(i.created_at).strftime("%H:%M:%S")
+        expires = (f"in {max(0, int(i.expires_at - time.time()))} s" if i.expires_at else "-")
+        t.add_row(i.id, i.template, i.state, str(i.vcpus), f"{i.memory_mib} MiB", created,
+                  expires, (i.error or "")[:60])
+    out_console.print(t)
+
+
+@click.command("inspect")
+@click.argument("sandbox_id")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def inspect(sandbox_id: str, as_json: bool) -> None:
+    """Show one sandbox."""
+    from ember.sdk.async_sandbox import info_of, manager
+
+    info = info_of(manager().get(sandbox_id))
+    if as_json:
+        print_json(info.__dict__)
+    else:
+        for k, v in info.__dict__.items():
+            click.echo(f"{k}: {v}")
+
+
+@click.command("exec", context_settings={"ignore_unknown_options": True})
+@click.argument("sandbox_id")
+@click.option("--stdin", "-i", "stdin", is_flag=True, help="Send this process's stdin.")
+@click.option("--timeout", type=float, default=None, help="Command timeout in seconds.")
+@click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
+@handle_errors
+def exec_(sandbox_id: str, stdin: bool, timeout: float | None, cmd: tuple[str, ...]) -> None:
+    """Run CMD in a running sandbox; exit with its code."""
+    from ember.sdk.sandbox import Sandbox
+
+    sb = Sandbox.connect(sandbox_id)
+    try:
+        code = _stream_exec(sb, list(cmd), stdin, timeout)
+    except CommandNotFoundError as err:
+        click.echo(f"ember: {err}", err=True)
+        code = 127
+    finally:
+        sb.close()
+    sys.exit(code)
+
+
+@click.command("cp")
+@click.argument("src")
+@click.argument("dst")
+@handle_errors
+def cp(src: str, dst: str) -> None:
+    """Copy a file into or out of a sandbox: ember cp FILE ID:/path | ember cp ID:/path FILE"""
+    from ember.sdk.sandbox import Sandbox
+
+    def split(s: str) -> tuple[str, str] | None:
+        if ":" in s and s.startswith("sb-"):
+            sid, path = s.split(":", 1)
+            return sid, path
+        return None
+
+    s, d = split(src), split(dst)
+    if (s is None) == (d is None):
+        raise BadRequestError("exactly one of SRC and DST must be SANDBOX_ID:/path")
+    sid = (s or d)[0]  # type: ignore[index]
+    sb = Sandbox.connect(sid)
+    try:
+        if d is not None:
+            n = sb.files.upload(src, d[1])
+        else:
+            assert s is not None
+            n = sb.files.download(s[1], dst)
+    finally:
+        sb.close()
+    click.echo(f"copied {n} bytes", err=True)
+
+
+@click.command("logs")
+@click.argument("sandbox_id")
+@handle_errors
+def logs(sandbox_id: str) -> None:
+    """Print a sandbox's console log (kernel and init output)."""
+    from ember.runtime.manager import console_tail
+    from ember.sdk.async_sandbox import manager
+
+    rec = manager().store.get_sandbox(sandbox_id)
+    sys.stdout.write(console_tail(rec, limit=1 << 22))
+
+
+@click.command("rm")
+@click.argument("sandbox_ids", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="Remove every sandbox.")
+@handle_errors
+def rm(sandbox_ids: tuple[str, ...], all_: bool) -> None:
+    """Destroy sandboxes (VM, disk, sockets, registry row)."""
+    from ember.sdk.async_sandbox import manager
+
+    mgr = manager()
+    ids = [r.id for r in mgr.store.list_sandboxes()] if all_ else list(sandbox_ids)
+    if not ids and not all_:
+        raise BadRequestError("give sandbox ids or --all")
+    failed = False
+    for sid in ids:
+        try:
+            mgr.destroy(sid)
+            click.echo(f"removed {sid}")
+        except EmberError as err:
+            failed = True
+            click.echo(f"error: {sid}: {err}", err=True)
+    if failed:
+        sys.exit(1)

@@ -1,0 +1,286 @@
+"""The engine interface the layers above use: a VM spec, a handle, an engine.
+
+An engine (QEMU today; Firecracker or Cloud Hypervisor later) turns a :class:`VMSpec`
+into a running VMM process and returns a :class:`VMHandle`. The handle's process-level
+operations (liveness, SIGKILL, waiting for exit, removing leftover sockets) are the same
+for every VMM and live here; VMM control (pause, resume, status, quit) is per engine.
+
+The VMM process is not our child (it daemonizes so it outlives whoever started it), and
+its pid may come from the registry long after the fact. So every signal goes through a
+pidfd, and only after ``/proc/<pid>/cmdline`` shows the VM's control socket path: a pid
+reused by an unrelated process is never signalled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import select
+import signal
+import socket
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from ember.engine.accel import AccelDecision
+from ember.errors import BadRequestError, EngineError
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+MAX_VCPUS = 64
+MIN_MEMORY_MIB = 64
+#: sun_path is 108 bytes including the terminating NUL.
+MAX_SOCKET_PATH_BYTES = 107
+#: x86 COMMAND_LINE_SIZE is 2048; keep room for the engine's own arguments.
+MAX_EXTRA_CMDLINE = 1024
+
+
+def host_memory_mib() -> int:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // (1024 * 1024)
+
+
+@dataclass(frozen=True)
+class VMSpec:
+    """Everything an engine needs to boot one guest. Validated on construction."""
+
+    name: str
+    kernel: Path
+    disk: Path
+    disk_format: Literal["raw", "qcow2"]
+    disk_readonly: bool
+    vcpus: int
+    memory_mib: int
+    cmdline: str  # extra kernel arguments, appended after the engine's own
+    console_log: Path
+    qmp_socket: Path
+    agent_socket: Path | None
+    pidfile: Path
+    accel: AccelDecision
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not NAME_RE.fullmatch(self.name):
+            raise BadRequestError(
+                f"VM name {self.name!r} must be 1-64 characters of letters, digits, "
+                "'_', '.' or '-', starting with a letter or digit")
+        if self.disk_format not in ("raw", "qcow2"):
+            raise BadRequestError(f"disk_format must be 'raw' or 'qcow2', not "
+                                  f"{self.disk_format!r}")
+        _check_int("vcpus", self.vcpus, 1, MAX_VCPUS)
+        _check_int("memory_mib", self.memory_mib, MIN_MEMORY_MIB, host_memory_mib())
+        for label in ("kernel", "disk", "console_log", "qmp_socket", "agent_socket", "pidfile"):
+            value = getattr(self, label)
+            if value is not None:
+                _check_path(label, value)
+        for label in ("qmp_socket", "agent_socket"):
+            value = getattr(self, label)
+            if value is not None and len(os.fsencode(value)) > MAX_SOCKET_PATH_BYTES:
+                raise BadRequestError(
+                    f"{label} path {str(value)!r} is longer than {MAX_SOCKET_PATH_BYTES} "
+                    "bytes, the limit for a Unix socket path; use a shorter EMBER_HOME")
+        if len(self.cmdline) > MAX_EXTRA_CMDLINE:
+            raise BadRequestError(f"extra kernel cmdline is longer than {MAX_EXTRA_CMDLINE} "
+                                  "characters")
+        if any(not ch.isprintable() for ch in self.cmdline):
+            raise BadRequestError("extra kernel cmdline contains control characters")
+
+
+def _check_int(label: str, value: object, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequestError(f"{label} must be an integer, not {value!r}")
+    if not low <= value <= high:
+        raise BadRequestError(f"{label} must be between {low} and {high}, not {value}")
+
+
+def _check_path(label: str, value: object) -> None:
+    if not isinstance(value, Path):
+        raise BadRequestError(f"{label} must be a pathlib.Path, not {type(value).__name__}")
+    if not value.is_absolute():
+        raise BadRequestError(f"{label} path {str(value)!r} must be absolute")
+    if any(ch in str(value) for ch in "\0\n\r"):
+        raise BadRequestError(f"{label} path {str(value)!r} contains a NUL or newline")
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def proc_cmdline(pid: int) -> list[str] | None:
+    """The argv of ``pid`` from /proc, or None if it is gone (or a zombie: empty cmdline)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    if not raw:
+        return None
+    return [os.fsdecode(a) for a in raw.rstrip(b"\0").split(b"\0")]
+
+
+def process_runs(pid: int, token: str) -> bool:
+    """True if ``pid`` is alive (not a zombie) and one of its arguments contains ``token``."""
+    argv = proc_cmdline(pid)
+    return argv is not None and any(token in arg for arg in argv)
+
+
+def unix_socket_live(path: Path) -> bool:
+    """True if something accepts connections on the Unix socket ``path``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        try:
+            sock.connect(os.fspath(path))
+        except OSError:
+            return False
+    return True
+
+
+def remove_stale_socket(path: Path) -> None:
+    """Unlink ``path`` unless a live server listens on it (a newer VM may own it)."""
+    if (path.exists() or path.is_symlink()) and not unix_socket_live(path):
+        path.unlink(missing_ok=True)
+
+
+class VMHandle(ABC):
+    """A running (or once running) VMM process and its sockets.
+
+    ``is_alive``, ``kill`` and ``wait_exit`` are engine-neutral and implemented here;
+    subclasses implement VMM control. ``kill``, ``quit`` and a successful ``wait_exit``
+    leave no process and remove the VM's sockets and pidfile.
+    """
+
+    def __init__(self, *, name: str, pid: int, qmp_socket: Path, agent_socket: Path | None,
+                 console_log: Path, pidfile: Path) -> None:
+        if pid <= 0:
+            raise BadRequestError(f"pid must be positive, not {pid}")
+        self.name = name
+        self.pid = pid
+        self.qmp_socket = qmp_socket
+        self.agent_socket = agent_socket
+        self.console_log = console_log
+        self.pidfile = pidfile
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} pid={self.pid}>"
+
+    @property
+    def _identity(self) -> str:
+        """A string that appears in this VMM's argv and in no unrelated process's."""
+        return os.fspath(self.qmp_socket)
+
+    # -- VMM control (per engine)
+    @abstractmethod
+    def qmp(self, cmd: str, **args: Any) -> Any:
+        """Run one control command and return its result; EngineError on failure."""
+
+    @abstractmethod
+    def stop(self) -> None:
+        """Pause the guest's vCPUs."""
+
+    @abstractmethod
+    def cont(self) -> None:
+        """Resume a paused guest."""
+
+    @abstractmethod
+    def status(self) -> str:
+        """The VMM's run state (``running``, ``paused``, ...) or ``exited``."""
+
+    @abstractmethod
+    def quit(self, timeout: float = 10.0) -> None:
+        """Ask the VMM to exit; SIGKILL it if it has not within ``timeout`` seconds."""
+
+    # -- process level (shared)
+    def is_alive(self) -> bool:
+        return process_runs(self.pid, self._identity)
+
+    def wait_exit(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for the process to exit; True (and cleaned up) if it has."""
+        fd = self._open_pidfd()
+        if fd is None:
+            self._cleanup()
+            return True
+        try:
+            exited = _poll_exit(fd, timeout)
+            if exited:
+                _reap(fd)
+        finally:
+            os.close(fd)
+        if exited:
+            self._cleanup()
+        return exited
+
+    def kill(self, timeout: float = 10.0) -> None:
+        """SIGKILL the VMM, wait for it to be gone and remove its sockets and pidfile."""
+        fd = self._open_pidfd()
+        if fd is not None:
+            try:
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)
+                if not _poll_exit(fd, timeout):
+                    raise EngineError(f"VM {self.name} (pid {self.pid}) did not die within "
+                                      f"{timeout} s of SIGKILL")
+                _reap(fd)
+            finally:
+                os.close(fd)
+        self._cleanup()
+
+    def _open_pidfd(self) -> int | None:
+        """A pidfd for our VMM, or None if it is gone or the pid now belongs to another process."""
+        try:
+            fd = os.pidfd_open(self.pid)
+        except ProcessLookupError:
+            return None
+        except OSError as err:
+            raise EngineError(f"cannot open pidfd for VM {self.name} (pid {self.pid}): "
+                              f"{err.strerror}") from err
+        # Checked after opening: if the pid was ours now, the fd refers to our process.
+        if not process_runs(self.pid, self._identity):
+            os.close(fd)
+            return None
+        return fd
+
+    def _cleanup(self) -> None:
+        remove_stale_socket(self.qmp_socket)
+        if self.agent_socket is not None:
+            remove_stale_socket(self.agent_socket)
+        try:
+            if self.pidfile.read_text().strip() in ("", str(self.pid)):
+                self.pidfile.unlink()
+        except OSError as err:
+            if err.errno != errno.ENOENT:
+                raise EngineError(f"cannot remove pidfile {self.pidfile}: {err}") from err
+
+
+def _reap(pidfd: int) -> None:
+    """Collect the exit status if the VMM happens to be our child (so it is no zombie)."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG)
+
+
+def _poll_exit(pidfd: int, timeout: float) -> bool:
+    """True once the process behind ``pidfd`` has exited (pidfds poll readable then)."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    deadline = time.monotonic() + max(timeout, 0.0)
+    while True:
+        remaining = deadline - time.monotonic()
+        if poller.poll(max(int(remaining * 1000), 0)):
+            return True
+        if remaining <= 0:
+            return False
+
+
+class Engine(Protocol):
+    """A VMM driver."""
+
+    name: str
+
+    def start(self, spec: VMSpec) -> VMHandle:
+        """Boot ``spec``; return once the VMM answers its control socket."""
+        ...
+
+    def attach(self, pid: int, spec: VMSpec) -> VMHandle:
+        """A handle for a VM another process started (pid from the registry).
+
+        Never fails because the VM is gone: the handle then answers ``is_alive() False``.
+        """
+        ...

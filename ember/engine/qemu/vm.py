@@ -1,0 +1,188 @@
+"""Start QEMU microVMs and control them over QMP."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from ember.engine.base import VMHandle, VMSpec, process_runs, remove_stale_socket
+from ember.engine.qemu.argv import build_argv
+from ember.engine.qemu.caps import seccomp_supported
+from ember.engine.qemu.qmp import DEFAULT_TIMEOUT, qmp_execute, qmp_execute_sync
+from ember.errors import EmberTimeoutError, EngineError, HostCommandError
+from ember.proc import require, run
+
+log = logging.getLogger("ember.engine.qemu")
+
+QEMU = "qemu-system-x86_64"
+#: QEMU -daemonize returns once the machine is set up (before the guest runs).
+START_TIMEOUT = 30.0
+QMP_READY_TIMEOUT = 5.0
+
+
+class QemuVMHandle(VMHandle):
+    """A QEMU process started with :func:`build_argv`; control goes over QMP."""
+
+    def __init__(self, spec: VMSpec, pid: int) -> None:
+        super().__init__(name=spec.name, pid=pid, qmp_socket=spec.qmp_socket,
+                         agent_socket=spec.agent_socket, console_log=spec.console_log,
+                         pidfile=spec.pidfile)
+
+    def qmp(self, cmd: str, **args: Any) -> Any:
+        return qmp_execute_sync(self.qmp_socket, cmd, args, who=f"VM {self.name}")
+
+    async def aqmp(self, cmd: str, **args: Any) -> Any:
+        """:meth:`qmp` for asyncio callers."""
+        return await qmp_execute(self.qmp_socket, cmd, args, who=f"VM {self.name}")
+
+    def stop(self) -> None:
+        self.qmp("stop")
+
+    def cont(self) -> None:
+        self.qmp("cont")
+
+    def status(self) -> str:
+        if not self.is_alive():
+            return "exited"
+        try:
+            return str(self.qmp("query-status")["status"])
+        except EngineError:
+            if not self.is_alive():  # exited while we asked
+                return "exited"
+            raise
+
+    def quit(self, timeout: float = 10.0) -> None:
+        if self.is_alive():
+            with contextlib.suppress(EngineError):  # QEMU may drop the socket as it exits
+                self.qmp("quit")
+        if not self.wait_exit(timeout):
+            log.warning("VM %s (pid %d) ignored quit for %.1f s; killing it", self.name,
+                        self.pid, timeout)
+            self.kill()
+
+
+class QemuEngine:
+    """The QEMU ``microvm`` engine (TCG or KVM, as the spec's accel decision says)."""
+
+    name = "qemu"
+
+    def __init__(self, qemu: str = QEMU) -> None:
+        self.qemu = qemu
+
+    def attach(self, pid: int, spec: VMSpec) -> QemuVMHandle:
+        return QemuVMHandle(spec, pid)
+
+    def start(self, spec: VMSpec) -> QemuVMHandle:
+        qemu = require(self.qemu)
+        _preflight(spec)
+        created = _Leftovers(spec)
+        argv = build_argv(spec, qemu=qemu, daemonize=True, sandbox=seccomp_supported(qemu))
+        try:
+            run(argv, what=f"start VM {spec.name}", timeout=START_TIMEOUT)
+            handle = QemuVMHandle(spec, _read_pid(spec))
+            _wait_qmp(handle)
+        except HostCommandError as err:
+            created.remove()
+            raise EngineError(f"QEMU could not start VM {spec.name}: {_failure(err)}") from err
+        except EmberTimeoutError as err:
+            created.remove()
+            raise EmberTimeoutError(f"VM {spec.name} did not come up: {err}") from err
+        except BaseException:  # including KeyboardInterrupt: never leave a VM behind
+            created.remove()
+            raise
+        log.info("VM %s started: pid %d, %s", spec.name, handle.pid, spec.accel.accel)
+        return handle
+
+
+def _failure(err: HostCommandError) -> str:
+    """QEMU's own words, or how it died when it said nothing."""
+    if err.stderr_tail:
+        return err.stderr_tail
+    code = err.returncode
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return f"QEMU was killed by {signal.Signals(-code).name} (no message)"
+    return f"QEMU exited with status {code} (no message)"
+
+
+def _preflight(spec: VMSpec) -> None:
+    """Refuse early, with the cause named, what QEMU would refuse obscurely (or worse)."""
+    for label, path in (("kernel", spec.kernel), ("disk", spec.disk)):
+        if not path.is_file():
+            raise EngineError(f"cannot start VM {spec.name}: {label} {path} does not exist "
+                              "or is not a regular file")
+    outputs: list[tuple[str, Path | None]] = [
+        ("console log", spec.console_log), ("QMP socket", spec.qmp_socket),
+        ("agent socket", spec.agent_socket), ("pidfile", spec.pidfile)]
+    for label, out in outputs:
+        if out is not None and not out.parent.is_dir():
+            raise EngineError(f"cannot start VM {spec.name}: directory {out.parent} for the "
+                              f"{label} does not exist")
+    # QEMU unlinks an existing socket path before listening: never steal a live VM's.
+    if process_runs(_pid_in(spec.pidfile) or 0, str(spec.qmp_socket)):
+        raise EngineError(f"cannot start VM {spec.name}: a VM with QMP socket "
+                          f"{spec.qmp_socket} is already running")
+    for sock in (spec.qmp_socket, spec.agent_socket):
+        if sock is not None:
+            remove_stale_socket(sock)
+            if sock.exists():
+                raise EngineError(f"cannot start VM {spec.name}: socket {sock} is in use")
+    spec.pidfile.unlink(missing_ok=True)
+
+
+class _Leftovers:
+    """What a failed start must remove: the VMM process, if any, and the files it made."""
+
+    def __init__(self, spec: VMSpec) -> None:
+        self.spec = spec
+        self.console_existed = spec.console_log.exists()
+
+    def remove(self) -> None:
+        spec = self.spec
+        pid = _pid_in(spec.pidfile)
+        if pid is not None:  # started, then failed (QMP never answered, timeout)
+            QemuVMHandle(spec, pid).kill()
+        for sock in (spec.qmp_socket, spec.agent_socket):
+            if sock is not None:
+                remove_stale_socket(sock)
+        spec.pidfile.unlink(missing_ok=True)
+        log_ = spec.console_log
+        if not self.console_existed and log_.exists() and log_.stat().st_size == 0:
+            log_.unlink()
+
+
+def _pid_in(pidfile: Path) -> int | None:
+    try:
+        text = pidfile.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() and int(text) > 0 else None
+
+
+def _read_pid(spec: VMSpec) -> int:
+    # QEMU writes the pidfile before the daemonizing parent exits.
+    pid = _pid_in(spec.pidfile)
+    if pid is None:
+        raise EngineError(f"QEMU started VM {spec.name} but wrote no pid to {spec.pidfile}")
+    return pid
+
+
+def _wait_qmp(handle: QemuVMHandle) -> None:
+    deadline = time.monotonic() + QMP_READY_TIMEOUT
+    while True:
+        try:
+            qmp_execute_sync(handle.qmp_socket, "query-status", timeout=DEFAULT_TIMEOUT,
+                             who=f"VM {handle.name}")
+            return
+        except EngineError as err:
+            if not handle.is_alive():
+                raise EngineError(f"VM {handle.name} (QEMU pid {handle.pid}) exited right "
+                                  f"after starting; see {handle.console_log}") from err
+            if time.monotonic() > deadline:
+                raise EngineError(f"VM {handle.name} does not answer QMP on "
+                                  f"{handle.qmp_socket}: {err}") from err
+        time.sleep(0.02)

@@ -1,0 +1,257 @@
+"""Which fields each op carries, in each direction, and their types (see docs/protocol.md).
+
+Requests travel host to guest, replies guest to host. A message of a known op with a
+missing, mistyped or unknown field fails with :class:`ProtocolViolation`; the message says
+which field and what was expected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from .errors import ProtocolViolation
+from .jsonmsg import Message
+from .limits import ERROR_KINDS, FILE_TYPES, MAX_STREAM, PROTOCOL_VERSION
+
+MAX_PATH_BYTES = 4096
+MAX_SIGNAL = 64
+
+
+@dataclass(frozen=True)
+class FieldType:
+    """A named predicate on a JSON value."""
+
+    expected: str
+    test: Callable[[object], bool]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int_in(low: int, high: int) -> Callable[[object], bool]:
+    def test(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+    return test
+
+
+def _is_number(value: object) -> bool:
+    return _is_int(value) or isinstance(value, float)
+
+
+def _is_timeout(value: object) -> bool:
+    return value is None or (isinstance(value, int | float) and _is_number(value) and value > 0)
+
+
+def _is_argv(value: object) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and _is_str_list(value)
+        and not any("\0" in s for s in value)
+    )
+
+
+def _is_path(value: object) -> bool:
+    if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
+        return False
+    return len(value.encode("utf-8")) <= MAX_PATH_BYTES
+
+
+def _is_str_list(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _is_env(value: object) -> bool:
+    if not isinstance(value, dict):
+        return False
+    return all(
+        isinstance(v, str) and k and "=" not in k and "\0" not in k and "\0" not in v
+        for k, v in value.items()
+    )
+
+
+def _objects(label: str, spec: OpSpec) -> Callable[[object], bool]:
+    def test(value: object) -> bool:
+        if not isinstance(value, list):
+            return False
+        for index, item in enumerate(value):
+            if not isinstance(item, dict):
+                return False
+            _check_fields(f"{label} {index}", item, spec, has_op=False)
+        return True
+
+    return test
+
+
+STR = FieldType("a string", lambda v: isinstance(v, str))
+BOOL = FieldType("a boolean", lambda v: isinstance(v, bool))
+UINT = FieldType("a non-negative integer", _int_in(0, 2**63 - 1))
+INT_OR_NULL = FieldType("an integer or null", lambda v: v is None or _is_int(v))
+NUMBER = FieldType("a number", _is_number)
+STREAM = FieldType(f"a stream id (1 to {MAX_STREAM})", _int_in(1, MAX_STREAM))
+PATH = FieldType(f"an absolute path (no NUL, at most {MAX_PATH_BYTES} bytes)", _is_path)
+PATH_OR_NULL = FieldType("an absolute path or null", lambda v: v is None or _is_path(v))
+MODE = FieldType("a file mode (0 to 0o7777)", _int_in(0, 0o7777))
+SIGNAL = FieldType(f"a signal number (1 to {MAX_SIGNAL})", _int_in(1, MAX_SIGNAL))
+ARGV = FieldType("a non-empty list of strings without NUL", _is_argv)
+STR_LIST = FieldType("a list of strings", _is_str_list)
+SHELL = FieldType("a string without NUL", lambda v: isinstance(v, str) and "\0" not in v)
+ENV = FieldType("an object of strings (names without '=' or NUL)", _is_env)
+USER = FieldType(
+    "a user name, a uid or null",
+    lambda v: v is None or (isinstance(v, str) and bool(v)) or _int_in(0, 2**32 - 2)(v),
+)
+TIMEOUT = FieldType("a positive number of seconds or null", _is_timeout)
+ERROR_KIND = FieldType(
+    "one of " + ", ".join(sorted(ERROR_KINDS)), lambda v: isinstance(v, str) and v in ERROR_KINDS
+)
+FILE_TYPE = FieldType(
+    "one of " + ", ".join(sorted(FILE_TYPES)), lambda v: isinstance(v, str) and v in FILE_TYPES
+)
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """Fields of one op: required, optional, and a check across fields."""
+
+    required: Mapping[str, FieldType] = field(default_factory=dict)
+    optional: Mapping[str, FieldType] = field(default_factory=dict)
+    check: Callable[[Message], None] | None = None
+
+
+def _exec_check(msg: Message) -> None:
+    if ("argv" in msg) == ("shell" in msg):
+        raise ProtocolViolation("exec needs exactly one of 'argv' and 'shell'")
+
+
+def _version_check(msg: Message) -> None:
+    if msg["version"] != PROTOCOL_VERSION:
+        raise ProtocolViolation(
+            f"{msg['op']} speaks protocol version {msg['version']}, not {PROTOCOL_VERSION}"
+        )
+
+
+_ENTRY = OpSpec({"name": STR, "type": FILE_TYPE, "size": UINT, "mode": UINT, "mtime": NUMBER})
+_PROCESS = OpSpec({"stream": STREAM, "pid": UINT, "argv": STR_LIST, "running": BOOL})
+
+REQUESTS: Mapping[str, OpSpec] = {
+    # "time": the host's wall clock (seconds since the epoch): the guest has no RTC and sets
+    # its clock from it.
+    "hello": OpSpec({"version": UINT, "nonce": UINT}, {"time": NUMBER}, check=_version_check),
+    "ping": OpSpec(),
+    "exec": OpSpec(
+        optional={
+            "argv": ARGV,
+            "shell": SHELL,
+            "env": ENV,
+            "cwd": PATH_OR_NULL,
+            "user": USER,
+            "stdin": BOOL,
+            "timeout": TIMEOUT,
+        },
+        check=_exec_check,
+    ),
+    "stdin_eof": OpSpec(),
+    "signal": OpSpec({"target": STREAM, "signal": SIGNAL}),
+    "ps": OpSpec(),
+    "read": OpSpec({"path": PATH}),
+    "write": OpSpec({"path": PATH}, {"mode": MODE, "append": BOOL}),
+    "eof": OpSpec(),
+    "list": OpSpec({"path": PATH}),
+    "stat": OpSpec({"path": PATH}),
+    "mkdir": OpSpec({"path": PATH}, {"parents": BOOL}),
+    "remove": OpSpec({"path": PATH}, {"recursive": BOOL}),
+    "rename": OpSpec({"src": PATH, "dst": PATH}),
+    "shutdown": OpSpec(),
+}
+
+REPLIES: Mapping[str, OpSpec] = {
+    "hello_ok": OpSpec(
+        {"version": UINT, "nonce": UINT, "agent": STR, "hostname": STR, "kernel": STR},
+        check=_version_check,
+    ),
+    "pong": OpSpec(),
+    "started": OpSpec({"pid": UINT}),
+    "exit": OpSpec({"code": INT_OR_NULL, "signal": INT_OR_NULL, "timed_out": BOOL}),
+    "ok": OpSpec(optional={"size": UINT}),
+    "ps_result": OpSpec(
+        {"processes": FieldType("a list of processes", _objects("process", _PROCESS))},
+        {"more": BOOL},
+    ),
+    "file": OpSpec({"size": UINT, "mode": UINT}),
+    "eof": OpSpec(),
+    "list_result": OpSpec(
+        {"entries": FieldType("a list of entries", _objects("entry", _ENTRY))}, {"more": BOOL}
+    ),
+    "stat_result": _ENTRY,
+    "error": OpSpec({"kind": ERROR_KIND, "message": STR}),
+}
+
+REQUEST_OPS = frozenset(REQUESTS)
+REPLY_OPS = frozenset(REPLIES)
+
+# Requests sent on the stream of a running operation rather than on a fresh stream.
+STREAM_CONTROL_OPS = frozenset({"stdin_eof", "eof"})
+
+
+def check_request(stream: int, msg: Message) -> None:
+    """Check a host-to-guest message received on ``stream``."""
+    _check(stream, msg, REQUESTS, "request", session_ops={"hello"}, stream0_ok=set())
+
+
+def check_reply(stream: int, msg: Message) -> None:
+    """Check a guest-to-host message received on ``stream``."""
+    _check(stream, msg, REPLIES, "reply", session_ops={"hello_ok"}, stream0_ok={"error"})
+
+
+def is_final_reply(msg: Message) -> bool:
+    """Whether this (checked) reply ends its request."""
+    op = msg["op"]
+    if op in ("started", "file"):
+        return False
+    if op in ("ps_result", "list_result"):
+        return msg.get("more") is not True
+    return True
+
+
+def _check(
+    stream: int,
+    msg: Message,
+    specs: Mapping[str, OpSpec],
+    what: str,
+    *,
+    session_ops: set[str],
+    stream0_ok: set[str],
+) -> None:
+    op = msg.get("op")
+    if not isinstance(op, str):
+        raise ProtocolViolation(f"{what} has no string 'op'")
+    spec = specs.get(op)
+    if spec is None:
+        raise ProtocolViolation(f"unknown {what} op {op[:64]!r}")
+    if op in session_ops and stream != 0:
+        raise ProtocolViolation(f"{op} must be sent on stream 0, not {stream}")
+    if stream == 0 and op not in session_ops and op not in stream0_ok:
+        raise ProtocolViolation(f"{what} {op} on stream 0 (it needs a stream of its own)")
+    _check_fields(op, msg, spec)
+
+
+def _check_fields(op: str, msg: Mapping[str, object], spec: OpSpec, *, has_op: bool = True) -> None:
+    for name, ftype in spec.required.items():
+        if name not in msg:
+            raise ProtocolViolation(f"{op}: missing field {name!r}")
+        if not ftype.test(msg[name]):
+            raise ProtocolViolation(f"{op}: field {name!r} must be {ftype.expected}")
+    for name, value in msg.items():
+        if (has_op and name == "op") or name in spec.required:
+            continue
+        optional = spec.optional.get(name)
+        if optional is None:
+            raise ProtocolViolation(f"{op}: unknown field {name[:64]!r}")
+        if not optional.test(value):
+            raise ProtocolViolation(f"{op}: field {name!r} must be {optional.expected}")
+    if spec.check is not None:
+        spec.check(dict(msg))

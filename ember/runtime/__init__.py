@@ -1,0 +1,1 @@
+"""Sandbox lifecycle on this host: create, connect, reconcile, destroy."""

@@ -1,0 +1,264 @@
+"""Host side of the agent protocol over one connection (asyncio).
+
+Every byte from the guest is hostile: frames are decoded by the bounded, I/O-free
+:mod:`ember.protocol` core; each stream's queue is bounded (a slow consumer slows the
+guest down instead of growing host memory); every wait has a deadline. A protocol
+violation or a lost connection fails every pending operation with :class:`GuestError`
+and calls ``on_broken`` once, so that the owner can mark the sandbox failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ember import protocol as P
+from ember.errors import (
+    BadRequestError,
+    EmberError,
+    EmberTimeoutError,
+    GuestError,
+    GuestPathNotFoundError,
+    NotFoundError,
+    ProtocolError,
+)
+
+STREAM_QUEUE_FRAMES = 64
+READ_CHUNK = 256 * 1024
+
+
+class AgentErrorReply(EmberError):
+    """The agent answered a request with an error reply."""
+
+
+def error_from_reply(msg: dict[str, Any], what: str) -> EmberError:
+    kind = str(msg.get("kind", "internal"))[:32]
+    text = str(msg.get("message", ""))[:2000]
+    full = f"{what}: {text}" if text else f"{what}: {kind}"
+    if kind == "not_found":
+        return GuestPathNotFoundError(full) if "path" in what else NotFoundError(full)
+    if kind in ("bad_request", "exists", "not_a_directory", "is_a_directory", "permission"):
+        return BadRequestError(full + f" ({kind})")
+    if kind == "timeout":
+        return EmberTimeoutError(full)
+    return GuestError(full + f" ({kind})")
+
+
+@dataclass
+class _Stream:
+    queue: asyncio.Queue[P.Frame | BaseException]
+
+
+class AgentClient:
+    """One session with a guest agent."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 on_broken: Callable[[str], None] | None = None) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._on_broken = on_broken
+        self._streams: dict[int, _Stream] = {}
+        self._ids = itertools.count(1)
+        self._write_lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self.broken: str | None = None
+        self.hello: dict[str, Any] = {}
+        self._decoder = P.FrameDecoder(P.GUEST_TO_HOST_KINDS)
+
+    # --- connection ----------------------------------------------------------------------
+    @classmethod
+    async def connect(cls, socket_path: str, *, timeout: float,
+                      on_broken: Callable[[str], None] | None = None) -> AgentClient:
+        """Connect to the agent socket and complete the hello within ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_unix_connection(socket_path, limit=READ_CHUNK), timeout)
+        except (OSError, TimeoutError) as err:
+            raise GuestError(f"cannot connect to the agent socket {socket_path}: {err}") from err
+        return await cls.over(reader, writer, timeout=max(0.0, deadline - loop.time()),
+                              on_broken=on_broken)
+
+    @classmethod
+    async def over(cls, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
+                   timeout: float,
+                   on_broken: Callable[[str], None] | None = None) -> AgentClient:
+        """Run the hello over an already open stream (any transport)."""
+        client = cls(reader, writer, on_broken)
+        try:
+            await client._handshake(asyncio.get_running_loop().time() + timeout)
+        except BaseException:
+            await client.close()
+            raise
+        return client
+
+    async def _handshake(self, deadline: float) -> None:
+        loop = asyncio.get_running_loop()
+        nonce = secrets.randbelow(1 << 62)
+        scanner = P.HelloScanner(nonce, kinds=P.GUEST_TO_HOST_KINDS)
+        hello = P.encode_msg(0, {"op": "hello", "version": P.PROTOCOL_VERSION, "nonce": nonce,
+                                 "time": time.time()})
+        # The agent may still be booting, or may have missed a hello sent while it was not
+        # yet reading: repeat the hello until an answer arrives.
+        next_send = 0.0
+        while True:
+            now = loop.time()
+            if now >= deadline:
+                raise EmberTimeoutError("the guest agent did not answer the hello in time")
+            if now >= next_send:
+                self._writer.write(hello)
+                await self._writer.drain()
+                next_send = now + 1.0
+            try:
+                data = await asyncio.wait_for(self._reader.read(READ_CHUNK),
+                                              min(next_send, deadline) - now)
+            except TimeoutError:
+                continue
+            if not data:
+                raise GuestError("the guest agent closed the connection during the hello")
+            try:
+                found = scanner.feed(data)
+            except P.ProtocolViolation as err:
+                raise ProtocolError(f"guest agent broke the protocol in its hello: {err}") from err
+            if found is not None:
+                break
+        self.hello = dict(found.message)
+        self._decoder = found.decoder
+        self._task = asyncio.create_task(self._read_loop(found.frames))
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+        with contextlib.suppress(Exception):
+            self._writer.close()
+            await self._writer.wait_closed()
+        self._fail_all(GuestError("connection to the guest agent closed"))
+
+    # --- reading -------------------------------------------------------------------------
+    async def _read_loop(self, first: list[P.Frame]) -> None:
+        try:
+            for f in first:
+                await self._route(f)
+            while True:
+                data = await self._reader.read(READ_CHUNK)
+                if not data:
+                    self._break("the guest closed the agent connection (the VM died or "
+                                "the agent crashed)")
+                    return
+                for f in self._decoder.feed(data):
+                    await self._route(f)
+        except P.ProtocolViolation as err:
+            self._break(f"the guest agent broke the protocol: {err}")
+        except (OSError, ConnectionError) as err:
+            self._break(f"lost the agent connection: {err}")
+
+    async def _route(self, frame: P.Frame) -> None:
+        st = self._streams.get(frame.stream)
+        if st is None:
+            return  # late output of a finished or abandoned operation: dropped, bounded
+        await st.queue.put(frame)
+
+    def _break(self, why: str) -> None:
+        if self.broken is None:
+            self.broken = why
+            self._fail_all(ProtocolError(why) if "protocol" in why else GuestError(why))
+            if self._on_broken is not None:
+                self._on_broken(why)
+
+    def _fail_all(self, err: BaseException) -> None:
+        for st in self._streams.values():
+            with contextlib.suppress(asyncio.QueueFull):
+                st.queue.put_nowait(err)
+
+    # --- writing -------------------------------------------------------------------------
+    def open_stream(self) -> int:
+        if self.broken is not None:
+            raise GuestError(f"the sandbox's agent connection is broken: {self.broken}")
+        sid = next(self._ids) & 0xFFFFFFFF or next(self._ids)
+        # one slot more than the bound, for the error that closes the stream
+        self._streams[sid] = _Stream(asyncio.Queue(STREAM_QUEUE_FRAMES))
+        return sid
+
+    def close_stream(self, sid: int) -> None:
+        self._streams.pop(sid, None)
+
+    async def send_msg(self, sid: int, msg: dict[str, Any]) -> None:
+        await self._send(P.encode_msg(sid, msg))
+
+    async def send_data(self, sid: int, kind: P.Kind, data: bytes) -> None:
+        view = memoryview(data)
+        for i in range(0, max(len(view), 1), P.MAX_DATA_PAYLOAD):
+            await self._send(P.encode_frame(kind, sid, bytes(view[i:i + P.MAX_DATA_PAYLOAD])))
+
+    async def _send(self, frame: bytes) -> None:
+        if self.broken is not None:
+            raise GuestError(f"the sandbox's agent connection is broken: {self.broken}")
+        async with self._write_lock:
+            try:
+                self._writer.write(frame)
+                await self._writer.drain()
+            except (OSError, ConnectionError) as err:
+                self._break(f"lost the agent connection: {err}")
+                raise GuestError(f"lost the agent connection: {err}") from err
+
+    async def next_frame(self, sid: int, timeout: float | None) -> P.Frame:
+        st = self._streams.get(sid)
+        if st is None:
+            raise GuestError("operation stream already closed")
+        try:
+            item = await asyncio.wait_for(st.queue.get(), timeout)
+        except TimeoutError as err:
+            raise EmberTimeoutError("the guest agent did not answer in time") from err
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    async def frames(self, sid: int, timeout: float | None) -> AsyncIterator[P.Frame]:
+        while True:
+            yield await self.next_frame(sid, timeout)
+
+    # --- simple request/response ---------------------------------------------------------
+    async def request(self, msg: dict[str, Any], *, timeout: float | None = 30.0,
+                      what: str = "") -> dict[str, Any]:
+        """Send one request and return its final reply (raising typed errors for ``error``)."""
+        sid = self.open_stream()
+        merged: dict[str, Any] | None = None
+        try:
+            await self.send_msg(sid, msg)
+            while True:
+                frame = await self.next_frame(sid, timeout)
+                reply = reply_of(sid, frame)
+                if reply["op"] == "error":
+                    raise error_from_reply(reply, what or str(msg["op"]))
+                if merged is None:
+                    merged = reply
+                else:  # a long listing arrives in parts ("more": true on all but the last)
+                    for key in ("entries", "processes"):
+                        if isinstance(reply.get(key), list) and isinstance(merged.get(key), list):
+                            merged[key] = merged[key] + reply[key]
+                if P.is_final_reply(reply):
+                    return merged
+        finally:
+            self.close_stream(sid)
+
+
+def reply_of(sid: int, frame: P.Frame) -> dict[str, Any]:
+    """The frame's message, validated against the reply schema (hostile guest input)."""
+    if frame.kind != P.Kind.MSG:
+        raise ProtocolError(f"expected a message from the guest agent, got a {frame.kind.name} "
+                            "frame")
+    try:
+        msg = frame.msg()
+        P.check_reply(sid, msg)
+    except P.ProtocolViolation as err:
+        raise ProtocolError(f"invalid reply from the guest agent: {err}") from err
+    return dict(msg)

@@ -1,0 +1,57 @@
+"""Advisory file locks (flock) that die with their holder: the owner of a sandbox connection."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from pathlib import Path
+
+from ember.errors import SandboxStateError
+
+
+class FileLock:
+    """An exclusive flock on ``path``; released on close or when the holding process dies."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def try_acquire(self) -> bool:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._fd = fd
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        return True
+
+    def acquire(self, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        delay = 0.01
+        while not self.try_acquire():
+            if time.monotonic() >= deadline:
+                holder = self.holder()
+                who = f" (held by pid {holder})" if holder else ""
+                raise SandboxStateError(f"{what} is busy: another client is connected{who}")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
+
+    def holder(self) -> int | None:
+        try:
+            text = self.path.read_text().strip()
+        except OSError:
+            return None
+        return int(text) if text.isdigit() else None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None

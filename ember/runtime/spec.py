@@ -1,0 +1,65 @@
+"""What a caller asks for when creating a sandbox, validated once where it enters."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from ember.errors import BadRequestError
+
+DEFAULT_TEMPLATE = "debian-python"
+DEFAULT_TIMEOUT_S = 300.0
+MAX_VCPUS = 64
+MIN_MEMORY_MIB = 64
+_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,255}$")
+_META_KEY = re.compile(r"^[A-Za-z0-9_.:/-]{1,128}$")
+
+
+def host_memory_mib() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) // 1024
+    return 0
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    template: str = DEFAULT_TEMPLATE
+    vcpus: int = 1
+    memory_mib: int = 256
+    disk_mib: int | None = None  # None: the template image's size
+    timeout: float | None = DEFAULT_TIMEOUT_S  # lifetime in seconds; None = until destroyed
+    env: Mapping[str, str] = field(default_factory=dict)
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.template, str) or not self.template:
+            raise BadRequestError("template must be a non-empty string")
+        _int_in("vcpus", self.vcpus, 1, min(MAX_VCPUS, os.cpu_count() or 1),
+                "the host has {hi} CPU(s)")
+        host_mem = host_memory_mib()
+        _int_in("memory_mib", self.memory_mib, MIN_MEMORY_MIB, host_mem,
+                "the host has {hi} MiB of memory")
+        if self.disk_mib is not None:
+            _int_in("disk_mib", self.disk_mib, 64, 1 << 24, "")
+        if self.timeout is not None and (
+            not isinstance(self.timeout, int | float) or not 0 < self.timeout <= 7 * 86400
+        ):
+            raise BadRequestError(f"timeout must be between 0 and 7 days, got {self.timeout!r}")
+        for k, v in self.env.items():
+            if not _ENV_KEY.fullmatch(k) or not isinstance(v, str) or "\0" in v:
+                raise BadRequestError(f"invalid environment variable {k!r}")
+        for k, v in self.metadata.items():
+            if not _META_KEY.fullmatch(k) or not isinstance(v, str) or len(v) > 4096:
+                raise BadRequestError(f"invalid metadata entry {k!r}")
+
+
+def _int_in(name: str, value: object, lo: int, hi: int, why: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequestError(f"{name} must be an integer, got {value!r}")
+    if not lo <= value <= hi:
+        reason = f" ({why.format(hi=hi)})" if why else ""
+        raise BadRequestError(f"{name}={value} is impossible: allowed {lo}..{hi}{reason}")

@@ -1,0 +1,1 @@
+"""Python SDK: :class:`Sandbox` (blocking) and :class:`AsyncSandbox` (asyncio)."""

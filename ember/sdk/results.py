@@ -1,0 +1,117 @@
+"""Frozen result types returned by the SDK."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ember.errors import EmberError
+
+
+class CommandFailedError(EmberError):
+    """Raised by :meth:`ExecResult.check` when a command exited non-zero."""
+
+    def __init__(self, result: ExecResult) -> None:
+        super().__init__(
+            f"command exited with {result.exit_code}: {result.stderr[-500:].strip()}"
+        )
+        self.result = result
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """The outcome of a finished command."""
+
+    exit_code: int  # 128 + signal number when killed by a signal
+    stdout_bytes: bytes
+    stderr_bytes: bytes
+    duration: float  # seconds, host-measured
+    pid: int = 0
+    signal: int | None = None
+    timed_out: bool = False
+    truncated: bool = False  # output beyond the SDK's bound was dropped
+
+    @property
+    def stdout(self) -> str:
+        return self.stdout_bytes.decode("utf-8", "replace")
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_bytes.decode("utf-8", "replace")
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+    def check(self) -> ExecResult:
+        """Return self, or raise CommandFailedError if the command did not exit 0."""
+        if self.exit_code != 0:
+            raise CommandFailedError(self)
+        return self
+
+
+@dataclass(frozen=True)
+class OutputChunk:
+    """A piece of a running command's output, as produced."""
+
+    stream: Literal["stdout", "stderr"]
+    data: bytes
+
+    @property
+    def text(self) -> str:
+        return self.data.decode("utf-8", "replace")
+
+
+@dataclass(frozen=True)
+class EntryInfo:
+    """A file, directory or link in the guest."""
+
+    name: str
+    path: str
+    type: Literal["file", "dir", "symlink", "other"]
+    size: int
+    mode: int
+    mtime: float
+
+    @classmethod
+    def from_msg(cls, msg: dict[str, Any], path: str) -> EntryInfo:
+        kind = msg.get("type")
+        return cls(
+            name=str(msg.get("name", ""))[:4096],
+            path=path,
+            type=kind if kind in ("file", "dir", "symlink", "other") else "other",
+            size=_int(msg.get("size")),
+            mode=_int(msg.get("mode")),
+            mtime=float(msg["mtime"]) if isinstance(msg.get("mtime"), int | float) else 0.0,
+        )
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """A process started through the agent."""
+
+    stream: int
+    pid: int
+    argv: tuple[str, ...]
+    running: bool
+
+
+@dataclass(frozen=True)
+class SandboxInfo:
+    """A sandbox as the registry knows it."""
+
+    id: str
+    template: str
+    state: str
+    vcpus: int
+    memory_mib: int
+    disk_mib: int
+    created_at: float
+    expires_at: float | None
+    accel: str
+    metadata: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+
+
+def _int(v: object) -> int:
+    return v if isinstance(v, int) and not isinstance(v, bool) else 0

@@ -1,0 +1,178 @@
+"""Sandbox: the blocking face of :class:`AsyncSandbox` (same behaviour, same errors)."""
+
+from __future__ import annotations
+
+import builtins
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from types import TracebackType
+
+from ember.paths import Paths
+from ember.runtime.spec import DEFAULT_TEMPLATE, DEFAULT_TIMEOUT_S
+from ember.sdk.async_sandbox import CONNECT_WAIT_S, DEFAULT_EXEC_TIMEOUT_S, AsyncSandbox
+from ember.sdk.files import AsyncFiles
+from ember.sdk.portal import portal
+from ember.sdk.process import AsyncProcess, OutputCallback
+from ember.sdk.results import EntryInfo, ExecResult, OutputChunk, ProcessInfo, SandboxInfo
+
+
+class Process:
+    """A command running in a sandbox (blocking API)."""
+
+    def __init__(self, inner: AsyncProcess) -> None:
+        self._inner = inner
+        self.pid = inner.pid
+
+    def output(self) -> Iterator[OutputChunk]:
+        """Iterate over stdout/stderr chunks as produced, until the command ends."""
+        return portal().iterate(self._inner.output())
+
+    def wait(self, on_stdout: OutputCallback | None = None,
+             on_stderr: OutputCallback | None = None) -> ExecResult:
+        return portal().call(self._inner.wait(on_stdout, on_stderr))
+
+    def write_stdin(self, data: bytes | str) -> None:
+        portal().call(self._inner.write_stdin(data))
+
+    def close_stdin(self) -> None:
+        portal().call(self._inner.close_stdin())
+
+    def signal(self, signum: int) -> None:
+        portal().call(self._inner.signal(signum))
+
+    def kill(self) -> None:
+        portal().call(self._inner.kill())
+
+
+class Files:
+    """``sandbox.files`` (blocking API); see :class:`ember.sdk.files.AsyncFiles`."""
+
+    def __init__(self, inner: AsyncFiles) -> None:
+        self._inner = inner
+
+    def read(self, path: str) -> bytes:
+        return portal().call(self._inner.read(path))
+
+    def read_text(self, path: str, encoding: str = "utf-8") -> str:
+        return portal().call(self._inner.read_text(path, encoding))
+
+    def write(self, path: str, data: bytes | str, *, mode: int = 0o644) -> int:
+        return portal().call(self._inner.write(path, data, mode=mode))
+
+    def download(self, path: str, local: str | os.PathLike[str]) -> int:
+        return portal().call(self._inner.download(path, local))
+
+    def upload(self, local: str | os.PathLike[str], path: str, *, mode: int | None = None) -> int:
+        return portal().call(self._inner.upload(local, path, mode=mode))
+
+    def list(self, path: str) -> list[EntryInfo]:
+        return portal().call(self._inner.list(path))
+
+    def stat(self, path: str) -> EntryInfo:
+        return portal().call(self._inner.stat(path))
+
+    def exists(self, path: str) -> bool:
+        return portal().call(self._inner.exists(path))
+
+    def mkdir(self, path: str, *, parents: bool = True) -> None:
+        portal().call(self._inner.mkdir(path, parents=parents))
+
+    def remove(self, path: str, *, recursive: bool = False) -> None:
+        portal().call(self._inner.remove(path, recursive=recursive))
+
+    def rename(self, src: str, dst: str) -> None:
+        portal().call(self._inner.rename(src, dst))
+
+
+class Sandbox:
+    """A microVM sandbox (blocking API). ``with Sandbox.create() as sb:`` destroys on exit."""
+
+    def __init__(self, inner: AsyncSandbox) -> None:
+        self._inner = inner
+        self.files = Files(inner.files)
+
+    @classmethod
+    def create(
+        cls,
+        template: str = DEFAULT_TEMPLATE,
+        *,
+        vcpus: int = 1,
+        memory_mib: int = 256,
+        disk_mib: int | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT_S,
+        env: Mapping[str, str] | None = None,
+        metadata: Mapping[str, str] | None = None,
+        boot_timeout: float | None = None,
+        on_progress: Callable[[str], None] | None = None,
+        paths: Paths | None = None,
+    ) -> Sandbox:
+        """Boot a new sandbox from ``template``; see :meth:`AsyncSandbox.create`."""
+        return cls(portal().call(AsyncSandbox.create(
+            template, vcpus=vcpus, memory_mib=memory_mib, disk_mib=disk_mib, timeout=timeout,
+            env=env, metadata=metadata, boot_timeout=boot_timeout, on_progress=on_progress,
+            paths=paths)))
+
+    @classmethod
+    def connect(cls, sandbox_id: str, *, wait: float = CONNECT_WAIT_S,
+                paths: Paths | None = None) -> Sandbox:
+        return cls(portal().call(AsyncSandbox.connect(sandbox_id, wait=wait, paths=paths)))
+
+    @classmethod
+    def list(cls, *, paths: Paths | None = None) -> builtins.list[SandboxInfo]:
+        return portal().call(AsyncSandbox.list(paths=paths))
+
+    @property
+    def id(self) -> str:
+        return self._inner.id
+
+    @property
+    def sandbox_id(self) -> str:
+        return self._inner.id
+
+    def info(self) -> SandboxInfo:
+        return portal().call(self._inner.info())
+
+    def logs(self) -> str:
+        return portal().call(self._inner.logs())
+
+    def exec(self, cmd: str | Sequence[str], *, env: Mapping[str, str] | None = None,
+             cwd: str | None = None, user: str | int | None = None,
+             stdin: bytes | str | None = None, timeout: float | None = DEFAULT_EXEC_TIMEOUT_S,
+             on_stdout: OutputCallback | None = None,
+             on_stderr: OutputCallback | None = None) -> ExecResult:
+        """Run a command to completion; see :meth:`AsyncSandbox.exec`."""
+        return portal().call(self._inner.exec(
+            cmd, env=env, cwd=cwd, user=user, stdin=stdin, timeout=timeout,
+            on_stdout=on_stdout, on_stderr=on_stderr))
+
+    def spawn(self, cmd: str | Sequence[str], *, env: Mapping[str, str] | None = None,
+              cwd: str | None = None, user: str | int | None = None, stdin: bool = False,
+              timeout: float | None = DEFAULT_EXEC_TIMEOUT_S) -> Process:
+        """Start a command in the background; see :meth:`AsyncSandbox.spawn`."""
+        return Process(portal().call(self._inner.spawn(
+            cmd, env=env, cwd=cwd, user=user, stdin=stdin, timeout=timeout)))
+
+    def processes(self) -> builtins.list[ProcessInfo]:
+        return portal().call(self._inner.processes())
+
+    def ping(self, timeout: float = 10.0) -> float:
+        return portal().call(self._inner.ping(timeout))
+
+    def set_timeout(self, timeout: float | None) -> None:
+        portal().call(self._inner.set_timeout(timeout))
+
+    def close(self) -> None:
+        portal().call(self._inner.close())
+
+    def kill(self) -> None:
+        portal().call(self._inner.kill())
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.kill()
+
+    def __repr__(self) -> str:
+        return f"<Sandbox {self.id}>"

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Install ember and everything it needs on a Debian 12 host (as root), build the guest kernel
+# and the default template, then run a real sandbox. Idempotent: a second run only checks.
+#   scripts/install.sh            full install + demo sandbox
+#   scripts/install.sh --no-demo  install and build, no demo
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+DEMO=1
+[ "${1:-}" = "--no-demo" ] && DEMO=0
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+[ "$(id -u)" = 0 ] || { echo "run as root (ember builds images and starts VMs)" >&2; exit 1; }
+
+APT_PACKAGES=(
+  qemu-system-x86 qemu-utils            # the microVM engine
+  python3 python3-venv                  # ember itself and the guest agent's runtime
+  patchelf                              # makes the agent runtime self-contained
+  debootstrap e2fsprogs                 # Debian templates, ext4 images
+  linux-source-6.1 bc bison flex libelf-dev libssl-dev make gcc xz-utils cpio  # guest kernel
+  busybox-static docker-registry        # test fixtures: busybox OCI image, local registry
+  ca-certificates
+)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  [ "${p:0:1}" = "#" ] && continue
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  say "apt-get install ${missing[*]}"
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys; sys.exit(sys.prefix == sys.base_prefix)'; then
+  say "creating virtualenv .venv (Debian's python3)"
+  /usr/bin/python3 -m venv .venv
+fi
+stamp=.venv/.ember-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  say "pip install -e .[dev]"
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e '.[dev]'
+  touch "$stamp"
+fi
+ln -sf "$REPO/.venv/bin/ember" /usr/local/bin/ember
+
+EMBER=.venv/bin/ember
+say "ember doctor"
+$EMBER doctor || true
+say "building the guest kernel (cached by content hash; ~4 min the first time)"
+$EMBER kernel build
+if ! $EMBER image ls --json | grep -q '"name": "debian-python"'; then
+  say "building the default template debian-python (debootstrap; cached by recipe)"
+  $EMBER image build debian-python
+fi
+say "booting debian-python once (ember image check)"
+$EMBER image check debian-python
+
+if [ "$DEMO" = 1 ]; then
+  say "running a real sandbox: ember run -- python3 -c ..."
+  $EMBER run -- python3 -c 'import platform, os; print("hello from", platform.node(), "kernel", platform.release(), "cpus", os.cpu_count())'
+fi
+say "ember is installed: try 'ember run -- python3 -c \"print(6*7)\"'"

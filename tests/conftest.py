@@ -1,0 +1,99 @@
+"""Shared fixtures.
+
+Integration tests run in an isolated ember home (a short temp dir: Unix socket paths are
+limited to 108 bytes) but share the heavy-artifact cache (kernel, images) with the
+installation, ``/var/lib/ember/cache`` unless ``EMBER_CACHE`` says otherwise, so that the
+kernel is built once per host, not once per run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ember.paths import Paths
+
+DEFAULT_TEST_CACHE = "/var/lib/ember/cache"
+
+
+def qemu_pids_under(root: Path) -> list[int]:
+    """PIDs of live processes whose command line mentions ``root`` (leak detection)."""
+    out = []
+    needle = str(root).encode()
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes()
+            state = (d / "stat").read_text().split(") ", 1)[1][0]
+        except OSError:
+            continue
+        if needle in cmd and b"qemu" in cmd and state != "Z":
+            out.append(int(d.name))
+    return out
+
+
+@pytest.fixture(scope="session")
+def ember_paths() -> Iterator[Paths]:
+    home = Path(tempfile.mkdtemp(prefix="et-", dir="/tmp"))
+    cache = Path(os.environ.get("EMBER_CACHE") or DEFAULT_TEST_CACHE)
+    old = {k: os.environ.get(k) for k in ("EMBER_HOME", "EMBER_CACHE")}
+    os.environ["EMBER_HOME"] = str(home)
+    os.environ["EMBER_CACHE"] = str(cache)
+    paths = Paths(home=home, cache=cache).ensure()
+    yield paths
+    leaked = qemu_pids_under(home)
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    shutil.rmtree(home, ignore_errors=True)
+    assert not leaked, f"QEMU processes leaked by the test session: {leaked}"
+
+
+@pytest.fixture(scope="session")
+def kernel(ember_paths: Paths):  # type: ignore[no-untyped-def]
+    from ember.guest.kernel import build_kernel
+
+    return build_kernel(ember_paths)
+
+
+@pytest.fixture(scope="session")
+def store(ember_paths: Paths):  # type: ignore[no-untyped-def]
+    from ember.store import Store
+
+    return Store(ember_paths.db)
+
+
+@pytest.fixture(scope="session")
+def debian_template(ember_paths: Paths, kernel, store):  # type: ignore[no-untyped-def]
+    """The default template, built (or reused from the recipe cache) and registered."""
+    from ember.guest.image import build_image
+
+    return build_image(ember_paths, store, "debian-python", force=True)
+
+
+@pytest.fixture(scope="session")
+def busybox_template(ember_paths: Paths, kernel, store, tmp_path_factory):  # type: ignore[no-untyped-def]
+    """A template from a busybox OCI image layout (no Python, no libc of its own)."""
+    from ember.guest.image import build_image
+    from tests.oci_fixtures import make_busybox_oci_layout
+
+    layout = make_busybox_oci_layout(tmp_path_factory.mktemp("busybox-oci"))
+    return build_image(ember_paths, store, "busybox", f"oci-layout:{layout}", force=True)
+
+
+@pytest.fixture(scope="session")
+def shared_sandbox(ember_paths: Paths, debian_template):  # type: ignore[no-untyped-def]
+    """One running debian-python sandbox shared by tests that do not need isolation."""
+    from ember import Sandbox
+
+    sb = Sandbox.create("debian-python", timeout=3600, paths=ember_paths)
+    yield sb
+    sb.kill()

@@ -1,0 +1,155 @@
+"""Create, connect, fail and destroy real sandboxes; nothing may leak on any path."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ember import (
+    BadRequestError,
+    EmberTimeoutError,
+    GuestError,
+    Sandbox,
+    SandboxNotFoundError,
+    TemplateNotFoundError,
+)
+from ember.paths import Paths
+from ember.sdk.async_sandbox import manager
+from tests.conftest import qemu_pids_under
+
+pytestmark = pytest.mark.integration
+
+
+def assert_no_leaks(paths: Paths, allow_failed_rows: bool = False) -> None:
+    rows = manager(paths).store.list_sandboxes()
+    live = [r for r in rows if r.state != "failed" or not allow_failed_rows]
+    assert live == [], f"registry rows left: {[(r.id, r.state) for r in live]}"
+    assert qemu_pids_under(paths.home) == []
+    for r in rows:  # failed sandboxes keep only their console log
+        assert sorted(p.name for p in Path(r.dir).iterdir()) in ([], ["console.log"])
+    if not rows:
+        assert list(paths.sandboxes.iterdir()) == []
+
+
+def test_create_exec_destroy_leaves_nothing(ember_paths: Paths, debian_template) -> None:  # type: ignore[no-untyped-def]
+    with Sandbox.create("debian-python", paths=ember_paths) as sb:
+        assert sb.exec("hostname").stdout.strip() == sb.id
+        info = sb.info()
+        assert (info.state, info.template, info.vcpus, info.memory_mib) == (
+            "running", "debian-python", 1, 256)
+        assert sb.id in [i.id for i in Sandbox.list(paths=ember_paths)]
+        # the guest sees its own limits
+        mem_kib = int(sb.exec("grep MemTotal /proc/meminfo").stdout.split()[1])
+        assert 150_000 < mem_kib <= 256 * 1024
+        assert sb.exec("nproc").stdout.strip() == "1"
+    assert_no_leaks(ember_paths)
+
+
+def test_connect_from_another_process(ember_paths: Paths, debian_template) -> None:  # type: ignore[no-untyped-def]
+    sb = Sandbox.create("debian-python", paths=ember_paths, env={"GREETING": "hi"})
+    try:
+        sb.files.write("/tmp/note", "from the creator")
+        sb.close()  # the sandbox outlives this connection
+        code = (
+            "import ember, sys\n"
+            f"sb = ember.Sandbox.connect({sb.id!r})\n"
+            "r = sb.exec('cat /tmp/note; echo \" $GREETING\"')\n"
+            "print(r.stdout.strip()); sb.close()\n"
+        )
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=120, check=True).stdout
+        assert out.strip() == "from the creator hi"
+        again = Sandbox.connect(sb.id, paths=ember_paths)
+        assert again.exec("echo back").stdout == "back\n"
+        again.kill()
+    finally:
+        sb.kill()
+    assert_no_leaks(ember_paths)
+
+
+def test_bad_requests_create_nothing(ember_paths: Paths, debian_template) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(TemplateNotFoundError, match="no-such-template"):
+        Sandbox.create("no-such-template", paths=ember_paths)
+    with pytest.raises(BadRequestError, match="vcpus=0"):
+        Sandbox.create("debian-python", vcpus=0, paths=ember_paths)
+    with pytest.raises(BadRequestError, match="memory_mib"):
+        Sandbox.create("debian-python", memory_mib=10**8, paths=ember_paths)
+    with pytest.raises(BadRequestError, match="disk_mib"):
+        Sandbox.create("debian-python", disk_mib=64, paths=ember_paths)
+    with pytest.raises(SandboxNotFoundError):
+        Sandbox.connect("sb-000000000000", paths=ember_paths)
+    assert_no_leaks(ember_paths)
+
+
+def test_guest_that_never_answers_times_out_cleanly(ember_paths: Paths, debian_template) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(EmberTimeoutError, match="did not answer"):
+        Sandbox.create("debian-python", boot_timeout=0.3, paths=ember_paths)
+    assert_no_leaks(ember_paths)
+
+
+def test_vm_killed_mid_command_fails_the_sandbox(ember_paths: Paths, debian_template) -> None:  # type: ignore[no-untyped-def]
+    sb = Sandbox.create("debian-python", paths=ember_paths)
+    pid = manager(ember_paths).store.get_sandbox(sb.id).pid
+    assert pid is not None
+    p = sb.spawn("sleep 60", timeout=None)
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(GuestError):
+        p.wait()
+    rec = manager(ember_paths).get(sb.id)
+    assert rec.state == "failed" and rec.error
+    with pytest.raises(GuestError):
+        sb.exec("true")
+    assert_no_leaks(ember_paths, allow_failed_rows=True)
+    sb.kill()  # removing a failed sandbox removes its row and log
+    assert_no_leaks(ember_paths)
+
+
+def test_stopped_vm_gives_timeout_not_hang(ember_paths: Paths, debian_template) -> None:  # type: ignore[no-untyped-def]
+    sb = Sandbox.create("debian-python", paths=ember_paths)
+    pid = manager(ember_paths).store.get_sandbox(sb.id).pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(EmberTimeoutError):
+            sb.ping(timeout=2.0)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    sb.kill()
+    assert_no_leaks(ember_paths)
+
+
+def test_creator_killed_mid_create_is_reconciled(ember_paths: Paths, debian_template) -> None:  # type: ignore[no-untyped-def]
+    code = "import ember; ember.Sandbox.create('debian-python'); import time; time.sleep(600)"
+    child = subprocess.Popen([sys.executable, "-c", code], env=os.environ.copy())
+    try:
+        deadline = time.monotonic() + 60
+        while not qemu_pids_under(ember_paths.home):  # wait until QEMU is booting
+            assert time.monotonic() < deadline, "QEMU never started"
+            assert child.poll() is None, "creator exited early"
+            time.sleep(0.05)
+    finally:
+        child.kill()
+        child.wait()
+    recs = manager(ember_paths).list()  # `ember ls` reconciles
+    assert len(recs) == 1 and recs[0].state == "failed", recs
+    assert "died" in (recs[0].error or "")
+    assert_no_leaks(ember_paths, allow_failed_rows=True)
+    manager(ember_paths).destroy(recs[0].id)
+    assert_no_leaks(ember_paths)
+
+
+def test_lifetime_timeout_destroys_the_sandbox(ember_paths: Paths, debian_template) -> None:  # type: ignore[no-untyped-def]
+    sb = Sandbox.create("debian-python", timeout=600, paths=ember_paths)
+    sb.set_timeout(1)
+    sb.close()
+    time.sleep(1.5)
+    assert sb.id not in [i.id for i in Sandbox.list(paths=ember_paths)]
+    with pytest.raises(SandboxNotFoundError):
+        Sandbox.connect(sb.id, paths=ember_paths)
+    assert_no_leaks(ember_paths)

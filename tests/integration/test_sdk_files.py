@@ -1,0 +1,58 @@
+"""File operations in a real microVM."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from ember import BadRequestError, GuestPathNotFoundError, NotFoundError, Sandbox
+
+pytestmark = pytest.mark.integration
+
+
+def test_write_read_list_stat_rename_remove(shared_sandbox: Sandbox) -> None:
+    fs = shared_sandbox.files
+    fs.mkdir("/work/sub", parents=True)
+    assert fs.write("/work/sub/a.txt", "hello") == 5
+    assert fs.read_text("/work/sub/a.txt") == "hello"
+    st = fs.stat("/work/sub/a.txt")
+    assert (st.type, st.size, st.name) == ("file", 5, "a.txt")
+    assert [e.name for e in fs.list("/work/sub")] == ["a.txt"]
+    fs.rename("/work/sub/a.txt", "/work/sub/b.txt")
+    assert not fs.exists("/work/sub/a.txt") and fs.exists("/work/sub/b.txt")
+    # the guest sees what the files API wrote
+    assert shared_sandbox.exec("cat /work/sub/b.txt").stdout == "hello"
+    fs.remove("/work", recursive=True)
+    assert not fs.exists("/work")
+
+
+def test_large_file_roundtrip(shared_sandbox: Sandbox, tmp_path: Path) -> None:
+    blob = os.urandom(3 * 1024 * 1024 + 17)
+    src = tmp_path / "blob"
+    src.write_bytes(blob)
+    assert shared_sandbox.files.upload(src, "/tmp/blob") == len(blob)
+    digest = shared_sandbox.exec("sha256sum /tmp/blob").stdout.split()[0]
+    import hashlib
+
+    assert digest == hashlib.sha256(blob).hexdigest()
+    back = tmp_path / "back"
+    assert shared_sandbox.files.download("/tmp/blob", back) == len(blob)
+    assert back.read_bytes() == blob
+
+
+def test_file_errors_are_typed(shared_sandbox: Sandbox, tmp_path: Path) -> None:
+    fs = shared_sandbox.files
+    with pytest.raises(GuestPathNotFoundError):
+        fs.read("/no/such/file")
+    with pytest.raises(NotFoundError):
+        fs.list("/no/such/dir")
+    with pytest.raises(BadRequestError, match="absolute"):
+        fs.read("relative/path")
+    with pytest.raises(BadRequestError):
+        fs.read("/etc")  # a directory
+    # a failed download leaves no partial local file
+    with pytest.raises(NotFoundError):
+        fs.download("/no/such/file", tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []

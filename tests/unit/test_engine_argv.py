@@ -1,0 +1,160 @@
+"""The QEMU argv: the minimal microvm device model, nothing more."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ember.engine.accel import AccelDecision
+from ember.engine.base import VMSpec
+from ember.engine.qemu.argv import (
+    SANDBOX_OPTS,
+    SANDBOX_OPTS_DAEMONIZE,
+    build_argv,
+    kernel_cmdline,
+    qemu_opt,
+)
+
+TCG = AccelDecision("tcg", "test", {})
+KVM = AccelDecision("kvm", "test", {})
+
+
+def make_spec(**overrides: Any) -> VMSpec:
+    d = Path("/run/ember/sb1")
+    fields: dict[str, Any] = dict(
+        name="sb1", kernel=Path("/cache/bzImage"), disk=d / "root.qcow2",
+        disk_format="qcow2", disk_readonly=False, vcpus=2, memory_mib=512,
+        cmdline="init=/sbin/ember-init", console_log=d / "console.log",
+        qmp_socket=d / "qmp.sock", agent_socket=d / "agent.sock", pidfile=d / "qemu.pid",
+        accel=TCG)
+    fields.update(overrides)
+    return VMSpec(**fields)
+
+
+def opt(argv: list[str], flag: str) -> list[str]:
+    """Every value given to ``flag``."""
+    return [argv[i + 1] for i, a in enumerate(argv) if a == flag]
+
+
+def test_tcg_argv_exactly() -> None:
+    argv = build_argv(make_spec())
+    d = "/run/ember/sb1"
+    assert argv == [
+        "qemu-system-x86_64",
+        "-name", "guest=sb1",
+        "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off",
+        "-accel", "tcg,tb-size=64",
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-m", "512",
+        "-smp", "2",
+        "-kernel", "/cache/bzImage",
+        "-append", "console=ttyS0 reboot=t panic=-1 root=/dev/vda rootfstype=ext4 rw quiet "
+                   "init=/sbin/ember-init",
+        "-chardev", f"file,id=console,path={d}/console.log",
+        "-serial", "chardev:console",
+        "-drive", f"id=root,file={d}/root.qcow2,format=qcow2,if=none,cache=unsafe,readonly=off",
+        "-device", "virtio-blk-device,drive=root",
+        "-object", "rng-random,filename=/dev/urandom,id=rng0",
+        "-device", "virtio-rng-device,rng=rng0",
+        "-chardev", f"socket,id=qmp,path={d}/qmp.sock,server=on,wait=off",
+        "-mon", "chardev=qmp,mode=control",
+        "-device", "virtio-serial-device",
+        "-chardev", f"socket,id=agent,path={d}/agent.sock,server=on,wait=off",
+        "-device", "virtserialport,chardev=agent,name=ember.agent",
+        "-pidfile", f"{d}/qemu.pid",
+        "-sandbox", SANDBOX_OPTS_DAEMONIZE,
+        "-daemonize",
+    ]
+
+
+@pytest.mark.parametrize("accel", [TCG, KVM])
+def test_no_pci_acpi_network_or_option_roms(accel: AccelDecision) -> None:
+    argv = build_argv(make_spec(accel=accel))
+    text = " ".join(argv)
+    for banned in ("pci", "-netdev", "-net ", "-nic", "e1000", "vhost", "-cdrom", "-bios",
+                   "-usb", "-vga", "-monitor"):
+        assert banned not in text
+    machine = opt(argv, "-M")[0].split(",")
+    assert machine[0] == "microvm"
+    assert {"x-option-roms=off", "acpi=off", "rtc=on", "isa-serial=on"} <= set(machine)
+    assert "-nodefaults" in argv and "-no-user-config" in argv
+    devices = opt(argv, "-device")
+    assert all(dev.split(",")[0].endswith("-device") or dev.startswith("virtserialport")
+               for dev in devices)
+
+
+def test_tcg_keeps_pit_and_pic() -> None:
+    argv = build_argv(make_spec())
+    assert "pit=off" not in opt(argv, "-M")[0] and "pic=off" not in opt(argv, "-M")[0]
+    assert opt(argv, "-accel") == ["tcg,tb-size=64"]
+    assert "-cpu" not in argv
+
+
+def test_kvm_uses_host_cpu_and_drops_legacy_timers() -> None:
+    argv = build_argv(make_spec(accel=KVM))
+    assert opt(argv, "-accel") == ["kvm"]
+    assert opt(argv, "-cpu") == ["host"]
+    assert opt(argv, "-M")[0].endswith(",pit=off,pic=off")
+
+
+def test_readonly_disk() -> None:
+    spec = make_spec(disk_readonly=True, disk_format="raw", disk=Path("/cache/base.ext4"))
+    argv = build_argv(spec)
+    assert opt(argv, "-drive") == [
+        "id=root,file=/cache/base.ext4,format=raw,if=none,cache=unsafe,readonly=on"]
+    assert " ro quiet" in opt(argv, "-append")[0]
+    assert " rw " not in opt(argv, "-append")[0]
+
+
+def test_without_agent_socket_there_is_no_virtio_serial() -> None:
+    argv = build_argv(make_spec(agent_socket=None))
+    assert not any("virtio-serial" in a or "virtserialport" in a for a in argv)
+    assert not any(a.startswith("socket,id=agent") for a in argv)
+
+
+def test_daemonize_and_sandbox_switches() -> None:
+    argv = build_argv(make_spec(), daemonize=False)
+    assert "-daemonize" not in argv
+    assert opt(argv, "-sandbox") == [SANDBOX_OPTS]
+    assert "spawn=deny" in SANDBOX_OPTS and "elevateprivileges=deny" in SANDBOX_OPTS
+    # QEMU filters itself before daemonizing: fork() and setsid() must stay allowed.
+    assert "spawn=deny" not in SANDBOX_OPTS_DAEMONIZE
+    assert "elevateprivileges=deny" not in SANDBOX_OPTS_DAEMONIZE
+    assert "-sandbox" not in build_argv(make_spec(), sandbox=False)
+
+
+def test_qemu_binary_is_configurable() -> None:
+    assert build_argv(make_spec(), qemu="/opt/qemu/bin/qemu-system-x86_64")[0] == \
+        "/opt/qemu/bin/qemu-system-x86_64"
+
+
+def test_commas_in_paths_are_escaped_for_qemu_options() -> None:
+    d = Path("/tmp/a,b")
+    spec = make_spec(disk=d / "root,1.img", console_log=d / "c.log", qmp_socket=d / "q.sock",
+                     agent_socket=d / "a.sock", pidfile=d / "p.pid", kernel=d / "k")
+    argv = build_argv(spec)
+    assert opt(argv, "-drive")[0].startswith("id=root,file=/tmp/a,,b/root,,1.img,format=")
+    assert "socket,id=qmp,path=/tmp/a,,b/q.sock,server=on,wait=off" in argv
+    assert "file,id=console,path=/tmp/a,,b/c.log" in argv
+    # Plain (non key=value) arguments are not escaped.
+    assert opt(argv, "-kernel") == ["/tmp/a,b/k"]
+    assert opt(argv, "-pidfile") == ["/tmp/a,b/p.pid"]
+    assert qemu_opt("a,,b") == "a,,,,b"
+
+
+def test_kernel_cmdline_appends_extra_args_last() -> None:
+    assert kernel_cmdline(make_spec(cmdline="  ")).endswith("rw quiet")
+    line = kernel_cmdline(make_spec(cmdline="init=/init ember.x=1"))
+    assert line.startswith("console=ttyS0 reboot=t panic=-1 ")
+    assert line.endswith(" quiet init=/init ember.x=1")
+
+
+def test_tcg_guest_gets_the_host_tsc_frequency_when_known() -> None:
+    accel = AccelDecision("tcg", "test", {"host_tsc_khz": "2596142"})
+    line = kernel_cmdline(make_spec(accel=accel, cmdline="init=/init"))
+    assert " quiet tsc_early_khz=2596142 tsc=reliable init=/init" in line
+    kvm = AccelDecision("kvm", "test", {"host_tsc_khz": "2596142"})
+    assert "tsc" not in kernel_cmdline(make_spec(accel=kvm))
+    assert "tsc" not in kernel_cmdline(make_spec(accel=TCG))

@@ -1,0 +1,137 @@
+"""Process-level handle operations against real (non-VM) processes: no VM needed."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ember.engine.base import VMHandle, process_runs, remove_stale_socket
+
+
+class ProcessHandle(VMHandle):
+    """A VMHandle whose VMM control does nothing: only the shared process logic is tested."""
+
+    def qmp(self, cmd: str, **args: Any) -> Any:
+        raise NotImplementedError
+
+    def stop(self) -> None: ...
+    def cont(self) -> None: ...
+    def status(self) -> str:
+        return "running" if self.is_alive() else "exited"
+
+    def quit(self, timeout: float = 10.0) -> None:
+        self.kill()
+
+
+@pytest.fixture
+def vm_dir(tmp_path: Path) -> Path:
+    return tmp_path
+
+
+@pytest.fixture
+def fake_vmm(vm_dir: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A sleeping process whose argv carries the QMP socket path, like QEMU's does."""
+    qmp = vm_dir / "qmp.sock"
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                             f"path={qmp},server=on"])
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def handle_for(vm_dir: Path, pid: int) -> ProcessHandle:
+    return ProcessHandle(name="t", pid=pid, qmp_socket=vm_dir / "qmp.sock",
+                         agent_socket=vm_dir / "agent.sock",
+                         console_log=vm_dir / "console.log", pidfile=vm_dir / "qemu.pid")
+
+
+def listening_socket(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    sock.listen(1)
+    return sock
+
+
+def dead_socket(path: Path) -> None:
+    listening_socket(path).close()  # the file stays, nobody listens
+    assert path.exists()
+
+
+def test_kill_leaves_no_process_no_zombie_and_no_files(
+        vm_dir: Path, fake_vmm: subprocess.Popen[bytes]) -> None:
+    h = handle_for(vm_dir, fake_vmm.pid)
+    dead_socket(h.qmp_socket)
+    dead_socket(vm_dir / "agent.sock")
+    h.pidfile.write_text(f"{fake_vmm.pid}\n")
+    assert h.is_alive()
+    h.kill()
+    assert not h.is_alive()
+    # It was our child, so kill() reaped it: no zombie left.
+    assert not Path(f"/proc/{fake_vmm.pid}").exists()
+    assert not h.qmp_socket.exists() and not (vm_dir / "agent.sock").exists()
+    assert not h.pidfile.exists()
+    h.kill()  # idempotent
+
+
+def test_wait_exit_times_out_then_sees_exit(vm_dir: Path,
+                                            fake_vmm: subprocess.Popen[bytes]) -> None:
+    h = handle_for(vm_dir, fake_vmm.pid)
+    assert h.wait_exit(0.05) is False
+    fake_vmm.terminate()
+    assert h.wait_exit(5) is True
+    assert not h.is_alive()
+
+
+def test_reused_pid_is_never_signalled(vm_dir: Path) -> None:
+    # Our own pid stands in for a pid that the registry remembers but another program owns.
+    h = handle_for(vm_dir, os.getpid())
+    assert not h.is_alive()
+    h.kill()  # must not kill the test runner
+    assert h.wait_exit(0) is True
+    assert h.status() == "exited"
+
+
+def test_gone_pid_is_dead(vm_dir: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    h = handle_for(vm_dir, proc.pid)
+    assert not h.is_alive()
+    h.kill()
+    assert h.wait_exit(0)
+
+
+def test_cleanup_keeps_a_live_socket_and_a_foreign_pidfile(
+        vm_dir: Path, fake_vmm: subprocess.Popen[bytes]) -> None:
+    h = handle_for(vm_dir, fake_vmm.pid)
+    with listening_socket(h.qmp_socket):  # a newer VM already reuses the path
+        h.pidfile.write_text("999999\n")
+        h.kill()
+        assert h.qmp_socket.exists()
+        assert h.pidfile.read_text() == "999999\n"
+
+
+def test_remove_stale_socket(vm_dir: Path) -> None:
+    path = vm_dir / "s.sock"
+    remove_stale_socket(path)  # missing: fine
+    dead_socket(path)
+    remove_stale_socket(path)
+    assert not path.exists()
+
+
+def test_process_runs_matches_argv(fake_vmm: subprocess.Popen[bytes], vm_dir: Path) -> None:
+    assert process_runs(fake_vmm.pid, str(vm_dir / "qmp.sock"))
+    assert not process_runs(fake_vmm.pid, str(vm_dir / "other.sock"))
+
+
+def test_pid_must_be_positive(vm_dir: Path) -> None:
+    from ember.errors import BadRequestError
+    with pytest.raises(BadRequestError):
+        handle_for(vm_dir, 0)
