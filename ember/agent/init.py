@@ -98,7 +98,25 @@ def _boot() -> None:
         socket.sethostname(config.hostname)
     except OSError as err:
         log(f"cannot set the hostname {config.hostname}: {err}")
+    _write_identity(config.hostname)
     _supervise()
+
+
+def _write_identity(hostname: str) -> None:
+    """/etc/hostname and a /etc/hosts entry, so that programs resolving the hostname work."""
+    try:
+        with open("/etc/hostname", "w", encoding="utf-8") as f:
+            f.write(hostname + "\n")
+        try:
+            with open("/etc/hosts", encoding="utf-8") as f:
+                lines = [ln for ln in f.read(1 << 20).splitlines() if "# ember" not in ln]
+        except FileNotFoundError:
+            lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
+        lines.append(f"127.0.1.1\t{hostname}  # ember")
+        with open("/etc/hosts", "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+    except OSError as err:
+        log(f"cannot write /etc/hostname or /etc/hosts: {err}")
 
 
 def _read_config() -> BootConfig:

@@ -7,8 +7,15 @@ from ember.engine.accel import AccelDecision, detect_accel
 from ember.engine.base import Engine, VMHandle, VMSpec
 from ember.engine.qemu import QemuEngine
 
-__all__ = ["AccelDecision", "Engine", "QemuEngine", "VMHandle", "VMSpec", "default_engine",
-           "detect_accel"]
+__all__ = [
+    "AccelDecision",
+    "Engine",
+    "QemuEngine",
+    "VMHandle",
+    "VMSpec",
+    "default_engine",
+    "detect_accel",
+]
 
 
 def default_engine() -> Engine:

@@ -124,18 +124,19 @@ def _auto(root: Path, probe: bool, details: dict[str, str]) -> AccelDecision:
     if not flags:
         return AccelDecision(
             "tcg",
-            f"/dev/kvm exists but the CPU has no vmx/svm flag (no hardware "
-            f"virtualization): {tcg}",
+            f"/dev/kvm exists but the CPU has no vmx/svm flag (no hardware virtualization): {tcg}",
             details,
         )
     if probe:
         ok, details["probe"] = _probe_api_version(root)
         if not ok:
-            return AccelDecision("tcg", f"/dev/kvm probe failed ({details['probe']}): {tcg}",
-                                 details)
+            return AccelDecision(
+                "tcg", f"/dev/kvm probe failed ({details['probe']}): {tcg}", details
+            )
     flag = sorted(flags)[0]
-    return AccelDecision("kvm", f"hardware virtualization available ({flag}, /dev/kvm usable)",
-                         details)
+    return AccelDecision(
+        "kvm", f"hardware virtualization available ({flag}, /dev/kvm usable)", details
+    )
 
 
 def detect_accel(
@@ -160,7 +161,10 @@ def detect_accel(
         decision.details["host_tsc_khz"] = str(tsc_khz)
     if forced:
         accel: Accel = "kvm" if forced == "kvm" else "tcg"
-        details = {**decision.details, "detected": decision.accel,
-                   "detected_reason": decision.reason}
+        details = {
+            **decision.details,
+            "detected": decision.accel,
+            "detected_reason": decision.reason,
+        }
         return AccelDecision(accel, f"forced by {ENV_VAR}", details)
     return decision

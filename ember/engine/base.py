@@ -64,10 +64,10 @@ class VMSpec:
         if not isinstance(self.name, str) or not NAME_RE.fullmatch(self.name):
             raise BadRequestError(
                 f"VM name {self.name!r} must be 1-64 characters of letters, digits, "
-                "'_', '.' or '-', starting with a letter or digit")
+                "'_', '.' or '-', starting with a letter or digit"
+            )
         if self.disk_format not in ("raw", "qcow2"):
-            raise BadRequestError(f"disk_format must be 'raw' or 'qcow2', not "
-                                  f"{self.disk_format!r}")
+            raise BadRequestError(f"disk_format must be 'raw' or 'qcow2', not {self.disk_format!r}")
         _check_int("vcpus", self.vcpus, 1, MAX_VCPUS)
         _check_int("memory_mib", self.memory_mib, MIN_MEMORY_MIB, host_memory_mib())
         for label in ("kernel", "disk", "console_log", "qmp_socket", "agent_socket", "pidfile"):
@@ -79,10 +79,12 @@ class VMSpec:
             if value is not None and len(os.fsencode(value)) > MAX_SOCKET_PATH_BYTES:
                 raise BadRequestError(
                     f"{label} path {str(value)!r} is longer than {MAX_SOCKET_PATH_BYTES} "
-                    "bytes, the limit for a Unix socket path; use a shorter EMBER_HOME")
+                    "bytes, the limit for a Unix socket path; use a shorter EMBER_HOME"
+                )
         if len(self.cmdline) > MAX_EXTRA_CMDLINE:
-            raise BadRequestError(f"extra kernel cmdline is longer than {MAX_EXTRA_CMDLINE} "
-                                  "characters")
+            raise BadRequestError(
+                f"extra kernel cmdline is longer than {MAX_EXTRA_CMDLINE} characters"
+            )
         if any(not ch.isprintable() for ch in self.cmdline):
             raise BadRequestError("extra kernel cmdline contains control characters")
 
@@ -148,8 +150,16 @@ class VMHandle(ABC):
     leave no process and remove the VM's sockets and pidfile.
     """
 
-    def __init__(self, *, name: str, pid: int, qmp_socket: Path, agent_socket: Path | None,
-                 console_log: Path, pidfile: Path) -> None:
+    def __init__(
+        self,
+        *,
+        name: str,
+        pid: int,
+        qmp_socket: Path,
+        agent_socket: Path | None,
+        console_log: Path,
+        pidfile: Path,
+    ) -> None:
         if pid <= 0:
             raise BadRequestError(f"pid must be positive, not {pid}")
         self.name = name
@@ -216,8 +226,9 @@ class VMHandle(ABC):
                 with contextlib.suppress(ProcessLookupError):
                     signal.pidfd_send_signal(fd, signal.SIGKILL)
                 if not _poll_exit(fd, timeout):
-                    raise EngineError(f"VM {self.name} (pid {self.pid}) did not die within "
-                                      f"{timeout} s of SIGKILL")
+                    raise EngineError(
+                        f"VM {self.name} (pid {self.pid}) did not die within {timeout} s of SIGKILL"
+                    )
                 _reap(fd)
             finally:
                 os.close(fd)
@@ -230,8 +241,9 @@ class VMHandle(ABC):
         except ProcessLookupError:
             return None
         except OSError as err:
-            raise EngineError(f"cannot open pidfd for VM {self.name} (pid {self.pid}): "
-                              f"{err.strerror}") from err
+            raise EngineError(
+                f"cannot open pidfd for VM {self.name} (pid {self.pid}): {err.strerror}"
+            ) from err
         # Checked after opening: if the pid was ours now, the fd refers to our process.
         if not process_runs(self.pid, self._identity):
             os.close(fd)
@@ -243,7 +255,11 @@ class VMHandle(ABC):
         if self.agent_socket is not None:
             remove_stale_socket(self.agent_socket)
         try:
-            if self.pidfile.read_text().strip() in ("", str(self.pid)):
+            text = self.pidfile.read_text().strip()
+            # Only our pid (or none), and never while a live process names this pidfile.
+            if text in ("", str(self.pid)) and not (
+                text and process_runs(self.pid, os.fspath(self.pidfile))
+            ):
                 self.pidfile.unlink()
         except OSError as err:
             if err.errno != errno.ENOENT:

@@ -54,14 +54,25 @@ def _qemu() -> list[Check]:
     if "microvm" in machines:
         checks.append(Check("microvm machine", True, "QEMU offers the microvm machine type"))
     else:
-        checks.append(Check("microvm machine", False,
-                            "this QEMU has no microvm machine type (QEMU 4.2 or newer needed)",
-                            "apt-get install -y qemu-system-x86 (from Debian 11 or newer)"))
-    checks.append(Check("qemu seccomp", seccomp,
-                        "QEMU confines itself with -sandbox" if seccomp else
-                        "this QEMU cannot use -sandbox (built without seccomp?); guests run "
-                        "without QEMU's syscall filter",
-                        None if seccomp else "apt-get install -y qemu-system-x86"))
+        checks.append(
+            Check(
+                "microvm machine",
+                False,
+                "this QEMU has no microvm machine type (QEMU 4.2 or newer needed)",
+                "apt-get install -y qemu-system-x86 (from Debian 11 or newer)",
+            )
+        )
+    checks.append(
+        Check(
+            "qemu seccomp",
+            seccomp,
+            "QEMU confines itself with -sandbox"
+            if seccomp
+            else "this QEMU cannot use -sandbox (built without seccomp?); guests run "
+            "without QEMU's syscall filter",
+            None if seccomp else "apt-get install -y qemu-system-x86",
+        )
+    )
     return checks
 
 
@@ -82,7 +93,8 @@ def _accel(root: Path) -> list[Check]:
     ok = decision.accel == "kvm" or fix is None
     pvm = decision.details.get("kvm_pvm") == "loaded"
     detail = f"/dev/kvm {dev}; CPU virtualization flags: {flags}" + (
-        "; kvm_pvm loaded (not usable for standard guests)" if pvm else "")
+        "; kvm_pvm loaded (not usable for standard guests)" if pvm else ""
+    )
     checks.append(Check("/dev/kvm", ok, detail, fix))
     return checks
 
@@ -90,8 +102,12 @@ def _accel(root: Path) -> list[Check]:
 def _vsock(root: Path) -> Check:
     if (root / "dev/vhost-vsock").exists():
         return Check("vhost-vsock", True, "/dev/vhost-vsock present")
-    return Check("vhost-vsock", True, "/dev/vhost-vsock absent: the agent channel uses a "
-                 "virtio-serial port instead (no action needed)")
+    return Check(
+        "vhost-vsock",
+        True,
+        "/dev/vhost-vsock absent: the agent channel uses a "
+        "virtio-serial port instead (no action needed)",
+    )
 
 
 def _cgroups(root: Path) -> Check:
@@ -99,12 +115,17 @@ def _cgroups(root: Path) -> Check:
     if (fs / "cgroup.controllers").exists():
         return Check("cgroups", True, "cgroup v2 (unified)")
     if (fs / "unified/cgroup.controllers").exists():
-        return Check("cgroups", True, "cgroup v1 with a v2 mount at /sys/fs/cgroup/unified "
-                     "(hybrid)")
+        return Check(
+            "cgroups", True, "cgroup v1 with a v2 mount at /sys/fs/cgroup/unified (hybrid)"
+        )
     if fs.is_dir():
         return Check("cgroups", True, "cgroup v1 only")
-    return Check("cgroups", False, "no cgroup filesystem at /sys/fs/cgroup",
-                 "mount cgroup2 on /sys/fs/cgroup (mount -t cgroup2 none /sys/fs/cgroup)")
+    return Check(
+        "cgroups",
+        False,
+        "no cgroup filesystem at /sys/fs/cgroup",
+        "mount cgroup2 on /sys/fs/cgroup (mount -t cgroup2 none /sys/fs/cgroup)",
+    )
 
 
 def _disk(home: Path) -> Check:
@@ -116,17 +137,22 @@ def _disk(home: Path) -> Check:
     except OSError as err:
         return Check("free disk", False, f"cannot stat {existing}: {err}", None)
     ok = free >= MIN_FREE_GIB
-    return Check("free disk", ok, f"{free:.1f} GiB free for EMBER_HOME {home}",
-                 None if ok else f"free space on that filesystem (at least {MIN_FREE_GIB:g} "
-                 "GiB) or point EMBER_HOME at a larger one")
+    return Check(
+        "free disk",
+        ok,
+        f"{free:.1f} GiB free for EMBER_HOME {home}",
+        None
+        if ok
+        else f"free space on that filesystem (at least {MIN_FREE_GIB:g} "
+        "GiB) or point EMBER_HOME at a larger one",
+    )
 
 
 def _linux_source(root: Path) -> Check:
     tarball = root / LINUX_SOURCE
     if tarball.is_file():
         return Check("linux-source-6.1", True, f"/{LINUX_SOURCE} (guest kernel source)")
-    return Check("linux-source-6.1", False, "guest kernel source not installed",
-                 KERNEL_BUILD_APT)
+    return Check("linux-source-6.1", False, "guest kernel source not installed", KERNEL_BUILD_APT)
 
 
 def diagnose(*, root: Path = Path("/"), home: Path | None = None) -> list[Check]:

@@ -26,6 +26,7 @@ from ember import proc
 from ember.errors import BadRequestError, BuildError, HostCommandError, ImageSourceError
 from ember.guest import digest as digests
 from ember.guest import inject, rootfs_debian
+from ember.locks import FileLock
 from ember.paths import Paths
 from ember.store import Store, TemplateRecord
 
@@ -33,6 +34,7 @@ Progress = Callable[[str], None] | None
 
 #: Bump when the way images are assembled changes (invalidates cached Debian builds).
 IMAGE_RECIPE = "ember-image-v1: minbase, /dev emptied, /.ember injected, ext4 -m0"
+DEBOOTSTRAP_RECIPE = "debootstrap --variant=minbase v1"
 DEFAULT_FREE_MIB = 1024
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 
@@ -142,8 +144,7 @@ def _assemble(paths: Paths, stage: Path, source: str, packages: Sequence[str],
     source_digest = ""
     try:
         if source.startswith("debian:"):
-            rootfs_debian.debootstrap(source.split(":", 1)[1], rootfs, packages=packages,
-                                      progress=progress)
+            _debian_rootfs(paths, source.split(":", 1)[1], packages, rootfs, progress)
         elif source.startswith("dir:") or _is_plain_dir(source):
             _copy_dir(Path(source.removeprefix("dir:")), rootfs, progress)
         else:
@@ -199,6 +200,32 @@ def _make_ext4(rootfs: Path, out: Path, free_mib: int, progress: Progress) -> in
         raise BuildError(str(err)) from err
     out.chmod(0o444)
     return size_mib << 20
+
+
+def _debian_rootfs(paths: Paths, suite: str, packages: Sequence[str], rootfs: Path,
+                   progress: Progress) -> None:
+    """debootstrap, or unpack the cached tarball of the same debootstrap (the slow step:
+    changing ember's agent must not download Debian again)."""
+    key = hashlib.sha256(json.dumps({
+        "suite": suite, "packages": sorted(packages), "mirror": rootfs_debian.DEFAULT_MIRROR,
+        "recipe": DEBOOTSTRAP_RECIPE}, sort_keys=True).encode()).hexdigest()
+    cached = paths.cache / "rootfs" / f"debian-{key}.tar"
+    tar_opts = ["--numeric-owner", "--xattrs", "--xattrs-include=*"]
+    if cached.is_file():
+        if progress:
+            progress(f"unpacking cached debootstrap of {suite}")
+        proc.run(["tar", "-xpf", str(cached), "-C", str(rootfs), *tar_opts],
+                 what="unpack the cached Debian root filesystem", timeout=900)
+        return
+    rootfs_debian.debootstrap(suite, rootfs, packages=packages, progress=progress)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
+    try:
+        proc.run(["tar", "-cf", str(tmp), "-C", str(rootfs), *tar_opts, "."],
+                 what="cache the Debian root filesystem", timeout=900)
+        os.replace(tmp, cached)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _register(store: Store, name: str, meta: dict[str, Any], force: bool) -> TemplateRecord:
@@ -262,7 +289,8 @@ def _copy_dir(src: Path, dest: Path, progress: Progress) -> None:
 
 
 def _empty_dev(rootfs: Path) -> None:
-    """The guest mounts devtmpfs on /dev: drop device nodes a source put there."""
+    """The guest mounts devtmpfs on /dev: drop device nodes a source put there; reset the
+    build host's identity."""
     dev = rootfs / "dev"
     if dev.is_symlink():
         dev.unlink()
@@ -274,6 +302,14 @@ def _empty_dev(rootfs: Path) -> None:
                 child.unlink()
     else:
         dev.mkdir(mode=0o755)
+    # debootstrap copies the build host's identity and resolver: a template has neither
+    etc = rootfs / "etc"
+    if etc.is_dir() and not etc.is_symlink():
+        for name, text in (("hostname", "ember\n"), ("resolv.conf", "")):
+            f = etc / name
+            if f.is_symlink():
+                f.unlink()
+            f.write_text(text)
     for d, mode in (("proc", 0o555), ("sys", 0o555), ("tmp", 0o1777), ("run", 0o755)):
         p = rootfs / d
         if not p.exists() and not p.is_symlink():
@@ -283,11 +319,31 @@ def _empty_dev(rootfs: Path) -> None:
 
 @contextmanager
 def _staging(paths: Paths) -> Iterator[Path]:
+    """A staging directory, flock-ed while this build lives; stale ones are swept first."""
+    sweep_stale_staging(paths)
     stage = Path(tempfile.mkdtemp(prefix="image-", dir=paths.cache_tmp))
+    lock = FileLock(stage / ".lock")
+    lock.try_acquire()
     try:
         yield stage
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+        lock.release()
+
+
+def sweep_stale_staging(paths: Paths) -> None:
+    """Remove staging directories of builds that died (killed, crashed, power lost)."""
+    for d in paths.cache_tmp.glob("image-*"):
+        lock = FileLock(d / ".lock")
+        try:
+            if not lock.try_acquire():
+                continue  # a live build
+        except OSError:
+            continue
+        try:
+            shutil.rmtree(d, ignore_errors=True)
+        finally:
+            lock.release()
 
 
 def _atomic_write(path: Path, text: str) -> None:

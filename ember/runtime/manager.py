@@ -13,9 +13,11 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import signal
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from ember import proc
@@ -24,7 +26,7 @@ from ember.errors import BadRequestError, EmberError, SandboxNotFoundError
 from ember.guest.kernel import require_kernel
 from ember.agent import INIT_PATH
 from ember.paths import Paths
-from ember.runtime.locks import FileLock
+from ember.locks import FileLock
 from ember.runtime.spec import SandboxSpec
 from ember.store import SandboxRecord, Store
 
@@ -133,7 +135,13 @@ class SandboxManager:
         return self._reconcile_one(rec)
 
     def list(self) -> list[SandboxRecord]:
-        return [self._reconcile_one(r) for r in self.store.list_sandboxes()]
+        out = []
+        for r in self.store.list_sandboxes():
+            try:
+                out.append(self._reconcile_one(r))
+            except SandboxNotFoundError:
+                continue  # expired and destroyed just now
+        return out
 
     def handle(self, rec: SandboxRecord) -> VMHandle:
         d = SandboxDir(Path(rec.dir))
@@ -184,11 +192,21 @@ class SandboxManager:
         self._release(rec, error=None, keep_row=False)
 
     def _release(self, rec: SandboxRecord, *, error: str | None, keep_row: bool = True) -> None:
-        if rec.pid is not None:
-            try:
-                self.handle(rec).kill()
-            except EmberError as err:
-                log.warning("sandbox %s: cannot kill VM %s: %s", rec.id, rec.pid, err)
+        # The registry may not know the VM's pid yet (its creator died between starting QEMU
+        # and recording the pid): find it by its sandbox directory on its command line.
+        # The registry may not know every process of this sandbox: its creator may have died
+        # while `qemu-img` or a daemonizing QEMU ran (whose child may appear after we look).
+        # Kill what names the sandbox's directory until nothing does.
+        d = SandboxDir(Path(rec.dir))
+        pids = {rec.pid} if rec.pid is not None else set()
+        for _ in range(50):
+            pids |= _pids_mentioning(d.root)
+            if not pids:
+                break
+            for pid in pids:
+                self._kill_pid(rec, d, pid)
+            pids = set()
+            time.sleep(0.02)
         root = Path(rec.dir)
         if keep_row:
             if root.is_dir():
@@ -200,12 +218,35 @@ class SandboxManager:
             shutil.rmtree(root, ignore_errors=True)
             self.store.delete_sandbox(rec.id)
 
+    def _kill_pid(self, rec: SandboxRecord, d: SandboxDir, pid: int) -> None:
+        try:
+            if str(d.qmp_socket).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                self.handle(replace(rec, pid=pid)).kill()  # QEMU: engine-checked kill
+            else:
+                os.kill(pid, signal.SIGKILL)  # a helper such as qemu-img
+        except (OSError, EmberError) as err:
+            log.warning("sandbox %s: cannot kill process %s: %s", rec.id, pid, err)
+
     def set_timeout(self, sandbox_id: str, timeout: float | None) -> None:
         if timeout is not None and not 0 < timeout <= 7 * 86400:
             raise BadRequestError(f"timeout must be between 0 and 7 days, got {timeout!r}")
         self.store.update_sandbox(
             sandbox_id, timeout_s=timeout,
             expires_at=time.time() + timeout if timeout is not None else None)
+
+
+def _pids_mentioning(directory: Path) -> set[int]:
+    """Live processes whose command line names a file in ``directory``."""
+    needle = str(directory).encode() + b"/"
+    found = set()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if needle in (d / "cmdline").read_bytes() and d.name != str(os.getpid()):
+                    found.add(int(d.name))
+            except OSError:
+                continue
+    return found
 
 
 def _remove(p: Path) -> None:

@@ -1,7 +1,7 @@
 """The QEMU engine against real QEMU: boot a busybox guest, control it, kill it, fail cleanly.
 
-Boot tests need a guest kernel: set EMBER_TEST_KERNEL to a bzImage. Failure-path tests run
-without one. After every test no QEMU process may mention the test's directory.
+Boot tests use ember's guest kernel (or EMBER_TEST_KERNEL, a bzImage). After every test
+no QEMU process may mention the test's directory.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import pytest
 from ember.engine import QemuEngine, VMSpec, detect_accel
 from ember.engine.qemu import QemuVMHandle
 from ember.errors import EngineError
+from ember.paths import Paths
 from ember.proc import run
 
 pytestmark = pytest.mark.integration
@@ -62,10 +63,13 @@ def vm_dir() -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session")
-def kernel() -> Path:
+def kernel(ember_paths: Paths) -> Path:
+    """EMBER_TEST_KERNEL if set, else ember's own kernel (built, or reused from the cache)."""
     value = os.environ.get("EMBER_TEST_KERNEL")
     if not value:
-        pytest.skip("EMBER_TEST_KERNEL is not set (path to a guest bzImage)")
+        from ember.guest.kernel import build_kernel
+
+        return build_kernel(ember_paths).bzimage
     path = Path(value).absolute()
     if not path.is_file():
         pytest.skip(f"EMBER_TEST_KERNEL={value} is not a file")
@@ -87,17 +91,30 @@ def busybox_disk(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (tree / "init").chmod(0o755)
     os.mknod(tree / "dev/console", 0o600 | 0o020000, os.makedev(5, 1))
     image = base / "root.ext4"
-    run(["mkfs.ext4", "-q", "-F", "-d", str(tree), str(image), "16M"],
-        what="build the busybox test disk", timeout=60)
+    run(
+        ["mkfs.ext4", "-q", "-F", "-d", str(tree), str(image), "16M"],
+        what="build the busybox test disk",
+        timeout=60,
+    )
     return image
 
 
 def make_spec(vm_dir: Path, kernel: Path, disk: Path, **overrides: Any) -> VMSpec:
     fields: dict[str, Any] = dict(
-        name="engine-test", kernel=kernel, disk=disk, disk_format="raw", disk_readonly=True,
-        vcpus=1, memory_mib=128, cmdline="init=/init", console_log=vm_dir / "console.log",
-        qmp_socket=vm_dir / "qmp.sock", agent_socket=vm_dir / "agent.sock",
-        pidfile=vm_dir / "qemu.pid", accel=detect_accel())
+        name="engine-test",
+        kernel=kernel,
+        disk=disk,
+        disk_format="raw",
+        disk_readonly=True,
+        vcpus=1,
+        memory_mib=128,
+        cmdline="init=/init",
+        console_log=vm_dir / "console.log",
+        qmp_socket=vm_dir / "qmp.sock",
+        agent_socket=vm_dir / "agent.sock",
+        pidfile=vm_dir / "qemu.pid",
+        accel=detect_accel(),
+    )
     fields.update(overrides)
     return VMSpec(**fields)
 
@@ -105,8 +122,7 @@ def make_spec(vm_dir: Path, kernel: Path, disk: Path, **overrides: Any) -> VMSpe
 def wait_for_marker(handle: QemuVMHandle, timeout: float = BOOT_TIMEOUT) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if handle.console_log.exists() and MARKER in handle.console_log.read_text(
-                errors="replace"):
+        if handle.console_log.exists() and MARKER in handle.console_log.read_text(errors="replace"):
             return
         if not handle.is_alive():
             break
@@ -138,8 +154,9 @@ def held_vm(vm_dir: Path, kernel: Path, busybox_disk: Path) -> Iterator[QemuVMHa
 # --------------------------------------------------------------------------- boots
 
 
-def test_boots_prints_marker_and_exits_by_itself(vm_dir: Path, kernel: Path,
-                                                 busybox_disk: Path) -> None:
+def test_boots_prints_marker_and_exits_by_itself(
+    vm_dir: Path, kernel: Path, busybox_disk: Path
+) -> None:
     handle = QemuEngine().start(make_spec(vm_dir, kernel, busybox_disk))
     assert handle.is_alive()
     assert handle.qmp_socket.exists() and handle.pidfile.exists()
@@ -181,8 +198,9 @@ def test_kill_leaves_no_process_and_no_sockets(held_vm: QemuVMHandle) -> None:
     held_vm.kill()
     assert_gone(held_vm)
     assert not qemu_pids_mentioning(str(held_vm.qmp_socket))
-    assert not Path(f"/proc/{pid}/cmdline").exists() or not Path(
-        f"/proc/{pid}/cmdline").read_bytes()
+    assert (
+        not Path(f"/proc/{pid}/cmdline").exists() or not Path(f"/proc/{pid}/cmdline").read_bytes()
+    )
 
 
 def test_quit_ends_the_process(held_vm: QemuVMHandle) -> None:
@@ -190,8 +208,9 @@ def test_quit_ends_the_process(held_vm: QemuVMHandle) -> None:
     assert_gone(held_vm)
 
 
-def test_attach_from_the_registry(held_vm: QemuVMHandle, vm_dir: Path, kernel: Path,
-                                  busybox_disk: Path) -> None:
+def test_attach_from_the_registry(
+    held_vm: QemuVMHandle, vm_dir: Path, kernel: Path, busybox_disk: Path
+) -> None:
     spec = make_spec(vm_dir, kernel, busybox_disk, cmdline="init=/init ember_mode=hold")
     other = QemuEngine().attach(held_vm.pid, spec)
     assert other.is_alive() and other.status() == "running"
@@ -200,12 +219,14 @@ def test_attach_from_the_registry(held_vm: QemuVMHandle, vm_dir: Path, kernel: P
     assert not stranger.is_alive()
     stranger.kill()
     assert held_vm.is_alive()
+    assert held_vm.qmp_socket.exists() and held_vm.pidfile.exists()
     other.kill()
     assert_gone(held_vm)
 
 
-def test_second_start_on_the_same_sockets_is_refused(held_vm: QemuVMHandle, vm_dir: Path,
-                                                     kernel: Path, busybox_disk: Path) -> None:
+def test_second_start_on_the_same_sockets_is_refused(
+    held_vm: QemuVMHandle, vm_dir: Path, kernel: Path, busybox_disk: Path
+) -> None:
     spec = make_spec(vm_dir, kernel, busybox_disk)
     with pytest.raises(EngineError, match="already running"):
         QemuEngine().start(spec)
@@ -242,8 +263,9 @@ def test_missing_disk_names_the_cause(vm_dir: Path, dummy_kernel: Path) -> None:
     assert listing(vm_dir) == before
 
 
-def test_qemu_refusal_carries_its_stderr_and_leaves_nothing(vm_dir: Path,
-                                                            dummy_kernel: Path) -> None:
+def test_qemu_refusal_carries_its_stderr_and_leaves_nothing(
+    vm_dir: Path, dummy_kernel: Path
+) -> None:
     disk = vm_dir / "not-qcow2.img"
     disk.write_bytes(b"\0" * 65536)
     before = listing(vm_dir)

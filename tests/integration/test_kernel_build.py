@@ -53,10 +53,9 @@ KEY_OPTIONS = (
 
 
 @pytest.fixture(scope="module")
-def cache_paths(tmp_path_factory: pytest.TempPathFactory) -> Paths:
-    home = tmp_path_factory.mktemp("kernel-home")
-    cache = Path(os.environ.get("EMBER_CACHE") or tmp_path_factory.mktemp("kernel-cache"))
-    return Paths(home=home, cache=cache).ensure()
+def cache_paths(ember_paths: Paths, tmp_path_factory: pytest.TempPathFactory) -> Paths:
+    """The suite's shared persistent cache (see conftest): the kernel is built once per host."""
+    return Paths(home=tmp_path_factory.mktemp("kernel-home"), cache=ember_paths.cache).ensure()
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +102,9 @@ def borrowed_source(own_cache: Paths, cache_paths: Paths, built: Kernel) -> Iter
     """``own_cache`` with the shared unpacked source tree (already there after ``built``)."""
     version = source_version()
     shared, mine = source_tree(cache_paths, version), source_tree(own_cache, version)
+    if not shared.is_dir():  # the kernel came from the cache: unpack the source once
+        shared.parent.mkdir(parents=True, exist_ok=True)
+        kmod._ensure_source(cache_paths, shared, version, lambda _line: None)
     mine.parent.mkdir(parents=True)
     mine.symlink_to(shared, target_is_directory=True)
     yield own_cache

@@ -30,7 +30,8 @@ def assert_no_leaks(paths: Paths, allow_failed_rows: bool = False) -> None:
     rows = manager(paths).store.list_sandboxes()
     live = [r for r in rows if r.state != "failed" or not allow_failed_rows]
     assert live == [], f"registry rows left: {[(r.id, r.state) for r in live]}"
-    assert qemu_pids_under(paths.home) == []
+    leaked = qemu_pids_under(paths.home)
+    assert leaked == [], [Path(f"/proc/{p}/cmdline").read_bytes()[:300] for p in leaked]
     for r in rows:  # failed sandboxes keep only their console log
         assert sorted(p.name for p in Path(r.dir).iterdir()) in ([], ["console.log"])
     if not rows:

@@ -12,8 +12,9 @@ from ember.errors import BadRequestError
 FLAGS_PLAIN = "fpu vme de pse tsc msr pae mce cx8 apic sep mtrr sse sse2 ht syscall nx lm"
 
 
-def fake_host(root: Path, *, flags: str = FLAGS_PLAIN, dev_kvm: bool = True,
-              pvm: bool = False) -> Path:
+def fake_host(
+    root: Path, *, flags: str = FLAGS_PLAIN, dev_kvm: bool = True, pvm: bool = False
+) -> Path:
     (root / "proc").mkdir(parents=True)
     cpu = f"processor\t: 0\nmodel name\t: Fake CPU\nflags\t\t: {flags}\n\n"
     (root / "proc/cpuinfo").write_text(cpu * 2)
@@ -32,7 +33,8 @@ def test_kvm_pvm_host_uses_tcg_and_says_why(tmp_path: Path) -> None:
     assert d.accel == "tcg"
     assert d.reason == (
         "/dev/kvm is kvm-pvm (no vmx/svm CPU flag, /sys/module/kvm_pvm present): it cannot "
-        "run standard guest kernels, using TCG software emulation")
+        "run standard guest kernels, using TCG software emulation"
+    )
     assert d.details["kvm_pvm"] == "loaded"
     assert d.details["cpu_virt_flags"] == "none"
 
@@ -94,8 +96,9 @@ def test_env_override(tmp_path: Path, forced: str) -> None:
     assert "kvm-pvm" in d.details["detected_reason"]
 
 
-def test_env_override_reads_process_environment(tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_env_override_reads_process_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("EMBER_ACCEL", "kvm")
     assert detect_accel(root=fake_host(tmp_path)).accel == "kvm"
 
@@ -127,11 +130,14 @@ def test_host_tsc_khz_from_an_invariant_known_tsc(tmp_path: Path) -> None:
     assert d.details.get("host_tsc_khz") is None  # fake_host writes no cpu MHz line
 
 
-@pytest.mark.parametrize("flags", [
-    FLAGS_PLAIN,
-    f"{FLAGS_PLAIN} constant_tsc nonstop_tsc",  # frequency not known exactly
-    f"{TSC_FLAGS} aperfmperf",  # cpu MHz would be a sampled frequency
-])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        FLAGS_PLAIN,
+        f"{FLAGS_PLAIN} constant_tsc nonstop_tsc",  # frequency not known exactly
+        f"{TSC_FLAGS} aperfmperf",  # cpu MHz would be a sampled frequency
+    ],
+)
 def test_host_tsc_khz_unknown(tmp_path: Path, flags: str) -> None:
     assert host_tsc_khz(cpuinfo(tmp_path, flags)) is None
 

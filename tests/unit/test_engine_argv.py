@@ -24,11 +24,20 @@ KVM = AccelDecision("kvm", "test", {})
 def make_spec(**overrides: Any) -> VMSpec:
     d = Path("/run/ember/sb1")
     fields: dict[str, Any] = dict(
-        name="sb1", kernel=Path("/cache/bzImage"), disk=d / "root.qcow2",
-        disk_format="qcow2", disk_readonly=False, vcpus=2, memory_mib=512,
-        cmdline="init=/sbin/ember-init", console_log=d / "console.log",
-        qmp_socket=d / "qmp.sock", agent_socket=d / "agent.sock", pidfile=d / "qemu.pid",
-        accel=TCG)
+        name="sb1",
+        kernel=Path("/cache/bzImage"),
+        disk=d / "root.qcow2",
+        disk_format="qcow2",
+        disk_readonly=False,
+        vcpus=2,
+        memory_mib=512,
+        cmdline="init=/sbin/ember-init",
+        console_log=d / "console.log",
+        qmp_socket=d / "qmp.sock",
+        agent_socket=d / "agent.sock",
+        pidfile=d / "qemu.pid",
+        accel=TCG,
+    )
     fields.update(overrides)
     return VMSpec(**fields)
 
@@ -41,6 +50,7 @@ def opt(argv: list[str], flag: str) -> list[str]:
 def test_tcg_argv_exactly() -> None:
     argv = build_argv(make_spec())
     d = "/run/ember/sb1"
+    # fmt: off
     assert argv == [
         "qemu-system-x86_64",
         "-name", "guest=sb1",
@@ -67,22 +77,35 @@ def test_tcg_argv_exactly() -> None:
         "-sandbox", SANDBOX_OPTS_DAEMONIZE,
         "-daemonize",
     ]
+    # fmt: on
 
 
 @pytest.mark.parametrize("accel", [TCG, KVM])
 def test_no_pci_acpi_network_or_option_roms(accel: AccelDecision) -> None:
     argv = build_argv(make_spec(accel=accel))
     text = " ".join(argv)
-    for banned in ("pci", "-netdev", "-net ", "-nic", "e1000", "vhost", "-cdrom", "-bios",
-                   "-usb", "-vga", "-monitor"):
+    for banned in (
+        "pci",
+        "-netdev",
+        "-net ",
+        "-nic",
+        "e1000",
+        "vhost",
+        "-cdrom",
+        "-bios",
+        "-usb",
+        "-vga",
+        "-monitor",
+    ):
         assert banned not in text
     machine = opt(argv, "-M")[0].split(",")
     assert machine[0] == "microvm"
     assert {"x-option-roms=off", "acpi=off", "rtc=on", "isa-serial=on"} <= set(machine)
     assert "-nodefaults" in argv and "-no-user-config" in argv
     devices = opt(argv, "-device")
-    assert all(dev.split(",")[0].endswith("-device") or dev.startswith("virtserialport")
-               for dev in devices)
+    assert all(
+        dev.split(",")[0].endswith("-device") or dev.startswith("virtserialport") for dev in devices
+    )
 
 
 def test_tcg_keeps_pit_and_pic() -> None:
@@ -103,7 +126,8 @@ def test_readonly_disk() -> None:
     spec = make_spec(disk_readonly=True, disk_format="raw", disk=Path("/cache/base.ext4"))
     argv = build_argv(spec)
     assert opt(argv, "-drive") == [
-        "id=root,file=/cache/base.ext4,format=raw,if=none,cache=unsafe,readonly=on"]
+        "id=root,file=/cache/base.ext4,format=raw,if=none,cache=unsafe,readonly=on"
+    ]
     assert " ro quiet" in opt(argv, "-append")[0]
     assert " rw " not in opt(argv, "-append")[0]
 
@@ -126,14 +150,22 @@ def test_daemonize_and_sandbox_switches() -> None:
 
 
 def test_qemu_binary_is_configurable() -> None:
-    assert build_argv(make_spec(), qemu="/opt/qemu/bin/qemu-system-x86_64")[0] == \
-        "/opt/qemu/bin/qemu-system-x86_64"
+    assert (
+        build_argv(make_spec(), qemu="/opt/qemu/bin/qemu-system-x86_64")[0]
+        == "/opt/qemu/bin/qemu-system-x86_64"
+    )
 
 
 def test_commas_in_paths_are_escaped_for_qemu_options() -> None:
     d = Path("/tmp/a,b")
-    spec = make_spec(disk=d / "root,1.img", console_log=d / "c.log", qmp_socket=d / "q.sock",
-                     agent_socket=d / "a.sock", pidfile=d / "p.pid", kernel=d / "k")
+    spec = make_spec(
+        disk=d / "root,1.img",
+        console_log=d / "c.log",
+        qmp_socket=d / "q.sock",
+        agent_socket=d / "a.sock",
+        pidfile=d / "p.pid",
+        kernel=d / "k",
+    )
     argv = build_argv(spec)
     assert opt(argv, "-drive")[0].startswith("id=root,file=/tmp/a,,b/root,,1.img,format=")
     assert "socket,id=qmp,path=/tmp/a,,b/q.sock,server=on,wait=off" in argv

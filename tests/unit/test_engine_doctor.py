@@ -8,8 +8,19 @@ import pytest
 
 from ember.engine.doctor import Check, diagnose
 
-NAMES = ["qemu-system-x86_64", "qemu-img", "accelerator", "/dev/kvm", "vhost-vsock", "cgroups",
-         "free disk", "patchelf", "debootstrap", "mkfs.ext4", "linux-source-6.1"]
+NAMES = [
+    "qemu-system-x86_64",
+    "qemu-img",
+    "accelerator",
+    "/dev/kvm",
+    "vhost-vsock",
+    "cgroups",
+    "free disk",
+    "patchelf",
+    "debootstrap",
+    "mkfs.ext4",
+    "linux-source-6.1",
+]
 
 
 def fake_root(root: Path, *, pvm: bool = True) -> Path:
@@ -58,8 +69,9 @@ def test_host_facts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert "GiB free" in checks["free disk"].detail  # a home that does not exist yet: parent
 
 
-def test_vmx_host_without_dev_kvm_says_modprobe(tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_vmx_host_without_dev_kvm_says_modprobe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("EMBER_ACCEL", raising=False)
     root = fake_root(tmp_path / "root", pvm=False)
     (root / "proc/cpuinfo").write_text("flags\t: fpu vmx\n")

@@ -8,8 +8,14 @@ import ember.engine.qemu
 
 def test_engine_exports() -> None:
     assert sorted(ember.engine.__all__) == [
-        "AccelDecision", "Engine", "QemuEngine", "VMHandle", "VMSpec", "default_engine",
-        "detect_accel"]
+        "AccelDecision",
+        "Engine",
+        "QemuEngine",
+        "VMHandle",
+        "VMSpec",
+        "default_engine",
+        "detect_accel",
+    ]
     for name in ember.engine.__all__:
         assert hasattr(ember.engine, name)
 

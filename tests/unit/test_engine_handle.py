@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -39,8 +40,13 @@ def vm_dir(tmp_path: Path) -> Path:
 def fake_vmm(vm_dir: Path) -> Iterator[subprocess.Popen[bytes]]:
     """A sleeping process whose argv carries the QMP socket path, like QEMU's does."""
     qmp = vm_dir / "qmp.sock"
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
-                             f"path={qmp},server=on"])
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", f"path={qmp},server=on"]
+    )
+    deadline = time.monotonic() + 10
+    while not process_runs(proc.pid, str(qmp)):  # /proc/<pid>/cmdline is empty mid-exec
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
     yield proc
     if proc.poll() is None:
         proc.kill()
@@ -48,9 +54,14 @@ def fake_vmm(vm_dir: Path) -> Iterator[subprocess.Popen[bytes]]:
 
 
 def handle_for(vm_dir: Path, pid: int) -> ProcessHandle:
-    return ProcessHandle(name="t", pid=pid, qmp_socket=vm_dir / "qmp.sock",
-                         agent_socket=vm_dir / "agent.sock",
-                         console_log=vm_dir / "console.log", pidfile=vm_dir / "qemu.pid")
+    return ProcessHandle(
+        name="t",
+        pid=pid,
+        qmp_socket=vm_dir / "qmp.sock",
+        agent_socket=vm_dir / "agent.sock",
+        console_log=vm_dir / "console.log",
+        pidfile=vm_dir / "qemu.pid",
+    )
 
 
 def listening_socket(path: Path) -> socket.socket:
@@ -66,7 +77,8 @@ def dead_socket(path: Path) -> None:
 
 
 def test_kill_leaves_no_process_no_zombie_and_no_files(
-        vm_dir: Path, fake_vmm: subprocess.Popen[bytes]) -> None:
+    vm_dir: Path, fake_vmm: subprocess.Popen[bytes]
+) -> None:
     h = handle_for(vm_dir, fake_vmm.pid)
     dead_socket(h.qmp_socket)
     dead_socket(vm_dir / "agent.sock")
@@ -81,8 +93,9 @@ def test_kill_leaves_no_process_no_zombie_and_no_files(
     h.kill()  # idempotent
 
 
-def test_wait_exit_times_out_then_sees_exit(vm_dir: Path,
-                                            fake_vmm: subprocess.Popen[bytes]) -> None:
+def test_wait_exit_times_out_then_sees_exit(
+    vm_dir: Path, fake_vmm: subprocess.Popen[bytes]
+) -> None:
     h = handle_for(vm_dir, fake_vmm.pid)
     assert h.wait_exit(0.05) is False
     fake_vmm.terminate()
@@ -109,7 +122,8 @@ def test_gone_pid_is_dead(vm_dir: Path) -> None:
 
 
 def test_cleanup_keeps_a_live_socket_and_a_foreign_pidfile(
-        vm_dir: Path, fake_vmm: subprocess.Popen[bytes]) -> None:
+    vm_dir: Path, fake_vmm: subprocess.Popen[bytes]
+) -> None:
     h = handle_for(vm_dir, fake_vmm.pid)
     with listening_socket(h.qmp_socket):  # a newer VM already reuses the path
         h.pidfile.write_text("999999\n")
@@ -133,5 +147,6 @@ def test_process_runs_matches_argv(fake_vmm: subprocess.Popen[bytes], vm_dir: Pa
 
 def test_pid_must_be_positive(vm_dir: Path) -> None:
     from ember.errors import BadRequestError
+
     with pytest.raises(BadRequestError):
         handle_for(vm_dir, 0)

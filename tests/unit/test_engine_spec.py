@@ -18,10 +18,20 @@ TCG = AccelDecision("tcg", "test", {})
 def make_spec(**overrides: Any) -> VMSpec:
     d = Path("/run/ember/sb1")
     fields: dict[str, Any] = dict(
-        name="sb1", kernel=Path("/cache/bzImage"), disk=d / "root.qcow2",
-        disk_format="qcow2", disk_readonly=False, vcpus=1, memory_mib=256, cmdline="",
-        console_log=d / "console.log", qmp_socket=d / "qmp.sock",
-        agent_socket=d / "agent.sock", pidfile=d / "qemu.pid", accel=TCG)
+        name="sb1",
+        kernel=Path("/cache/bzImage"),
+        disk=d / "root.qcow2",
+        disk_format="qcow2",
+        disk_readonly=False,
+        vcpus=1,
+        memory_mib=256,
+        cmdline="",
+        console_log=d / "console.log",
+        qmp_socket=d / "qmp.sock",
+        agent_socket=d / "agent.sock",
+        pidfile=d / "qemu.pid",
+        accel=TCG,
+    )
     fields.update(overrides)
     return VMSpec(**fields)
 
@@ -37,31 +47,34 @@ def test_agent_socket_is_optional() -> None:
     assert make_spec(agent_socket=None).agent_socket is None
 
 
-@pytest.mark.parametrize(("field", "value", "match"), [
-    ("vcpus", 0, "vcpus must be between 1 and 64"),
-    ("vcpus", 65, "vcpus must be between 1 and 64"),
-    ("vcpus", True, "vcpus must be an integer"),
-    ("vcpus", 1.5, "vcpus must be an integer"),
-    ("memory_mib", 63, "memory_mib must be between 64"),
-    ("memory_mib", "256", "memory_mib must be an integer"),
-    ("name", "", "VM name"),
-    ("name", "a,b", "VM name"),
-    ("name", "../x", "VM name"),
-    ("name", "x" * 65, "VM name"),
-    ("disk_format", "vmdk", "disk_format"),
-    ("kernel", Path("bzImage"), "kernel path 'bzImage' must be absolute"),
-    ("disk", Path("rel/root.img"), "disk path .* must be absolute"),
-    ("console_log", Path("c.log"), "console_log path"),
-    ("qmp_socket", Path("q.sock"), "qmp_socket path"),
-    ("agent_socket", Path("a.sock"), "agent_socket path"),
-    ("pidfile", Path("q.pid"), "pidfile path"),
-    ("kernel", "/cache/bzImage", "kernel must be a pathlib.Path"),
-    ("disk", Path("/x\ny"), "NUL or newline"),
-    ("qmp_socket", Path("/" + "s" * 120), "longer than 107 bytes"),
-    ("agent_socket", Path("/" + "s" * 120), "longer than 107 bytes"),
-    ("cmdline", "x" * 1025, "longer than 1024"),
-    ("cmdline", "init=/init\nfoo", "control characters"),
-])
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("vcpus", 0, "vcpus must be between 1 and 64"),
+        ("vcpus", 65, "vcpus must be between 1 and 64"),
+        ("vcpus", True, "vcpus must be an integer"),
+        ("vcpus", 1.5, "vcpus must be an integer"),
+        ("memory_mib", 63, "memory_mib must be between 64"),
+        ("memory_mib", "256", "memory_mib must be an integer"),
+        ("name", "", "VM name"),
+        ("name", "a,b", "VM name"),
+        ("name", "../x", "VM name"),
+        ("name", "x" * 65, "VM name"),
+        ("disk_format", "vmdk", "disk_format"),
+        ("kernel", Path("bzImage"), "kernel path 'bzImage' must be absolute"),
+        ("disk", Path("rel/root.img"), "disk path .* must be absolute"),
+        ("console_log", Path("c.log"), "console_log path"),
+        ("qmp_socket", Path("q.sock"), "qmp_socket path"),
+        ("agent_socket", Path("a.sock"), "agent_socket path"),
+        ("pidfile", Path("q.pid"), "pidfile path"),
+        ("kernel", "/cache/bzImage", "kernel must be a pathlib.Path"),
+        ("disk", Path("/x\ny"), "NUL or newline"),
+        ("qmp_socket", Path("/" + "s" * 120), "longer than 107 bytes"),
+        ("agent_socket", Path("/" + "s" * 120), "longer than 107 bytes"),
+        ("cmdline", "x" * 1025, "longer than 1024"),
+        ("cmdline", "init=/init\nfoo", "control characters"),
+    ],
+)
 def test_invalid_fields_are_refused(field: str, value: object, match: str) -> None:
     with pytest.raises(BadRequestError, match=match):
         make_spec(**{field: value})

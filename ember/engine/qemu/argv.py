@@ -76,14 +76,17 @@ def build_argv(
     # survive its sandbox, so durability across a host crash buys nothing, while guest
     # fsync()s (package installs, databases) would otherwise wait for the host disk.
     # Other host processes still see every write QEMU has made (same page cache).
-    drive = ",".join([
-        "id=root",
-        f"file={qemu_opt(str(spec.disk))}",
-        f"format={spec.disk_format}",
-        "if=none",
-        "cache=unsafe",
-        f"readonly={'on' if spec.disk_readonly else 'off'}",
-    ])
+    drive = ",".join(
+        [
+            "id=root",
+            f"file={qemu_opt(str(spec.disk))}",
+            f"format={spec.disk_format}",
+            "if=none",
+            "cache=unsafe",
+            f"readonly={'on' if spec.disk_readonly else 'off'}",
+        ]
+    )
+    # fmt: off
     argv = [
         qemu,
         "-name", f"guest={spec.name}",
@@ -111,6 +114,7 @@ def build_argv(
             f"socket,id=agent,path={qemu_opt(str(spec.agent_socket))},server=on,wait=off",
             "-device", "virtserialport,chardev=agent,name=ember.agent",
         ]
+    # fmt: on
     argv += ["-pidfile", str(spec.pidfile)]
     if sandbox:
         argv += ["-sandbox", SANDBOX_OPTS_DAEMONIZE if daemonize else SANDBOX_OPTS]

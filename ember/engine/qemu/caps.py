@@ -34,11 +34,26 @@ def seccomp_supported(qemu: str) -> bool:
     about 50 ms, once per process.
     """
     qmp_input = b'{"execute":"qmp_capabilities"}\n{"execute":"quit"}\n'
-    argv = [qemu, "-sandbox", SANDBOX_OPTS, "-machine", "none", "-nodefaults",
-            "-display", "none", "-qmp", "stdio"]
+    argv = [
+        qemu,
+        "-sandbox",
+        SANDBOX_OPTS,
+        "-machine",
+        "none",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-qmp",
+        "stdio",
+    ]
     try:
-        out = run(argv, what="probe QEMU seccomp sandbox", timeout=PROBE_TIMEOUT,
-                  input=qmp_input, check=False)
+        out = run(
+            argv,
+            what="probe QEMU seccomp sandbox",
+            timeout=PROBE_TIMEOUT,
+            input=qmp_input,
+            check=False,
+        )
     except EmberError:
         return False
     if out.returncode != 0:

@@ -24,26 +24,31 @@ T = TypeVar("T")
 DEFAULT_TIMEOUT = 10.0
 
 
-async def qmp_execute(socket_path: Path, cmd: str, args: Mapping[str, object] | None = None,
-                      *, timeout: float = DEFAULT_TIMEOUT, who: str = "VM") -> Any:
+async def qmp_execute(
+    socket_path: Path,
+    cmd: str,
+    args: Mapping[str, object] | None = None,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    who: str = "VM",
+) -> Any:
     """Run ``cmd`` on the QMP server at ``socket_path`` and return its ``return`` value."""
     client = QMPClient(who)
     try:
         try:
             await asyncio.wait_for(client.connect(str(socket_path)), timeout)
-        except (QMPError, OSError) as err:
+        except (QMPError, OSError, EOFError) as err:
             raise EngineError(f"{who}: cannot connect to QMP at {socket_path}: {err}") from err
-        return await asyncio.wait_for(client.execute(cmd, dict(args) if args else None),
-                                      timeout)
+        return await asyncio.wait_for(client.execute(cmd, dict(args) if args else None), timeout)
     except ExecuteError as err:
         raise EngineError(f"{who}: QMP {cmd} failed: {err}") from err
     except TimeoutError as err:
         raise EmberTimeoutError(f"{who}: QMP {cmd} got no answer within {timeout} s") from err
-    except (QMPError, OSError) as err:
+    except (QMPError, OSError, EOFError) as err:
         raise EngineError(f"{who}: QMP {cmd} was interrupted: {err!r}") from err
     finally:
         # A broken connection fails again here; the error raised above says why.
-        with contextlib.suppress(QMPError, OSError):
+        with contextlib.suppress(QMPError, OSError, EOFError):
             await client.disconnect()
 
 
@@ -69,6 +74,12 @@ def _run_in_private_loop(coro: Coroutine[Any, Any, T]) -> T:
         loop.close()
 
 
-def qmp_execute_sync(socket_path: Path, cmd: str, args: Mapping[str, object] | None = None,
-                     *, timeout: float = DEFAULT_TIMEOUT, who: str = "VM") -> Any:
+def qmp_execute_sync(
+    socket_path: Path,
+    cmd: str,
+    args: Mapping[str, object] | None = None,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    who: str = "VM",
+) -> Any:
     return run_sync(qmp_execute(socket_path, cmd, args, timeout=timeout, who=who))

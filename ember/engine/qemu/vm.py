@@ -28,9 +28,14 @@ class QemuVMHandle(VMHandle):
     """A QEMU process started with :func:`build_argv`; control goes over QMP."""
 
     def __init__(self, spec: VMSpec, pid: int) -> None:
-        super().__init__(name=spec.name, pid=pid, qmp_socket=spec.qmp_socket,
-                         agent_socket=spec.agent_socket, console_log=spec.console_log,
-                         pidfile=spec.pidfile)
+        super().__init__(
+            name=spec.name,
+            pid=pid,
+            qmp_socket=spec.qmp_socket,
+            agent_socket=spec.agent_socket,
+            console_log=spec.console_log,
+            pidfile=spec.pidfile,
+        )
 
     def qmp(self, cmd: str, **args: Any) -> Any:
         return qmp_execute_sync(self.qmp_socket, cmd, args, who=f"VM {self.name}")
@@ -57,11 +62,13 @@ class QemuVMHandle(VMHandle):
 
     def quit(self, timeout: float = 10.0) -> None:
         if self.is_alive():
-            with contextlib.suppress(EngineError):  # QEMU may drop the socket as it exits
+            # QEMU may drop the socket as it exits; a hung one is killed below.
+            with contextlib.suppress(EngineError, EmberTimeoutError):
                 self.qmp("quit")
         if not self.wait_exit(timeout):
-            log.warning("VM %s (pid %d) ignored quit for %.1f s; killing it", self.name,
-                        self.pid, timeout)
+            log.warning(
+                "VM %s (pid %d) ignored quit for %.1f s; killing it", self.name, self.pid, timeout
+            )
             self.kill()
 
 
@@ -113,19 +120,28 @@ def _preflight(spec: VMSpec) -> None:
     """Refuse early, with the cause named, what QEMU would refuse obscurely (or worse)."""
     for label, path in (("kernel", spec.kernel), ("disk", spec.disk)):
         if not path.is_file():
-            raise EngineError(f"cannot start VM {spec.name}: {label} {path} does not exist "
-                              "or is not a regular file")
+            raise EngineError(
+                f"cannot start VM {spec.name}: {label} {path} does not exist "
+                "or is not a regular file"
+            )
     outputs: list[tuple[str, Path | None]] = [
-        ("console log", spec.console_log), ("QMP socket", spec.qmp_socket),
-        ("agent socket", spec.agent_socket), ("pidfile", spec.pidfile)]
+        ("console log", spec.console_log),
+        ("QMP socket", spec.qmp_socket),
+        ("agent socket", spec.agent_socket),
+        ("pidfile", spec.pidfile),
+    ]
     for label, out in outputs:
         if out is not None and not out.parent.is_dir():
-            raise EngineError(f"cannot start VM {spec.name}: directory {out.parent} for the "
-                              f"{label} does not exist")
+            raise EngineError(
+                f"cannot start VM {spec.name}: directory {out.parent} for the "
+                f"{label} does not exist"
+            )
     # QEMU unlinks an existing socket path before listening: never steal a live VM's.
     if process_runs(_pid_in(spec.pidfile) or 0, str(spec.qmp_socket)):
-        raise EngineError(f"cannot start VM {spec.name}: a VM with QMP socket "
-                          f"{spec.qmp_socket} is already running")
+        raise EngineError(
+            f"cannot start VM {spec.name}: a VM with QMP socket "
+            f"{spec.qmp_socket} is already running"
+        )
     for sock in (spec.qmp_socket, spec.agent_socket):
         if sock is not None:
             remove_stale_socket(sock)
@@ -175,14 +191,18 @@ def _wait_qmp(handle: QemuVMHandle) -> None:
     deadline = time.monotonic() + QMP_READY_TIMEOUT
     while True:
         try:
-            qmp_execute_sync(handle.qmp_socket, "query-status", timeout=DEFAULT_TIMEOUT,
-                             who=f"VM {handle.name}")
+            qmp_execute_sync(
+                handle.qmp_socket, "query-status", timeout=DEFAULT_TIMEOUT, who=f"VM {handle.name}"
+            )
             return
         except EngineError as err:
             if not handle.is_alive():
-                raise EngineError(f"VM {handle.name} (QEMU pid {handle.pid}) exited right "
-                                  f"after starting; see {handle.console_log}") from err
+                raise EngineError(
+                    f"VM {handle.name} (QEMU pid {handle.pid}) exited right "
+                    f"after starting; see {handle.console_log}"
+                ) from err
             if time.monotonic() > deadline:
-                raise EngineError(f"VM {handle.name} does not answer QMP on "
-                                  f"{handle.qmp_socket}: {err}") from err
+                raise EngineError(
+                    f"VM {handle.name} does not answer QMP on {handle.qmp_socket}: {err}"
+                ) from err
         time.sleep(0.02)
