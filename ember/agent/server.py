@@ -8,6 +8,7 @@ for it are dropped (processes keep running), and the agent scans for the next he
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 import signal
@@ -59,10 +60,8 @@ def set_clock(host_time: float) -> None:
     more than a second, and only as root (tests run the agent unprivileged on the host)."""
     if os.geteuid() != 0 or abs(time.time() - host_time) < 1.0:
         return
-    try:
+    with contextlib.suppress(OSError):
         time.clock_settime(time.CLOCK_REALTIME, host_time)
-    except OSError:
-        pass
 
 
 class Outcome(enum.Enum):

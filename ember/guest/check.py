@@ -15,10 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ember.agent import INIT_PATH
 from ember.engine import AccelDecision, QemuEngine, VMSpec, detect_accel
 from ember.errors import EmberTimeoutError, GuestError
 from ember.guest.kernel import require_kernel
-from ember.agent import INIT_PATH
 from ember.paths import Paths
 from ember.store import Store
 
@@ -55,7 +55,8 @@ def check_image(paths: Paths, store: Store, name: str, *, timeout: float = 180.0
         spec = VMSpec(
             name=f"check-{name}", kernel=kernel.bzimage, disk=Path(tpl.image_path),
             disk_format="raw", disk_readonly=True, vcpus=1, memory_mib=256,
-            cmdline=f"init={INIT_PATH} ember.mode=check", console_log=console, qmp_socket=work / "qmp.sock",
+            cmdline=f"init={INIT_PATH} ember.mode=check", console_log=console,
+            qmp_socket=work / "qmp.sock",
             agent_socket=None, pidfile=work / "qemu.pid", accel=decision,
         )
         if progress:

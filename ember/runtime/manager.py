@@ -13,20 +13,20 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import signal
 import shutil
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 from ember import proc
+from ember.agent import INIT_PATH
 from ember.engine import AccelDecision, QemuEngine, VMHandle, VMSpec, detect_accel
 from ember.errors import BadRequestError, EmberError, SandboxNotFoundError
 from ember.guest.kernel import require_kernel
-from ember.agent import INIT_PATH
-from ember.paths import Paths
 from ember.locks import FileLock
+from ember.paths import Paths
 from ember.runtime.spec import SandboxSpec
 from ember.store import SandboxRecord, Store
 

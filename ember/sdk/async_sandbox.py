@@ -12,9 +12,9 @@ from types import TracebackType
 from typing import Any
 
 from ember.errors import EmberError, EmberTimeoutError, GuestError, SandboxStateError
+from ember.locks import FileLock
 from ember.paths import Paths
 from ember.runtime.agent_client import AgentClient
-from ember.locks import FileLock
 from ember.runtime.manager import SandboxDir, SandboxManager, console_tail
 from ember.runtime.spec import DEFAULT_TEMPLATE, DEFAULT_TIMEOUT_S, SandboxSpec
 from ember.sdk.files import AsyncFiles

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -114,23 +115,22 @@ def test_bad_sources_leave_nothing(ember_paths: Paths, store: Store, kernel,
 def test_interrupted_build_leaves_nothing(ember_paths: Paths, kernel, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """kill -9 the builder in the middle; the cache and store hold nothing of it."""
     layout = F.make_busybox_oci_layout(tmp_path / "layout")
-    code = ("import time, ember.guest.image as I\n"
-            "orig = I._make_ext4\n"
-            "def slow(*a, **k):\n"
-            "    open(%r, 'w').close(); time.sleep(60)\n"
-            "I._make_ext4 = slow\n"
-            "from ember.paths import Paths\nfrom ember.store import Store\n"
-            "p = Paths.from_env()\n"
-            "I.build_image(p, Store(p.db), 'killed', %r)\n") % (str(tmp_path / "flag"),
-                                                               f"oci-layout:{layout}")
+    flag = str(tmp_path / "flag")
+    code = (
+        "import time, ember.guest.image as I\n"
+        "def slow(*a, **k):\n"
+        f"    open({flag!r}, 'w').close(); time.sleep(60)\n"
+        "I._make_ext4 = slow\n"
+        "from ember.paths import Paths\nfrom ember.store import Store\n"
+        "p = Paths.from_env()\n"
+        f"I.build_image(p, Store(p.db), 'killed', {f'oci-layout:{layout}'!r})\n"
+    )
     child = subprocess.Popen([sys.executable, "-c", code], env=os.environ.copy())
     try:
         for _ in range(600):
             if (tmp_path / "flag").exists():
                 break
             assert child.poll() is None
-            import time
-
             time.sleep(0.1)
     finally:
         child.kill()
