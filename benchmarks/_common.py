@@ -43,7 +43,9 @@ def raw_argv(kernel: Path, image: Path, cmdline: str, *, agent_socket: Path | No
             "-no-reboot", "-kernel", str(kernel), "-append", base_cmdline(cmdline),
             "-serial", "stdio",
             "-drive", f"id=root,file={image},format=raw,if=none,readonly=on",
-            "-device", "virtio-blk-device,drive=root"]
+            "-device", "virtio-blk-device,drive=root",
+            "-object", "rng-random,filename=/dev/urandom,id=rng0",
+            "-device", "virtio-rng-device,rng=rng0"]
     if agent_socket is not None:
         wait = "on" if wait_for_agent else "off"
         argv += ["-device", "virtio-serial-device",
@@ -121,17 +123,18 @@ class RawEcho:
             except OSError:
                 time.sleep(0.05)
         time.sleep(0.2)
-        self.p.stdin.write(b"exec cat /dev/vport*p1 > /dev/vport*p1\n")
+        self.p.stdin.write(b"p=$(ls /dev/vport*p1); exec cat <>$p >&0\n")
         self.p.stdin.flush()
         self.s.settimeout(30)
-        for _ in range(100):  # wait for cat to be reading
+        for attempt in range(100):  # wait for cat to be reading
             self.s.sendall(b"x")
             try:
                 self.s.settimeout(0.2)
                 if self.s.recv(16):
                     break
             except TimeoutError:
-                continue
+                if attempt == 99:
+                    raise RuntimeError("the raw echo guest never answered") from None
         self.s.settimeout(30)
         time.sleep(0.3)
         self.s.setblocking(False)
