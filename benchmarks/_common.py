@@ -188,7 +188,7 @@ def median(xs: Sequence[float]) -> float:
 
 def pct(xs: Sequence[float], q: float) -> float:
     s = sorted(xs)
-    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
 
 
 def fmt_ms(x: float) -> str:

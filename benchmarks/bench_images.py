@@ -20,13 +20,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._common import fmt_ms, median, raw_boot_to_line  # noqa: E402
-from ember.agent import INIT_PATH  # noqa: E402
-from ember.guest import kernel as kmod  # noqa: E402
-from ember.guest.check import check_image  # noqa: E402
-from ember.guest.image import build_image  # noqa: E402
-from ember.paths import Paths  # noqa: E402
-from ember.store import Store  # noqa: E402
+from benchmarks._common import fmt_ms, median, raw_boot_to_line
+from ember.agent import INIT_PATH
+from ember.guest import kernel as kmod
+from ember.guest.check import check_image
+from ember.guest.image import build_image
+from ember.paths import Paths
+from ember.store import Store
 
 
 def kernel_build(jobs: int, shared: Paths) -> None:

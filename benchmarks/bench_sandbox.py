@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._common import (  # noqa: E402
+from benchmarks._common import (
     RawEcho,
     fmt_ms,
     guest_ram_pss_kib,
@@ -32,11 +32,11 @@ from benchmarks._common import (  # noqa: E402
     pss_kib,
     raw_boot_to_shell,
 )
-from ember import AsyncSandbox, Sandbox  # noqa: E402
-from ember.guest.kernel import require_kernel  # noqa: E402
-from ember.paths import Paths  # noqa: E402
-from ember.sdk.async_sandbox import manager  # noqa: E402
-from ember.store import Store  # noqa: E402
+from ember import AsyncSandbox, Sandbox
+from ember.guest.kernel import require_kernel
+from ember.paths import Paths
+from ember.sdk.async_sandbox import manager
+from ember.store import Store
 
 TEMPLATE = "debian-python"
 

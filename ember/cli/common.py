@@ -73,21 +73,24 @@ def print_json(obj: Any) -> None:
 
 
 @contextmanager
-def progress(enabled: bool, title: str) -> Iterator[Callable[[str], None]]:
-    """A spinner with the latest status line (on stderr; silent when not a terminal or JSON)."""
+def progress(enabled: bool, title: str,
+             plain: bool = True) -> Iterator[Callable[[str], None]]:
+    """A spinner with the latest status line on stderr when it is a terminal; otherwise
+    plain lines (``plain``, for long builds) or only the log (for commands whose stderr
+    belongs to the user's program, such as ``ember run``)."""
     log = logging.getLogger("ember.progress")
-    if not enabled:
+    if not enabled or (not err_console.is_terminal and not plain):
         def quiet(msg: str) -> None:
             log.info("%s", msg)
 
         yield quiet
         return
     if not err_console.is_terminal:
-        def plain(msg: str) -> None:
+        def plain_line(msg: str) -> None:
             log.info("%s", msg)
             click.echo(f"{title}: {msg}", err=True)
 
-        yield plain
+        yield plain_line
         return
     with err_console.status(title) as status:
         def update(msg: str) -> None:

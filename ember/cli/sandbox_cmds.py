@@ -57,7 +57,7 @@ def _create(template: str, vcpus: int, memory_mib: int, disk_mib: int | None, ti
             env: tuple[str, ...], metadata: tuple[str, ...], show: bool) -> Sandbox:
     from ember.sdk.sandbox import Sandbox
 
-    with progress(show, "sandbox") as p:
+    with progress(show, "sandbox", plain=False) as p:
         return Sandbox.create(template, vcpus=vcpus, memory_mib=memory_mib, disk_mib=disk_mib,
                               timeout=timeout or None, env=_pairs(env, "--env"),
                               metadata=_pairs(metadata, "--meta"), on_progress=p)
