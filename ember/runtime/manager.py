@@ -24,7 +24,7 @@ from ember import proc
 from ember.agent import INIT_PATH
 from ember.engine import AccelDecision, QemuEngine, VMHandle, VMSpec, detect_accel
 from ember.errors import BadRequestError, EmberError, SandboxNotFoundError
-from ember.guest.kernel import require_kernel
+from ember.guest.kernel import Kernel, require_kernel
 from ember.locks import FileLock
 from ember.paths import Paths
 from ember.runtime.spec import SandboxSpec
@@ -57,6 +57,7 @@ class SandboxManager:
         self.store = Store(self.paths.db)
         self.engine = QemuEngine()
         self._accel: AccelDecision | None = None
+        self._kernel: Kernel | None = None
 
     @property
     def accel(self) -> AccelDecision:
@@ -67,6 +68,12 @@ class SandboxManager:
     def close(self) -> None:
         self.store.close()
 
+    def kernel(self) -> Kernel:
+        """The guest kernel (looked up once per manager: the lookup asks dpkg)."""
+        if self._kernel is None or not self._kernel.bzimage.is_file():
+            self._kernel = require_kernel(self.paths)
+        return self._kernel
+
     # --- create --------------------------------------------------------------------------
     def start(self, spec: SandboxSpec, lock_out: list[FileLock],
               progress: Callable[[str], None] | None = None) -> SandboxRecord:
@@ -76,7 +83,9 @@ class SandboxManager:
         connect to the agent, then call :meth:`mark_running` or :meth:`destroy`.
         """
         template = self.store.get_template(spec.template)
-        kernel = require_kernel(self.paths)
+        for program in ("qemu-system-x86_64", "qemu-img"):
+            proc.require(program)
+        kernel = self.kernel()
         base_mib = -(-template.size_bytes // (1 << 20))
         disk_mib = spec.disk_mib or base_mib
         if disk_mib < base_mib:
@@ -145,10 +154,10 @@ class SandboxManager:
 
     def handle(self, rec: SandboxRecord) -> VMHandle:
         d = SandboxDir(Path(rec.dir))
-        kernel = require_kernel(self.paths)
         if rec.pid is None:
             raise SandboxNotFoundError(f"sandbox {rec.id} has no VM process")
-        return self.engine.attach(rec.pid, self._vmspec(rec, d, kernel.bzimage))
+        # Attaching to a running VM does not need the kernel file (it may have been rebuilt).
+        return self.engine.attach(rec.pid, self._vmspec(rec, d, Path("/")))
 
     def _alive(self, rec: SandboxRecord) -> bool:
         if rec.pid is None:

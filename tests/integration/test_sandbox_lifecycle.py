@@ -154,3 +154,25 @@ def test_lifetime_timeout_destroys_the_sandbox(ember_paths: Paths, debian_templa
     with pytest.raises(SandboxNotFoundError):
         Sandbox.connect(sb.id, paths=ember_paths)
     assert_no_leaks(ember_paths)
+
+
+def test_missing_kernel_or_qemu_is_a_clear_error(ember_paths: Paths, debian_template,
+                                                  tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from ember.errors import MissingDependencyError
+    from ember.store import Store
+
+    # an ember home whose cache has no kernel, with the template registered
+    isolated = Paths(home=tmp_path / "h", cache=tmp_path / "c").ensure()
+    Store(isolated.db).put_template(debian_template)
+    with pytest.raises(MissingDependencyError, match="ember kernel build"):
+        Sandbox.create("debian-python", paths=isolated)
+    assert manager(isolated).store.list_sandboxes() == []
+    assert list(isolated.sandboxes.iterdir()) == []
+    # no QEMU on PATH
+    code = "import ember; ember.Sandbox.create('debian-python')"
+    env = {**os.environ, "PATH": "/nonexistent"}
+    cp = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                        timeout=120)
+    assert cp.returncode != 0 and "MissingDependencyError" in cp.stderr
+    assert "apt-get install" in cp.stderr
+    assert_no_leaks(ember_paths)
