@@ -217,7 +217,11 @@ class AgentClient:
         try:
             item = await asyncio.wait_for(st.queue.get(), timeout)
         except TimeoutError as err:
-            raise EmberTimeoutError("the guest agent did not answer in time") from err
+            # Every bounded wait is one the guest must meet (replies, command ends past
+            # their own timeout, file data): a guest that misses it has stopped answering.
+            why = f"the guest agent stopped answering (nothing within {timeout} s)"
+            self._break(why)
+            raise EmberTimeoutError(why) from err
         if isinstance(item, BaseException):
             raise item
         return item

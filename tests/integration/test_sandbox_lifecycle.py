@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -111,16 +112,22 @@ def test_vm_killed_mid_command_fails_the_sandbox(ember_paths: Paths, debian_temp
     assert_no_leaks(ember_paths)
 
 
-def test_stopped_vm_gives_timeout_not_hang(ember_paths: Paths, debian_template) -> None:  # type: ignore[no-untyped-def]
+def test_guest_that_stops_answering_is_failed(ember_paths: Paths, debian_template) -> None:  # type: ignore[no-untyped-def]
     sb = Sandbox.create("debian-python", paths=ember_paths)
     pid = manager(ember_paths).store.get_sandbox(sb.id).pid
     assert pid is not None
-    os.kill(pid, signal.SIGSTOP)
+    os.kill(pid, signal.SIGSTOP)  # the VM freezes: no answer, no hang on our side
     try:
-        with pytest.raises(EmberTimeoutError):
+        with pytest.raises(EmberTimeoutError, match="stopped answering"):
             sb.ping(timeout=2.0)
     finally:
-        os.kill(pid, signal.SIGCONT)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    rec = manager(ember_paths).store.get_sandbox(sb.id)
+    assert rec.state == "failed" and "stopped answering" in (rec.error or "")
+    assert_no_leaks(ember_paths, allow_failed_rows=True)
+    with pytest.raises(GuestError):
+        sb.exec("true")
     sb.kill()
     assert_no_leaks(ember_paths)
 
