@@ -64,6 +64,16 @@ def _create(template: str, vcpus: int, memory_mib: int, disk_mib: int | None, ti
 
 
 def _stream_exec(sb: Sandbox, cmd: list[str], stdin: bool, timeout: float | None) -> int:
+    """Run ``cmd`` with its output copied to ours as produced; return its exit code (127 if
+    the program does not exist, as a shell would)."""
+    try:
+        return _copy_output(sb, cmd, stdin, timeout)
+    except CommandNotFoundError as err:
+        click.echo(f"ember: {err}", err=True)
+        return 127
+
+
+def _copy_output(sb: Sandbox, cmd: list[str], stdin: bool, timeout: float | None) -> int:
     data = sys.stdin.buffer.read() if stdin else None
     argv: str | list[str] = cmd[0] if len(cmd) == 1 and " " in cmd[0] else cmd
     p = sb.spawn(argv, stdin=data is not None, timeout=timeout)
@@ -92,12 +102,8 @@ def run(template: str, vcpus: int, memory_mib: int, disk_mib: int | None, timeou
     Example: ember run -- python3 -c "print(6*7)"
     """
     sb = _create(template, vcpus, memory_mib, disk_mib, timeout, env, metadata, True)
-    code = 125
     try:
         code = _stream_exec(sb, list(cmd), stdin, cmd_timeout)
-    except CommandNotFoundError as err:
-        click.echo(f"ember: {err}", err=True)
-        code = 127
     finally:
         sb.kill()
     sys.exit(code)
@@ -168,9 +174,6 @@ def exec_(sandbox_id: str, stdin: bool, timeout: float | None, cmd: tuple[str, .
     sb = Sandbox.connect(sandbox_id)
     try:
         code = _stream_exec(sb, list(cmd), stdin, timeout)
-    except CommandNotFoundError as err:
-        click.echo(f"ember: {err}", err=True)
-        code = 127
     finally:
         sb.close()
     sys.exit(code)
