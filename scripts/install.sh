@@ -51,10 +51,9 @@ say "ember doctor"
 $EMBER doctor || true
 say "building the guest kernel (cached by content hash; ~4 min the first time)"
 $EMBER kernel build
-if ! $EMBER image ls --json | grep -q '"name": "debian-python"'; then
-  say "building the default template debian-python (debootstrap; cached by recipe)"
-  $EMBER image build debian-python
-fi
+# --force: re-register it when ember's agent changed (same recipe: a cache hit, instant)
+say "building the default template debian-python (debootstrap; cached by recipe)"
+$EMBER image build debian-python --force
 say "booting debian-python once (ember image check)"
 $EMBER image check debian-python
 
