@@ -2,27 +2,49 @@
 
 from __future__ import annotations
 
-import json
 import re
-from dataclasses import dataclass
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 DEFAULT_HOSTNAME = "ember"
 MODES = ("agent", "check")
 IMAGE_INFO_PATH = "/.ember/image.json"
 MAX_IMAGE_INFO = 1 << 20
 
-_HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
-_DIGEST = re.compile(r"^[A-Za-z0-9][A-Za-z0-9:._+-]{0,199}$")
+# Patterns, not compiled objects: ``re`` compiles (and caches) one only when it is used,
+# so that an agent boot never compiles the digest pattern (a check boot's).
+_HOSTNAME = r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$"
+_DIGEST = r"^[A-Za-z0-9][A-Za-z0-9:._+-]{0,199}$"
 
 
-@dataclass(frozen=True)
 class BootConfig:
-    """What init takes from the ``ember.*`` kernel parameters."""
+    """What init takes from the ``ember.*`` kernel parameters (an immutable value; not a
+    dataclass, whose import costs a TCG-emulated guest tens of milliseconds at boot)."""
 
-    mode: str = "agent"
-    hostname: str = DEFAULT_HOSTNAME
-    problems: tuple[str, ...] = ()
-    """Parameters that were ignored, and why (init logs them)."""
+    __slots__ = ("hostname", "mode", "problems")
+
+    def __init__(
+        self, mode: str = "agent", hostname: str = DEFAULT_HOSTNAME, problems: tuple[str, ...] = ()
+    ) -> None:
+        self.mode: Final = mode
+        self.hostname: Final = hostname
+        self.problems: Final = problems
+        """Parameters that were ignored, and why (init logs them)."""
+
+    def _key(self) -> tuple[str, str, tuple[str, ...]]:
+        return self.mode, self.hostname, self.problems
+
+    def __eq__(self, other: object) -> bool:
+        return self._key() == other._key() if isinstance(other, BootConfig) else NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        mode, hostname, problems = self._key()
+        return f"BootConfig(mode={mode!r}, hostname={hostname!r}, problems={problems!r})"
 
 
 def parse_cmdline(text: str) -> dict[str, str]:
@@ -49,7 +71,7 @@ def boot_config(params: dict[str, str]) -> BootConfig:
         problems.append(f"unknown ember.mode={mode!r}, using agent")
         mode = "agent"
     hostname = params.get("ember.hostname", DEFAULT_HOSTNAME)
-    if not _HOSTNAME.match(hostname):
+    if not re.match(_HOSTNAME, hostname):
         problems.append(f"invalid ember.hostname={hostname!r}, using {DEFAULT_HOSTNAME}")
         hostname = DEFAULT_HOSTNAME
     return BootConfig(mode, hostname, tuple(problems))
@@ -64,12 +86,14 @@ def read_image_digest(path: str = IMAGE_INFO_PATH) -> str:
         return "none"
     if len(raw) > MAX_IMAGE_INFO:
         return "none"
+    import json  # only a check boot reads the image description
+
     try:
         info = json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return "none"
     digest = info.get("digest") if isinstance(info, dict) else None
-    if not isinstance(digest, str) or not _DIGEST.match(digest):
+    if not isinstance(digest, str) or not re.match(_DIGEST, digest):
         return "none"
     return digest
 
@@ -81,6 +105,8 @@ def check_line(kernel_release: str, digest: str) -> str:
 
 
 def _split(text: str) -> list[str]:
+    if '"' not in text:
+        return text.split()  # the same words, without a Python loop per character
     words: list[str] = []
     current: list[str] = []
     quoted = False

@@ -11,16 +11,30 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import stat
 import time
-import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from . import DEFAULT_PATH, SHUTDOWN_EXIT_CODE
 from .bootconfig import BootConfig, boot_config, check_line, parse_cmdline, read_image_digest
-from .libc import MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY, MS_REMOUNT, mount, reboot
+from .libc import (
+    MS_NODEV,
+    MS_NOEXEC,
+    MS_NOSUID,
+    MS_RDONLY,
+    MS_REMOUNT,
+    mount,
+    reboot,
+    sethostname,
+)
+
+# Boot time: the guest may run under TCG (software emulation), where every module imported
+# costs milliseconds. Init imports only what it needs before it forks the agent (which
+# imports the rest); nothing here imports ``socket``, ``dataclasses`` or ``typing``, and
+# ``traceback`` is imported only to report a failure.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 MAX_AGENT_RESTARTS = 3
 RESTART_DELAY = 0.5
@@ -28,13 +42,23 @@ KILL_GRACE = 1.0
 _SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT}
 
 
-@dataclass(frozen=True)
 class Mount:
-    source: str
-    target: str
-    fstype: str
-    flags: int = 0
-    data: str = ""
+    __slots__ = ("data", "flags", "fstype", "source", "target")
+
+    def __init__(
+        self, source: str, target: str, fstype: str, flags: int = 0, data: str = ""
+    ) -> None:
+        self.source: Final = source
+        self.target: Final = target
+        self.fstype: Final = fstype
+        self.flags: Final = flags
+        self.data: Final = data
+
+    def __repr__(self) -> str:
+        return (
+            f"Mount(source={self.source!r}, target={self.target!r}, fstype={self.fstype!r}, "
+            f"flags={self.flags!r}, data={self.data!r})"
+        )
 
 
 _NOSUID_NODEV = MS_NOSUID | MS_NODEV
@@ -73,7 +97,7 @@ def main() -> None:
         _boot()
     except BaseException as exc:  # PID 1 must not die with an exception
         log(f"fatal: {exc!r}")
-        log(traceback.format_exc().rstrip())
+        _log_traceback()
     _power_off()
 
 
@@ -81,21 +105,19 @@ def _boot() -> None:
     os.umask(0o022)
     os.environ["PATH"] = DEFAULT_PATH
     _ensure_stdio()
-    _mount(Mount("proc", "/proc", "proc", _NOSUID_NODEV | MS_NOEXEC))
+    _mount_all((Mount("proc", "/proc", "proc", _NOSUID_NODEV | MS_NOEXEC),))
     config = _read_config()
-    for entry in ESSENTIAL_MOUNTS:
-        _mount(entry)
+    _mount_all(ESSENTIAL_MOUNTS)
     _ensure_stdio()
     for problem in config.problems:
         log(problem)
     if config.mode == "check":
         _write_check_line(check_line(os.uname().release, read_image_digest()) + "\n")
         return
-    for entry in AGENT_MOUNTS:
-        _mount(entry)
+    _mount_all(AGENT_MOUNTS)
     _link_dev()
     try:
-        socket.sethostname(config.hostname)
+        sethostname(config.hostname)
     except OSError as err:
         log(f"cannot set the hostname {config.hostname}: {err}")
     _write_identity(config.hostname)
@@ -128,16 +150,22 @@ def _read_config() -> BootConfig:
         return BootConfig()
 
 
-def _mount(entry: Mount) -> None:
-    """Mount one filesystem unless already mounted; failures are logged, never fatal."""
-    if entry.target in _mount_points():
-        return
-    try:
-        if not os.path.isdir(entry.target):
-            os.makedirs(entry.target, 0o755)
-        mount(entry.source, entry.target, entry.fstype, entry.flags, entry.data)
-    except OSError as err:
-        log(f"skipping {entry.fstype} on {entry.target}: {err}")
+def _mount_all(entries: tuple[Mount, ...]) -> None:
+    """Mount each filesystem unless already mounted; failures are logged, never fatal.
+
+    The mount table is read once per call: the targets of one call are distinct and none
+    lies inside another.
+    """
+    mounted = _mount_points()
+    for entry in entries:
+        if entry.target in mounted:
+            continue
+        try:
+            if not os.path.isdir(entry.target):
+                os.makedirs(entry.target, 0o755)
+            mount(entry.source, entry.target, entry.fstype, entry.flags, entry.data)
+        except OSError as err:
+            log(f"skipping {entry.fstype} on {entry.target}: {err}")
 
 
 def _mount_points() -> set[str]:
@@ -254,9 +282,19 @@ def _spawn_agent() -> int:
         code = agent_main()
     except BaseException as exc:
         log(f"agent crashed: {exc!r}")
-        log(traceback.format_exc().rstrip())
+        _log_traceback()
     finally:
         os._exit(code)
+
+
+def _log_traceback() -> None:
+    """Log the traceback of the exception being handled; never raises."""
+    try:
+        import traceback  # only after a failure: the import is slow on a TCG guest
+
+        log(traceback.format_exc().rstrip())
+    except Exception as exc:
+        log(f"cannot format the traceback: {exc!r}")
 
 
 def _reap() -> list[tuple[int, int]]:

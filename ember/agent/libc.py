@@ -1,4 +1,6 @@
-"""The few libc calls Python's stdlib lacks: mount(2) and reboot(2), through ctypes."""
+"""The libc calls init needs, through ctypes: mount(2) and reboot(2), which Python's stdlib
+lacks, and sethostname(2), which only the ``socket`` module has (init does not import it:
+that costs a TCG-emulated guest ~30 ms, and ctypes is loaded here anyway)."""
 
 from __future__ import annotations
 
@@ -37,6 +39,14 @@ def mount(source: str, target: str, fstype: str, flags: int = 0, data: str = "")
     if rc != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"mount {fstype} on {target}: {os.strerror(err)}")
+
+
+def sethostname(name: str) -> None:
+    """sethostname(2); raise OSError on failure."""
+    raw = name.encode()
+    if _libc().sethostname(raw, ctypes.c_size_t(len(raw))) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def reboot(command: int = RB_AUTOBOOT) -> None:

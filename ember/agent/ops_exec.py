@@ -11,7 +11,6 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from ember.protocol import (
     ErrorKind,
@@ -41,16 +40,41 @@ LINGER_MAX = 2.0
 PS_MAX_ARGS = 16
 PS_MAX_ARG_CHARS = 128
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
-@dataclass(frozen=True)
+
 class ExecSpec:
-    argv: tuple[str, ...]
-    env: dict[str, str]
-    cwd: str
-    account: Account
-    switch_user: bool
-    stdin: bool
-    timeout: float | None
+    """What to run, as whom, and how (not a dataclass: the agent does not import
+    ``dataclasses``, which costs a TCG-emulated guest tens of milliseconds at boot)."""
+
+    __slots__ = ("account", "argv", "cwd", "env", "stdin", "switch_user", "timeout")
+
+    def __init__(
+        self,
+        argv: tuple[str, ...],
+        env: dict[str, str],
+        cwd: str,
+        account: Account,
+        switch_user: bool,
+        stdin: bool,
+        timeout: float | None,
+    ) -> None:
+        self.argv: Final = argv
+        self.env: Final = env
+        self.cwd: Final = cwd
+        self.account: Final = account
+        self.switch_user: Final = switch_user
+        self.stdin: Final = stdin
+        self.timeout: Final = timeout
+
+    def __repr__(self) -> str:
+        return (
+            f"ExecSpec(argv={self.argv!r}, env={self.env!r}, cwd={self.cwd!r}, "
+            f"account={self.account!r}, switch_user={self.switch_user!r}, "
+            f"stdin={self.stdin!r}, timeout={self.timeout!r})"
+        )
 
 
 def build_env(account: Account, overrides: dict[str, str]) -> dict[str, str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import stat
 
 from ember.protocol import (
@@ -93,6 +92,8 @@ def remove_path(msg: Message) -> list[Message]:
     try:
         if stat.S_ISDIR(os.lstat(path).st_mode):
             if get_bool(msg, "recursive"):
+                import shutil  # only here: it is slow to import on a TCG guest, and rarely needed
+
                 shutil.rmtree(path)
             else:
                 os.rmdir(path)

@@ -12,7 +12,6 @@ import contextlib
 import enum
 import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -211,9 +210,10 @@ class Agent:
                 self._broken = True
 
     def _hello_ok(self, nonce: int) -> Message:
-        return hello_ok(
-            nonce, agent=AGENT_VERSION, hostname=socket.gethostname(), kernel=os.uname().release
-        )
+        # uname() holds what gethostname(2) returns; no need to import ``socket`` (slow to
+        # import on a TCG guest) for it.
+        uts = os.uname()
+        return hello_ok(nonce, agent=AGENT_VERSION, hostname=uts.nodename, kernel=uts.release)
 
     # --- dispatch ----------------------------------------------------------------------------
     def _dispatch(self, frame: Frame) -> None:

@@ -7,9 +7,12 @@ import contextlib
 import os
 import threading
 import time
-from typing import IO
 
 from .threads import log
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import IO  # not at runtime: typing is slow to import on a TCG guest
 
 STDIN_BUFFER = 8 << 20
 """Bytes of STDIN buffered per exec. When it is full the agent stops reading the channel

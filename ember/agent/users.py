@@ -3,31 +3,69 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 from ember.protocol import ErrorKind
 
 from .errors import OpError
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
+
 MAX_ACCOUNT_FILE = 4 << 20
 
-
-@dataclass(frozen=True)
-class Account:
-    name: str
-    uid: int
-    gid: int
-    home: str
-    groups: tuple[int, ...] = ()
-    """Supplementary groups (from /etc/group membership)."""
+# Account and PasswdEntry are immutable values written by hand: the agent does not import
+# ``dataclasses``, which costs a TCG-emulated guest tens of milliseconds at boot.
 
 
-@dataclass(frozen=True)
 class PasswdEntry:
-    name: str
-    uid: int
-    gid: int
-    home: str
+    __slots__ = ("gid", "home", "name", "uid")
+
+    def __init__(self, name: str, uid: int, gid: int, home: str) -> None:
+        self.name: Final = name
+        self.uid: Final = uid
+        self.gid: Final = gid
+        self.home: Final = home
+
+    def _key(self) -> tuple[str, int, int, str]:
+        return self.name, self.uid, self.gid, self.home
+
+    def __eq__(self, other: object) -> bool:
+        return self._key() == other._key() if isinstance(other, PasswdEntry) else NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        name, uid, gid, home = self._key()
+        return f"PasswdEntry(name={name!r}, uid={uid!r}, gid={gid!r}, home={home!r})"
+
+
+class Account:
+    __slots__ = ("gid", "groups", "home", "name", "uid")
+
+    def __init__(
+        self, name: str, uid: int, gid: int, home: str, groups: tuple[int, ...] = ()
+    ) -> None:
+        self.name: Final = name
+        self.uid: Final = uid
+        self.gid: Final = gid
+        self.home: Final = home
+        self.groups: Final = groups
+        """Supplementary groups (from /etc/group membership)."""
+
+    def _key(self) -> tuple[str, int, int, str, tuple[int, ...]]:
+        return self.name, self.uid, self.gid, self.home, self.groups
+
+    def __eq__(self, other: object) -> bool:
+        return self._key() == other._key() if isinstance(other, Account) else NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        name, uid, gid, home, groups = self._key()
+        return f"Account(name={name!r}, uid={uid!r}, gid={gid!r}, home={home!r}, groups={groups!r})"
 
 
 def parse_passwd(text: str) -> list[PasswdEntry]:

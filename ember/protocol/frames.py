@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 
 from .errors import ProtocolViolation
 from .jsonmsg import Message, dump_msg, parse_msg
@@ -19,24 +17,47 @@ from .limits import (
     max_payload,
 )
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
-@dataclass(frozen=True)
+
 class Frame:
-    """One frame. ``payload`` is a JSON object for MSG, raw bytes for the other kinds."""
+    """One frame. ``payload`` is a JSON object for MSG, raw bytes for the other kinds.
 
-    kind: Kind
-    stream: int
-    payload: bytes
+    An immutable value (``Final`` fields, compared and hashed by value). Written by hand, not
+    as a dataclass: the guest agent imports this at boot, and importing ``dataclasses``
+    (which pulls in ``inspect``) costs a TCG-emulated guest tens of milliseconds.
+    """
+
+    __slots__ = ("_parsed", "kind", "payload", "stream")
+
+    def __init__(self, kind: Kind, stream: int, payload: bytes) -> None:
+        self.kind: Final = kind
+        self.stream: Final = stream
+        self.payload: Final = payload
+        self._parsed: Message | None = None
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Frame):
+            return NotImplemented
+        return (self.kind, self.stream, self.payload) == (other.kind, other.stream, other.payload)
+
+    def __hash__(self) -> int:
+        return hash((self.kind, self.stream, self.payload))
+
+    def __repr__(self) -> str:
+        return f"Frame(kind={self.kind!r}, stream={self.stream!r}, payload={self.payload!r})"
 
     def msg(self) -> Message:
         """The MSG payload as a checked JSON object (a fresh copy on every call)."""
+        if self._parsed is None:
+            if self.kind is not Kind.MSG:
+                raise ProtocolViolation(
+                    f"{self.kind.name} frame on stream {self.stream} is not a MSG"
+                )
+            self._parsed = parse_msg(self.payload)
         return dict(self._parsed)
-
-    @functools.cached_property
-    def _parsed(self) -> Message:
-        if self.kind is not Kind.MSG:
-            raise ProtocolViolation(f"{self.kind.name} frame on stream {self.stream} is not a MSG")
-        return parse_msg(self.payload)
 
     def encode(self) -> bytes:
         """The frame's bytes on the wire."""

@@ -9,7 +9,6 @@ has dropped a session. Both then hand over to a normal :class:`FrameDecoder`.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 
 from .errors import ProtocolViolation
 from .frames import Frame, FrameDecoder
@@ -22,16 +21,48 @@ _PREFIX = MAGIC + bytes([PROTOCOL_VERSION, Kind.MSG]) + bytes(4)
 _CAPACITY = HEADER_SIZE + MAX_MSG_PAYLOAD
 
 
-@dataclass(frozen=True)
-class Handshake:
-    """What a scanner found: the matching message, and the decoder that continues after it."""
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
-    message: Message
-    decoder: FrameDecoder
-    frames: list[Frame] = field(default_factory=list)
-    """Frames that followed the matching one in the bytes fed so far."""
-    discarded: int = 0
-    """Bytes skipped before the matching frame."""
+
+class Handshake:
+    """What a scanner found: the matching message, and the decoder that continues after it.
+
+    An immutable record, written by hand: the guest agent avoids importing ``dataclasses``.
+    """
+
+    __slots__ = ("decoder", "discarded", "frames", "message")
+
+    def __init__(
+        self,
+        message: Message,
+        decoder: FrameDecoder,
+        frames: list[Frame] | None = None,
+        discarded: int = 0,
+    ) -> None:
+        self.message: Final = message
+        self.decoder: Final = decoder
+        self.frames: Final[list[Frame]] = [] if frames is None else frames
+        """Frames that followed the matching one in the bytes fed so far."""
+        self.discarded: Final = discarded
+        """Bytes skipped before the matching frame."""
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Handshake):
+            return NotImplemented
+        return (self.message, self.decoder, self.frames, self.discarded) == (
+            other.message,
+            other.decoder,
+            other.frames,
+            other.discarded,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"Handshake(message={self.message!r}, decoder={self.decoder!r}, "
+            f"frames={self.frames!r}, discarded={self.discarded!r})"
+        )
 
 
 class MessageScanner:

@@ -8,7 +8,6 @@ which field and what was expected.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 
 from .errors import ProtocolViolation
 from .jsonmsg import Message
@@ -18,12 +17,25 @@ MAX_PATH_BYTES = 4096
 MAX_SIGNAL = 64
 
 
-@dataclass(frozen=True)
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
+
+# FieldType and OpSpec are plain classes, not dataclasses: the guest agent imports this
+# module at boot, and importing ``dataclasses`` costs a TCG-emulated guest tens of ms.
+
+
 class FieldType:
     """A named predicate on a JSON value."""
 
-    expected: str
-    test: Callable[[object], bool]
+    __slots__ = ("expected", "test")
+
+    def __init__(self, expected: str, test: Callable[[object], bool]) -> None:
+        self.expected: Final = expected
+        self.test: Final = test
+
+    def __repr__(self) -> str:
+        return f"FieldType(expected={self.expected!r}, test={self.test!r})"
 
 
 def _is_int(value: object) -> bool:
@@ -113,13 +125,25 @@ FILE_TYPE = FieldType(
 )
 
 
-@dataclass(frozen=True)
 class OpSpec:
     """Fields of one op: required, optional, and a check across fields."""
 
-    required: Mapping[str, FieldType] = field(default_factory=dict)
-    optional: Mapping[str, FieldType] = field(default_factory=dict)
-    check: Callable[[Message], None] | None = None
+    __slots__ = ("check", "optional", "required")
+
+    def __init__(
+        self,
+        required: Mapping[str, FieldType] | None = None,
+        optional: Mapping[str, FieldType] | None = None,
+        check: Callable[[Message], None] | None = None,
+    ) -> None:
+        self.required: Final[Mapping[str, FieldType]] = {} if required is None else required
+        self.optional: Final[Mapping[str, FieldType]] = {} if optional is None else optional
+        self.check: Final = check
+
+    def __repr__(self) -> str:
+        return (
+            f"OpSpec(required={self.required!r}, optional={self.optional!r}, check={self.check!r})"
+        )
 
 
 def _exec_check(msg: Message) -> None:

@@ -34,6 +34,13 @@ def test_parse_cmdline() -> None:
     assert "single" not in params
 
 
+def test_parse_cmdline_without_quotes_agrees() -> None:
+    plain = CMDLINE.replace('note="a b  c" ', "")  # no quote at all: split in one call
+    expected = {k: v for k, v in parse_cmdline(CMDLINE).items() if k != "note"}
+    assert parse_cmdline(plain) == expected
+    assert parse_cmdline("a\tb=1\x0bc\u3000d") == {"a": "", "b": "1", "c": "", "d": ""}
+
+
 def test_later_parameters_win_and_empty_lines_work() -> None:
     assert parse_cmdline("a=1 a=2")["a"] == "2"
     assert parse_cmdline("") == {} and parse_cmdline("  \n") == {}

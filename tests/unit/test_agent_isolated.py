@@ -44,6 +44,24 @@ def test_imports_with_stdlib_only(guest_lib: Path) -> None:
     assert path.startswith(str(guest_lib)) and bad == "[]"
 
 
+# Each costs a guest under TCG (software emulation) tens of milliseconds to import at boot;
+# the guest side needs none of them until a rare operation (traceback, shutil) asks.
+SLOW_IMPORTS = {"dataclasses", "inspect", "typing", "pathlib", "socket", "shutil", "traceback"}
+AGENT_ONLY = {"json", "threading", "subprocess", "ember.protocol"}
+
+
+def _imported_after(guest_lib: Path, modules: str) -> set[str]:
+    code = f"import {modules}; print(' '.join(sys.modules))"
+    out = subprocess.run(_python(guest_lib, code), capture_output=True, text=True, check=True)
+    return set(out.stdout.split())
+
+
+def test_boot_imports_stay_light(guest_lib: Path) -> None:
+    assert not _imported_after(guest_lib, "ember.agent.init, ember.agent.server") & SLOW_IMPORTS
+    # Init imports only what it needs before it forks the agent.
+    assert not _imported_after(guest_lib, "ember.agent.init") & (SLOW_IMPORTS | AGENT_ONLY)
+
+
 def test_serves_from_the_guest_lib(guest_lib: Path) -> None:
     code = "from ember.agent.server import serve; serve({fd})"
     harness = AgentHarness(process=_python(guest_lib, code))

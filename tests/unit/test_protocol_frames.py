@@ -60,6 +60,19 @@ def test_empty_data_frame() -> None:
     assert decode_all(encode_frame(Kind.STDOUT, 1, b"")) == [Frame(Kind.STDOUT, 1, b"")]
 
 
+def test_frame_is_a_value() -> None:
+    frame = Frame(Kind.STDOUT, 1, b"x")
+    assert frame == Frame(kind=Kind.STDOUT, stream=1, payload=b"x")
+    assert hash(frame) == hash(Frame(Kind.STDOUT, 1, b"x"))
+    assert frame != Frame(Kind.STDERR, 1, b"x") and frame != (Kind.STDOUT, 1, b"x")
+    assert repr(frame) == "Frame(kind=<Kind.STDOUT: 2>, stream=1, payload=b'x')"
+
+
+def test_valid_non_ascii_text_is_accepted() -> None:
+    text = "é, 日本, 🎉 and \uffff"
+    assert Frame(Kind.MSG, 1, encode_msg(1, {"op": text})[HEADER_SIZE:]).msg() == {"op": text}
+
+
 def test_largest_frames_pass() -> None:
     data = encode_frame(Kind.FILEDATA, 1, b"x" * MAX_DATA_PAYLOAD)
     assert len(data) == MAX_FRAME_SIZE
@@ -159,6 +172,8 @@ BAD_FRAMES = {
     "overlong utf-8": raw_msg(1, b'{"op":"\xc0\xaf"}'),
     "encoded surrogate": raw_msg(1, b'{"op":"\xed\xa0\x80"}'),
     "escaped lone surrogate": raw_msg(1, b'{"op":"\\ud800"}'),
+    "lone surrogate after non-ascii": raw_msg(1, b'{"op":"x","s":["\xc3\xa9\\udfff"]}'),
+    "lone surrogate in a key": raw_msg(1, b'{"op":"x","o":{"\\udc80":1}}'),
     "not json": raw_msg(1, b"{op}"),
     "empty": raw_msg(1, b""),
     "trailing data": raw_msg(1, b'{"op":"x"} {}'),
