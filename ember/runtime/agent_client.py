@@ -14,7 +14,7 @@ import contextlib
 import itertools
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -184,7 +184,6 @@ class AgentClient:
         if self.broken is not None:
             raise GuestError(f"the sandbox's agent connection is broken: {self.broken}")
         sid = next(self._ids) & 0xFFFFFFFF or next(self._ids)
-        # one slot more than the bound, for the error that closes the stream
         self._streams[sid] = _Stream(asyncio.Queue(STREAM_QUEUE_FRAMES))
         return sid
 
@@ -214,6 +213,9 @@ class AgentClient:
         st = self._streams.get(sid)
         if st is None:
             raise GuestError("operation stream already closed")
+        if st.queue.empty() and self.broken is not None:
+            # the error that closed the stream may not have fitted in a full queue
+            raise GuestError(f"the sandbox's agent connection is broken: {self.broken}")
         try:
             item = await asyncio.wait_for(st.queue.get(), timeout)
         except TimeoutError as err:
@@ -225,10 +227,6 @@ class AgentClient:
         if isinstance(item, BaseException):
             raise item
         return item
-
-    async def frames(self, sid: int, timeout: float | None) -> AsyncIterator[P.Frame]:
-        while True:
-            yield await self.next_frame(sid, timeout)
 
     # --- simple request/response ---------------------------------------------------------
     async def request(self, msg: dict[str, Any], *, timeout: float | None = 30.0,
