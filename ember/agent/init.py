@@ -121,7 +121,30 @@ def _boot() -> None:
     except OSError as err:
         log(f"cannot set the hostname {config.hostname}: {err}")
     _write_identity(config.hostname)
+    _grow_root()
     _supervise()
+
+
+EXT4_IOC_RESIZE_FS = 0x40086610  # _IOW('f', 16, __u64)
+
+
+def _grow_root(device: str = "vda") -> None:
+    """Grow the root ext4 filesystem online to the size of its disk (a sandbox asked for
+    more disk than its template has); a no-op when it already fills the disk."""
+    import fcntl
+    import struct
+
+    try:
+        with open(f"/sys/block/{device}/size", encoding="ascii") as f:
+            disk_bytes = int(f.read(64)) * 512
+        block = os.statvfs("/").f_bsize
+        fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.ioctl(fd, EXT4_IOC_RESIZE_FS, struct.pack("Q", disk_bytes // block))
+        finally:
+            os.close(fd)
+    except (OSError, ValueError) as err:
+        log(f"cannot grow the root filesystem to its disk: {err}")
 
 
 def _write_identity(hostname: str) -> None:

@@ -14,31 +14,11 @@ import click
 from rich.console import Console
 
 from ember.errors import BadRequestError, EmberError, NotFoundError
-from ember.paths import Paths
 
 err_console = Console(stderr=True)
 # Not a terminal (pipes, CI logs): do not wrap tables and messages at 80 columns.
 out_console = Console() if sys.stdout.isatty() else Console(width=200, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def setup_logging(verbose: bool) -> Paths:
-    paths = Paths.from_env()
-    try:
-        paths.logs.mkdir(parents=True, exist_ok=True)
-        handler: logging.Handler = logging.FileHandler(paths.logs / "ember.log")
-    except OSError:
-        handler = logging.NullHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(name)s %(levelname)s "
-                                           "%(message)s"))
-    root = logging.getLogger("ember")
-    root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG)
-    if verbose:
-        stream = logging.StreamHandler(sys.stderr)
-        stream.setLevel(logging.DEBUG)
-        root.addHandler(stream)
-    return paths
 
 
 def exit_code_for(err: EmberError) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ember.cli import doctor_cmd, image_cmds, kernel_cmds, sandbox_cmds
-from ember.cli.common import setup_logging
+from ember.logconfig import setup_logging
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

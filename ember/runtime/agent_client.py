@@ -112,15 +112,18 @@ class AgentClient:
             now = loop.time()
             if now >= deadline:
                 raise EmberTimeoutError("the guest agent did not answer the hello in time")
-            if now >= next_send:
-                self._writer.write(hello)
-                await self._writer.drain()
-                next_send = now + 1.0
             try:
+                if now >= next_send:
+                    self._writer.write(hello)
+                    await self._writer.drain()
+                    next_send = now + 1.0
                 data = await asyncio.wait_for(self._reader.read(READ_CHUNK),
                                               min(next_send, deadline) - now)
             except TimeoutError:
                 continue
+            except (OSError, ConnectionError) as err:
+                raise GuestError(f"lost the agent connection during the hello (the VM "
+                                 f"stopped?): {err}") from err
             if not data:
                 raise GuestError("the guest agent closed the connection during the hello")
             try:

@@ -27,6 +27,7 @@ from ember.errors import BadRequestError, EmberError, SandboxNotFoundError
 from ember.guest.kernel import Kernel, require_kernel
 from ember.locks import FileLock
 from ember.paths import Paths
+from ember.runtime.reaper import ensure_reaper
 from ember.runtime.spec import SandboxSpec
 from ember.store import SandboxRecord, Store
 
@@ -117,6 +118,7 @@ class SandboxManager:
                 progress(f"booting microVM ({self.accel.accel})")
             handle = self.engine.start(self._vmspec(rec, d, kernel.bzimage))
             self.store.update_sandbox(sid, state="booting", pid=handle.pid)
+            ensure_reaper(self.paths)  # enforces the lifetime after this process is gone
         except BaseException as err:
             self._release(rec, error=None, keep_row=False)
             lock.release()
@@ -136,7 +138,10 @@ class SandboxManager:
         )
 
     def mark_running(self, sandbox_id: str) -> None:
-        self.store.update_sandbox(sandbox_id, state="running")
+        """The agent answered: the sandbox is ready and its lifetime starts now."""
+        rec = self.store.get_sandbox(sandbox_id)
+        expires = time.time() + rec.timeout_s if rec.timeout_s is not None else None
+        self.store.update_sandbox(sandbox_id, state="running", expires_at=expires)
 
     # --- find ----------------------------------------------------------------------------
     def get(self, sandbox_id: str) -> SandboxRecord:
@@ -170,10 +175,6 @@ class SandboxManager:
     def _reconcile_one(self, rec: SandboxRecord) -> SandboxRecord:
         if rec.state not in LIVE_STATES:
             return rec
-        if rec.expires_at is not None and time.time() >= rec.expires_at:
-            log.info("sandbox %s expired; destroying it", rec.id)
-            self.destroy(rec.id)
-            raise SandboxNotFoundError(f"sandbox {rec.id} expired (timeout) and was destroyed")
         if rec.state in ("creating", "booting"):
             lock = FileLock(SandboxDir(Path(rec.dir)).lock)
             if lock.try_acquire():  # its creator died before finishing
@@ -181,7 +182,11 @@ class SandboxManager:
                 self._release(rec, error="the process creating this sandbox died before it "
                               "was ready")
                 return self.store.get_sandbox(rec.id)
-            return rec
+            return rec  # being created: its creator enforces the boot timeout
+        if rec.expires_at is not None and time.time() >= rec.expires_at:
+            log.info("sandbox %s expired; destroying it", rec.id)
+            self.destroy(rec.id)
+            raise SandboxNotFoundError(f"sandbox {rec.id} expired (timeout) and was destroyed")
         if not self._alive(rec):
             self._release(rec, error="the VM process exited unexpectedly (crashed or killed)")
             return self.store.get_sandbox(rec.id)

@@ -183,3 +183,27 @@ def test_missing_kernel_or_qemu_is_a_clear_error(ember_paths: Paths, debian_temp
     assert cp.returncode != 0 and "MissingDependencyError" in cp.stderr
     assert "apt-get install" in cp.stderr
     assert_no_leaks(ember_paths)
+
+
+def test_disk_size_is_what_was_asked(ember_paths: Paths, debian_template) -> None:  # type: ignore[no-untyped-def]
+    base_mib = debian_template.size_bytes >> 20
+    with Sandbox.create("debian-python", disk_mib=base_mib + 1024, paths=ember_paths) as sb:
+        size_mib = int(sb.exec(["df", "-m", "--output=size", "/"]).stdout.split()[-1])
+        assert size_mib > base_mib + 900  # the guest grew its filesystem to the disk
+        sb.exec("head -c 50000000 /dev/zero > /big && sync").check()
+    assert_no_leaks(ember_paths)
+
+
+def test_lifetime_is_enforced_with_no_ember_process_running(ember_paths: Paths,
+                                                           debian_template) -> None:  # type: ignore[no-untyped-def]
+    code = "import ember; sb = ember.Sandbox.create('debian-python', timeout=2); sb.close()"
+    cp = subprocess.run([sys.executable, "-c", code], timeout=120, env=os.environ.copy(),
+                        capture_output=True, text=True)
+    assert cp.returncode == 0, cp.stderr
+    assert qemu_pids_under(ember_paths.home)  # the sandbox outlives its creator...
+    deadline = time.monotonic() + 30
+    while qemu_pids_under(ember_paths.home):  # ...until the reaper ends it, nobody asking
+        assert time.monotonic() < deadline, "the expired sandbox was not destroyed"
+        time.sleep(0.2)
+    assert manager(ember_paths).store.list_sandboxes() == []
+    assert_no_leaks(ember_paths)
