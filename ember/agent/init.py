@@ -138,6 +138,12 @@ def _grow_root(device: str = "vda") -> None:
         with open(f"/sys/block/{device}/size", encoding="ascii") as f:
             disk_bytes = int(f.read(64)) * 512
         block = os.statvfs("/").f_bsize
+        with open(f"/dev/{device}", "rb") as dev:  # the superblock's block count
+            dev.seek(1024)
+            sb = dev.read(0x154)
+        lo, hi = struct.unpack_from("<I", sb, 0x4)[0], struct.unpack_from("<I", sb, 0x150)[0]
+        if disk_bytes // block <= (hi << 32 | lo):
+            return
         fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
         try:
             fcntl.ioctl(fd, EXT4_IOC_RESIZE_FS, struct.pack("Q", disk_bytes // block))
