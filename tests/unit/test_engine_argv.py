@@ -16,30 +16,15 @@ from ember.engine.qemu.argv import (
     kernel_cmdline,
     qemu_opt,
 )
+from tests.unit import engine_specs
 
-TCG = AccelDecision("tcg", "test", {})
-KVM = AccelDecision("kvm", "test", {})
+TCG = engine_specs.TCG
+KVM = engine_specs.KVM
 
 
 def make_spec(**overrides: Any) -> VMSpec:
-    d = Path("/run/ember/sb1")
-    fields: dict[str, Any] = dict(
-        name="sb1",
-        kernel=Path("/cache/bzImage"),
-        disk=d / "root.qcow2",
-        disk_format="qcow2",
-        disk_readonly=False,
-        vcpus=2,
-        memory_mib=512,
-        cmdline="init=/sbin/ember-init",
-        console_log=d / "console.log",
-        qmp_socket=d / "qmp.sock",
-        agent_socket=d / "agent.sock",
-        pidfile=d / "qemu.pid",
-        accel=TCG,
-    )
-    fields.update(overrides)
-    return VMSpec(**fields)
+    return engine_specs.make_spec(
+        **{"vcpus": 2, "memory_mib": 512, "cmdline": "init=/sbin/ember-init", **overrides})
 
 
 def opt(argv: list[str], flag: str) -> list[str]:

@@ -4,36 +4,17 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from ember.engine.accel import AccelDecision
-from ember.engine.base import VMSpec, host_memory_mib
+from ember.engine.base import host_memory_mib
 from ember.errors import BadRequestError
+from tests.unit import engine_specs
 
-TCG = AccelDecision("tcg", "test", {})
+TCG = engine_specs.TCG
 
 
-def make_spec(**overrides: Any) -> VMSpec:
-    d = Path("/run/ember/sb1")
-    fields: dict[str, Any] = dict(
-        name="sb1",
-        kernel=Path("/cache/bzImage"),
-        disk=d / "root.qcow2",
-        disk_format="qcow2",
-        disk_readonly=False,
-        vcpus=1,
-        memory_mib=256,
-        cmdline="",
-        console_log=d / "console.log",
-        qmp_socket=d / "qmp.sock",
-        agent_socket=d / "agent.sock",
-        pidfile=d / "qemu.pid",
-        accel=TCG,
-    )
-    fields.update(overrides)
-    return VMSpec(**fields)
+make_spec = engine_specs.make_spec
 
 
 def test_valid_spec() -> None:
