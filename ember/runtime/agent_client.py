@@ -33,10 +33,6 @@ STREAM_QUEUE_FRAMES = 64
 READ_CHUNK = 256 * 1024
 
 
-class AgentErrorReply(EmberError):
-    """The agent answered a request with an error reply."""
-
-
 def error_from_reply(msg: dict[str, Any], what: str) -> EmberError:
     kind = str(msg.get("kind", "internal"))[:32]
     text = str(msg.get("message", ""))[:2000]

@@ -7,6 +7,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from ember.engine.base import host_memory_mib
 from ember.errors import BadRequestError
 
 DEFAULT_TEMPLATE = "debian-python"
@@ -15,14 +16,6 @@ MAX_VCPUS = 64
 MIN_MEMORY_MIB = 64
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,255}$")
 _META_KEY = re.compile(r"^[A-Za-z0-9_.:/-]{1,128}$")
-
-
-def host_memory_mib() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) // 1024
-    return 0
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -210,7 +209,3 @@ def _sandbox(row: tuple[Any, ...]) -> SandboxRecord:
         dir=d, pid=pid, accel=accel, env=json.loads(env), metadata=json.loads(metadata),
         error=error,
     )
-
-
-def now() -> float:
-    return time.time()

@@ -1,7 +1,8 @@
 import pytest
 
+from ember.engine.base import host_memory_mib
 from ember.errors import BadRequestError
-from ember.runtime.spec import SandboxSpec, host_memory_mib
+from ember.runtime.spec import SandboxSpec
 
 
 def test_defaults_are_valid() -> None:
