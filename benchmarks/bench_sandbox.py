@@ -1,7 +1,8 @@
 """Issue 4 figures, measured side by side in one run (medians; repetitions interleaved):
 
 - cold `ember run -- true` end to end next to a raw QEMU boot of the same kernel and image
-  to the guest's init (the image's /bin/sh as PID 1 answering on the console);
+  to the guest's init: the image's /bin/sh as PID 1 answering on the console, and ember's
+  own init (run by the raw command in check mode) printing its line;
 - exec round trip of `true` in a running sandbox (and the agent's ping) next to a raw
   ping-pong over the same virtio-serial channel (cat as PID 1 echoing the port);
 - host memory per idle sandbox beyond the guest's own RAM (PSS; ember runs no per-sandbox
@@ -30,9 +31,11 @@ from benchmarks._common import (
     median,
     pct,
     pss_kib,
+    raw_boot_to_line,
     raw_boot_to_shell,
 )
 from ember import AsyncSandbox, Sandbox
+from ember.agent import INIT_PATH
 from ember.guest.kernel import require_kernel
 from ember.paths import Paths
 from ember.sdk.async_sandbox import manager
@@ -42,7 +45,7 @@ TEMPLATE = "debian-python"
 
 
 def cold_run(reps: int, kernel: Path, image: Path) -> None:
-    ember_s, sdk_s, raw_s = [], [], []
+    ember_s, sdk_s, raw_s, raw_init_s = [], [], [], []
     cli = [sys.executable, "-m", "ember.cli", "run", "--template", TEMPLATE, "--", "true"]
     for _ in range(reps):
         t0 = time.monotonic()
@@ -53,11 +56,16 @@ def cold_run(reps: int, kernel: Path, image: Path) -> None:
             sb.exec(["true"])
         sdk_s.append(time.monotonic() - t0)
         raw_s.append(raw_boot_to_shell(kernel, image))
-    m_e, m_s, m_r = median(ember_s), median(sdk_s), median(raw_s)
-    print(f"cold start, medians of {reps}:")
-    print(f"  ember run -- true (CLI, end to end)   {fmt_ms(m_e)}   ratio to raw {m_e / m_r:.2f}")
-    print(f"  SDK create + exec true + kill         {fmt_ms(m_s)}   ratio to raw {m_s / m_r:.2f}")
+        raw_init_s.append(raw_boot_to_line(kernel, image, f"init={INIT_PATH} ember.mode=check",
+                                           b"EMBER-CHECK"))
+    m_e, m_s, m_r, m_i = median(ember_s), median(sdk_s), median(raw_s), median(raw_init_s)
+    print(f"cold start, medians of {reps} (ratios: to raw /bin/sh | to raw ember init):")
+    print(f"  ember run -- true (CLI, end to end)   {fmt_ms(m_e)}   {m_e / m_r:.2f} | "
+          f"{m_e / m_i:.2f}")
+    print(f"  SDK create + exec true + kill         {fmt_ms(m_s)}   {m_s / m_r:.2f} | "
+          f"{m_s / m_i:.2f}")
     print(f"  raw QEMU boot to /bin/sh answering    {fmt_ms(m_r)}")
+    print(f"  raw QEMU boot to ember's init line    {fmt_ms(m_i)}")
 
 
 def round_trips(n: int, kernel: Path, image: Path) -> None:
