@@ -206,20 +206,17 @@ class SandboxManager:
         self._release(rec, error=None, keep_row=False)
 
     def _release(self, rec: SandboxRecord, *, error: str | None, keep_row: bool = True) -> None:
-        # The registry may not know the VM's pid yet (its creator died between starting QEMU
-        # and recording the pid): find it by its sandbox directory on its command line.
         # The registry may not know every process of this sandbox: its creator may have died
-        # while `qemu-img` or a daemonizing QEMU ran (whose child may appear after we look).
-        # Kill what names the sandbox's directory until nothing does.
+        # while `qemu-img` or a daemonizing QEMU ran (whose child may appear after we look),
+        # and a recorded pid may have been reused. Kill the QEMU programs that name this
+        # sandbox's directory on their command line until none does.
         d = SandboxDir(Path(rec.dir))
-        pids = {rec.pid} if rec.pid is not None else set()
         for _ in range(50):
-            pids |= _pids_mentioning(d.root)
+            pids = _qemu_pids_mentioning(d.root)
             if not pids:
                 break
             for pid in pids:
                 self._kill_pid(rec, d, pid)
-            pids = set()
             time.sleep(0.02)
         root = Path(rec.dir)
         if keep_row:
@@ -249,14 +246,17 @@ class SandboxManager:
             expires_at=time.time() + timeout if timeout is not None else None)
 
 
-def _pids_mentioning(directory: Path) -> set[int]:
-    """Live processes whose command line names a file in ``directory``."""
+def _qemu_pids_mentioning(directory: Path) -> set[int]:
+    """Live QEMU programs (qemu-system-*, qemu-img) whose command line names a file in
+    ``directory``; never a user's shell or editor that happens to name it."""
     needle = str(directory).encode() + b"/"
     found = set()
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             try:
-                if needle in (d / "cmdline").read_bytes() and d.name != str(os.getpid()):
+                argv = (d / "cmdline").read_bytes()
+                if needle in argv and os.path.basename(argv.split(b"\0", 1)[0]).startswith(
+                        b"qemu-"):
                     found.add(int(d.name))
             except OSError:
                 continue
