@@ -30,6 +30,12 @@ from ember.errors import (
 )
 
 STREAM_QUEUE_FRAMES = 64
+#: A lossy stream (a command's output, which nobody may be reading) buffers at most this
+#: much data; beyond it data frames are dropped (and counted) instead of stalling the
+#: connection for every other operation.
+LOSSY_STREAM_BYTES = 8 << 20
+#: Messages on one lossy stream are few (started, exit); more than this is a hostile guest.
+LOSSY_STREAM_MSGS = 256
 READ_CHUNK = 256 * 1024
 
 
@@ -49,6 +55,9 @@ def error_from_reply(msg: dict[str, Any], what: str) -> EmberError:
 @dataclass
 class _Stream:
     queue: asyncio.Queue[P.Frame | BaseException]
+    lossy: bool = False
+    buffered: int = 0  # data bytes queued (lossy streams)
+    dropped: int = 0  # data bytes dropped (lossy streams)
 
 
 class AgentClient:
@@ -164,7 +173,18 @@ class AgentClient:
         st = self._streams.get(frame.stream)
         if st is None:
             return  # late output of a finished or abandoned operation: dropped, bounded
-        await st.queue.put(frame)
+        if not st.lossy:
+            await st.queue.put(frame)  # backpressure: its consumer is reading
+            return
+        if frame.kind == P.Kind.MSG:
+            if st.queue.qsize() >= LOSSY_STREAM_MSGS:
+                raise P.ProtocolViolation("the guest flooded an operation with messages")
+        elif st.buffered + len(frame.payload) > LOSSY_STREAM_BYTES:
+            st.dropped += len(frame.payload)
+            return
+        else:
+            st.buffered += len(frame.payload)
+        st.queue.put_nowait(frame)
 
     def _break(self, why: str) -> None:
         if self.broken is None:
@@ -179,12 +199,19 @@ class AgentClient:
                 st.queue.put_nowait(err)
 
     # --- writing -------------------------------------------------------------------------
-    def open_stream(self) -> int:
+    def open_stream(self, *, lossy: bool = False) -> int:
         if self.broken is not None:
             raise GuestError(f"the sandbox's agent connection is broken: {self.broken}")
         sid = next(self._ids) & 0xFFFFFFFF or next(self._ids)
-        self._streams[sid] = _Stream(asyncio.Queue(STREAM_QUEUE_FRAMES))
+        queue: asyncio.Queue[P.Frame | BaseException] = asyncio.Queue(
+            0 if lossy else STREAM_QUEUE_FRAMES)
+        self._streams[sid] = _Stream(queue, lossy)
         return sid
+
+    def dropped_bytes(self, sid: int) -> int:
+        """Output bytes a lossy stream dropped because nobody consumed them in time."""
+        st = self._streams.get(sid)
+        return st.dropped if st is not None else 0
 
     def close_stream(self, sid: int) -> None:
         self._streams.pop(sid, None)
@@ -225,6 +252,8 @@ class AgentClient:
             raise EmberTimeoutError(why) from err
         if isinstance(item, BaseException):
             raise item
+        if st.lossy and item.kind != P.Kind.MSG:
+            st.buffered -= len(item.payload)
         return item
 
     # --- simple request/response ---------------------------------------------------------

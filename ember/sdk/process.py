@@ -68,7 +68,7 @@ class AsyncProcess:
 
     @classmethod
     async def start(cls, client: AgentClient, msg: dict[str, Any]) -> AsyncProcess:
-        sid = client.open_stream()
+        sid = client.open_stream(lossy=True)  # a background command's output may go unread
         label = msg.get("shell") or " ".join(msg.get("argv", []))
         try:
             await client.send_msg(sid, msg)
@@ -169,7 +169,8 @@ class AsyncProcess:
         self._result = ExecResult(
             exit_code=exit_code, stdout_bytes=bytes(self._out), stderr_bytes=bytes(self._err),
             duration=time.monotonic() - self._start, pid=self.pid, signal=sig,
-            timed_out=msg.get("timed_out") is True, truncated=self._truncated,
+            timed_out=msg.get("timed_out") is True,
+            truncated=self._truncated or self._client.dropped_bytes(self._sid) > 0,
         )
         self._client.close_stream(self._sid)
 

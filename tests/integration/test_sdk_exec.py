@@ -93,3 +93,11 @@ def test_concurrent_commands_on_one_sandbox(ember_paths, debian_template) -> Non
             return [r.stdout.strip() for r in results]
 
     assert asyncio.run(main()) == ["0", "1", "2", "3", "4"]
+
+
+def test_unread_background_output_does_not_stall_the_sandbox(shared_sandbox: Sandbox) -> None:
+    noisy = shared_sandbox.spawn("head -c 30000000 /dev/zero", timeout=None)
+    for _ in range(5):  # other operations go on while nobody reads the noisy output
+        assert shared_sandbox.exec("echo ok").stdout == "ok\n"
+    r = noisy.wait()
+    assert r.exit_code == 0 and r.truncated and len(r.stdout_bytes) < 30_000_000
