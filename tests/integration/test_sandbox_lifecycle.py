@@ -207,3 +207,13 @@ def test_lifetime_is_enforced_with_no_ember_process_running(ember_paths: Paths,
         time.sleep(0.2)
     assert manager(ember_paths).store.list_sandboxes() == []
     assert_no_leaks(ember_paths)
+
+
+def test_second_client_gets_a_clear_busy_error(ember_paths: Paths, debian_template) -> None:  # type: ignore[no-untyped-def]
+    from ember import SandboxStateError
+
+    with Sandbox.create("debian-python", paths=ember_paths) as sb:
+        with pytest.raises(SandboxStateError, match="busy"):
+            Sandbox.connect(sb.id, wait=0.5, paths=ember_paths)
+        assert sb.exec("echo still mine").stdout == "still mine\n"
+    assert_no_leaks(ember_paths)
