@@ -1,4 +1,5 @@
-"""Advisory file locks (flock) that die with their holder: the owner of a sandbox connection."""
+"""Advisory file locks (flock) that die with their holder: a sandbox's connected client, a
+live image build's staging directory, a home's reaper."""
 
 from __future__ import annotations
 

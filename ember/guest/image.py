@@ -156,7 +156,7 @@ def _assemble(paths: Paths, stage: Path, source: str, packages: Sequence[str],
             config = pulled.config.to_json()
             source_digest = pulled.digest
             shutil.rmtree(work)
-        _empty_dev(rootfs)
+        _prepare_rootfs(rootfs)
         if progress:
             progress("injecting ember init, agent and runtime into /.ember")
         inject.inject(rootfs, runtime_dir)
@@ -288,9 +288,9 @@ def _copy_dir(src: Path, dest: Path, progress: Progress) -> None:
     proc.run(["cp", "-a", "--", f"{src}/.", str(dest)], what=f"copy {src}")
 
 
-def _empty_dev(rootfs: Path) -> None:
-    """The guest mounts devtmpfs on /dev: drop device nodes a source put there; reset the
-    build host's identity."""
+def _prepare_rootfs(rootfs: Path) -> None:
+    """Make a source tree a template root: drop device nodes under /dev (the guest mounts
+    devtmpfs there), reset the build host's identity, and create the mount points."""
     dev = rootfs / "dev"
     if dev.is_symlink():
         dev.unlink()

@@ -103,7 +103,7 @@ class SandboxManager:
         rec = SandboxRecord(
             id=sid, template=template.name, state="creating", vcpus=spec.vcpus,
             memory_mib=spec.memory_mib, disk_mib=disk_mib, timeout_s=spec.timeout,
-            created_at=now, expires_at=now + spec.timeout if spec.timeout else None,
+            created_at=now, expires_at=None,  # set by mark_running: lifetime starts when ready
             dir=str(d.root), pid=None, accel=self.accel.accel, env=dict(spec.env),
             metadata=dict(spec.metadata),
         )
