@@ -22,7 +22,9 @@ from ember.guest.kernel import require_kernel
 from ember.paths import Paths
 from ember.store import Store
 
-CHECK_RE = re.compile(rb"EMBER-CHECK kernel=(\S{1,64}) digest=(\S{1,80})")
+# The console file is read while QEMU writes it: only a complete line (ended by a newline)
+# counts, or a half-written digest would be reported as a mismatch.
+CHECK_RE = re.compile(rb"EMBER-CHECK kernel=(\S{1,64}) digest=(\S{1,80})\r?\n")
 
 
 @dataclass(frozen=True)
