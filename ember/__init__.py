@@ -18,6 +18,8 @@ from ember.errors import (
     NotFoundError,
     SandboxNotFoundError,
     SandboxStateError,
+    SnapshotError,
+    SnapshotNotFoundError,
     TemplateNotFoundError,
 )
 
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
         OutputChunk,
         ProcessInfo,
         SandboxInfo,
+        SnapshotInfo,
     )
     from ember.sdk.sandbox import Files, Process, Sandbox
 
@@ -45,6 +48,7 @@ _LAZY = {
     "OutputChunk": "ember.sdk.results",
     "ProcessInfo": "ember.sdk.results",
     "SandboxInfo": "ember.sdk.results",
+    "SnapshotInfo": "ember.sdk.results",
     "Files": "ember.sdk.sandbox",
     "Process": "ember.sdk.sandbox",
     "Sandbox": "ember.sdk.sandbox",
@@ -83,5 +87,8 @@ __all__ = [
     "SandboxInfo",
     "SandboxNotFoundError",
     "SandboxStateError",
+    "SnapshotError",
+    "SnapshotInfo",
+    "SnapshotNotFoundError",
     "TemplateNotFoundError",
 ]

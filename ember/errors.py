@@ -28,6 +28,15 @@ class SandboxNotFoundError(NotFoundError):
     """No sandbox with that id exists (or it was destroyed)."""
 
 
+class SnapshotNotFoundError(NotFoundError):
+    """No snapshot with that name or id exists."""
+
+
+class SnapshotError(EmberError):
+    """A snapshot cannot be taken or restored: corrupt, truncated or incompatible (another
+    kernel, template, VMM build or machine size). Nothing half-restored is left behind."""
+
+
 class GuestPathNotFoundError(NotFoundError):
     """A path inside the guest does not exist."""
 

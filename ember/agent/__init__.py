@@ -7,7 +7,9 @@ self-contained interpreter ``/.ember/runtime/bin/python3 -I -S``.
 
 from __future__ import annotations
 
-AGENT_VERSION = "0.1.0"
+AGENT_VERSION = "0.2.0"
+"""Bumped whenever host and agent must change together; the host refuses an agent of
+another version with an error that says to rebuild the template."""
 
 INIT_PATH = "/.ember/init"
 """Where the image builder writes :data:`INIT_SCRIPT`; the kernel runs it as ``init=``."""

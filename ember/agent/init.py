@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from . import DEFAULT_PATH, SHUTDOWN_EXIT_CODE
 from .bootconfig import BootConfig, boot_config, check_line, parse_cmdline, read_image_digest
+from .identity import write_identity
 from .libc import (
     MS_NODEV,
     MS_NOEXEC,
@@ -120,7 +121,10 @@ def _boot() -> None:
         sethostname(config.hostname)
     except OSError as err:
         log(f"cannot set the hostname {config.hostname}: {err}")
-    _write_identity(config.hostname)
+    try:
+        write_identity(config.hostname)
+    except OSError as err:
+        log(f"cannot write /etc/hostname or /etc/hosts: {err}")
     _grow_root()
     _supervise()
 
@@ -151,23 +155,6 @@ def _grow_root(device: str = "vda") -> None:
             os.close(fd)
     except (OSError, ValueError) as err:
         log(f"cannot grow the root filesystem to its disk: {err}")
-
-
-def _write_identity(hostname: str) -> None:
-    """/etc/hostname and a /etc/hosts entry, so that programs resolving the hostname work."""
-    try:
-        with open("/etc/hostname", "w", encoding="utf-8") as f:
-            f.write(hostname + "\n")
-        try:
-            with open("/etc/hosts", encoding="utf-8") as f:
-                lines = [ln for ln in f.read(1 << 20).splitlines() if "# ember" not in ln]
-        except FileNotFoundError:
-            lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
-        lines.append(f"127.0.1.1\t{hostname}  # ember")
-        with open("/etc/hosts", "w", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
-    except OSError as err:
-        log(f"cannot write /etc/hostname or /etc/hosts: {err}")
 
 
 def _read_config() -> BootConfig:

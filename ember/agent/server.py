@@ -8,12 +8,10 @@ for it are dropped (processes keep running), and the agent scans for the next he
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import os
 import signal
 import threading
-import time
 from collections.abc import Callable
 
 from ember.protocol import (
@@ -37,6 +35,7 @@ from . import AGENT_VERSION, SHUTDOWN_EXIT_CODE
 from .channel import Channel, VirtioPortChannel, wait_for_port
 from .chunking import chunked
 from .errors import OpError
+from .identity import reseed, set_clock, set_hostname
 from .ops_exec import ExecOp, exec_spec
 from .ops_files import (
     FileWriter,
@@ -52,15 +51,6 @@ from .threads import log, start_thread
 
 MAX_STREAMS = 1024
 """Operations in flight per session; more are refused with ``bad_request``."""
-
-
-def set_clock(host_time: float) -> None:
-    """Set the guest's wall clock from the host's (there is no RTC); only when it is off by
-    more than a second, and only as root (tests run the agent unprivileged on the host)."""
-    if os.geteuid() != 0 or abs(time.time() - host_time) < 1.0:
-        return
-    with contextlib.suppress(OSError):
-        time.clock_settime(time.CLOCK_REALTIME, host_time)
 
 
 class Outcome(enum.Enum):
@@ -200,14 +190,24 @@ class Agent:
                 self._send_now(0, error(ErrorKind.BAD_REQUEST, str(exc)))
             self._end_session()
             return
-        host_time = msg.get("time")
-        if isinstance(host_time, int | float) and not isinstance(host_time, bool):
-            set_clock(float(host_time))
+        self._refresh_identity(msg)
         answer = encode_msg(0, self._hello_ok(get_int(msg, "nonce")))
         with self._write_lock:
             self._reset()
             if not self._channel.write(answer):
                 self._broken = True
+
+    def _refresh_identity(self, msg: Message) -> None:
+        """Apply what the host says this guest is now (a restored clone learns it here)."""
+        host_time = msg.get("time")
+        if isinstance(host_time, int | float) and not isinstance(host_time, bool):
+            set_clock(float(host_time))
+        entropy = msg.get("entropy")
+        if isinstance(entropy, str):
+            reseed(bytes.fromhex(entropy))
+        hostname = msg.get("hostname")
+        if isinstance(hostname, str):
+            set_hostname(hostname)
 
     def _hello_ok(self, nonce: int) -> Message:
         # uname() holds what gethostname(2) returns; no need to import ``socket`` (slow to

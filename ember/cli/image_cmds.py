@@ -81,8 +81,49 @@ def rm(names: tuple[str, ...]) -> None:
     paths = Paths.from_env()
     store = _store(paths)
     for n in names:
+        snapshot = store.get_template(n).config.get("snapshot")
         remove_image(paths, store, n)
+        if snapshot:  # a baked template's snapshot goes with it (unless still in use)
+            from ember.sdk.async_sandbox import manager
+
+            manager(paths).collect_snapshot(str(snapshot))
         out_console.print(f"removed template {n}")
+
+
+@image.command("bake")
+@click.argument("name")
+@click.option("--from", "base", default="debian-python", show_default=True,
+              help="The template to start from.")
+@click.option("--run", "setup", default=None, help="Shell command to run before the "
+              "snapshot (must exit 0), e.g. 'pip install numpy'.")
+@click.option("--vcpus", type=int, default=1, show_default=True)
+@click.option("--memory", "memory_mib", type=int, default=256, show_default=True)
+@click.option("--disk", "disk_mib", type=int, default=None)
+@click.option("--force", is_flag=True, help="Replace an existing template NAME.")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def bake(name: str, base: str, setup: str | None, vcpus: int, memory_mib: int,
+         disk_mib: int | None, force: bool, as_json: bool) -> None:
+    """Pre-bake template NAME: boot BASE, run a setup command, snapshot it. Sandboxes of
+    NAME are then restored from the snapshot instead of booting."""
+    import sys
+
+    from ember.sdk.bake import bake_template_sync
+
+    def echo(chunk: bytes) -> None:
+        if not as_json:
+            sys.stderr.buffer.write(chunk)
+            sys.stderr.buffer.flush()
+
+    with progress(not as_json, f"bake {name}") as p:
+        rec = bake_template_sync(name, base, setup, vcpus=vcpus, memory_mib=memory_mib,
+                                 disk_mib=disk_mib, replace=force, on_output=echo,
+                                 on_progress=p)
+    if as_json:
+        print_json(rec.to_json())
+    else:
+        out_console.print(f"template {name} baked from {base}: snapshot "
+                          f"{str(rec.config['snapshot'])[:12]}")
 
 
 @image.command("check")

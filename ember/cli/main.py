@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ember.cli import doctor_cmd, image_cmds, kernel_cmds, sandbox_cmds
+from ember.cli import doctor_cmd, image_cmds, kernel_cmds, pool_cmds, sandbox_cmds, snapshot_cmds
 from ember.logconfig import setup_logging
 
 
@@ -25,6 +25,9 @@ cli.add_command(image_cmds.image)
 cli.add_command(doctor_cmd.doctor)
 for _cmd in (sandbox_cmds.run, sandbox_cmds.create, sandbox_cmds.ls, sandbox_cmds.inspect,
              sandbox_cmds.exec_, sandbox_cmds.cp, sandbox_cmds.logs, sandbox_cmds.rm):
+    cli.add_command(_cmd)
+for _cmd in (snapshot_cmds.snapshot, snapshot_cmds.restore, snapshot_cmds.fork,
+             snapshot_cmds.pause, snapshot_cmds.resume, pool_cmds.pool):
     cli.add_command(_cmd)
 
 

@@ -20,9 +20,10 @@ if TYPE_CHECKING:
 
 CREATE_OPTIONS = [
     click.option("--template", "-t", default=DEFAULT_TEMPLATE, show_default=True),
-    click.option("--vcpus", type=int, default=1, show_default=True),
-    click.option("--memory", "memory_mib", type=int, default=256, show_default=True,
-                 help="Guest RAM in MiB."),
+    click.option("--vcpus", type=int, default=None,
+                 help="vCPUs (default 1, or a baked template's)."),
+    click.option("--memory", "memory_mib", type=int, default=None,
+                 help="Guest RAM in MiB (default 256, or a baked template's)."),
     click.option("--disk", "disk_mib", type=int, default=None,
                  help="Disk size in MiB (default: the template's)."),
     click.option("--timeout", type=float, default=300.0, show_default=True,
@@ -53,7 +54,8 @@ def _pairs(items: tuple[str, ...], what: str) -> dict[str, str]:
     return out
 
 
-def _create(template: str, vcpus: int, memory_mib: int, disk_mib: int | None, timeout: float,
+def _create(template: str, vcpus: int | None, memory_mib: int | None, disk_mib: int | None,
+            timeout: float,
             env: tuple[str, ...], metadata: tuple[str, ...], show: bool) -> Sandbox:
     from ember.sdk.sandbox import Sandbox
 
@@ -94,7 +96,8 @@ def _copy_output(sb: Sandbox, cmd: list[str], stdin: bool, timeout: float | None
 @click.option("--cmd-timeout", type=float, default=None, help="Command timeout in seconds.")
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
 @handle_errors
-def run(template: str, vcpus: int, memory_mib: int, disk_mib: int | None, timeout: float,
+def run(template: str, vcpus: int | None, memory_mib: int | None, disk_mib: int | None,
+        timeout: float,
         env: tuple[str, ...], metadata: tuple[str, ...], stdin: bool, cmd_timeout: float | None,
         cmd: tuple[str, ...]) -> None:
     """Create a sandbox, run CMD in it with streamed output, destroy it; exit with CMD's code.
@@ -113,7 +116,8 @@ def run(template: str, vcpus: int, memory_mib: int, disk_mib: int | None, timeou
 @create_options
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
-def create(template: str, vcpus: int, memory_mib: int, disk_mib: int | None, timeout: float,
+def create(template: str, vcpus: int | None, memory_mib: int | None, disk_mib: int | None,
+           timeout: float,
            env: tuple[str, ...], metadata: tuple[str, ...], as_json: bool) -> None:
     """Create a sandbox that keeps running after this command; print its id."""
     sb = _create(template, vcpus, memory_mib, disk_mib, timeout, env, metadata, not as_json)

@@ -59,6 +59,13 @@ class VMSpec:
     agent_socket: Path | None
     pidfile: Path
     accel: AccelDecision
+    #: Guest RAM backed by this file: ``memory_shared`` maps it shared (the guest writes
+    #: into the file: a snapshot copies it), otherwise privately (copy-on-write: clones of
+    #: one snapshot share its unmodified pages). None: anonymous memory.
+    memory_file: Path | None = None
+    memory_shared: bool = False
+    #: Start paused, waiting for a saved state to be loaded (:meth:`Engine.restore`).
+    incoming: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not NAME_RE.fullmatch(self.name):
@@ -70,7 +77,8 @@ class VMSpec:
             raise BadRequestError(f"disk_format must be 'raw' or 'qcow2', not {self.disk_format!r}")
         _check_int("vcpus", self.vcpus, 1, MAX_VCPUS)
         _check_int("memory_mib", self.memory_mib, MIN_MEMORY_MIB, host_memory_mib())
-        for label in ("kernel", "disk", "console_log", "qmp_socket", "agent_socket", "pidfile"):
+        for label in ("kernel", "disk", "console_log", "qmp_socket", "agent_socket", "pidfile",
+                      "memory_file"):
             value = getattr(self, label)
             if value is not None:
                 _check_path(label, value)
@@ -87,6 +95,8 @@ class VMSpec:
             )
         if any(not ch.isprintable() for ch in self.cmdline):
             raise BadRequestError("extra kernel cmdline contains control characters")
+        if self.memory_shared and self.memory_file is None:
+            raise BadRequestError("memory_shared needs a memory_file")
 
 
 def _check_int(label: str, value: object, low: int, high: int) -> None:
@@ -285,10 +295,35 @@ def _poll_exit(pidfd: int, timeout: float) -> bool:
             return False
 
 
+@dataclass(frozen=True)
+class SavedState:
+    """What :meth:`Engine.save` wrote."""
+
+    path: Path
+    size_bytes: int
+    ram_in_stream: bool  # False: guest RAM was file-backed and shared, not in the stream
+    vmm_version: str  # a restore needs the same VMM build
+    seconds: float
+
+
 class Engine(Protocol):
     """A VMM driver."""
 
     name: str
+
+    def version(self) -> str:
+        """The VMM's version (snapshots record it; a restore needs the same)."""
+        ...
+
+    def save(self, handle: VMHandle, dest: Path, *, timeout: float = 60.0) -> SavedState:
+        """Pause the guest and write its device state (and RAM, unless it is file-backed
+        and shared) to ``dest``. The guest stays paused; its disk is flushed."""
+        ...
+
+    def restore(self, spec: VMSpec, state: Path, *, timeout: float = 60.0) -> VMHandle:
+        """Start a VMM for ``spec`` (``incoming`` set), load ``state`` into it and resume it.
+        Nothing is left running if the state is rejected."""
+        ...
 
     def start(self, spec: VMSpec) -> VMHandle:
         """Boot ``spec``; return once the VMM answers its control socket."""

@@ -179,6 +179,13 @@ def find_kernel(paths: Paths) -> Kernel | None:
     return _load(key, paths.kernels / key)
 
 
+def kernel_by_key(paths: Paths, key: str) -> Kernel | None:
+    """The cached kernel ``key`` (any key, not only the current one), if complete."""
+    if not key or "/" in key or key.startswith("."):
+        return None
+    return _load(key, paths.kernels / key)
+
+
 def require_kernel(paths: Paths) -> Kernel:
     kernel = find_kernel(paths)
     if kernel is None:

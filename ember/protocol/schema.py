@@ -15,6 +15,7 @@ from .limits import ERROR_KINDS, FILE_TYPES, MAX_STREAM, PROTOCOL_VERSION
 
 MAX_PATH_BYTES = 4096
 MAX_SIGNAL = 64
+MAX_ENTROPY_BYTES = 64
 
 
 TYPE_CHECKING = False
@@ -85,6 +86,20 @@ def _is_env(value: object) -> bool:
     )
 
 
+def _is_hostname(value: object) -> bool:
+    if not isinstance(value, str) or not 1 <= len(value) <= 63:
+        return False
+    if value.startswith("-") or value.endswith("-"):
+        return False
+    return all(ch.isascii() and (ch.isalnum() or ch == "-") for ch in value)
+
+
+def _is_entropy(value: object) -> bool:
+    if not isinstance(value, str) or not 2 <= len(value) <= 2 * MAX_ENTROPY_BYTES:
+        return False
+    return len(value) % 2 == 0 and all(ch in "0123456789abcdef" for ch in value)
+
+
 def _objects(label: str, spec: OpSpec) -> Callable[[object], bool]:
     def test(value: object) -> bool:
         if not isinstance(value, list):
@@ -116,6 +131,10 @@ USER = FieldType(
     "a user name, a uid or null",
     lambda v: v is None or (isinstance(v, str) and bool(v)) or _int_in(0, 2**32 - 2)(v),
 )
+HOSTNAME = FieldType(
+    "a hostname (1 to 63 letters, digits or '-', not starting or ending with '-')", _is_hostname
+)
+ENTROPY = FieldType(f"1 to {MAX_ENTROPY_BYTES} bytes as hex", _is_entropy)
 TIMEOUT = FieldType("a positive number of seconds or null", _is_timeout)
 ERROR_KIND = FieldType(
     "one of " + ", ".join(sorted(ERROR_KINDS)), lambda v: isinstance(v, str) and v in ERROR_KINDS
@@ -164,7 +183,13 @@ _PROCESS = OpSpec({"stream": STREAM, "pid": UINT, "argv": STR_LIST, "running": B
 REQUESTS: Mapping[str, OpSpec] = {
     # "time": the host's wall clock (seconds since the epoch): the guest has no RTC and sets
     # its clock from it.
-    "hello": OpSpec({"version": UINT, "nonce": UINT}, {"time": NUMBER}, check=_version_check),
+    # "hostname", "entropy": who this guest is now and fresh bytes for its kernel RNG (a
+    # guest restored from a snapshot shares its parent's; see ember/agent/identity.py).
+    "hello": OpSpec(
+        {"version": UINT, "nonce": UINT},
+        {"time": NUMBER, "hostname": HOSTNAME, "entropy": ENTROPY},
+        check=_version_check,
+    ),
     "ping": OpSpec(),
     "exec": OpSpec(
         optional={

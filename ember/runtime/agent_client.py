@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ember import protocol as P
+from ember.agent import AGENT_VERSION
 from ember.errors import (
     BadRequestError,
     EmberError,
@@ -79,8 +80,13 @@ class AgentClient:
     # --- connection ----------------------------------------------------------------------
     @classmethod
     async def connect(cls, socket_path: str, *, timeout: float,
-                      on_broken: Callable[[str], None] | None = None) -> AgentClient:
-        """Connect to the agent socket and complete the hello within ``timeout`` seconds."""
+                      on_broken: Callable[[str], None] | None = None,
+                      hostname: str | None = None) -> AgentClient:
+        """Connect to the agent socket and complete the hello within ``timeout`` seconds.
+
+        The hello carries the host's clock, fresh entropy for the guest's kernel RNG and,
+        if given, the hostname the guest must have (a restored clone takes them on).
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         try:
@@ -89,27 +95,31 @@ class AgentClient:
         except (OSError, TimeoutError) as err:
             raise GuestError(f"cannot connect to the agent socket {socket_path}: {err}") from err
         return await cls.over(reader, writer, timeout=max(0.0, deadline - loop.time()),
-                              on_broken=on_broken)
+                              on_broken=on_broken, hostname=hostname)
 
     @classmethod
     async def over(cls, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
                    timeout: float,
-                   on_broken: Callable[[str], None] | None = None) -> AgentClient:
+                   on_broken: Callable[[str], None] | None = None,
+                   hostname: str | None = None) -> AgentClient:
         """Run the hello over an already open stream (any transport)."""
         client = cls(reader, writer, on_broken)
         try:
-            await client._handshake(asyncio.get_running_loop().time() + timeout)
+            await client._handshake(asyncio.get_running_loop().time() + timeout, hostname)
         except BaseException:
             await client.close()
             raise
         return client
 
-    async def _handshake(self, deadline: float) -> None:
+    async def _handshake(self, deadline: float, hostname: str | None) -> None:
         loop = asyncio.get_running_loop()
         nonce = secrets.randbelow(1 << 62)
         scanner = P.HelloScanner(nonce, kinds=P.GUEST_TO_HOST_KINDS)
-        hello = P.encode_msg(0, {"op": "hello", "version": P.PROTOCOL_VERSION, "nonce": nonce,
-                                 "time": time.time()})
+        request: dict[str, Any] = {"op": "hello", "version": P.PROTOCOL_VERSION, "nonce": nonce,
+                                   "time": time.time(), "entropy": secrets.token_hex(32)}
+        if hostname is not None:
+            request["hostname"] = hostname
+        hello = P.encode_msg(0, request)
         # The agent may still be booting, or may have missed a hello sent while it was not
         # yet reading: repeat the hello until an answer arrives.
         next_send = 0.0
@@ -138,6 +148,11 @@ class AgentClient:
             if found is not None:
                 break
         self.hello = dict(found.message)
+        agent = str(self.hello.get("agent", ""))[:64]
+        if agent != AGENT_VERSION:
+            raise GuestError(f"the guest runs ember agent {agent!r} but this ember needs "
+                             f"{AGENT_VERSION!r}: the template was built by another ember "
+                             "version; rebuild it with `ember image build NAME --force`")
         self._decoder = found.decoder
         self._task = asyncio.create_task(self._read_loop(found.frames))
 

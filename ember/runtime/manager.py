@@ -23,17 +23,28 @@ from pathlib import Path
 from ember import proc
 from ember.agent import INIT_PATH
 from ember.engine import AccelDecision, QemuEngine, VMHandle, VMSpec, detect_accel
-from ember.errors import BadRequestError, EmberError, SandboxNotFoundError
-from ember.guest.kernel import Kernel, require_kernel
+from ember.errors import (
+    BadRequestError,
+    EmberError,
+    EngineError,
+    SandboxNotFoundError,
+    SandboxStateError,
+    SnapshotError,
+)
+from ember.guest.kernel import Kernel, kernel_by_key, require_kernel
 from ember.locks import FileLock
 from ember.paths import Paths
+from ember.runtime import snapshots
+from ember.runtime.overlays import make_overlay
 from ember.runtime.reaper import ensure_reaper
-from ember.runtime.spec import SandboxSpec
-from ember.store import SandboxRecord, Store
+from ember.runtime.spec import SandboxSpec, pool_key
+from ember.store import SandboxRecord, SnapshotRecord, Store
 
 log = logging.getLogger("ember.runtime")
 
-LIVE_STATES = ("creating", "booting", "running")
+LIVE_STATES = ("creating", "booting", "running", "paused", "pooled")
+#: States in which the VM is up and must be alive (else the sandbox failed).
+UP_STATES = ("running", "paused", "pooled")
 KEEP_ON_FAILURE = ("console.log",)
 
 
@@ -111,12 +122,12 @@ class SandboxManager:
         try:
             if progress:
                 progress(f"creating overlay over template {template.name}")
-            proc.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b",
-                      template.image_path, str(d.overlay), f"{disk_mib}M"],
-                     what="create the sandbox disk overlay", timeout=60)
+            make_overlay(self.paths, Path(template.image_path), "raw", disk_mib, d.overlay)
             if progress:
                 progress(f"booting microVM ({self.accel.accel})")
-            handle = self.engine.start(self._vmspec(rec, d, kernel.bzimage))
+            spec_ = self._vmspec(rec, d, kernel.bzimage, cmdline=boot_cmdline(sid),
+                                 memory_file=self.ram_file(sid), memory_shared=True)
+            handle = self.engine.start(spec_)
             self.store.update_sandbox(sid, state="booting", pid=handle.pid)
             ensure_reaper(self.paths)  # enforces the lifetime after this process is gone
         except BaseException as err:
@@ -128,14 +139,152 @@ class SandboxManager:
             raise EmberError(f"creating sandbox failed: {err}") from err
         return self.store.get_sandbox(sid)
 
-    def _vmspec(self, rec: SandboxRecord, d: SandboxDir, kernel: Path) -> VMSpec:
+    def ram_file(self, sandbox_id: str) -> Path:
+        """Where a booted sandbox's guest RAM lives (shared file on tmpfs)."""
+        return self.paths.ensure_ram() / f"{sandbox_id}.ram"
+
+    def _vmspec(self, rec: SandboxRecord, d: SandboxDir, kernel: Path, *, cmdline: str = "",
+                memory_file: Path | None = None, memory_shared: bool = False,
+                incoming: bool = False) -> VMSpec:
         return VMSpec(
             name=rec.id, kernel=kernel, disk=d.overlay, disk_format="qcow2",
             disk_readonly=False, vcpus=rec.vcpus, memory_mib=rec.memory_mib,
-            cmdline=f"init={INIT_PATH} ember.hostname={rec.id} ember.id={rec.id}",
-            console_log=d.console_log, qmp_socket=d.qmp_socket, agent_socket=d.agent_socket,
-            pidfile=d.pidfile, accel=self.accel,
+            cmdline=cmdline, console_log=d.console_log, qmp_socket=d.qmp_socket,
+            agent_socket=d.agent_socket, pidfile=d.pidfile, accel=self.accel,
+            memory_file=memory_file, memory_shared=memory_shared, incoming=incoming,
         )
+
+    # --- restore -------------------------------------------------------------------------
+    def start_restore(self, snap: SnapshotRecord, spec: SandboxSpec, lock_out: list[FileLock],
+                      progress: Callable[[str], None] | None = None,
+                      *, template_name: str | None = None) -> SandboxRecord:
+        """Register a sandbox and restore ``snap`` into it; return with its VM running
+        (state ``booting``: the caller connects to the agent, as after :meth:`start`)."""
+        tpl = self.store.get_template(snap.template)
+        plan = snapshots.plan_restore(self.paths, self.store, snap,
+                                      vmm_version=self.engine.version(),
+                                      accel=self.accel.accel, template=tpl, progress=progress)
+        for key, want in (("vcpus", snap.vcpus), ("memory_mib", snap.memory_mib)):
+            got = getattr(spec, key)
+            if got != want:
+                raise BadRequestError(f"{key}={got} differs from the snapshot's ({want}); a "
+                                      "restored sandbox keeps the size it was saved with")
+        if spec.disk_mib is not None and spec.disk_mib != snap.disk_mib:
+            raise BadRequestError(f"disk_mib={spec.disk_mib} differs from the snapshot's "
+                                  f"({snap.disk_mib} MiB)")
+        sid = "sb-" + secrets.token_hex(6)
+        d = SandboxDir(self.paths.sandboxes / sid)
+        d.root.mkdir(mode=0o700)
+        lock = FileLock(d.lock)
+        lock.try_acquire()
+        lock_out.append(lock)
+        rec = SandboxRecord(
+            id=sid, template=template_name or snap.template, state="creating",
+            vcpus=snap.vcpus, memory_mib=snap.memory_mib, disk_mib=snap.disk_mib,
+            timeout_s=spec.timeout, created_at=time.time(), expires_at=None, dir=str(d.root),
+            pid=None, accel=self.accel.accel, env={**snap.env, **spec.env},
+            metadata=dict(spec.metadata), snapshot=snap.id,
+        )
+        self.store.add_sandbox(rec)
+        try:
+            make_overlay(self.paths, plan.disk, "qcow2", snap.disk_mib, d.overlay)
+            if progress:
+                progress(f"restoring snapshot {snap.id[:12]} ({self.accel.accel})")
+            vmspec = self._vmspec(rec, d, plan.kernel.bzimage, cmdline=plan.cmdline,
+                                  memory_file=plan.ram, incoming=True)
+            handle = self.engine.restore(vmspec, plan.state)
+            self.store.update_sandbox(sid, state="booting", pid=handle.pid)
+            ensure_reaper(self.paths)
+        except BaseException as err:
+            self._release(rec, error=None, keep_row=False)
+            lock.release()
+            lock_out.clear()
+            if isinstance(err, EngineError):
+                raise SnapshotError(f"restoring snapshot {snap.id[:12]} failed: {err}") from err
+            if isinstance(err, EmberError | KeyboardInterrupt):
+                raise
+            raise EmberError(f"restoring snapshot failed: {err}") from err
+        return self.store.get_sandbox(sid)
+
+    def snapshot(self, sandbox_id: str, name: str | None = None, *,
+                 resume: bool = True) -> snapshots.Taken:
+        """Snapshot a running or paused sandbox (it is paused meanwhile, then resumed)."""
+        rec = self.get(sandbox_id)
+        if rec.state not in ("running", "paused", "pooled"):
+            raise SandboxStateError(f"sandbox {sandbox_id} is {rec.state}; only a running or "
+                                    "paused sandbox can be snapshotted")
+        d = SandboxDir(Path(rec.dir))
+        kernel, cmdline = self._boot_identity(rec)
+        tpl = self.store.get_template(rec.template)
+        if tpl.config.get("snapshot"):  # a pre-baked template: its base template's image
+            tpl = self.store.get_template(self.store.get_snapshot(
+                str(tpl.config["snapshot"])).template)
+        ram = self.paths.ram / f"{rec.id}.ram"
+        return snapshots.take(
+            self.paths, self.store, self.engine, self.handle(rec), rec, kernel=kernel,
+            cmdline=cmdline, ram_file=ram if ram.is_file() else None, overlay=d.overlay,
+            template=tpl, name=name, resume=resume and rec.state != "paused")
+
+    def _boot_identity(self, rec: SandboxRecord) -> tuple[Kernel, str]:
+        """The kernel and kernel cmdline the sandbox's guest was booted with."""
+        if rec.snapshot is None:
+            kernel = self.kernel()
+            return kernel, boot_cmdline(rec.id)
+        snap = self.store.get_snapshot(rec.snapshot)
+        found = kernel_by_key(self.paths, snap.kernel_key)
+        if found is None:
+            raise SnapshotError(f"sandbox {rec.id}'s kernel {snap.kernel_key[:12]} is gone")
+        manifest = snapshots.read_manifest(snapshots.snapshot_dir(self.paths, snap.id), snap.id)
+        return found, str(manifest["cmdline"])
+
+    def pause(self, sandbox_id: str) -> None:
+        rec = self.get(sandbox_id)
+        if rec.state == "paused":
+            return
+        if rec.state != "running":
+            raise SandboxStateError(f"sandbox {sandbox_id} is {rec.state}; cannot pause it")
+        self.handle(rec).stop()
+        self.store.update_sandbox(sandbox_id, state="paused")
+
+    def resume(self, sandbox_id: str) -> None:
+        rec = self.get(sandbox_id)
+        if rec.state == "running":
+            return
+        if rec.state != "paused":
+            raise SandboxStateError(f"sandbox {sandbox_id} is {rec.state}; cannot resume it")
+        self.handle(rec).cont()
+        self.store.update_sandbox(sandbox_id, state="running")
+
+    def remove_snapshot(self, ref: str) -> SnapshotRecord:
+        snap = self.store.get_snapshot(ref)
+        snapshots.remove(self.paths, self.store, snap, LIVE_STATES)
+        return snap
+
+    def collect_snapshot(self, snapshot_id: str | None) -> None:
+        """Remove an unnamed snapshot (a fork's) once nothing uses it any more."""
+        if snapshot_id is None:
+            return
+        try:
+            snap = self.store.get_snapshot(snapshot_id)
+        except EmberError:
+            return
+        if snap.name is None and not snapshots.users(self.store, snap.id, LIVE_STATES):
+            try:
+                snapshots.remove(self.paths, self.store, snap, LIVE_STATES)
+            except EmberError as err:
+                log.warning("cannot remove unused snapshot %s: %s", snap.id[:12], err)
+
+    def claim_pooled(self, spec: SandboxSpec) -> SandboxRecord | None:
+        """A ready sandbox from the warm pool matching ``spec`` (now running, its lifetime
+        started), or None if there is no such pool or it is empty. The pool refills in the
+        background."""
+        key = pool_key(spec.template, spec.vcpus, spec.memory_mib, spec.disk_mib)
+        if self.store.get_pool(key) is None:
+            return None
+        rec = self.store.claim_pooled(key, timeout_s=spec.timeout, env=dict(spec.env),
+                                      metadata=dict(spec.metadata), now=time.time())
+        ensure_reaper(self.paths)
+        return rec
 
     def mark_running(self, sandbox_id: str) -> None:
         """The agent answered: the sandbox is ready and its lifetime starts now."""
@@ -183,7 +332,7 @@ class SandboxManager:
                               "was ready")
                 return self.store.get_sandbox(rec.id)
             return rec  # being created: its creator enforces the boot timeout
-        if rec.expires_at is not None and time.time() >= rec.expires_at:
+        if rec.expires_at is not None and time.time() >= rec.expires_at and rec.state != "pooled":
             log.info("sandbox %s expired; destroying it", rec.id)
             self.destroy(rec.id)
             raise SandboxNotFoundError(f"sandbox {rec.id} expired (timeout) and was destroyed")
@@ -194,10 +343,17 @@ class SandboxManager:
 
     # --- failure and destroy -------------------------------------------------------------
     def fail(self, sandbox_id: str, error: str) -> None:
-        """Mark a sandbox failed (guest misbehaved or died) and release its resources."""
+        """Mark a sandbox failed (guest misbehaved or died) and release its resources.
+
+        A paused sandbox's agent does not answer by design: a client's missed deadline
+        then fails only that client, not the sandbox (unless its VM is gone).
+        """
         try:
             rec = self.store.get_sandbox(sandbox_id)
         except SandboxNotFoundError:
+            return
+        if rec.state == "paused" and self._alive(rec):
+            log.info("sandbox %s is paused; not failing it for: %s", sandbox_id, error)
             return
         self._release(rec, error=error)
 
@@ -219,6 +375,7 @@ class SandboxManager:
                 self._kill_pid(rec, d, pid)
             time.sleep(0.02)
         root = Path(rec.dir)
+        (self.paths.ram / f"{rec.id}.ram").unlink(missing_ok=True)
         if keep_row:
             if root.is_dir():
                 for child in root.iterdir():
@@ -228,6 +385,7 @@ class SandboxManager:
         else:
             shutil.rmtree(root, ignore_errors=True)
             self.store.delete_sandbox(rec.id)
+        self.collect_snapshot(rec.snapshot)
 
     def _kill_pid(self, rec: SandboxRecord, d: SandboxDir, pid: int) -> None:
         try:
@@ -244,6 +402,10 @@ class SandboxManager:
         self.store.update_sandbox(
             sandbox_id, timeout_s=timeout,
             expires_at=time.time() + timeout if timeout is not None else None)
+
+
+def boot_cmdline(sandbox_id: str) -> str:
+    return f"init={INIT_PATH} ember.hostname={sandbox_id} ember.id={sandbox_id}"
 
 
 def _qemu_pids_mentioning(directory: Path) -> set[int]:

@@ -1,10 +1,12 @@
-"""The per-home reaper: enforces sandbox lifetimes while no ember process is running.
+"""The per-home supervisor ("reaper"): enforces lifetimes and refills warm pools while no
+other ember process runs.
 
 One reaper process per ember home (an flock on ``reaper.lock`` elects it) wakes up at the
 next deadline (at least every few seconds), reconciles the registry (destroys expired
-sandboxes, marks those whose VM died as failed and releases their resources) and exits as
-soon as no live sandbox is left, or when its home disappears. ``ensure_reaper`` starts it,
-detached, whenever a sandbox is created.
+sandboxes, marks those whose VM died as failed and releases their resources), starts one
+member for any warm pool below its size, and exits as soon as no live sandbox and no pool
+is left, or when its home disappears. ``ensure_reaper`` starts it, detached, whenever a
+sandbox is created or a pool configured.
 """
 
 from __future__ import annotations
@@ -41,13 +43,17 @@ def run(paths: Paths) -> None:
     if not lock.try_acquire():
         return
     from ember.runtime.manager import LIVE_STATES, SandboxManager
+    from ember.runtime.pools import fill_one
 
     mgr = SandboxManager(paths)
     try:
         while paths.db.exists():
             live = [r for r in mgr.list() if r.state in LIVE_STATES]
-            if not live:
+            pools = mgr.store.list_pools()
+            if not live and not pools:
                 return
+            if pools and fill_one(mgr):
+                continue
             now = time.time()
             deadlines = [r.expires_at - now for r in live if r.expires_at is not None]
             time.sleep(max(0.2, min([MAX_SLEEP_S, *deadlines])))

@@ -56,3 +56,8 @@ def _int_in(name: str, value: object, lo: int, hi: int, why: str) -> None:
     if not lo <= value <= hi:
         reason = f" ({why.format(hi=hi)})" if why else ""
         raise BadRequestError(f"{name}={value} is impossible: allowed {lo}..{hi}{reason}")
+
+
+def pool_key(template: str, vcpus: int, memory_mib: int, disk_mib: int | None) -> str:
+    """The warm pool that serves sandboxes of this template and size."""
+    return f"{template}/{vcpus}cpu/{memory_mib}mib/{disk_mib or 'default'}"

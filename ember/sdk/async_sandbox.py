@@ -5,13 +5,20 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from ember.errors import EmberError, EmberTimeoutError, GuestError, SandboxStateError
+from ember.errors import (
+    BadRequestError,
+    EmberError,
+    EmberTimeoutError,
+    GuestError,
+    SandboxStateError,
+)
 from ember.locks import FileLock
 from ember.paths import Paths
 from ember.runtime.agent_client import AgentClient
@@ -19,8 +26,8 @@ from ember.runtime.manager import SandboxDir, SandboxManager, console_tail
 from ember.runtime.spec import DEFAULT_TEMPLATE, DEFAULT_TIMEOUT_S, SandboxSpec
 from ember.sdk.files import AsyncFiles
 from ember.sdk.process import AsyncProcess, OutputCallback, exec_request
-from ember.sdk.results import ExecResult, ProcessInfo, SandboxInfo
-from ember.store import SandboxRecord
+from ember.sdk.results import ExecResult, ProcessInfo, SandboxInfo, SnapshotInfo
+from ember.store import SandboxRecord, SnapshotRecord
 
 #: How long a client waits for another client of the same sandbox to disconnect.
 CONNECT_WAIT_S = 30.0
@@ -43,12 +50,22 @@ def boot_timeout_for(accel: str) -> float:
     return 30.0 if accel == "kvm" else 180.0
 
 
+MAX_FORK = 64
+
+
+def snapshot_info(rec: SnapshotRecord, pause_s: float | None = None) -> SnapshotInfo:
+    return SnapshotInfo(
+        id=rec.id, name=rec.name, template=rec.template, vcpus=rec.vcpus,
+        memory_mib=rec.memory_mib, disk_mib=rec.disk_mib, size_bytes=rec.size_bytes,
+        created_at=rec.created_at, source=rec.source, ram_file=rec.ram_file, pause_s=pause_s)
+
+
 def info_of(rec: SandboxRecord) -> SandboxInfo:
     return SandboxInfo(
         id=rec.id, template=rec.template, state=rec.state, vcpus=rec.vcpus,
         memory_mib=rec.memory_mib, disk_mib=rec.disk_mib, created_at=rec.created_at,
         expires_at=rec.expires_at, accel=rec.accel, metadata=dict(rec.metadata),
-        error=rec.error,
+        error=rec.error, snapshot=rec.snapshot,
     )
 
 
@@ -64,6 +81,7 @@ class AsyncSandbox:
         self._lock = lock
         self._client: AgentClient | None = None
         self._killed = False
+        self._paused = False
         self.files = AsyncFiles(self._require_client)
 
     # --- construction --------------------------------------------------------------------
@@ -72,8 +90,8 @@ class AsyncSandbox:
         cls,
         template: str = DEFAULT_TEMPLATE,
         *,
-        vcpus: int = 1,
-        memory_mib: int = 256,
+        vcpus: int | None = None,
+        memory_mib: int | None = None,
         disk_mib: int | None = None,
         timeout: float | None = DEFAULT_TIMEOUT_S,
         env: Mapping[str, str] | None = None,
@@ -82,17 +100,38 @@ class AsyncSandbox:
         on_progress: Callable[[str], None] | None = None,
         paths: Paths | None = None,
     ) -> AsyncSandbox:
-        """Boot a new sandbox from ``template`` and return once its agent answers.
+        """Start a new sandbox from ``template`` and return once its agent answers.
 
-        ``timeout`` is the sandbox's lifetime in seconds (None: until destroyed).
+        ``vcpus`` and ``memory_mib`` default to 1 and 256 (a pre-baked template: the size
+        it was baked with). ``timeout`` is the sandbox's lifetime in seconds (None: until
+        destroyed). A ready sandbox is taken from a warm pool of that template and size
+        when there is one; a pre-baked template is restored from its snapshot; anything
+        else boots.
         """
-        spec = SandboxSpec(template=template, vcpus=vcpus, memory_mib=memory_mib,
+        mgr = manager(paths)
+        tpl = await asyncio.to_thread(mgr.store.get_template, template)
+        baked = tpl.config.get("snapshot")
+        spec = SandboxSpec(template=template, vcpus=vcpus or int(tpl.config.get("vcpus", 1)),
+                           memory_mib=memory_mib or int(tpl.config.get("memory_mib", 256)),
                            disk_mib=disk_mib, timeout=timeout, env=dict(env or {}),
                            metadata=dict(metadata or {}))
-        mgr = manager(paths)
+        pooled = await cls._from_pool(mgr, spec)
+        if pooled is not None:
+            return pooled
+        if baked:
+            snap = await asyncio.to_thread(mgr.store.get_snapshot, str(baked))
+            return await cls._restore(mgr, snap, spec, boot_timeout, on_progress, template)
         locks: list[FileLock] = []
         rec = await asyncio.to_thread(mgr.start, spec, locks, on_progress)
-        sb = cls(mgr, rec, locks[0])
+        return await cls._finish_start(mgr, rec, locks[0], boot_timeout, on_progress)
+
+    @classmethod
+    async def _finish_start(cls, mgr: SandboxManager, rec: SandboxRecord, lock: FileLock,
+                            boot_timeout: float | None,
+                            on_progress: Callable[[str], None] | None) -> AsyncSandbox:
+        """Connect to a just started (booted or restored) sandbox's agent; destroy it if
+        that fails."""
+        sb = cls(mgr, rec, lock)
         try:
             if on_progress:
                 on_progress("waiting for the guest agent")
@@ -109,6 +148,53 @@ class AsyncSandbox:
                                 f"{tail[-1500:]}") from err
             raise
         return sb
+
+    @classmethod
+    async def _from_pool(cls, mgr: SandboxManager, spec: SandboxSpec) -> AsyncSandbox | None:
+        """A ready sandbox out of the warm pool for ``spec``, or None."""
+        while True:
+            rec = await asyncio.to_thread(mgr.claim_pooled, spec)
+            if rec is None:
+                return None
+            lock = FileLock(SandboxDir(Path(rec.dir)).lock)
+            sb = cls(mgr, rec, lock)
+            try:
+                lock.acquire(5.0, f"sandbox {rec.id}")
+                await sb._connect(10.0)
+                return sb
+            except EmberError:  # a broken pooled VM: discard it and take the next
+                lock.release()
+                with contextlib.suppress(EmberError):
+                    mgr.destroy(rec.id)
+
+    @classmethod
+    async def restore(cls, snapshot: str, *, timeout: float | None = DEFAULT_TIMEOUT_S,
+                      env: Mapping[str, str] | None = None,
+                      metadata: Mapping[str, str] | None = None,
+                      boot_timeout: float | None = None,
+                      on_progress: Callable[[str], None] | None = None,
+                      paths: Paths | None = None) -> AsyncSandbox:
+        """A new sandbox restored from ``snapshot`` (name or id): files, memory and running
+        processes as they were, with its own id, hostname, disk overlay, RNG and clock.
+
+        Raises SnapshotNotFoundError, or SnapshotError if it is corrupt or was taken with
+        another kernel, template, QEMU build or accelerator (nothing is left behind).
+        """
+        mgr = manager(paths)
+        snap = await asyncio.to_thread(mgr.store.get_snapshot, snapshot)
+        spec = SandboxSpec(template=snap.template, vcpus=snap.vcpus,
+                           memory_mib=snap.memory_mib, timeout=timeout, env=dict(env or {}),
+                           metadata=dict(metadata or {}))
+        return await cls._restore(mgr, snap, spec, boot_timeout, on_progress, None)
+
+    @classmethod
+    async def _restore(cls, mgr: SandboxManager, snap: SnapshotRecord, spec: SandboxSpec,
+                       boot_timeout: float | None, on_progress: Callable[[str], None] | None,
+                       template_name: str | None) -> AsyncSandbox:
+        locks: list[FileLock] = []
+        rec = await asyncio.to_thread(mgr.start_restore, snap, spec, locks, on_progress,
+                                      template_name=template_name)
+        return await cls._finish_start(mgr, rec, locks[0], boot_timeout or 30.0, on_progress)
 
     @classmethod
     async def connect(cls, sandbox_id: str, *, wait: float = CONNECT_WAIT_S,
@@ -137,7 +223,8 @@ class AsyncSandbox:
     async def _connect(self, timeout: float) -> None:
         socket = str(SandboxDir(Path(self._rec.dir)).agent_socket)
         self._client = await AgentClient.connect(socket, timeout=timeout,
-                                                 on_broken=self._on_broken)
+                                                 on_broken=self._on_broken,
+                                                 hostname=self._rec.id)
 
     def _on_broken(self, why: str) -> None:
         if not self._killed:
@@ -146,6 +233,8 @@ class AsyncSandbox:
     def _require_client(self) -> AgentClient:
         if self._killed:
             raise SandboxStateError(f"sandbox {self._rec.id} was destroyed")
+        if self._paused:
+            raise SandboxStateError(f"sandbox {self._rec.id} is paused; call resume() first")
         if self._client is None:
             raise SandboxStateError(f"sandbox {self._rec.id} is not connected")
         if self._client.broken:
@@ -220,6 +309,78 @@ class AsyncSandbox:
         t0 = loop.time()
         await self._require_client().request({"op": "ping"}, timeout=timeout, what="ping")
         return loop.time() - t0
+
+    # --- pause, snapshot, fork ------------------------------------------------------------
+    async def pause(self) -> None:
+        """Stop the guest's vCPUs (memory, processes and the connection stay). Commands
+        and file operations raise SandboxStateError until :meth:`resume`."""
+        self._paused = True
+        try:
+            await asyncio.to_thread(self._mgr.pause, self.id)
+        except BaseException:
+            self._paused = False
+            raise
+
+    async def resume(self) -> None:
+        """Continue a paused guest."""
+        await asyncio.to_thread(self._mgr.resume, self.id)
+        self._paused = False
+        if self._client is not None and self._client.broken:  # a deadline passed meanwhile
+            await self._client.close()
+            await self._connect(30.0)
+
+    async def snapshot(self, name: str | None = None) -> SnapshotInfo:
+        """Save this sandbox (memory, devices, disk) as a snapshot; it keeps running.
+
+        The guest is paused only while its state, RAM and disk are copied. Restore with
+        :meth:`restore` (or ``ember restore``), as often as wanted.
+        """
+        self._require_client()
+        taken = await asyncio.to_thread(self._mgr.snapshot, self.id, name)
+        return snapshot_info(taken.record, taken.pause_s)
+
+    async def fork(self, n: int = 1) -> builtins.list[AsyncSandbox]:
+        """``n`` new sandboxes from this one's current state (it keeps running).
+
+        Each clone has its own disk overlay, id and hostname, a freshly seeded kernel RNG
+        and a corrected clock; unmodified memory is shared copy-on-write between clones.
+        If any clone fails, the others are destroyed and the error is raised.
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_FORK:
+            raise BadRequestError(f"n must be an integer between 1 and {MAX_FORK}, not {n!r}")
+        self._require_client()
+        taken = await asyncio.to_thread(self._mgr.snapshot, self.id, None)
+        snap = taken.record
+        spec = SandboxSpec(template=snap.template, vcpus=snap.vcpus, memory_mib=snap.memory_mib,
+                           timeout=self._rec.timeout_s, env={},
+                           metadata={**self._rec.metadata, "forked_from": self.id})
+        gate = asyncio.Semaphore(max(1, os.cpu_count() or 1))
+
+        async def one() -> AsyncSandbox:
+            async with gate:
+                return await AsyncSandbox._restore(self._mgr, snap, spec, None, None,
+                                                   self._rec.template)
+
+        results = await asyncio.gather(*(one() for _ in range(n)), return_exceptions=True)
+        clones = [r for r in results if isinstance(r, AsyncSandbox)]
+        failures = [r for r in results if not isinstance(r, AsyncSandbox)]
+        if failures:
+            for c in clones:
+                with contextlib.suppress(Exception):
+                    await c.kill()
+            await asyncio.to_thread(self._mgr.collect_snapshot, snap.id)
+            raise failures[0]
+        return clones
+
+    @classmethod
+    async def list_snapshots(cls, *, paths: Paths | None = None) -> builtins.list[SnapshotInfo]:
+        mgr = manager(paths)
+        return [snapshot_info(s) for s in await asyncio.to_thread(mgr.store.list_snapshots)]
+
+    @classmethod
+    async def delete_snapshot(cls, snapshot: str, *, paths: Paths | None = None) -> None:
+        """Remove a snapshot (refused while sandboxes restored from it still run)."""
+        await asyncio.to_thread(manager(paths).remove_snapshot, snapshot)
 
     # --- lifetime ------------------------------------------------------------------------
     async def set_timeout(self, timeout: float | None) -> None:

@@ -111,6 +111,24 @@ class SandboxInfo:
     accel: str
     metadata: dict[str, str] = field(default_factory=dict)
     error: str | None = None
+    snapshot: str | None = None  # restored from this snapshot id
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """A stored snapshot (content-addressed: ``id`` is the digest of its manifest)."""
+
+    id: str
+    name: str | None
+    template: str
+    vcpus: int
+    memory_mib: int
+    disk_mib: int
+    size_bytes: int  # on disk
+    created_at: float
+    source: str  # the sandbox it was taken from
+    ram_file: bool  # restores map its RAM copy-on-write (shared between clones)
+    pause_s: float | None = None  # how long the source was paused (when just taken)
 
 
 def _int(v: object) -> int:

@@ -13,7 +13,14 @@ from ember.sdk.async_sandbox import CONNECT_WAIT_S, DEFAULT_EXEC_TIMEOUT_S, Asyn
 from ember.sdk.files import AsyncFiles
 from ember.sdk.portal import portal
 from ember.sdk.process import AsyncProcess, OutputCallback
-from ember.sdk.results import EntryInfo, ExecResult, OutputChunk, ProcessInfo, SandboxInfo
+from ember.sdk.results import (
+    EntryInfo,
+    ExecResult,
+    OutputChunk,
+    ProcessInfo,
+    SandboxInfo,
+    SnapshotInfo,
+)
 
 
 class Process:
@@ -96,8 +103,8 @@ class Sandbox:
         cls,
         template: str = DEFAULT_TEMPLATE,
         *,
-        vcpus: int = 1,
-        memory_mib: int = 256,
+        vcpus: int | None = None,
+        memory_mib: int | None = None,
         disk_mib: int | None = None,
         timeout: float | None = DEFAULT_TIMEOUT_S,
         env: Mapping[str, str] | None = None,
@@ -111,6 +118,26 @@ class Sandbox:
             template, vcpus=vcpus, memory_mib=memory_mib, disk_mib=disk_mib, timeout=timeout,
             env=env, metadata=metadata, boot_timeout=boot_timeout, on_progress=on_progress,
             paths=paths)))
+
+    @classmethod
+    def restore(cls, snapshot: str, *, timeout: float | None = DEFAULT_TIMEOUT_S,
+                env: Mapping[str, str] | None = None,
+                metadata: Mapping[str, str] | None = None,
+                boot_timeout: float | None = None,
+                on_progress: Callable[[str], None] | None = None,
+                paths: Paths | None = None) -> Sandbox:
+        """A new sandbox restored from ``snapshot``; see :meth:`AsyncSandbox.restore`."""
+        return cls(portal().call(AsyncSandbox.restore(
+            snapshot, timeout=timeout, env=env, metadata=metadata, boot_timeout=boot_timeout,
+            on_progress=on_progress, paths=paths)))
+
+    @classmethod
+    def list_snapshots(cls, *, paths: Paths | None = None) -> builtins.list[SnapshotInfo]:
+        return portal().call(AsyncSandbox.list_snapshots(paths=paths))
+
+    @classmethod
+    def delete_snapshot(cls, snapshot: str, *, paths: Paths | None = None) -> None:
+        portal().call(AsyncSandbox.delete_snapshot(snapshot, paths=paths))
 
     @classmethod
     def connect(cls, sandbox_id: str, *, wait: float = CONNECT_WAIT_S,
@@ -157,6 +184,20 @@ class Sandbox:
 
     def ping(self, timeout: float = 10.0) -> float:
         return portal().call(self._inner.ping(timeout))
+
+    def pause(self) -> None:
+        portal().call(self._inner.pause())
+
+    def resume(self) -> None:
+        portal().call(self._inner.resume())
+
+    def snapshot(self, name: str | None = None) -> SnapshotInfo:
+        """Save this sandbox as a snapshot; see :meth:`AsyncSandbox.snapshot`."""
+        return portal().call(self._inner.snapshot(name))
+
+    def fork(self, n: int = 1) -> builtins.list[Sandbox]:
+        """``n`` clones of this sandbox's current state; see :meth:`AsyncSandbox.fork`."""
+        return [Sandbox(c) for c in portal().call(self._inner.fork(n))]
 
     def set_timeout(self, timeout: float | None) -> None:
         portal().call(self._inner.set_timeout(timeout))

@@ -14,8 +14,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ember.errors import BadRequestError, HostError, SandboxNotFoundError, TemplateNotFoundError
-from ember.store.records import SandboxRecord, TemplateRecord, dumps
+from ember.errors import (
+    BadRequestError,
+    HostError,
+    SandboxNotFoundError,
+    SnapshotNotFoundError,
+    TemplateNotFoundError,
+)
+from ember.store.records import PoolRecord, SandboxRecord, SnapshotRecord, TemplateRecord, dumps
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: templates and sandboxes
@@ -47,11 +53,48 @@ MIGRATIONS: tuple[str, ...] = (
         error TEXT
     );
     """,
+    # 2: snapshots, restored and pooled sandboxes, warm pools
+    """
+    CREATE TABLE snapshots (
+        id TEXT PRIMARY KEY,
+        name TEXT UNIQUE,
+        template TEXT NOT NULL,
+        template_digest TEXT NOT NULL,
+        kernel_key TEXT NOT NULL,
+        vmm_version TEXT NOT NULL,
+        accel TEXT NOT NULL,
+        vcpus INTEGER NOT NULL,
+        memory_mib INTEGER NOT NULL,
+        disk_mib INTEGER NOT NULL,
+        ram_file INTEGER NOT NULL,
+        size_bytes INTEGER NOT NULL,
+        created_at REAL NOT NULL,
+        source TEXT NOT NULL,
+        env TEXT NOT NULL DEFAULT '{}',
+        metadata TEXT NOT NULL DEFAULT '{}',
+        verified TEXT
+    );
+    ALTER TABLE sandboxes ADD COLUMN snapshot TEXT;
+    ALTER TABLE sandboxes ADD COLUMN pool TEXT;
+    CREATE TABLE pools (
+        key TEXT PRIMARY KEY,
+        template TEXT NOT NULL,
+        vcpus INTEGER NOT NULL,
+        memory_mib INTEGER NOT NULL,
+        disk_mib INTEGER,
+        size INTEGER NOT NULL,
+        created_at REAL NOT NULL
+    );
+    """,
 )
 
 _SANDBOX_COLS = (
     "id, template, state, vcpus, memory_mib, disk_mib, timeout_s, created_at, expires_at, "
-    "dir, pid, accel, env, metadata, error"
+    "dir, pid, accel, env, metadata, error, snapshot, pool"
+)
+_SNAPSHOT_COLS = (
+    "id, name, template, template_digest, kernel_key, vmm_version, accel, vcpus, memory_mib, "
+    "disk_mib, ram_file, size_bytes, created_at, source, env, metadata, verified"
 )
 
 
@@ -67,6 +110,10 @@ class Store:
                                        check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA busy_timeout=30000")
+            # WAL + NORMAL: a commit does not wait for fsync (a power cut may lose the
+            # last transactions, never corrupt the database); the registry describes
+            # processes that a power cut ends anyway.
+            self._db.execute("PRAGMA synchronous=NORMAL")
             self._migrate()
         except sqlite3.Error as err:
             raise HostError(f"cannot open ember registry {path}: {err}") from err
@@ -153,14 +200,19 @@ class Store:
     def add_sandbox(self, rec: SandboxRecord) -> None:
         with self._tx() as db:
             db.execute(
-                f"INSERT INTO sandboxes ({_SANDBOX_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                f"INSERT INTO sandboxes ({_SANDBOX_COLS}) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (rec.id, rec.template, rec.state, rec.vcpus, rec.memory_mib, rec.disk_mib,
                  rec.timeout_s, rec.created_at, rec.expires_at, rec.dir, rec.pid, rec.accel,
-                 dumps(rec.env), dumps(rec.metadata), rec.error),
+                 dumps(rec.env), dumps(rec.metadata), rec.error, rec.snapshot, rec.pool),
             )
 
     def update_sandbox(self, sandbox_id: str, **fields: Any) -> None:
-        allowed = {"state", "pid", "error", "expires_at", "timeout_s"}
+        allowed = {"state", "pid", "error", "expires_at", "timeout_s", "env", "metadata",
+                   "pool"}
+        for key in ("env", "metadata"):
+            if key in fields:
+                fields[key] = dumps(fields[key])
         bad = set(fields) - allowed
         if bad:
             raise ValueError(f"cannot update sandbox fields {sorted(bad)}")
@@ -193,6 +245,101 @@ class Store:
         rows = self._all("SELECT id FROM sandboxes WHERE template=?", (name,))
         return [r[0] for r in rows]
 
+    def sandboxes_using_snapshot(self, snapshot_id: str) -> list[str]:
+        rows = self._all("SELECT id FROM sandboxes WHERE snapshot=?", (snapshot_id,))
+        return [r[0] for r in rows]
+
+    def claim_pooled(self, pool: str, *, timeout_s: float | None, env: dict[str, str],
+                     metadata: dict[str, str], now: float) -> SandboxRecord | None:
+        """Hand out one ready sandbox of ``pool``, atomically: it leaves the pool in the
+        same transaction that finds it, so no two callers (in any process) get the same."""
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT id, env FROM sandboxes WHERE pool=? AND state='pooled' "
+                "ORDER BY created_at LIMIT 1", (pool,)).fetchone()
+            if row is None:
+                return None
+            expires = now + timeout_s if timeout_s is not None else None
+            db.execute(
+                "UPDATE sandboxes SET state='running', pool=NULL, timeout_s=?, expires_at=?, "
+                "env=?, metadata=? WHERE id=? AND state='pooled'",
+                (timeout_s, expires, dumps({**json.loads(row[1]), **env}), dumps(metadata),
+                 row[0]))
+            got = db.execute(f"SELECT {_SANDBOX_COLS} FROM sandboxes WHERE id=?",
+                             (row[0],)).fetchone()
+        return _sandbox(got)
+
+    # snapshots ------------------------------------------------------------------------
+    def add_snapshot(self, rec: SnapshotRecord) -> SnapshotRecord:
+        """Register ``rec``; if the same content is registered already, return that row
+        (naming it if it has no name)."""
+        with self._tx() as db:
+            if rec.name is not None:
+                taken = db.execute("SELECT id FROM snapshots WHERE name=?", (rec.name,)).fetchone()
+                if taken is not None and taken[0] != rec.id:
+                    raise BadRequestError(f"a snapshot named {rec.name!r} exists already "
+                                          "(remove it first with `ember snapshot rm`)")
+            row = db.execute(f"SELECT {_SNAPSHOT_COLS} FROM snapshots WHERE id=?",
+                             (rec.id,)).fetchone()
+            if row is not None:
+                if rec.name is not None and row[1] is None:
+                    db.execute("UPDATE snapshots SET name=? WHERE id=?", (rec.name, rec.id))
+            else:
+                db.execute(
+                    f"INSERT INTO snapshots ({_SNAPSHOT_COLS}) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (rec.id, rec.name, rec.template, rec.template_digest, rec.kernel_key,
+                     rec.vmm_version, rec.accel, rec.vcpus, rec.memory_mib, rec.disk_mib,
+                     int(rec.ram_file), rec.size_bytes, rec.created_at, rec.source,
+                     dumps(rec.env), dumps(rec.metadata), rec.verified))
+            got = db.execute(f"SELECT {_SNAPSHOT_COLS} FROM snapshots WHERE id=?",
+                             (rec.id,)).fetchone()
+        return _snapshot(got)
+
+    def get_snapshot(self, ref: str) -> SnapshotRecord:
+        """A snapshot by name, full id, or an unambiguous id prefix (at least 6 digits)."""
+        row = self._one(f"SELECT {_SNAPSHOT_COLS} FROM snapshots WHERE name=? OR id=?",
+                        (ref, ref))
+        if row is None and len(ref) >= 6 and all(c in "0123456789abcdef" for c in ref):
+            rows = self._all(f"SELECT {_SNAPSHOT_COLS} FROM snapshots WHERE id LIKE ?",
+                             (ref + "%",))
+            if len(rows) > 1:
+                raise BadRequestError(f"snapshot id prefix {ref!r} is ambiguous")
+            row = rows[0] if rows else None
+        if row is None:
+            raise SnapshotNotFoundError(f"no snapshot {ref!r} (see `ember snapshot ls`)")
+        return _snapshot(row)
+
+    def list_snapshots(self) -> list[SnapshotRecord]:
+        rows = self._all(f"SELECT {_SNAPSHOT_COLS} FROM snapshots ORDER BY created_at")
+        return [_snapshot(r) for r in rows]
+
+    def set_snapshot_verified(self, snapshot_id: str, verified: str | None) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE snapshots SET verified=? WHERE id=?", (verified, snapshot_id))
+
+    def delete_snapshot(self, snapshot_id: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM snapshots WHERE id=?", (snapshot_id,))
+
+    # pools ----------------------------------------------------------------------------
+    def put_pool(self, rec: PoolRecord) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO pools VALUES (?,?,?,?,?,?,?)",
+                       (rec.key, rec.template, rec.vcpus, rec.memory_mib, rec.disk_mib,
+                        rec.size, rec.created_at))
+
+    def list_pools(self) -> list[PoolRecord]:
+        return [PoolRecord(*r) for r in self._all("SELECT * FROM pools ORDER BY key")]
+
+    def get_pool(self, key: str) -> PoolRecord | None:
+        row = self._one("SELECT * FROM pools WHERE key=?", (key,))
+        return PoolRecord(*row) if row is not None else None
+
+    def delete_pool(self, key: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM pools WHERE key=?", (key,))
+
 
 def _template(row: tuple[Any, ...]) -> TemplateRecord:
     name, source, digest, image_path, size, created, config = row
@@ -202,10 +349,22 @@ def _template(row: tuple[Any, ...]) -> TemplateRecord:
 
 def _sandbox(row: tuple[Any, ...]) -> SandboxRecord:
     (sid, template, state, vcpus, mem, disk, timeout_s, created, expires, d, pid, accel, env,
-     metadata, error) = row
+     metadata, error, snapshot, pool) = row
     return SandboxRecord(
         id=sid, template=template, state=state, vcpus=int(vcpus), memory_mib=int(mem),
         disk_mib=int(disk), timeout_s=timeout_s, created_at=float(created), expires_at=expires,
         dir=d, pid=pid, accel=accel, env=json.loads(env), metadata=json.loads(metadata),
-        error=error,
+        error=error, snapshot=snapshot, pool=pool,
+    )
+
+
+def _snapshot(row: tuple[Any, ...]) -> SnapshotRecord:
+    (sid, name, template, tdigest, kernel_key, vmm, accel, vcpus, mem, disk, ram_file, size,
+     created, source, env, metadata, verified) = row
+    return SnapshotRecord(
+        id=sid, name=name, template=template, template_digest=tdigest, kernel_key=kernel_key,
+        vmm_version=vmm, accel=accel, vcpus=int(vcpus), memory_mib=int(mem),
+        disk_mib=int(disk), ram_file=bool(ram_file), size_bytes=int(size),
+        created_at=float(created), source=source, env=json.loads(env),
+        metadata=json.loads(metadata), verified=verified,
     )

@@ -33,7 +33,7 @@ class TemplateRecord:
 class SandboxRecord:
     id: str
     template: str
-    state: str  # creating | running | failed | stopped
+    state: str  # creating | booting | running | paused | pooled | failed
     vcpus: int
     memory_mib: int
     disk_mib: int
@@ -46,12 +46,16 @@ class SandboxRecord:
     env: dict[str, str] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
     error: str | None = None
+    snapshot: str | None = None  # restored from this snapshot (which it depends on)
+    pool: str | None = None  # waiting in this warm pool (state ``pooled``)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.id,
             "template": self.template,
             "state": self.state,
+            "snapshot": self.snapshot,
+            "pool": self.pool,
             "vcpus": self.vcpus,
             "memory_mib": self.memory_mib,
             "disk_mib": self.disk_mib,
@@ -69,3 +73,60 @@ class SandboxRecord:
 
 def dumps(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class SnapshotRecord:
+    id: str  # sha256 of the snapshot's manifest (content address)
+    name: str | None
+    template: str
+    template_digest: str
+    kernel_key: str
+    vmm_version: str
+    accel: str
+    vcpus: int
+    memory_mib: int
+    disk_mib: int
+    ram_file: bool  # guest RAM is a file (mapped copy-on-write by restores), not in the stream
+    size_bytes: int  # bytes on disk
+    created_at: float
+    source: str  # the sandbox it was taken from
+    env: dict[str, str] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+    verified: str | None = None  # stat signature of the files when last fully verified
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "template": self.template,
+            "template_digest": self.template_digest,
+            "kernel_key": self.kernel_key,
+            "vmm_version": self.vmm_version,
+            "accel": self.accel,
+            "vcpus": self.vcpus,
+            "memory_mib": self.memory_mib,
+            "disk_mib": self.disk_mib,
+            "ram_file": self.ram_file,
+            "size_bytes": self.size_bytes,
+            "created_at": self.created_at,
+            "source": self.source,
+            "env": self.env,
+            "metadata": self.metadata,
+        }
+
+
+@dataclass(frozen=True)
+class PoolRecord:
+    key: str  # template/vcpus/memory_mib/disk_mib
+    template: str
+    vcpus: int
+    memory_mib: int
+    disk_mib: int | None
+    size: int
+    created_at: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"key": self.key, "template": self.template, "vcpus": self.vcpus,
+                "memory_mib": self.memory_mib, "disk_mib": self.disk_mib, "size": self.size,
+                "created_at": self.created_at}

@@ -9,6 +9,7 @@ import pytest
 
 from ember.engine.accel import AccelDecision
 from ember.engine.base import VMSpec
+from ember.errors import BadRequestError
 from ember.engine.qemu.argv import (
     SANDBOX_OPTS,
     SANDBOX_OPTS_DAEMONIZE,
@@ -39,10 +40,11 @@ def test_tcg_argv_exactly() -> None:
     assert argv == [
         "qemu-system-x86_64",
         "-name", "guest=sb1",
-        "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off",
+        "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off,memory-backend=mem",
         "-accel", "tcg,tb-size=64",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-m", "512",
+        "-object", "memory-backend-ram,id=mem,size=512M",
         "-smp", "2",
         "-kernel", "/cache/bzImage",
         "-append", "console=ttyS0 reboot=t panic=-1 root=/dev/vda rootfstype=ext4 rw quiet "
@@ -175,3 +177,22 @@ def test_tcg_guest_gets_the_host_tsc_frequency_when_known() -> None:
     kvm = AccelDecision("kvm", "test", {"host_tsc_khz": "2596142"})
     assert "tsc" not in kernel_cmdline(make_spec(accel=kvm))
     assert "tsc" not in kernel_cmdline(make_spec(accel=TCG))
+
+
+def test_shared_memory_file_backs_guest_ram() -> None:
+    argv = build_argv(make_spec(memory_file=Path("/dev/shm/e,x/sb1.ram"), memory_shared=True))
+    assert "memory-backend-file,id=mem,size=512M,mem-path=/dev/shm/e,,x/sb1.ram,share=on" in (
+        opt(argv, "-object"))
+    assert "-incoming" not in argv
+
+
+def test_restore_maps_snapshot_memory_privately_and_waits_for_state() -> None:
+    argv = build_argv(make_spec(memory_file=Path("/snap/ram"), incoming=True))
+    assert "memory-backend-file,id=mem,size=512M,mem-path=/snap/ram,share=off" in (
+        opt(argv, "-object"))
+    assert opt(argv, "-incoming") == ["defer"]
+
+
+def test_shared_memory_needs_a_file() -> None:
+    with pytest.raises(BadRequestError, match="memory_file"):
+        make_spec(memory_shared=True)

@@ -7,7 +7,8 @@ PUBLIC = {
     "CommandNotFoundError", "CommandTimeoutError", "EmberError", "EmberTimeoutError",
     "EntryInfo", "ExecResult", "Files", "GuestError", "GuestPathNotFoundError", "NotFoundError",
     "OutputChunk", "Process", "ProcessInfo", "Sandbox", "SandboxInfo", "SandboxNotFoundError",
-    "SandboxStateError", "TemplateNotFoundError",
+    "SandboxStateError", "SnapshotError", "SnapshotInfo", "SnapshotNotFoundError",
+    "TemplateNotFoundError",
 }
 
 

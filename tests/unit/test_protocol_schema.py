@@ -11,6 +11,8 @@ from ember.protocol import ProtocolViolation, check_reply, check_request, is_fin
 
 VALID_REQUESTS: list[tuple[int, dict[str, Any]]] = [
     (0, {"op": "hello", "version": 1, "nonce": 0}),
+    (0, {"op": "hello", "version": 1, "nonce": 0, "time": 1.5, "hostname": "sb-1a2b",
+         "entropy": "00ff" * 32}),
     (1, {"op": "ping"}),
     (1, {"op": "exec", "argv": ["ls", "-l"]}),
     (
@@ -79,6 +81,12 @@ BAD_REQUESTS: list[tuple[int, dict[str, Any], str]] = [
     (0, {"op": "hello", "version": 1, "nonce": -1}, "'nonce'"),
     (0, {"op": "hello", "version": 1, "nonce": True}, "'nonce'"),
     (0, {"op": "hello", "version": 1}, "missing field 'nonce'"),
+    (0, {"op": "hello", "version": 1, "nonce": 1, "hostname": "-bad"}, "'hostname'"),
+    (0, {"op": "hello", "version": 1, "nonce": 1, "hostname": "a" * 64}, "'hostname'"),
+    (0, {"op": "hello", "version": 1, "nonce": 1, "hostname": "a.b"}, "'hostname'"),
+    (0, {"op": "hello", "version": 1, "nonce": 1, "entropy": "abc"}, "'entropy'"),
+    (0, {"op": "hello", "version": 1, "nonce": 1, "entropy": "zz"}, "'entropy'"),
+    (0, {"op": "hello", "version": 1, "nonce": 1, "entropy": "00" * 65}, "'entropy'"),
     (1, {"op": "ping", "extra": 1}, "unknown field 'extra'"),
     (1, {"op": "exec"}, "exactly one"),
     (1, {"op": "exec", "argv": ["a"], "shell": "a"}, "exactly one"),

@@ -62,13 +62,21 @@ def build_argv(
     :data:`SANDBOX_OPTS_DAEMONIZE`); pass False only for a QEMU built without seccomp
     support (the engine detects that once).
     """
+    # Guest RAM is always a named backend ("mem") so that a saved state loads into either
+    # kind: file-backed (shared or private) or anonymous.
+    machine = f"{MICROVM_OPTS},memory-backend=mem"
+    if spec.memory_file is not None:
+        share = "on" if spec.memory_shared else "off"
+        memory = (f"memory-backend-file,id=mem,size={spec.memory_mib}M,"
+                  f"mem-path={qemu_opt(str(spec.memory_file))},share={share}")
+    else:
+        memory = f"memory-backend-ram,id=mem,size={spec.memory_mib}M"
     if spec.accel.accel == "kvm":
         # kvm-clock makes the PIT and the PIC unnecessary under KVM.
-        machine = f"{MICROVM_OPTS},pit=off,pic=off"
+        machine = f"{machine},pit=off,pic=off"
         accel = ["-accel", "kvm", "-cpu", "host"]
     else:
         # Under TCG the guest needs the PIT and PIC to calibrate its TSC (host notes).
-        machine = MICROVM_OPTS
         accel = ["-accel", f"tcg,tb-size={TCG_TB_SIZE_MIB}"]
 
     # cache=unsafe: writes go to the host page cache and guest flushes are ignored. A
@@ -94,6 +102,7 @@ def build_argv(
         *accel,
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-m", str(spec.memory_mib),
+        "-object", memory,
         "-smp", str(spec.vcpus),
         "-kernel", str(spec.kernel),
         "-append", kernel_cmdline(spec),
@@ -115,6 +124,8 @@ def build_argv(
             "-device", "virtserialport,chardev=agent,name=ember.agent",
         ]
     # fmt: on
+    if spec.incoming:
+        argv += ["-incoming", "defer"]
     argv += ["-pidfile", str(spec.pidfile)]
     if sandbox:
         argv += ["-sandbox", SANDBOX_OPTS_DAEMONIZE if daemonize else SANDBOX_OPTS]

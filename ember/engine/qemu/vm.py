@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import re
 import signal
 import time
 from pathlib import Path
 from typing import Any
 
-from ember.engine.base import VMHandle, VMSpec, process_runs, remove_stale_socket
+from ember.engine.base import SavedState, VMHandle, VMSpec, process_runs, remove_stale_socket
 from ember.engine.qemu.argv import build_argv
 from ember.engine.qemu.caps import seccomp_supported
-from ember.engine.qemu.qmp import DEFAULT_TIMEOUT, qmp_execute, qmp_execute_sync
+from ember.engine.qemu.migration import load_state, save_state
+from ember.engine.qemu.qmp import DEFAULT_TIMEOUT, qmp_execute, qmp_execute_sync, run_sync
 from ember.errors import EmberTimeoutError, EngineError, HostCommandError
 from ember.proc import require, run
 
@@ -83,6 +86,36 @@ class QemuEngine:
     def attach(self, pid: int, spec: VMSpec) -> QemuVMHandle:
         return QemuVMHandle(spec, pid)
 
+    def version(self) -> str:
+        return qemu_version(self.qemu)
+
+    def save(self, handle: VMHandle, dest: Path, *, timeout: float = 60.0) -> SavedState:
+        t0 = time.monotonic()
+        try:
+            info, version = run_sync(save_state(handle.qmp_socket, dest,
+                                                who=f"VM {handle.name}", timeout=timeout))
+        except BaseException:
+            dest.unlink(missing_ok=True)
+            raise
+        ram = info.get("ram", {})
+        return SavedState(path=dest, size_bytes=dest.stat().st_size,
+                          ram_in_stream=int(ram.get("normal", 0)) > 64, vmm_version=version,
+                          seconds=time.monotonic() - t0)
+
+    def restore(self, spec: VMSpec, state: Path, *, timeout: float = 60.0) -> QemuVMHandle:
+        if not spec.incoming:
+            raise EngineError(f"cannot restore VM {spec.name}: its spec is not incoming")
+        if not state.is_file():
+            raise EngineError(f"cannot restore VM {spec.name}: no saved state at {state}")
+        handle = self.start(spec)
+        try:
+            run_sync(load_state(handle.qmp_socket, state, who=f"VM {spec.name}",
+                                timeout=timeout, alive=handle.is_alive))
+        except BaseException:
+            handle.kill()
+            raise
+        return handle
+
     def start(self, spec: VMSpec) -> QemuVMHandle:
         qemu = require(self.qemu)
         _preflight(spec)
@@ -103,6 +136,17 @@ class QemuEngine:
             raise
         log.info("VM %s started: pid %d, %s", spec.name, handle.pid, spec.accel.accel)
         return handle
+
+
+@functools.cache
+def qemu_version(qemu: str = QEMU) -> str:
+    """``qemu-system-x86_64 --version``'s first line (the same text QMP query-version
+    gives, as major.minor.micro and package)."""
+    out = run([require(qemu), "--version"], what="ask QEMU its version", timeout=30).stdout
+    m = re.search(r"version (\d+)\.(\d+)\.(\d+)\s*(?:\((.*?)\))?", out)
+    if not m:
+        raise EngineError(f"cannot parse QEMU's version from {out[:200]!r}")
+    return " ".join(f"{m[1]}.{m[2]}.{m[3]} {m[4] or ''}".split())
 
 
 def _failure(err: HostCommandError) -> str:

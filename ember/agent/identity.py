@@ -1,0 +1,92 @@
+"""What makes one guest distinct from its siblings: hostname, kernel RNG state, clock.
+
+A sandbox restored from a snapshot (a fork clone, a pooled or pre-baked sandbox) starts
+with its parent's memory: the same hostname, the same kernel CRNG state, a clock frozen at
+snapshot time. The host sends fresh values in every ``hello``; the agent applies them here.
+Only ``fcntl`` and ``os`` are imported (cheap on a TCG guest).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import struct
+import time
+
+
+def log(message: str) -> None:
+    """One line on stderr (the guest console); never raises. (Not the agent's threads.log:
+    init imports this module and should not pay for ``threading``.)"""
+    with contextlib.suppress(OSError):
+        os.write(2, f"ember-agent: {message}\n".encode(errors="replace"))
+
+
+RNDADDENTROPY = 0x40085203  # _IOW('R', 0x03, int[2])
+RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07)
+MAX_ENTROPY_BYTES = 64
+
+
+def set_clock(host_time: float) -> None:
+    """Set the guest's wall clock from the host's (there is no RTC); only when it is off by
+    more than a second, and only as root (tests run the agent unprivileged on the host)."""
+    if os.geteuid() != 0 or abs(time.time() - host_time) < 1.0:
+        return
+    with contextlib.suppress(OSError):
+        time.clock_settime(time.CLOCK_REALTIME, host_time)
+
+
+def reseed(entropy: bytes) -> bool:
+    """Mix host-provided bytes into the kernel's pool, credit them, and reseed the CRNG at
+    once, so that a clone's ``getrandom()`` output diverges from its siblings' immediately.
+    True if the kernel took them (root only)."""
+    if os.geteuid() != 0 or not entropy:
+        return False
+    data = entropy[:MAX_ENTROPY_BYTES]
+    info = struct.pack("ii", len(data) * 8, len(data)) + data
+    try:
+        fd = os.open("/dev/urandom", os.O_WRONLY)
+    except OSError as err:
+        log(f"cannot open /dev/urandom to reseed: {err}")
+        return False
+    try:
+        fcntl.ioctl(fd, RNDADDENTROPY, info)
+        fcntl.ioctl(fd, RNDRESEEDCRNG)
+        return True
+    except OSError as err:
+        log(f"cannot reseed the kernel RNG: {err}")
+        return False
+    finally:
+        os.close(fd)
+
+
+def set_hostname(name: str) -> bool:
+    """Change the hostname (UTS name, /etc/hostname, /etc/hosts) if it differs; root only."""
+    if os.geteuid() != 0 or os.uname().nodename == name:
+        return False
+    try:
+        with open("/proc/sys/kernel/hostname", "w", encoding="ascii") as f:
+            f.write(name)
+    except OSError as err:
+        log(f"cannot set the hostname {name}: {err}")
+        return False
+    try:
+        write_identity(name)
+    except OSError as err:
+        log(f"cannot write /etc/hostname or /etc/hosts: {err}")
+    return True
+
+
+def write_identity(hostname: str) -> None:
+    """/etc/hostname and a /etc/hosts entry, so that programs resolving the hostname work.
+    Raises OSError."""
+    with open("/etc/hostname", "w", encoding="utf-8") as f:
+        f.write(hostname + "\n")
+    try:
+        with open("/etc/hosts", encoding="utf-8") as f:
+            lines = [ln for ln in f.read(1 << 20).splitlines() if "# ember" not in ln]
+    except FileNotFoundError:
+        lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
+    lines.append(f"127.0.1.1\t{hostname}  # ember")
+    with open("/etc/hosts", "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
