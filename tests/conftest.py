@@ -48,6 +48,8 @@ def ember_paths() -> Iterator[Paths]:
     paths = Paths(home=home, cache=cache).ensure()
     yield paths
     leaked = qemu_pids_under(home)
+    leaked_ram = sorted(paths.ram.glob("*.ram")) if paths.ram.is_dir() else []
+    shutil.rmtree(paths.ram, ignore_errors=True)
     for k, v in old.items():
         if v is None:
             os.environ.pop(k, None)
@@ -55,6 +57,7 @@ def ember_paths() -> Iterator[Paths]:
             os.environ[k] = v
     shutil.rmtree(home, ignore_errors=True)
     assert not leaked, f"QEMU processes leaked by the test session: {leaked}"
+    assert not leaked_ram, f"guest RAM files leaked by the test session: {leaked_ram}"
 
 
 @pytest.fixture(scope="session")
@@ -89,11 +92,18 @@ def busybox_template(ember_paths: Paths, kernel, store, tmp_path_factory):  # ty
     return build_image(ember_paths, store, "busybox", f"oci-layout:{layout}", force=True)
 
 
-@pytest.fixture(scope="session")
-def shared_sandbox(ember_paths: Paths, debian_template):  # type: ignore[no-untyped-def]
-    """One running debian-python sandbox shared by tests that do not need isolation."""
+@pytest.fixture(scope="session", params=["booted", "restored"])
+def shared_sandbox(request, ember_paths: Paths, debian_template):  # type: ignore[no-untyped-def]
+    """One running debian-python sandbox shared by tests that do not need isolation; every
+    such test runs on a booted sandbox and again on one restored from a snapshot."""
     from ember import Sandbox
 
     sb = Sandbox.create("debian-python", timeout=3600, paths=ember_paths)
+    if request.param == "restored":
+        origin = sb
+        snap = origin.snapshot()
+        origin.kill()
+        sb = Sandbox.restore(snap.id, timeout=3600, paths=ember_paths)
+        assert sb.info().snapshot == snap.id
     yield sb
     sb.kill()

@@ -19,6 +19,7 @@ A process joins the cgroup before its first instruction by being started through
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import math
 import os
@@ -277,7 +278,11 @@ class SandboxCgroup:
             return
         try:
             self._fs.write(mem, value)
-        except OSError:  # EINVAL: above the current memsw limit: raise memsw first
+        except OSError as err:
+            if err.errno != errno.EINVAL:  # e.g. EBUSY: usage cannot be reclaimed below it
+                raise CgroupError(f"setting {mem} to {value!r} for sandbox "
+                                  f"{self.sandbox_id}: {err.strerror or err}") from err
+            # EINVAL: above the current memory+swap limit, which must be raised first.
             self._set(memsw, value)
             self._set(mem, value)
             return

@@ -42,9 +42,7 @@ from ember.store import SandboxRecord, SnapshotRecord, Store
 
 log = logging.getLogger("ember.runtime")
 
-LIVE_STATES = ("creating", "booting", "running", "paused", "pooled")
-#: States in which the VM is up and must be alive (else the sandbox failed).
-UP_STATES = ("running", "paused", "pooled")
+LIVE_STATES = ("creating", "booting", "running", "paused", "pooled", "snapshotting")
 KEEP_ON_FAILURE = ("console.log",)
 
 
@@ -215,15 +213,28 @@ class SandboxManager:
                                     "paused sandbox can be snapshotted")
         d = SandboxDir(Path(rec.dir))
         kernel, cmdline = self._boot_identity(rec)
+        # While the guest is stopped for the copy the registry says "snapshotting" and we
+        # hold snapshot.lock: if this process dies meanwhile, reconcile resumes the guest.
+        writer = FileLock(d.root / "snapshot.lock")
+        if not writer.try_acquire():
+            raise SandboxStateError(f"sandbox {sandbox_id} is being snapshotted already")
+        resume = resume and rec.state == "running"
+        if resume:
+            self.store.update_sandbox(sandbox_id, state="snapshotting")
         tpl = self.store.get_template(rec.template)
         if tpl.config.get("snapshot"):  # a pre-baked template: its base template's image
             tpl = self.store.get_template(self.store.get_snapshot(
                 str(tpl.config["snapshot"])).template)
         ram = self.paths.ram / f"{rec.id}.ram"
-        return snapshots.take(
-            self.paths, self.store, self.engine, self.handle(rec), rec, kernel=kernel,
-            cmdline=cmdline, ram_file=ram if ram.is_file() else None, overlay=d.overlay,
-            template=tpl, name=name, resume=resume and rec.state != "paused")
+        try:
+            return snapshots.take(
+                self.paths, self.store, self.engine, self.handle(rec), rec, kernel=kernel,
+                cmdline=cmdline, ram_file=ram if ram.is_file() else None, overlay=d.overlay,
+                template=tpl, name=name, resume=resume)
+        finally:
+            if resume:
+                self.store.update_sandbox(sandbox_id, state="running")
+            writer.release()
 
     def _boot_identity(self, rec: SandboxRecord) -> tuple[Kernel, str]:
         """The kernel and kernel cmdline the sandbox's guest was booted with."""
@@ -332,6 +343,20 @@ class SandboxManager:
                               "was ready")
                 return self.store.get_sandbox(rec.id)
             return rec  # being created: its creator enforces the boot timeout
+        if rec.state == "snapshotting":
+            writer = FileLock(Path(rec.dir) / "snapshot.lock")
+            if not writer.try_acquire():
+                return rec  # a snapshot is being written
+            try:  # its writer died with the guest stopped: resume it
+                if self._alive(rec):
+                    log.warning("sandbox %s: snapshot writer died; resuming the guest", rec.id)
+                    self.handle(rec).cont()
+                    self.store.update_sandbox(rec.id, state="running")
+                    rec = self.store.get_sandbox(rec.id)
+            except EmberError as err:
+                log.warning("sandbox %s: cannot resume after a dead snapshot: %s", rec.id, err)
+            finally:
+                writer.release()
         if rec.expires_at is not None and time.time() >= rec.expires_at and rec.state != "pooled":
             log.info("sandbox %s expired; destroying it", rec.id)
             self.destroy(rec.id)

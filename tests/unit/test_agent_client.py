@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from ember import protocol as P
+from ember.agent import AGENT_VERSION
 from ember.agent.server import serve
 from ember.errors import (
     CommandNotFoundError,
@@ -99,7 +100,7 @@ async def hostile(behaviour: Callable[[socket.socket, int], None], *,
         nonce = frames[0].msg()["nonce"]
         assert isinstance(nonce, int)
         guest.sendall(b"stale garbage" + P.encode_msg(0, P.hello_ok(
-            nonce, agent="x", hostname="h", kernel="k")))
+            nonce, agent=AGENT_VERSION, hostname="h", kernel="k")))
         behaviour(guest, nonce)
 
     threading.Thread(target=fake, daemon=True).start()

@@ -9,7 +9,6 @@ import pytest
 
 from ember.engine.accel import AccelDecision
 from ember.engine.base import VMSpec
-from ember.errors import BadRequestError
 from ember.engine.qemu.argv import (
     SANDBOX_OPTS,
     SANDBOX_OPTS_DAEMONIZE,
@@ -17,6 +16,7 @@ from ember.engine.qemu.argv import (
     kernel_cmdline,
     qemu_opt,
 )
+from ember.errors import BadRequestError
 from tests.unit import engine_specs
 
 TCG = engine_specs.TCG

@@ -17,6 +17,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import ember.host
 from ember.errors import BadRequestError, HostError
@@ -295,6 +297,15 @@ def test_parse_proc_cgroup_and_proc_cgroups() -> None:
     assert parsed[frozenset()] == "/"
     assert parse_proc_cgroups(PROC_CGROUPS + "memory\t0\t1\t0\n")["memory"] is False
     assert parse_proc_cgroups(PROC_CGROUPS)["pids"] is True
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list(" -:/,\\0123=\nacgmopru")), max_size=300))
+def test_parsers_never_raise_on_odd_text(text: str) -> None:
+    for m in parse_mountinfo(text):
+        assert m.version in (1, 2)
+    parse_proc_cgroup(text)
+    parse_proc_cgroups(text)
 
 
 # -- detection ----------------------------------------------------------------------------
@@ -695,3 +706,19 @@ def test_host_exports_are_pinned() -> None:
     ]
     for name in ember.host.__all__:
         assert getattr(ember.host, name) is not None
+
+
+def test_v1_memory_limit_below_unreclaimable_usage_is_reported_as_such(tmp_path: Path) -> None:
+    fk = hybrid(tmp_path)
+    cg = SandboxCgroup(detect_cgroups(fk), "k1", "sb-1", fs=fk).create()
+    real_write = fk.write
+
+    def busy_write(path: Path, text: str) -> None:
+        if path.name == "memory.limit_in_bytes":
+            raise OSError(errno.EBUSY, "Device or resource busy", str(path))
+        real_write(path, text)
+
+    fk.write = busy_write  # type: ignore[method-assign]
+    with pytest.raises(CgroupError, match=r"memory\.limit_in_bytes.*Device or resource busy"):
+        cg.apply(CgroupLimits(memory_bytes=8 << 20))
+    assert (cg.paths[1] / "memory.memsw.limit_in_bytes").read_text() == UNLIMITED_V1

@@ -1,0 +1,99 @@
+"""Warm pools and pre-baked templates with real guests (issue 5)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from ember import Sandbox
+from ember.paths import Paths
+from ember.runtime import pools
+from ember.sdk.async_sandbox import manager
+from ember.sdk.bake import bake_template_sync
+from ember.sdk.results import CommandFailedError
+
+pytestmark = pytest.mark.integration
+
+
+def _wait_ready(paths: Paths, key: str, n: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = [p for p in pools.status(manager(paths)) if p.pool.key == key]
+        if got and got[0].ready >= n:
+            return
+        time.sleep(0.5)
+    log = (paths.logs / "ember.log").read_text()[-3000:]
+    states = [(r.id, r.state, r.pool, r.error) for r in manager(paths).store.list_sandboxes()]
+    raise AssertionError(f"pool {key} did not fill to {n} within {timeout} s; {states}\n{log}")
+
+
+def _reaper_pid(paths: Paths) -> int | None:
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                cmd = Path(f"/proc/{d}/cmdline").read_bytes()
+                env = Path(f"/proc/{d}/environ").read_bytes()
+            except OSError:
+                continue
+            if b"ember.runtime.reaper" in cmd and f"EMBER_HOME={paths.home}".encode() in env:
+                return int(d)
+    return None
+
+
+def test_pool_hands_out_ready_sandboxes_once_and_refills(ember_paths: Paths,
+                                                         debian_template) -> None:  # type: ignore[no-untyped-def]
+    mgr = manager(ember_paths)
+    rec = pools.set_pool(mgr, "debian-python", 2, memory_mib=192)
+    try:
+        _wait_ready(ember_paths, rec.key, 2)
+        pooled = {r.id for r in pools.members(mgr, rec.key) if r.state == "pooled"}
+        # the supervisor that filled the pool dies; handing out restarts one, which refills
+        pid = _reaper_pid(ember_paths)
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        with concurrent.futures.ThreadPoolExecutor(4) as ex:
+            got = list(ex.map(lambda _: Sandbox.create(memory_mib=192, paths=ember_paths,
+                                                       metadata={"who": "test"}), range(2)))
+        try:
+            ids = [s.id for s in got]
+            assert len(set(ids)) == 2 and set(ids) == pooled  # each handed out once
+            for s in got:
+                info = s.info()
+                assert info.state == "running" and info.metadata == {"who": "test"}
+                assert info.expires_at is not None
+                assert s.exec("hostname").stdout.strip() == s.id
+        finally:
+            for s in got:
+                s.kill()
+        _wait_ready(ember_paths, rec.key, 2)
+        assert _reaper_pid(ember_paths) not in (None, pid)
+        status = next(p for p in pools.status(mgr) if p.pool.key == rec.key)
+        assert status.idle_pss_bytes > 0
+    finally:
+        pools.remove_pool(mgr, rec.key)
+    assert not pools.members(mgr, rec.key)
+
+
+def test_baked_template_restores_with_setup_done(ember_paths: Paths,
+                                                 debian_template) -> None:  # type: ignore[no-untyped-def]
+    rec = bake_template_sync("baked-test", "debian-python",
+                             "echo ready > /root/setup-done; mkdir -p /opt/warm", paths=ember_paths)
+    snap_id = str(rec.config["snapshot"])
+    with Sandbox.create("baked-test", paths=ember_paths) as sb:
+        assert sb.info().snapshot == snap_id and sb.info().template == "baked-test"
+        assert sb.files.read_text("/root/setup-done") == "ready\n"
+        assert sb.exec("hostname").stdout.strip() == sb.id
+    with pytest.raises(CommandFailedError):
+        bake_template_sync("baked-bad", "debian-python", "exit 3", paths=ember_paths)
+    mgr = manager(ember_paths)
+    assert "baked-bad" not in [t.name for t in mgr.store.list_templates()]
+    assert [s.id for s in mgr.store.list_snapshots()] == [snap_id]
+    mgr.store.delete_template("baked-test")
+    mgr.collect_snapshot(snap_id)
+    assert not mgr.store.list_snapshots()
+    assert not (ember_paths.snapshots / snap_id).exists()
