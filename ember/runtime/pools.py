@@ -48,8 +48,10 @@ def set_pool(mgr: SandboxManager, template: str, size: int, *, vcpus: int | None
     if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= MAX_POOL_SIZE:
         raise BadRequestError(f"pool size must be between 0 and {MAX_POOL_SIZE}, not {size!r}")
     tpl = mgr.store.get_template(template)
-    spec = SandboxSpec(template=template, vcpus=vcpus or int(tpl.config.get("vcpus", 1)),
-                       memory_mib=memory_mib or int(tpl.config.get("memory_mib", 256)),
+    spec = SandboxSpec(template=template, vcpus=(vcpus if vcpus is not None
+                              else int(tpl.config.get("vcpus", 1))),
+                       memory_mib=(memory_mib if memory_mib is not None
+                                       else int(tpl.config.get("memory_mib", 256))),
                        disk_mib=disk_mib)
     rec = PoolRecord(key=pool_key(template, spec.vcpus, spec.memory_mib, spec.disk_mib),
                      template=template, vcpus=spec.vcpus, memory_mib=spec.memory_mib,

@@ -111,8 +111,10 @@ class AsyncSandbox:
         mgr = manager(paths)
         tpl = await asyncio.to_thread(mgr.store.get_template, template)
         baked = tpl.config.get("snapshot")
-        spec = SandboxSpec(template=template, vcpus=vcpus or int(tpl.config.get("vcpus", 1)),
-                           memory_mib=memory_mib or int(tpl.config.get("memory_mib", 256)),
+        spec = SandboxSpec(template=template, vcpus=(vcpus if vcpus is not None
+                              else int(tpl.config.get("vcpus", 1))),
+                           memory_mib=(memory_mib if memory_mib is not None
+                                       else int(tpl.config.get("memory_mib", 256))),
                            disk_mib=disk_mib, timeout=timeout, env=dict(env or {}),
                            metadata=dict(metadata or {}))
         pooled = await cls._from_pool(mgr, spec)
