@@ -1,7 +1,8 @@
 """The real AgentClient against hostile guests, over a real socketpair.
 
 Each guest is a thread on the other end of a socketpair speaking the wire protocol with the
-real codec (``ember.protocol``); the host side is the unmodified :class:`AgentClient`.
+real codec (``ember.protocol``), started by ``hostile`` of tests/unit/test_agent_client.py;
+the host side is the unmodified :class:`AgentClient`.
 Every test runs under a hard ``asyncio.wait_for`` so that it can never hang the suite, and
 every guest thread ends once the host closes its end.
 
@@ -36,7 +37,7 @@ from ember.runtime.agent_client import (
 )
 from ember.sdk.files import AsyncFiles
 from ember.sdk.process import AsyncProcess
-from tests.unit.test_agent_client import exec_msg
+from tests.unit.test_agent_client import exec_msg, hostile
 from tests.unit.test_protocol_fuzz import hostile_garbage
 
 HARD = 30.0  # no test may take longer than this, whatever the guest does
@@ -87,36 +88,6 @@ def out(sid: int, data: bytes, kind: P.Kind = P.Kind.STDOUT) -> bytes:
 
 
 EXIT_0 = {"code": 0, "signal": None, "timed_out": False}
-
-
-async def hostile(behaviour: Callable[[socket.socket, int], None], *,
-                  on_broken: Callable[[str], None] | None = None) -> AgentClient:
-    """A fake guest on a socketpair: answers the hello (after stale bytes), then does
-    ``behaviour``; its end is closed when ``behaviour`` returns.
-
-    Like ``hostile`` in tests/unit/test_agent_client.py, but answering with this ember's
-    agent version (the host refuses any other since the hello checks it) and passing
-    ``on_broken`` through the public ``AgentClient.over``.
-    """
-    host, guest = socket.socketpair()
-
-    def fake() -> None:
-        try:
-            for frame in host_frames(guest):
-                nonce = frame.msg()["nonce"]
-                assert isinstance(nonce, int)
-                send(guest, b"stale garbage" + P.encode_msg(0, P.hello_ok(
-                    nonce, agent=AGENT_VERSION, hostname="h", kernel="k")))
-                break
-            else:
-                return
-            behaviour(guest, nonce)
-        finally:
-            guest.close()
-
-    threading.Thread(target=fake, daemon=True).start()
-    reader, writer = await asyncio.open_unix_connection(sock=host)
-    return await AgentClient.over(reader, writer, timeout=10, on_broken=on_broken)
 
 
 async def until(check: Callable[[], bool], timeout: float) -> bool:
@@ -299,7 +270,8 @@ def test_oversized_frame_breaks_the_session_before_its_payload(kind: P.Kind, len
                             break
                     return
 
-        c = await hostile(guest, on_broken=broken.append)
+        c = await hostile(guest)
+        c._on_broken = broken.append  # as in test_agent_client.py (after the hello)
         p = await AsyncProcess.start(c, exec_msg("x", timeout=None))
         # once this is answered, the legal frame before it has been taken
         assert await c.request({"op": "ping"}, timeout=10) == {"op": "pong"}
@@ -429,7 +401,8 @@ def test_message_flood_on_an_exec_stream_breaks_the_session() -> None:
                     sid = frame.stream
                     send(g, msg(sid, "started", pid=7) * (LOSSY_STREAM_MSGS * 4))
 
-        c = await hostile(guest, on_broken=broken.append)
+        c = await hostile(guest)
+        c._on_broken = broken.append  # as in test_agent_client.py (after the hello)
         p = await AsyncProcess.start(c, exec_msg("x", timeout=None))
         assert await until(lambda: c.broken is not None, 10)
         assert len(queued_frames(c, p._sid)) <= LOSSY_STREAM_MSGS
@@ -459,7 +432,8 @@ def test_guest_that_stops_answering_mid_request() -> None:
                     send(g, msg(frame.stream, "pong")[:7])  # half a header, then nothing
             g.close()
 
-        c = await hostile(guest, on_broken=broken.append)
+        c = await hostile(guest)
+        c._on_broken = broken.append  # as in test_agent_client.py (after the hello)
         p = await AsyncProcess.start(c, exec_msg("sleep infinity", timeout=None))
         waiting = asyncio.create_task(p.wait())  # waits without any timeout of its own
         with pytest.raises(EmberTimeoutError, match="stopped answering"):
@@ -502,7 +476,8 @@ def test_guest_closes_the_connection_mid_frame(cut: int, kind: str) -> None:
                     g.close()
                     return
 
-        c = await hostile(guest, on_broken=broken.append)
+        c = await hostile(guest)
+        c._on_broken = broken.append  # as in test_agent_client.py (after the hello)
         p = await AsyncProcess.start(c, exec_msg("x", timeout=None))
         waiting = asyncio.create_task(p.wait())
         with pytest.raises(GuestError, match="closed"):
@@ -550,7 +525,8 @@ def test_frames_for_unknown_streams_are_dropped() -> None:
                     send(g, msg(sid, "pong") + msg(sid, "pong") + out(sid, b"late"))
                     send(g, late_noise)
 
-        c = await hostile(guest, on_broken=broken.append)
+        c = await hostile(guest)
+        c._on_broken = broken.append  # as in test_agent_client.py (after the hello)
         for _ in range(5):
             assert await c.request({"op": "ping"}, timeout=10) == {"op": "pong"}
         assert c._streams == {}
@@ -616,7 +592,8 @@ def test_reply_flood_after_the_final_reply_does_not_wedge_the_reader() -> None:
                     break
             g.close()  # the VM dies
 
-        c = await hostile(guest, on_broken=broken.append)
+        c = await hostile(guest)
+        c._on_broken = broken.append  # as in test_agent_client.py (after the hello)
         assert await c.request({"op": "ping"}, timeout=10) == {"op": "pong"}
         noticed = await until(lambda: bool(broken), 2)
         await c.close()
