@@ -249,22 +249,22 @@ class SandboxManager:
         return found, str(manifest["cmdline"])
 
     def pause(self, sandbox_id: str) -> None:
-        rec = self.get(sandbox_id)
-        if rec.state == "paused":
-            return
-        if rec.state != "running":
-            raise SandboxStateError(f"sandbox {sandbox_id} is {rec.state}; cannot pause it")
-        self.handle(rec).stop()
-        self.store.update_sandbox(sandbox_id, state="paused")
+        self._switch(sandbox_id, "running", "paused", "pause", lambda h: h.stop())
 
     def resume(self, sandbox_id: str) -> None:
+        self._switch(sandbox_id, "paused", "running", "resume", lambda h: h.cont())
+
+    def _switch(self, sandbox_id: str, src: str, dst: str, verb: str,
+                action: Callable[[VMHandle], None]) -> None:
+        """Move a sandbox from state ``src`` to ``dst`` by ``action`` on its VM (a no-op if
+        it is in ``dst`` already)."""
         rec = self.get(sandbox_id)
-        if rec.state == "running":
+        if rec.state == dst:
             return
-        if rec.state != "paused":
-            raise SandboxStateError(f"sandbox {sandbox_id} is {rec.state}; cannot resume it")
-        self.handle(rec).cont()
-        self.store.update_sandbox(sandbox_id, state="running")
+        if rec.state != src:
+            raise SandboxStateError(f"sandbox {sandbox_id} is {rec.state}; cannot {verb} it")
+        action(self.handle(rec))
+        self.store.update_sandbox(sandbox_id, state=dst)
 
     def remove_snapshot(self, ref: str) -> SnapshotRecord:
         snap = self.store.get_snapshot(ref)
