@@ -202,7 +202,9 @@ def test_lifetime_is_enforced_with_no_ember_process_running(ember_paths: Paths,
     assert cp.returncode == 0, cp.stderr
     assert qemu_pids_under(ember_paths.home)  # the sandbox outlives its creator...
     deadline = time.monotonic() + 30
-    while qemu_pids_under(ember_paths.home):  # ...until the reaper ends it, nobody asking
+    # ...until the reaper ends it, nobody asking. The reaper kills QEMU first and deletes
+    # the row after: wait for both (checking the row as soon as QEMU is gone races it).
+    while qemu_pids_under(ember_paths.home) or manager(ember_paths).store.list_sandboxes():
         assert time.monotonic() < deadline, "the expired sandbox was not destroyed"
         time.sleep(0.2)
     assert manager(ember_paths).store.list_sandboxes() == []
