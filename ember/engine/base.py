@@ -28,6 +28,7 @@ from typing import Any, Literal, Protocol
 
 from ember.engine.accel import AccelDecision
 from ember.errors import BadRequestError, EngineError
+from ember.host.jail import JailSpec
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MAX_VCPUS = 64
@@ -66,6 +67,9 @@ class VMSpec:
     memory_shared: bool = False
     #: Start paused, waiting for a saved state to be loaded (:meth:`Engine.restore`).
     incoming: bool = False
+    #: Run the VMM inside this jail (uid, namespaces, new root, cgroups, rlimits); the
+    #: engine adds the bind mounts its VMM needs. None: run it as the caller (unjailed).
+    jail: JailSpec | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not NAME_RE.fullmatch(self.name):

@@ -128,6 +128,22 @@ def _cgroups(root: Path) -> Check:
     )
 
 
+def _jail() -> list[Check]:
+    from ember.host.cgroup_detect import detect_cgroups
+    from ember.host.jail import jail_wanted
+
+    on, why = jail_wanted()
+    out = [Check("jail", on, why, None if on else "run ember as root (and EMBER_JAIL unset)")]
+    try:
+        support = detect_cgroups()
+    except EmberError as err:
+        return [*out, Check("cgroup limits", False, str(err))]
+    bad = [c for c in support.controllers if not c.usable]
+    out.append(Check("cgroup limits", not bad, support.summary(),
+                     None if not bad else "mount the missing controllers (see docs/cgroups.md)"))
+    return out
+
+
 def _disk(home: Path) -> Check:
     existing = home
     while not existing.exists() and existing != existing.parent:
@@ -162,6 +178,8 @@ def diagnose(*, root: Path = Path("/"), home: Path | None = None) -> list[Check]
     checks += _accel(root)
     checks.append(_vsock(root))
     checks.append(_cgroups(root))
+    if root == Path("/"):
+        checks += _jail()
     checks.append(_disk(home or Paths.from_env().home))
     checks.append(_program("patchelf", "bundles host runtimes into guest images"))
     checks.append(_program("debootstrap", "builds Debian templates"))

@@ -35,8 +35,16 @@ STREAM_QUEUE_FRAMES = 64
 #: much data; beyond it data frames are dropped (and counted) instead of stalling the
 #: connection for every other operation.
 LOSSY_STREAM_BYTES = 8 << 20
-#: Messages on one lossy stream are few (started, exit); more than this is a hostile guest.
+#: ... and at most this many data frames, whatever their size: each one costs the host about
+#: 150 bytes besides its payload, even an empty one, which costs the guest 12 bytes. The
+#: bound only bites on frames averaging under 1 KiB; it adds at most ~1.2 MiB to the above.
+LOSSY_STREAM_FRAMES = LOSSY_STREAM_BYTES // 1024
+#: Messages on one lossy stream are few (started, exit); more than this many waiting to be
+#: read is a hostile guest.
 LOSSY_STREAM_MSGS = 256
+#: The most payload a reply to :meth:`AgentClient.request` may total over all its parts
+#: (``more: true``); about 150,000 directory entries.
+REQUEST_REPLY_BYTES = 16 << 20
 READ_CHUNK = 256 * 1024
 
 
@@ -57,8 +65,27 @@ def error_from_reply(msg: dict[str, Any], what: str) -> EmberError:
 class _Stream:
     queue: asyncio.Queue[P.Frame | BaseException]
     lossy: bool = False
-    buffered: int = 0  # data bytes queued (lossy streams)
-    dropped: int = 0  # data bytes dropped (lossy streams)
+    # what is queued, and what was dropped, on a lossy stream:
+    buffered: int = 0  # data bytes queued
+    data_frames: int = 0  # data frames queued
+    msgs: int = 0  # MSG frames queued
+    dropped: int = 0  # data bytes dropped
+
+    def add(self, frame: P.Frame) -> None:
+        """Account for ``frame`` entering the queue (lossy streams)."""
+        if frame.kind is P.Kind.MSG:
+            self.msgs += 1
+        else:
+            self.data_frames += 1
+            self.buffered += len(frame.payload)
+
+    def remove(self, frame: P.Frame) -> None:
+        """Account for ``frame`` leaving the queue (lossy streams)."""
+        if frame.kind is P.Kind.MSG:
+            self.msgs -= 1
+        else:
+            self.data_frames -= 1
+            self.buffered -= len(frame.payload)
 
 
 class AgentClient:
@@ -189,16 +216,18 @@ class AgentClient:
         if st is None:
             return  # late output of a finished or abandoned operation: dropped, bounded
         if not st.lossy:
-            await st.queue.put(frame)  # backpressure: its consumer is reading
+            # Backpressure: its consumer is reading. Should it close the stream instead,
+            # close_stream() empties the queue, which lets this put() finish.
+            await st.queue.put(frame)
             return
-        if frame.kind == P.Kind.MSG:
-            if st.queue.qsize() >= LOSSY_STREAM_MSGS:
+        if frame.kind is P.Kind.MSG:
+            if st.msgs >= LOSSY_STREAM_MSGS:
                 raise P.ProtocolViolation("the guest flooded an operation with messages")
-        elif st.buffered + len(frame.payload) > LOSSY_STREAM_BYTES:
+        elif (st.data_frames >= LOSSY_STREAM_FRAMES
+              or st.buffered + len(frame.payload) > LOSSY_STREAM_BYTES):
             st.dropped += len(frame.payload)
             return
-        else:
-            st.buffered += len(frame.payload)
+        st.add(frame)
         st.queue.put_nowait(frame)
 
     def _break(self, why: str) -> None:
@@ -229,7 +258,15 @@ class AgentClient:
         return st.dropped if st is not None else 0
 
     def close_stream(self, sid: int) -> None:
-        self._streams.pop(sid, None)
+        """Forget the stream: its later frames are dropped, and what it had queued is freed.
+
+        Emptying the queue also releases the reader if it waits to put a frame into it
+        (a full queue whose consumer gave up): it must never wait for a closed stream.
+        """
+        st = self._streams.pop(sid, None)
+        if st is not None:
+            while not st.queue.empty():
+                st.queue.get_nowait()  # wakes a put() waiting for room
 
     async def send_msg(self, sid: int, msg: dict[str, Any]) -> None:
         await self._send(P.encode_msg(sid, msg))
@@ -251,49 +288,104 @@ class AgentClient:
                 raise GuestError(f"lost the agent connection: {err}") from err
 
     async def next_frame(self, sid: int, timeout: float | None) -> P.Frame:
+        frame = await self._take(sid, timeout)
+        if frame is None:
+            raise self._stopped_answering(timeout)
+        return frame
+
+    async def _take(self, sid: int, timeout: float | None) -> P.Frame | None:
+        """The stream's next frame, or None if none came within ``timeout`` seconds."""
         st = self._streams.get(sid)
         if st is None:
             raise GuestError("operation stream already closed")
-        if st.queue.empty() and self.broken is not None:
-            # the error that closed the stream may not have fitted in a full queue
-            raise GuestError(f"the sandbox's agent connection is broken: {self.broken}")
-        try:
-            item = await asyncio.wait_for(st.queue.get(), timeout)
-        except TimeoutError as err:
-            # Every bounded wait is one the guest must meet (replies, command ends past
-            # their own timeout, file data): a guest that misses it has stopped answering.
-            why = f"the guest agent stopped answering (nothing within {timeout} s)"
-            self._break(why)
-            raise EmberTimeoutError(why) from err
+        if st.queue.empty():
+            if self.broken is not None:
+                # the error that closed the stream may not have fitted in a full queue
+                raise GuestError(f"the sandbox's agent connection is broken: {self.broken}")
+            if timeout is not None and timeout <= 0:
+                return None  # a deadline already past (request()'s last part)
+            try:
+                item = await asyncio.wait_for(st.queue.get(), timeout)
+            except TimeoutError:
+                return None
+        else:
+            item = st.queue.get_nowait()
         if isinstance(item, BaseException):
             raise item
-        if st.lossy and item.kind != P.Kind.MSG:
-            st.buffered -= len(item.payload)
+        if st.lossy:
+            st.remove(item)
         return item
+
+    def _stopped_answering(self, timeout: float | None) -> EmberTimeoutError:
+        """Break the session: a guest that missed a wait it had to meet stopped answering.
+
+        Every bounded wait is one the guest must meet (replies, command ends past their own
+        timeout, file data).
+        """
+        why = f"the guest agent stopped answering (nothing within {timeout} s)"
+        self._break(why)
+        return EmberTimeoutError(why)
 
     # --- simple request/response ---------------------------------------------------------
     async def request(self, msg: dict[str, Any], *, timeout: float | None = 30.0,
                       what: str = "") -> dict[str, Any]:
-        """Send one request and return its final reply (raising typed errors for ``error``)."""
+        """Send one request and return its final reply (raising typed errors for ``error``).
+
+        ``timeout`` bounds the whole exchange, however many parts the reply comes in. No
+        reply at all within it breaks the session (the guest stopped answering); a reply
+        still unfinished at it (endless ``more: true``), or whose parts total more than
+        ``REQUEST_REPLY_BYTES``, fails this request only: its later parts are dropped.
+        """
         sid = self.open_stream()
-        merged: dict[str, Any] | None = None
         try:
             await self.send_msg(sid, msg)
-            while True:
-                frame = await self.next_frame(sid, timeout)
-                reply = reply_of(sid, frame)
-                if reply["op"] == "error":
-                    raise error_from_reply(reply, what or str(msg["op"]))
-                if merged is None:
-                    merged = reply
-                else:  # a long listing arrives in parts ("more": true on all but the last)
-                    for key in ("entries", "processes"):
-                        if isinstance(reply.get(key), list) and isinstance(merged.get(key), list):
-                            merged[key] = merged[key] + reply[key]
-                if P.is_final_reply(reply):
-                    return merged
+            return await self._reply(sid, timeout, what or str(msg["op"]))
         finally:
             self.close_stream(sid)
+
+    async def _reply(self, sid: int, timeout: float | None, what: str) -> dict[str, Any]:
+        """Take the parts of a reply until the final one, within ``timeout`` in all."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        merged: dict[str, Any] | None = None
+        parts = size = 0
+        while True:
+            wait = None if deadline is None else deadline - loop.time()
+            frame = await self._take(sid, wait)
+            if frame is None and merged is None:
+                raise self._stopped_answering(timeout)
+            if frame is None:
+                raise EmberTimeoutError(f"{what}: the guest agent did not finish its reply "
+                                        f"within {timeout} s (sent {parts} parts)")
+            size += len(frame.payload)
+            if size > REQUEST_REPLY_BYTES:
+                raise GuestError(f"{what}: the guest agent's reply exceeds "
+                                 f"{REQUEST_REPLY_BYTES} bytes (after {parts} parts)")
+            reply = reply_of(sid, frame)
+            if reply["op"] == "error":
+                raise error_from_reply(reply, what)
+            merged = merge_reply(merged, reply)
+            parts += 1
+            if P.is_final_reply(reply):
+                return merged
+
+
+_PARTED = ("entries", "processes")
+
+
+def merge_reply(merged: dict[str, Any] | None, part: dict[str, Any]) -> dict[str, Any]:
+    """A long listing arrives in parts ("more": true on all but the last): concatenate.
+
+    The lists are extended in place (copied from the first part), so merging stays linear in
+    the number of parts, which the guest chooses.
+    """
+    if merged is None:
+        return {k: list(v) if k in _PARTED and isinstance(v, list) else v
+                for k, v in part.items()}
+    for key in _PARTED:
+        if isinstance(part.get(key), list) and isinstance(merged.get(key), list):
+            merged[key].extend(part[key])
+    return merged
 
 
 def reply_of(sid: int, frame: P.Frame) -> dict[str, Any]:

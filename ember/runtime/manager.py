@@ -32,9 +32,11 @@ from ember.errors import (
     SnapshotError,
 )
 from ember.guest.kernel import Kernel, kernel_by_key, require_kernel
+from ember.host.jail import JAILER_NAME, JailSpec
 from ember.locks import FileLock
 from ember.paths import Paths
 from ember.runtime import snapshots
+from ember.runtime.confinement import Confinement
 from ember.runtime.overlays import make_overlay
 from ember.runtime.reaper import ensure_reaper
 from ember.runtime.spec import SandboxSpec, pool_key
@@ -43,7 +45,7 @@ from ember.store import SandboxRecord, SnapshotRecord, Store
 log = logging.getLogger("ember.runtime")
 
 LIVE_STATES = ("creating", "booting", "running", "paused", "pooled", "snapshotting")
-KEEP_ON_FAILURE = ("console.log",)
+KEEP_ON_FAILURE = ("console.log", "qemu.log")
 
 
 class SandboxDir:
@@ -52,11 +54,20 @@ class SandboxDir:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.overlay = root / "overlay.qcow2"
-        self.agent_socket = root / "agent.sock"
-        self.qmp_socket = root / "qmp.sock"
+        #: The only directory the (jailed) VMM may write in: it creates its sockets there.
+        self.vm = root / "vm"
+        self.agent_socket = self.vm / "agent.sock"
+        self.qmp_socket = self.vm / "qmp.sock"
         self.console_log = root / "console.log"
+        self.qemu_log = root / "qemu.log"  # the VMM's own stderr
         self.pidfile = root / "qemu.pid"
         self.lock = root / "client.lock"
+
+    def prepare_vm_files(self) -> list[Path]:
+        """Make the files the VMM writes (owned by root until handed to the jail uid)."""
+        self.vm.mkdir(mode=0o700, exist_ok=True)
+        self.console_log.touch(mode=0o600)
+        return [self.overlay, self.console_log, self.vm]
 
 
 class SandboxManager:
@@ -66,6 +77,7 @@ class SandboxManager:
         self.paths = (paths or Paths.from_env()).ensure()
         self.store = Store(self.paths.db)
         self.engine = QemuEngine()
+        self.confinement = Confinement(self.paths)
         self._accel: AccelDecision | None = None
         self._kernel: Kernel | None = None
 
@@ -123,8 +135,11 @@ class SandboxManager:
             make_overlay(self.paths, Path(template.image_path), "raw", disk_mib, d.overlay)
             if progress:
                 progress(f"booting microVM ({self.accel.accel})")
+            ram = self.ram_file(sid)
+            jail = self.confinement.prepare(rec, d.root, writable=d.prepare_vm_files(),
+                                            shared_ram=ram, log_path=d.qemu_log)
             spec_ = self._vmspec(rec, d, kernel.bzimage, cmdline=boot_cmdline(sid),
-                                 memory_file=self.ram_file(sid), memory_shared=True)
+                                 memory_file=ram, memory_shared=True, jail=jail)
             handle = self.engine.start(spec_)
             self.store.update_sandbox(sid, state="booting", pid=handle.pid)
             ensure_reaper(self.paths)  # enforces the lifetime after this process is gone
@@ -143,13 +158,14 @@ class SandboxManager:
 
     def _vmspec(self, rec: SandboxRecord, d: SandboxDir, kernel: Path, *, cmdline: str = "",
                 memory_file: Path | None = None, memory_shared: bool = False,
-                incoming: bool = False) -> VMSpec:
+                incoming: bool = False, jail: JailSpec | None = None) -> VMSpec:
         return VMSpec(
             name=rec.id, kernel=kernel, disk=d.overlay, disk_format="qcow2",
             disk_readonly=False, vcpus=rec.vcpus, memory_mib=rec.memory_mib,
             cmdline=cmdline, console_log=d.console_log, qmp_socket=d.qmp_socket,
             agent_socket=d.agent_socket, pidfile=d.pidfile, accel=self.accel,
             memory_file=memory_file, memory_shared=memory_shared, incoming=incoming,
+            jail=jail,
         )
 
     # --- restore -------------------------------------------------------------------------
@@ -188,8 +204,10 @@ class SandboxManager:
             make_overlay(self.paths, plan.disk, "qcow2", snap.disk_mib, d.overlay)
             if progress:
                 progress(f"restoring snapshot {snap.id[:12]} ({self.accel.accel})")
+            jail = self.confinement.prepare(rec, d.root, writable=d.prepare_vm_files(),
+                                            snapshot_ram=plan.ram, log_path=d.qemu_log)
             vmspec = self._vmspec(rec, d, plan.kernel.bzimage, cmdline=plan.cmdline,
-                                  memory_file=plan.ram, incoming=True)
+                                  memory_file=plan.ram, incoming=True, jail=jail)
             handle = self.engine.restore(vmspec, plan.state)
             self.store.update_sandbox(sid, state="booting", pid=handle.pid)
             ensure_reaper(self.paths)
@@ -400,6 +418,11 @@ class SandboxManager:
                 self._kill_pid(rec, d, pid)
             time.sleep(0.02)
         root = Path(rec.dir)
+        if error is not None and self.confinement.oom_killed(rec.id):
+            error = (f"out of memory: the sandbox's VM used more host memory than its limit "
+                     f"(guest {rec.memory_mib} MiB plus VMM overhead) and the kernel killed "
+                     f"it ({error})")
+        self.confinement.release(rec.id, root)
         (self.paths.ram / f"{rec.id}.ram").unlink(missing_ok=True)
         if keep_row:
             if root.is_dir():
@@ -433,17 +456,20 @@ def boot_cmdline(sandbox_id: str) -> str:
     return f"init={INIT_PATH} ember.hostname={sandbox_id} ember.id={sandbox_id}"
 
 
+_JAILER = JAILER_NAME.encode()
+
+
 def _qemu_pids_mentioning(directory: Path) -> set[int]:
-    """Live QEMU programs (qemu-system-*, qemu-img) whose command line names a file in
-    ``directory``; never a user's shell or editor that happens to name it."""
+    """Live QEMU programs (qemu-system-*, qemu-img) and jailers starting one, whose command
+    line names a file in ``directory``; never a user's shell or editor that names it."""
     needle = str(directory).encode() + b"/"
     found = set()
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             try:
                 argv = (d / "cmdline").read_bytes()
-                if needle in argv and os.path.basename(argv.split(b"\0", 1)[0]).startswith(
-                        b"qemu-"):
+                prog = os.path.basename(argv.split(b"\0", 1)[0])
+                if needle in argv and (prog.startswith(b"qemu-") or prog == _JAILER):
                     found.add(int(d.name))
             except OSError:
                 continue

@@ -47,6 +47,8 @@ def run(paths: Paths) -> None:
 
     mgr = SandboxManager(paths)
     try:
+        # Leftovers of processes killed mid-way: cgroups and uids of sandboxes now gone.
+        mgr.confinement.sweep({r.id for r in mgr.list() if r.state in LIVE_STATES})
         while paths.db.exists():
             live = [r for r in mgr.list() if r.state in LIVE_STATES]
             pools = mgr.store.list_pools()

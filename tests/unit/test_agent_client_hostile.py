@@ -29,8 +29,10 @@ import pytest
 from ember import protocol as P
 from ember.agent import AGENT_VERSION
 from ember.errors import BadRequestError, EmberError, EmberTimeoutError, GuestError, ProtocolError
+from ember.runtime import agent_client
 from ember.runtime.agent_client import (
     LOSSY_STREAM_BYTES,
+    LOSSY_STREAM_FRAMES,
     LOSSY_STREAM_MSGS,
     STREAM_QUEUE_FRAMES,
     AgentClient,
@@ -328,12 +330,6 @@ def test_unread_output_is_accounted_exactly() -> None:
     run(main)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="bug: LOSSY_STREAM_BYTES bounds payload bytes, not frames; empty or tiny data "
-    "frames on an unread lossy stream are queued without bound (agent_client.py _route)",
-)
 def test_flood_of_tiny_frames_on_an_unread_stream_is_bounded() -> None:
     """12-byte empty STDOUT frames cost the guest nothing and count as 0 buffered bytes; the
     host memory they take must still stay within LOSSY_STREAM_BYTES."""
@@ -358,13 +354,6 @@ def test_flood_of_tiny_frames_on_an_unread_stream_is_bounded() -> None:
     run(main)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="bug: the lossy-stream message-flood check counts queued data frames too "
-    "(queue.qsize() >= LOSSY_STREAM_MSGS), so an 'exit' after 256 small output frames is "
-    "taken for a flood and breaks a well-behaved session (agent_client.py _route)",
-)
 def test_exit_after_many_small_output_frames_is_not_a_flood() -> None:
     """A well-behaved guest: a command that printed 300 short lines, one frame each."""
 
@@ -574,14 +563,9 @@ def test_reply_flood_is_held_back_by_the_consumer() -> None:
     run(main)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="bug: extra replies fill a finished request's queue; the reader then blocks "
-    "forever in queue.put() for a stream nobody reads (agent_client.py _route), so it "
-    "never sees the guest hang up and on_broken is never called",
-)
 def test_reply_flood_after_the_final_reply_does_not_wedge_the_reader() -> None:
+    """Extra replies that fill a finished request's queue are dropped with it: the reader
+    is not left waiting to queue them, so it still notices the guest hanging up."""
     broken: list[str] = []
 
     async def main() -> None:
@@ -602,14 +586,10 @@ def test_reply_flood_after_the_final_reply_does_not_wedge_the_reader() -> None:
     run(main)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="bug: a file read abandoned while its queue is full (slow consumer, then the size "
-    "limit or any error) leaves the reader blocked in queue.put() forever; a well-behaved "
-    "guest is then declared dead (agent_client.py _route / close_stream)",
-)
 def test_abandoned_file_read_does_not_wedge_the_connection() -> None:
+    """A file read given up while its queue is full (a slow consumer, then the size limit)
+    does not leave the reader waiting for room: the connection keeps serving requests."""
+
     async def main() -> None:
         def guest(g: socket.socket, nonce: int) -> None:
             for frame in host_frames(g):
@@ -638,14 +618,10 @@ def test_abandoned_file_read_does_not_wedge_the_connection() -> None:
     run(main)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="bug: request() applies its timeout per reply and accepts any number of non-final "
-    "replies, so a guest answering 'more: true' forever keeps it pending forever (and the "
-    "merged listing grows without bound) (agent_client.py request)",
-)
 def test_request_with_endless_partial_replies_ends() -> None:
+    """A guest answering ``more: true`` forever, each part well within the timeout: the
+    request still ends, with a typed error, once its timeout has passed in all."""
+
     async def main() -> None:
         def guest(g: socket.socket, nonce: int) -> None:
             for frame in host_frames(g):
@@ -664,5 +640,158 @@ def test_request_with_endless_partial_replies_ends() -> None:
         await c.close()
         assert task in done, "request(timeout=1) still pending after 4 s"
         assert isinstance(task.exception(), EmberError)
+
+    run(main)
+
+
+def test_data_frames_beyond_the_frame_bound_are_dropped_and_counted() -> None:
+    """Tiny frames on an unread lossy stream: at most LOSSY_STREAM_FRAMES are queued, the
+    rest are dropped and counted like frames beyond LOSSY_STREAM_BYTES (so the result is
+    ``truncated``), and a later message still gets through."""
+    extra = 100
+
+    async def main() -> None:
+        def guest(g: socket.socket, nonce: int) -> None:
+            for frame in host_frames(g):
+                if op_of(frame) == "exec":
+                    sid = frame.stream
+                    send(g, msg(sid, "started", pid=7)
+                         + out(sid, b"ab") * (LOSSY_STREAM_FRAMES + extra)
+                         + msg(sid, "exit", **EXIT_0))
+                elif op_of(frame) == "ping":
+                    send(g, msg(frame.stream, "pong"))
+
+        c = await hostile(guest)
+        p = await AsyncProcess.start(c, exec_msg("x", timeout=None))
+        assert await c.request({"op": "ping"}, timeout=10) == {"op": "pong"}  # all routed
+        assert len(queued_frames(c, p._sid, DATA_KINDS)) == LOSSY_STREAM_FRAMES
+        assert c.dropped_bytes(p._sid) == 2 * extra
+        result = await p.wait()
+        assert result.exit_code == 0 and result.truncated
+        assert result.stdout_bytes == b"ab" * LOSSY_STREAM_FRAMES
+        await c.close()
+
+    run(main)
+
+
+def _list_parts(sid: int, total: int) -> list[bytes]:
+    """A listing in 3 parts whose payloads add up to exactly ``total`` bytes."""
+
+    def part(name: str, more: bool) -> bytes:
+        entry = {"name": name, "type": "file", "size": 1, "mode": 0o644, "mtime": 0}
+        return msg(sid, "list_result", entries=[entry], more=more)
+
+    first = [part("a" * 1000, True), part("b" * 1000, True)]
+    used = sum(len(f) - P.HEADER_SIZE for f in first)
+    last_len = len(part("", False)) - P.HEADER_SIZE
+    last = part("c" * (total - used - last_len), False)
+    assert sum(len(f) - P.HEADER_SIZE for f in [*first, last]) == total
+    return [*first, last]
+
+
+@pytest.mark.parametrize("over", [0, 1])
+def test_reply_size_cap_is_exact_and_keeps_the_session(
+    monkeypatch: pytest.MonkeyPatch, over: int
+) -> None:
+    """A reply whose parts total REQUEST_REPLY_BYTES is taken; one byte more fails that
+    request with GuestError naming the cap, and only that request: the session goes on."""
+    cap = 50_000
+    monkeypatch.setattr(agent_client, "REQUEST_REPLY_BYTES", cap)
+
+    async def main() -> None:
+        def guest(g: socket.socket, nonce: int) -> None:
+            for frame in host_frames(g):
+                if op_of(frame) == "list":
+                    send(g, b"".join(_list_parts(frame.stream, cap + over)))
+                elif op_of(frame) == "ping":
+                    send(g, msg(frame.stream, "pong"))
+
+        c = await hostile(guest)
+        if over:
+            with pytest.raises(GuestError, match=f"exceeds {cap} bytes"):
+                await c.request({"op": "list", "path": "/"}, timeout=10)
+        else:
+            listing = await c.request({"op": "list", "path": "/"}, timeout=10)
+            assert [e["name"][0] for e in listing["entries"]] == ["a", "b", "c"]
+        assert await c.request({"op": "ping"}, timeout=10) == {"op": "pong"}
+        assert c.broken is None and c._streams == {}
+        await c.close()
+
+    run(main)
+
+
+def test_fast_endless_partial_replies_hit_the_size_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``more: true`` forever, as fast as the guest can: the request fails on the size cap
+    long before its timeout, and the merged listing never holds more than the cap."""
+    cap = 1 << 20
+    monkeypatch.setattr(agent_client, "REQUEST_REPLY_BYTES", cap)
+    entry = {"name": "n" * 200, "type": "file", "size": 1, "mode": 0o644, "mtime": 0}
+    merged_entries: list[int] = []
+    merge = agent_client.merge_reply
+
+    def recording_merge(merged: dict[str, Any] | None, part: dict[str, Any]) -> dict[str, Any]:
+        result = merge(merged, part)
+        merged_entries.append(len(result["entries"]))
+        return result
+
+    monkeypatch.setattr(agent_client, "merge_reply", recording_merge)
+
+    async def main() -> None:
+        def guest(g: socket.socket, nonce: int) -> None:
+            for frame in host_frames(g):
+                if op_of(frame) == "list":
+                    part = msg(frame.stream, "list_result", entries=[entry], more=True)
+                    while send(g, part * 64):
+                        pass
+                    return
+
+        c = await hostile(guest)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(GuestError, match="exceeds"):
+            await c.request({"op": "list", "path": "/"}, timeout=60)
+        assert loop.time() - started < 20
+        part_size = len(msg(1, "list_result", entries=[entry], more=True)) - P.HEADER_SIZE
+        assert merged_entries and max(merged_entries) == cap // part_size
+        await c.close()
+
+    run(main)
+
+
+def test_slow_endless_partial_replies_end_at_the_deadline() -> None:
+    """Parts that keep coming, each well within the timeout: the request fails with
+    EmberTimeoutError once the timeout has passed in all (not much later), and only the
+    request: the guest is still answering, so the session goes on."""
+    timeout = 1.0
+
+    async def main() -> None:
+        def guest(g: socket.socket, nonce: int) -> None:
+            lock = threading.Lock()
+
+            def locked_send(data: bytes) -> bool:
+                with lock:
+                    return send(g, data)
+
+            def parts(sid: int) -> None:
+                part = msg(sid, "list_result", entries=[], more=True)
+                while locked_send(part):
+                    time.sleep(0.05)
+
+            for frame in host_frames(g):
+                if op_of(frame) == "list":
+                    threading.Thread(target=parts, args=(frame.stream,), daemon=True).start()
+                elif op_of(frame) == "ping":
+                    locked_send(msg(frame.stream, "pong"))
+
+        c = await hostile(guest)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(EmberTimeoutError, match="did not finish its reply"):
+            await c.request({"op": "list", "path": "/"}, timeout=timeout)
+        elapsed = loop.time() - started
+        assert timeout <= elapsed < timeout + 2
+        assert c.broken is None
+        assert await c.request({"op": "ping"}, timeout=10) == {"op": "pong"}
+        await c.close()
 
     run(main)

@@ -55,12 +55,13 @@ def build_argv(
     qemu: str = "qemu-system-x86_64",
     daemonize: bool = True,
     sandbox: bool = True,
+    pidfile: bool = True,
 ) -> list[str]:
     """The full argv that boots ``spec``.
 
     ``sandbox`` adds QEMU's seccomp filter (``-sandbox``; weaker with ``daemonize``, see
     :data:`SANDBOX_OPTS_DAEMONIZE`); pass False only for a QEMU built without seccomp
-    support (the engine detects that once).
+    support (the engine detects that once). ``pidfile=False`` leaves out ``-pidfile``.
     """
     # Guest RAM is always a named backend ("mem") so that a saved state loads into either
     # kind: file-backed (shared or private) or anonymous.
@@ -126,7 +127,8 @@ def build_argv(
     # fmt: on
     if spec.incoming:
         argv += ["-incoming", "defer"]
-    argv += ["-pidfile", str(spec.pidfile)]
+    if pidfile:  # a jailed QEMU is pid 1 of its namespace: the jailer records its pid
+        argv += ["-pidfile", str(spec.pidfile)]
     if sandbox:
         argv += ["-sandbox", SANDBOX_OPTS_DAEMONIZE if daemonize else SANDBOX_OPTS]
     if daemonize:

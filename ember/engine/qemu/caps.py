@@ -34,7 +34,10 @@ def seccomp_supported(qemu: str) -> bool:
     about 50 ms, once per process.
     """
     qmp_input = b'{"execute":"qmp_capabilities"}\n{"execute":"quit"}\n'
+    # Under coreutils' timeout: should we be killed before QEMU reads "quit", QEMU would
+    # otherwise stay forever (EOF on its QMP stdio does not end it).
     argv = [
+        "timeout", "-s", "KILL", f"{PROBE_TIMEOUT:g}",
         qemu,
         "-sandbox",
         SANDBOX_OPTS,

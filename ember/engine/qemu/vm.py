@@ -15,8 +15,10 @@ from ember.engine.base import SavedState, VMHandle, VMSpec, process_runs, remove
 from ember.engine.qemu.argv import build_argv
 from ember.engine.qemu.caps import seccomp_supported
 from ember.engine.qemu.migration import load_state, save_state
+from ember.engine.qemu.qcow2 import backing_chain
 from ember.engine.qemu.qmp import DEFAULT_TIMEOUT, qmp_execute, qmp_execute_sync, run_sync
 from ember.errors import EmberTimeoutError, EngineError, HostCommandError
+from ember.host.jail import Bind, JailError, launch
 from ember.proc import require, run
 
 log = logging.getLogger("ember.engine.qemu")
@@ -120,22 +122,60 @@ class QemuEngine:
         qemu = require(self.qemu)
         _preflight(spec)
         created = _Leftovers(spec)
-        argv = build_argv(spec, qemu=qemu, daemonize=True, sandbox=seccomp_supported(qemu))
         try:
-            run(argv, what=f"start VM {spec.name}", timeout=START_TIMEOUT)
-            handle = QemuVMHandle(spec, _read_pid(spec))
-            _wait_qmp(handle)
+            if spec.jail is not None:
+                handle = self._start_jailed(spec, qemu)
+            else:
+                argv = build_argv(spec, qemu=qemu, daemonize=True,
+                                  sandbox=seccomp_supported(qemu))
+                run(argv, what=f"start VM {spec.name}", timeout=START_TIMEOUT)
+                handle = QemuVMHandle(spec, _read_pid(spec))
+            _wait_qmp(handle, spec.jail.log if spec.jail else None)
         except HostCommandError as err:
             created.remove()
             raise EngineError(f"QEMU could not start VM {spec.name}: {_failure(err)}") from err
+        except JailError as err:
+            created.remove()
+            raise EngineError(f"QEMU could not start VM {spec.name}: {err}") from err
         except EmberTimeoutError as err:
             created.remove()
             raise EmberTimeoutError(f"VM {spec.name} did not come up: {err}") from err
         except BaseException:  # including KeyboardInterrupt: never leave a VM behind
             created.remove()
             raise
-        log.info("VM %s started: pid %d, %s", spec.name, handle.pid, spec.accel.accel)
+        log.info("VM %s started: pid %d, %s%s", spec.name, handle.pid, spec.accel.accel,
+                 f", jailed as uid {spec.jail.uid}" if spec.jail else "")
         return handle
+
+    def _start_jailed(self, spec: VMSpec, qemu: str) -> QemuVMHandle:
+        """QEMU in its jail, not daemonized (the jailer detaches it), so that its seccomp
+        filter can deny spawning and privilege changes too."""
+        assert spec.jail is not None
+        argv = build_argv(spec, qemu=qemu, daemonize=False, sandbox=seccomp_supported(qemu),
+                          pidfile=False)
+        pid = launch(spec.jail.with_binds(*vm_binds(spec)), argv, timeout=START_TIMEOUT)
+        tmp = spec.pidfile.with_name(f".{spec.pidfile.name}.tmp")
+        tmp.write_text(f"{pid}\n")
+        tmp.rename(spec.pidfile)
+        return QemuVMHandle(spec, pid)
+
+
+def vm_binds(spec: VMSpec) -> list[Bind]:
+    """What a jailed QEMU must see of the host for ``spec``, each at its own path."""
+    chain = backing_chain(spec.disk) if spec.disk_format == "qcow2" else [spec.disk]
+    binds = [Bind(spec.kernel), Bind(chain[0], writable=not spec.disk_readonly),
+             *(Bind(p) for p in chain[1:]), Bind(spec.console_log, writable=True),
+             Bind(spec.qmp_socket.parent, writable=True),
+             Bind(Path("/dev/null"), writable=True, device=True),
+             Bind(Path("/dev/urandom"), device=True)]
+    if spec.agent_socket is not None:
+        binds.append(Bind(spec.agent_socket.parent, writable=True))
+    if spec.memory_file is not None:
+        # QEMU 7.2 opens a RAM file read-write even when it maps it privately.
+        binds.append(Bind(spec.memory_file, writable=True))
+    if spec.accel.accel == "kvm":
+        binds.append(Bind(Path("/dev/kvm"), writable=True, device=True))
+    return binds
 
 
 @functools.cache
@@ -231,7 +271,20 @@ def _read_pid(spec: VMSpec) -> int:
     return pid
 
 
-def _wait_qmp(handle: QemuVMHandle) -> None:
+def _log_tail(path: Path | None, limit: int = 1500) -> str:
+    """What a jailed QEMU wrote on stderr."""
+    if path is None:
+        return ""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - limit))
+            return f.read().decode("utf-8", "replace").strip()
+    except OSError:
+        return ""
+
+
+def _wait_qmp(handle: QemuVMHandle, stderr_log: Path | None = None) -> None:
     deadline = time.monotonic() + QMP_READY_TIMEOUT
     while True:
         try:
@@ -241,9 +294,10 @@ def _wait_qmp(handle: QemuVMHandle) -> None:
             return
         except EngineError as err:
             if not handle.is_alive():
+                said = _log_tail(stderr_log)
                 raise EngineError(
-                    f"VM {handle.name} (QEMU pid {handle.pid}) exited right "
-                    f"after starting; see {handle.console_log}"
+                    f"VM {handle.name} (QEMU pid {handle.pid}) exited right after starting"
+                    + (f": {said}" if said else f"; see {handle.console_log}")
                 ) from err
             if time.monotonic() > deadline:
                 raise EngineError(
