@@ -28,6 +28,8 @@ CREATE_OPTIONS = [
                  help="Disk size in MiB (default: the template's)."),
     click.option("--timeout", type=float, default=300.0, show_default=True,
                  help="Sandbox lifetime in seconds (0: no limit)."),
+    click.option("--on-timeout", type=click.Choice(["destroy", "pause"]), default="destroy",
+                 show_default=True, help="What happens when the lifetime ends."),
     click.option("--env", "-e", "env", multiple=True, metavar="KEY=VALUE",
                  help="Environment for every command; repeatable."),
     click.option("--meta", "metadata", multiple=True, metavar="KEY=VALUE",
@@ -55,14 +57,15 @@ def _pairs(items: tuple[str, ...], what: str) -> dict[str, str]:
 
 
 def _create(template: str, vcpus: int | None, memory_mib: int | None, disk_mib: int | None,
-            timeout: float,
+            timeout: float, on_timeout: str,
             env: tuple[str, ...], metadata: tuple[str, ...], show: bool) -> Sandbox:
     from ember.sdk.sandbox import Sandbox
 
     with progress(show, "sandbox", plain=False) as p:
         return Sandbox.create(template, vcpus=vcpus, memory_mib=memory_mib, disk_mib=disk_mib,
                               timeout=timeout or None, env=_pairs(env, "--env"),
-                              metadata=_pairs(metadata, "--meta"), on_progress=p)
+                              metadata=_pairs(metadata, "--meta"), on_progress=p,
+                              on_timeout=on_timeout)
 
 
 def _stream_exec(sb: Sandbox, cmd: list[str], stdin: bool, timeout: float | None) -> int:
@@ -97,14 +100,15 @@ def _copy_output(sb: Sandbox, cmd: list[str], stdin: bool, timeout: float | None
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
 @handle_errors
 def run(template: str, vcpus: int | None, memory_mib: int | None, disk_mib: int | None,
-        timeout: float,
+        timeout: float, on_timeout: str,
         env: tuple[str, ...], metadata: tuple[str, ...], stdin: bool, cmd_timeout: float | None,
         cmd: tuple[str, ...]) -> None:
     """Create a sandbox, run CMD in it with streamed output, destroy it; exit with CMD's code.
 
     Example: ember run -- python3 -c "print(6*7)"
     """
-    sb = _create(template, vcpus, memory_mib, disk_mib, timeout, env, metadata, True)
+    sb = _create(template, vcpus, memory_mib, disk_mib, timeout, on_timeout, env, metadata,
+                 True)
     try:
         code = _stream_exec(sb, list(cmd), stdin, cmd_timeout)
     finally:
@@ -117,10 +121,11 @@ def run(template: str, vcpus: int | None, memory_mib: int | None, disk_mib: int 
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
 def create(template: str, vcpus: int | None, memory_mib: int | None, disk_mib: int | None,
-           timeout: float,
+           timeout: float, on_timeout: str,
            env: tuple[str, ...], metadata: tuple[str, ...], as_json: bool) -> None:
     """Create a sandbox that keeps running after this command; print its id."""
-    sb = _create(template, vcpus, memory_mib, disk_mib, timeout, env, metadata, not as_json)
+    sb = _create(template, vcpus, memory_mib, disk_mib, timeout, on_timeout, env, metadata,
+                 not as_json)
     info = sb.info()
     sb.close()
     if as_json:

@@ -28,6 +28,7 @@ from ember.errors import (
     GuestPathNotFoundError,
     NotFoundError,
     ProtocolError,
+    SandboxStateError,
 )
 
 STREAM_QUEUE_FRAMES = 64
@@ -46,6 +47,8 @@ LOSSY_STREAM_MSGS = 256
 #: (``more: true``); about 150,000 directory entries.
 REQUEST_REPLY_BYTES = 16 << 20
 READ_CHUNK = 256 * 1024
+#: How often a caller waiting on the guest checks that the sandbox is still there to answer.
+WATCH_INTERVAL_S = 2.0
 
 
 def error_from_reply(msg: dict[str, Any], what: str) -> EmberError:
@@ -92,7 +95,7 @@ class AgentClient:
     """One session with a guest agent."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 on_broken: Callable[[str], None] | None = None) -> None:
+                 on_broken: Callable[[str], str | None] | None = None) -> None:
         self._reader = reader
         self._writer = writer
         self._on_broken = on_broken
@@ -101,13 +104,16 @@ class AgentClient:
         self._write_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self.broken: str | None = None
+        #: Asked every :data:`WATCH_INTERVAL_S` while a caller waits on the guest: a reason
+        #: the sandbox cannot answer (paused, destroyed elsewhere), or None to keep waiting.
+        self.watch: Callable[[], str | None] | None = None
         self.hello: dict[str, Any] = {}
         self._decoder = P.FrameDecoder(P.GUEST_TO_HOST_KINDS)
 
     # --- connection ----------------------------------------------------------------------
     @classmethod
     async def connect(cls, socket_path: str, *, timeout: float,
-                      on_broken: Callable[[str], None] | None = None,
+                      on_broken: Callable[[str], str | None] | None = None,
                       hostname: str | None = None) -> AgentClient:
         """Connect to the agent socket and complete the hello within ``timeout`` seconds.
 
@@ -127,7 +133,7 @@ class AgentClient:
     @classmethod
     async def over(cls, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
                    timeout: float,
-                   on_broken: Callable[[str], None] | None = None,
+                   on_broken: Callable[[str], str | None] | None = None,
                    hostname: str | None = None) -> AgentClient:
         """Run the hello over an already open stream (any transport)."""
         client = cls(reader, writer, on_broken)
@@ -232,10 +238,12 @@ class AgentClient:
 
     def _break(self, why: str) -> None:
         if self.broken is None:
-            self.broken = why
-            self._fail_all(ProtocolError(why) if "protocol" in why else GuestError(why))
-            if self._on_broken is not None:
-                self._on_broken(why)
+            self.broken = why  # set first: on_broken may look at the client
+            better = self._on_broken(why) if self._on_broken is not None else None
+            if better:
+                self.broken = f"{better} ({why})"
+            self._fail_all(ProtocolError(self.broken) if "protocol" in why
+                           else GuestError(self.broken))
 
     def _fail_all(self, err: BaseException) -> None:
         for st in self._streams.values():
@@ -304,9 +312,8 @@ class AgentClient:
                 raise GuestError(f"the sandbox's agent connection is broken: {self.broken}")
             if timeout is not None and timeout <= 0:
                 return None  # a deadline already past (request()'s last part)
-            try:
-                item = await asyncio.wait_for(st.queue.get(), timeout)
-            except TimeoutError:
+            item = await self._wait(st, timeout)
+            if item is None:
                 return None
         else:
             item = st.queue.get_nowait()
@@ -315,6 +322,26 @@ class AgentClient:
         if st.lossy:
             st.remove(item)
         return item
+
+    async def _wait(self, st: _Stream, timeout: float | None) -> P.Frame | BaseException | None:
+        """The stream's next item within ``timeout`` (None: no limit), asking :attr:`watch`
+        every few seconds meanwhile; None on timeout."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - loop.time())
+            if self.watch is None:
+                step = left
+            else:
+                step = WATCH_INTERVAL_S if left is None else min(left, WATCH_INTERVAL_S)
+            try:
+                return await asyncio.wait_for(st.queue.get(), step)
+            except TimeoutError:
+                if deadline is not None and loop.time() >= deadline:
+                    return None
+            why = await asyncio.to_thread(self.watch) if self.watch is not None else None
+            if why:
+                raise SandboxStateError(why)
 
     def _stopped_answering(self, timeout: float | None) -> EmberTimeoutError:
         """Break the session: a guest that missed a wait it had to meet stopped answering.

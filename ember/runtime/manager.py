@@ -46,6 +46,9 @@ log = logging.getLogger("ember.runtime")
 
 LIVE_STATES = ("creating", "booting", "running", "paused", "pooled", "snapshotting")
 KEEP_ON_FAILURE = ("console.log", "qemu.log")
+#: The note a sandbox paused by the end of its lifetime carries (until resumed).
+EXPIRED_PAUSED = ("its lifetime ended and it was paused (on_timeout='pause'); resume() it "
+                  "to go on for another lifetime")
 
 
 class SandboxDir:
@@ -126,7 +129,7 @@ class SandboxManager:
             memory_mib=spec.memory_mib, disk_mib=disk_mib, timeout_s=spec.timeout,
             created_at=now, expires_at=None,  # set by mark_running: lifetime starts when ready
             dir=str(d.root), pid=None, accel=self.accel.accel, env=dict(spec.env),
-            metadata=dict(spec.metadata),
+            metadata=dict(spec.metadata), on_timeout=spec.on_timeout,
         )
         self.store.add_sandbox(rec)
         try:
@@ -197,7 +200,7 @@ class SandboxManager:
             vcpus=snap.vcpus, memory_mib=snap.memory_mib, disk_mib=snap.disk_mib,
             timeout_s=spec.timeout, created_at=time.time(), expires_at=None, dir=str(d.root),
             pid=None, accel=self.accel.accel, env={**snap.env, **spec.env},
-            metadata=dict(spec.metadata), snapshot=snap.id,
+            metadata=dict(spec.metadata), snapshot=snap.id, on_timeout=spec.on_timeout,
         )
         self.store.add_sandbox(rec)
         try:
@@ -266,6 +269,22 @@ class SandboxManager:
         manifest = snapshots.read_manifest(snapshots.snapshot_dir(self.paths, snap.id), snap.id)
         return found, str(manifest["cmdline"])
 
+    def _pause_expired(self, rec: SandboxRecord) -> SandboxRecord:
+        """The lifetime of a sandbox created with ``on_timeout="pause"`` ended: stop its
+        guest and keep it (no lifetime any more) until it is resumed or destroyed."""
+        log.info("sandbox %s expired; pausing it (on_timeout=pause)", rec.id)
+        try:
+            if rec.state != "paused":
+                self.handle(rec).stop()
+        except EmberError as err:
+            log.warning("sandbox %s: cannot pause it at the end of its lifetime (%s); "
+                        "destroying it", rec.id, err)
+            self.destroy(rec.id)
+            raise SandboxNotFoundError(f"sandbox {rec.id} expired (timeout) and was "
+                                       "destroyed") from err
+        self.store.update_sandbox(rec.id, state="paused", expires_at=None, error=EXPIRED_PAUSED)
+        return self.store.get_sandbox(rec.id)
+
     def pause(self, sandbox_id: str) -> None:
         self._switch(sandbox_id, "running", "paused", "pause", lambda h: h.stop())
 
@@ -282,7 +301,10 @@ class SandboxManager:
         if rec.state != src:
             raise SandboxStateError(f"sandbox {sandbox_id} is {rec.state}; cannot {verb} it")
         action(self.handle(rec))
-        self.store.update_sandbox(sandbox_id, state=dst)
+        fields: dict[str, object] = {"state": dst, "error": None}
+        if rec.error == EXPIRED_PAUSED and dst == "running" and rec.timeout_s is not None:
+            fields["expires_at"] = time.time() + rec.timeout_s  # a new lifetime starts
+        self.store.update_sandbox(sandbox_id, **fields)
 
     def remove_snapshot(self, ref: str) -> SnapshotRecord:
         snap = self.store.get_snapshot(ref)
@@ -311,7 +333,8 @@ class SandboxManager:
         if self.store.get_pool(key) is None:
             return None
         rec = self.store.claim_pooled(key, timeout_s=spec.timeout, env=dict(spec.env),
-                                      metadata=dict(spec.metadata), now=time.time())
+                                      metadata=dict(spec.metadata), now=time.time(),
+                                      on_timeout=spec.on_timeout)
         ensure_reaper(self.paths)
         return rec
 
@@ -376,6 +399,8 @@ class SandboxManager:
             finally:
                 writer.release()
         if rec.expires_at is not None and time.time() >= rec.expires_at and rec.state != "pooled":
+            if rec.on_timeout == "pause" and self._alive(rec):
+                return self._pause_expired(rec)
             log.info("sandbox %s expired; destroying it", rec.id)
             self.destroy(rec.id)
             raise SandboxNotFoundError(f"sandbox {rec.id} expired (timeout) and was destroyed")

@@ -12,6 +12,7 @@ from ember.errors import BadRequestError
 
 DEFAULT_TEMPLATE = "debian-python"
 DEFAULT_TIMEOUT_S = 300.0
+ON_TIMEOUT = ("destroy", "pause")
 MAX_VCPUS = 64
 MIN_MEMORY_MIB = 64
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,255}$")
@@ -27,6 +28,8 @@ class SandboxSpec:
     timeout: float | None = DEFAULT_TIMEOUT_S  # lifetime in seconds; None = until destroyed
     env: Mapping[str, str] = field(default_factory=dict)
     metadata: Mapping[str, str] = field(default_factory=dict)
+    #: When the lifetime ends: "destroy" the sandbox, or "pause" it (resume() goes on).
+    on_timeout: str = "destroy"
 
     def __post_init__(self) -> None:
         if not isinstance(self.template, str) or not self.template:
@@ -42,6 +45,9 @@ class SandboxSpec:
             not isinstance(self.timeout, int | float) or not 0 < self.timeout <= 7 * 86400
         ):
             raise BadRequestError(f"timeout must be between 0 and 7 days, got {self.timeout!r}")
+        if self.on_timeout not in ON_TIMEOUT:
+            raise BadRequestError(f"on_timeout must be one of {', '.join(ON_TIMEOUT)}, "
+                                  f"not {self.on_timeout!r}")
         for k, v in self.env.items():
             if not _ENV_KEY.fullmatch(k) or not isinstance(v, str) or "\0" in v:
                 raise BadRequestError(f"invalid environment variable {k!r}")

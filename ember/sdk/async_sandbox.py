@@ -7,6 +7,7 @@ import builtins
 import contextlib
 import os
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -17,6 +18,7 @@ from ember.errors import (
     EmberError,
     EmberTimeoutError,
     GuestError,
+    SandboxNotFoundError,
     SandboxStateError,
 )
 from ember.locks import FileLock
@@ -99,14 +101,16 @@ class AsyncSandbox:
         boot_timeout: float | None = None,
         on_progress: Callable[[str], None] | None = None,
         paths: Paths | None = None,
+        on_timeout: str = "destroy",
     ) -> AsyncSandbox:
         """Start a new sandbox from ``template`` and return once its agent answers.
 
         ``vcpus`` and ``memory_mib`` default to 1 and 256 (a pre-baked template: the size
         it was baked with). ``timeout`` is the sandbox's lifetime in seconds (None: until
-        destroyed). A ready sandbox is taken from a warm pool of that template and size
-        when there is one; a pre-baked template is restored from its snapshot; anything
-        else boots.
+        destroyed); when it ends the sandbox is destroyed, or paused with
+        ``on_timeout="pause"`` (resume() it to go on). A ready sandbox is taken from a warm
+        pool of that template and size when there is one; a pre-baked template is restored
+        from its snapshot; anything else boots.
         """
         mgr = manager(paths)
         tpl = await asyncio.to_thread(mgr.store.get_template, template)
@@ -116,7 +120,7 @@ class AsyncSandbox:
                            memory_mib=(memory_mib if memory_mib is not None
                                        else int(tpl.config.get("memory_mib", 256))),
                            disk_mib=disk_mib, timeout=timeout, env=dict(env or {}),
-                           metadata=dict(metadata or {}))
+                           metadata=dict(metadata or {}), on_timeout=on_timeout)
         pooled = await cls._from_pool(mgr, spec)
         if pooled is not None:
             return pooled
@@ -175,7 +179,8 @@ class AsyncSandbox:
                       metadata: Mapping[str, str] | None = None,
                       boot_timeout: float | None = None,
                       on_progress: Callable[[str], None] | None = None,
-                      paths: Paths | None = None) -> AsyncSandbox:
+                      paths: Paths | None = None,
+                      on_timeout: str = "destroy") -> AsyncSandbox:
         """A new sandbox restored from ``snapshot`` (name or id): files, memory and running
         processes as they were, with its own id, hostname, disk overlay, RNG and clock.
 
@@ -186,7 +191,7 @@ class AsyncSandbox:
         snap = await asyncio.to_thread(mgr.store.get_snapshot, snapshot)
         spec = SandboxSpec(template=snap.template, vcpus=snap.vcpus,
                            memory_mib=snap.memory_mib, timeout=timeout, env=dict(env or {}),
-                           metadata=dict(metadata or {}))
+                           metadata=dict(metadata or {}), on_timeout=on_timeout)
         return await cls._restore(mgr, snap, spec, boot_timeout, on_progress, None)
 
     @classmethod
@@ -227,10 +232,39 @@ class AsyncSandbox:
         self._client = await AgentClient.connect(socket, timeout=timeout,
                                                  on_broken=self._on_broken,
                                                  hostname=self._rec.id)
+        self._client.watch = self._fate
 
-    def _on_broken(self, why: str) -> None:
-        if not self._killed:
-            self._mgr.fail(self._rec.id, why)
+    def _on_broken(self, why: str) -> str | None:
+        """The connection broke: fail the sandbox, and say why in the caller's words when
+        the registry knows better (its lifetime ended, another process destroyed it)."""
+        if self._killed:
+            return None
+        fate = self._fate()
+        self._mgr.fail(self._rec.id, why)
+        return fate
+
+    def _fate(self) -> str | None:
+        """Why this sandbox cannot answer any more, from the registry (None: no reason
+        known; it should be answering). Asked while a caller waits on the guest."""
+        sid = self._rec.id
+        try:
+            rec = self._mgr.store.get_sandbox(sid)
+        except SandboxNotFoundError:
+            exp = self._rec.expires_at
+            if exp is not None and time.time() >= exp - 1.0:
+                return (f"sandbox {sid} reached the end of its lifetime "
+                        f"({self._rec.timeout_s:g} s) and was destroyed")
+            return f"sandbox {sid} was destroyed (by another process)"
+        self._rec = rec
+        if rec.expires_at is not None and time.time() >= rec.expires_at - 1.0 \
+                and rec.on_timeout == "destroy":  # the reaper is destroying it right now
+            return (f"sandbox {sid} reached the end of its lifetime "
+                    f"({rec.timeout_s:g} s) and was destroyed")
+        if rec.state == "paused" and not self._paused:
+            return f"sandbox {sid} was paused: {rec.error or 'by another process'}"
+        if rec.state == "failed":
+            return f"sandbox {sid} failed: {rec.error}"
+        return None
 
     def _require_client(self) -> AgentClient:
         if self._killed:
@@ -355,7 +389,8 @@ class AsyncSandbox:
         snap = taken.record
         spec = SandboxSpec(template=snap.template, vcpus=snap.vcpus, memory_mib=snap.memory_mib,
                            timeout=self._rec.timeout_s, env={},
-                           metadata={**self._rec.metadata, "forked_from": self.id})
+                           metadata={**self._rec.metadata, "forked_from": self.id},
+                           on_timeout=self._rec.on_timeout)
         gate = asyncio.Semaphore(max(1, os.cpu_count() or 1))
 
         async def one() -> AsyncSandbox:
@@ -388,6 +423,7 @@ class AsyncSandbox:
     async def set_timeout(self, timeout: float | None) -> None:
         """Change the sandbox's remaining lifetime (seconds from now; None = no limit)."""
         await asyncio.to_thread(self._mgr.set_timeout, self.id, timeout)
+        self._rec = await asyncio.to_thread(self._mgr.store.get_sandbox, self.id)
 
     async def close(self) -> None:
         """Disconnect without destroying the sandbox (it keeps running)."""

@@ -112,12 +112,13 @@ class Sandbox:
         boot_timeout: float | None = None,
         on_progress: Callable[[str], None] | None = None,
         paths: Paths | None = None,
+        on_timeout: str = "destroy",
     ) -> Sandbox:
         """Boot a new sandbox from ``template``; see :meth:`AsyncSandbox.create`."""
         return cls(portal().call(AsyncSandbox.create(
             template, vcpus=vcpus, memory_mib=memory_mib, disk_mib=disk_mib, timeout=timeout,
             env=env, metadata=metadata, boot_timeout=boot_timeout, on_progress=on_progress,
-            paths=paths)))
+            paths=paths, on_timeout=on_timeout)))
 
     @classmethod
     def restore(cls, snapshot: str, *, timeout: float | None = DEFAULT_TIMEOUT_S,
@@ -125,11 +126,11 @@ class Sandbox:
                 metadata: Mapping[str, str] | None = None,
                 boot_timeout: float | None = None,
                 on_progress: Callable[[str], None] | None = None,
-                paths: Paths | None = None) -> Sandbox:
+                paths: Paths | None = None, on_timeout: str = "destroy") -> Sandbox:
         """A new sandbox restored from ``snapshot``; see :meth:`AsyncSandbox.restore`."""
         return cls(portal().call(AsyncSandbox.restore(
             snapshot, timeout=timeout, env=env, metadata=metadata, boot_timeout=boot_timeout,
-            on_progress=on_progress, paths=paths)))
+            on_progress=on_progress, paths=paths, on_timeout=on_timeout)))
 
     @classmethod
     def list_snapshots(cls, *, paths: Paths | None = None) -> builtins.list[SnapshotInfo]:

@@ -86,11 +86,15 @@ MIGRATIONS: tuple[str, ...] = (
         created_at REAL NOT NULL
     );
     """,
+    # 3: what to do when a sandbox's lifetime ends
+    """
+    ALTER TABLE sandboxes ADD COLUMN on_timeout TEXT NOT NULL DEFAULT 'destroy';
+    """,
 )
 
 _SANDBOX_COLS = (
     "id, template, state, vcpus, memory_mib, disk_mib, timeout_s, created_at, expires_at, "
-    "dir, pid, accel, env, metadata, error, snapshot, pool"
+    "dir, pid, accel, env, metadata, error, snapshot, pool, on_timeout"
 )
 _SNAPSHOT_COLS = (
     "id, name, template, template_digest, kernel_key, vmm_version, accel, vcpus, memory_mib, "
@@ -201,15 +205,16 @@ class Store:
         with self._tx() as db:
             db.execute(
                 f"INSERT INTO sandboxes ({_SANDBOX_COLS}) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (rec.id, rec.template, rec.state, rec.vcpus, rec.memory_mib, rec.disk_mib,
                  rec.timeout_s, rec.created_at, rec.expires_at, rec.dir, rec.pid, rec.accel,
-                 dumps(rec.env), dumps(rec.metadata), rec.error, rec.snapshot, rec.pool),
+                 dumps(rec.env), dumps(rec.metadata), rec.error, rec.snapshot, rec.pool,
+                 rec.on_timeout),
             )
 
     def update_sandbox(self, sandbox_id: str, **fields: Any) -> None:
         allowed = {"state", "pid", "error", "expires_at", "timeout_s", "env", "metadata",
-                   "pool"}
+                   "pool", "on_timeout"}
         for key in ("env", "metadata"):
             if key in fields:
                 fields[key] = dumps(fields[key])
@@ -250,7 +255,8 @@ class Store:
         return [r[0] for r in rows]
 
     def claim_pooled(self, pool: str, *, timeout_s: float | None, env: dict[str, str],
-                     metadata: dict[str, str], now: float) -> SandboxRecord | None:
+                     metadata: dict[str, str], now: float,
+                     on_timeout: str = "destroy") -> SandboxRecord | None:
         """Hand out one ready sandbox of ``pool``, atomically: it leaves the pool in the
         same transaction that finds it, so no two callers (in any process) get the same."""
         with self._tx() as db:
@@ -262,9 +268,9 @@ class Store:
             expires = now + timeout_s if timeout_s is not None else None
             db.execute(
                 "UPDATE sandboxes SET state='running', pool=NULL, timeout_s=?, expires_at=?, "
-                "env=?, metadata=? WHERE id=? AND state='pooled'",
+                "env=?, metadata=?, on_timeout=? WHERE id=? AND state='pooled'",
                 (timeout_s, expires, dumps({**json.loads(row[1]), **env}), dumps(metadata),
-                 row[0]))
+                 on_timeout, row[0]))
             got = db.execute(f"SELECT {_SANDBOX_COLS} FROM sandboxes WHERE id=?",
                              (row[0],)).fetchone()
         return _sandbox(got)
@@ -349,12 +355,12 @@ def _template(row: tuple[Any, ...]) -> TemplateRecord:
 
 def _sandbox(row: tuple[Any, ...]) -> SandboxRecord:
     (sid, template, state, vcpus, mem, disk, timeout_s, created, expires, d, pid, accel, env,
-     metadata, error, snapshot, pool) = row
+     metadata, error, snapshot, pool, on_timeout) = row
     return SandboxRecord(
         id=sid, template=template, state=state, vcpus=int(vcpus), memory_mib=int(mem),
         disk_mib=int(disk), timeout_s=timeout_s, created_at=float(created), expires_at=expires,
         dir=d, pid=pid, accel=accel, env=json.loads(env), metadata=json.loads(metadata),
-        error=error, snapshot=snapshot, pool=pool,
+        error=error, snapshot=snapshot, pool=pool, on_timeout=on_timeout,
     )
 
 

@@ -48,6 +48,7 @@ class SandboxRecord:
     error: str | None = None
     snapshot: str | None = None  # restored from this snapshot (which it depends on)
     pool: str | None = None  # waiting in this warm pool (state ``pooled``)
+    on_timeout: str = "destroy"  # when the lifetime ends: "destroy" or "pause"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -60,6 +61,7 @@ class SandboxRecord:
             "memory_mib": self.memory_mib,
             "disk_mib": self.disk_mib,
             "timeout_s": self.timeout_s,
+            "on_timeout": self.on_timeout,
             "created_at": self.created_at,
             "expires_at": self.expires_at,
             "dir": self.dir,
