@@ -21,6 +21,7 @@ from ember.errors import (
     SnapshotError,
     SnapshotNotFoundError,
     TemplateNotFoundError,
+    TierUnavailableError,
 )
 
 if TYPE_CHECKING:
@@ -91,4 +92,5 @@ __all__ = [
     "SnapshotInfo",
     "SnapshotNotFoundError",
     "TemplateNotFoundError",
+    "TierUnavailableError",
 ]

@@ -102,3 +102,9 @@ class CommandTimeoutError(EmberTimeoutError):
     def __init__(self, message: str, result: object = None) -> None:
         super().__init__(message)
         self.result = result
+
+
+class TierUnavailableError(HostError):
+    """The isolation tier asked for (``gvisor``, ``container``) cannot run on this host:
+    its runtime is missing or the host lacks what it needs. The message names the cause
+    and the fix."""
