@@ -9,6 +9,7 @@ PUBLIC = {
     "OutputChunk", "Process", "ProcessInfo", "Sandbox", "SandboxInfo", "SandboxNotFoundError",
     "SandboxStateError", "SnapshotError", "SnapshotInfo", "SnapshotNotFoundError",
     "TemplateNotFoundError",
+    "TierUnavailableError",
 }
 
 
