@@ -8,7 +8,7 @@ so that a VMM's command line and a qcow2's backing-file names need no rewriting.
 
 from __future__ import annotations
 
-import json
+import marshal
 import os
 import subprocess
 import sys
@@ -85,7 +85,8 @@ class JailSpec:
         seen = {b.source for b in self.binds}
         return replace(self, binds=self.binds + tuple(b for b in binds if b.source not in seen))
 
-    def to_json(self, argv: list[str]) -> bytes:
+    def encode(self, argv: list[str]) -> bytes:
+        """The jailer's input (a marshal-encoded dict of plain values)."""
         binds = [{**asdict(b), "source": str(b.source)} for b in self.binds]
         links = [{"path": p, "target": os.readlink(p)} for p in SYSTEM_LINKS
                  if os.path.islink(p)]
@@ -99,7 +100,7 @@ class JailSpec:
             "cgroup_procs": [str(p) for p in self.cgroup_procs],
             "network": self.network,
         }
-        return json.dumps(doc).encode()
+        return marshal.dumps(doc)
 
 
 def launch(jail: JailSpec, argv: list[str], *, timeout: float = LAUNCH_TIMEOUT_S) -> int:
@@ -114,22 +115,19 @@ def launch(jail: JailSpec, argv: list[str], *, timeout: float = LAUNCH_TIMEOUT_S
             # not yet exec'd child) by it.
             [JAILER_NAME, "-I", "-S", str(JAILER), "--for", str(jail.log)],
             executable=sys.executable,
-            input=jail.to_json(argv), capture_output=True, timeout=timeout, close_fds=True,
+            input=jail.encode(argv), capture_output=True, timeout=timeout, close_fds=True,
             cwd="/", env={"PATH": "/usr/bin:/bin"},
         )
     except subprocess.TimeoutExpired as err:
         raise JailError(f"the jailer did not finish within {timeout:g} s") from err
     except OSError as err:
         raise JailError(f"cannot run the jailer: {err}") from err
-    try:
-        reply = json.loads(done.stdout.decode("utf-8", "replace").strip().splitlines()[-1])
-    except (ValueError, IndexError):
+    lines = done.stdout.decode("utf-8", "replace").strip().splitlines()
+    kind, _, text = (lines[-1] if lines else "").partition(" ")
+    if kind == "error":
+        raise JailError(f"cannot jail {Path(argv[0]).name}: {text}")
+    if kind != "pid" or not text.isdigit() or int(text) <= 0:
         tail = done.stderr.decode("utf-8", "replace")[-1000:].strip()
         raise JailError(f"the jailer failed (exit {done.returncode}): "
-                        f"{tail or 'no output'}") from None
-    if "error" in reply:
-        raise JailError(f"cannot jail {Path(argv[0]).name}: {reply['error']}")
-    pid = reply.get("pid")
-    if not isinstance(pid, int) or pid <= 0:
-        raise JailError(f"the jailer returned no pid: {reply!r}")
-    return pid
+                        f"{tail or text or 'no output'}")
+    return int(text)

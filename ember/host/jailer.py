@@ -1,8 +1,10 @@
 """ember-jailer: start one VMM process inside its jail, then get out of the way.
 
-Run as root with a fresh interpreter (``python3 -I -S jailer.py``), the jail as JSON on
-stdin (see :class:`ember.host.jail.JailSpec`, which writes it). Standard library only, and
-single-threaded: everything between ``fork`` and ``exec`` is plain system calls.
+Run as root with a fresh interpreter (``python3 -I -S jailer.py``), the jail on stdin as a
+``marshal``-encoded dict (see :class:`ember.host.jail.JailSpec`, which writes it; marshal,
+not JSON: it needs no import, and the jailer's start-up is on every sandbox's start path).
+Standard library only, and single-threaded: everything between ``fork`` and ``exec`` is
+plain system calls.
 
 What the VMM process gets, in this order (each step is checked; any failure is reported
 on stdout as ``{"error": ...}`` and nothing keeps running):
@@ -22,19 +24,23 @@ on stdout as ``{"error": ...}`` and nothing keeps running):
 7. the unprivileged uid, gid and groups of the spec (which clears every capability), and
    ``no_new_privs``; then ``execve``.
 
-On success the jailer prints ``{"pid": N}`` (the VMM's pid as the host sees it) once the
-``execve`` succeeded, and exits; the VMM is re-parented to the host's init.
+On success the jailer prints ``pid N`` (the VMM's pid as the host sees it) once the
+``execve`` succeeded, and exits; the VMM is re-parented to the host's init. On failure it
+prints ``error <message>`` and exits 1.
 """
 
 from __future__ import annotations
 
+import _signal  # type: ignore[import-not-found]  # C module: ``signal`` imports ``enum`` (ms)
 import ctypes
-import json
+import marshal
 import os
 import resource
-import signal
 import sys
-from typing import Any
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
@@ -172,9 +178,9 @@ def _child(spec: dict[str, Any], report: int) -> None:
         os.close(null)
         null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
     _rlimits(spec)
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    for sig in (signal.SIGPIPE, signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_DFL)
+    _signal.signal(_signal.SIGXFSZ, _signal.SIG_IGN)
+    for sig in (_signal.SIGPIPE, _signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP):
+        _signal.signal(sig, _signal.SIG_DFL)
     os.umask(0o077)
     os.dup2(null, 0)
     os.dup2(log, 1)
@@ -201,21 +207,23 @@ def _drop_bounding_set() -> None:
             _check(-1, f"prctl(PR_CAPBSET_DROP, {cap})")
 
 
-def _reply(obj: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
+def _reply(kind: str, text: str) -> None:
+    sys.stdout.write(f"{kind} {text}".replace("\n", " ") + "\n")
     sys.stdout.flush()
 
 
 def main() -> int:
     try:
-        spec = json.loads(sys.stdin.buffer.read(MAX_SPEC_BYTES))
+        spec = marshal.loads(sys.stdin.buffer.read(MAX_SPEC_BYTES))
+        if not isinstance(spec, dict):
+            raise JailError("the jail spec is not a dict")
         if os.geteuid() != 0:
             raise JailError("the jailer must run as root")
         _unshare(CLONE_NEWPID, "pid namespace")
         rd, wr = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
-    except (OSError, ValueError, KeyError, JailError) as err:
-        _reply({"error": str(err)})
+    except (OSError, ValueError, EOFError, TypeError, KeyError, JailError) as err:
+        _reply("error", str(err))
         return 1
     if pid == 0:
         os.close(rd)
@@ -232,9 +240,9 @@ def main() -> int:
         chunks.append(chunk)
     if chunks:
         os.waitpid(pid, 0)
-        _reply({"error": b"".join(chunks).decode("utf-8", "replace")})
+        _reply("error", b"".join(chunks).decode("utf-8", "replace"))
         return 1
-    _reply({"pid": pid})
+    _reply("pid", str(pid))
     return 0
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import marshal
 import os
 import struct
 import time
@@ -46,10 +46,10 @@ def test_with_binds_adds_each_source_once() -> None:
     assert s.binds[0].writable is False
 
 
-def test_spec_json_carries_everything_the_jailer_needs() -> None:
+def test_spec_encoding_carries_everything_the_jailer_needs() -> None:
     s = _spec(binds=(Bind(Path("/k"), writable=True),), rlimits=(("nofile", 10, 20),),
               cgroup_procs=(Path("/sys/fs/cgroup/x/cgroup.procs"),), groups=(7000,))
-    doc = json.loads(s.to_json(["/usr/bin/qemu", "-x"]))
+    doc = marshal.loads(s.encode(["/usr/bin/qemu", "-x"]))
     assert doc["argv"] == ["/usr/bin/qemu", "-x"]
     assert doc["uid"] == doc["gid"] == 2_000_000_001 and doc["groups"] == [7000]
     assert {"source": "/k", "writable": True, "exec": False, "device": False} in doc["binds"]
