@@ -215,7 +215,7 @@ class AgentClient:
         except P.ProtocolViolation as err:
             self._break(f"the guest agent broke the protocol: {err}")
         except (OSError, ConnectionError) as err:
-            self._break(f"lost the agent connection: {err}")
+            self._break(f"lost the agent connection (the VM died or the agent crashed): {err}")
 
     async def _route(self, frame: P.Frame) -> None:
         st = self._streams.get(frame.stream)
@@ -292,8 +292,9 @@ class AgentClient:
                 self._writer.write(frame)
                 await self._writer.drain()
             except (OSError, ConnectionError) as err:
-                self._break(f"lost the agent connection: {err}")
-                raise GuestError(f"lost the agent connection: {err}") from err
+                self._break(f"lost the agent connection (the VM died or the agent crashed): "
+                            f"{err}")
+                raise GuestError(self.broken or str(err)) from err
 
     async def next_frame(self, sid: int, timeout: float | None) -> P.Frame:
         frame = await self._take(sid, timeout)

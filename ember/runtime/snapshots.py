@@ -36,6 +36,7 @@ from ember import proc
 from ember.engine import VMHandle
 from ember.errors import BadRequestError, EmberError, SandboxStateError, SnapshotError
 from ember.guest.kernel import Kernel, kernel_by_key
+from ember.locks import FileLock
 from ember.paths import Paths
 from ember.runtime.sparse import copy_sparse, digest
 from ember.store import SandboxRecord, SnapshotRecord, Store, TemplateRecord
@@ -65,6 +66,26 @@ class Taken:
     record: SnapshotRecord
     pause_s: float  # how long the source's vCPUs were stopped
     total_s: float
+    #: Held by the taker while it still needs the snapshot (a fork, until its clones are
+    #: registered): the leftover sweep never removes a snapshot whose lock is held.
+    lock: FileLock | None = None
+
+    def release(self) -> None:
+        """Idempotent."""
+        if self.lock is not None and self.lock.held:
+            release_hold(self.lock)
+
+
+def hold_lock(paths: Paths, snapshot_id: str) -> FileLock:
+    """The lock that marks a snapshot as being written or used by a live process."""
+    paths.tmp.mkdir(parents=True, exist_ok=True)
+    return FileLock(paths.tmp / f"snapshot-{snapshot_id}.lock")
+
+
+def release_hold(lock: FileLock) -> None:
+    if lock.held:
+        lock.path.unlink(missing_ok=True)  # before release: no one finds a free stale file
+    lock.release()
 
 
 def snapshot_dir(paths: Paths, snapshot_id: str) -> Path:
@@ -73,11 +94,14 @@ def snapshot_dir(paths: Paths, snapshot_id: str) -> Path:
 
 def take(paths: Paths, store: Store, engine: Any, handle: VMHandle, rec: SandboxRecord,
          *, kernel: Kernel, cmdline: str, ram_file: Path | None, overlay: Path,
-         template: TemplateRecord, name: str | None, resume: bool) -> Taken:
+         template: TemplateRecord, name: str | None, resume: bool,
+         hold: bool = False) -> Taken:
     """Write a snapshot of the running (or paused) sandbox ``rec``.
 
     The guest is paused while its state, RAM and disk are copied, then resumed if
-    ``resume`` (and if it was running); hashing and publishing happen after that.
+    ``resume`` (and if it was running); hashing and publishing happen after that. With
+    ``hold`` the returned :class:`Taken` keeps the snapshot's hold lock (the caller
+    releases it); a killed taker's hold dies with it and the sweep collects what it left.
     """
     if name is not None:
         check_name(name)
@@ -114,6 +138,8 @@ def take(paths: Paths, store: Store, engine: Any, handle: VMHandle, rec: Sandbox
         (staging / MANIFEST).write_bytes(raw)
         sid = hashlib.sha256(raw).hexdigest()
         final = snapshot_dir(paths, sid)
+        lock = hold_lock(paths, sid)  # from the rename until registered (or released)
+        lock.try_acquire()
         try:
             staging.rename(final)
         except OSError:
@@ -131,6 +157,8 @@ def take(paths: Paths, store: Store, engine: Any, handle: VMHandle, rec: Sandbox
         stored = store.add_snapshot(snap)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if "lock" in locals():
+            release_hold(lock)
         raise
     finally:
         if resume and was_running and not resumed:
@@ -138,7 +166,10 @@ def take(paths: Paths, store: Store, engine: Any, handle: VMHandle, rec: Sandbox
                 handle.cont()
     log.info("snapshot %s of sandbox %s: paused %.0f ms, total %.0f ms", sid[:12], rec.id,
              pause_s * 1000, (time.monotonic() - t0) * 1000)
-    return Taken(stored, pause_s, time.monotonic() - t0)
+    taken = Taken(stored, pause_s, time.monotonic() - t0, lock)
+    if not hold:
+        taken.release()
+    return taken
 
 
 def _standalone_disk(overlay: Path, base: Path, dest: Path) -> None:
@@ -159,6 +190,46 @@ def sweep_staging(paths: Paths) -> None:
         pid = d.name[len(STAGING_PREFIX):].split("-", 1)[0]
         if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():
             shutil.rmtree(d, ignore_errors=True)
+
+
+def sweep_orphans(paths: Paths, store: Store, live_states: tuple[str, ...]) -> list[str]:
+    """Remove what killed snapshot takers left: staging directories, snapshot directories
+    that were never registered, and unnamed snapshots (a fork's) that nothing uses, unless
+    a live process holds them. Returns the ids removed."""
+    sweep_staging(paths)
+    removed: list[str] = []
+    if not paths.snapshots.is_dir():
+        return removed
+    known = {s.id: s for s in store.list_snapshots()}
+    for d in paths.snapshots.iterdir():
+        if d.name.startswith(".") or (d.name in known and known[d.name].name is not None):
+            continue
+        lock = hold_lock(paths, d.name)
+        if not lock.try_acquire():
+            continue  # being written or used right now
+        try:
+            snap = known.get(d.name)
+            if snap is None and not _registered(store, d.name):
+                trash = paths.snapshots / f"{STAGING_PREFIX}{os.getpid()}-rm-{secrets.token_hex(4)}"
+                with contextlib.suppress(FileNotFoundError):
+                    d.rename(trash)
+                    shutil.rmtree(trash, ignore_errors=True)
+                removed.append(d.name)
+            elif snap is not None and not users(store, snap.id, live_states):
+                with contextlib.suppress(EmberError):
+                    remove(paths, store, snap, live_states)
+                    removed.append(snap.id)
+        finally:
+            release_hold(lock)
+    return removed
+
+
+def _registered(store: Store, snapshot_id: str) -> bool:
+    try:
+        store.get_snapshot(snapshot_id)
+    except EmberError:
+        return False
+    return True
 
 
 def stat_signature(d: Path) -> str:
