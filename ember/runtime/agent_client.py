@@ -47,6 +47,9 @@ LOSSY_STREAM_MSGS = 256
 #: (``more: true``); about 150,000 directory entries.
 REQUEST_REPLY_BYTES = 16 << 20
 READ_CHUNK = 256 * 1024
+#: Bytes that complete any partial frame a dead client left in the agent's decoder and
+#: then break its framing (no valid magic), so that it goes back to scanning for a hello.
+RESYNC_PAD = bytes(P.MAX_FRAME_SIZE)
 #: How often a caller waiting on the guest checks that the sandbox is still there to answer.
 WATCH_INTERVAL_S = 2.0
 
@@ -114,8 +117,13 @@ class AgentClient:
     @classmethod
     async def connect(cls, socket_path: str, *, timeout: float,
                       on_broken: Callable[[str], str | None] | None = None,
-                      hostname: str | None = None) -> AgentClient:
+                      hostname: str | None = None, resync: bool = False) -> AgentClient:
         """Connect to the agent socket and complete the hello within ``timeout`` seconds.
+
+        ``resync``: the agent has been serving (another client may have died mid-frame, and
+        the agent may not have seen it go): if the first hello goes unanswered, send one
+        frame's worth of padding so that the agent's decoder finishes the dead client's
+        frame, fails on the padding and scans for our hello again.
 
         The hello carries the host's clock, fresh entropy for the guest's kernel RNG and,
         if given, the hostname the guest must have (a restored clone takes them on).
@@ -128,23 +136,25 @@ class AgentClient:
         except (OSError, TimeoutError) as err:
             raise GuestError(f"cannot connect to the agent socket {socket_path}: {err}") from err
         return await cls.over(reader, writer, timeout=max(0.0, deadline - loop.time()),
-                              on_broken=on_broken, hostname=hostname)
+                              on_broken=on_broken, hostname=hostname, resync=resync)
 
     @classmethod
     async def over(cls, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
                    timeout: float,
                    on_broken: Callable[[str], str | None] | None = None,
-                   hostname: str | None = None) -> AgentClient:
+                   hostname: str | None = None, resync: bool = False) -> AgentClient:
         """Run the hello over an already open stream (any transport)."""
         client = cls(reader, writer, on_broken)
         try:
-            await client._handshake(asyncio.get_running_loop().time() + timeout, hostname)
+            await client._handshake(asyncio.get_running_loop().time() + timeout, hostname,
+                                    resync)
         except BaseException:
             await client.close()
             raise
         return client
 
-    async def _handshake(self, deadline: float, hostname: str | None) -> None:
+    async def _handshake(self, deadline: float, hostname: str | None,
+                         resync: bool = False) -> None:
         loop = asyncio.get_running_loop()
         nonce = secrets.randbelow(1 << 62)
         scanner = P.HelloScanner(nonce, kinds=P.GUEST_TO_HOST_KINDS)
@@ -156,15 +166,19 @@ class AgentClient:
         # The agent may still be booting, or may have missed a hello sent while it was not
         # yet reading: repeat the hello until an answer arrives.
         next_send = 0.0
+        sent = 0
         while True:
             now = loop.time()
             if now >= deadline:
                 raise EmberTimeoutError("the guest agent did not answer the hello in time")
             try:
                 if now >= next_send:
+                    if resync and sent == 1:
+                        self._writer.write(RESYNC_PAD)
                     self._writer.write(hello)
-                    await self._writer.drain()
+                    await asyncio.wait_for(self._writer.drain(), max(0.01, deadline - now))
                     next_send = now + 1.0
+                    sent += 1
                 data = await asyncio.wait_for(self._reader.read(READ_CHUNK),
                                               min(next_send, deadline) - now)
             except TimeoutError:
