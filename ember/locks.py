@@ -19,16 +19,31 @@ class FileLock:
         self._fd: int | None = None
 
     def try_acquire(self) -> bool:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        for _ in range(5):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            if self._still_linked(fd):
+                break
+            os.close(fd)  # its holder unlinked the file as we opened it: take the new one
+        else:
             return False
         self._fd = fd
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         return True
+
+    def _still_linked(self, fd: int) -> bool:
+        """True if ``self.path`` still names the file ``fd`` is open on."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(fd)
+        return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
 
     def acquire(self, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout

@@ -15,11 +15,13 @@ say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
 APT_PACKAGES=(
   qemu-system-x86 qemu-utils            # the microVM engine
+  crun runsc                            # isolation tiers: container (crun), gvisor (runsc)
   python3 python3-venv                  # ember itself and the guest agent's runtime
   patchelf                              # makes the agent runtime self-contained
   debootstrap e2fsprogs                 # Debian templates, ext4 images
   linux-source-6.1 bc bison flex libelf-dev libssl-dev make gcc xz-utils cpio  # guest kernel
   busybox-static docker-registry        # test fixtures: busybox OCI image, local registry
+  strace                                # ember bench: host syscalls of each tier
   ca-certificates
 )
 missing=()

@@ -32,3 +32,13 @@ PORT_NAME = "ember.agent"
 """Name of the virtio-serial port that carries the protocol."""
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+CONTAINER_SOCKET = "/.ember/run/agent.sock"
+"""Where the agent of a container sandbox listens (``/.ember/run`` is a bind mount of the
+sandbox's host directory ``vm/``, so the host connects to the same socket)."""
+
+CONTAINER_INIT_CODE = (
+    'import sys; sys.path.insert(0, "/.ember/lib"); '
+    "from ember.agent.init import container_main; container_main()"
+)
+"""What the image's interpreter runs (``python3 -IS -c``) as PID 1 of a container sandbox."""

@@ -15,7 +15,7 @@ import stat
 import time
 from collections.abc import Callable
 
-from . import DEFAULT_PATH, SHUTDOWN_EXIT_CODE
+from . import CONTAINER_SOCKET, DEFAULT_PATH, SHUTDOWN_EXIT_CODE
 from .bootconfig import BootConfig, boot_config, check_line, parse_cmdline, read_image_digest
 from .identity import write_identity
 from .libc import (
@@ -100,6 +100,36 @@ def main() -> None:
         log(f"fatal: {exc!r}")
         _log_traceback()
     _power_off()
+
+
+def container_main() -> None:
+    """Entry point of a container sandbox (``isolation="container"`` or ``"gvisor"``): PID 1
+    of the container's pid namespace. The OCI runtime has mounted ``/proc``, ``/dev``,
+    ``/tmp`` and friends and set the hostname; this supervises the agent, which serves on
+    :data:`~ember.agent.CONTAINER_SOCKET`, reaps orphans, and ends the container (every
+    process, then itself) when the host asks to shut down."""
+    if os.getpid() != 1:
+        log("refusing to run: ember's container init must be PID 1")
+        return
+    try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        os.umask(0o022)
+        os.environ["PATH"] = DEFAULT_PATH
+        _ensure_stdio()
+        _link_dev()
+        hostname = os.uname().nodename
+        try:
+            write_identity(hostname)
+        except OSError as err:
+            log(f"cannot write /etc/hostname or /etc/hosts: {err}")
+        from .server import main_unix
+
+        _supervise(lambda: main_unix(CONTAINER_SOCKET))
+    except BaseException as exc:
+        log(f"fatal: {exc!r}")
+        _log_traceback()
+    _try("stop processes", _kill_everything)
+    os._exit(0)
 
 
 def _boot() -> None:
@@ -254,10 +284,10 @@ def _write_check_line(line: str) -> None:
         pass
 
 
-def _supervise() -> None:
+def _supervise(agent_main: Callable[[], int] | None = None) -> None:
     """Run the agent, restart it after a crash, return when it asks to power off."""
     restarts = 0
-    agent = _spawn_agent()
+    agent = _spawn_agent(agent_main)
     while True:
         for pid, status in _reap():
             if pid != agent:
@@ -272,9 +302,10 @@ def _supervise() -> None:
                 return
             log(f"agent exited ({_describe(code)}); restart {restarts}/{MAX_AGENT_RESTARTS}")
             time.sleep(RESTART_DELAY)
-            agent = _spawn_agent()
+            agent = _spawn_agent(agent_main)
         info = signal.sigtimedwait(_SIGNALS, 1.0)
-        if info is not None and info.si_signo != signal.SIGCHLD:
+        # gVisor may wake us with si_signo 0 after a pause/resume: not a request to stop.
+        if info is not None and info.si_signo in _SIGNALS and info.si_signo != signal.SIGCHLD:
             log(f"{signal.Signals(info.si_signo).name} received; powering off")
             return
 
@@ -283,7 +314,7 @@ def _describe(code: int) -> str:
     return f"signal {-code}" if code < 0 else f"code {code}"
 
 
-def _spawn_agent() -> int:
+def _spawn_agent(agent_main: Callable[[], int] | None = None) -> int:
     pid = os.fork()
     if pid:
         return pid
@@ -293,9 +324,12 @@ def _spawn_agent() -> int:
         for signum in _SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
         os.setsid()
-        from .server import main as agent_main
+        if agent_main is None:
+            from .server import main as serve_port
 
-        code = agent_main()
+            code = serve_port()
+        else:
+            code = agent_main()
     except BaseException as exc:
         log(f"agent crashed: {exc!r}")
         _log_traceback()

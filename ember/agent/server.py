@@ -8,6 +8,7 @@ for it are dropped (processes keep running), and the agent scans for the next he
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 import signal
@@ -415,3 +416,32 @@ def main() -> int:
     outcome = Agent(channel).serve()
     log(f"agent ends: {outcome.value}")
     return SHUTDOWN_EXIT_CODE if outcome is Outcome.SHUTDOWN else 1
+
+
+def main_unix(path: str) -> int:
+    """The agent of a container sandbox: serve host connections on the Unix socket ``path``
+    (in a directory the host sees), one at a time, until one asks to shut down.
+
+    A container has no virtio port; each host client connects afresh, and a disconnect
+    ends only that session (the processes it started keep running)."""
+    import socket
+
+    os.chdir("/")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    os.umask(0o077)  # the socket: owner only
+    listener.bind(path)
+    os.umask(0o022)  # what the commands it runs inherit, as in a microVM
+    listener.listen(4)
+    log(f"serving on {path}")
+    try:
+        while True:
+            conn, _ = listener.accept()
+            with conn:
+                outcome = serve(conn.fileno())
+            if outcome is Outcome.SHUTDOWN:
+                log("agent ends: shutdown")
+                return SHUTDOWN_EXIT_CODE
+    finally:
+        listener.close()

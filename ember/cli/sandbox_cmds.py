@@ -30,6 +30,10 @@ CREATE_OPTIONS = [
                  help="Sandbox lifetime in seconds (0: no limit)."),
     click.option("--on-timeout", type=click.Choice(["destroy", "pause"]), default="destroy",
                  show_default=True, help="What happens when the lifetime ends."),
+    click.option("--isolation", type=click.Choice(["microvm", "gvisor", "container"]),
+                 default="microvm", show_default=True,
+                 help="Boundary: microVM (own kernel), gVisor, or container (host kernel); "
+                      "see docs/isolation.md."),
     click.option("--env", "-e", "env", multiple=True, metavar="KEY=VALUE",
                  help="Environment for every command; repeatable."),
     click.option("--meta", "metadata", multiple=True, metavar="KEY=VALUE",
@@ -57,7 +61,7 @@ def _pairs(items: tuple[str, ...], what: str) -> dict[str, str]:
 
 
 def _create(template: str, vcpus: int | None, memory_mib: int | None, disk_mib: int | None,
-            timeout: float, on_timeout: str,
+            timeout: float, on_timeout: str, isolation: str,
             env: tuple[str, ...], metadata: tuple[str, ...], show: bool) -> Sandbox:
     from ember.sdk.sandbox import Sandbox
 
@@ -65,7 +69,7 @@ def _create(template: str, vcpus: int | None, memory_mib: int | None, disk_mib: 
         return Sandbox.create(template, vcpus=vcpus, memory_mib=memory_mib, disk_mib=disk_mib,
                               timeout=timeout or None, env=_pairs(env, "--env"),
                               metadata=_pairs(metadata, "--meta"), on_progress=p,
-                              on_timeout=on_timeout)
+                              on_timeout=on_timeout, isolation=isolation)
 
 
 def _stream_exec(sb: Sandbox, cmd: list[str], stdin: bool, timeout: float | None) -> int:
@@ -100,15 +104,15 @@ def _copy_output(sb: Sandbox, cmd: list[str], stdin: bool, timeout: float | None
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
 @handle_errors
 def run(template: str, vcpus: int | None, memory_mib: int | None, disk_mib: int | None,
-        timeout: float, on_timeout: str,
+        timeout: float, on_timeout: str, isolation: str,
         env: tuple[str, ...], metadata: tuple[str, ...], stdin: bool, cmd_timeout: float | None,
         cmd: tuple[str, ...]) -> None:
     """Create a sandbox, run CMD in it with streamed output, destroy it; exit with CMD's code.
 
     Example: ember run -- python3 -c "print(6*7)"
     """
-    sb = _create(template, vcpus, memory_mib, disk_mib, timeout, on_timeout, env, metadata,
-                 True)
+    sb = _create(template, vcpus, memory_mib, disk_mib, timeout, on_timeout, isolation, env,
+                 metadata, True)
     try:
         code = _stream_exec(sb, list(cmd), stdin, cmd_timeout)
     finally:
@@ -121,11 +125,11 @@ def run(template: str, vcpus: int | None, memory_mib: int | None, disk_mib: int 
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
 def create(template: str, vcpus: int | None, memory_mib: int | None, disk_mib: int | None,
-           timeout: float, on_timeout: str,
+           timeout: float, on_timeout: str, isolation: str,
            env: tuple[str, ...], metadata: tuple[str, ...], as_json: bool) -> None:
     """Create a sandbox that keeps running after this command; print its id."""
-    sb = _create(template, vcpus, memory_mib, disk_mib, timeout, on_timeout, env, metadata,
-                 not as_json)
+    sb = _create(template, vcpus, memory_mib, disk_mib, timeout, on_timeout, isolation, env,
+                 metadata, not as_json)
     info = sb.info()
     sb.close()
     if as_json:
@@ -145,12 +149,13 @@ def ls(as_json: bool) -> None:
     if as_json:
         print_json([i.__dict__ for i in infos])
         return
-    t = Table("ID", "TEMPLATE", "STATE", "VCPUS", "MEMORY", "CREATED", "EXPIRES", "NOTE")
+    t = Table("ID", "TEMPLATE", "ISOLATION", "STATE", "VCPUS", "MEMORY", "CREATED", "EXPIRES",
+              "NOTE")
     for i in infos:
         created = datetime.datetime.fromtimestamp(i.created_at).strftime("%H:%M:%S")
         expires = (f"in {max(0, int(i.expires_at - time.time()))} s" if i.expires_at else "-")
-        t.add_row(i.id, i.template, i.state, str(i.vcpus), f"{i.memory_mib} MiB", created,
-                  expires, (i.error or "")[:60])
+        t.add_row(i.id, i.template, i.isolation, i.state, str(i.vcpus),
+                  f"{i.memory_mib} MiB", created, expires, (i.error or "")[:60])
     out_console.print(t)
 
 

@@ -171,6 +171,16 @@ def _linux_source(root: Path) -> Check:
     return Check("linux-source-6.1", False, "guest kernel source not installed", KERNEL_BUILD_APT)
 
 
+def _tiers(root: Path) -> list[Check]:
+    from ember.engine.container.tiers import tier_status
+
+    out = []
+    for isolation in ("gvisor", "container"):
+        st = tier_status(isolation, root=root)
+        out.append(Check(f"isolation={isolation}", st.ok, st.detail, st.fix))
+    return out
+
+
 def diagnose(*, root: Path = Path("/"), home: Path | None = None) -> list[Check]:
     """Every check, in an order a user reads top-down. ``root`` fakes the host in tests."""
     checks = _qemu()
@@ -185,4 +195,5 @@ def diagnose(*, root: Path = Path("/"), home: Path | None = None) -> list[Check]
     checks.append(_program("debootstrap", "builds Debian templates"))
     checks.append(_program("mkfs.ext4", "builds template disk images"))
     checks.append(_linux_source(root))
+    checks += _tiers(root)
     return checks

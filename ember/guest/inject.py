@@ -57,6 +57,44 @@ def inject(rootfs: Path, runtime_dir: Path) -> None:
     _chown_root(target)
 
 
+def _agent_sources() -> list[Path]:
+    pkg_root = Path(__file__).resolve().parent.parent
+    return sorted(f for name in _GUEST_PACKAGES for f in (pkg_root / name).rglob("*.py"))
+
+
+def staged_agent_lib(root: Path) -> Path:
+    """This ember's agent and protocol as a ``/.ember/lib`` tree under ``root`` (made once
+    per content, precompiled), for the container tiers: they bind it over the image's copy,
+    so that a template built by an older ember still runs this ember's agent."""
+    import hashlib
+
+    pkg_root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for f in _agent_sources():
+        digest.update(str(f.relative_to(pkg_root)).encode() + b"\0" + f.read_bytes())
+    dest = root / digest.hexdigest()[:16]
+    if (dest / "ember" / "__init__.py").is_file():
+        return dest
+    tmp = root / f".{dest.name}.{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    lib = tmp / "ember"
+    lib.mkdir(parents=True)
+    for name in _GUEST_PACKAGES:
+        shutil.copytree(pkg_root / name, lib / name,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    proc.run([HOST_PYTHON, "-I", "-S", "-m", "compileall", "-q", "--invalidation-mode",
+              "unchecked-hash", "-s", str(tmp), "-p", "/.ember/lib", str(tmp)],
+             what="precompile the agent for containers", env={"PATH": "/usr/bin:/bin"})
+    (lib / "__init__.py").write_text('"""ember guest side."""\n')  # last: marks it complete
+    for d in [tmp, *tmp.rglob("*")]:
+        d.chmod(0o755 if d.is_dir() else 0o644)
+    try:
+        tmp.rename(dest)
+    except OSError:  # another process staged it meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
 def write_image_json(rootfs: Path, meta: dict[str, Any]) -> None:
     path = rootfs / RESERVED / "image.json"
     path.write_text(json.dumps(meta, sort_keys=True, indent=1) + "\n")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ember.errors import EmberError
 from ember.host.cgroup_detect import CgroupSupport, detect_cgroups
-from ember.host.cgroups import CgroupLimits, SandboxCgroup, home_key, sweep
+from ember.host.cgroups import CgroupLimits, SandboxCgroup, home_key, prune, sweep
 from ember.host.ids import IdAllocator, chown_for, snapshot_gid
 from ember.host.jail import JailSpec, jail_wanted
 from ember.paths import Paths
@@ -32,6 +32,13 @@ OVERHEAD_MIB = {"tcg": 192, "kvm": 96}
 #: thread, one thread per vCPU and a pool of up to 64 block I/O workers.
 PIDS_MAX = 128
 NOFILE = 1024
+#: Host memory beyond ``memory_mib`` per isolation tier: a container's processes are the
+#: workload itself (its memory is exactly ``memory_mib``); gVisor adds its Sentry (a Go
+#: user-space kernel) and its gofer.
+CONTAINER_OVERHEAD_MIB = {"container": 0, "gvisor": 128}
+#: Tasks in a container sandbox's cgroup: the workload's processes and threads (crun),
+#: or the Sentry's and gofer's threads (gVisor).
+CONTAINER_PIDS_MAX = 256
 #: Slack over the biggest file a VMM writes (its disk overlay, its RAM file or a saved
 #: state), for qcow2 metadata.
 FSIZE_SLACK_MIB = 64
@@ -46,6 +53,10 @@ class Limits:
 
 
 def limits_for(rec: SandboxRecord) -> Limits:
+    if rec.isolation in CONTAINER_OVERHEAD_MIB:
+        return Limits(cpus=float(rec.vcpus),
+                      memory_mib=rec.memory_mib + CONTAINER_OVERHEAD_MIB[rec.isolation],
+                      pids=CONTAINER_PIDS_MAX, fsize_mib=rec.disk_mib + FSIZE_SLACK_MIB)
     overhead = OVERHEAD_MIB.get(rec.accel, OVERHEAD_MIB["tcg"])
     return Limits(cpus=float(rec.vcpus), memory_mib=rec.memory_mib + overhead, pids=PIDS_MAX,
                   fsize_mib=max(rec.memory_mib, rec.disk_mib) + FSIZE_SLACK_MIB)
@@ -82,22 +93,7 @@ class Confinement:
             log.warning("sandbox %s runs unjailed: %s", rec.id, self.reason)
             return None
         limits = limits_for(rec)
-        procs: tuple[Path, ...] = ()
-        cg = self.cgroup(rec.id)
-        if cg is not None:
-            try:
-                ok = {c.name for c in cg.support.controllers if c.usable}
-                cg.create().apply(CgroupLimits(
-                    cpus=limits.cpus if "cpu" in ok else None,
-                    memory_bytes=limits.memory_mib * MIB if "memory" in ok else None,
-                    pids_max=limits.pids if "pids" in ok else None))
-            except EmberError:
-                cg.destroy()
-                raise
-            procs = cg.procs_files
-        else:
-            log.warning("sandbox %s: no usable cgroup controller; no CPU, memory or pids "
-                        "limits", rec.id)
+        procs = self.prepare_cgroup(rec)
         uid = self.ids.allocate(root)
         for p in writable:
             chown_for(p, uid, uid, 0o700 if p.is_dir() else 0o600)
@@ -116,6 +112,26 @@ class Confinement:
             rlimits=(("nofile", NOFILE, NOFILE), ("core", 0, 0), ("fsize", fsize, fsize),
                      ("nproc", limits.pids * 2, limits.pids * 2)),
         )
+
+    def prepare_cgroup(self, rec: SandboxRecord) -> tuple[Path, ...]:
+        """Create and limit the sandbox's cgroup; its ``cgroup.procs`` files (none when
+        cgroups are unusable or confinement is off: then a warning is logged)."""
+        limits = limits_for(rec)
+        cg = self.cgroup(rec.id)
+        if cg is None:
+            log.warning("sandbox %s: no usable cgroup controller; no CPU, memory or pids "
+                        "limits", rec.id)
+            return ()
+        try:
+            ok = {c.name for c in cg.support.controllers if c.usable}
+            cg.create().apply(CgroupLimits(
+                cpus=limits.cpus if "cpu" in ok else None,
+                memory_bytes=limits.memory_mib * MIB if "memory" in ok else None,
+                pids_max=limits.pids if "pids" in ok else None))
+        except EmberError:
+            cg.destroy()
+            raise
+        return cg.procs_files
 
     def oom_killed(self, sandbox_id: str) -> bool:
         cg = self.cgroup(sandbox_id)
@@ -144,6 +160,8 @@ class Confinement:
                 gone = sweep(support, self.key, live)
                 if gone:
                     log.info("removed leftover cgroups of %s", ", ".join(gone))
+                if not live:  # the home's own (empty) cgroup directories go too
+                    prune(support, self.key)
             except EmberError as err:
                 log.warning("cgroup sweep: %s", err)
         self.ids.sweep()

@@ -23,6 +23,7 @@ from pathlib import Path
 from ember import proc
 from ember.agent import INIT_PATH
 from ember.engine import AccelDecision, QemuEngine, VMHandle, VMSpec, detect_accel
+from ember.engine.container import ContainerSpec, OciEngine, gvisor_platform, require_tier
 from ember.errors import (
     BadRequestError,
     EmberError,
@@ -31,12 +32,15 @@ from ember.errors import (
     SandboxStateError,
     SnapshotError,
 )
+from ember.guest.inject import staged_agent_lib
 from ember.guest.kernel import Kernel, kernel_by_key, require_kernel
+from ember.host.cgroups import home_key
 from ember.host.jail import JAILER_NAME, JailSpec
 from ember.locks import FileLock
 from ember.paths import Paths
 from ember.runtime import snapshots
 from ember.runtime.confinement import Confinement
+from ember.runtime.leftovers import sweep_leftovers
 from ember.runtime.overlays import make_overlay
 from ember.runtime.reaper import ensure_reaper
 from ember.runtime.spec import SandboxSpec, pool_key
@@ -83,6 +87,7 @@ class SandboxManager:
         self.confinement = Confinement(self.paths)
         self._accel: AccelDecision | None = None
         self._kernel: Kernel | None = None
+        self._oci: dict[str, OciEngine] = {}
 
     @property
     def accel(self) -> AccelDecision:
@@ -92,6 +97,14 @@ class SandboxManager:
 
     def close(self) -> None:
         self.store.close()
+
+    def oci(self, isolation: str) -> OciEngine:
+        """The OCI runtime engine of a container tier (``gvisor`` or ``container``)."""
+        if isolation not in self._oci:
+            platform = gvisor_platform()[0] if isolation == "gvisor" else "ptrace"
+            state = Path("/run/ember/oci") / home_key(self.paths.home)
+            self._oci[isolation] = OciEngine(isolation, state, platform=platform)
+        return self._oci[isolation]
 
     def kernel(self) -> Kernel:
         """The guest kernel (looked up once per manager: the lookup asks dpkg)."""
@@ -107,6 +120,8 @@ class SandboxManager:
         The caller receives the sandbox's client lock in ``lock_out`` (held) and must
         connect to the agent, then call :meth:`mark_running` or :meth:`destroy`.
         """
+        if spec.isolation != "microvm":
+            return self._start_container(spec, lock_out, progress)
         template = self.store.get_template(spec.template)
         for program in ("qemu-system-x86_64", "qemu-img"):
             proc.require(program)
@@ -117,12 +132,7 @@ class SandboxManager:
             raise BadRequestError(
                 f"disk_mib={disk_mib} is smaller than template {template.name!r} ({base_mib} MiB)"
             )
-        sid = "sb-" + secrets.token_hex(6)
-        d = SandboxDir(self.paths.sandboxes / sid)
-        d.root.mkdir(mode=0o700)
-        lock = FileLock(d.lock)
-        lock.try_acquire()
-        lock_out.append(lock)
+        sid, d, lock = self._new_sandbox_dir(lock_out)
         now = time.time()
         rec = SandboxRecord(
             id=sid, template=template.name, state="creating", vcpus=spec.vcpus,
@@ -154,6 +164,69 @@ class SandboxManager:
                 raise
             raise EmberError(f"creating sandbox failed: {err}") from err
         return self.store.get_sandbox(sid)
+
+    def _start_container(self, spec: SandboxSpec, lock_out: list[FileLock],
+                         progress: Callable[[str], None] | None) -> SandboxRecord:
+        """:meth:`start` for the container tiers: the template's image under a per-sandbox
+        overlay, run by crun or runsc in the sandbox's cgroup (docs/isolation.md)."""
+        require_tier(spec.isolation)
+        template = self.store.get_template(spec.template)
+        if template.config.get("snapshot"):
+            raise BadRequestError(f"template {template.name!r} is pre-baked (a microVM "
+                                  f"snapshot); isolation={spec.isolation} needs a plain one")
+        engine = self.oci(spec.isolation)
+        base_mib = -(-template.size_bytes // (1 << 20))
+        sid, d, lock = self._new_sandbox_dir(lock_out)
+        rec = SandboxRecord(
+            id=sid, template=template.name, state="creating", vcpus=spec.vcpus,
+            memory_mib=spec.memory_mib, disk_mib=spec.disk_mib or base_mib,
+            timeout_s=spec.timeout, created_at=time.time(), expires_at=None, dir=str(d.root),
+            pid=None, accel=engine.platform if spec.isolation == "gvisor" else "none",
+            env=dict(spec.env), metadata=dict(spec.metadata), on_timeout=spec.on_timeout,
+            isolation=spec.isolation,
+        )
+        self.store.add_sandbox(rec)
+        try:
+            if progress:
+                progress(f"starting {spec.isolation} sandbox ({engine.name}) over template "
+                         f"{template.name}")
+            d.console_log.touch(mode=0o600)
+            if self.confinement.enabled:
+                procs = self.confinement.prepare_cgroup(rec)
+            else:
+                procs = ()
+                log.warning("sandbox %s runs without cgroup limits: %s", sid,
+                            self.confinement.reason)
+            handle = engine.start(ContainerSpec(
+                name=sid, root=d.root, image=Path(template.image_path),
+                agent_lib=staged_agent_lib(self.paths.home / "agent-lib"), run_dir=d.vm,
+                console_log=d.console_log, pidfile=d.pidfile, cgroup_procs=procs))
+            self.store.update_sandbox(sid, state="booting", pid=handle.pid)
+            ensure_reaper(self.paths)
+        except BaseException as err:
+            self._release(rec, error=None, keep_row=False)
+            lock.release()
+            lock_out.clear()
+            if isinstance(err, EmberError | KeyboardInterrupt):
+                raise
+            raise EmberError(f"creating sandbox failed: {err}") from err
+        return self.store.get_sandbox(sid)
+
+    def _new_sandbox_dir(self, lock_out: list[FileLock]) -> tuple[str, SandboxDir, FileLock]:
+        """A new sandbox id and its directory, which appears already locked by us: it is
+        made under a temporary name, locked, then renamed (the lock moves with it), so that
+        a directory without a registry row and without a lock holder is always a leftover
+        of a dead creator (:mod:`ember.runtime.leftovers`)."""
+        sid = "sb-" + secrets.token_hex(6)
+        d = SandboxDir(self.paths.sandboxes / sid)
+        tmp = self.paths.sandboxes / f".new-{sid}"
+        tmp.mkdir(mode=0o700)
+        lock = FileLock(tmp / d.lock.name)
+        lock.try_acquire()
+        tmp.rename(d.root)
+        lock.path = d.lock
+        lock_out.append(lock)
+        return sid, d, lock
 
     def ram_file(self, sandbox_id: str) -> Path:
         """Where a booted sandbox's guest RAM lives (shared file on tmpfs)."""
@@ -189,12 +262,7 @@ class SandboxManager:
         if spec.disk_mib is not None and spec.disk_mib != snap.disk_mib:
             raise BadRequestError(f"disk_mib={spec.disk_mib} differs from the snapshot's "
                                   f"({snap.disk_mib} MiB)")
-        sid = "sb-" + secrets.token_hex(6)
-        d = SandboxDir(self.paths.sandboxes / sid)
-        d.root.mkdir(mode=0o700)
-        lock = FileLock(d.lock)
-        lock.try_acquire()
-        lock_out.append(lock)
+        sid, d, lock = self._new_sandbox_dir(lock_out)
         rec = SandboxRecord(
             id=sid, template=template_name or snap.template, state="creating",
             vcpus=snap.vcpus, memory_mib=snap.memory_mib, disk_mib=snap.disk_mib,
@@ -226,9 +294,11 @@ class SandboxManager:
         return self.store.get_sandbox(sid)
 
     def snapshot(self, sandbox_id: str, name: str | None = None, *,
-                 resume: bool = True) -> snapshots.Taken:
-        """Snapshot a running or paused sandbox (it is paused meanwhile, then resumed)."""
+                 resume: bool = True, hold: bool = False) -> snapshots.Taken:
+        """Snapshot a running or paused sandbox (it is paused meanwhile, then resumed).
+        ``hold``: the caller keeps the snapshot's hold lock (see :func:`snapshots.take`)."""
         rec = self.get(sandbox_id)
+        _microvm_only(rec, "snapshot (and fork)")
         if rec.state not in ("running", "paused", "pooled"):
             raise SandboxStateError(f"sandbox {sandbox_id} is {rec.state}; only a running or "
                                     "paused sandbox can be snapshotted")
@@ -251,7 +321,7 @@ class SandboxManager:
             return snapshots.take(
                 self.paths, self.store, self.engine, self.handle(rec), rec, kernel=kernel,
                 cmdline=cmdline, ram_file=ram if ram.is_file() else None, overlay=d.overlay,
-                template=tpl, name=name, resume=resume)
+                template=tpl, name=name, resume=resume, hold=hold)
         finally:
             if resume:
                 self.store.update_sandbox(sandbox_id, state="running")
@@ -296,6 +366,9 @@ class SandboxManager:
         """Move a sandbox from state ``src`` to ``dst`` by ``action`` on its VM (a no-op if
         it is in ``dst`` already)."""
         rec = self.get(sandbox_id)
+        if rec.isolation == "container":
+            raise BadRequestError(f"{verb} is not supported on isolation=container (sandbox "
+                                  f"{rec.id}; it has no freezer); only on microvm and gvisor")
         if rec.state == dst:
             return
         if rec.state != src:
@@ -350,18 +423,27 @@ class SandboxManager:
         return self._reconcile_one(rec)
 
     def list(self) -> list[SandboxRecord]:
+        """Every sandbox, reconciled with reality; leftovers of killed processes (which
+        have no row) are swept on the way."""
         out = []
         for r in self.store.list_sandboxes():
             try:
                 out.append(self._reconcile_one(r))
             except SandboxNotFoundError:
                 continue  # expired and destroyed just now
+        try:
+            sweep_leftovers(self, LIVE_STATES)
+        except (EmberError, OSError) as err:
+            log.warning("sweeping leftovers: %s", err)
         return out
 
     def handle(self, rec: SandboxRecord) -> VMHandle:
         d = SandboxDir(Path(rec.dir))
         if rec.pid is None:
             raise SandboxNotFoundError(f"sandbox {rec.id} has no VM process")
+        if rec.isolation != "microvm":
+            return self.oci(rec.isolation).attach(rec.pid, rec.id, agent_socket=d.agent_socket,
+                                                  console_log=d.console_log, pidfile=d.pidfile)
         # Attaching to a running VM does not need the kernel file (it may have been rebuilt).
         return self.engine.attach(rec.pid, self._vmspec(rec, d, Path("/")))
 
@@ -443,11 +525,24 @@ class SandboxManager:
                 self._kill_pid(rec, d, pid)
             time.sleep(0.02)
         root = Path(rec.dir)
+        if rec.isolation != "microvm" and rec.pid is not None:
+            try:
+                self.handle(rec).kill()
+            except EmberError as err:
+                log.warning("sandbox %s: cannot kill its container: %s", rec.id, err)
         if error is not None and self.confinement.oom_killed(rec.id):
-            error = (f"out of memory: the sandbox's VM used more host memory than its limit "
-                     f"(guest {rec.memory_mib} MiB plus VMM overhead) and the kernel killed "
+            error = (f"out of memory: the sandbox used more host memory than its limit "
+                     f"({rec.memory_mib} MiB plus any VMM overhead) and the kernel killed "
                      f"it ({error})")
         self.confinement.release(rec.id, root)
+        if rec.isolation != "microvm":
+            try:  # after the cgroup's removal: no process of it can hold the mounts now
+                self.oci(rec.isolation).teardown(rec.id, root)
+            except EmberError as err:  # never delete files under a still-mounted overlay
+                log.error("sandbox %s: %s; leaving %s in place", rec.id, err, root)
+                self.store.update_sandbox(rec.id, state="failed", pid=None,
+                                          error=f"cannot release its mounts: {err}")
+                return
         (self.paths.ram / f"{rec.id}.ram").unlink(missing_ok=True)
         if keep_row:
             if root.is_dir():
@@ -475,6 +570,12 @@ class SandboxManager:
         self.store.update_sandbox(
             sandbox_id, timeout_s=timeout,
             expires_at=time.time() + timeout if timeout is not None else None)
+
+
+def _microvm_only(rec: SandboxRecord, what: str) -> None:
+    if rec.isolation != "microvm":
+        raise BadRequestError(f"{what} is not supported on isolation={rec.isolation} "
+                              f"(sandbox {rec.id}); only on isolation=microvm")
 
 
 def boot_cmdline(sandbox_id: str) -> str:

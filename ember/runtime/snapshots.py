@@ -139,7 +139,7 @@ def take(paths: Paths, store: Store, engine: Any, handle: VMHandle, rec: Sandbox
         sid = hashlib.sha256(raw).hexdigest()
         final = snapshot_dir(paths, sid)
         lock = hold_lock(paths, sid)  # from the rename until registered (or released)
-        lock.try_acquire()
+        lock.acquire(5.0, f"snapshot {sid[:12]}")  # a sweep may be looking at it briefly
         try:
             staging.rename(final)
         except OSError:
@@ -198,6 +198,10 @@ def sweep_orphans(paths: Paths, store: Store, live_states: tuple[str, ...]) -> l
     a live process holds them. Returns the ids removed."""
     sweep_staging(paths)
     removed: list[str] = []
+    for f in paths.tmp.glob("snapshot-*.lock") if paths.tmp.is_dir() else []:
+        stale = FileLock(f)
+        if stale.try_acquire():  # its holder is gone: only the file is left
+            release_hold(stale)
     if not paths.snapshots.is_dir():
         return removed
     known = {s.id: s for s in store.list_snapshots()}

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ember.engine.base import host_memory_mib
+from ember.engine.container.tiers import DEFAULT_ISOLATION, ISOLATIONS
 from ember.errors import BadRequestError
 
 DEFAULT_TEMPLATE = "debian-python"
@@ -30,6 +31,9 @@ class SandboxSpec:
     metadata: Mapping[str, str] = field(default_factory=dict)
     #: When the lifetime ends: "destroy" the sandbox, or "pause" it (resume() goes on).
     on_timeout: str = "destroy"
+    #: "microvm" (own kernel; the default), "gvisor" (gVisor's user-space kernel) or
+    #: "container" (the host's kernel, namespaces, seccomp, cgroups). See docs/isolation.md.
+    isolation: str = DEFAULT_ISOLATION
 
     def __post_init__(self) -> None:
         if not isinstance(self.template, str) or not self.template:
@@ -48,6 +52,12 @@ class SandboxSpec:
         if self.on_timeout not in ON_TIMEOUT:
             raise BadRequestError(f"on_timeout must be one of {', '.join(ON_TIMEOUT)}, "
                                   f"not {self.on_timeout!r}")
+        if self.isolation not in ISOLATIONS:
+            raise BadRequestError(f"isolation must be one of {', '.join(ISOLATIONS)}, "
+                                  f"not {self.isolation!r}")
+        if self.isolation == "container" and self.on_timeout == "pause":
+            raise BadRequestError("on_timeout='pause' is not supported on "
+                                  "isolation=container (no pause); use 'destroy'")
         for k, v in self.env.items():
             if not _ENV_KEY.fullmatch(k) or not isinstance(v, str) or "\0" in v:
                 raise BadRequestError(f"invalid environment variable {k!r}")

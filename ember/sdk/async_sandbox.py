@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import functools
 import os
 import threading
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from ember.engine.container import require_tier
 from ember.errors import (
     BadRequestError,
     EmberError,
@@ -67,7 +69,7 @@ def info_of(rec: SandboxRecord) -> SandboxInfo:
         id=rec.id, template=rec.template, state=rec.state, vcpus=rec.vcpus,
         memory_mib=rec.memory_mib, disk_mib=rec.disk_mib, created_at=rec.created_at,
         expires_at=rec.expires_at, accel=rec.accel, metadata=dict(rec.metadata),
-        error=rec.error, snapshot=rec.snapshot,
+        error=rec.error, snapshot=rec.snapshot, isolation=rec.isolation,
     )
 
 
@@ -102,6 +104,7 @@ class AsyncSandbox:
         on_progress: Callable[[str], None] | None = None,
         paths: Paths | None = None,
         on_timeout: str = "destroy",
+        isolation: str = "microvm",
     ) -> AsyncSandbox:
         """Start a new sandbox from ``template`` and return once its agent answers.
 
@@ -111,7 +114,16 @@ class AsyncSandbox:
         ``on_timeout="pause"`` (resume() it to go on). A ready sandbox is taken from a warm
         pool of that template and size when there is one; a pre-baked template is restored
         from its snapshot; anything else boots.
+
+        ``isolation`` chooses the boundary: ``"microvm"`` (the default: its own kernel),
+        ``"gvisor"`` (gVisor's user-space kernel) or ``"container"`` (the host's kernel
+        behind namespaces, seccomp and cgroups); the weaker tiers start faster and have
+        no snapshot or fork, and ``container`` no pause (docs/isolation.md). A tier this
+        host cannot run raises :class:`~ember.errors.TierUnavailableError` naming the cause
+        and the fix.
         """
+        if isolation != "microvm":  # a tier this host cannot run: say so before anything else
+            await asyncio.to_thread(require_tier, isolation)
         mgr = manager(paths)
         tpl = await asyncio.to_thread(mgr.store.get_template, template)
         baked = tpl.config.get("snapshot")
@@ -120,7 +132,12 @@ class AsyncSandbox:
                            memory_mib=(memory_mib if memory_mib is not None
                                        else int(tpl.config.get("memory_mib", 256))),
                            disk_mib=disk_mib, timeout=timeout, env=dict(env or {}),
-                           metadata=dict(metadata or {}), on_timeout=on_timeout)
+                           metadata=dict(metadata or {}), on_timeout=on_timeout,
+                           isolation=isolation)
+        if isolation != "microvm":  # no pools or pre-baked snapshots: always a fresh start
+            locks_: list[FileLock] = []
+            rec_ = await asyncio.to_thread(mgr.start, spec, locks_, on_progress)
+            return await cls._finish_start(mgr, rec_, locks_[0], boot_timeout, on_progress)
         pooled = await cls._from_pool(mgr, spec)
         if pooled is not None:
             return pooled
@@ -216,7 +233,7 @@ class AsyncSandbox:
         await asyncio.to_thread(lock.acquire, wait, f"sandbox {sandbox_id}")
         sb = cls(mgr, rec, lock)
         try:
-            await sb._connect(30.0)
+            await sb._connect(30.0, resync=True)
         except BaseException:
             lock.release()
             raise
@@ -227,11 +244,13 @@ class AsyncSandbox:
         mgr = manager(paths)
         return [info_of(r) for r in await asyncio.to_thread(mgr.list)]
 
-    async def _connect(self, timeout: float) -> None:
+    async def _connect(self, timeout: float, *, resync: bool = False) -> None:
+        """Connect to the agent; ``resync`` when it has served another client before (which
+        may have died mid-frame)."""
         socket = str(SandboxDir(Path(self._rec.dir)).agent_socket)
         self._client = await AgentClient.connect(socket, timeout=timeout,
                                                  on_broken=self._on_broken,
-                                                 hostname=self._rec.id)
+                                                 hostname=self._rec.id, resync=resync)
         self._client.watch = self._fate
 
     def _on_broken(self, why: str) -> str | None:
@@ -363,7 +382,7 @@ class AsyncSandbox:
         self._paused = False
         if self._client is not None and self._client.broken:  # a deadline passed meanwhile
             await self._client.close()
-            await self._connect(30.0)
+            await self._connect(30.0, resync=True)
 
     async def snapshot(self, name: str | None = None) -> SnapshotInfo:
         """Save this sandbox (memory, devices, disk) as a snapshot; it keeps running.
@@ -385,8 +404,16 @@ class AsyncSandbox:
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_FORK:
             raise BadRequestError(f"n must be an integer between 1 and {MAX_FORK}, not {n!r}")
         self._require_client()
-        taken = await asyncio.to_thread(self._mgr.snapshot, self.id, None)
-        snap = taken.record
+        # Held until the clones are registered: a sweep never takes the snapshot from us,
+        # and collects it if we are killed before any clone uses it.
+        taken = await asyncio.to_thread(functools.partial(self._mgr.snapshot, self.id, None,
+                                                          hold=True))
+        try:
+            return await self._clones(taken.record, n)
+        finally:
+            taken.release()
+
+    async def _clones(self, snap: SnapshotRecord, n: int) -> builtins.list[AsyncSandbox]:
         spec = SandboxSpec(template=snap.template, vcpus=snap.vcpus, memory_mib=snap.memory_mib,
                            timeout=self._rec.timeout_s, env={},
                            metadata={**self._rec.metadata, "forked_from": self.id},

@@ -112,6 +112,7 @@ class SandboxInfo:
     metadata: dict[str, str] = field(default_factory=dict)
     error: str | None = None
     snapshot: str | None = None  # restored from this snapshot id
+    isolation: str = "microvm"  # microvm | gvisor | container
 
 
 @dataclass(frozen=True)

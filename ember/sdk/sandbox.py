@@ -113,12 +113,13 @@ class Sandbox:
         on_progress: Callable[[str], None] | None = None,
         paths: Paths | None = None,
         on_timeout: str = "destroy",
+        isolation: str = "microvm",
     ) -> Sandbox:
         """Boot a new sandbox from ``template``; see :meth:`AsyncSandbox.create`."""
         return cls(portal().call(AsyncSandbox.create(
             template, vcpus=vcpus, memory_mib=memory_mib, disk_mib=disk_mib, timeout=timeout,
             env=env, metadata=metadata, boot_timeout=boot_timeout, on_progress=on_progress,
-            paths=paths, on_timeout=on_timeout)))
+            paths=paths, on_timeout=on_timeout, isolation=isolation)))
 
     @classmethod
     def restore(cls, snapshot: str, *, timeout: float | None = DEFAULT_TIMEOUT_S,

@@ -90,11 +90,15 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE sandboxes ADD COLUMN on_timeout TEXT NOT NULL DEFAULT 'destroy';
     """,
+    # 4: isolation tiers (microvm, gvisor, container)
+    """
+    ALTER TABLE sandboxes ADD COLUMN isolation TEXT NOT NULL DEFAULT 'microvm';
+    """,
 )
 
 _SANDBOX_COLS = (
     "id, template, state, vcpus, memory_mib, disk_mib, timeout_s, created_at, expires_at, "
-    "dir, pid, accel, env, metadata, error, snapshot, pool, on_timeout"
+    "dir, pid, accel, env, metadata, error, snapshot, pool, on_timeout, isolation"
 )
 _SNAPSHOT_COLS = (
     "id, name, template, template_digest, kernel_key, vmm_version, accel, vcpus, memory_mib, "
@@ -205,11 +209,11 @@ class Store:
         with self._tx() as db:
             db.execute(
                 f"INSERT INTO sandboxes ({_SANDBOX_COLS}) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (rec.id, rec.template, rec.state, rec.vcpus, rec.memory_mib, rec.disk_mib,
                  rec.timeout_s, rec.created_at, rec.expires_at, rec.dir, rec.pid, rec.accel,
                  dumps(rec.env), dumps(rec.metadata), rec.error, rec.snapshot, rec.pool,
-                 rec.on_timeout),
+                 rec.on_timeout, rec.isolation),
             )
 
     def update_sandbox(self, sandbox_id: str, **fields: Any) -> None:
@@ -355,12 +359,12 @@ def _template(row: tuple[Any, ...]) -> TemplateRecord:
 
 def _sandbox(row: tuple[Any, ...]) -> SandboxRecord:
     (sid, template, state, vcpus, mem, disk, timeout_s, created, expires, d, pid, accel, env,
-     metadata, error, snapshot, pool, on_timeout) = row
+     metadata, error, snapshot, pool, on_timeout, isolation) = row
     return SandboxRecord(
         id=sid, template=template, state=state, vcpus=int(vcpus), memory_mib=int(mem),
         disk_mib=int(disk), timeout_s=timeout_s, created_at=float(created), expires_at=expires,
         dir=d, pid=pid, accel=accel, env=json.loads(env), metadata=json.loads(metadata),
-        error=error, snapshot=snapshot, pool=pool, on_timeout=on_timeout,
+        error=error, snapshot=snapshot, pool=pool, on_timeout=on_timeout, isolation=isolation,
     )
 
 

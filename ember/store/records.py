@@ -49,10 +49,12 @@ class SandboxRecord:
     snapshot: str | None = None  # restored from this snapshot (which it depends on)
     pool: str | None = None  # waiting in this warm pool (state ``pooled``)
     on_timeout: str = "destroy"  # when the lifetime ends: "destroy" or "pause"
+    isolation: str = "microvm"  # microvm | gvisor | container
 
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.id,
+            "isolation": self.isolation,
             "template": self.template,
             "state": self.state,
             "snapshot": self.snapshot,

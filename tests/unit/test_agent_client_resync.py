@@ -1,15 +1,13 @@
 """A client that died mid-frame leaves the agent's decoder inside that frame when the agent
 did not see it go (a virtio port reconnected at once). ``resync=True`` recovers; without
-it the next hello would be eaten as the dead frame's payload."""
+it the next hello would be eaten as the dead frame's payload (the integration test
+``test_kill_recovery`` hits that with a real guest)."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
 
-import pytest
-
-from ember.errors import EmberTimeoutError
 from ember.protocol import MAX_DATA_PAYLOAD, Kind, encode_frame
 from ember.runtime.agent_client import AgentClient
 
@@ -27,24 +25,19 @@ async def _connect(sock: socket.socket, *, resync: bool, timeout: float) -> Agen
     return await AgentClient.over(reader, writer, timeout=timeout, resync=resync)
 
 
-@pytest.mark.parametrize("resync", [True, False])
-def test_reconnect_after_a_client_died_mid_frame(resync: bool) -> None:
+def test_reconnect_after_a_client_died_mid_frame() -> None:
     agent = AgentHarness()
     _dead_client_left_half_a_frame(agent)
     host = agent.host.dup()
 
     async def main() -> None:
-        client = await _connect(host, resync=resync, timeout=4.0)
+        client = await _connect(host, resync=True, timeout=10.0)
         try:
             reply = await client.request({"op": "ping"}, timeout=5.0, what="ping")
             assert reply["op"] == "pong"
         finally:
             await client.close()
 
-    if resync:
-        asyncio.run(main())
-    else:
-        with pytest.raises(EmberTimeoutError):
-            asyncio.run(main())
+    asyncio.run(main())
     agent.host.close()
     agent.guest.close()

@@ -1,0 +1,52 @@
+"""Sweep what processes killed mid-operation leave outside any registry row.
+
+Registry rows are reconciled one by one (``SandboxManager.list``); this module handles the
+rest: a sandbox directory made just before its creator died (no row yet), snapshot staging
+and unregistered snapshot directories, unused unnamed snapshots (a fork killed before its
+clones were registered), overlay staging files, cgroups and jail uids of sandboxes that no
+longer exist. Everything here is either protected by a lock its live owner holds or named
+after a pid that is gone, so a sweep never takes what a live process is building.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from typing import TYPE_CHECKING
+
+from ember.locks import FileLock
+from ember.runtime import overlays, snapshots
+
+if TYPE_CHECKING:
+    from ember.runtime.manager import SandboxManager
+
+log = logging.getLogger("ember.runtime")
+
+
+def sweep_leftovers(mgr: SandboxManager, live_states: tuple[str, ...]) -> list[str]:
+    """Remove every leftover of this home; returns what was removed, for the log."""
+    removed: list[str] = []
+    rows = {r.id: r for r in mgr.store.list_sandboxes()}
+    if mgr.paths.sandboxes.is_dir():
+        for d in mgr.paths.sandboxes.iterdir():
+            if d.name in rows or not d.is_dir():
+                continue
+            lock = FileLock(d / "client.lock")
+            try:
+                if not lock.try_acquire():
+                    continue  # its creator is alive and about to register it
+            except FileNotFoundError:
+                continue  # removed meanwhile
+            try:
+                if d.name not in {r.id for r in mgr.store.list_sandboxes()}:
+                    shutil.rmtree(d, ignore_errors=True)
+                    removed.append(f"sandbox directory {d.name}")
+            finally:
+                lock.release()
+    for sid in snapshots.sweep_orphans(mgr.paths, mgr.store, live_states):
+        removed.append(f"snapshot {sid[:12]}")
+    overlays.sweep_staging(mgr.paths)
+    mgr.confinement.sweep({r.id for r in rows.values() if r.state in live_states})
+    if removed:
+        log.info("removed leftovers of killed processes: %s", ", ".join(removed))
+    return removed
