@@ -100,8 +100,9 @@ def take(paths: Paths, store: Store, engine: Any, handle: VMHandle, rec: Sandbox
 
     The guest is paused while its state, RAM and disk are copied, then resumed if
     ``resume`` (and if it was running); hashing and publishing happen after that. With
-    ``hold`` the returned :class:`Taken` keeps the snapshot's hold lock (the caller
-    releases it); a killed taker's hold dies with it and the sweep collects what it left.
+    ``hold`` (a fork) the returned :class:`Taken` keeps the snapshot's hold lock (the
+    caller releases it) and the snapshot is marked ephemeral: a killed taker's hold dies
+    with it and the sweep collects the snapshot once no clone uses it.
     """
     if name is not None:
         check_name(name)
@@ -153,7 +154,7 @@ def take(paths: Paths, store: Store, engine: Any, handle: VMHandle, rec: Sandbox
             vcpus=rec.vcpus, memory_mib=rec.memory_mib, disk_mib=rec.disk_mib,
             ram_file=not saved.ram_in_stream, size_bytes=size,
             created_at=float(manifest["created_at"]), source=rec.id, env=dict(rec.env),
-            metadata={}, verified=stat_signature(final))
+            metadata={"ephemeral": "fork"} if hold else {}, verified=stat_signature(final))
         stored = store.add_snapshot(snap)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -194,8 +195,9 @@ def sweep_staging(paths: Paths) -> None:
 
 def sweep_orphans(paths: Paths, store: Store, live_states: tuple[str, ...]) -> list[str]:
     """Remove what killed snapshot takers left: staging directories, snapshot directories
-    that were never registered, and unnamed snapshots (a fork's) that nothing uses, unless
-    a live process holds them. Returns the ids removed."""
+    that were never registered, and a fork's snapshot (taken with ``hold``, marked
+    ephemeral) that nothing uses, unless a live process holds them. A user's unnamed
+    snapshot is kept. Returns the ids removed."""
     sweep_staging(paths)
     removed: list[str] = []
     for f in paths.tmp.glob("snapshot-*.lock") if paths.tmp.is_dir() else []:
@@ -219,7 +221,8 @@ def sweep_orphans(paths: Paths, store: Store, live_states: tuple[str, ...]) -> l
                     d.rename(trash)
                     shutil.rmtree(trash, ignore_errors=True)
                 removed.append(d.name)
-            elif snap is not None and not users(store, snap.id, live_states):
+            elif snap is not None and snap.metadata.get("ephemeral") \
+                    and not users(store, snap.id, live_states):
                 with contextlib.suppress(EmberError):
                     remove(paths, store, snap, live_states)
                     removed.append(snap.id)
