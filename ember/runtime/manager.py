@@ -466,6 +466,11 @@ class SandboxManager:
                               "was ready")
                 return self.store.get_sandbox(rec.id)
             return rec  # being created: its creator enforces the boot timeout
+        if rec.state == "pooled" and (rec.pool is None or self.store.get_pool(rec.pool) is None):
+            # Its pool was removed while it was being started (pool rm racing a refill).
+            log.info("sandbox %s waits in a pool that no longer exists; destroying it", rec.id)
+            self.destroy(rec.id)
+            raise SandboxNotFoundError(f"sandbox {rec.id} belonged to a removed pool")
         if rec.state == "snapshotting":
             writer = FileLock(Path(rec.dir) / "snapshot.lock")
             if not writer.try_acquire():

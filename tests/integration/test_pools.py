@@ -97,3 +97,19 @@ def test_baked_template_restores_with_setup_done(ember_paths: Paths,
     mgr.collect_snapshot(snap_id)
     assert not mgr.store.list_snapshots()
     assert not (ember_paths.snapshots / snap_id).exists()
+
+
+def test_member_of_a_removed_pool_is_destroyed(ember_paths: Paths,
+                                               debian_template) -> None:  # type: ignore[no-untyped-def]
+    """A refill that finishes after `pool rm` deleted the pool leaves a pooled sandbox
+    with no pool: reconciling destroys it instead of keeping it forever."""
+    mgr = manager(ember_paths)
+    rec = pools.set_pool(mgr, "debian-python", 1, memory_mib=160)
+    try:
+        _wait_ready(ember_paths, rec.key, 1)
+        member = next(r for r in pools.members(mgr, rec.key) if r.state == "pooled")
+        mgr.store.delete_pool(rec.key)  # what the race leaves: the pool gone, its member not
+        assert member.id not in {r.id for r in mgr.list()}
+        assert not Path(member.dir).exists()
+    finally:
+        pools.remove_pool(mgr, rec.key)
