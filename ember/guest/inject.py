@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 from pathlib import Path
 from typing import Any
@@ -75,8 +76,8 @@ def staged_agent_lib(root: Path) -> Path:
     dest = root / digest.hexdigest()[:16]
     if (dest / "ember" / "__init__.py").is_file():
         return dest
-    tmp = root / f".{dest.name}.{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    # Unique per call: threads of one process may stage at once.
+    tmp = root / f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}"
     lib = tmp / "ember"
     lib.mkdir(parents=True)
     for name in _GUEST_PACKAGES:

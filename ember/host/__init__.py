@@ -13,6 +13,7 @@ from ember.host.cgroups import (
     enter_argv,
     home_key,
     prune,
+    sandbox_ids,
     sweep,
 )
 
@@ -28,5 +29,6 @@ __all__ = [
     "enter_argv",
     "home_key",
     "prune",
+    "sandbox_ids",
     "sweep",
 ]

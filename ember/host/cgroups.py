@@ -441,6 +441,17 @@ def enter_argv(procs_files: Sequence[Path], argv: Sequence[str]) -> list[str]:
     return [SHELL, "-c", _ENTER_SCRIPT, _ENTER_NAME, *files, "--", *args]
 
 
+def sandbox_ids(support: CgroupSupport, home_key: str, *,
+                fs: CgroupFS | None = None) -> set[str]:
+    """The sandbox ids that have a cgroup of this ember home (in any hierarchy)."""
+    fs = fs or CgroupFS()
+    _check_name("home key", home_key)
+    found: set[str] = set()
+    for parent in _ember_parents(support):
+        found.update(n for n in fs.subdirs(parent / home_key) if NAME_RE.fullmatch(n))
+    return found
+
+
 def sweep(support: CgroupSupport, home_key: str, keep: set[str] | frozenset[str], *,
           fs: CgroupFS | None = None, timeout: float = KILL_TIMEOUT_S) -> list[str]:
     """Destroy the sandbox cgroups of one ember home whose ids are not in ``keep`` (leaks of

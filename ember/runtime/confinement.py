@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from ember.errors import EmberError
 from ember.host.cgroup_detect import CgroupSupport, detect_cgroups
-from ember.host.cgroups import CgroupLimits, SandboxCgroup, home_key, prune, sweep
+from ember.host.cgroups import CgroupLimits, SandboxCgroup, home_key, prune, sandbox_ids
 from ember.host.ids import IdAllocator, chown_for, snapshot_gid
 from ember.host.jail import JailSpec, jail_wanted
 from ember.paths import Paths
@@ -150,17 +151,25 @@ class Confinement:
                 log.warning("sandbox %s: %s", sandbox_id, err)
         self.ids.release(root)
 
-    def sweep(self, live: set[str]) -> None:
-        """Remove cgroups of sandboxes that no longer exist, and stale uid allocations."""
+    def sweep(self, live: Callable[[], set[str]]) -> None:
+        """Remove cgroups of sandboxes that no longer exist, and stale uid allocations.
+
+        ``live`` (the ids of live sandboxes) is asked *after* the cgroups are listed: a
+        sandbox's row is registered before its cgroup is made, so a cgroup of a sandbox
+        being created right now is always among the live ids."""
         if not self.enabled:
             return
         support = _cgroups()
         if any(c.usable for c in support.controllers):
             try:
-                gone = sweep(support, self.key, live)
+                found = sandbox_ids(support, self.key)
+                alive = live()
+                gone = sorted(found - alive)
+                for sandbox_id in gone:
+                    SandboxCgroup(support, self.key, sandbox_id).destroy()
                 if gone:
                     log.info("removed leftover cgroups of %s", ", ".join(gone))
-                if not live:  # the home's own (empty) cgroup directories go too
+                if not alive:  # the home's own (empty) cgroup directories go too
                     prune(support, self.key)
             except EmberError as err:
                 log.warning("cgroup sweep: %s", err)

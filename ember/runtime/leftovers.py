@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ember.locks import FileLock
@@ -46,7 +47,20 @@ def sweep_leftovers(mgr: SandboxManager, live_states: tuple[str, ...]) -> list[s
     for sid in snapshots.sweep_orphans(mgr.paths, mgr.store, live_states):
         removed.append(f"snapshot {sid[:12]}")
     overlays.sweep_staging(mgr.paths)
-    mgr.confinement.sweep({r.id for r in rows.values() if r.state in live_states})
+    _sweep_dead_staging(mgr.paths.home / "agent-lib")
+    mgr.confinement.sweep(lambda: {r.id for r in mgr.store.list_sandboxes()
+                                   if r.state in live_states})
     if removed:
         log.info("removed leftovers of killed processes: %s", ", ".join(removed))
     return removed
+
+
+def _sweep_dead_staging(directory: Path) -> None:
+    """Remove ``.<name>.<pid>.<token>`` staging directories whose process is gone."""
+    if not directory.is_dir():
+        return
+    for d in directory.iterdir():
+        parts = d.name.split(".")
+        if d.name.startswith(".") and len(parts) >= 3 and parts[2].isdigit() \
+                and not Path(f"/proc/{parts[2]}").exists():
+            shutil.rmtree(d, ignore_errors=True)

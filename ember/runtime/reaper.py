@@ -47,8 +47,7 @@ def run(paths: Paths) -> None:
 
     mgr = SandboxManager(paths)
     try:
-        # Leftovers of processes killed mid-way: cgroups and uids of sandboxes now gone.
-        mgr.confinement.sweep({r.id for r in mgr.list() if r.state in LIVE_STATES})
+        mgr.list()  # reconciles, and sweeps leftovers of processes killed mid-way
         while paths.db.exists():
             live = [r for r in mgr.list() if r.state in LIVE_STATES]
             pools = mgr.store.list_pools()

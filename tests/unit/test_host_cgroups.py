@@ -31,6 +31,7 @@ from ember.host import (
     enter_argv,
     home_key,
     prune,
+    sandbox_ids,
     sweep,
 )
 from ember.host.cgroup_detect import parse_mountinfo, parse_proc_cgroup, parse_proc_cgroups
@@ -593,6 +594,7 @@ def test_sweep_removes_only_stale_sandboxes_of_that_home(tmp_path: Path) -> None
     other = SandboxCgroup(s, "k2", "sb-a", fs=fk).create()
     SandboxCgroup(s, "k1", "sb-c", fs=fk).add_pid(55)
     fk.mkdir(cg_root(tmp_path) / "pids/ember/k1/not ours")
+    assert sandbox_ids(s, "k1", fs=fk) == {"sb-a", "sb-b", "sb-c"}
     assert sweep(s, "k1", {"sb-b"}, fs=fk) == ["sb-a", "sb-c"]
     assert fk.signalled == [55]
     assert fk.subdirs(cg_root(tmp_path) / "pids/ember/k1") == ["not ours", "sb-b"]
@@ -702,7 +704,7 @@ def test_host_exports_are_pinned() -> None:
     assert sorted(ember.host.__all__) == [
         "CgroupError", "CgroupFS", "CgroupLimits", "CgroupStats", "CgroupSupport",
         "ControllerStatus", "SandboxCgroup", "detect_cgroups", "enter_argv", "home_key",
-        "prune", "sweep",
+        "prune", "sandbox_ids", "sweep",
     ]
     for name in ember.host.__all__:
         assert getattr(ember.host, name) is not None
