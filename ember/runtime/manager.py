@@ -157,9 +157,7 @@ class SandboxManager:
             self.store.update_sandbox(sid, state="booting", pid=handle.pid)
             ensure_reaper(self.paths)  # enforces the lifetime after this process is gone
         except BaseException as err:
-            self._release(rec, error=None, keep_row=False)
-            lock.release()
-            lock_out.clear()
+            self._abandon(rec, lock, lock_out)
             if isinstance(err, EmberError | KeyboardInterrupt):
                 raise
             raise EmberError(f"creating sandbox failed: {err}") from err
@@ -204,13 +202,17 @@ class SandboxManager:
             self.store.update_sandbox(sid, state="booting", pid=handle.pid)
             ensure_reaper(self.paths)
         except BaseException as err:
-            self._release(rec, error=None, keep_row=False)
-            lock.release()
-            lock_out.clear()
+            self._abandon(rec, lock, lock_out)
             if isinstance(err, EmberError | KeyboardInterrupt):
                 raise
             raise EmberError(f"creating sandbox failed: {err}") from err
         return self.store.get_sandbox(sid)
+
+    def _abandon(self, rec: SandboxRecord, lock: FileLock, lock_out: list[FileLock]) -> None:
+        """A create or restore failed: release everything it made, row included."""
+        self._release(rec, error=None, keep_row=False)
+        lock.release()
+        lock_out.clear()
 
     def _new_sandbox_dir(self, lock_out: list[FileLock]) -> tuple[str, SandboxDir, FileLock]:
         """A new sandbox id and its directory, which appears already locked by us: it is
@@ -283,9 +285,7 @@ class SandboxManager:
             self.store.update_sandbox(sid, state="booting", pid=handle.pid)
             ensure_reaper(self.paths)
         except BaseException as err:
-            self._release(rec, error=None, keep_row=False)
-            lock.release()
-            lock_out.clear()
+            self._abandon(rec, lock, lock_out)
             if isinstance(err, EngineError):
                 raise SnapshotError(f"restoring snapshot {snap.id[:12]} failed: {err}") from err
             if isinstance(err, EmberError | KeyboardInterrupt):
