@@ -48,6 +48,8 @@ def ember_paths() -> Iterator[Paths]:
     paths = Paths(home=home, cache=cache).ensure()
     yield paths
     leaked = qemu_pids_under(home)
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+        leaked_mounts = [ln.split()[4] for ln in f if str(home) in ln]
     leaked_ram = sorted(paths.ram.glob("*.ram")) if paths.ram.is_dir() else []
     shutil.rmtree(paths.ram, ignore_errors=True)
     for k, v in old.items():
@@ -58,6 +60,7 @@ def ember_paths() -> Iterator[Paths]:
     shutil.rmtree(home, ignore_errors=True)
     assert not leaked, f"QEMU processes leaked by the test session: {leaked}"
     assert not leaked_ram, f"guest RAM files leaked by the test session: {leaked_ram}"
+    assert not leaked_mounts, f"mounts leaked by the test session: {leaked_mounts}"
 
 
 @pytest.fixture(scope="session")

@@ -198,7 +198,8 @@ class SandboxManager:
             handle = engine.start(ContainerSpec(
                 name=sid, root=d.root, image=Path(template.image_path),
                 agent_lib=staged_agent_lib(self.paths.home / "agent-lib"), run_dir=d.vm,
-                console_log=d.console_log, pidfile=d.pidfile, cgroup_procs=procs))
+                console_log=d.console_log, pidfile=d.pidfile, cgroup_procs=procs,
+                disk_mib=rec.disk_mib))
             self.store.update_sandbox(sid, state="booting", pid=handle.pid)
             ensure_reaper(self.paths)
         except BaseException as err:

@@ -28,12 +28,17 @@ def test_parallel_creates_survive_a_concurrent_sweep(ember_paths: Paths, debian_
     t.start()
     try:
         with concurrent.futures.ThreadPoolExecutor(3) as ex:
-            made = list(ex.map(lambda _: Sandbox.create("debian-python", isolation=isolation,
-                                                        timeout=300, paths=ember_paths),
-                               range(3)))
-        for sb in made:
-            assert sb.exec("echo ok").stdout == "ok\n"
-            sb.kill()
+            futures = [ex.submit(Sandbox.create, "debian-python", isolation=isolation,
+                                 timeout=300, paths=ember_paths) for _ in range(3)]
+        made = [f.result() for f in futures if f.exception() is None]
+        try:
+            errors = [f.exception() for f in futures if f.exception() is not None]
+            assert errors == []
+            for sb in made:
+                assert sb.exec("echo ok").stdout == "ok\n"
+        finally:
+            for sb in made:
+                sb.kill()
     finally:
         stop.set()
         t.join()

@@ -156,6 +156,19 @@ def test_lifetime_end_destroys(ember_paths: Paths, debian_template, tier: str) -
     assert_nothing_left(ember_paths, sid, sdir, image, loops, tier)
 
 
+def test_disk_limit_is_enforced(sandbox: Sandbox, tier: str) -> None:
+    """The writable layer is a filesystem of the sandbox's disk size: what the sandbox
+    writes cannot grow past it on the host."""
+    size_mib = sandbox.info().disk_mib
+    r = sandbox.exec(f"head -c 8M /dev/zero > /root/small && fallocate -l {size_mib + 64}M "
+                     "/root/huge; echo rc=$?; df -m /root | tail -1")
+    assert "rc=0" not in r.stdout, (r.stdout, r.stderr)
+    assert "No space left" in r.stderr or "space" in r.stderr.lower(), r.stderr
+    assert sandbox.exec("stat -c %s /root/small").stdout.strip() == str(8 << 20) or \
+        sandbox.files.read("/root/small") == bytes(8 << 20)
+    sandbox.exec("rm -f /root/small /root/huge")
+
+
 def test_memory_limit_is_enforced(ember_paths: Paths, debian_template, tier: str) -> None:  # type: ignore[no-untyped-def]
     with Sandbox.create("debian-python", isolation=tier, memory_mib=128, timeout=600,
                         paths=ember_paths) as sb:

@@ -60,6 +60,7 @@ class ContainerSpec:
     pidfile: Path
     cgroup_procs: tuple[Path, ...] = ()
     nproc: int = 256
+    disk_mib: int | None = None  # the writable layer's size (None: unbounded)
 
     @property
     def agent_socket(self) -> Path:
@@ -133,7 +134,7 @@ class OciEngine:
         remove_stale_socket(spec.agent_socket)
         handle: OciHandle | None = None
         try:
-            mount(spec.image, dirs)
+            mount(spec.image, dirs, spec.disk_mib)
             nofile = _capped(resource.RLIMIT_NOFILE, 4096)
             nproc = _capped(resource.RLIMIT_NPROC, spec.nproc)
             config = oci_config(sandbox_id=spec.name, rootfs=dirs.rootfs, run_dir=spec.run_dir,
