@@ -19,6 +19,8 @@ from ember.agent import INIT_PATH
 from ember.engine import AccelDecision, QemuEngine, VMSpec, detect_accel
 from ember.errors import EmberTimeoutError, GuestError
 from ember.guest.kernel import require_kernel
+from ember.host.ids import IdAllocator, chown_for
+from ember.host.jail import JailSpec, jail_wanted
 from ember.paths import Paths
 from ember.store import Store
 
@@ -54,12 +56,13 @@ def check_image(paths: Paths, store: Store, name: str, *, timeout: float = 180.0
     handle = None
     try:
         console = work / "console.log"
+        jail = _jail_for_check(paths, work, console)
         spec = VMSpec(
             name=f"check-{name}", kernel=kernel.bzimage, disk=Path(tpl.image_path),
             disk_format="raw", disk_readonly=True, vcpus=1, memory_mib=256,
             cmdline=f"init={INIT_PATH} ember.mode=check", console_log=console,
             qmp_socket=work / "qmp.sock",
-            agent_socket=None, pidfile=work / "qemu.pid", accel=decision,
+            agent_socket=None, pidfile=work / "qemu.pid", accel=decision, jail=jail,
         )
         if progress:
             progress(f"booting {name} with kernel {kernel.release} ({decision.accel})")
@@ -93,3 +96,18 @@ def check_image(paths: Paths, store: Store, name: str, *, timeout: float = 180.0
         if handle is not None:
             handle.kill()
         shutil.rmtree(work, ignore_errors=True)
+        IdAllocator().release(work)
+
+
+def _jail_for_check(paths: Paths, work: Path, console: Path) -> JailSpec | None:
+    """The image being checked may come from anywhere: its VM is jailed like a sandbox's
+    (own uid, namespaces, root, full seccomp), when ember runs as root."""
+    if not jail_wanted()[0]:
+        return None
+    uid = IdAllocator().allocate(work)
+    console.touch(mode=0o600)
+    chown_for(console, uid, uid, 0o600)
+    chown_for(work, uid, uid, 0o700)  # QEMU makes its QMP socket here
+    return JailSpec(uid=uid, gid=uid, hostname="ember-check", root=paths.home / "jail",
+                    log=work / "qemu.log",
+                    rlimits=(("nofile", 1024, 1024), ("core", 0, 0)))

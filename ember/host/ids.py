@@ -118,10 +118,12 @@ class IdAllocator:
         f = self.dir / str(uid)
         try:
             age = time.time() - f.stat().st_mtime
-            owner = Path(f.read_text())
+            text = f.read_text()
         except OSError:
             return False
-        return uid not in busy and age > STALE_AFTER_S and not owner.is_dir()
+        # An empty file: its allocator died between creating it and naming the owner.
+        gone = not text.startswith("/") or not Path(text).is_dir()
+        return uid not in busy and age > STALE_AFTER_S and gone
 
     def release(self, owner: Path) -> None:
         """Free every uid held by ``owner``."""

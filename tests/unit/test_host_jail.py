@@ -140,3 +140,12 @@ def test_limits_follow_the_sandbox_size() -> None:
     assert lim.cpus == 2.0
     assert 512 < lim.memory_mib <= 512 + 256
     assert lim.fsize_mib == 2048 + 64
+
+
+def test_an_allocation_whose_owner_was_never_written_is_stale(tmp_path: Path) -> None:
+    ids = IdAllocator(IdRange(5000, 5000), tmp_path / "ids")
+    (tmp_path / "ids").mkdir()
+    (tmp_path / "ids" / "5000").write_text("")  # killed between O_EXCL create and write
+    old = time.time() - 3600
+    os.utime(tmp_path / "ids" / "5000", (old, old))
+    assert ids.sweep() == [5000]
