@@ -38,6 +38,26 @@ def qemu_pids_under(root: Path) -> list[int]:
     return out
 
 
+def _cgroup_pids_of_home(paths: Paths) -> list[int]:
+    """Processes still in any sandbox cgroup of this home (containers, VMMs), after a last
+    reconcile (which also removes the home's empty cgroup directories)."""
+    if os.geteuid() != 0 or not paths.db.exists():
+        return []
+    from ember.host.cgroups import home_key
+    from ember.runtime.manager import SandboxManager
+
+    mgr = SandboxManager(paths)
+    try:
+        mgr.list()
+    finally:
+        mgr.close()
+    key = home_key(paths.home)
+    pids: list[int] = []
+    for procs in Path("/sys/fs/cgroup").glob(f"*/ember/{key}/*/cgroup.procs"):
+        pids += [int(p) for p in procs.read_text().split()]
+    return sorted(set(pids))
+
+
 @pytest.fixture(scope="session")
 def ember_paths() -> Iterator[Paths]:
     home = Path(tempfile.mkdtemp(prefix="et-", dir="/tmp"))
@@ -47,6 +67,7 @@ def ember_paths() -> Iterator[Paths]:
     os.environ["EMBER_CACHE"] = str(cache)
     paths = Paths(home=home, cache=cache).ensure()
     yield paths
+    leaked_cgroup_pids = _cgroup_pids_of_home(paths)
     leaked = qemu_pids_under(home)
     with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
         leaked_mounts = [ln.split()[4] for ln in f if str(home) in ln]
@@ -61,6 +82,8 @@ def ember_paths() -> Iterator[Paths]:
     assert not leaked, f"QEMU processes leaked by the test session: {leaked}"
     assert not leaked_ram, f"guest RAM files leaked by the test session: {leaked_ram}"
     assert not leaked_mounts, f"mounts leaked by the test session: {leaked_mounts}"
+    assert not leaked_cgroup_pids, (
+        f"processes left in the test home's cgroups: {leaked_cgroup_pids}")
 
 
 @pytest.fixture(scope="session")
