@@ -139,6 +139,17 @@ def process_runs(pid: int, token: str) -> bool:
     return argv is not None and any(token in arg for arg in argv)
 
 
+def file_tail(path: Path, limit: int) -> str:
+    """The last ``limit`` bytes of a log file, decoded leniently ("" if unreadable)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - limit))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
 def unix_socket_live(path: Path) -> bool:
     """True if something accepts connections on the Unix socket ``path``."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:

@@ -26,7 +26,8 @@ import os
 import re
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -452,17 +453,19 @@ def sandbox_ids(support: CgroupSupport, home_key: str, *,
     return found
 
 
-def sweep(support: CgroupSupport, home_key: str, keep: set[str] | frozenset[str], *,
+def sweep(support: CgroupSupport, home_key: str,
+          keep: AbstractSet[str] | Callable[[], AbstractSet[str]], *,
           fs: CgroupFS | None = None, timeout: float = KILL_TIMEOUT_S) -> list[str]:
     """Destroy the sandbox cgroups of one ember home whose ids are not in ``keep`` (leaks of
     crashed runs); returns the ids removed. Directories whose names ember would never
-    create are left alone."""
-    fs = fs or CgroupFS()
-    _check_name("home key", home_key)
-    found: set[str] = set()
-    for parent in _ember_parents(support):
-        found.update(n for n in fs.subdirs(parent / home_key) if NAME_RE.fullmatch(n))
-    stale = sorted(found - set(keep))
+    create are left alone.
+
+    ``keep`` may be a function, asked *after* the cgroups are listed: when a sandbox is
+    registered before its cgroup is made, a cgroup being made right now is then always
+    among the ids it returns (a set computed before the listing could miss it)."""
+    found = sandbox_ids(support, home_key, fs=fs)
+    kept = keep() if callable(keep) else keep
+    stale = sorted(found - set(kept))
     for sandbox_id in stale:
         SandboxCgroup(support, home_key, sandbox_id, fs=fs).destroy(timeout)
     return stale

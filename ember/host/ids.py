@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,13 +90,11 @@ class IdAllocator:
     def allocate(self, owner: Path) -> int:
         """A uid no other sandbox holds, recorded as held by ``owner`` (a sandbox dir)."""
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        busy: set[int] | None = None
+        busy = functools.cache(uids_in_use)  # the /proc scan, once, if needed
         for _ in range(MAX_TRIES):
             uid = self.range.first + secrets.randbelow(len(self.range))
             if self._claim(uid, owner):
                 return uid
-            if busy is None:
-                busy = uids_in_use()
             if self._stale(uid, busy):
                 with contextlib.suppress(OSError):
                     (self.dir / str(uid)).unlink()
@@ -113,8 +113,9 @@ class IdAllocator:
             fh.write(str(owner))
         return True
 
-    def _stale(self, uid: int, busy: set[int]) -> bool:
-        """Held by a sandbox directory that is gone, old enough, and running nothing."""
+    def _stale(self, uid: int, busy: Callable[[], set[int]]) -> bool:
+        """Held by a sandbox directory that is gone, old enough, and running nothing
+        (``busy`` gives the uids in use; it scans /proc, so it is asked last)."""
         f = self.dir / str(uid)
         try:
             age = time.time() - f.stat().st_mtime
@@ -123,7 +124,7 @@ class IdAllocator:
             return False
         # An empty file: its allocator died between creating it and naming the owner.
         gone = not text.startswith("/") or not Path(text).is_dir()
-        return uid not in busy and age > STALE_AFTER_S and gone
+        return age > STALE_AFTER_S and gone and uid not in busy()
 
     def release(self, owner: Path) -> None:
         """Free every uid held by ``owner``."""
@@ -143,7 +144,7 @@ class IdAllocator:
 
     def sweep(self) -> list[int]:
         """Free allocations whose owner directory is gone and whose uid runs nothing."""
-        busy = uids_in_use()
+        busy = functools.cache(uids_in_use)  # the /proc scan, once, if needed
         freed = []
         with contextlib.suppress(FileNotFoundError):
             for f in self.dir.iterdir():

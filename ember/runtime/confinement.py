@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ember.errors import EmberError
 from ember.host.cgroup_detect import CgroupSupport, detect_cgroups
-from ember.host.cgroups import CgroupLimits, SandboxCgroup, home_key, prune, sandbox_ids
+from ember.host.cgroups import CgroupLimits, SandboxCgroup, home_key, prune, sweep
 from ember.host.ids import IdAllocator, chown_for, snapshot_gid
 from ember.host.jail import JailSpec, jail_wanted
 from ember.paths import Paths
@@ -154,22 +154,17 @@ class Confinement:
     def sweep(self, live: Callable[[], set[str]]) -> None:
         """Remove cgroups of sandboxes that no longer exist, and stale uid allocations.
 
-        ``live`` (the ids of live sandboxes) is asked *after* the cgroups are listed: a
-        sandbox's row is registered before its cgroup is made, so a cgroup of a sandbox
-        being created right now is always among the live ids."""
+        ``live`` (the ids of live sandboxes) is asked after the cgroups are listed (see
+        :func:`ember.host.cgroups.sweep`): a row is registered before its cgroup is made."""
         if not self.enabled:
             return
         support = _cgroups()
         if any(c.usable for c in support.controllers):
             try:
-                found = sandbox_ids(support, self.key)
-                alive = live()
-                gone = sorted(found - alive)
-                for sandbox_id in gone:
-                    SandboxCgroup(support, self.key, sandbox_id).destroy()
+                gone = sweep(support, self.key, live)
                 if gone:
                     log.info("removed leftover cgroups of %s", ", ".join(gone))
-                if not alive:  # the home's own (empty) cgroup directories go too
+                if not live():  # the home's own (empty) cgroup directories go too
                     prune(support, self.key)
             except EmberError as err:
                 log.warning("cgroup sweep: %s", err)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ember.locks import FileLock
-from ember.runtime import overlays, snapshots
+from ember.runtime import snapshots
 
 if TYPE_CHECKING:
     from ember.runtime.manager import SandboxManager
@@ -27,7 +27,7 @@ log = logging.getLogger("ember.runtime")
 def sweep_leftovers(mgr: SandboxManager, live_states: tuple[str, ...]) -> list[str]:
     """Remove every leftover of this home; returns what was removed, for the log."""
     removed: list[str] = []
-    rows = {r.id: r for r in mgr.store.list_sandboxes()}
+    rows = {r.id for r in mgr.store.list_sandboxes()}
     if mgr.paths.sandboxes.is_dir():
         for d in mgr.paths.sandboxes.iterdir():
             if d.name in rows or not d.is_dir():
@@ -46,8 +46,8 @@ def sweep_leftovers(mgr: SandboxManager, live_states: tuple[str, ...]) -> list[s
                 lock.release()
     for sid in snapshots.sweep_orphans(mgr.paths, mgr.store, live_states):
         removed.append(f"snapshot {sid[:12]}")
-    overlays.sweep_staging(mgr.paths)
-    _sweep_dead_staging(mgr.paths.home / "agent-lib")
+    for staging in ("overlays", "agent-lib"):  # see overlays.py and guest/inject.py
+        _sweep_dead_staging(mgr.paths.home / staging)
     mgr.confinement.sweep(lambda: {r.id for r in mgr.store.list_sandboxes()
                                    if r.state in live_states})
     if removed:
@@ -56,11 +56,15 @@ def sweep_leftovers(mgr: SandboxManager, live_states: tuple[str, ...]) -> list[s
 
 
 def _sweep_dead_staging(directory: Path) -> None:
-    """Remove ``.<name>.<pid>.<token>`` staging directories whose process is gone."""
+    """Remove ``.<name>.<pid>.<token>`` staging files and directories whose process is
+    gone."""
     if not directory.is_dir():
         return
     for d in directory.iterdir():
         parts = d.name.split(".")
         if d.name.startswith(".") and len(parts) >= 3 and parts[2].isdigit() \
                 and not Path(f"/proc/{parts[2]}").exists():
-            shutil.rmtree(d, ignore_errors=True)
+            if d.is_dir() and not d.is_symlink():
+                shutil.rmtree(d, ignore_errors=True)
+            else:
+                d.unlink(missing_ok=True)

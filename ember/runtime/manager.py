@@ -23,6 +23,7 @@ from pathlib import Path
 from ember import proc
 from ember.agent import INIT_PATH
 from ember.engine import AccelDecision, QemuEngine, VMHandle, VMSpec, detect_accel
+from ember.engine.base import file_tail
 from ember.engine.container import ContainerSpec, OciEngine, gvisor_platform, require_tier
 from ember.errors import (
     BadRequestError,
@@ -621,12 +622,4 @@ def _remove(p: Path) -> None:
 
 
 def console_tail(rec: SandboxRecord, limit: int = 3000) -> str:
-    f = Path(rec.dir) / "console.log"
-    try:
-        with open(f, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - limit))
-            return fh.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
+    return file_tail(Path(rec.dir) / "console.log", limit)

@@ -36,14 +36,3 @@ def make_overlay(paths: Paths, backing: Path, backing_format: str, size_mib: int
             staging.unlink(missing_ok=True)
     shutil.copyfile(cached, dest)
 
-
-def sweep_staging(paths: Paths) -> None:
-    """Remove staging files of overlay makers that died (``.<key>.<pid>.<hex>``)."""
-    cache = paths.home / "overlays"
-    if not cache.is_dir():
-        return
-    for f in cache.iterdir():
-        parts = f.name.split(".")
-        if f.name.startswith(".") and len(parts) == 4 and parts[2].isdigit() \
-                and not Path(f"/proc/{parts[2]}").exists():
-            f.unlink(missing_ok=True)

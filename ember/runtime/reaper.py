@@ -47,7 +47,6 @@ def run(paths: Paths) -> None:
 
     mgr = SandboxManager(paths)
     try:
-        mgr.list()  # reconciles, and sweeps leftovers of processes killed mid-way
         while paths.db.exists():
             live = [r for r in mgr.list() if r.state in LIVE_STATES]
             pools = mgr.store.list_pools()

@@ -208,21 +208,17 @@ def sweep_orphans(paths: Paths, store: Store, live_states: tuple[str, ...]) -> l
         return removed
     known = {s.id: s for s in store.list_snapshots()}
     for d in paths.snapshots.iterdir():
-        if d.name.startswith(".") or (d.name in known and known[d.name].name is not None):
-            continue
+        snap = known.get(d.name)
+        if d.name.startswith(".") or (snap is not None and not snap.metadata.get("ephemeral")):
+            continue  # staging (swept above), or a snapshot someone asked for
         lock = hold_lock(paths, d.name)
         if not lock.try_acquire():
             continue  # being written or used right now
         try:
-            snap = known.get(d.name)
             if snap is None and not _registered(store, d.name):
-                trash = paths.snapshots / f"{STAGING_PREFIX}{os.getpid()}-rm-{secrets.token_hex(4)}"
-                with contextlib.suppress(FileNotFoundError):
-                    d.rename(trash)
-                    shutil.rmtree(trash, ignore_errors=True)
+                _discard(paths, d)
                 removed.append(d.name)
-            elif snap is not None and snap.metadata.get("ephemeral") \
-                    and not users(store, snap.id, live_states):
+            elif snap is not None and not users(store, snap.id, live_states):
                 with contextlib.suppress(EmberError):
                     remove(paths, store, snap, live_states)
                     removed.append(snap.id)
@@ -369,8 +365,13 @@ def remove(paths: Paths, store: Store, snap: SnapshotRecord,
         raise SandboxStateError(f"snapshot {snap.name or snap.id[:12]} is in use by "
                                 f"{', '.join(used)}; destroy those first")
     store.delete_snapshot(snap.id)
-    d = snapshot_dir(paths, snap.id)
+    _discard(paths, snapshot_dir(paths, snap.id))
+
+
+def _discard(paths: Paths, d: Path) -> None:
+    """Remove a snapshot directory: renamed away first (atomic: never a half-removed
+    snapshot under its id), then deleted."""
     trash = paths.snapshots / f"{STAGING_PREFIX}{os.getpid()}-rm-{secrets.token_hex(4)}"
     with contextlib.suppress(FileNotFoundError):
-        d.rename(trash)  # atomic: never a half-removed snapshot under its id
+        d.rename(trash)
         shutil.rmtree(trash, ignore_errors=True)

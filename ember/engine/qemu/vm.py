@@ -11,7 +11,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ember.engine.base import SavedState, VMHandle, VMSpec, process_runs, remove_stale_socket
+from ember.engine.base import (
+    SavedState,
+    VMHandle,
+    VMSpec,
+    file_tail,
+    process_runs,
+    remove_stale_socket,
+)
 from ember.engine.qemu.argv import build_argv
 from ember.engine.qemu.caps import seccomp_supported
 from ember.engine.qemu.migration import load_state, save_state
@@ -273,15 +280,7 @@ def _read_pid(spec: VMSpec) -> int:
 
 def _log_tail(path: Path | None, limit: int = 1500) -> str:
     """What a jailed QEMU wrote on stderr."""
-    if path is None:
-        return ""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, 2)
-            f.seek(max(0, f.tell() - limit))
-            return f.read().decode("utf-8", "replace").strip()
-    except OSError:
-        return ""
+    return "" if path is None else file_tail(path, limit).strip()
 
 
 def _wait_qmp(handle: QemuVMHandle, stderr_log: Path | None = None) -> None:
