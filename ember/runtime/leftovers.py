@@ -11,6 +11,7 @@ after a pid that is gone, so a sweep never takes what a live process is building
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,6 +21,10 @@ from ember.runtime import snapshots
 
 if TYPE_CHECKING:
     from ember.runtime.manager import SandboxManager
+
+#: A sandbox directory is made as ``.new-<creator pid>-<id>``, locked, then renamed to
+#: ``<id>`` (``SandboxManager._new_sandbox_dir``).
+NEW_DIR_PREFIX = ".new-"
 
 log = logging.getLogger("ember.runtime")
 
@@ -31,6 +36,14 @@ def sweep_leftovers(mgr: SandboxManager, live_states: tuple[str, ...]) -> list[s
     if mgr.paths.sandboxes.is_dir():
         for d in mgr.paths.sandboxes.iterdir():
             if d.name in rows or not d.is_dir():
+                continue
+            if d.name.startswith(NEW_DIR_PREFIX):
+                # Not yet locked by its creator: only the creator's death makes it a leftover.
+                pid = d.name[len(NEW_DIR_PREFIX):].split("-", 1)[0]
+                if pid.isdigit() and int(pid) != os.getpid() \
+                        and not Path(f"/proc/{pid}").exists():
+                    shutil.rmtree(d, ignore_errors=True)
+                    removed.append(f"sandbox directory {d.name}")
                 continue
             lock = FileLock(d / "client.lock")
             try:

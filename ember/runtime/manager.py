@@ -41,7 +41,7 @@ from ember.locks import FileLock
 from ember.paths import Paths
 from ember.runtime import snapshots
 from ember.runtime.confinement import Confinement
-from ember.runtime.leftovers import sweep_leftovers
+from ember.runtime.leftovers import NEW_DIR_PREFIX, sweep_leftovers
 from ember.runtime.overlays import make_overlay
 from ember.runtime.reaper import ensure_reaper
 from ember.runtime.spec import SandboxSpec, pool_key
@@ -218,15 +218,18 @@ class SandboxManager:
 
     def _new_sandbox_dir(self, lock_out: list[FileLock]) -> tuple[str, SandboxDir, FileLock]:
         """A new sandbox id and its directory, which appears already locked by us: it is
-        made under a temporary name, locked, then renamed (the lock moves with it), so that
-        a directory without a registry row and without a lock holder is always a leftover
-        of a dead creator (:mod:`ember.runtime.leftovers`)."""
+        made under a temporary name carrying our pid, locked, then renamed (the lock moves
+        with it), so that a directory without a registry row and without a lock holder is
+        always a leftover of a dead creator, and a temporary one is only ever swept once
+        its creator is gone (:mod:`ember.runtime.leftovers`)."""
         sid = "sb-" + secrets.token_hex(6)
         d = SandboxDir(self.paths.sandboxes / sid)
-        tmp = self.paths.sandboxes / f".new-{sid}"
+        tmp = self.paths.sandboxes / f"{NEW_DIR_PREFIX}{os.getpid()}-{sid}"
         tmp.mkdir(mode=0o700)
         lock = FileLock(tmp / d.lock.name)
-        lock.try_acquire()
+        if not lock.try_acquire():
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise EmberError(f"cannot lock the new directory {tmp} of sandbox {sid}")
         tmp.rename(d.root)
         lock.path = d.lock
         lock_out.append(lock)

@@ -43,3 +43,30 @@ def test_parallel_creates_survive_a_concurrent_sweep(ember_paths: Paths, debian_
         stop.set()
         t.join()
     assert Sandbox.list(paths=ember_paths) == []
+
+
+def test_sweep_takes_a_new_sandbox_directory_only_once_its_creator_is_dead(
+        ember_paths: Paths) -> None:
+    """A directory is briefly ``.new-<pid>-<id>`` before its creator locks it: a sweep in
+    that instant must not lock it first and remove it (the race CI once hit)."""
+    import subprocess
+
+    from ember.runtime.leftovers import NEW_DIR_PREFIX
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    ember_paths.sandboxes.mkdir(parents=True, exist_ok=True)
+    alive = subprocess.Popen(["sleep", "60"])
+    try:
+        live_dir = ember_paths.sandboxes / f"{NEW_DIR_PREFIX}{alive.pid}-sb-000000000001"
+        dead_dir = ember_paths.sandboxes / f"{NEW_DIR_PREFIX}{dead.pid}-sb-000000000002"
+        for d in (live_dir, dead_dir):
+            d.mkdir()
+        Sandbox.list(paths=ember_paths)
+        assert live_dir.is_dir() and not (live_dir / "client.lock").exists()
+        assert not dead_dir.exists()
+    finally:
+        alive.kill()
+        alive.wait()
+    Sandbox.list(paths=ember_paths)
+    assert not live_dir.exists()
