@@ -21,6 +21,10 @@ from ember.host.cgroupfs import CgroupFS
 
 #: The controllers a sandbox cgroup limits.
 CONTROLLERS = ("cpu", "memory", "pids")
+#: The controller that pauses a sandbox whose runtime cannot pause itself (a crun
+#: container). Not a limit: a host without it only loses pause on that tier. On cgroup v2
+#: it is not a controller but the core ``cgroup.freeze`` file of every non-root cgroup.
+FREEZER = "freezer"
 
 #: The cgroup under which every ember cgroup lives, in every hierarchy.
 EMBER_PARENT = "ember"
@@ -73,6 +77,12 @@ class CgroupSupport:
     anchor: Anchor
     controllers: tuple[ControllerStatus, ...]
     notes: tuple[str, ...] = ()
+    freezer: ControllerStatus | None = None
+
+    @property
+    def in_use(self) -> tuple[ControllerStatus, ...]:
+        """The limit controllers and the freezer: every hierarchy a sandbox cgroup joins."""
+        return self.controllers + ((self.freezer,) if self.freezer is not None else ())
 
     def controller(self, name: str) -> ControllerStatus:
         for c in self.controllers:
@@ -213,13 +223,21 @@ def _v1_status(fs: CgroupFS, name: str, mount: CgroupMount,
 
 
 def _v2_status(fs: CgroupFS, name: str, mount: CgroupMount,
-               self_paths: dict[frozenset[str], str], anchor: Anchor) -> ControllerStatus:
+               self_paths: dict[frozenset[str], str], anchor: Anchor, *,
+               core: bool = False) -> ControllerStatus:
+    """``core``: a feature of every cgroup2 directory (the freezer), not a controller
+    that parents must offer and enable."""
     where = f"cgroup2 hierarchy at {mount.mount_point}"
     base, why = _base(mount, self_paths, anchor)
     if base is None:
         return ControllerStatus(name, False, 2, None, f"{where}: {why}")
     if mount.read_only:
         return ControllerStatus(name, False, 2, None, f"{where} is mounted read-only")
+    if core:
+        if not fs.writable(base):
+            return ControllerStatus(name, False, 2, None, f"{where}: no write permission on "
+                                    f"{base} (ember must run as root)")
+        return ControllerStatus(name, True, 2, base / EMBER_PARENT, f"{where} (cgroup.freeze)")
     offered = _words(fs, base / "cgroup.controllers")
     if name not in offered:
         listed = " ".join(sorted(offered)) or "none"
@@ -310,4 +328,11 @@ def detect_cgroups(fs: CgroupFS | None = None, *, anchor: Anchor = "root") -> Cg
         else:
             statuses.append(ControllerStatus(name, False, None, None, _missing(name, kernel, v2)))
     memory = next(s for s in statuses if s.name == "memory")
-    return CgroupSupport(_mode(mounts), anchor, tuple(statuses), _notes(fs, memory))
+    v1 = _pick(m for m in mounts if m.version == 1 and FREEZER in m.controllers)
+    if v1 is not None:
+        freezer = _v1_status(fs, FREEZER, v1, self_paths, anchor)
+    elif v2 is not None:
+        freezer = _v2_status(fs, FREEZER, v2, self_paths, anchor, core=True)
+    else:
+        freezer = ControllerStatus(FREEZER, False, None, None, _missing(FREEZER, kernel, v2))
+    return CgroupSupport(_mode(mounts), anchor, tuple(statuses), _notes(fs, memory), freezer)

@@ -34,7 +34,7 @@ from types import TracebackType
 from typing import Literal
 
 from ember.errors import BadRequestError, HostError
-from ember.host.cgroup_detect import CgroupSupport
+from ember.host.cgroup_detect import FREEZER, CgroupSupport
 from ember.host.cgroupfs import CgroupFS
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -45,6 +45,7 @@ MAX_CPUS = 1024.0
 MIN_MEMORY_BYTES = 1 << 20
 MAX_PIDS = 4_194_304  # PID_MAX_LIMIT on 64-bit
 KILL_TIMEOUT_S = 5.0
+FREEZE_TIMEOUT_S = 5.0
 
 #: Exit status of the :meth:`SandboxCgroup.wrap_argv` wrapper when it cannot join the cgroup.
 ENTER_FAILED_EXIT = 125
@@ -151,7 +152,7 @@ def _keyed(text: str) -> dict[str, int]:
 def _ember_parents(support: CgroupSupport) -> dict[Path, _Dir]:
     """One entry per hierarchy in use: ember's parent directory -> what it serves."""
     dirs: dict[Path, _Dir] = {}
-    for c in support.controllers:
+    for c in support.in_use:
         if not c.usable or c.parent is None or c.version is None:
             continue
         old = dirs.get(c.parent)
@@ -235,7 +236,7 @@ class SandboxCgroup:
     def _enable(self, parent: Path, controllers: frozenset[str]) -> None:
         """cgroup v2: let ``parent``'s children use ``controllers``."""
         ctl = parent / "cgroup.subtree_control"
-        missing = controllers - set(self._fs.read(ctl).split())
+        missing = controllers - {FREEZER} - set(self._fs.read(ctl).split())
         if missing:
             self._fs.write(ctl, " ".join(f"+{c}" for c in sorted(missing)))
 
@@ -374,6 +375,49 @@ class SandboxCgroup:
         return CgroupStats(tuple(self.pids()), self.memory_usage(), self.memory_peak(),
                            self.oom_kills(), self.cpu_throttled_periods())
 
+    # -- freezer ------------------------------------------------------------------------
+
+    @property
+    def can_freeze(self) -> bool:
+        return self._dir(FREEZER) is not None
+
+    def freeze(self, timeout: float = FREEZE_TIMEOUT_S) -> None:
+        """Stop every process in the cgroup (they stay stopped until :meth:`thaw`); returns
+        once the kernel reports the cgroup frozen. Raises CgroupError without a freezer, or
+        if the cgroup does not freeze within ``timeout`` (it is thawed again then)."""
+        self._freezer_set(True)
+        deadline = time.monotonic() + timeout
+        while not self.frozen():
+            if time.monotonic() > deadline:
+                self._freezer_set(False)
+                raise CgroupError(f"sandbox {self.sandbox_id}: its cgroup did not freeze "
+                                  f"within {timeout:g} s")
+            time.sleep(0.005)
+
+    def thaw(self) -> None:
+        """Let the cgroup's processes run again (a no-op if it is not frozen)."""
+        self._freezer_set(False)
+
+    def frozen(self) -> bool:
+        """True once every process of the cgroup is frozen."""
+        text = self._read(FREEZER, "freezer.state", "cgroup.events")
+        if text is None:
+            return False
+        d = self._dir(FREEZER)
+        assert d is not None
+        return text.strip() == "FROZEN" if d.version == 1 else _keyed(text).get("frozen") == 1
+
+    def _freezer_set(self, frozen: bool) -> None:
+        d = self._dir(FREEZER)
+        if d is None:
+            detail = self.support.freezer.detail if self.support.freezer else "not detected"
+            raise CgroupError(f"cannot freeze sandbox {self.sandbox_id}: no usable freezer "
+                              f"({detail})")
+        if d.version == 1:
+            self._set(d.path / "freezer.state", "FROZEN" if frozen else "THAWED")
+        else:
+            self._set(d.path / "cgroup.freeze", "1" if frozen else "0")
+
     # -- teardown -----------------------------------------------------------------------
 
     def destroy(self, timeout: float = KILL_TIMEOUT_S) -> None:
@@ -384,6 +428,10 @@ class SandboxCgroup:
         tree = [p for d in self._dirs for p in self._post_order(d.path)]
         if not tree:
             return
+        if (d := self._dir(FREEZER)) is not None and d.version == 1:
+            # A v1-frozen process does not act on SIGKILL until it is thawed.
+            with contextlib.suppress(OSError):
+                self._fs.write(d.path / "freezer.state", "THAWED")
         for d in self._dirs:
             kill_file = d.path / "cgroup.kill"  # v2, Linux 5.14+: kills the subtree at once
             if d.version == 2 and self._fs.exists(kill_file):

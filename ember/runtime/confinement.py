@@ -134,6 +134,11 @@ class Confinement:
             raise
         return cg.procs_files
 
+    def freezer_detail(self) -> str:
+        """Why the cgroup freezer can or cannot be used here."""
+        freezer = _cgroups().freezer
+        return freezer.detail if freezer is not None else "not detected"
+
     def oom_killed(self, sandbox_id: str) -> bool:
         cg = self.cgroup(sandbox_id)
         try:

@@ -35,7 +35,7 @@ from ember.errors import (
 )
 from ember.guest.inject import staged_agent_lib
 from ember.guest.kernel import Kernel, kernel_by_key, require_kernel
-from ember.host.cgroups import home_key
+from ember.host.cgroups import SandboxCgroup, home_key
 from ember.host.jail import JAILER_NAME, JailSpec
 from ember.locks import FileLock
 from ember.paths import Paths
@@ -350,7 +350,7 @@ class SandboxManager:
         log.info("sandbox %s expired; pausing it (on_timeout=pause)", rec.id)
         try:
             if rec.state != "paused":
-                self.handle(rec).stop()
+                self._stop(rec)
         except EmberError as err:
             log.warning("sandbox %s: cannot pause it at the end of its lifetime (%s); "
                         "destroying it", rec.id, err)
@@ -361,24 +361,44 @@ class SandboxManager:
         return self.store.get_sandbox(rec.id)
 
     def pause(self, sandbox_id: str) -> None:
-        self._switch(sandbox_id, "running", "paused", "pause", lambda h: h.stop())
+        self._switch(sandbox_id, "running", "paused", "pause", self._stop)
 
     def resume(self, sandbox_id: str) -> None:
-        self._switch(sandbox_id, "paused", "running", "resume", lambda h: h.cont())
+        self._switch(sandbox_id, "paused", "running", "resume", self._cont)
+
+    def _stop(self, rec: SandboxRecord) -> None:
+        """Pause the guest: QEMU stops its vCPUs, runsc its Sentry; a crun container's
+        processes are frozen in their cgroup (crun itself has no cgroup here)."""
+        if rec.isolation == "container":
+            self._freezer(rec, "pause").freeze()
+        else:
+            self.handle(rec).stop()
+
+    def _cont(self, rec: SandboxRecord) -> None:
+        if rec.isolation == "container":
+            self._freezer(rec, "resume").thaw()
+        else:
+            self.handle(rec).cont()
+
+    def _freezer(self, rec: SandboxRecord, verb: str) -> SandboxCgroup:
+        cg = self.confinement.cgroup(rec.id)
+        if cg is None or not cg.can_freeze:
+            why = self.confinement.reason if not self.confinement.enabled else \
+                self.confinement.freezer_detail()
+            raise BadRequestError(f"cannot {verb} sandbox {rec.id}: isolation=container "
+                                  f"pauses with the cgroup freezer, which is unusable: {why}")
+        return cg
 
     def _switch(self, sandbox_id: str, src: str, dst: str, verb: str,
-                action: Callable[[VMHandle], None]) -> None:
-        """Move a sandbox from state ``src`` to ``dst`` by ``action`` on its VM (a no-op if
-        it is in ``dst`` already)."""
+                action: Callable[[SandboxRecord], None]) -> None:
+        """Move a sandbox from state ``src`` to ``dst`` by ``action`` (a no-op if it is in
+        ``dst`` already)."""
         rec = self.get(sandbox_id)
-        if rec.isolation == "container":
-            raise BadRequestError(f"{verb} is not supported on isolation=container (sandbox "
-                                  f"{rec.id}; it has no freezer); only on microvm and gvisor")
         if rec.state == dst:
             return
         if rec.state != src:
             raise SandboxStateError(f"sandbox {sandbox_id} is {rec.state}; cannot {verb} it")
-        action(self.handle(rec))
+        action(rec)
         fields: dict[str, object] = {"state": dst, "error": None}
         if rec.error == EXPIRED_PAUSED and dst == "running" and rec.timeout_s is not None:
             fields["expires_at"] = time.time() + rec.timeout_s  # a new lifetime starts

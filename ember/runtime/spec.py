@@ -55,9 +55,6 @@ class SandboxSpec:
         if self.isolation not in ISOLATIONS:
             raise BadRequestError(f"isolation must be one of {', '.join(ISOLATIONS)}, "
                                   f"not {self.isolation!r}")
-        if self.isolation == "container" and self.on_timeout == "pause":
-            raise BadRequestError("on_timeout='pause' is not supported on "
-                                  "isolation=container (no pause); use 'destroy'")
         for k, v in self.env.items():
             if not _ENV_KEY.fullmatch(k) or not isinstance(v, str) or "\0" in v:
                 raise BadRequestError(f"invalid environment variable {k!r}")

@@ -360,7 +360,7 @@ def _mounts(paths: Paths) -> list[str]:
 
 def _cgroups(paths: Paths, kept: dict[str, SandboxRecord]) -> list[str]:
     key = home_key(paths.home)
-    parents = {c.parent for c in detect_cgroups().controllers if c.parent is not None}
+    parents = {c.parent for c in detect_cgroups().in_use if c.parent is not None}
     out = []
     for parent in parents:
         d = parent / key

@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -185,27 +185,60 @@ def test_memory_limit_is_enforced(ember_paths: Paths, debian_template, tier: str
 
 def test_microvm_only_operations_are_refused(sandbox: Sandbox, tier: str) -> None:
     refused = [sandbox.snapshot, lambda: sandbox.fork(1)]
-    if tier == "container":
-        refused.append(sandbox.pause)
     for op in refused:
         with pytest.raises(BadRequestError, match=f"not supported on isolation={tier}"):
             op()
     assert sandbox.exec("echo still").stdout == "still\n"
 
 
-def test_gvisor_pauses_and_resumes(ember_paths: Paths, debian_template) -> None:  # type: ignore[no-untyped-def]
-    if not tier_status("gvisor").ok:
-        pytest.skip("isolation=gvisor unavailable here")
-    with Sandbox.create("debian-python", isolation="gvisor", timeout=600,
+@pytest.mark.parametrize("isolation", ["gvisor", "container"])
+def test_pause_stops_the_workload_and_resume_continues_it(
+        ember_paths: Paths, debian_template, isolation: str) -> None:  # type: ignore[no-untyped-def]
+    """runsc pauses its Sentry; a crun container is frozen in its cgroup. Either way a
+    loop running in the sandbox sees the pause as one long gap between two of its ticks."""
+    if not tier_status(isolation).ok:
+        pytest.skip(f"isolation={isolation} unavailable here")
+    with Sandbox.create("debian-python", isolation=isolation, timeout=600,
                         paths=ember_paths) as sb:
         sb.exec("echo kept > /root/kept")
+        sb.spawn(["python3", "-c", _GAP_LOOP])
+        _wait_for(lambda: sb.exec("cat /root/gap").exit_code == 0)
         sb.pause()
         assert manager(ember_paths).get(sb.id).state == "paused"
-        time.sleep(0.5)
+        time.sleep(2.0)
         assert manager(ember_paths).get(sb.id).state == "paused"  # alive while paused
         sb.resume()
         assert manager(ember_paths).get(sb.id).state == "running"
         assert sb.exec("cat /root/kept").stdout == "kept\n"
+        _wait_for(lambda: _gap(sb)[0] >= 1.8)
+        ticks = _gap(sb)[1]
+        _wait_for(lambda: _gap(sb)[1] > ticks)  # it runs again
+
+
+#: Ticks every 50 ms and records the longest gap between two ticks, and the tick count.
+_GAP_LOOP = """
+import os, time
+last, gap, ticks = time.monotonic(), 0.0, 0
+while True:
+    time.sleep(0.05)
+    now = time.monotonic()
+    gap, last, ticks = max(gap, now - last) if ticks else 0.0, now, ticks + 1
+    with open("/root/gap.new", "w") as f:
+        f.write(f"{gap:.3f} {ticks}")
+    os.replace("/root/gap.new", "/root/gap")
+"""
+
+
+def _gap(sb: Sandbox) -> tuple[float, int]:
+    gap, ticks = sb.exec("cat /root/gap").stdout.split()
+    return float(gap), int(ticks)
+
+
+def _wait_for(cond: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.1)
 
 
 def _ember(*args: str) -> subprocess.CompletedProcess[str]:
@@ -304,10 +337,12 @@ def test_commands_see_the_same_environment_as_in_a_microvm(sandbox: Sandbox) -> 
     assert "/usr/bin" in path
 
 
-def test_gvisor_lifetime_end_pauses_when_asked(ember_paths: Paths, debian_template) -> None:  # type: ignore[no-untyped-def]
-    if not tier_status("gvisor").ok:
-        pytest.skip("isolation=gvisor unavailable here")
-    sb = Sandbox.create("debian-python", isolation="gvisor", timeout=600, on_timeout="pause",
+@pytest.mark.parametrize("isolation", ["gvisor", "container"])
+def test_lifetime_end_pauses_when_asked(ember_paths: Paths, debian_template,  # type: ignore[no-untyped-def]
+                                        isolation: str) -> None:
+    if not tier_status(isolation).ok:
+        pytest.skip(f"isolation={isolation} unavailable here")
+    sb = Sandbox.create("debian-python", isolation=isolation, timeout=600, on_timeout="pause",
                         paths=ember_paths)
     try:
         sb.set_timeout(2)

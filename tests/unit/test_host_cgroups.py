@@ -116,6 +116,8 @@ class FakeKernel(CgroupFS):
             files["cgroup.subtree_control"] = ""
             if path != mp:
                 files["cgroup.controllers"] = " ".join(sorted(enabled))
+                files["cgroup.freeze"] = "0"
+                files["cgroup.events"] = "populated 0\nfrozen 0\n"
                 if self.cgroup_kill:
                     files["cgroup.kill"] = ""
         for c in enabled:
@@ -138,6 +140,7 @@ class FakeKernel(CgroupFS):
                             "memory.swap.max": "max",
                             "memory.events": "low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\n"},
             (2, "pids"): {"pids.max": "max", "pids.current": "0"},
+            (1, "freezer"): {"freezer.state": "THAWED"},
         }
         files = dict(table.get((version, controller), {}))
         if version == 1 and controller == "memory" and self.memsw:
@@ -193,6 +196,9 @@ class FakeKernel(CgroupFS):
                 f.write(f"{pid}\n")
         elif name == "cgroup.subtree_control":
             self._write_subtree_control(mp, cg, text)
+        elif name == "cgroup.freeze":  # the fake kernel freezes at once
+            path.write_text(text)
+            (cg / "cgroup.events").write_text(f"populated 0\nfrozen {text.strip()}\n")
         elif name == "cgroup.kill":
             for d in self._tree(cg):
                 for pid in self.members(d):
@@ -244,7 +250,8 @@ HYBRID_SELF = ("9:name=systemd:/\n8:pids:/\n4:memory:/process_api/abc\n2:cpuacct
 
 def hybrid(tmp: Path, *, memsw: bool = True, oom_kill_counter: bool = True) -> FakeKernel:
     mounts = [("cpu", 1, "rw,cpu"), ("cpuacct", 1, "rw,cpuacct"), ("memory", 1, "rw,memory"),
-              ("pids", 1, "rw,pids"), ("systemd", 1, "rw,name=systemd"), ("unified", 2, "rw")]
+              ("pids", 1, "rw,pids"), ("freezer", 1, "rw,freezer"),
+              ("systemd", 1, "rw,name=systemd"), ("unified", 2, "rw")]
     return FakeKernel(tmp, mounts, self_cgroup=HYBRID_SELF, v2_root_controllers="hugetlb",
                       memsw=memsw, oom_kill_counter=oom_kill_counter)
 
@@ -409,7 +416,8 @@ def test_v1_create_is_idempotent_and_makes_one_dir_per_hierarchy(tmp_path: Path)
     cg.create()
     cg.create()
     root = cg_root(tmp_path)
-    assert cg.paths == tuple(root / c / "ember/k1/sb-1" for c in ("cpu", "memory", "pids"))
+    assert cg.paths == tuple(root / c / "ember/k1/sb-1"
+                             for c in ("cpu", "memory", "pids", "freezer"))
     assert all(p.is_dir() for p in cg.paths)
     assert cg.path("memory") == root / "memory/ember/k1/sb-1"
     assert not (root / "cpuacct/ember").exists() and not (root / "unified/ember").exists()
@@ -419,7 +427,7 @@ def test_v1_apply_writes_cfs_memory_memsw_and_pids(tmp_path: Path) -> None:
     fk = hybrid(tmp_path)
     cg = SandboxCgroup(detect_cgroups(fk), "k1", "sb-1", fs=fk).create()
     cg.apply(CgroupLimits(cpus=1.5, memory_bytes=256 << 20, pids_max=64))
-    cpu, mem, pids = cg.paths
+    cpu, mem, pids, _freezer = cg.paths
     assert (cpu / "cpu.cfs_period_us").read_text() == "100000"
     assert (cpu / "cpu.cfs_quota_us").read_text() == "150000"
     assert (mem / "memory.limit_in_bytes").read_text() == str(256 << 20)
@@ -724,3 +732,54 @@ def test_v1_memory_limit_below_unreclaimable_usage_is_reported_as_such(tmp_path:
     with pytest.raises(CgroupError, match=r"memory\.limit_in_bytes.*Device or resource busy"):
         cg.apply(CgroupLimits(memory_bytes=8 << 20))
     assert (cg.paths[1] / "memory.memsw.limit_in_bytes").read_text() == UNLIMITED_V1
+
+
+# -- the freezer (pause of a crun container) ---------------------------------------------
+
+
+def test_v1_freezer_freezes_thaws_and_is_thawed_before_a_destroy(tmp_path: Path) -> None:
+    fk = hybrid(tmp_path)
+    support = detect_cgroups(fk)
+    assert support.freezer is not None and support.freezer.version == 1
+    cg = SandboxCgroup(support, "k1", "sb-1", fs=fk).create()
+    state = cg_root(tmp_path) / "freezer/ember/k1/sb-1/freezer.state"
+    assert cg.can_freeze and not cg.frozen()
+    cg.freeze()
+    assert state.read_text() == "FROZEN" and cg.frozen()
+    cg.thaw()
+    assert state.read_text() == "THAWED" and not cg.frozen()
+    cg.add_pid(4242)
+    cg.freeze()
+    fk.writes.clear()
+    cg.destroy()
+    assert fk.writes[0] == ("freezer.state", "THAWED")  # SIGKILL waits for a thaw on v1
+    assert not cg.exists()
+
+
+def test_v2_freezer_is_core_and_never_enabled_as_a_controller(tmp_path: Path) -> None:
+    fk = v2(tmp_path)
+    support = detect_cgroups(fk)
+    assert support.freezer is not None and support.freezer.usable
+    assert support.freezer.version == 2 and "cgroup.freeze" in support.freezer.detail
+    cg = SandboxCgroup(support, "k1", "sb-1", fs=fk).create()
+    assert all("freezer" not in text for name, text in fk.writes
+               if name == "cgroup.subtree_control")
+    cg.freeze()
+    assert ("cgroup.freeze", "1") in fk.writes and cg.frozen()
+    cg.thaw()
+    assert not cg.frozen()
+    cg.destroy()
+    assert not cg.exists()
+
+
+def test_without_a_freezer_freeze_is_a_cgroup_error_naming_why(tmp_path: Path) -> None:
+    fk = FakeKernel(tmp_path, [("cpu", 1, "rw,cpu"), ("memory", 1, "rw,memory"),
+                               ("pids", 1, "rw,pids")],
+                    self_cgroup="8:pids:/\n4:memory:/\n1:cpu:/\n")
+    support = detect_cgroups(fk)
+    assert support.freezer is not None and not support.freezer.usable
+    cg = SandboxCgroup(support, "k1", "sb-1", fs=fk).create()
+    assert not cg.can_freeze
+    with pytest.raises(CgroupError, match="no usable freezer"):
+        cg.freeze()
+    cg.destroy()

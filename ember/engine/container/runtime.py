@@ -199,7 +199,8 @@ class OciEngine:
 
     def control(self, verb: str, name: str) -> None:
         """``pause`` or ``resume`` a container (runsc: its Sentry stops and restarts every
-        task; crun would need a freezer cgroup, which ember does not manage)."""
+        task). A crun container is paused by ember's manager with the freezer of the
+        sandbox's cgroup instead (crun runs here without a cgroup manager)."""
         if not self.can_pause:
             raise BadRequestError(f"{verb} is not supported on isolation={self.isolation}")
         try:
