@@ -99,6 +99,10 @@ class CgroupSupport:
         parts = [f"cgroups {self.mode}"]
         for c in self.controllers:
             parts.append(f"{c.name}: {'ok' if c.usable else 'unusable'} ({c.detail})")
+        if self.freezer is not None:
+            f = self.freezer
+            parts.append(f"freezer (pause of isolation=container): "
+                         f"{'ok' if f.usable else 'unusable'} ({f.detail})")
         return "; ".join(parts)
 
 

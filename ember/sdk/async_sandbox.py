@@ -118,7 +118,7 @@ class AsyncSandbox:
         ``isolation`` chooses the boundary: ``"microvm"`` (the default: its own kernel),
         ``"gvisor"`` (gVisor's user-space kernel) or ``"container"`` (the host's kernel
         behind namespaces, seccomp and cgroups); the weaker tiers start faster and have
-        no snapshot or fork, and ``container`` no pause (docs/isolation.md). A tier this
+        no snapshot or fork (docs/isolation.md). A tier this
         host cannot run raises :class:`~ember.errors.TierUnavailableError` naming the cause
         and the fix.
         """
