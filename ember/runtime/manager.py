@@ -25,6 +25,7 @@ from ember.agent import INIT_PATH
 from ember.engine import AccelDecision, QemuEngine, VMHandle, VMSpec, detect_accel
 from ember.engine.base import file_tail
 from ember.engine.container import ContainerSpec, OciEngine, gvisor_platform, require_tier
+from ember.engine.container.compat import statx_compat
 from ember.errors import (
     BadRequestError,
     EmberError,
@@ -200,7 +201,9 @@ class SandboxManager:
                 name=sid, root=d.root, image=Path(template.image_path),
                 agent_lib=staged_agent_lib(self.paths.home / "agent-lib"), run_dir=d.vm,
                 console_log=d.console_log, pidfile=d.pidfile, cgroup_procs=procs,
-                disk_mib=rec.disk_mib))
+                disk_mib=rec.disk_mib,
+                compat_lib=statx_compat(self.paths.cache) if spec.isolation == "gvisor"
+                else None))
             self.store.update_sandbox(sid, state="booting", pid=handle.pid)
             ensure_reaper(self.paths)
         except BaseException as err:

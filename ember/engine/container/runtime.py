@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ember.engine.base import VMHandle, process_runs, remove_stale_socket, unix_socket_live
+from ember.engine.container import compat
 from ember.engine.container.bundle import oci_config
 from ember.engine.container.rootfs import RootfsDirs, mount, unmount
 from ember.errors import BadRequestError, EmberTimeoutError, EngineError, HostCommandError
@@ -61,6 +62,7 @@ class ContainerSpec:
     cgroup_procs: tuple[Path, ...] = ()
     nproc: int = 256
     disk_mib: int | None = None  # the writable layer's size (None: unbounded)
+    compat_lib: Path | None = None  # runsc only: the statx shim (engine.container.compat)
 
     @property
     def agent_socket(self) -> Path:
@@ -135,6 +137,8 @@ class OciEngine:
         handle: OciHandle | None = None
         try:
             mount(spec.image, dirs, spec.disk_mib)
+            if self.name == "runsc" and spec.compat_lib is not None:
+                compat.install(dirs.rootfs, spec.compat_lib)
             nofile = _capped(resource.RLIMIT_NOFILE, 4096)
             nproc = _capped(resource.RLIMIT_NPROC, spec.nproc)
             config = oci_config(sandbox_id=spec.name, rootfs=dirs.rootfs, run_dir=spec.run_dir,
