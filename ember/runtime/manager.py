@@ -10,6 +10,7 @@ sandboxes whose lifetime expired.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -538,6 +539,13 @@ class SandboxManager:
         if rec.state == "paused" and self._alive(rec):
             log.info("sandbox %s is paused; not failing it for: %s", sandbox_id, error)
             return
+        if rec.state in LIVE_STATES and rec.state != "pooled" and rec.on_timeout == "destroy" \
+                and rec.expires_at is not None and time.time() >= rec.expires_at:
+            # Its lifetime ended: the reaper is destroying it (which broke the caller's
+            # connection). Finish that instead of keeping a failed row behind.
+            log.info("sandbox %s expired; destroying it (a client saw: %s)", sandbox_id, error)
+            self._release(rec, error=None, keep_row=False)
+            return
         self._release(rec, error=error)
 
     def destroy(self, sandbox_id: str) -> None:
@@ -582,7 +590,8 @@ class SandboxManager:
                 for child in root.iterdir():
                     if child.name not in KEEP_ON_FAILURE:
                         _remove(child)
-            self.store.update_sandbox(rec.id, state="failed", error=error, pid=None)
+            with contextlib.suppress(SandboxNotFoundError):  # destroyed meanwhile
+                self.store.update_sandbox(rec.id, state="failed", error=error, pid=None)
         else:
             shutil.rmtree(root, ignore_errors=True)
             self.store.delete_sandbox(rec.id)

@@ -47,6 +47,19 @@ def test_lifetime_end_destroys_and_the_waiting_caller_is_told(
     sb.kill()  # idempotent on a destroyed sandbox
 
 
+def test_a_client_failing_an_expired_sandbox_destroys_it(ember_paths: Paths,
+                                                         debian_template) -> None:  # type: ignore[no-untyped-def]
+    """The reaper's kill breaks the connection of a client waiting on the guest, and the
+    client reports the break (``fail``) while the reaper is still releasing: whichever
+    finishes first, an expired sandbox ends destroyed, never kept as a failed row."""
+    sb = Sandbox.create("debian-python", timeout=600, paths=ember_paths)
+    mgr = manager(ember_paths)
+    mgr.store.update_sandbox(sb.id, expires_at=time.time() - 0.1)
+    mgr.fail(sb.id, "the guest agent closed the connection")
+    assert sb.id not in [r.id for r in mgr.store.list_sandboxes()]
+    sb.kill()
+
+
 def test_command_timeout_is_a_clear_error_and_the_sandbox_lives_on(
         ember_paths: Paths, debian_template) -> None:  # type: ignore[no-untyped-def]
     with Sandbox.create("debian-python", timeout=600, paths=ember_paths) as sb:
