@@ -156,6 +156,22 @@ def test_lifetime_end_destroys(ember_paths: Paths, debian_template, tier: str) -
     assert_nothing_left(ember_paths, sid, sdir, image, loops, tier)
 
 
+def test_a_paused_sandbox_is_destroyed_from_another_process(ember_paths: Paths,  # type: ignore[no-untyped-def]
+                                                            debian_template, tier: str) -> None:
+    """`ember rm` of a paused sandbox (a frozen cgroup on `container`, whose tasks act on
+    no SIGKILL until thawed on cgroup v1) leaves nothing behind."""
+    image = _image(ember_paths)
+    loops = _loops_backed_by(image)
+    sb = Sandbox.create("debian-python", isolation=tier, timeout=600, paths=ember_paths)
+    sid, sdir = sb.id, Path(manager(ember_paths).get(sb.id).dir)
+    sb.spawn("sleep 300")
+    sb.pause()
+    rm = _ember("rm", sid)
+    assert rm.returncode == 0, rm.stderr
+    assert_nothing_left(ember_paths, sid, sdir, image, loops, tier)
+    sb.kill()  # idempotent on a destroyed sandbox
+
+
 def test_disk_limit_is_enforced(sandbox: Sandbox, tier: str) -> None:
     """The writable layer is a filesystem of the sandbox's disk size: what the sandbox
     writes cannot grow past it on the host."""
