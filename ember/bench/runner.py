@@ -84,7 +84,7 @@ class _Run:
     def failed(self, name: str, err: BaseException, what: str) -> None:
         """A start failed: before any success the tier is unavailable, after it an error."""
         res = self.results[name]
-        log.warning("bench %s: %s failed: %s", name, what, describe(err))
+        log.warning("bench %s: %s failed: %s", name, what, err)  # all of it (console tails)
         if not res.first_exec_s and not res.idle_pss_bytes and res.parallel_wall_s is None:
             res.unavailable = describe(err)
         else:
@@ -171,6 +171,8 @@ class _Run:
                     insts.append(tier.start())
                 except Exception as err:
                     stop = "start failed"
+                    log.warning("bench %s: density start %d failed: %s", name, len(insts) + 1,
+                                err)
                     res.errors.append(f"density start {len(insts) + 1}: {describe(err)}")
                     break
                 time.sleep(p.settle_s)
@@ -179,6 +181,7 @@ class _Run:
                     insts[-1].run(["true"])
                 except Exception as err:
                     stop = "exec failed"
+                    log.warning("bench %s: density exec failed: %s", name, err)
                     res.errors.append(f"density exec: {describe(err)}")
                     break
                 lat = time.monotonic() - t0
