@@ -135,36 +135,22 @@ class SandboxManager:
             raise BadRequestError(
                 f"disk_mib={disk_mib} is smaller than template {template.name!r} ({base_mib} MiB)"
             )
-        sid, d, lock = self._new_sandbox_dir(lock_out)
-        now = time.time()
-        rec = SandboxRecord(
-            id=sid, template=template.name, state="creating", vcpus=spec.vcpus,
-            memory_mib=spec.memory_mib, disk_mib=disk_mib, timeout_s=spec.timeout,
-            created_at=now, expires_at=None,  # set by mark_running: lifetime starts when ready
-            dir=str(d.root), pid=None, accel=self.accel.accel, env=dict(spec.env),
-            metadata=dict(spec.metadata), on_timeout=spec.on_timeout,
-        )
-        self.store.add_sandbox(rec)
-        try:
+
+        def build(rec: SandboxRecord, d: SandboxDir) -> VMHandle:
             if progress:
                 progress(f"creating overlay over template {template.name}")
             make_overlay(self.paths, Path(template.image_path), "raw", disk_mib, d.overlay)
             if progress:
                 progress(f"booting microVM ({self.accel.accel})")
-            ram = self.ram_file(sid)
+            ram = self.ram_file(rec.id)
             jail = self.confinement.prepare(rec, d.root, writable=d.prepare_vm_files(),
                                             shared_ram=ram, log_path=d.qemu_log)
-            spec_ = self._vmspec(rec, d, kernel.bzimage, cmdline=boot_cmdline(sid),
-                                 memory_file=ram, memory_shared=True, jail=jail)
-            handle = self.engine.start(spec_)
-            self.store.update_sandbox(sid, state="booting", pid=handle.pid)
-            ensure_reaper(self.paths)  # enforces the lifetime after this process is gone
-        except BaseException as err:
-            self._abandon(rec, lock, lock_out)
-            if isinstance(err, EmberError | KeyboardInterrupt):
-                raise
-            raise EmberError(f"creating sandbox failed: {err}") from err
-        return self.store.get_sandbox(sid)
+            return self.engine.start(self._vmspec(
+                rec, d, kernel.bzimage, cmdline=boot_cmdline(rec.id), memory_file=ram,
+                memory_shared=True, jail=jail))
+
+        return self._launch(spec, lock_out, build, template=template.name, disk_mib=disk_mib,
+                            accel=self.accel.accel, what="creating sandbox")
 
     def _start_container(self, spec: SandboxSpec, lock_out: list[FileLock],
                          progress: Callable[[str], None] | None) -> SandboxRecord:
@@ -177,17 +163,7 @@ class SandboxManager:
                                   f"snapshot); isolation={spec.isolation} needs a plain one")
         engine = self.oci(spec.isolation)
         base_mib = -(-template.size_bytes // (1 << 20))
-        sid, d, lock = self._new_sandbox_dir(lock_out)
-        rec = SandboxRecord(
-            id=sid, template=template.name, state="creating", vcpus=spec.vcpus,
-            memory_mib=spec.memory_mib, disk_mib=spec.disk_mib or base_mib,
-            timeout_s=spec.timeout, created_at=time.time(), expires_at=None, dir=str(d.root),
-            pid=None, accel=engine.platform if spec.isolation == "gvisor" else "none",
-            env=dict(spec.env), metadata=dict(spec.metadata), on_timeout=spec.on_timeout,
-            isolation=spec.isolation,
-        )
-        self.store.add_sandbox(rec)
-        try:
+        def build(rec: SandboxRecord, d: SandboxDir) -> VMHandle:
             if progress:
                 progress(f"starting {spec.isolation} sandbox ({engine.name}) over template "
                          f"{template.name}")
@@ -196,22 +172,53 @@ class SandboxManager:
                 procs = self.confinement.prepare_cgroup(rec)
             else:
                 procs = ()
-                log.warning("sandbox %s runs without cgroup limits: %s", sid,
+                log.warning("sandbox %s runs without cgroup limits: %s", rec.id,
                             self.confinement.reason)
-            handle = engine.start(ContainerSpec(
-                name=sid, root=d.root, image=Path(template.image_path),
+            return engine.start(ContainerSpec(
+                name=rec.id, root=d.root, image=Path(template.image_path),
                 agent_lib=staged_agent_lib(self.paths.home / "agent-lib"), run_dir=d.vm,
                 console_log=d.console_log, pidfile=d.pidfile, cgroup_procs=procs,
                 disk_mib=rec.disk_mib,
                 compat_lib=statx_compat(self.paths.cache) if spec.isolation == "gvisor"
                 else None))
+
+        return self._launch(spec, lock_out, build, template=template.name,
+                            disk_mib=spec.disk_mib or base_mib,
+                            accel=engine.platform if spec.isolation == "gvisor" else "none",
+                            what="creating sandbox")
+
+    def _launch(self, spec: SandboxSpec, lock_out: list[FileLock],
+                build: Callable[[SandboxRecord, SandboxDir], VMHandle], *, template: str,
+                disk_mib: int, accel: str, what: str, snap: SnapshotRecord | None = None,
+                ) -> SandboxRecord:
+        """Make the sandbox's locked directory, register it (``creating``), ``build`` its
+        VM or container, and record it ``booting``; on any failure release everything it
+        made, row included, and raise an :class:`EmberError` saying ``what`` failed."""
+        sid, d, lock = self._new_sandbox_dir(lock_out)
+        rec = SandboxRecord(
+            id=sid, template=template, state="creating",
+            vcpus=snap.vcpus if snap else spec.vcpus,
+            memory_mib=snap.memory_mib if snap else spec.memory_mib, disk_mib=disk_mib,
+            timeout_s=spec.timeout, created_at=time.time(),
+            expires_at=None,  # set by mark_running: the lifetime starts when it is ready
+            dir=str(d.root), pid=None, accel=accel,
+            env={**snap.env, **spec.env} if snap else dict(spec.env),
+            metadata=dict(spec.metadata), snapshot=snap.id if snap else None,
+            on_timeout=spec.on_timeout,
+            isolation="microvm" if snap else spec.isolation,  # snapshots are microVMs
+        )
+        self.store.add_sandbox(rec)
+        try:
+            handle = build(rec, d)
             self.store.update_sandbox(sid, state="booting", pid=handle.pid)
-            ensure_reaper(self.paths)
+            ensure_reaper(self.paths)  # enforces the lifetime after this process is gone
         except BaseException as err:
             self._abandon(rec, lock, lock_out)
+            if snap is not None and isinstance(err, EngineError):
+                raise SnapshotError(f"restoring snapshot {snap.id[:12]} failed: {err}") from err
             if isinstance(err, EmberError | KeyboardInterrupt):
                 raise
-            raise EmberError(f"creating sandbox failed: {err}") from err
+            raise EmberError(f"{what} failed: {err}") from err
         return self.store.get_sandbox(sid)
 
     def _abandon(self, rec: SandboxRecord, lock: FileLock, lock_out: list[FileLock]) -> None:
@@ -273,34 +280,20 @@ class SandboxManager:
         if spec.disk_mib is not None and spec.disk_mib != snap.disk_mib:
             raise BadRequestError(f"disk_mib={spec.disk_mib} differs from the snapshot's "
                                   f"({snap.disk_mib} MiB)")
-        sid, d, lock = self._new_sandbox_dir(lock_out)
-        rec = SandboxRecord(
-            id=sid, template=template_name or snap.template, state="creating",
-            vcpus=snap.vcpus, memory_mib=snap.memory_mib, disk_mib=snap.disk_mib,
-            timeout_s=spec.timeout, created_at=time.time(), expires_at=None, dir=str(d.root),
-            pid=None, accel=self.accel.accel, env={**snap.env, **spec.env},
-            metadata=dict(spec.metadata), snapshot=snap.id, on_timeout=spec.on_timeout,
-        )
-        self.store.add_sandbox(rec)
-        try:
+
+        def build(rec: SandboxRecord, d: SandboxDir) -> VMHandle:
             make_overlay(self.paths, plan.disk, "qcow2", snap.disk_mib, d.overlay)
             if progress:
                 progress(f"restoring snapshot {snap.id[:12]} ({self.accel.accel})")
             jail = self.confinement.prepare(rec, d.root, writable=d.prepare_vm_files(),
                                             snapshot_ram=plan.ram, log_path=d.qemu_log)
-            vmspec = self._vmspec(rec, d, plan.kernel.bzimage, cmdline=plan.cmdline,
-                                  memory_file=plan.ram, incoming=True, jail=jail)
-            handle = self.engine.restore(vmspec, plan.state)
-            self.store.update_sandbox(sid, state="booting", pid=handle.pid)
-            ensure_reaper(self.paths)
-        except BaseException as err:
-            self._abandon(rec, lock, lock_out)
-            if isinstance(err, EngineError):
-                raise SnapshotError(f"restoring snapshot {snap.id[:12]} failed: {err}") from err
-            if isinstance(err, EmberError | KeyboardInterrupt):
-                raise
-            raise EmberError(f"restoring snapshot failed: {err}") from err
-        return self.store.get_sandbox(sid)
+            return self.engine.restore(self._vmspec(
+                rec, d, plan.kernel.bzimage, cmdline=plan.cmdline, memory_file=plan.ram,
+                incoming=True, jail=jail), plan.state)
+
+        return self._launch(spec, lock_out, build, template=template_name or snap.template,
+                            disk_mib=snap.disk_mib, accel=self.accel.accel,
+                            what="restoring snapshot", snap=snap)
 
     def snapshot(self, sandbox_id: str, name: str | None = None, *,
                  resume: bool = True, hold: bool = False) -> snapshots.Taken:
