@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import gzip
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -165,7 +166,8 @@ class TradVM:
         runs_dir.mkdir(parents=True, exist_ok=True)
         self.workdir = Path(tempfile.mkdtemp(prefix="vm-", dir=runs_dir))
         self.pid: int | None = None
-        self.name = "trad-" + self.workdir.name.removeprefix("vm-")[:8].lower().replace("_", "-")
+        # A valid hostname (the guest refuses one ending in '-', as a mkdtemp suffix can).
+        self.name = "trad-" + secrets.token_hex(4)
         try:
             overlay = self.workdir / "disk.qcow2"
             proc.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(image),

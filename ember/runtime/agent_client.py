@@ -162,6 +162,10 @@ class AgentClient:
                                    "time": time.time(), "entropy": secrets.token_hex(32)}
         if hostname is not None:
             request["hostname"] = hostname
+        try:  # the agent would answer a bad hello and then ignore everything that follows
+            P.check_request(0, request)
+        except P.ProtocolViolation as err:
+            raise BadRequestError(f"cannot greet the guest agent: {err}") from err
         hello = P.encode_msg(0, request)
         # The agent may still be booting, or may have missed a hello sent while it was not
         # yet reading: repeat the hello until an answer arrives.

@@ -17,6 +17,7 @@ from ember import protocol as P
 from ember.agent import AGENT_VERSION
 from ember.agent.server import serve
 from ember.errors import (
+    BadRequestError,
     CommandNotFoundError,
     CommandTimeoutError,
     EmberTimeoutError,
@@ -174,6 +175,22 @@ def test_guest_that_never_says_hello_times_out() -> None:
         guest.close()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("hostname", ["ends-with-", "-starts", "has space", "x" * 64, ""])
+def test_an_invalid_hostname_is_refused_before_the_hello_is_sent(hostname: str) -> None:
+    """The agent answers a hello it finds invalid (so that the host learns its version) and
+    then ignores the session: the host must never send one and wait for nothing."""
+    async def main() -> None:
+        host, guest = socket.socketpair()
+        reader, writer = await asyncio.open_unix_connection(sock=host)
+        with pytest.raises(BadRequestError, match="hostname"):
+            await AgentClient.over(reader, writer, timeout=30.0, hostname=hostname)
+        guest.settimeout(5)
+        assert guest.recv(1 << 16) == b""  # closed, and nothing was sent before
+        guest.close()
+
+    asyncio.run(asyncio.wait_for(main(), 5))
 
 
 def test_flooding_guest_is_bounded() -> None:
