@@ -71,3 +71,10 @@ class FileLock:
     @property
     def held(self) -> bool:
         return self._fd is not None
+
+
+def owner_gone(pid_text: str) -> bool:
+    """True if ``pid_text`` (the pid a staging file or directory is named after) is a pid
+    and no such process runs: what it was building can be removed. Our own pid is alive,
+    so nothing this process is building ever counts as gone."""
+    return pid_text.isdigit() and not Path(f"/proc/{pid_text}").exists()

@@ -11,12 +11,11 @@ after a pid that is gone, so a sweep never takes what a live process is building
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ember.locks import FileLock
+from ember.locks import FileLock, owner_gone
 from ember.runtime import snapshots
 
 if TYPE_CHECKING:
@@ -39,9 +38,7 @@ def sweep_leftovers(mgr: SandboxManager, live_states: tuple[str, ...]) -> list[s
                 continue
             if d.name.startswith(NEW_DIR_PREFIX):
                 # Not yet locked by its creator: only the creator's death makes it a leftover.
-                pid = d.name[len(NEW_DIR_PREFIX):].split("-", 1)[0]
-                if pid.isdigit() and int(pid) != os.getpid() \
-                        and not Path(f"/proc/{pid}").exists():
+                if owner_gone(d.name[len(NEW_DIR_PREFIX):].split("-", 1)[0]):
                     shutil.rmtree(d, ignore_errors=True)
                     removed.append(f"sandbox directory {d.name}")
                 continue
@@ -75,8 +72,7 @@ def _sweep_dead_staging(directory: Path) -> None:
         return
     for d in directory.iterdir():
         parts = d.name.split(".")
-        if d.name.startswith(".") and len(parts) >= 3 and parts[2].isdigit() \
-                and not Path(f"/proc/{parts[2]}").exists():
+        if d.name.startswith(".") and len(parts) >= 3 and owner_gone(parts[2]):
             if d.is_dir() and not d.is_symlink():
                 shutil.rmtree(d, ignore_errors=True)
             else:

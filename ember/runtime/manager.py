@@ -163,6 +163,7 @@ class SandboxManager:
                                   f"snapshot); isolation={spec.isolation} needs a plain one")
         engine = self.oci(spec.isolation)
         base_mib = -(-template.size_bytes // (1 << 20))
+
         def build(rec: SandboxRecord, d: SandboxDir) -> VMHandle:
             if progress:
                 progress(f"starting {spec.isolation} sandbox ({engine.name}) over template "

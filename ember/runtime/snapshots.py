@@ -36,7 +36,7 @@ from ember import proc
 from ember.engine import VMHandle
 from ember.errors import BadRequestError, EmberError, SandboxStateError, SnapshotError
 from ember.guest.kernel import Kernel, kernel_by_key
-from ember.locks import FileLock
+from ember.locks import FileLock, owner_gone
 from ember.paths import Paths
 from ember.runtime.sparse import copy_sparse, digest
 from ember.store import SandboxRecord, SnapshotRecord, Store, TemplateRecord
@@ -188,8 +188,7 @@ def sweep_staging(paths: Paths) -> None:
     for d in paths.snapshots.iterdir():
         if not d.name.startswith(STAGING_PREFIX):
             continue
-        pid = d.name[len(STAGING_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():
+        if owner_gone(d.name[len(STAGING_PREFIX):].split("-", 1)[0]):
             shutil.rmtree(d, ignore_errors=True)
 
 
