@@ -7,9 +7,11 @@ step that failed and the tail of stderr. Never ``shell=True``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import signal
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -56,6 +58,16 @@ def require(program: str) -> str:
     return path
 
 
+def _kill(child: subprocess.Popen[bytes], group: bool) -> None:
+    """Kill a child that overran its timeout (or was interrupted), and its process group
+    when it has one of its own; reap it."""
+    if group:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child.pid, signal.SIGKILL)
+    child.kill()
+    child.wait()
+
+
 def tail(text: str, limit: int = STDERR_TAIL_CHARS) -> str:
     text = text.strip()
     return text if len(text) <= limit else "..." + text[-limit:]
@@ -71,11 +83,18 @@ def run(
     env: Mapping[str, str] | None = None,
     check: bool = True,
     capture_stdout: bool = True,
+    user: int | None = None,
+    group: int | None = None,
+    extra_groups: Sequence[int] | None = None,
+    new_session: bool = False,
 ) -> Result:
     """Run ``argv`` to completion. ``what`` says, for error messages, which step this is.
 
     With ``capture_stdout=False`` the child's stdout goes to ours (for long builds whose
     progress the user should see); stderr is always captured for the error message.
+    ``user``, ``group`` and ``extra_groups`` run the child with those ids (root only).
+    ``new_session`` starts it in a session of its own whose whole process group is killed
+    when the timeout expires (for programs that leave helpers behind, such as runsc).
     """
     args = [str(a) for a in argv]
     if not args:
@@ -83,17 +102,25 @@ def run(
     exe = require(args[0]) if os.sep not in args[0] else args[0]
     log.debug("run (%s): %s", what, " ".join(args))
     try:
-        cp = subprocess.run(
+        with subprocess.Popen(
             [exe, *args[1:]],
-            input=input,
+            stdin=subprocess.PIPE if input is not None else None,
             stdout=subprocess.PIPE if capture_stdout else None,
             stderr=subprocess.PIPE,
             cwd=cwd,
             env=dict(env) if env is not None else None,
-            timeout=timeout,
             close_fds=True,
-            check=False,
-        )
+            user=user,
+            group=group,
+            extra_groups=list(extra_groups) if extra_groups is not None else None,
+            start_new_session=new_session,
+        ) as child:
+            try:
+                stdout, stderr = child.communicate(input, timeout=timeout)
+            except BaseException:
+                _kill(child, new_session)
+                raise
+            cp = subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr)
     except subprocess.TimeoutExpired as err:
         raise EmberTimeoutError(f"{what}: {args[0]} did not finish within {timeout} s") from err
     except FileNotFoundError as err:

@@ -4,6 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install.sh --no-demo
+# The nested-KVM layer's outer VM (Debian's generic kernel + a busybox initramfs), cached by
+# content hash under $EMBER_CACHE/nested-kvm: tests/integration/test_kvm_nested.py boots it.
+echo "==> nested-KVM outer VM (tests/nested/outer.py)" >&2
+.venv/bin/python -m tests.nested.outer build
 echo "==> ruff" >&2
 .venv/bin/ruff check ember tests benchmarks
 echo "==> mypy --strict" >&2

@@ -3,12 +3,15 @@
 ``/dev/kvm`` alone proves nothing: on kvm-pvm hosts it answers the KVM API but cannot run
 a standard guest kernel (see docs/host-notes). KVM is chosen only when ``/dev/kvm`` is
 usable, the CPU advertises ``vmx`` or ``svm`` and the ``kvm_pvm`` module is not loaded.
+"Usable" is judged as the VMM will run: when VMMs are jailed (root), as an unprivileged
+uid with the device's group (:mod:`ember.host.kvm_access`), not as the calling root.
 Every file read goes through ``root`` so tests can fake ``/proc`` and ``/sys``.
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,6 +19,8 @@ from pathlib import Path
 from typing import Literal
 
 from ember.errors import BadRequestError
+from ember.host.jail import jail_wanted
+from ember.host.kvm_access import KvmAccess, kvm_access
 
 Accel = Literal["kvm", "tcg"]
 
@@ -31,6 +36,9 @@ class AccelDecision:
     accel: Accel
     reason: str
     details: dict[str, str] = field(default_factory=dict)
+    #: How to make KVM usable, when the host has hardware virtualization that ember
+    #: cannot use as things stand (shown by ``ember doctor``).
+    fix: str | None = None
 
 
 def _cpu_virt_flags(root: Path) -> tuple[set[str], str]:
@@ -104,7 +112,7 @@ def _probe_api_version(root: Path) -> tuple[bool, str]:
     return True, f"KVM API version {version}"
 
 
-def _auto(root: Path, probe: bool, details: dict[str, str]) -> AccelDecision:
+def _auto(root: Path, probe: bool, details: dict[str, str], jailed: bool) -> AccelDecision:
     dev_ok, details["dev_kvm"] = _dev_kvm_state(root)
     flags, details["cpu_virt_flags"] = _cpu_virt_flags(root)
     pvm = (root / "sys/module/kvm_pvm").exists()
@@ -133,10 +141,34 @@ def _auto(root: Path, probe: bool, details: dict[str, str]) -> AccelDecision:
             return AccelDecision(
                 "tcg", f"/dev/kvm probe failed ({details['probe']}): {tcg}", details
             )
+    usable = "/dev/kvm usable"
+    if jailed:
+        access = _jail_access(root / "dev/kvm", probe)
+        details["jail_kvm"] = access.detail
+        if not access.ok:
+            return AccelDecision("tcg", f"/dev/kvm is {access.detail}: {tcg}", details,
+                                 fix=access.fix)
+        usable = "/dev/kvm usable by the jailed VMM"
     flag = sorted(flags)[0]
     return AccelDecision(
-        "kvm", f"hardware virtualization available ({flag}, /dev/kvm usable)", details
+        "kvm", f"hardware virtualization available ({flag}, {usable})", details
     )
+
+
+def _jail_access(dev: Path, probe: bool) -> KvmAccess:
+    """:func:`kvm_access`, probed once per device state and process (a child process)."""
+    if not probe:
+        return kvm_access(dev)
+    try:
+        st = dev.stat()
+    except OSError:
+        return kvm_access(dev)
+    return _probed(dev, st.st_ino, st.st_mode, st.st_uid, st.st_gid)
+
+
+@functools.lru_cache(maxsize=8)
+def _probed(dev: Path, ino: int, mode: int, uid: int, gid: int) -> KvmAccess:
+    return kvm_access(dev, probe=True)
 
 
 def detect_accel(
@@ -144,8 +176,12 @@ def detect_accel(
     probe: bool = False,
     root: Path = Path("/"),
     env: Mapping[str, str] | None = None,
+    jail: bool | None = None,
 ) -> AccelDecision:
     """Decide between KVM and TCG and say why.
+
+    ``jail`` (default: whether VMMs are jailed here) judges ``/dev/kvm`` as a jailed VMM
+    will open it; with ``probe`` that is also tried for real, once per process.
 
     ``EMBER_ACCEL=kvm|tcg`` forces the choice; the detected facts are still reported in
     ``details`` (``details["detected"]`` is what detection alone would have chosen).
@@ -155,7 +191,9 @@ def detect_accel(
     forced = environ.get(ENV_VAR, "").strip().lower()
     if forced not in ("", "kvm", "tcg"):
         raise BadRequestError(f"{ENV_VAR} must be 'kvm' or 'tcg', not {forced!r}")
-    decision = _auto(root, probe and not forced, {})
+    if jail is None:
+        jail = jail_wanted()[0]
+    decision = _auto(root, probe and not forced, {}, jail)
     tsc_khz = host_tsc_khz(root)
     if tsc_khz is not None:
         decision.details["host_tsc_khz"] = str(tsc_khz)
@@ -166,5 +204,5 @@ def detect_accel(
             "detected": decision.accel,
             "detected_reason": decision.reason,
         }
-        return AccelDecision(accel, f"forced by {ENV_VAR}", details)
+        return AccelDecision(accel, f"forced by {ENV_VAR}", details, fix=decision.fix)
     return decision

@@ -84,7 +84,7 @@ def _accel(root: Path) -> list[Check]:
     checks = [Check("accelerator", True, f"{decision.accel}: {decision.reason}")]
     dev = decision.details.get("dev_kvm", "unknown")
     flags = decision.details.get("cpu_virt_flags", "none")
-    fix = None
+    fix = decision.fix
     if dev == "missing" and flags in ("vmx", "svm"):
         module = "kvm_intel" if flags == "vmx" else "kvm_amd"
         fix = f"modprobe {module} (hardware virtualization is there but /dev/kvm is not)"
@@ -95,6 +95,8 @@ def _accel(root: Path) -> list[Check]:
     detail = f"/dev/kvm {dev}; CPU virtualization flags: {flags}" + (
         "; kvm_pvm loaded (not usable for standard guests)" if pvm else ""
     )
+    if "jail_kvm" in decision.details:
+        detail += f"; for the jail: {decision.details['jail_kvm']}"
     checks.append(Check("/dev/kvm", ok, detail, fix))
     return checks
 

@@ -81,6 +81,11 @@ class JailSpec:
             if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**32 - 1:
                 raise BadRequestError(f"jail {label} must be a positive id, not {value!r}")
 
+    def with_groups(self, *groups: int) -> JailSpec:
+        """This jail with ``groups`` added to its supplementary groups."""
+        return replace(self, groups=self.groups + tuple(g for g in groups
+                                                        if g not in self.groups))
+
     def with_binds(self, *binds: Bind) -> JailSpec:
         seen = {b.source for b in self.binds}
         return replace(self, binds=self.binds + tuple(b for b in binds if b.source not in seen))

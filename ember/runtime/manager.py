@@ -290,7 +290,7 @@ class SandboxManager:
                                             snapshot_ram=plan.ram, log_path=d.qemu_log)
             return self.engine.restore(self._vmspec(
                 rec, d, plan.kernel.bzimage, cmdline=plan.cmdline, memory_file=plan.ram,
-                incoming=True, jail=jail), plan.state)
+                incoming=True, jail=jail), plan.state, expect_cpu=plan.cpu)
 
         return self._launch(spec, lock_out, build, template=template_name or snap.template,
                             disk_mib=snap.disk_mib, accel=self.accel.accel,

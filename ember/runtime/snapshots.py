@@ -34,6 +34,7 @@ from typing import Any
 
 from ember import proc
 from ember.engine import VMHandle
+from ember.engine.qemu.cpu import GuestCpu
 from ember.errors import BadRequestError, EmberError, SandboxStateError, SnapshotError
 from ember.guest.kernel import Kernel, kernel_by_key
 from ember.locks import FileLock, owner_gone
@@ -113,6 +114,8 @@ def take(paths: Paths, store: Store, engine: Any, handle: VMHandle, rec: Sandbox
     was_running = handle.status() == "running"
     resumed = False
     try:
+        # Under KVM the guest runs on the host's CPU model: record it (before the pause).
+        cpu = engine.guest_cpu(handle) if rec.accel == "kvm" else None
         saved = engine.save(handle, staging / STATE)
         if not saved.ram_in_stream:
             if ram_file is None or not ram_file.is_file():
@@ -132,6 +135,7 @@ def take(paths: Paths, store: Store, engine: Any, handle: VMHandle, rec: Sandbox
             "vcpus": rec.vcpus, "memory_mib": rec.memory_mib, "disk_mib": rec.disk_mib,
             "ram_file": not saved.ram_in_stream, "source": rec.id,
             "env": rec.env, "created_at": time.time(),
+            **({"cpu": cpu.to_json()} if cpu is not None else {}),
             "files": {f.name: {"size": f.stat().st_size, "digest": digest(f)}
                       for f in sorted(staging.iterdir())},
         }
@@ -255,6 +259,8 @@ class RestorePlan:
     ram: Path | None
     state: Path
     disk: Path
+    #: The guest CPU it was saved on (KVM snapshots); the restoring QEMU must match it.
+    cpu: GuestCpu | None = None
 
 
 def plan_restore(paths: Paths, store: Store, snap: SnapshotRecord, *, vmm_version: str,
@@ -311,9 +317,18 @@ def plan_restore(paths: Paths, store: Store, snap: SnapshotRecord, *, vmm_versio
                 raise SnapshotError(f"snapshot {snap.id[:12]}: {fname} does not match its "
                                     "digest (corrupt)")
         store.set_snapshot_verified(snap.id, signature)
+    cpu = None
+    if accel == "kvm":
+        if "cpu" not in manifest:
+            raise SnapshotError(f"snapshot {snap.id[:12]} was taken under KVM but records no "
+                                "guest CPU; it cannot be checked against this host's CPU")
+        try:
+            cpu = GuestCpu.from_json(manifest["cpu"])
+        except SnapshotError as err:
+            raise SnapshotError(f"snapshot {snap.id[:12]}: {err}") from err
     return RestorePlan(snapshot=snap, dir=d, kernel=kernel, cmdline=str(manifest["cmdline"]),
                        template=template, ram=d / RAM if snap.ram_file else None,
-                       state=d / STATE, disk=d / DISK)
+                       state=d / STATE, disk=d / DISK, cpu=cpu)
 
 
 def read_manifest(d: Path, snapshot_id: str) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,13 @@ from ember.errors import BadRequestError
 FLAGS_PLAIN = "fpu vme de pse tsc msr pae mce cx8 apic sep mtrr sse sse2 ht syscall nx lm"
 
 
+#: The group a stock Debian host's /dev/kvm has (any non-root gid will do here).
+KVM_GID = 4242
+
+
 def fake_host(
-    root: Path, *, flags: str = FLAGS_PLAIN, dev_kvm: bool = True, pvm: bool = False
+    root: Path, *, flags: str = FLAGS_PLAIN, dev_kvm: bool = True, pvm: bool = False,
+    mode: int = 0o660, gid: int = KVM_GID,
 ) -> Path:
     (root / "proc").mkdir(parents=True)
     cpu = f"processor\t: 0\nmodel name\t: Fake CPU\nflags\t\t: {flags}\n\n"
@@ -21,6 +27,9 @@ def fake_host(
     (root / "dev").mkdir()
     if dev_kvm:
         (root / "dev/kvm").write_text("")
+        os.chmod(root / "dev/kvm", mode)
+        if os.geteuid() == 0:
+            os.chown(root / "dev/kvm", 0, gid)
     (root / "sys/module").mkdir(parents=True)
     if pvm:
         (root / "sys/module/kvm_pvm").mkdir()
@@ -155,3 +164,41 @@ def test_decision_carries_host_tsc_khz(tmp_path: Path) -> None:
     root = fake_host(tmp_path, pvm=True)
     cpuinfo(root, TSC_FLAGS)
     assert detect_accel(root=root, env={}).details["host_tsc_khz"] == "2596142"
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the jail (and chown) need root")
+
+
+@needs_root
+def test_jailed_kvm_needs_the_device_group(tmp_path: Path) -> None:
+    d = detect_accel(root=fake_host(tmp_path, flags=f"{FLAGS_PLAIN} svm"), env={}, jail=True)
+    assert d.accel == "kvm" and "usable by the jailed VMM" in d.reason
+    assert f"group {KVM_GID}" in d.details["jail_kvm"]
+    assert d.fix is None
+
+
+@needs_root
+@pytest.mark.parametrize(("mode", "gid", "why"), [
+    (0o600, KVM_GID, "only its owner may open it"),
+    (0o660, 0, "its group is root's"),
+])
+def test_a_device_the_jail_cannot_open_means_tcg_and_a_fix(
+        tmp_path: Path, mode: int, gid: int, why: str) -> None:
+    root = fake_host(tmp_path, flags=f"{FLAGS_PLAIN} vmx", mode=mode, gid=gid)
+    d = detect_accel(root=root, env={}, jail=True)
+    assert d.accel == "tcg"
+    assert f"/dev/kvm is {mode:04o} root:" in d.reason and why in d.reason
+    assert d.reason.endswith("using TCG software emulation")
+    assert d.fix is not None and "chmod 0660 /dev/kvm" in d.fix
+    # As root without the jail, the same device is usable.
+    assert detect_accel(root=root, env={}, jail=False).accel == "kvm"
+    # Forcing KVM keeps the fix for doctor (and confinement refuses the create).
+    forced = detect_accel(root=root, env={"EMBER_ACCEL": "kvm"}, jail=True)
+    assert forced.accel == "kvm" and forced.fix == d.fix
+
+
+@needs_root
+def test_world_writable_device_needs_no_group(tmp_path: Path) -> None:
+    root = fake_host(tmp_path, flags=f"{FLAGS_PLAIN} vmx", mode=0o666, gid=0)
+    d = detect_accel(root=root, env={}, jail=True)
+    assert d.accel == "kvm" and "every user" in d.details["jail_kvm"]

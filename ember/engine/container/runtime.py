@@ -14,8 +14,8 @@ processes inherit it: crun runs with its cgroup manager disabled, runsc with
   CAP_SYS_RESOURCE, which some hosts' root lacks);
 - runsc applies the bundle's seccomp filter only with ``--oci-seccomp`` (given);
 - runsc (2022 build) gets an identity-mapped user namespace (its gofer cannot start
-  otherwise) and the ``ptrace`` platform unless the host has hardware virtualization
-  (then ``kvm``), decided by :func:`ember.engine.accel.detect_accel`.
+  otherwise) and the platform :func:`ember.engine.container.tiers.gvisor_platform` chose
+  (``kvm`` only after a probe container ran on it, see ``platform.py``).
 """
 
 from __future__ import annotations

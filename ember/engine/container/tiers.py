@@ -2,7 +2,7 @@
 
 Cheap checks only (no container is started): the runtime binary, root, the loop device
 and overlayfs the root filesystem needs, and for gVisor the platform (``kvm`` only with
-hardware virtualization, else ``ptrace``).
+hardware virtualization and a passing probe, else ``systrap`` or ``ptrace``).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ember.engine.accel import detect_accel
+from ember.engine.container.platform import choose_platform
 from ember.errors import BadRequestError, EmberError, TierUnavailableError
 
 ISOLATIONS = ("microvm", "gvisor", "container")
@@ -30,16 +31,15 @@ class TierStatus:
 
 
 def gvisor_platform() -> tuple[str, str]:
-    """runsc's platform and why: ``kvm`` needs hardware virtualization (the same decision
-    as the microVM's accelerator), otherwise ``ptrace`` (slower system calls, works
-    anywhere)."""
+    """runsc's platform and why: ``kvm`` only where the host has usable hardware
+    virtualization and a probe container ran on it; else ``systrap`` or ``ptrace`` (see
+    :mod:`ember.engine.container.platform`)."""
     try:
         decision = detect_accel()
     except EmberError as err:
         return "ptrace", f"ptrace (accelerator detection failed: {err})"
-    if decision.accel == "kvm":
-        return "kvm", "kvm: the host has hardware virtualization"
-    return "ptrace", f"ptrace: no usable hardware virtualization ({decision.reason})"
+    choice = choose_platform(shutil.which("runsc"), decision.accel == "kvm", decision.reason)
+    return choice.platform, choice.reason
 
 
 def tier_status(isolation: str, *, root: Path = Path("/")) -> TierStatus:

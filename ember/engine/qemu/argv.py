@@ -9,6 +9,7 @@ on virtio-mmio. QMP listens on a Unix socket.
 from __future__ import annotations
 
 from ember.engine.base import VMSpec
+from ember.engine.qemu.cpu import KVM_CPU_MODEL
 
 #: Translation-block cache for TCG. QEMU's default is 1 GiB on 64-bit hosts (it is
 #: allocated lazily but touched pages stay resident); 64 MiB keeps a small guest's host
@@ -75,7 +76,7 @@ def build_argv(
     if spec.accel.accel == "kvm":
         # kvm-clock makes the PIT and the PIC unnecessary under KVM.
         machine = f"{machine},pit=off,pic=off"
-        accel = ["-accel", "kvm", "-cpu", "host"]
+        accel = ["-accel", "kvm", "-cpu", KVM_CPU_MODEL]
     else:
         # Under TCG the guest needs the PIT and PIC to calibrate its TSC (host notes).
         accel = ["-accel", f"tcg,tb-size={TCG_TB_SIZE_MIB}"]

@@ -21,11 +21,19 @@ from ember.engine.base import (
 )
 from ember.engine.qemu.argv import build_argv
 from ember.engine.qemu.caps import seccomp_supported
+from ember.engine.qemu.cpu import KVM_CPU_MODEL, GuestCpu, from_expansion, restore_problem
 from ember.engine.qemu.migration import load_state, save_state
 from ember.engine.qemu.qcow2 import backing_chain
 from ember.engine.qemu.qmp import DEFAULT_TIMEOUT, qmp_execute, qmp_execute_sync, run_sync
-from ember.errors import EmberTimeoutError, EngineError, HostCommandError
+from ember.errors import (
+    EmberTimeoutError,
+    EngineError,
+    HostCommandError,
+    HostError,
+    SnapshotError,
+)
 from ember.host.jail import Bind, JailError, launch
+from ember.host.kvm_access import kvm_access
 from ember.proc import require, run
 
 log = logging.getLogger("ember.engine.qemu")
@@ -111,13 +119,28 @@ class QemuEngine:
                           ram_in_stream=int(ram.get("normal", 0)) > 64, vmm_version=version,
                           seconds=time.monotonic() - t0)
 
-    def restore(self, spec: VMSpec, state: Path, *, timeout: float = 60.0) -> QemuVMHandle:
+    def guest_cpu(self, handle: VMHandle) -> GuestCpu:
+        """The CPU a KVM guest of this QEMU sees (see :mod:`ember.engine.qemu.cpu`)."""
+        reply = qmp_execute_sync(handle.qmp_socket, "query-cpu-model-expansion",
+                                 {"type": "full", "model": {"name": KVM_CPU_MODEL}},
+                                 who=f"VM {handle.name}")
+        return from_expansion(reply)
+
+    def restore(self, spec: VMSpec, state: Path, *, timeout: float = 60.0,
+                expect_cpu: GuestCpu | None = None) -> QemuVMHandle:
+        """Start ``spec`` (incoming) and load ``state``. ``expect_cpu``: the guest CPU the
+        state was saved on (KVM); a restoring CPU that cannot run it is refused before any
+        state is loaded (SnapshotError)."""
         if not spec.incoming:
             raise EngineError(f"cannot restore VM {spec.name}: its spec is not incoming")
         if not state.is_file():
             raise EngineError(f"cannot restore VM {spec.name}: no saved state at {state}")
         handle = self.start(spec)
         try:
+            if expect_cpu is not None:
+                problem = restore_problem(expect_cpu, self.guest_cpu(handle))
+                if problem:
+                    raise SnapshotError(f"cannot restore into VM {spec.name}: {problem}")
             run_sync(load_state(handle.qmp_socket, state, who=f"VM {spec.name}",
                                 timeout=timeout, alive=handle.is_alive))
         except BaseException:
@@ -128,10 +151,11 @@ class QemuEngine:
     def start(self, spec: VMSpec) -> QemuVMHandle:
         qemu = require(self.qemu)
         _preflight(spec)
+        kvm_groups = _jail_kvm_groups(spec)
         created = _Leftovers(spec)
         try:
             if spec.jail is not None:
-                handle = self._start_jailed(spec, qemu)
+                handle = self._start_jailed(spec, qemu, kvm_groups)
             else:
                 argv = build_argv(spec, qemu=qemu, daemonize=True,
                                   sandbox=seccomp_supported(qemu))
@@ -154,13 +178,14 @@ class QemuEngine:
                  f", jailed as uid {spec.jail.uid}" if spec.jail else "")
         return handle
 
-    def _start_jailed(self, spec: VMSpec, qemu: str) -> QemuVMHandle:
+    def _start_jailed(self, spec: VMSpec, qemu: str, groups: tuple[int, ...]) -> QemuVMHandle:
         """QEMU in its jail, not daemonized (the jailer detaches it), so that its seccomp
         filter can deny spawning and privilege changes too."""
         assert spec.jail is not None
         argv = build_argv(spec, qemu=qemu, daemonize=False, sandbox=seccomp_supported(qemu),
                           pidfile=False)
-        pid = launch(spec.jail.with_binds(*vm_binds(spec)), argv, timeout=START_TIMEOUT)
+        jail = spec.jail.with_binds(*vm_binds(spec)).with_groups(*groups)
+        pid = launch(jail, argv, timeout=START_TIMEOUT)
         tmp = spec.pidfile.with_name(f".{spec.pidfile.name}.tmp")
         tmp.write_text(f"{pid}\n")
         tmp.rename(spec.pidfile)
@@ -183,6 +208,21 @@ def vm_binds(spec: VMSpec) -> list[Bind]:
     if spec.accel.accel == "kvm":
         binds.append(Bind(Path("/dev/kvm"), writable=True, device=True))
     return binds
+
+
+def _jail_kvm_groups(spec: VMSpec) -> tuple[int, ...]:
+    """The supplementary groups a jailed QEMU needs to open ``/dev/kvm`` (see
+    :mod:`ember.host.kvm_access`); none under TCG or unjailed.
+
+    Detection already chose TCG where the jail cannot open the device; this refuses, with
+    the fix, what is left: ``EMBER_ACCEL=kvm`` forcing KVM, or a device changed since."""
+    if spec.jail is None or spec.accel.accel != "kvm":
+        return ()
+    access = kvm_access()
+    if not access.ok:
+        raise HostError(f"VM {spec.name} needs KVM, but /dev/kvm is {access.detail}"
+                        + (f"; fix: {access.fix}" if access.fix else ""))
+    return access.groups
 
 
 @functools.cache
