@@ -1,7 +1,9 @@
 """Issue 17 figures: ember's KVM path next to raw ``qemu-system-x86_64 -accel kvm``, one run.
 
 - create to first exec (``Sandbox.create`` + ``exec true``) next to a raw QEMU boot of the
-  same kernel and image to ember's init line (check mode) and to ``/bin/sh`` answering;
+  same kernel and image to ember's init line (check mode), to ``/bin/sh`` answering, and
+  to a first exec through ember's own agent (hand-built argv, unjailed, no registry: what
+  the guest side costs, so that the difference is ember's host-side work);
 - restore to first exec next to raw ``-incoming`` of the same snapshot files;
 - QEMU's host memory beyond guest RAM for an idle sandbox (PSS), under KVM.
 
@@ -16,8 +18,10 @@ where every figure is nested under TCG: read the ratios, not the absolute times.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -38,10 +42,16 @@ from benchmarks.bench_snapshots import ember_restore_first_exec, raw_restore_fir
 from ember import Sandbox
 from ember.agent import INIT_PATH
 from ember.engine import detect_accel
+from ember.engine.base import VMSpec
+from ember.engine.qemu.argv import build_argv
+from ember.engine.qemu.vm import QemuVMHandle
 from ember.guest.image import build_image
 from ember.guest.kernel import require_kernel
 from ember.paths import Paths
+from ember.runtime.agent_client import AgentClient
+from ember.runtime.manager import boot_cmdline
 from ember.sdk.async_sandbox import manager
+from ember.sdk.process import AsyncProcess, exec_request
 from ember.store import Store
 
 TEMPLATE = "debian-python"
@@ -61,19 +71,61 @@ def create_first_exec() -> float:
         sb.kill()
 
 
+def raw_agent_first_exec(kernel: Path, image: Path) -> float:
+    """QEMU started by hand (ember's argv, unjailed, no cgroup, no registry) on an overlay
+    of the image, booting ember's init and agent; then the same agent client runs
+    ``true``: the guest-side floor of ``Sandbox.create`` + exec."""
+    work = Path(tempfile.mkdtemp(prefix="raw-", dir="/tmp"))
+    name = f"raw-{os.getpid()}"
+    ram = Path("/dev/shm") / f"{name}.ram"
+    try:
+        overlay = work / "disk.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b",
+                        str(image), str(overlay)], check=True)
+        ram.touch()
+        spec = VMSpec(name=name, kernel=kernel, disk=overlay, disk_format="qcow2",
+                      disk_readonly=False, vcpus=1, memory_mib=256,
+                      cmdline=boot_cmdline(name), console_log=work / "console.log",
+                      qmp_socket=work / "qmp.sock", agent_socket=work / "agent.sock",
+                      pidfile=work / "pid", accel=detect_accel(), memory_file=ram,
+                      memory_shared=True)
+        t0 = time.monotonic()
+        subprocess.run(build_argv(spec, sandbox=False), check=True)
+        handle = QemuVMHandle(spec, int((work / "pid").read_text()))
+        try:
+            async def go() -> None:
+                client = await AgentClient.connect(str(spec.agent_socket), timeout=120)
+                p = await AsyncProcess.start(client, exec_request("true", env={}, cwd=None,
+                                                                  user=None, stdin=False,
+                                                                  timeout=30))
+                await p.wait()
+                await client.close()
+
+            asyncio.run(go())
+            return time.monotonic() - t0
+        finally:
+            handle.kill()
+    finally:
+        ram.unlink(missing_ok=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def bench_create(reps: int, kernel: Path, image: Path) -> None:
-    ember_s, raw_init, raw_sh = [], [], []
+    ember_s, raw_init, raw_sh, raw_agent = [], [], [], []
     for _ in range(reps):
         raw_init.append(raw_boot_to_line(kernel, image, f"init={INIT_PATH} ember.mode=check",
                                          b"EMBER-CHECK"))
         raw_sh.append(raw_boot_to_shell(kernel, image))
+        raw_agent.append(raw_agent_first_exec(kernel, image))
         ember_s.append(create_first_exec())
     print(f"create to first exec, medians of {reps} (interleaved):")
     print(f"  raw QEMU -accel kvm boot to ember's init line  {fmt_ms(med(raw_init))}")
     print(f"  raw QEMU -accel kvm boot to /bin/sh answering  {fmt_ms(med(raw_sh))}")
+    print(f"  raw QEMU boot + ember's agent, exec true       {fmt_ms(med(raw_agent))}")
     print(f"  ember Sandbox.create + exec true               {fmt_ms(med(ember_s))}   ratio "
           f"to raw init {med(ember_s) / med(raw_init):.2f} (target <= 1.2), to raw sh "
-          f"{med(ember_s) / med(raw_sh):.2f}")
+          f"{med(ember_s) / med(raw_sh):.2f}, to raw with ember's agent "
+          f"{med(ember_s) / med(raw_agent):.2f}")
 
 
 def bench_restore(reps: int) -> None:
