@@ -182,6 +182,19 @@ def guest_ram_pss_kib(pid: int, memory_mib: int) -> int:
     return total
 
 
+async def agent_exec_true(socket_path: Path, *, timeout: float,
+                          hostname: str | None = None) -> None:
+    """Connect ember's agent client to a raw VM's agent socket and run ``true`` once."""
+    from ember.runtime.agent_client import AgentClient
+    from ember.sdk.process import AsyncProcess, exec_request
+
+    client = await AgentClient.connect(str(socket_path), timeout=timeout, hostname=hostname)
+    p = await AsyncProcess.start(client, exec_request("true", env={}, cwd=None, user=None,
+                                                      stdin=False, timeout=30))
+    await p.wait()
+    await client.close()
+
+
 def median(xs: Sequence[float]) -> float:
     return statistics.median(xs)
 

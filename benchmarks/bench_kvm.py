@@ -32,6 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._common import (
+    agent_exec_true,
     fmt_ms,
     guest_ram_pss_kib,
     pss_kib,
@@ -48,10 +49,8 @@ from ember.engine.qemu.vm import QemuVMHandle
 from ember.guest.image import build_image
 from ember.guest.kernel import require_kernel
 from ember.paths import Paths
-from ember.runtime.agent_client import AgentClient
 from ember.runtime.manager import boot_cmdline
 from ember.sdk.async_sandbox import manager
-from ember.sdk.process import AsyncProcess, exec_request
 from ember.store import Store
 
 TEMPLATE = "debian-python"
@@ -93,15 +92,7 @@ def raw_agent_first_exec(kernel: Path, image: Path) -> float:
         subprocess.run(build_argv(spec, sandbox=False), check=True)
         handle = QemuVMHandle(spec, int((work / "pid").read_text()))
         try:
-            async def go() -> None:
-                client = await AgentClient.connect(str(spec.agent_socket), timeout=120)
-                p = await AsyncProcess.start(client, exec_request("true", env={}, cwd=None,
-                                                                  user=None, stdin=False,
-                                                                  timeout=30))
-                await p.wait()
-                await client.close()
-
-            asyncio.run(go())
+            asyncio.run(agent_exec_true(spec.agent_socket, timeout=120))
             return time.monotonic() - t0
         finally:
             handle.kill()

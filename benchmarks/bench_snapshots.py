@@ -16,20 +16,22 @@ import os
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._common import agent_exec_true
 from ember import Sandbox
 from ember.engine.qemu.argv import build_argv
 from ember.engine.qemu.migration import load_state
 from ember.engine.qemu.vm import QemuVMHandle
 from ember.runtime import pools, snapshots
-from ember.runtime.agent_client import AgentClient
 from ember.runtime.pools import pss_bytes
 from ember.sdk.async_sandbox import manager
 from ember.sdk.bake import bake_template_sync
-from ember.sdk.process import AsyncProcess, exec_request
 
 
 def ms(xs: list[float]) -> str:
@@ -89,14 +91,9 @@ def raw_restore_first_exec(snap_id: str, identity: bool = False) -> float:
                     await asyncio.sleep(0.001)
                 await load_state(spec.qmp_socket, plan.state, who="raw", timeout=30,
                                  alive=handle.is_alive)
-                client = await AgentClient.connect(
-                    str(spec.agent_socket), timeout=30,
+                await agent_exec_true(
+                    spec.agent_socket, timeout=30,
                     hostname=f"raw-{os.getpid()}-{time.monotonic_ns()}" if identity else None)
-                p = await AsyncProcess.start(client, exec_request("true", env={}, cwd=None,
-                                                                  user=None, stdin=False,
-                                                                  timeout=30))
-                await p.wait()
-                await client.close()
 
             asyncio.run(go())
             return time.monotonic() - t0
