@@ -9,23 +9,32 @@ from typing import TYPE_CHECKING, Any
 
 from ember.errors import (
     BadRequestError,
+    BuildError,
     CommandNotFoundError,
     CommandTimeoutError,
     EmberError,
     EmberTimeoutError,
+    EngineError,
     GuestError,
     GuestPathNotFoundError,
+    HostCommandError,
+    HostError,
+    ImageSourceError,
+    MissingDependencyError,
     NotFoundError,
+    ProtocolError,
     SandboxNotFoundError,
     SandboxStateError,
     SnapshotError,
     SnapshotNotFoundError,
     TemplateNotFoundError,
     TierUnavailableError,
+    UnsafeLayerError,
 )
 
 if TYPE_CHECKING:
     from ember.sdk.async_sandbox import AsyncSandbox
+    from ember.sdk.files import AsyncFiles
     from ember.sdk.process import AsyncProcess
     from ember.sdk.results import (
         CommandFailedError,
@@ -42,6 +51,7 @@ if TYPE_CHECKING:
 # stays light and lower layers can be imported without the SDK.
 _LAZY = {
     "AsyncSandbox": "ember.sdk.async_sandbox",
+    "AsyncFiles": "ember.sdk.files",
     "AsyncProcess": "ember.sdk.process",
     "CommandFailedError": "ember.sdk.results",
     "EntryInfo": "ember.sdk.results",
@@ -67,23 +77,31 @@ def __getattr__(name: str) -> Any:
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncFiles",
     "AsyncProcess",
     "AsyncSandbox",
     "BadRequestError",
+    "BuildError",
     "CommandFailedError",
     "CommandNotFoundError",
     "CommandTimeoutError",
     "EmberError",
     "EmberTimeoutError",
+    "EngineError",
     "EntryInfo",
     "ExecResult",
     "Files",
     "GuestError",
     "GuestPathNotFoundError",
+    "HostCommandError",
+    "HostError",
+    "ImageSourceError",
+    "MissingDependencyError",
     "NotFoundError",
     "OutputChunk",
     "Process",
     "ProcessInfo",
+    "ProtocolError",
     "Sandbox",
     "SandboxInfo",
     "SandboxNotFoundError",
@@ -93,4 +111,5 @@ __all__ = [
     "SnapshotNotFoundError",
     "TemplateNotFoundError",
     "TierUnavailableError",
+    "UnsafeLayerError",
 ]

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from ember.cli.common import handle_errors, out_console, print_json, progress
 from ember.errors import BadRequestError, CommandNotFoundError, EmberError
+from ember.kinds import ISOLATIONS, ON_TIMEOUT, Isolation, OnTimeout
 from ember.runtime.spec import DEFAULT_TEMPLATE
 
 if TYPE_CHECKING:
@@ -28,9 +29,9 @@ CREATE_OPTIONS = [
                  help="Disk size in MiB (default: the template's)."),
     click.option("--timeout", type=float, default=300.0, show_default=True,
                  help="Sandbox lifetime in seconds (0: no limit)."),
-    click.option("--on-timeout", type=click.Choice(["destroy", "pause"]), default="destroy",
+    click.option("--on-timeout", type=click.Choice(ON_TIMEOUT), default="destroy",
                  show_default=True, help="What happens when the lifetime ends."),
-    click.option("--isolation", type=click.Choice(["microvm", "gvisor", "container"]),
+    click.option("--isolation", type=click.Choice(ISOLATIONS),
                  default="microvm", show_default=True,
                  help="Boundary: microVM (own kernel), gVisor, or container (host kernel); "
                       "see docs/isolation.md."),
@@ -61,7 +62,7 @@ def _pairs(items: tuple[str, ...], what: str) -> dict[str, str]:
 
 
 def _create(template: str, vcpus: int | None, memory_mib: int | None, disk_mib: int | None,
-            timeout: float, on_timeout: str, isolation: str,
+            timeout: float, on_timeout: OnTimeout, isolation: Isolation,
             env: tuple[str, ...], metadata: tuple[str, ...], show: bool) -> Sandbox:
     from ember.sdk.sandbox import Sandbox
 
@@ -104,7 +105,7 @@ def _copy_output(sb: Sandbox, cmd: list[str], stdin: bool, timeout: float | None
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
 @handle_errors
 def run(template: str, vcpus: int | None, memory_mib: int | None, disk_mib: int | None,
-        timeout: float, on_timeout: str, isolation: str,
+        timeout: float, on_timeout: OnTimeout, isolation: Isolation,
         env: tuple[str, ...], metadata: tuple[str, ...], stdin: bool, cmd_timeout: float | None,
         cmd: tuple[str, ...]) -> None:
     """Create a sandbox, run CMD in it with streamed output, destroy it; exit with CMD's code.
@@ -125,7 +126,7 @@ def run(template: str, vcpus: int | None, memory_mib: int | None, disk_mib: int 
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
 def create(template: str, vcpus: int | None, memory_mib: int | None, disk_mib: int | None,
-           timeout: float, on_timeout: str, isolation: str,
+           timeout: float, on_timeout: OnTimeout, isolation: Isolation,
            env: tuple[str, ...], metadata: tuple[str, ...], as_json: bool) -> None:
     """Create a sandbox that keeps running after this command; print its id."""
     sb = _create(template, vcpus, memory_mib, disk_mib, timeout, on_timeout, isolation, env,

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from ember import proc
 from ember.agent import INIT_PATH
@@ -47,11 +48,11 @@ from ember.runtime.leftovers import NEW_DIR_PREFIX, sweep_leftovers
 from ember.runtime.overlays import make_overlay
 from ember.runtime.reaper import ensure_reaper
 from ember.runtime.spec import SandboxSpec, pool_key
+from ember.runtime.states import LIVE_STATES, check_transition
 from ember.store import SandboxRecord, SnapshotRecord, Store
 
 log = logging.getLogger("ember.runtime")
 
-LIVE_STATES = ("creating", "booting", "running", "paused", "pooled", "snapshotting")
 KEEP_ON_FAILURE = ("console.log", "qemu.log")
 #: The note a sandbox paused by the end of its lifetime carries (until resumed).
 EXPIRED_PAUSED = ("its lifetime ended and it was paused (on_timeout='pause'); resume() it "
@@ -211,7 +212,7 @@ class SandboxManager:
         self.store.add_sandbox(rec)
         try:
             handle = build(rec, d)
-            self.store.update_sandbox(sid, state="booting", pid=handle.pid)
+            self.set_state(sid, "booting", pid=handle.pid)
             ensure_reaper(self.paths)  # enforces the lifetime after this process is gone
         except BaseException as err:
             self._abandon(rec, lock, lock_out)
@@ -314,7 +315,7 @@ class SandboxManager:
             raise SandboxStateError(f"sandbox {sandbox_id} is being snapshotted already")
         resume = resume and rec.state == "running"
         if resume:
-            self.store.update_sandbox(sandbox_id, state="snapshotting")
+            self.set_state(sandbox_id, "snapshotting")
         tpl = self.store.get_template(rec.template)
         if tpl.config.get("snapshot"):  # a pre-baked template: its base template's image
             tpl = self.store.get_template(self.store.get_snapshot(
@@ -327,7 +328,7 @@ class SandboxManager:
                 template=tpl, name=name, resume=resume, hold=hold)
         finally:
             if resume:
-                self.store.update_sandbox(sandbox_id, state="running")
+                self.set_state(sandbox_id, "running")
             writer.release()
 
     def _boot_identity(self, rec: SandboxRecord) -> tuple[Kernel, str]:
@@ -355,7 +356,7 @@ class SandboxManager:
             self.destroy(rec.id)
             raise SandboxNotFoundError(f"sandbox {rec.id} expired (timeout) and was "
                                        "destroyed") from err
-        self.store.update_sandbox(rec.id, state="paused", expires_at=None, error=EXPIRED_PAUSED)
+        self.set_state(rec.id, "paused", expires_at=None, error=EXPIRED_PAUSED)
         return self.store.get_sandbox(rec.id)
 
     def pause(self, sandbox_id: str) -> None:
@@ -397,10 +398,10 @@ class SandboxManager:
         if rec.state != src:
             raise SandboxStateError(f"sandbox {sandbox_id} is {rec.state}; cannot {verb} it")
         action(rec)
-        fields: dict[str, object] = {"state": dst, "error": None}
+        fields: dict[str, object] = {"error": None}
         if rec.error == EXPIRED_PAUSED and dst == "running" and rec.timeout_s is not None:
             fields["expires_at"] = time.time() + rec.timeout_s  # a new lifetime starts
-        self.store.update_sandbox(sandbox_id, **fields)
+        self.set_state(sandbox_id, dst, **fields)
 
     def remove_snapshot(self, ref: str) -> SnapshotRecord:
         snap = self.store.get_snapshot(ref)
@@ -434,11 +435,18 @@ class SandboxManager:
         ensure_reaper(self.paths)
         return rec
 
+    def set_state(self, sandbox_id: str, state: str, **fields: Any) -> None:
+        """Move a sandbox to ``state`` (and set ``fields``), as the transition table of
+        :mod:`ember.runtime.states` allows; SandboxStateError otherwise."""
+        current = self.store.get_sandbox(sandbox_id).state
+        check_transition(sandbox_id, current, state)
+        self.store.update_sandbox(sandbox_id, state=state, **fields)
+
     def mark_running(self, sandbox_id: str) -> None:
         """The agent answered: the sandbox is ready and its lifetime starts now."""
         rec = self.store.get_sandbox(sandbox_id)
         expires = time.time() + rec.timeout_s if rec.timeout_s is not None else None
-        self.store.update_sandbox(sandbox_id, state="running", expires_at=expires)
+        self.set_state(sandbox_id, "running", expires_at=expires)
 
     # --- find ----------------------------------------------------------------------------
     def get(self, sandbox_id: str) -> SandboxRecord:
@@ -502,7 +510,7 @@ class SandboxManager:
                 if self._alive(rec):
                     log.warning("sandbox %s: snapshot writer died; resuming the guest", rec.id)
                     self.handle(rec).cont()
-                    self.store.update_sandbox(rec.id, state="running")
+                    self.set_state(rec.id, "running")
                     rec = self.store.get_sandbox(rec.id)
             except EmberError as err:
                 log.warning("sandbox %s: cannot resume after a dead snapshot: %s", rec.id, err)
@@ -575,8 +583,8 @@ class SandboxManager:
                 self.oci(rec.isolation).teardown(rec.id, root)
             except EmberError as err:  # never delete files under a still-mounted overlay
                 log.error("sandbox %s: %s; leaving %s in place", rec.id, err, root)
-                self.store.update_sandbox(rec.id, state="failed", pid=None,
-                                          error=f"cannot release its mounts: {err}")
+                self.set_state(rec.id, "failed", pid=None,
+                               error=f"cannot release its mounts: {err}")
                 return
         (self.paths.ram / f"{rec.id}.ram").unlink(missing_ok=True)
         if keep_row:
@@ -585,7 +593,7 @@ class SandboxManager:
                     if child.name not in KEEP_ON_FAILURE:
                         _remove(child)
             with contextlib.suppress(SandboxNotFoundError):  # destroyed meanwhile
-                self.store.update_sandbox(rec.id, state="failed", error=error, pid=None)
+                self.set_state(rec.id, "failed", error=error, pid=None)
         else:
             shutil.rmtree(root, ignore_errors=True)
             self.store.delete_sandbox(rec.id)

@@ -136,7 +136,7 @@ def start_member(mgr: SandboxManager, pool: PoolRecord) -> SandboxRecord:
     try:
         mgr.store.update_sandbox(rec.id, pool=pool.key)
         asyncio.run(_check_agent(rec))
-        mgr.store.update_sandbox(rec.id, state="pooled")
+        mgr.set_state(rec.id, "pooled")
     except BaseException:
         mgr.destroy(rec.id)
         raise

@@ -42,8 +42,9 @@ def run(paths: Paths) -> None:
     lock = FileLock(paths.home / "reaper.lock")
     if not lock.try_acquire():
         return
-    from ember.runtime.manager import LIVE_STATES, SandboxManager
+    from ember.runtime.manager import SandboxManager
     from ember.runtime.pools import fill_one
+    from ember.runtime.states import LIVE_STATES
 
     mgr = SandboxManager(paths)
     try:

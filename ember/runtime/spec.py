@@ -8,12 +8,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ember.engine.base import host_memory_mib
-from ember.engine.container.tiers import DEFAULT_ISOLATION, ISOLATIONS
+from ember.engine.container.tiers import DEFAULT_ISOLATION
 from ember.errors import BadRequestError
+from ember.kinds import ISOLATIONS, ON_TIMEOUT, Isolation, OnTimeout
 
 DEFAULT_TEMPLATE = "debian-python"
 DEFAULT_TIMEOUT_S = 300.0
-ON_TIMEOUT = ("destroy", "pause")
 MAX_VCPUS = 64
 MIN_MEMORY_MIB = 64
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,255}$")
@@ -30,10 +30,10 @@ class SandboxSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     metadata: Mapping[str, str] = field(default_factory=dict)
     #: When the lifetime ends: "destroy" the sandbox, or "pause" it (resume() goes on).
-    on_timeout: str = "destroy"
+    on_timeout: OnTimeout = "destroy"
     #: "microvm" (own kernel; the default), "gvisor" (gVisor's user-space kernel) or
     #: "container" (the host's kernel, namespaces, seccomp, cgroups). See docs/isolation.md.
-    isolation: str = DEFAULT_ISOLATION
+    isolation: Isolation = DEFAULT_ISOLATION
 
     def __post_init__(self) -> None:
         if not isinstance(self.template, str) or not self.template:

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 from ember.engine.container import require_tier
 from ember.errors import (
@@ -23,6 +23,7 @@ from ember.errors import (
     SandboxNotFoundError,
     SandboxStateError,
 )
+from ember.kinds import Isolation, OnTimeout, SandboxState
 from ember.locks import FileLock
 from ember.paths import Paths
 from ember.runtime.agent_client import AgentClient
@@ -30,7 +31,13 @@ from ember.runtime.manager import SandboxDir, SandboxManager, console_tail
 from ember.runtime.spec import DEFAULT_TEMPLATE, DEFAULT_TIMEOUT_S, SandboxSpec
 from ember.sdk.files import AsyncFiles
 from ember.sdk.process import AsyncProcess, OutputCallback, exec_request
-from ember.sdk.results import ExecResult, ProcessInfo, SandboxInfo, SnapshotInfo
+from ember.sdk.results import (
+    ExecResult,
+    ProcessInfo,
+    SandboxInfo,
+    SnapshotInfo,
+    snapshot_ref,
+)
 from ember.store import SandboxRecord, SnapshotRecord
 
 #: How long a client waits for another client of the same sandbox to disconnect.
@@ -66,10 +73,10 @@ def snapshot_info(rec: SnapshotRecord, pause_s: float | None = None) -> Snapshot
 
 def info_of(rec: SandboxRecord) -> SandboxInfo:
     return SandboxInfo(
-        id=rec.id, template=rec.template, state=rec.state, vcpus=rec.vcpus,
+        id=rec.id, template=rec.template, state=cast(SandboxState, rec.state), vcpus=rec.vcpus,
         memory_mib=rec.memory_mib, disk_mib=rec.disk_mib, created_at=rec.created_at,
         expires_at=rec.expires_at, accel=rec.accel, metadata=dict(rec.metadata),
-        error=rec.error, snapshot=rec.snapshot, isolation=rec.isolation,
+        error=rec.error, snapshot=rec.snapshot, isolation=cast(Isolation, rec.isolation),
     )
 
 
@@ -103,8 +110,8 @@ class AsyncSandbox:
         boot_timeout: float | None = None,
         on_progress: Callable[[str], None] | None = None,
         paths: Paths | None = None,
-        on_timeout: str = "destroy",
-        isolation: str = "microvm",
+        on_timeout: OnTimeout = "destroy",
+        isolation: Isolation = "microvm",
     ) -> AsyncSandbox:
         """Start a new sandbox from ``template`` and return once its agent answers.
 
@@ -191,21 +198,24 @@ class AsyncSandbox:
                     mgr.destroy(rec.id)
 
     @classmethod
-    async def restore(cls, snapshot: str, *, timeout: float | None = DEFAULT_TIMEOUT_S,
+    async def restore(cls, snapshot: str | SnapshotInfo, *,
+                      timeout: float | None = DEFAULT_TIMEOUT_S,
                       env: Mapping[str, str] | None = None,
                       metadata: Mapping[str, str] | None = None,
                       boot_timeout: float | None = None,
                       on_progress: Callable[[str], None] | None = None,
                       paths: Paths | None = None,
-                      on_timeout: str = "destroy") -> AsyncSandbox:
-        """A new sandbox restored from ``snapshot`` (name or id): files, memory and running
-        processes as they were, with its own id, hostname, disk overlay, RNG and clock.
+                      on_timeout: OnTimeout = "destroy") -> AsyncSandbox:
+        """A new sandbox restored from ``snapshot`` (name, id, or what :meth:`snapshot`
+        returned): files, memory and running processes as they were, with its own id,
+        hostname, disk overlay, RNG and clock.
 
         Raises SnapshotNotFoundError, or SnapshotError if it is corrupt or was taken with
         another kernel, template, QEMU build or accelerator (nothing is left behind).
         """
+        ref = snapshot_ref(snapshot)
         mgr = manager(paths)
-        snap = await asyncio.to_thread(mgr.store.get_snapshot, snapshot)
+        snap = await asyncio.to_thread(mgr.store.get_snapshot, ref)
         spec = SandboxSpec(template=snap.template, vcpus=snap.vcpus,
                            memory_mib=snap.memory_mib, timeout=timeout, env=dict(env or {}),
                            metadata=dict(metadata or {}), on_timeout=on_timeout)
@@ -417,7 +427,7 @@ class AsyncSandbox:
         spec = SandboxSpec(template=snap.template, vcpus=snap.vcpus, memory_mib=snap.memory_mib,
                            timeout=self._rec.timeout_s, env={},
                            metadata={**self._rec.metadata, "forked_from": self.id},
-                           on_timeout=self._rec.on_timeout)
+                           on_timeout=cast(OnTimeout, self._rec.on_timeout))
         gate = asyncio.Semaphore(max(1, os.cpu_count() or 1))
 
         async def one() -> AsyncSandbox:
@@ -442,9 +452,10 @@ class AsyncSandbox:
         return [snapshot_info(s) for s in await asyncio.to_thread(mgr.store.list_snapshots)]
 
     @classmethod
-    async def delete_snapshot(cls, snapshot: str, *, paths: Paths | None = None) -> None:
+    async def delete_snapshot(cls, snapshot: str | SnapshotInfo, *,
+                              paths: Paths | None = None) -> None:
         """Remove a snapshot (refused while sandboxes restored from it still run)."""
-        await asyncio.to_thread(manager(paths).remove_snapshot, snapshot)
+        await asyncio.to_thread(manager(paths).remove_snapshot, snapshot_ref(snapshot))
 
     # --- lifetime ------------------------------------------------------------------------
     async def set_timeout(self, timeout: float | None) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ember.errors import EmberError
+from ember.errors import BadRequestError, EmberError
+from ember.kinds import Isolation, SandboxState
 
 
 class CommandFailedError(EmberError):
@@ -102,7 +103,7 @@ class SandboxInfo:
 
     id: str
     template: str
-    state: str
+    state: SandboxState
     vcpus: int
     memory_mib: int
     disk_mib: int
@@ -112,7 +113,7 @@ class SandboxInfo:
     metadata: dict[str, str] = field(default_factory=dict)
     error: str | None = None
     snapshot: str | None = None  # restored from this snapshot id
-    isolation: str = "microvm"  # microvm | gvisor | container
+    isolation: Isolation = "microvm"
 
 
 @dataclass(frozen=True)
@@ -134,3 +135,14 @@ class SnapshotInfo:
 
 def _int(v: object) -> int:
     return v if isinstance(v, int) and not isinstance(v, bool) else 0
+
+
+def snapshot_ref(snapshot: object) -> str:
+    """The name or id to look a snapshot up by: a string as given, or the id of a
+    :class:`SnapshotInfo` (what ``snapshot()`` returns). Anything else is refused."""
+    if isinstance(snapshot, SnapshotInfo):
+        return snapshot.id
+    if isinstance(snapshot, str) and snapshot:
+        return snapshot
+    raise BadRequestError(f"snapshot must be a name, an id or a SnapshotInfo, not "
+                          f"{type(snapshot).__name__} {snapshot!r:.80}")

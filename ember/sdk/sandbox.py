@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
 
+from ember.kinds import Isolation, OnTimeout
 from ember.paths import Paths
 from ember.runtime.spec import DEFAULT_TEMPLATE, DEFAULT_TIMEOUT_S
 from ember.sdk.async_sandbox import CONNECT_WAIT_S, DEFAULT_EXEC_TIMEOUT_S, AsyncSandbox
@@ -112,8 +113,8 @@ class Sandbox:
         boot_timeout: float | None = None,
         on_progress: Callable[[str], None] | None = None,
         paths: Paths | None = None,
-        on_timeout: str = "destroy",
-        isolation: str = "microvm",
+        on_timeout: OnTimeout = "destroy",
+        isolation: Isolation = "microvm",
     ) -> Sandbox:
         """Boot a new sandbox from ``template``; see :meth:`AsyncSandbox.create`."""
         return cls(portal().call(AsyncSandbox.create(
@@ -122,12 +123,12 @@ class Sandbox:
             paths=paths, on_timeout=on_timeout, isolation=isolation)))
 
     @classmethod
-    def restore(cls, snapshot: str, *, timeout: float | None = DEFAULT_TIMEOUT_S,
+    def restore(cls, snapshot: str | SnapshotInfo, *, timeout: float | None = DEFAULT_TIMEOUT_S,
                 env: Mapping[str, str] | None = None,
                 metadata: Mapping[str, str] | None = None,
                 boot_timeout: float | None = None,
                 on_progress: Callable[[str], None] | None = None,
-                paths: Paths | None = None, on_timeout: str = "destroy") -> Sandbox:
+                paths: Paths | None = None, on_timeout: OnTimeout = "destroy") -> Sandbox:
         """A new sandbox restored from ``snapshot``; see :meth:`AsyncSandbox.restore`."""
         return cls(portal().call(AsyncSandbox.restore(
             snapshot, timeout=timeout, env=env, metadata=metadata, boot_timeout=boot_timeout,
@@ -138,7 +139,7 @@ class Sandbox:
         return portal().call(AsyncSandbox.list_snapshots(paths=paths))
 
     @classmethod
-    def delete_snapshot(cls, snapshot: str, *, paths: Paths | None = None) -> None:
+    def delete_snapshot(cls, snapshot: str | SnapshotInfo, *, paths: Paths | None = None) -> None:
         portal().call(AsyncSandbox.delete_snapshot(snapshot, paths=paths))
 
     @classmethod

@@ -32,8 +32,8 @@ import pytest
 
 from ember import EmberError, GuestError, Sandbox, SandboxNotFoundError
 from ember.paths import Paths
-from ember.runtime.manager import LIVE_STATES
 from ember.runtime.snapshots import STAGING_PREFIX
+from ember.runtime.states import LIVE_STATES
 from ember.sdk.async_sandbox import manager
 from ember.store import SandboxRecord, Store
 from tests.integration.leaks import assert_no_leaks_anywhere, home_pids, leaks

@@ -56,7 +56,8 @@ def test_restore_keeps_files_and_running_processes(origin: Sandbox, ember_paths:
     manifest = (ember_paths.snapshots / snap.id / "manifest.json").read_bytes()
     assert hashlib.sha256(manifest).hexdigest() == snap.id
     assert origin.exec("echo still running").stdout == "still running\n"  # source continues
-    with Sandbox.restore("origin", paths=ember_paths) as r:
+    # What snapshot() returned restores as its name does (issue 11: it used to crash).
+    with Sandbox.restore(snap, paths=ember_paths) as r:
         assert r.id != origin.id and r.info().snapshot == snap.id
         assert r.files.read_text("/root/before.txt") == "written before the snapshot\n"
         first = _counter(r)
@@ -179,6 +180,8 @@ def test_corrupt_and_mismatched_snapshots_are_refused(origin: Sandbox,
         assert r.exec("true").exit_code == 0
     with pytest.raises(SnapshotNotFoundError):
         Sandbox.restore("no-such-snapshot", paths=ember_paths)
+    with pytest.raises(BadRequestError, match="snapshot must be"):
+        Sandbox.restore(42, paths=ember_paths)  # type: ignore[arg-type]
     with pytest.raises(BadRequestError):
         origin.snapshot("bad/name")
     Sandbox.delete_snapshot("victim", paths=ember_paths)

@@ -3,13 +3,14 @@
 import ember
 
 PUBLIC = {
-    "AsyncProcess", "AsyncSandbox", "BadRequestError", "CommandFailedError",
-    "CommandNotFoundError", "CommandTimeoutError", "EmberError", "EmberTimeoutError",
-    "EntryInfo", "ExecResult", "Files", "GuestError", "GuestPathNotFoundError", "NotFoundError",
-    "OutputChunk", "Process", "ProcessInfo", "Sandbox", "SandboxInfo", "SandboxNotFoundError",
-    "SandboxStateError", "SnapshotError", "SnapshotInfo", "SnapshotNotFoundError",
-    "TemplateNotFoundError",
-    "TierUnavailableError",
+    "AsyncFiles", "AsyncProcess", "AsyncSandbox", "BadRequestError", "BuildError",
+    "CommandFailedError", "CommandNotFoundError", "CommandTimeoutError", "EmberError",
+    "EmberTimeoutError", "EngineError", "EntryInfo", "ExecResult", "Files", "GuestError",
+    "GuestPathNotFoundError", "HostCommandError", "HostError", "ImageSourceError",
+    "MissingDependencyError", "NotFoundError", "OutputChunk", "Process", "ProcessInfo",
+    "ProtocolError", "Sandbox", "SandboxInfo", "SandboxNotFoundError", "SandboxStateError",
+    "SnapshotError", "SnapshotInfo", "SnapshotNotFoundError", "TemplateNotFoundError",
+    "TierUnavailableError", "UnsafeLayerError",
 }
 
 
@@ -20,6 +21,14 @@ def test_public_names_are_pinned() -> None:
 def test_every_public_name_resolves() -> None:
     for name in ember.__all__:
         assert getattr(ember, name) is not None
+
+
+def test_the_whole_error_tree_is_exported() -> None:
+    import ember.errors
+
+    tree = {name for name, obj in vars(ember.errors).items()
+            if isinstance(obj, type) and issubclass(obj, ember.errors.EmberError)}
+    assert tree <= set(ember.__all__), tree - set(ember.__all__)
 
 
 def test_errors_share_one_root() -> None:

@@ -3,12 +3,12 @@
 from ember.engine.container.runtime import ContainerSpec, OciEngine, OciHandle
 from ember.engine.container.tiers import (
     DEFAULT_ISOLATION,
-    ISOLATIONS,
     TierStatus,
     gvisor_platform,
     require_tier,
     tier_status,
 )
+from ember.kinds import ISOLATIONS
 
 __all__ = [
     "DEFAULT_ISOLATION",

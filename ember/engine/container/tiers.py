@@ -15,9 +15,9 @@ from pathlib import Path
 from ember.engine.accel import detect_accel
 from ember.engine.container.platform import choose_platform
 from ember.errors import BadRequestError, EmberError, TierUnavailableError
+from ember.kinds import ISOLATIONS, Isolation
 
-ISOLATIONS = ("microvm", "gvisor", "container")
-DEFAULT_ISOLATION = "microvm"
+DEFAULT_ISOLATION: Isolation = "microvm"
 INSTALL = {"container": "apt-get install -y crun", "gvisor": "apt-get install -y runsc"}
 PROGRAM = {"container": "crun", "gvisor": "runsc"}
 
