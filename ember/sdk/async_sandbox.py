@@ -270,6 +270,12 @@ class AsyncSandbox:
             return None
         fate = self._fate()
         self._mgr.fail(self._rec.id, why)
+        if fate is None:  # no reason known: the guest's last words, if its VM is gone
+            with contextlib.suppress(EmberError):
+                if self._mgr.store.get_sandbox(self._rec.id).state == "failed":
+                    tail = " ".join(console_tail(self._rec, limit=600).split())
+                    if tail:
+                        fate = f"sandbox {self._rec.id} failed; its console ends: ...{tail}"
         return fate
 
     def _fate(self) -> str | None:

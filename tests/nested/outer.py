@@ -52,6 +52,9 @@ RECIPE_VERSION = 1  # of the kernel and initramfs (the CPU and memory are not in
 #: CPU is qemu64 raised to x86-64-v2 (what Debian's Python wheels, numpy's among them,
 #: assume: without it ``ember bench``'s plotting dies of SIGILL).
 CPU = "qemu64,+svm,+npt,+ssse3,+sse4.1,+sse4.2,+popcnt,+cx16,+lahf-lm"
+#: Multi-threaded TCG (one host thread per vCPU). ``thread=single`` avoided nothing and made
+#: nested boots time out; see inside.sh for the workaround of an MTTCG hang.
+OUTER_ACCEL = "tcg"
 MEMORY_MIB = 6144
 VCPUS = 2
 ROOT_TMPFS = "4g"
@@ -217,7 +220,7 @@ def argv(outer: Outer, script: Path, console: Path, shares: list[Share],
     extra = " ".join(f"NK_ENV_{k}={v}" for k, v in env.items())
     cmdline = (f"console=ttyS0 panic=-1 reboot=t quiet loglevel=4 NK_SCRIPT={script} "
                f"NK_ROOT_SIZE={ROOT_TMPFS} NK_MOUNTS={','.join(mounts)} {extra}").strip()
-    return ["qemu-system-x86_64", "-accel", "tcg", "-M", "pc", "-cpu", CPU,
+    return ["qemu-system-x86_64", "-accel", OUTER_ACCEL, "-M", "pc", "-cpu", CPU,
             "-m", str(MEMORY_MIB), "-smp", str(VCPUS), "-nodefaults", "-no-user-config",
             "-display", "none", "-no-reboot", "-kernel", str(outer.kernel),
             "-initrd", str(outer.initrd), "-append", cmdline,

@@ -30,7 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ember.engine.base import VMHandle, process_runs, remove_stale_socket, unix_socket_live
+from ember.engine.base import (
+    VMHandle,
+    file_tail,
+    process_runs,
+    remove_stale_socket,
+    unix_socket_live,
+)
 from ember.engine.container import compat
 from ember.engine.container.bundle import oci_config
 from ember.engine.container.rootfs import RootfsDirs, mount, unmount
@@ -152,7 +158,12 @@ class OciEngine:
             if spec.cgroup_procs:
                 argv = enter_argv(spec.cgroup_procs, argv)
             self._run_detached(argv, spec)
-            pid = self.state_pid(spec.name)
+            try:
+                pid = self.state_pid(spec.name)
+            except EngineError as err:  # it started, then died at once: say what it said
+                said = file_tail(spec.console_log, 1500).strip()
+                raise EngineError(f"{err} (it exited right after starting"
+                                  + (f"; its output ends: {said}" if said else "") + ")") from err
             spec.pidfile.write_text(f"{pid}\n")
             handle = self.attach(pid, spec.name, agent_socket=spec.agent_socket,
                                  console_log=spec.console_log, pidfile=spec.pidfile)
