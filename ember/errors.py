@@ -1,60 +1,89 @@
 """One error hierarchy for everything ember raises.
 
-Every public failure is an :class:`EmberError`. Subclasses say *what kind* of failure it
-is so that callers can react (retry, report to their own user, clean up); the message
-says *what* failed and why, including the tail of a failing command's stderr.
+Every public failure is an :class:`EmberError`. Each class carries a stable ``code``: the
+daemon's API sends it with the message, and the client raises the same class again from it
+(:func:`error_for_code`), so that a caller sees one set of exceptions locally and remotely.
+Subclasses say *what kind* of failure it is so that callers can react (retry, report to
+their own user, clean up); the message says *what* failed and why, including the tail of
+a failing command's stderr.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 
 class EmberError(Exception):
     """Base class of every error ember raises on purpose."""
 
+    code: ClassVar[str] = "internal"
+
 
 class BadRequestError(EmberError, ValueError):
     """The caller asked for something invalid (bad name, impossible limits, bad path)."""
+
+    code: ClassVar[str] = "bad_request"
 
 
 class NotFoundError(EmberError, LookupError):
     """A named thing (template, sandbox, guest path, process) does not exist."""
 
+    code: ClassVar[str] = "not_found"
+
 
 class TemplateNotFoundError(NotFoundError):
     """No template with that name is registered."""
+
+    code: ClassVar[str] = "template_not_found"
 
 
 class SandboxNotFoundError(NotFoundError):
     """No sandbox with that id exists (or it was destroyed)."""
 
+    code: ClassVar[str] = "sandbox_not_found"
+
 
 class SnapshotNotFoundError(NotFoundError):
     """No snapshot with that name or id exists."""
+
+    code: ClassVar[str] = "snapshot_not_found"
 
 
 class SnapshotError(EmberError):
     """A snapshot cannot be taken or restored: corrupt, truncated or incompatible (another
     kernel, template, VMM build or machine size). Nothing half-restored is left behind."""
 
+    code: ClassVar[str] = "snapshot_invalid"
+
 
 class GuestPathNotFoundError(NotFoundError):
     """A path inside the guest does not exist."""
+
+    code: ClassVar[str] = "guest_path_not_found"
 
 
 class EmberTimeoutError(EmberError, TimeoutError):
     """An operation did not finish within its deadline."""
 
+    code: ClassVar[str] = "timeout"
+
 
 class HostError(EmberError):
     """The host cannot do what was asked (missing tool, device, permission, disk space)."""
+
+    code: ClassVar[str] = "host"
 
 
 class MissingDependencyError(HostError):
     """A host program, package or file ember needs is missing; the message says how to fix it."""
 
+    code: ClassVar[str] = "missing_dependency"
+
 
 class HostCommandError(HostError):
     """An external command failed; the message names the step and the tail of its stderr."""
+
+    code: ClassVar[str] = "host_command_failed"
 
     def __init__(self, message: str, *, argv: list[str] | None = None,
                  returncode: int | None = None, stderr_tail: str = "") -> None:
@@ -67,37 +96,55 @@ class HostCommandError(HostError):
 class BuildError(EmberError):
     """Building a kernel or an image failed."""
 
+    code: ClassVar[str] = "build_failed"
+
 
 class ImageSourceError(BuildError):
     """An image source is unknown, unreachable, corrupt or truncated."""
+
+    code: ClassVar[str] = "image_source"
 
 
 class UnsafeLayerError(ImageSourceError):
     """An image layer tries to escape the root or create what a template may not hold."""
 
+    code: ClassVar[str] = "unsafe_layer"
+
 
 class EngineError(EmberError):
     """The VMM failed to start, answer or stop."""
+
+    code: ClassVar[str] = "engine"
 
 
 class GuestError(EmberError):
     """The guest misbehaved: broke the protocol, stopped answering or died."""
 
+    code: ClassVar[str] = "guest"
+
 
 class ProtocolError(GuestError):
     """Bytes from the guest (or host) violate the agent protocol."""
+
+    code: ClassVar[str] = "protocol"
 
 
 class SandboxStateError(EmberError):
     """The sandbox is not in a state that allows the operation (failed, stopped, busy)."""
 
+    code: ClassVar[str] = "sandbox_state"
+
 
 class CommandNotFoundError(NotFoundError):
     """The program given to ``exec`` does not exist in the guest."""
 
+    code: ClassVar[str] = "command_not_found"
+
 
 class CommandTimeoutError(EmberTimeoutError):
     """A command ran past its timeout and was killed; ``result`` holds its partial output."""
+
+    code: ClassVar[str] = "command_timeout"
 
     def __init__(self, message: str, result: object = None) -> None:
         super().__init__(message)
@@ -108,3 +155,34 @@ class TierUnavailableError(HostError):
     """The isolation tier asked for (``gvisor``, ``container``) cannot run on this host:
     its runtime is missing or the host lacks what it needs. The message names the cause
     and the fix."""
+
+    code: ClassVar[str] = "tier_unavailable"
+
+
+def _all_classes(root: type[EmberError]) -> list[type[EmberError]]:
+    out = [root]
+    for sub in root.__subclasses__():
+        out += _all_classes(sub)
+    return out
+
+
+def error_codes() -> dict[str, type[EmberError]]:
+    """Every stable code and the class it stands for: the classes that name a code of
+    their own (a subclass without one, such as JailError, travels as its parent's)."""
+    return {cls.code: cls for cls in _all_classes(EmberError) if "code" in cls.__dict__}
+
+
+def error_for_code(code: str, message: str) -> EmberError:
+    """The exception a peer reported with ``code``; an unknown code gives the base class,
+    the code kept in the message."""
+    cls = error_codes().get(code)
+    if cls is None:
+        return EmberError(f"{message} ({code[:64]})")
+    if cls is CommandTimeoutError:
+        return CommandTimeoutError(message)
+    if cls is HostCommandError:
+        return HostCommandError(message)
+    try:
+        return cls(message)
+    except TypeError:  # a subclass with another constructor
+        return EmberError(f"{message} ({code})")

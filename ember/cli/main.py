@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import click
 
-from ember.cli import doctor_cmd, image_cmds, kernel_cmds, pool_cmds, sandbox_cmds, snapshot_cmds
+from ember.cli import (
+    daemon_cmds,
+    doctor_cmd,
+    image_cmds,
+    kernel_cmds,
+    pool_cmds,
+    sandbox_cmds,
+    snapshot_cmds,
+)
 from ember.cli.bench_cmd import bench
 from ember.logconfig import setup_logging
 
@@ -25,6 +33,7 @@ cli.add_command(kernel_cmds.kernel)
 cli.add_command(image_cmds.image)
 cli.add_command(doctor_cmd.doctor)
 cli.add_command(bench)
+cli.add_command(daemon_cmds.daemon)
 for _cmd in (sandbox_cmds.run, sandbox_cmds.create, sandbox_cmds.ls, sandbox_cmds.inspect,
              sandbox_cmds.exec_, sandbox_cmds.cp, sandbox_cmds.logs, sandbox_cmds.rm):
     cli.add_command(_cmd)

@@ -9,10 +9,10 @@ import functools
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from ember.engine.container import require_tier
 from ember.errors import (
@@ -39,6 +39,9 @@ from ember.sdk.results import (
     snapshot_ref,
 )
 from ember.store import SandboxRecord, SnapshotRecord
+
+if TYPE_CHECKING:
+    from ember.sdk.remote import Transport
 
 #: How long a client waits for another client of the same sandbox to disconnect.
 CONNECT_WAIT_S = 30.0
@@ -112,6 +115,8 @@ class AsyncSandbox:
         paths: Paths | None = None,
         on_timeout: OnTimeout = "destroy",
         isolation: Isolation = "microvm",
+        url: str | None = None,
+        api_key: str | None = None,
     ) -> AsyncSandbox:
         """Start a new sandbox from ``template`` and return once its agent answers.
 
@@ -128,7 +133,21 @@ class AsyncSandbox:
         no snapshot or fork (docs/isolation.md). A tier this
         host cannot run raises :class:`~ember.errors.TierUnavailableError` naming the cause
         and the fix.
+
+        ``url`` (or ``EMBER_URL``) sends every operation to an ember daemon instead of
+        running in this process: ``unix:///var/lib/ember/emberd.sock`` or
+        ``http://host:8700``, with ``api_key`` (or ``EMBER_API_KEY``). The API and the
+        errors are the same either way.
         """
+        t = _daemon(url, api_key, paths)
+        if t is not None:
+            if on_progress:
+                on_progress(f"creating through the daemon at {t.url}")
+            body = {"template": template, "vcpus": vcpus, "memory_mib": memory_mib,
+                    "disk_mib": disk_mib, "timeout": timeout, "env": dict(env or {}),
+                    "metadata": dict(metadata or {}), "boot_timeout": boot_timeout,
+                    "on_timeout": on_timeout, "isolation": isolation}
+            return await _remote_sandbox(t, "POST", "/sandboxes", body)
         if isolation != "microvm":  # a tier this host cannot run: say so before anything else
             await asyncio.to_thread(require_tier, isolation)
         mgr = manager(paths)
@@ -205,7 +224,8 @@ class AsyncSandbox:
                       boot_timeout: float | None = None,
                       on_progress: Callable[[str], None] | None = None,
                       paths: Paths | None = None,
-                      on_timeout: OnTimeout = "destroy") -> AsyncSandbox:
+                      on_timeout: OnTimeout = "destroy",
+                      url: str | None = None, api_key: str | None = None) -> AsyncSandbox:
         """A new sandbox restored from ``snapshot`` (name, id, or what :meth:`snapshot`
         returned): files, memory and running processes as they were, with its own id,
         hostname, disk overlay, RNG and clock.
@@ -214,6 +234,11 @@ class AsyncSandbox:
         another kernel, template, QEMU build or accelerator (nothing is left behind).
         """
         ref = snapshot_ref(snapshot)
+        t = _daemon(url, api_key, paths)
+        if t is not None:
+            body = {"timeout": timeout, "env": dict(env or {}), "metadata": dict(metadata or {}),
+                    "boot_timeout": boot_timeout, "on_timeout": on_timeout}
+            return await _remote_sandbox(t, "POST", f"/snapshots/{_seg(ref)}/restore", body)
         mgr = manager(paths)
         snap = await asyncio.to_thread(mgr.store.get_snapshot, ref)
         spec = SandboxSpec(template=snap.template, vcpus=snap.vcpus,
@@ -232,8 +257,13 @@ class AsyncSandbox:
 
     @classmethod
     async def connect(cls, sandbox_id: str, *, wait: float = CONNECT_WAIT_S,
-                      paths: Paths | None = None) -> AsyncSandbox:
+                      paths: Paths | None = None, url: str | None = None,
+                      api_key: str | None = None) -> AsyncSandbox:
         """Attach to a running sandbox (created by this or another process)."""
+        t = _daemon(url, api_key, paths)
+        if t is not None:
+            return await _remote_sandbox(t, "GET", f"/sandboxes/{_seg(sandbox_id)}", None,
+                                         running=True)
         mgr = manager(paths)
         rec = await asyncio.to_thread(mgr.get, sandbox_id)
         if rec.state != "running":
@@ -250,7 +280,14 @@ class AsyncSandbox:
         return sb
 
     @classmethod
-    async def list(cls, *, paths: Paths | None = None) -> builtins.list[SandboxInfo]:
+    async def list(cls, *, paths: Paths | None = None, url: str | None = None,
+                   api_key: str | None = None) -> builtins.list[SandboxInfo]:
+        t = _daemon(url, api_key, paths)
+        if t is not None:
+            from ember.sdk.wire import sandbox_info
+
+            async with _closing(t):
+                return [sandbox_info(i) for i in await t.call("GET", "/sandboxes")]
         mgr = manager(paths)
         return [info_of(r) for r in await asyncio.to_thread(mgr.list)]
 
@@ -337,9 +374,15 @@ class AsyncSandbox:
 
         A string runs through ``/bin/sh -c``; a list is executed directly.
         """
+        return await self._spawn(cmd, env=env, cwd=cwd, user=user, stdin=stdin,
+                                 timeout=timeout)
+
+    async def _spawn(self, cmd: str | Sequence[str], *, env: Mapping[str, str] | None,
+                     cwd: str | None, user: str | int | None, stdin: bool,
+                     timeout: float | None, keep_output: bool = True) -> AsyncProcess:
         merged = {**self._rec.env, **(env or {})}
         msg = exec_request(cmd, env=merged, cwd=cwd, user=user, stdin=stdin, timeout=timeout)
-        return await AsyncProcess.start(self._require_client(), msg)
+        return await AsyncProcess.start(self._require_client(), msg, keep_output=keep_output)
 
     async def exec(self, cmd: str | Sequence[str], *, env: Mapping[str, str] | None = None,
                    cwd: str | None = None, user: str | int | None = None,
@@ -453,14 +496,27 @@ class AsyncSandbox:
         return clones
 
     @classmethod
-    async def list_snapshots(cls, *, paths: Paths | None = None) -> builtins.list[SnapshotInfo]:
+    async def list_snapshots(cls, *, paths: Paths | None = None, url: str | None = None,
+                             api_key: str | None = None) -> builtins.list[SnapshotInfo]:
+        t = _daemon(url, api_key, paths)
+        if t is not None:
+            from ember.sdk.wire import snapshot_info as decode
+
+            async with _closing(t):
+                return [decode(i) for i in await t.call("GET", "/snapshots")]
         mgr = manager(paths)
         return [snapshot_info(s) for s in await asyncio.to_thread(mgr.store.list_snapshots)]
 
     @classmethod
     async def delete_snapshot(cls, snapshot: str | SnapshotInfo, *,
-                              paths: Paths | None = None) -> None:
+                              paths: Paths | None = None, url: str | None = None,
+                              api_key: str | None = None) -> None:
         """Remove a snapshot (refused while sandboxes restored from it still run)."""
+        t = _daemon(url, api_key, paths)
+        if t is not None:
+            async with _closing(t):
+                await t.call("DELETE", f"/snapshots/{_seg(snapshot_ref(snapshot))}")
+            return
         await asyncio.to_thread(manager(paths).remove_snapshot, snapshot_ref(snapshot))
 
     # --- lifetime ------------------------------------------------------------------------
@@ -502,6 +558,49 @@ class AsyncSandbox:
 
     def __repr__(self) -> str:
         return f"<AsyncSandbox {self.id} template={self._rec.template}>"
+
+
+def _daemon(url: str | None, api_key: str | None, paths: Paths | None) -> Transport | None:
+    """The daemon to send operations to: ``url``, else ``EMBER_URL`` unless the caller
+    named a home with ``paths`` (which means: in this process, on that home)."""
+    target = url or (os.environ.get("EMBER_URL") if paths is None else None)
+    if not target:
+        return None
+    from ember.sdk.remote import Transport
+
+    return Transport(target, api_key or os.environ.get("EMBER_API_KEY"))
+
+
+async def _remote_sandbox(t: Transport, method: str, path: str, body: dict[str, Any] | None,
+                          *, running: bool = False) -> AsyncSandbox:
+    """The sandbox a daemon answers with (``running``: refuse one in another state)."""
+    from ember.sdk.remote import RemoteSandbox
+    from ember.sdk.wire import sandbox_info
+
+    try:
+        info = sandbox_info(await t.call(method, path, json=body))
+        if running and info.state != "running":
+            raise SandboxStateError(f"sandbox {info.id} is {info.state}"
+                                    + (f": {info.error}" if info.error else ""))
+    except BaseException:
+        await t.close()
+        raise
+    return RemoteSandbox(t, info, owns_transport=True)
+
+
+@contextlib.asynccontextmanager
+async def _closing(t: Transport) -> AsyncIterator[Transport]:
+    try:
+        yield t
+    finally:
+        await t.close()
+
+
+def _seg(part: str) -> str:
+    """One path segment of a URL (an id or a name, quoted)."""
+    from urllib.parse import quote
+
+    return quote(part, safe="")
 
 
 __all__ = ["AsyncSandbox", "EmberTimeoutError", "manager"]

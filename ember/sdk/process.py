@@ -53,7 +53,7 @@ class AsyncProcess:
     """Handle of one command started with :meth:`AsyncSandbox.spawn`."""
 
     def __init__(self, client: AgentClient, sid: int, pid: int, timeout: float | None,
-                 label: str) -> None:
+                 label: str, *, keep_output: bool = True) -> None:
         self._client = client
         self._sid = sid
         self.pid = pid
@@ -63,11 +63,15 @@ class AsyncProcess:
         self._out = bytearray()
         self._err = bytearray()
         self._truncated = False
+        #: False where the output only passes through (the daemon streams it to a client,
+        #: which keeps it): the result then carries none.
+        self._keep = keep_output
         self._result: ExecResult | None = None
         self._lock = asyncio.Lock()
 
     @classmethod
-    async def start(cls, client: AgentClient, msg: dict[str, Any]) -> AsyncProcess:
+    async def start(cls, client: AgentClient, msg: dict[str, Any], *,
+                    keep_output: bool = True) -> AsyncProcess:
         sid = client.open_stream(lossy=True)  # a background command's output may go unread
         label = msg.get("shell") or " ".join(msg.get("argv", []))
         try:
@@ -84,7 +88,8 @@ class AsyncProcess:
         except BaseException:
             client.close_stream(sid)
             raise
-        return cls(client, sid, int(reply["pid"]), msg.get("timeout"), str(label)[:200])
+        return cls(client, sid, int(reply["pid"]), msg.get("timeout"), str(label)[:200],
+                   keep_output=keep_output)
 
     # --- input and signals ---------------------------------------------------------------
     async def write_stdin(self, data: bytes | str) -> None:
@@ -139,11 +144,12 @@ class AsyncProcess:
         if frame.kind in (P.Kind.STDOUT, P.Kind.STDERR):
             name: Literal["stdout", "stderr"] = (
                 "stdout" if frame.kind == P.Kind.STDOUT else "stderr")
-            buf = self._out if name == "stdout" else self._err
-            room = MAX_OUTPUT_BYTES - len(buf)
-            if len(frame.payload) > room:
-                self._truncated = True
-            buf += frame.payload[:max(room, 0)]
+            if self._keep:
+                buf = self._out if name == "stdout" else self._err
+                room = MAX_OUTPUT_BYTES - len(buf)
+                if len(frame.payload) > room:
+                    self._truncated = True
+                buf += frame.payload[:max(room, 0)]
             return OutputChunk(name, frame.payload)
         if frame.kind != P.Kind.MSG:
             raise ProtocolError(f"unexpected frame kind {frame.kind} on an exec stream")

@@ -115,12 +115,16 @@ class Sandbox:
         paths: Paths | None = None,
         on_timeout: OnTimeout = "destroy",
         isolation: Isolation = "microvm",
+        url: str | None = None,
+        api_key: str | None = None,
     ) -> Sandbox:
-        """Boot a new sandbox from ``template``; see :meth:`AsyncSandbox.create`."""
+        """Boot a new sandbox from ``template``; see :meth:`AsyncSandbox.create` (``url``
+        or ``EMBER_URL``: through an ember daemon)."""
         return cls(portal().call(AsyncSandbox.create(
             template, vcpus=vcpus, memory_mib=memory_mib, disk_mib=disk_mib, timeout=timeout,
             env=env, metadata=metadata, boot_timeout=boot_timeout, on_progress=on_progress,
-            paths=paths, on_timeout=on_timeout, isolation=isolation)))
+            paths=paths, on_timeout=on_timeout, isolation=isolation, url=url,
+            api_key=api_key)))
 
     @classmethod
     def restore(cls, snapshot: str | SnapshotInfo, *, timeout: float | None = DEFAULT_TIMEOUT_S,
@@ -128,28 +132,36 @@ class Sandbox:
                 metadata: Mapping[str, str] | None = None,
                 boot_timeout: float | None = None,
                 on_progress: Callable[[str], None] | None = None,
-                paths: Paths | None = None, on_timeout: OnTimeout = "destroy") -> Sandbox:
+                paths: Paths | None = None, on_timeout: OnTimeout = "destroy",
+                url: str | None = None, api_key: str | None = None) -> Sandbox:
         """A new sandbox restored from ``snapshot``; see :meth:`AsyncSandbox.restore`."""
         return cls(portal().call(AsyncSandbox.restore(
             snapshot, timeout=timeout, env=env, metadata=metadata, boot_timeout=boot_timeout,
-            on_progress=on_progress, paths=paths, on_timeout=on_timeout)))
+            on_progress=on_progress, paths=paths, on_timeout=on_timeout, url=url,
+            api_key=api_key)))
 
     @classmethod
-    def list_snapshots(cls, *, paths: Paths | None = None) -> builtins.list[SnapshotInfo]:
-        return portal().call(AsyncSandbox.list_snapshots(paths=paths))
+    def list_snapshots(cls, *, paths: Paths | None = None, url: str | None = None,
+                       api_key: str | None = None) -> builtins.list[SnapshotInfo]:
+        return portal().call(AsyncSandbox.list_snapshots(paths=paths, url=url, api_key=api_key))
 
     @classmethod
-    def delete_snapshot(cls, snapshot: str | SnapshotInfo, *, paths: Paths | None = None) -> None:
-        portal().call(AsyncSandbox.delete_snapshot(snapshot, paths=paths))
+    def delete_snapshot(cls, snapshot: str | SnapshotInfo, *, paths: Paths | None = None,
+                        url: str | None = None, api_key: str | None = None) -> None:
+        portal().call(AsyncSandbox.delete_snapshot(snapshot, paths=paths, url=url,
+                                                   api_key=api_key))
 
     @classmethod
     def connect(cls, sandbox_id: str, *, wait: float = CONNECT_WAIT_S,
-                paths: Paths | None = None) -> Sandbox:
-        return cls(portal().call(AsyncSandbox.connect(sandbox_id, wait=wait, paths=paths)))
+                paths: Paths | None = None, url: str | None = None,
+                api_key: str | None = None) -> Sandbox:
+        return cls(portal().call(AsyncSandbox.connect(sandbox_id, wait=wait, paths=paths,
+                                                      url=url, api_key=api_key)))
 
     @classmethod
-    def list(cls, *, paths: Paths | None = None) -> builtins.list[SandboxInfo]:
-        return portal().call(AsyncSandbox.list(paths=paths))
+    def list(cls, *, paths: Paths | None = None, url: str | None = None,
+             api_key: str | None = None) -> builtins.list[SandboxInfo]:
+        return portal().call(AsyncSandbox.list(paths=paths, url=url, api_key=api_key))
 
     @property
     def id(self) -> str:

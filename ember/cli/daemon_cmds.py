@@ -1,0 +1,85 @@
+"""``ember daemon``: start, stop, inspect or run the home's daemon (emberd)."""
+
+from __future__ import annotations
+
+import click
+
+from ember.cli.common import handle_errors, print_json
+
+
+@click.group("daemon")
+def daemon() -> None:
+    """The home's daemon: it owns the sandboxes and serves the HTTP API on
+    $EMBER_HOME/emberd.sock. Clients reach it with EMBER_URL=unix://$EMBER_HOME/emberd.sock
+    (or url= in the SDK). Its log: $EMBER_HOME/logs/ember.log."""
+
+
+def _show(st: object, as_json: bool) -> None:
+    from ember.daemon.control import DaemonStatus
+
+    assert isinstance(st, DaemonStatus)
+    if as_json:
+        print_json(st.to_json())
+    elif st.running:
+        click.echo(f"emberd running: pid {st.pid}, version {st.version}, socket {st.socket}, "
+                   f"{st.open_sandboxes} sandbox connection(s) open")
+    else:
+        click.echo(f"emberd not running (socket {st.socket})")
+
+
+@daemon.command("start")
+@click.option("--listen", default=None, metavar="HOST:PORT",
+              help="Also serve TCP on HOST:PORT (loopback unless you mean it).")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@handle_errors
+def start(listen: str | None, as_json: bool) -> None:
+    """Start the daemon in the background unless it runs; return once it answers."""
+    from ember.daemon import control
+    from ember.paths import Paths
+
+    _show(control.start(Paths.from_env(), listen=listen), as_json)
+
+
+@daemon.command("stop")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@handle_errors
+def stop(as_json: bool) -> None:
+    """Stop the daemon (SIGTERM). Sandboxes keep running; a new daemon re-attaches."""
+    from ember.daemon import control
+    from ember.paths import Paths
+
+    _show(control.stop(Paths.from_env()), as_json)
+
+
+@daemon.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@handle_errors
+def status(as_json: bool) -> None:
+    """Whether the daemon runs, its pid, version and socket (exit code 3 if not)."""
+    from ember.daemon import control
+    from ember.paths import Paths
+
+    st = control.status(Paths.from_env())
+    _show(st, as_json)
+    if not st.running:
+        raise SystemExit(3)
+
+
+@daemon.command("serve")
+@click.option("--listen", default=None, metavar="HOST:PORT",
+              help="Also serve TCP on HOST:PORT.")
+@handle_errors
+def serve(listen: str | None) -> None:
+    """Run the daemon in the foreground (what the systemd unit runs)."""
+    from ember.daemon.server import serve as run
+    from ember.paths import Paths
+
+    run(Paths.from_env(), listen=listen)
+
+
+@daemon.command("openapi")
+def openapi() -> None:
+    """Print the API's OpenAPI document (JSON), as committed in docs/openapi.json."""
+    from ember.daemon.openapi import document
+
+    click.echo(document())

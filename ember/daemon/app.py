@@ -1,0 +1,111 @@
+"""The daemon's HTTP application: routes that translate requests into runtime calls.
+
+Every answer that is not a success is JSON ``{"error": {"code", "message"}}`` with the
+stable code of an :class:`~ember.errors.EmberError` class, which the SDK raises again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
+
+import ember
+from ember.daemon import API_VERSION, routes_exec, routes_files, routes_sandboxes
+from ember.daemon.errors import status_for
+from ember.daemon.live import LiveSandboxes
+from ember.daemon.metrics import Metrics
+from ember.daemon.middleware import EdgeMiddleware
+from ember.engine.doctor import diagnose
+from ember.errors import BadRequestError, EmberError, NotFoundError
+from ember.paths import Paths
+from ember.runtime import pools
+from ember.sdk.wire import error_body
+
+log = logging.getLogger("ember.daemon")
+
+
+def create_app(paths: Paths) -> FastAPI:
+    """The API of the daemon serving ``paths``' home."""
+    live = LiveSandboxes(paths)
+    metrics = Metrics(live.mgr)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await live.close()
+
+    app = FastAPI(title="ember daemon API", version=ember.__version__, lifespan=lifespan,
+                  description="Sandboxes of one ember home: lifecycle, commands (output "
+                  "streamed as NDJSON), files (streamed), snapshots. Errors are "
+                  '{"error": {"code", "message"}} with a stable code.')
+    app.state.live = live
+    app.state.metrics = metrics
+    app.add_middleware(EdgeMiddleware)
+
+    @app.exception_handler(EmberError)
+    async def ember_error(request: Request, err: EmberError) -> JSONResponse:
+        metrics.errors.labels(err.code).inc()
+        if status_for(err) >= 500:
+            log.warning("%s %s failed: %s", request.method, request.url.path, err)
+        return JSONResponse(error_body(err), status_code=status_for(err))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        parts = []
+        for e in err.errors()[:5]:
+            where = ".".join(str(x) for x in e.get("loc", ()))
+            parts.append(f"{where}: {e.get('msg', 'invalid')}")
+        bad = BadRequestError("invalid request: " + "; ".join(parts))
+        metrics.errors.labels(bad.code).inc()
+        return JSONResponse(error_body(bad), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, err: HTTPException) -> JSONResponse:
+        cls = NotFoundError if err.status_code in (404, 405) else BadRequestError
+        e = cls(f"{request.method} {request.url.path}: {err.detail}")
+        return JSONResponse(error_body(e), status_code=err.status_code)
+
+    @app.get(f"/{API_VERSION}/health", tags=["daemon"])
+    async def health() -> dict[str, Any]:
+        """The daemon answers: its version, pid and home."""
+        return {"ok": True, "version": ember.__version__, "api": API_VERSION,
+                "pid": os.getpid(), "home": str(paths.home), "open": len(live.ids())}
+
+    @app.get("/metrics", tags=["daemon"], response_class=PlainTextResponse)
+    async def prometheus() -> Response:
+        """Prometheus metrics."""
+        data = await asyncio.to_thread(generate_latest, metrics.registry)
+        return Response(data, media_type=CONTENT_TYPE_LATEST)
+
+    @app.get(f"/{API_VERSION}/templates", tags=["templates"])
+    async def templates() -> list[dict[str, Any]]:
+        """The templates sandboxes can be created from."""
+        recs = await asyncio.to_thread(live.mgr.store.list_templates)
+        return [r.to_json() for r in recs]
+
+    @app.get(f"/{API_VERSION}/pools", tags=["pools"])
+    async def pool_status() -> list[dict[str, object]]:
+        """Warm pools: size asked, members ready and starting, their memory."""
+        return [s.to_json() for s in await asyncio.to_thread(pools.status, live.mgr)]
+
+    @app.get(f"/{API_VERSION}/doctor", tags=["daemon"])
+    async def doctor() -> list[dict[str, Any]]:
+        """What this host supports (KVM or TCG and why, tiers, cgroups, jail)."""
+        checks = await asyncio.to_thread(diagnose, home=paths.home)
+        return [{"name": c.name, "ok": c.ok, "detail": c.detail, "fix": c.fix}
+                for c in checks]
+
+    app.include_router(routes_sandboxes.router, prefix=f"/{API_VERSION}")
+    app.include_router(routes_exec.router, prefix=f"/{API_VERSION}")
+    app.include_router(routes_files.router, prefix=f"/{API_VERSION}")
+    return app

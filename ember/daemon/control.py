@@ -1,0 +1,93 @@
+"""Start, stop and find the daemon of a home from another process.
+
+``start`` is idempotent and safe to race: whoever wins the flock serves, the others see
+its socket answer. The daemon runs detached (its own session, no terminal, stdio to its
+log), so that it outlives the command or SDK call that started it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import httpx
+
+from ember.daemon.server import lock_path, socket_path
+from ember.errors import HostError
+from ember.locks import FileLock
+from ember.paths import Paths
+
+START_WAIT_S = 30.0
+
+
+@dataclass(frozen=True)
+class DaemonStatus:
+    running: bool
+    pid: int | None
+    socket: str
+    version: str | None = None
+    open_sandboxes: int = 0
+
+    def to_json(self) -> dict[str, object]:
+        return {"running": self.running, "pid": self.pid, "socket": self.socket,
+                "version": self.version, "open_sandboxes": self.open_sandboxes}
+
+
+def status(paths: Paths) -> DaemonStatus:
+    sock = socket_path(paths)
+    probe = FileLock(lock_path(paths))
+    if not lock_path(paths).exists() or probe.try_acquire():
+        probe.release()
+        return DaemonStatus(False, None, str(sock))
+    pid = probe.holder()
+    try:
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), timeout=5.0) as c:
+            h = c.get("http://emberd/v1/health").json()
+        return DaemonStatus(True, pid, str(sock), str(h.get("version")), int(h.get("open", 0)))
+    except (httpx.HTTPError, ValueError):
+        return DaemonStatus(True, pid, str(sock))  # starting, or stuck: the lock says alive
+
+
+def start(paths: Paths, *, listen: str | None = None, wait: float = START_WAIT_S) -> DaemonStatus:
+    """Start the home's daemon unless one runs; return once it answers."""
+    st = status(paths)
+    if st.running and st.version is not None:
+        return st
+    if not st.running:
+        paths.ensure()
+        paths.logs.mkdir(parents=True, exist_ok=True)
+        argv = [sys.executable, "-m", "ember.daemon.server"]
+        if listen:
+            argv += ["--listen", listen]
+        env = {**os.environ, "EMBER_HOME": str(paths.home), "EMBER_CACHE": str(paths.cache)}
+        env.pop("EMBER_URL", None)
+        with open(paths.logs / "emberd.out", "ab") as out:
+            subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                             close_fds=True, start_new_session=True, cwd="/")
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        st = status(paths)
+        if st.running and st.version is not None:
+            return st
+        time.sleep(0.05)
+    raise HostError(f"the ember daemon did not answer on {socket_path(paths)} within {wait:g} s;"
+                    f" see {paths.logs / 'emberd.out'} and {paths.logs / 'ember.log'}")
+
+
+def stop(paths: Paths, *, wait: float = 30.0) -> DaemonStatus:
+    """Stop the home's daemon (SIGTERM; its sandboxes keep running)."""
+    st = status(paths)
+    if not st.running or st.pid is None:
+        return st
+    os.kill(st.pid, signal.SIGTERM)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        st = status(paths)
+        if not st.running:
+            return st
+        time.sleep(0.05)
+    raise HostError(f"the ember daemon (pid {st.pid}) did not stop within {wait:g} s")

@@ -1,0 +1,30 @@
+"""Errors as the API answers them: a JSON body with the stable code, and an HTTP status."""
+
+from __future__ import annotations
+
+from ember.errors import (
+    BadRequestError,
+    EmberError,
+    EmberTimeoutError,
+    NotFoundError,
+    SandboxStateError,
+    SnapshotError,
+    TierUnavailableError,
+)
+
+#: Checked in order: the first class the error is an instance of decides.
+_STATUS: list[tuple[type[EmberError], int]] = [
+    (BadRequestError, 400),
+    (NotFoundError, 404),
+    (SandboxStateError, 409),
+    (SnapshotError, 409),
+    (EmberTimeoutError, 504),
+    (TierUnavailableError, 501),
+]
+
+
+def status_for(err: EmberError) -> int:
+    for cls, status in _STATUS:
+        if isinstance(err, cls):
+            return status
+    return 500

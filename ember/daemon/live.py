@@ -1,0 +1,129 @@
+"""What the daemon holds open: one agent connection per sandbox, shared by every request
+on it, and the background processes its clients started.
+
+A connection is opened on first use (after a restart of the daemon too: sandboxes outlive
+it, and the first request re-attaches with a resync) and dropped when its sandbox ends.
+Everything else about a sandbox lives in the registry, not here, so that a daemon killed
+with SIGKILL loses nothing a new one cannot find again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+
+from ember.errors import BadRequestError, NotFoundError, SandboxNotFoundError
+from ember.paths import Paths
+from ember.runtime.manager import SandboxManager
+from ember.sdk.async_sandbox import AsyncSandbox, manager
+from ember.sdk.process import AsyncProcess
+
+log = logging.getLogger("ember.daemon")
+
+#: How long a request waits for another owner of a sandbox's connection (a local SDK
+#: process that connected directly) before it is told the sandbox is busy.
+ATTACH_WAIT_S = 5.0
+#: Background processes a sandbox may have in the daemon's table at once.
+MAX_PROCESSES = 1024
+
+
+class LiveSandboxes:
+    """The daemon's open sandboxes, by id."""
+
+    def __init__(self, paths: Paths) -> None:
+        self.paths = paths
+        self._open: dict[str, AsyncSandbox] = {}
+        self._attaching: dict[str, asyncio.Lock] = {}
+        self._procs: dict[str, dict[int, AsyncProcess]] = {}
+
+    @property
+    def mgr(self) -> SandboxManager:
+        return manager(self.paths)
+
+    def add(self, sb: AsyncSandbox) -> AsyncSandbox:
+        self._open[sb.id] = sb
+        return sb
+
+    def ids(self) -> Sequence[str]:
+        return list(self._open)
+
+    def peek(self, sandbox_id: str) -> AsyncSandbox | None:
+        """The open sandbox, if the daemon holds one for ``sandbox_id`` (no attach)."""
+        return self._open.get(sandbox_id)
+
+    async def get(self, sandbox_id: str) -> AsyncSandbox:
+        """The sandbox's shared connection, opened (re-attached) on first use."""
+        sb = self._open.get(sandbox_id)
+        if sb is not None and _usable(sb):
+            return sb
+        lock = self._attaching.setdefault(sandbox_id, asyncio.Lock())
+        async with lock:
+            sb = self._open.get(sandbox_id)
+            if sb is not None and _usable(sb):
+                return sb
+            if sb is not None:  # broken: its sandbox failed or ended; say why, from scratch
+                await self.forget(sandbox_id)
+            sb = await AsyncSandbox.connect(sandbox_id, wait=ATTACH_WAIT_S, paths=self.paths)
+            log.info("attached to sandbox %s", sandbox_id)
+            self._open[sandbox_id] = sb
+            return sb
+
+    async def forget(self, sandbox_id: str) -> None:
+        """Close the daemon's connection to a sandbox (which keeps running)."""
+        sb = self._open.pop(sandbox_id, None)
+        self._procs.pop(sandbox_id, None)
+        if sb is not None:
+            with contextlib.suppress(Exception):
+                await sb.close()
+
+    async def kill(self, sandbox_id: str) -> None:
+        """Destroy a sandbox, whether the daemon holds it open or not."""
+        sb = self._open.pop(sandbox_id, None)
+        self._procs.pop(sandbox_id, None)
+        if sb is not None:
+            await sb.kill()
+            return
+        await asyncio.to_thread(self.mgr.get, sandbox_id)  # SandboxNotFoundError, as a 404
+        await asyncio.to_thread(self.mgr.destroy, sandbox_id)
+
+    # --- background processes ------------------------------------------------------------
+    def keep_process(self, sandbox_id: str, proc: AsyncProcess) -> None:
+        table = self._procs.setdefault(sandbox_id, {})
+        if len(table) >= MAX_PROCESSES:
+            self._collect(table)
+        if len(table) >= MAX_PROCESSES:
+            raise BadRequestError(
+                f"sandbox {sandbox_id} has {MAX_PROCESSES} background processes started "
+                "through the daemon whose output nobody read; wait for some first")
+        table[proc.pid] = proc
+
+    def process(self, sandbox_id: str, pid: int) -> AsyncProcess:
+        proc = self._procs.get(sandbox_id, {}).get(pid)
+        if proc is None:
+            raise NotFoundError(f"sandbox {sandbox_id} has no process {pid} started through "
+                                "this daemon (or its output was already read to the end)")
+        return proc
+
+    def drop_process(self, sandbox_id: str, pid: int) -> None:
+        self._procs.get(sandbox_id, {}).pop(pid, None)
+
+    @staticmethod
+    def _collect(table: dict[int, AsyncProcess]) -> None:
+        for pid in [p for p, proc in table.items() if proc.result is not None]:
+            del table[pid]
+
+    async def close(self) -> None:
+        """Disconnect from every sandbox (they keep running): the daemon is stopping."""
+        for sid in list(self._open):
+            await self.forget(sid)
+
+
+def _usable(sb: AsyncSandbox) -> bool:
+    """Still connected (a paused sandbox is: its operations say it is paused)."""
+    client = sb._client
+    return not sb._killed and client is not None and not client.broken
+
+
+__all__ = ["LiveSandboxes", "SandboxNotFoundError"]

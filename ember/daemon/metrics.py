@@ -1,0 +1,40 @@
+"""Prometheus metrics of one daemon (prometheus_client, one registry per app)."""
+
+from __future__ import annotations
+
+from collections import Counter as Tally
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from ember.runtime.manager import SandboxManager
+
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class _Sandboxes(Collector):
+    """Sandboxes by state and tier, read from the registry at scrape time."""
+
+    def __init__(self, mgr: SandboxManager) -> None:
+        self._mgr = mgr
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        g = GaugeMetricFamily("ember_sandboxes", "Sandboxes of this home by state and tier",
+                              labels=["state", "isolation"])
+        counts = Tally((r.state, r.isolation) for r in self._mgr.store.list_sandboxes())
+        for (state, iso), n in sorted(counts.items()):
+            g.add_metric([state, iso], n)
+        yield g
+
+
+class Metrics:
+    def __init__(self, mgr: SandboxManager) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_Sandboxes(mgr))
+        self.latency = Histogram("ember_operation_seconds",
+                                 "Latency of sandbox operations served by the daemon",
+                                 ["op"], buckets=_LATENCY, registry=self.registry)
+        self.errors = Counter("ember_errors", "Errors answered, by stable code", ["code"],
+                              registry=self.registry)

@@ -1,0 +1,101 @@
+"""Request bodies of the daemon's API: pydantic models that refuse unknown fields.
+
+Everything here arrives from a socket: every string and number is bounded, and the
+runtime's own validation (SandboxSpec, exec_request, guest paths) runs again behind it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Name = Annotated[str, Field(min_length=1, max_length=128)]
+Env = dict[Annotated[str, Field(max_length=256)], Annotated[str, Field(max_length=32768)]]
+Meta = dict[Annotated[str, Field(max_length=256)], Annotated[str, Field(max_length=4096)]]
+GuestPath = Annotated[str, Field(min_length=1, max_length=4096)]
+Seconds = Annotated[float, Field(gt=0, le=86400 * 30)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CreateRequest(Strict):
+    template: Name = "debian-python"
+    vcpus: Annotated[int, Field(ge=1, le=64)] | None = None
+    memory_mib: Annotated[int, Field(ge=64, le=1 << 20)] | None = None
+    disk_mib: Annotated[int, Field(ge=1, le=1 << 24)] | None = None
+    timeout: Seconds | None = 300.0
+    env: Env = Field(default_factory=dict, max_length=256)
+    metadata: Meta = Field(default_factory=dict, max_length=64)
+    boot_timeout: Seconds | None = None
+    on_timeout: Literal["destroy", "pause"] = "destroy"
+    isolation: Literal["microvm", "gvisor", "container"] = "microvm"
+
+
+class RestoreRequest(Strict):
+    timeout: Seconds | None = 300.0
+    env: Env = Field(default_factory=dict, max_length=256)
+    metadata: Meta = Field(default_factory=dict, max_length=64)
+    boot_timeout: Seconds | None = None
+    on_timeout: Literal["destroy", "pause"] = "destroy"
+
+
+Cmd = Annotated[str, Field(min_length=1, max_length=131072)] | Annotated[
+    list[Annotated[str, Field(max_length=131072)]], Field(min_length=1, max_length=4096)]
+User = Annotated[str, Field(min_length=1, max_length=64)] | Annotated[int, Field(ge=0, le=1 << 31)]
+
+
+class _Command(Strict):
+    """A command: ``cmd`` a string (run by /bin/sh -c) or an argv list."""
+
+    cmd: Cmd
+    env: Env = Field(default_factory=dict, max_length=256)
+    cwd: GuestPath | None = None
+    user: User | None = None
+    timeout: Seconds | None = 60.0
+
+
+class ExecRequest(_Command):
+    """Run to completion, output streamed back. ``stdin``: base64 of what the command reads
+    (then closed); bigger input: spawn it and send stdin in chunks."""
+
+    stdin: Annotated[str, Field(max_length=1 << 20)] | None = None
+
+
+class SpawnRequest(_Command):
+    """Start in the background; ``stdin``: keep its stdin open for later writes."""
+
+    stdin: bool = False
+
+
+class TimeoutRequest(Strict):
+    timeout: Seconds | None
+
+
+class SignalRequest(Strict):
+    signal: Annotated[int, Field(ge=1, le=64)]
+
+
+class SnapshotRequest(Strict):
+    name: Name | None = None
+
+
+class ForkRequest(Strict):
+    n: Annotated[int, Field(ge=1, le=64)] = 1
+
+
+class MkdirRequest(Strict):
+    path: GuestPath
+    parents: bool = True
+
+
+class RemoveRequest(Strict):
+    path: GuestPath
+    recursive: bool = False
+
+
+class RenameRequest(Strict):
+    src: GuestPath
+    dst: GuestPath

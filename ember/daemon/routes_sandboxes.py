@@ -1,0 +1,162 @@
+"""Sandbox lifecycle and snapshots: create, list, info, timeout, pause/resume, kill, logs,
+ping, snapshot, fork, restore."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from fastapi import APIRouter, Path, Response
+
+from ember.daemon.deps import Live, Meter
+from ember.daemon.models import (
+    CreateRequest,
+    ForkRequest,
+    RestoreRequest,
+    SnapshotRequest,
+    TimeoutRequest,
+)
+from ember.sdk.async_sandbox import AsyncSandbox, info_of, snapshot_info
+from ember.sdk.results import SandboxInfo
+from ember.sdk.wire import to_json
+
+router = APIRouter(tags=["sandboxes"])
+SbId = Path(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="a sandbox id")
+SnapRef = Path(pattern=r"^[A-Za-z0-9_.:-]{1,128}$", description="a snapshot name or id")
+
+
+async def _info(live: Live, sandbox_id: str) -> dict[str, Any]:
+    rec = await asyncio.to_thread(live.mgr.get, sandbox_id)
+    return to_json(info_of(rec))
+
+
+@router.post("/sandboxes", status_code=201)
+async def create(body: CreateRequest, live: Live, meter: Meter) -> dict[str, Any]:
+    """A new sandbox, started from a pool, a pre-baked snapshot or a boot; answers once
+    its agent does."""
+    t0 = time.monotonic()
+    sb = await AsyncSandbox.create(
+        body.template, vcpus=body.vcpus, memory_mib=body.memory_mib, disk_mib=body.disk_mib,
+        timeout=body.timeout, env=body.env, metadata=body.metadata,
+        boot_timeout=body.boot_timeout, paths=live.paths, on_timeout=body.on_timeout,
+        isolation=body.isolation)
+    live.add(sb)
+    meter.latency.labels("create").observe(time.monotonic() - t0)
+    return to_json(await sb.info())
+
+
+@router.get("/sandboxes")
+async def list_sandboxes(live: Live) -> list[dict[str, Any]]:
+    """Every sandbox of this home (dead VMs are found and marked failed)."""
+    return [to_json(i) for i in await AsyncSandbox.list(paths=live.paths)]
+
+
+@router.get("/sandboxes/{sandbox_id}")
+async def info(live: Live, sandbox_id: str = SbId) -> dict[str, Any]:
+    return await _info(live, sandbox_id)
+
+
+@router.delete("/sandboxes/{sandbox_id}", status_code=204)
+async def kill(live: Live, meter: Meter, sandbox_id: str = SbId) -> Response:
+    """Destroy the sandbox: its VM, disk, sockets and registry row."""
+    t0 = time.monotonic()
+    await live.kill(sandbox_id)
+    meter.latency.labels("kill").observe(time.monotonic() - t0)
+    return Response(status_code=204)
+
+
+@router.post("/sandboxes/{sandbox_id}/timeout")
+async def set_timeout(body: TimeoutRequest, live: Live,
+                      sandbox_id: str = SbId) -> dict[str, Any]:
+    """Its remaining lifetime, in seconds from now (null: no limit)."""
+    await asyncio.to_thread(live.mgr.set_timeout, sandbox_id, body.timeout)
+    return await _info(live, sandbox_id)
+
+
+@router.post("/sandboxes/{sandbox_id}/pause")
+async def pause(live: Live, sandbox_id: str = SbId) -> dict[str, Any]:
+    sb = live.peek(sandbox_id)
+    if sb is not None:
+        await sb.pause()
+    else:
+        await asyncio.to_thread(live.mgr.pause, sandbox_id)
+    return await _info(live, sandbox_id)
+
+
+@router.post("/sandboxes/{sandbox_id}/resume")
+async def resume(live: Live, sandbox_id: str = SbId) -> dict[str, Any]:
+    sb = live.peek(sandbox_id)
+    if sb is not None:
+        await sb.resume()
+    else:
+        await asyncio.to_thread(live.mgr.resume, sandbox_id)
+    return await _info(live, sandbox_id)
+
+
+@router.get("/sandboxes/{sandbox_id}/logs")
+async def logs(live: Live, sandbox_id: str = SbId) -> Response:
+    """The guest's console (kernel and init messages), as text."""
+    await asyncio.to_thread(live.mgr.get, sandbox_id)
+    sb = await live.get(sandbox_id)
+    return Response(await sb.logs(), media_type="text/plain; charset=utf-8")
+
+
+@router.get("/sandboxes/{sandbox_id}/ping")
+async def ping(live: Live, meter: Meter, sandbox_id: str = SbId) -> dict[str, float]:
+    """One round trip to the guest agent."""
+    sb = await live.get(sandbox_id)
+    seconds = await sb.ping()
+    meter.latency.labels("ping").observe(seconds)
+    return {"seconds": seconds}
+
+
+@router.post("/sandboxes/{sandbox_id}/snapshots", status_code=201, tags=["snapshots"])
+async def snapshot(body: SnapshotRequest, live: Live, meter: Meter,
+                   sandbox_id: str = SbId) -> dict[str, Any]:
+    """Save memory, devices and disk as a snapshot; the sandbox keeps running."""
+    t0 = time.monotonic()
+    sb = await live.get(sandbox_id)
+    snap = await sb.snapshot(body.name)
+    meter.latency.labels("snapshot").observe(time.monotonic() - t0)
+    return to_json(snap)
+
+
+@router.post("/sandboxes/{sandbox_id}/fork", status_code=201, tags=["snapshots"])
+async def fork(body: ForkRequest, live: Live, sandbox_id: str = SbId) -> list[dict[str, Any]]:
+    """``n`` new sandboxes from this one's current state (all or none)."""
+    sb = await live.get(sandbox_id)
+    clones = await sb.fork(body.n)
+    out: list[SandboxInfo] = []
+    for c in clones:
+        live.add(c)
+        out.append(await c.info())
+    return [to_json(i) for i in out]
+
+
+@router.get("/snapshots", tags=["snapshots"])
+async def list_snapshots(live: Live) -> list[dict[str, Any]]:
+    return [to_json(s) for s in await AsyncSandbox.list_snapshots(paths=live.paths)]
+
+
+@router.delete("/snapshots/{ref}", status_code=204, tags=["snapshots"])
+async def delete_snapshot(live: Live, ref: str = SnapRef) -> Response:
+    """Remove a snapshot (refused while sandboxes restored from it still run)."""
+    await AsyncSandbox.delete_snapshot(ref, paths=live.paths)
+    return Response(status_code=204)
+
+
+@router.post("/snapshots/{ref}/restore", status_code=201, tags=["snapshots"])
+async def restore(body: RestoreRequest, live: Live, meter: Meter,
+                  ref: str = SnapRef) -> dict[str, Any]:
+    """A new sandbox restored from a snapshot."""
+    t0 = time.monotonic()
+    sb = await AsyncSandbox.restore(ref, timeout=body.timeout, env=body.env,
+                                    metadata=body.metadata, boot_timeout=body.boot_timeout,
+                                    paths=live.paths, on_timeout=body.on_timeout)
+    live.add(sb)
+    meter.latency.labels("restore").observe(time.monotonic() - t0)
+    return to_json(await sb.info())
+
+
+__all__ = ["router", "snapshot_info"]

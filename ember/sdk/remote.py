@@ -1,0 +1,421 @@
+"""The SDK as a client of a daemon: the same AsyncSandbox API over the daemon's HTTP API.
+
+A :class:`Transport` speaks to one daemon, on a Unix socket (``unix:///path``) or a URL
+(``http://host:8700``), with httpx. :class:`RemoteSandbox`, :class:`RemoteProcess` and
+:class:`RemoteFiles` are the SDK's classes with every operation sent over it; errors come
+back as the same exception classes as in-process (the wire carries their stable codes).
+"""
+
+from __future__ import annotations
+
+import base64
+import builtins
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any, Literal
+from urllib.parse import quote, urlsplit
+
+import httpx
+
+from ember import protocol as P
+from ember.errors import BadRequestError, EmberError, GuestError
+from ember.sdk import wire
+from ember.sdk.async_sandbox import DEFAULT_EXEC_TIMEOUT_S, AsyncSandbox
+from ember.sdk.files import AsyncFiles
+from ember.sdk.process import MAX_OUTPUT_BYTES, AsyncProcess, OutputCallback
+from ember.sdk.results import (
+    EntryInfo,
+    ExecResult,
+    OutputChunk,
+    ProcessInfo,
+    SandboxInfo,
+    SnapshotInfo,
+)
+
+#: Creates boot guests: under TCG that takes minutes, so no read deadline on the socket
+#: beyond this.
+SLOW_S = 900.0
+#: Bigger stdin than this goes through spawn + stdin writes instead of the exec body.
+INLINE_STDIN = 256 * 1024
+
+
+class Transport:
+    """One daemon: a Unix socket path or an http(s) URL, and an optional API key."""
+
+    def __init__(self, url: str, api_key: str | None = None) -> None:
+        parts = urlsplit(url)
+        self.api_key = api_key
+        headers = {"user-agent": "ember-sdk"}
+        if api_key:
+            headers["authorization"] = f"Bearer {api_key}"
+        timeout = httpx.Timeout(30.0, read=SLOW_S)
+        if parts.scheme == "unix":
+            self.url = url
+            transport = httpx.AsyncHTTPTransport(uds=parts.path)
+            self._http = httpx.AsyncClient(transport=transport, base_url="http://emberd",
+                                           headers=headers, timeout=timeout)
+        elif parts.scheme in ("http", "https") and parts.netloc:
+            self.url = url
+            self._http = httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers,
+                                           timeout=timeout)
+        else:
+            raise BadRequestError(f"daemon URL must be unix:///path or http(s)://host:port, "
+                                  f"not {url!r}")
+
+    def clone(self) -> Transport:
+        """Another connection pool to the same daemon (each sandbox owns its own)."""
+        return Transport(self.url, self.api_key)
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def call(self, method: str, path: str, *, json: Any = None,
+                   params: Mapping[str, Any] | None = None) -> Any:
+        """One request; the JSON answer (None for 204), or the error it stands for."""
+        try:
+            r = await self._http.request(method, "/v1" + path, json=json, params=params)
+        except httpx.HTTPError as err:
+            raise _unreachable(self.url, err) from None
+        if r.status_code >= 400:
+            raise wire.error_from_body(_json_or_text(r), r.status_code)
+        if r.status_code == 204 or not r.content:
+            return None
+        if r.headers.get("content-type", "").startswith("application/json"):
+            return r.json()
+        return r.text
+
+    async def stream(self, method: str, path: str, *, json: Any = None,
+                     params: Mapping[str, Any] | None = None,
+                     content: Any = None) -> httpx.Response:
+        """A request whose answer is read as it comes; the caller closes it."""
+        req = self._http.build_request(method, "/v1" + path, json=json, params=params,
+                                       content=content)
+        try:
+            r = await self._http.send(req, stream=True)
+        except httpx.HTTPError as err:
+            raise _unreachable(self.url, err) from None
+        if r.status_code >= 400:
+            await r.aread()
+            await r.aclose()
+            raise wire.error_from_body(_json_or_text(r), r.status_code)
+        return r
+
+
+def _json_or_text(r: httpx.Response) -> Any:
+    try:
+        return r.json()
+    except ValueError:
+        return r.text[:500]
+
+
+def _unreachable(url: str, err: httpx.HTTPError) -> EmberError:
+    if isinstance(err, httpx.TimeoutException):
+        from ember.errors import EmberTimeoutError
+
+        return EmberTimeoutError(f"the ember daemon at {url} did not answer in time: {err}")
+    return GuestError(f"lost the ember daemon at {url}: {type(err).__name__}: {err}") \
+        if isinstance(err, httpx.RemoteProtocolError) else _host(url, err)
+
+
+def _host(url: str, err: httpx.HTTPError) -> EmberError:
+    from ember.errors import HostError
+
+    return HostError(f"cannot reach the ember daemon at {url}: {err} "
+                     "(is it running? `ember daemon status`)")
+
+
+class RemoteProcess(AsyncProcess):
+    """A command in a sandbox served by a daemon; same API as :class:`AsyncProcess`."""
+
+    def __init__(self, t: Transport, sandbox_id: str, pid: int, timeout: float | None,
+                 label: str, events: _Events | None = None) -> None:
+        self._t = t
+        self._base = f"/sandboxes/{sandbox_id}/processes/{pid}"
+        self.pid = pid
+        self._timeout = timeout
+        self._label = label
+        self._start = time.monotonic()
+        self._out = bytearray()
+        self._err = bytearray()
+        self._truncated = False
+        self._keep = True
+        self._result: ExecResult | None = None
+        self._events = events  # an exec's own answer, already open
+        import asyncio
+
+        self._lock = asyncio.Lock()
+
+    async def write_stdin(self, data: bytes | str) -> None:
+        payload = data.encode() if isinstance(data, str) else bytes(data)
+        if payload:
+            r = await self._t.stream("POST", self._base + "/stdin", content=payload)
+            await r.aclose()
+
+    async def close_stdin(self) -> None:
+        await self._t.call("POST", self._base + "/close-stdin")
+
+    async def signal(self, signum: int) -> None:
+        await self._t.call("POST", self._base + "/signal", json={"signal": int(signum)})
+
+    async def output(self) -> AsyncIterator[OutputChunk]:
+        async with self._lock:
+            if self._result is not None:
+                return
+            events = self._events
+            self._events = None
+            if events is None:
+                events = _Events(await self._t.stream("GET", self._base + "/output"))
+            try:
+                async for line in events.lines:
+                    if not line:
+                        continue
+                    chunk = self._event(wire.parse_event(line.encode()))
+                    if chunk is not None:
+                        yield chunk
+                    if self._result is not None:
+                        return
+            except httpx.HTTPError as err:
+                raise _unreachable(self._t.url, err) from None
+            finally:
+                await events.response.aclose()
+            if self._result is None:
+                raise GuestError(f"the daemon ended the output of {self._label!r} "
+                                 "before its exit")
+
+    def _event(self, ev: dict[str, Any]) -> OutputChunk | None:
+        kind = ev["event"]
+        if kind in ("stdout", "stderr"):
+            data: bytes = ev["data"]
+            buf = self._out if kind == "stdout" else self._err
+            room = MAX_OUTPUT_BYTES - len(buf)
+            if len(data) > room:
+                self._truncated = True
+            buf += data[:max(room, 0)]
+            stream: Literal["stdout", "stderr"] = "stdout" if kind == "stdout" else "stderr"
+            return OutputChunk(stream, data)
+        if kind == "exit":
+            sig = ev.get("signal")
+            self._result = ExecResult(
+                exit_code=int(ev.get("exit_code", -1)), stdout_bytes=bytes(self._out),
+                stderr_bytes=bytes(self._err), duration=time.monotonic() - self._start,
+                pid=self.pid, signal=sig if isinstance(sig, int) else None,
+                timed_out=ev.get("timed_out") is True,
+                truncated=self._truncated or ev.get("truncated") is True)
+            return None
+        if kind == "error":
+            raise wire.error_for_event(ev)
+        return None  # "started", or an event a newer daemon sends
+
+
+class RemoteFiles(AsyncFiles):
+    """``sandbox.files`` of a sandbox served by a daemon."""
+
+    def __init__(self, t: Transport, sandbox_id: str) -> None:
+        self._t = t
+        self._base = f"/sandboxes/{sandbox_id}/files"
+
+    async def read_chunks(self, path: str, *, limit: int | None = None) -> AsyncIterator[bytes]:
+        r = await self._t.stream("GET", self._base + "/content", params={"path": path})
+        got = 0
+        try:
+            async for chunk in r.aiter_bytes():
+                got += len(chunk)
+                if limit is not None and got > limit:
+                    raise BadRequestError(
+                        f"{path} is larger than {limit} bytes: use download() instead")
+                yield chunk
+        except httpx.HTTPError as err:
+            raise _unreachable(self._t.url, err) from None
+        finally:
+            await r.aclose()
+
+    async def write_chunks(self, path: str, chunks: AsyncIterator[bytes], *, mode: int = 0o644,
+                           append: bool = False) -> int:
+        if append:
+            raise BadRequestError("append is not served by the daemon's API")
+        if not isinstance(mode, int) or not 0 <= mode <= 0o7777:
+            raise BadRequestError(f"invalid file mode {mode!r}")
+        r = await self._t.stream("PUT", self._base + "/content",
+                                 params={"path": path, "mode": mode}, content=chunks)
+        try:
+            body = await r.aread()
+        finally:
+            await r.aclose()
+        import json
+
+        return int(json.loads(body)["size"])
+
+    async def list(self, path: str) -> builtins.list[EntryInfo]:
+        raw = await self._t.call("GET", self._base + "/list", params={"path": path})
+        return [wire.entry_info(e) for e in raw]
+
+    async def stat(self, path: str) -> EntryInfo:
+        return wire.entry_info(await self._t.call("GET", self._base + "/stat",
+                                                  params={"path": path}))
+
+    async def mkdir(self, path: str, *, parents: bool = True) -> None:
+        await self._t.call("POST", self._base + "/mkdir", json={"path": path,
+                                                                 "parents": parents})
+
+    async def remove(self, path: str, *, recursive: bool = False) -> None:
+        await self._t.call("POST", self._base + "/remove", json={"path": path,
+                                                                  "recursive": recursive})
+
+    async def rename(self, src: str, dst: str) -> None:
+        await self._t.call("POST", self._base + "/rename", json={"src": src, "dst": dst})
+
+
+class RemoteSandbox(AsyncSandbox):
+    """A sandbox served by a daemon; the same API as :class:`AsyncSandbox`."""
+
+    def __init__(self, t: Transport, info: SandboxInfo, *, owns_transport: bool) -> None:
+        self._t = t
+        self._info = info
+        self._owns = owns_transport
+        self._killed = False
+        self._closed = False
+        self._base = f"/sandboxes/{quote(info.id, safe='')}"
+        self.files = RemoteFiles(t, info.id)
+
+    @property
+    def id(self) -> str:
+        return self._info.id
+
+    @property
+    def sandbox_id(self) -> str:
+        return self._info.id
+
+    async def info(self) -> SandboxInfo:
+        self._info = wire.sandbox_info(await self._t.call("GET", self._base))
+        return self._info
+
+    async def logs(self) -> str:
+        return str(await self._t.call("GET", self._base + "/logs") or "")
+
+    async def spawn(self, cmd: str | Sequence[str], *, env: Mapping[str, str] | None = None,
+                    cwd: str | None = None, user: str | int | None = None,
+                    stdin: bool = False,
+                    timeout: float | None = DEFAULT_EXEC_TIMEOUT_S) -> AsyncProcess:
+        body = _command(cmd, env, cwd, user, timeout)
+        body["stdin"] = stdin
+        got = await self._t.call("POST", self._base + "/processes", json=body)
+        return RemoteProcess(self._t, self.id, int(got["pid"]), timeout, _label(cmd))
+
+    async def exec(self, cmd: str | Sequence[str], *, env: Mapping[str, str] | None = None,
+                   cwd: str | None = None, user: str | int | None = None,
+                   stdin: bytes | str | None = None,
+                   timeout: float | None = DEFAULT_EXEC_TIMEOUT_S,
+                   on_stdout: OutputCallback | None = None,
+                   on_stderr: OutputCallback | None = None) -> ExecResult:
+        data = stdin.encode() if isinstance(stdin, str) else stdin
+        if data is not None and len(data) > INLINE_STDIN:
+            p = await self.spawn(cmd, env=env, cwd=cwd, user=user, stdin=True, timeout=timeout)
+            for i in range(0, len(data), 1 << 20):
+                await p.write_stdin(data[i:i + (1 << 20)])
+            await p.close_stdin()
+            return await p.wait(on_stdout, on_stderr)
+        body = _command(cmd, env, cwd, user, timeout)
+        if data is not None:
+            body["stdin"] = base64.b64encode(data).decode()
+        events = _Events(await self._t.stream("POST", self._base + "/exec", json=body))
+        try:
+            first = await events.first()
+            proc = RemoteProcess(self._t, self.id, int(first.get("pid", 0)), timeout,
+                                 _label(cmd), events=events)
+            return await proc.wait(on_stdout, on_stderr)
+        finally:
+            await events.response.aclose()
+
+    async def processes(self) -> builtins.list[ProcessInfo]:
+        raw = await self._t.call("GET", self._base + "/processes")
+        return [wire.process_info(p) for p in raw]
+
+    async def ping(self, timeout: float = 10.0) -> float:
+        t0 = time.monotonic()
+        await self._t.call("GET", self._base + "/ping")
+        return time.monotonic() - t0
+
+    async def pause(self) -> None:
+        self._info = wire.sandbox_info(await self._t.call("POST", self._base + "/pause"))
+
+    async def resume(self) -> None:
+        self._info = wire.sandbox_info(await self._t.call("POST", self._base + "/resume"))
+
+    async def snapshot(self, name: str | None = None) -> SnapshotInfo:
+        return wire.snapshot_info(await self._t.call("POST", self._base + "/snapshots",
+                                                     json={"name": name}))
+
+    async def fork(self, n: int = 1) -> builtins.list[AsyncSandbox]:
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise BadRequestError(f"n must be an integer, not {n!r}")
+        raw = await self._t.call("POST", self._base + "/fork", json={"n": n})
+        return [RemoteSandbox(self._t.clone(), wire.sandbox_info(i), owns_transport=True)
+                for i in raw]
+
+    async def set_timeout(self, timeout: float | None) -> None:
+        self._info = wire.sandbox_info(await self._t.call("POST", self._base + "/timeout",
+                                                          json={"timeout": timeout}))
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            if self._owns:
+                await self._t.close()
+
+    async def kill(self) -> None:
+        if self._killed:
+            return
+        self._killed = True
+        try:
+            await self._t.call("DELETE", self._base)
+        except EmberError as err:
+            if err.code != "sandbox_not_found":
+                raise
+        finally:
+            await self.close()
+
+    def __repr__(self) -> str:
+        return f"<AsyncSandbox {self.id} template={self._info.template} via {self._t.url}>"
+
+
+class _Events:
+    """An NDJSON answer being read: its response and one iterator over its lines."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.response = response
+        self.lines: AsyncIterator[str] = response.aiter_lines()
+
+    async def first(self) -> dict[str, Any]:
+        """The ``started`` event every exec answer begins with (or the error it carries)."""
+        async for line in self.lines:
+            if line:
+                ev = wire.parse_event(line.encode())
+                if ev["event"] == "error":
+                    raise wire.error_for_event(ev)
+                return ev
+        raise GuestError("the daemon ended an exec answer before it started")
+
+
+def _command(cmd: str | Sequence[str], env: Mapping[str, str] | None, cwd: str | None,
+             user: str | int | None, timeout: float | None) -> dict[str, Any]:
+    if isinstance(cmd, str):
+        if not cmd.strip():
+            raise BadRequestError("empty command")
+        c: str | builtins.list[str] = cmd
+    else:
+        c = builtins.list(cmd)
+        if not c or not all(isinstance(a, str) for a in c):
+            raise BadRequestError("command must be a non-empty string or list of strings")
+    body: dict[str, Any] = {"cmd": c, "env": dict(env or {}), "timeout": timeout}
+    if cwd is not None:
+        body["cwd"] = cwd
+    if user is not None:
+        body["user"] = user
+    return body
+
+
+def _label(cmd: str | Sequence[str]) -> str:
+    return (cmd if isinstance(cmd, str) else " ".join(cmd))[:200]
+
+
+__all__ = ["P", "RemoteFiles", "RemoteProcess", "RemoteSandbox", "Transport"]

@@ -1,0 +1,129 @@
+"""The daemon's HTTP edge, served in-process (httpx's ASGI transport, the real app): bad
+input is refused with a typed JSON error before any sandbox is touched."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from ember.daemon.app import create_app
+from ember.daemon.middleware import MAX_JSON_BODY
+from ember.paths import Paths
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def paths(tmp_path: Path) -> Iterator[Paths]:
+    yield Paths(home=tmp_path / "home", cache=tmp_path / "cache",
+                ram=tmp_path / "ram").ensure()
+
+
+def call(paths: Paths, method: str, url: str, **kw: Any) -> httpx.Response:
+    async def go() -> httpx.Response:
+        transport = httpx.ASGITransport(app=create_app(paths))
+        async with httpx.AsyncClient(transport=transport, base_url="http://emberd") as c:
+            return await c.request(method, url, **kw)
+
+    return asyncio.run(go())
+
+
+def error_of(r: httpx.Response) -> tuple[int, str]:
+    body = r.json()
+    return r.status_code, body["error"]["code"]
+
+
+def test_health(paths: Paths) -> None:
+    r = call(paths, "GET", "/v1/health")
+    assert r.status_code == 200 and r.json()["ok"] is True
+    assert r.headers["x-request-id"]
+
+
+def test_unknown_sandbox_is_a_typed_404(paths: Paths) -> None:
+    r = call(paths, "GET", "/v1/sandboxes/sb-0000dead")
+    assert error_of(r) == (404, "sandbox_not_found")
+    r = call(paths, "POST", "/v1/sandboxes/sb-0000dead/exec", json={"cmd": "true"})
+    assert error_of(r) == (404, "sandbox_not_found")
+
+
+def test_unknown_route_and_method(paths: Paths) -> None:
+    assert error_of(call(paths, "GET", "/v1/nothing"))[0] == 404
+    assert error_of(call(paths, "PATCH", "/v1/sandboxes"))[0] == 405
+
+
+@pytest.mark.parametrize("body", [
+    b"{not json", b"[]", b'"text"', b'{"template": 7}', b'{"vcpus": 0}', b'{"vcpus": 1e9}',
+    b'{"bogus_field": 1}', b'{"isolation": "chroot"}', b'{"env": {"A": 1}}',
+    b'{"timeout": -1}', b'{"metadata": {"k": "' + b"v" * 5000 + b'"}}',
+])
+def test_bad_create_bodies(paths: Paths, body: bytes) -> None:
+    r = call(paths, "POST", "/v1/sandboxes", content=body,
+             headers={"content-type": "application/json"})
+    status, code = error_of(r)
+    assert (status, code) == (400, "bad_request"), r.text
+    assert "invalid request" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("body", [
+    {"cmd": ""}, {"cmd": []}, {"cmd": [1, 2]}, {"cmd": "true", "timeout": 0},
+    {"cmd": "true", "user": -1}, {"cmd": "true", "stdin": 5}, {"cmd": "true", "extra": 1},
+])
+def test_bad_exec_bodies(paths: Paths, body: dict[str, Any]) -> None:
+    r = call(paths, "POST", "/v1/sandboxes/sb-0000dead/exec", json=body)
+    assert error_of(r) == (400, "bad_request"), r.text
+
+
+def test_bad_ids_and_paths(paths: Paths) -> None:
+    assert error_of(call(paths, "GET", "/v1/sandboxes/" + "x" * 65))[1] == "bad_request"
+    assert error_of(call(paths, "GET", "/v1/sandboxes/a%20b"))[1] == "bad_request"
+    r = call(paths, "GET", "/v1/sandboxes/sb-1/files/stat")  # no path
+    assert error_of(r)[1] == "bad_request"
+
+
+def test_oversized_bodies_are_refused(paths: Paths) -> None:
+    big = b'{"template": "' + b"x" * MAX_JSON_BODY + b'"}'
+    r = call(paths, "POST", "/v1/sandboxes", content=big,
+             headers={"content-type": "application/json"})
+    assert error_of(r) == (413, "bad_request")
+
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: counted as it comes
+        for _ in range(MAX_JSON_BODY // 65536 + 2):
+            yield b" " * 65536
+
+    r = call(paths, "POST", "/v1/sandboxes", content=chunks(),
+             headers={"content-type": "application/json"})
+    assert error_of(r) == (413, "bad_request")
+
+
+def test_lists_start_empty_and_metrics_count_errors(paths: Paths) -> None:
+    assert call(paths, "GET", "/v1/sandboxes").json() == []
+    assert call(paths, "GET", "/v1/snapshots").json() == []
+    assert call(paths, "GET", "/v1/templates").json() == []
+
+    async def go() -> str:
+        transport = httpx.ASGITransport(app=create_app(paths))
+        async with httpx.AsyncClient(transport=transport, base_url="http://e") as c:
+            await c.get("/v1/sandboxes/sb-0000dead")
+            return (await c.get("/metrics")).text
+
+    text = asyncio.run(go())
+    assert 'ember_errors_total{code="sandbox_not_found"} 1.0' in text
+
+
+def test_openapi_document_is_committed_and_current(paths: Paths) -> None:
+    from ember.daemon.openapi import document
+
+    committed = (REPO / "docs/openapi.json").read_text()
+    assert json.loads(committed) == json.loads(document()), (
+        "docs/openapi.json is stale: regenerate it with `ember daemon openapi > "
+        "docs/openapi.json`")
+    spec = json.loads(committed)
+    for route in ("/v1/sandboxes", "/v1/sandboxes/{sandbox_id}/exec",
+                  "/v1/sandboxes/{sandbox_id}/files/content", "/v1/snapshots/{ref}/restore"):
+        assert route in spec["paths"]
