@@ -78,6 +78,16 @@ class Paths:
         return self.home / "tmp"
 
     @property
+    def daemon_socket(self) -> Path:
+        """The daemon's API socket (docs/daemon.md)."""
+        return self.home / "emberd.sock"
+
+    @property
+    def daemon_lock(self) -> Path:
+        """Held by the home's daemon while it runs (its pid inside)."""
+        return self.home / "emberd.lock"
+
+    @property
     def kernels(self) -> Path:
         return self.cache / "kernels"
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -28,7 +29,7 @@ from ember.daemon.middleware import EdgeMiddleware
 from ember.engine.doctor import diagnose
 from ember.errors import BadRequestError, EmberError, NotFoundError
 from ember.paths import Paths
-from ember.runtime import pools
+from ember.runtime import pools, reaper
 from ember.sdk.wire import error_body
 
 log = logging.getLogger("ember.daemon")
@@ -41,8 +42,16 @@ def create_app(paths: Paths) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        yield
-        await live.close()
+        stop = threading.Event()  # lifetimes and pool refills: the reaper's work, done here
+        supervisor = threading.Thread(target=reaper.supervise, args=(paths, stop),
+                                      name="ember-supervisor", daemon=True)
+        supervisor.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            await live.close()
+            await asyncio.to_thread(supervisor.join, 30)
 
     app = FastAPI(title="ember daemon API", version=ember.__version__, lifespan=lifespan,
                   description="Sandboxes of one ember home: lifecycle, commands (output "

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from pathlib import Path
 
 import uvicorn
@@ -22,20 +23,19 @@ from ember.daemon.middleware import MAX_HEADER_BYTES
 from ember.errors import HostError
 from ember.locks import FileLock
 from ember.paths import Paths
+from ember.runtime.reaper import ensure_reaper
 
 log = logging.getLogger("ember.daemon")
-SOCKET_NAME = "emberd.sock"
-LOCK_NAME = "emberd.lock"
 #: Connections served at once; beyond it new requests get 503 instead of queuing forever.
 MAX_CONNECTIONS = 1024
 
 
 def socket_path(paths: Paths) -> Path:
-    return paths.home / SOCKET_NAME
+    return paths.daemon_socket
 
 
 def lock_path(paths: Paths) -> Path:
-    return paths.home / LOCK_NAME
+    return paths.daemon_lock
 
 
 def bind_unix(path: Path) -> socket.socket:
@@ -60,7 +60,11 @@ def serve(paths: Paths, *, listen: str | None = None) -> None:
     os.environ.pop("EMBER_URL", None)  # the daemon itself works in-process, never via itself
     paths.ensure()
     lock = FileLock(lock_path(paths))
-    if not lock.try_acquire():
+    for _ in range(20):  # a status probe holds it for an instant: try for a second
+        if lock.try_acquire():
+            break
+        time.sleep(0.05)
+    else:
         raise HostError(f"a daemon already serves {paths.home} (pid {lock.holder()})")
     sockets = [bind_unix(socket_path(paths))]
     if listen:
@@ -80,6 +84,7 @@ def serve(paths: Paths, *, listen: str | None = None) -> None:
         with contextlib.suppress(FileNotFoundError):
             socket_path(paths).unlink()
         lock.release()
+        ensure_reaper(paths)  # sandboxes outlive the daemon: their lifetimes still end
         log.info("emberd %d stopped", os.getpid())
 
 

@@ -6,7 +6,8 @@ next deadline (at least every few seconds), reconciles the registry (destroys ex
 sandboxes, marks those whose VM died as failed and releases their resources), starts one
 member for any warm pool below its size, and exits as soon as no live sandbox and no pool
 is left, or when its home disappears. ``ensure_reaper`` starts it, detached, whenever a
-sandbox is created or a pool configured.
+sandbox is created or a pool configured. While a daemon serves the home, the daemon holds
+the lock and does this work itself (:func:`supervise`), so no detached reaper starts.
 """
 
 from __future__ import annotations
@@ -15,10 +16,15 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
+from typing import TYPE_CHECKING
 
 from ember.locks import FileLock
 from ember.paths import Paths
+
+if TYPE_CHECKING:
+    from ember.runtime.manager import SandboxManager
 
 log = logging.getLogger("ember.reaper")
 MAX_SLEEP_S = 5.0
@@ -38,28 +44,74 @@ def ensure_reaper(paths: Paths) -> None:
     )
 
 
+def step(mgr: SandboxManager) -> float | None:
+    """One pass: reconcile, enforce lifetimes, start one pool member if one is missing.
+    How long to sleep before the next pass, or None when nothing is left to watch."""
+    from ember.runtime.pools import fill_one
+    from ember.runtime.states import LIVE_STATES
+
+    live = [r for r in mgr.list() if r.state in LIVE_STATES]
+    pools = mgr.store.list_pools()
+    if not live and not pools:
+        return None
+    if pools and fill_one(mgr):
+        return 0.0
+    now = time.time()
+    deadlines = [r.expires_at - now for r in live if r.expires_at is not None]
+    return max(0.2, min([MAX_SLEEP_S, *deadlines]))
+
+
 def run(paths: Paths) -> None:
+    """The detached reaper: until nothing is left to watch."""
     lock = FileLock(paths.home / "reaper.lock")
     if not lock.try_acquire():
         return
     from ember.runtime.manager import SandboxManager
-    from ember.runtime.pools import fill_one
-    from ember.runtime.states import LIVE_STATES
 
     mgr = SandboxManager(paths)
     try:
         while paths.db.exists():
-            live = [r for r in mgr.list() if r.state in LIVE_STATES]
-            pools = mgr.store.list_pools()
-            if not live and not pools:
+            if _daemon_serves(paths):  # it supervises the home now
                 return
-            if pools and fill_one(mgr):
-                continue
-            now = time.time()
-            deadlines = [r.expires_at - now for r in live if r.expires_at is not None]
-            time.sleep(max(0.2, min([MAX_SLEEP_S, *deadlines])))
+            pause = step(mgr)
+            if pause is None:
+                return
+            time.sleep(pause)
     except Exception:  # never leave a traceback on a detached process: log and stop
         log.exception("reaper stopped")
+    finally:
+        mgr.close()
+        lock.release()
+
+
+def _daemon_serves(paths: Paths) -> bool:
+    probe = FileLock(paths.daemon_lock)
+    if not paths.daemon_lock.exists() or probe.try_acquire():
+        probe.release()
+        return False
+    return True
+
+
+def supervise(paths: Paths, stop: threading.Event) -> None:
+    """The daemon's reaper: the same passes, in a thread of the daemon, for as long as the
+    daemon runs (a detached reaper that still holds the lock is waited out). Holding the
+    lock keeps ``ensure_reaper`` from starting a detached one."""
+    lock = FileLock(paths.home / "reaper.lock")
+    while not lock.try_acquire():
+        if stop.wait(1.0):
+            return
+    from ember.runtime.manager import SandboxManager
+
+    log.info("the daemon supervises %s", paths.home)
+    mgr = SandboxManager(paths)
+    try:
+        while not stop.is_set() and paths.db.exists():
+            try:
+                pause = step(mgr)
+            except Exception:  # one bad pass must not end supervision
+                log.exception("supervision pass failed")
+                pause = MAX_SLEEP_S
+            stop.wait(MAX_SLEEP_S if pause is None else pause)
     finally:
         mgr.close()
         lock.release()
