@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from ember.sdk.async_sandbox import AsyncSandbox
     from ember.sdk.files import AsyncFiles
     from ember.sdk.process import AsyncProcess
+    from ember.sdk.pty import AsyncPty
     from ember.sdk.results import (
         CommandFailedError,
         EntryInfo,
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
         SandboxInfo,
         SnapshotInfo,
     )
-    from ember.sdk.sandbox import Files, Process, Sandbox
+    from ember.sdk.sandbox import Files, Process, Pty, Sandbox
 
 # The SDK is imported on first use, so that `import ember.errors` (and the CLI's start-up)
 # stays light and lower layers can be imported without the SDK.
@@ -53,6 +54,7 @@ _LAZY = {
     "AsyncSandbox": "ember.sdk.async_sandbox",
     "AsyncFiles": "ember.sdk.files",
     "AsyncProcess": "ember.sdk.process",
+    "AsyncPty": "ember.sdk.pty",
     "CommandFailedError": "ember.sdk.results",
     "EntryInfo": "ember.sdk.results",
     "ExecResult": "ember.sdk.results",
@@ -62,6 +64,7 @@ _LAZY = {
     "SnapshotInfo": "ember.sdk.results",
     "Files": "ember.sdk.sandbox",
     "Process": "ember.sdk.sandbox",
+    "Pty": "ember.sdk.sandbox",
     "Sandbox": "ember.sdk.sandbox",
 }
 
@@ -79,6 +82,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AsyncFiles",
     "AsyncProcess",
+    "AsyncPty",
     "AsyncSandbox",
     "BadRequestError",
     "BuildError",
@@ -102,6 +106,7 @@ __all__ = [
     "Process",
     "ProcessInfo",
     "ProtocolError",
+    "Pty",
     "Sandbox",
     "SandboxInfo",
     "SandboxNotFoundError",

@@ -49,7 +49,7 @@ class ExecSpec:
     """What to run, as whom, and how (not a dataclass: the agent does not import
     ``dataclasses``, which costs a TCG-emulated guest tens of milliseconds at boot)."""
 
-    __slots__ = ("account", "argv", "cwd", "env", "stdin", "switch_user", "timeout")
+    __slots__ = ("account", "argv", "cwd", "env", "pty", "stdin", "switch_user", "timeout")
 
     def __init__(
         self,
@@ -60,6 +60,7 @@ class ExecSpec:
         switch_user: bool,
         stdin: bool,
         timeout: float | None,
+        pty: tuple[int, int] | None = None,
     ) -> None:
         self.argv: Final = argv
         self.env: Final = env
@@ -68,12 +69,13 @@ class ExecSpec:
         self.switch_user: Final = switch_user
         self.stdin: Final = stdin
         self.timeout: Final = timeout
+        self.pty: Final = pty  # (rows, cols): run on a new terminal, stdin always open
 
     def __repr__(self) -> str:
         return (
             f"ExecSpec(argv={self.argv!r}, env={self.env!r}, cwd={self.cwd!r}, "
             f"account={self.account!r}, switch_user={self.switch_user!r}, "
-            f"stdin={self.stdin!r}, timeout={self.timeout!r})"
+            f"stdin={self.stdin!r}, timeout={self.timeout!r}, pty={self.pty!r})"
         )
 
 
@@ -103,13 +105,19 @@ def exec_spec(msg: Message, *, passwd: str = "/etc/passwd", group: str = "/etc/g
     cwd = get_opt_str(msg, "cwd")
     if cwd is None:
         cwd = account.home if os.path.isdir(account.home) else "/"
+    size = msg.get("pty")
+    pty = (int(size["rows"]), int(size["cols"])) if isinstance(size, dict) else None
+    overrides = get_str_map(msg, "env")
+    if pty is not None:
+        overrides = {"TERM": "xterm-256color", **overrides}
     return ExecSpec(
         argv=argv,
-        env=build_env(account, get_str_map(msg, "env")),
+        pty=pty,
+        env=build_env(account, overrides),
         cwd=cwd,
         account=account,
         switch_user=user is not None and (os.geteuid() == 0 or account.uid != os.geteuid()),
-        stdin=get_bool(msg, "stdin"),
+        stdin=get_bool(msg, "stdin") or pty is not None,
         timeout=get_opt_number(msg, "timeout"),
     )
 
@@ -125,6 +133,7 @@ class ExecOp:
         self._lock = threading.Lock()
         self._pid: int | None = None
         self._running = False
+        self._master: int | None = None  # the terminal's master side, with a pty
 
     def describe(self) -> Message | None:
         """This exec's ``ps`` entry (argv shortened), or None before it started."""
@@ -151,6 +160,15 @@ class ExecOp:
             except OSError as err:
                 raise os_error(err, f"cannot signal process group {self._pid}") from None
 
+    def resize(self, rows: int, cols: int) -> None:
+        """A new terminal size; the kernel sends SIGWINCH to its foreground group."""
+        with self._lock:
+            if self._master is None or not self._running:
+                raise OpError(
+                    ErrorKind.BAD_REQUEST, f"stream {self.reply.stream} has no running terminal"
+                )
+            _set_size(self._master, rows, cols)
+
     def kill(self) -> None:
         """SIGKILL the process group if it still runs (the agent is going away)."""
         with contextlib.suppress(OpError):
@@ -173,15 +191,22 @@ class ExecOp:
         with self._lock:
             self._pid, self._running = proc.pid, True
         self.reply.msg({"op": "started", "pid": proc.pid})
-        if self.stdin is not None and proc.stdin is not None:
-            feed, pipe = self.stdin, proc.stdin
-            start_thread(f"stdin-{self.reply.stream}", lambda: feed.pump(pipe))
+        pipe = proc.stdin
+        if self._master is not None:  # the terminal: input goes to its master side
+            pipe = os.fdopen(os.dup(self._master), "wb", buffering=0)
+        if self.stdin is not None and pipe is not None:
+            feed, into = self.stdin, pipe
+            start_thread(f"stdin-{self.reply.stream}", lambda: feed.pump(into))
         try:
             timed_out = self._pump(proc)
         finally:
             for output in (proc.stdout, proc.stderr):
                 if output is not None:
                     output.close()
+            with self._lock:
+                master, self._master = self._master, None
+            if master is not None:
+                os.close(master)
             if proc.poll() is None:  # only if pumping failed: never leave it behind
                 self.kill()
             code = proc.wait()
@@ -205,16 +230,25 @@ class ExecOp:
             raise OpError(ErrorKind.NOT_FOUND, f"no such directory: {spec.cwd}")
         account = spec.account
         switch = spec.switch_user
+        slave: int | None = None
+        if spec.pty is not None:
+            master, slave = os.openpty()
+            os.set_inheritable(master, False)
+            _set_size(master, *spec.pty)
+            self._master = master
         try:
             return subprocess.Popen(
                 spec.argv,
-                stdin=subprocess.PIPE if spec.stdin else subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
+                stdin=slave if slave is not None else
+                subprocess.PIPE if spec.stdin else subprocess.DEVNULL,
+                stdout=slave if slave is not None else subprocess.PIPE,
+                stderr=slave if slave is not None else subprocess.PIPE,
                 cwd=spec.cwd,
                 env=spec.env,
                 close_fds=True,
                 start_new_session=True,
+                # after setsid: the terminal becomes the new session's controlling one
+                preexec_fn=_take_terminal if slave is not None else None,
                 user=account.uid if switch else None,
                 group=account.gid if switch else None,
                 extra_groups=list(account.groups) if switch else None,
@@ -227,14 +261,20 @@ class ExecOp:
             raise os_error(err, f"cannot run {spec.argv[0]}") from None
         except (ValueError, subprocess.SubprocessError) as err:
             raise OpError(ErrorKind.BAD_REQUEST, f"cannot run {spec.argv[0]}: {err}") from None
+        finally:
+            if slave is not None:
+                os.close(slave)  # the child has it; EOF on the master once it is gone
 
     def _pump(self, proc: subprocess.Popen[bytes]) -> bool:
         """Forward output until the program exited and its pipes closed (or went quiet).
 
         Returns whether the timeout killed it.
         """
-        assert proc.stdout is not None and proc.stderr is not None
-        kinds = {proc.stdout.fileno(): Kind.STDOUT, proc.stderr.fileno(): Kind.STDERR}
+        if self._master is not None:
+            kinds = {self._master: Kind.STDOUT}
+        else:
+            assert proc.stdout is not None and proc.stderr is not None
+            kinds = {proc.stdout.fileno(): Kind.STDOUT, proc.stderr.fileno(): Kind.STDERR}
         poller = select.poll()
         for fd in kinds:
             os.set_blocking(fd, False)
@@ -300,3 +340,19 @@ def _pidfd_open(pid: int) -> int | None:
         return os.pidfd_open(pid)
     except (AttributeError, OSError):
         return None  # old kernel: poll the child instead
+
+
+def _set_size(fd: int, rows: int, cols: int) -> None:
+    import fcntl
+    import struct
+    import termios
+
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def _take_terminal() -> None:
+    """In the child, after setsid: make stdin (the terminal) its controlling terminal."""
+    import fcntl
+    import termios
+
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)

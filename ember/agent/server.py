@@ -307,6 +307,13 @@ class Agent:
                 raise OpError(ErrorKind.NOT_FOUND, f"no exec on stream {msg['target']}")
             target.signal(get_int(msg, "signal"))
             reply.msg({"op": "ok"})
+        elif op_name == "resize":
+            with self._state_lock:
+                target = self._ops.get(get_int(msg, "target"))
+            if not isinstance(target, ExecOp):
+                raise OpError(ErrorKind.NOT_FOUND, f"no exec on stream {msg['target']}")
+            target.resize(get_int(msg, "rows"), get_int(msg, "cols"))
+            reply.msg({"op": "ok"})
         elif op_name == "ps":
             with self._state_lock:
                 execs = [op for op in self._ops.values() if isinstance(op, ExecOp)]

@@ -35,7 +35,8 @@ cli.add_command(doctor_cmd.doctor)
 cli.add_command(bench)
 cli.add_command(daemon_cmds.daemon)
 for _cmd in (sandbox_cmds.run, sandbox_cmds.create, sandbox_cmds.ls, sandbox_cmds.inspect,
-             sandbox_cmds.exec_, sandbox_cmds.cp, sandbox_cmds.logs, sandbox_cmds.rm):
+             sandbox_cmds.exec_, sandbox_cmds.shell, sandbox_cmds.cp, sandbox_cmds.logs,
+             sandbox_cmds.rm):
     cli.add_command(_cmd)
 for _cmd in (snapshot_cmds.snapshot, snapshot_cmds.restore, snapshot_cmds.fork,
              snapshot_cmds.pause, snapshot_cmds.resume, pool_cmds.pool):

@@ -179,11 +179,20 @@ def inspect(sandbox_id: str, as_json: bool) -> None:
 @click.command("exec", context_settings={"ignore_unknown_options": True})
 @click.argument("sandbox_id")
 @click.option("--stdin", "-i", "stdin", is_flag=True, help="Send this process's stdin.")
+@click.option("--tty", "-t", "tty", is_flag=True,
+              help="On a terminal (with -i: interactive, as docker exec -it).")
 @click.option("--timeout", type=float, default=None, help="Command timeout in seconds.")
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
 @handle_errors
-def exec_(sandbox_id: str, stdin: bool, timeout: float | None, cmd: tuple[str, ...]) -> None:
-    """Run CMD in a running sandbox; exit with its code."""
+def exec_(sandbox_id: str, stdin: bool, tty: bool, timeout: float | None,
+          cmd: tuple[str, ...]) -> None:
+    """Run CMD in a running sandbox; exit with its code.
+
+    With -it, CMD runs on a terminal wired to this one: raw keys (Ctrl-C reaches the
+    guest), window size followed. Example: ember exec -it sb-1234abcd -- bash
+    """
+    if tty:
+        sys.exit(_terminal(sandbox_id, list(cmd) if len(cmd) > 1 else cmd[0]))
     from ember.sdk.sandbox import Sandbox
 
     sb = Sandbox.connect(sandbox_id)
@@ -192,6 +201,22 @@ def exec_(sandbox_id: str, stdin: bool, timeout: float | None, cmd: tuple[str, .
     finally:
         sb.close()
     sys.exit(code)
+
+
+@click.command("shell")
+@click.argument("sandbox_id")
+@handle_errors
+def shell(sandbox_id: str) -> None:
+    """A login shell in a running sandbox, on this terminal (exit leaves it running)."""
+    sys.exit(_terminal(sandbox_id, None))
+
+
+def _terminal(sandbox_id: str, cmd: str | list[str] | None) -> int:
+    import asyncio
+
+    from ember.cli.terminal import attach
+
+    return asyncio.run(attach(sandbox_id, cmd))
 
 
 @click.command("cp")

@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
 import ember
-from ember.daemon import API_VERSION, routes_exec, routes_files, routes_sandboxes
+from ember.daemon import API_VERSION, routes_exec, routes_files, routes_pty, routes_sandboxes
 from ember.daemon.errors import status_for
 from ember.daemon.live import LiveSandboxes
 from ember.daemon.metrics import Metrics
@@ -117,4 +117,5 @@ def create_app(paths: Paths) -> FastAPI:
     app.include_router(routes_sandboxes.router, prefix=f"/{API_VERSION}")
     app.include_router(routes_exec.router, prefix=f"/{API_VERSION}")
     app.include_router(routes_files.router, prefix=f"/{API_VERSION}")
+    app.include_router(routes_pty.router, prefix=f"/{API_VERSION}")
     return app

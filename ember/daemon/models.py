@@ -99,3 +99,24 @@ class RemoveRequest(Strict):
 class RenameRequest(Strict):
     src: GuestPath
     dst: GuestPath
+
+
+class PtySize(Strict):
+    rows: Annotated[int, Field(ge=1, le=1000)]
+    cols: Annotated[int, Field(ge=1, le=1000)]
+
+
+class PtyRequest(Strict):
+    """The first message of a PTY WebSocket: what to run, on a terminal of what size."""
+
+    cmd: Cmd | None = None
+    rows: Annotated[int, Field(ge=1, le=1000)] = 24
+    cols: Annotated[int, Field(ge=1, le=1000)] = 80
+    env: Env = Field(default_factory=dict, max_length=256)
+    cwd: GuestPath | None = None
+    user: User | None = None
+
+
+class PtyControl(Strict):
+    resize: PtySize | None = None
+    signal: Annotated[int, Field(ge=1, le=64)] | None = None

@@ -16,6 +16,7 @@ from .limits import ERROR_KINDS, FILE_TYPES, MAX_STREAM, PROTOCOL_VERSION
 MAX_PATH_BYTES = 4096
 MAX_SIGNAL = 64
 MAX_ENTROPY_BYTES = 64
+MAX_PTY_SIZE = 1000
 
 
 TYPE_CHECKING = False
@@ -134,6 +135,12 @@ USER = FieldType(
 HOSTNAME = FieldType(
     "a hostname (1 to 63 letters, digits or '-', not starting or ending with '-')", _is_hostname
 )
+PTY_SIZE = FieldType(f"a terminal size (1 to {MAX_PTY_SIZE})", _int_in(1, MAX_PTY_SIZE))
+PTY = FieldType(
+    "a terminal size: an object with 'rows' and 'cols'",
+    lambda v: isinstance(v, dict) and set(v) == {"rows", "cols"}
+    and all(PTY_SIZE.test(v[k]) for k in ("rows", "cols")),
+)
 ENTROPY = FieldType(f"1 to {MAX_ENTROPY_BYTES} bytes as hex", _is_entropy)
 TIMEOUT = FieldType("a positive number of seconds or null", _is_timeout)
 ERROR_KIND = FieldType(
@@ -200,11 +207,14 @@ REQUESTS: Mapping[str, OpSpec] = {
             "user": USER,
             "stdin": BOOL,
             "timeout": TIMEOUT,
+            "pty": PTY,
         },
         check=_exec_check,
     ),
     "stdin_eof": OpSpec(),
     "signal": OpSpec({"target": STREAM, "signal": SIGNAL}),
+    # a new size for the terminal of an exec started with "pty" (SIGWINCH reaches it)
+    "resize": OpSpec({"target": STREAM, "rows": PTY_SIZE, "cols": PTY_SIZE}),
     "ps": OpSpec(),
     "read": OpSpec({"path": PATH}),
     "write": OpSpec({"path": PATH}, {"mode": MODE, "append": BOOL}),

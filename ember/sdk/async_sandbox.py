@@ -31,6 +31,7 @@ from ember.runtime.manager import SandboxDir, SandboxManager, console_tail
 from ember.runtime.spec import DEFAULT_TEMPLATE, DEFAULT_TIMEOUT_S, SandboxSpec
 from ember.sdk.files import AsyncFiles
 from ember.sdk.process import AsyncProcess, OutputCallback, exec_request
+from ember.sdk.pty import LOGIN_SHELL, AsyncPty
 from ember.sdk.results import (
     ExecResult,
     ProcessInfo,
@@ -379,10 +380,23 @@ class AsyncSandbox:
 
     async def _spawn(self, cmd: str | Sequence[str], *, env: Mapping[str, str] | None,
                      cwd: str | None, user: str | int | None, stdin: bool,
-                     timeout: float | None, keep_output: bool = True) -> AsyncProcess:
+                     timeout: float | None, keep_output: bool = True,
+                     pty: tuple[int, int] | None = None) -> AsyncProcess:
         merged = {**self._rec.env, **(env or {})}
-        msg = exec_request(cmd, env=merged, cwd=cwd, user=user, stdin=stdin, timeout=timeout)
+        msg = exec_request(cmd, env=merged, cwd=cwd, user=user, stdin=stdin, timeout=timeout,
+                           pty=pty)
         return await AsyncProcess.start(self._require_client(), msg, keep_output=keep_output)
+
+    async def pty(self, cmd: str | Sequence[str] | None = None, *, rows: int = 24,
+                  cols: int = 80, env: Mapping[str, str] | None = None, cwd: str | None = None,
+                  user: str | int | None = None) -> AsyncPty:
+        """Start ``cmd`` (default: a login shell) on a new terminal of ``rows`` x ``cols``
+        in the guest; write keys to it, read what it shows, resize it (:class:`AsyncPty`).
+        It has no timeout: it ends when its command does (or with ``kill()``)."""
+        proc = await self._spawn(cmd if cmd is not None else LOGIN_SHELL, env=env, cwd=cwd,
+                                 user=user, stdin=True, timeout=None, keep_output=False,
+                                 pty=(rows, cols))
+        return AsyncPty(proc)
 
     async def exec(self, cmd: str | Sequence[str], *, env: Mapping[str, str] | None = None,
                    cwd: str | None = None, user: str | int | None = None,

@@ -27,8 +27,12 @@ OutputCallback = Callable[[str], Any]
 
 
 def exec_request(cmd: str | Sequence[str], *, env: Mapping[str, str] | None, cwd: str | None,
-                 user: str | int | None, stdin: bool, timeout: float | None) -> dict[str, Any]:
+                 user: str | int | None, stdin: bool, timeout: float | None,
+                 pty: tuple[int, int] | None = None) -> dict[str, Any]:
     msg: dict[str, Any] = {"op": "exec", "stdin": stdin, "timeout": timeout}
+    if pty is not None:
+        rows, cols = check_size(*pty)
+        msg["pty"] = {"rows": rows, "cols": cols}
     if isinstance(cmd, str):
         if not cmd.strip():
             raise BadRequestError("empty command")
@@ -47,6 +51,15 @@ def exec_request(cmd: str | Sequence[str], *, env: Mapping[str, str] | None, cwd
     if timeout is not None and not 0 < timeout <= 86400 * 7:
         raise BadRequestError(f"timeout must be positive, got {timeout!r}")
     return msg
+
+
+def check_size(rows: int, cols: int) -> tuple[int, int]:
+    """A terminal size the agent accepts (1 to 1000 each way)."""
+    for v in (rows, cols):
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 1000:
+            raise BadRequestError(f"terminal size must be 1..1000 rows and columns, not "
+                                  f"{rows!r}x{cols!r}")
+    return rows, cols
 
 
 class AsyncProcess:
@@ -106,6 +119,12 @@ class AsyncProcess:
 
     async def kill(self) -> None:
         await self.signal(9)
+
+    async def resize(self, rows: int, cols: int) -> None:
+        """A new size for the terminal of a command started on one (``pty``)."""
+        rows, cols = check_size(rows, cols)
+        await self._client.request({"op": "resize", "target": self._sid, "rows": rows,
+                                    "cols": cols}, what=f"resize {self._label!r}")
 
     # --- output --------------------------------------------------------------------------
     async def output(self) -> AsyncIterator[OutputChunk]:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import base64
 import builtins
+import json
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote, urlsplit
 
 import httpx
@@ -22,7 +23,8 @@ from ember.errors import BadRequestError, EmberError, GuestError
 from ember.sdk import wire
 from ember.sdk.async_sandbox import DEFAULT_EXEC_TIMEOUT_S, AsyncSandbox
 from ember.sdk.files import AsyncFiles
-from ember.sdk.process import MAX_OUTPUT_BYTES, AsyncProcess, OutputCallback
+from ember.sdk.process import MAX_OUTPUT_BYTES, AsyncProcess, OutputCallback, check_size
+from ember.sdk.pty import AsyncPty
 from ember.sdk.results import (
     EntryInfo,
     ExecResult,
@@ -31,6 +33,9 @@ from ember.sdk.results import (
     SandboxInfo,
     SnapshotInfo,
 )
+
+if TYPE_CHECKING:
+    from websockets.asyncio.client import ClientConnection
 
 #: Creates boot guests: under TCG that takes minutes, so no read deadline on the socket
 #: beyond this.
@@ -241,8 +246,6 @@ class RemoteFiles(AsyncFiles):
             body = await r.aread()
         finally:
             await r.aclose()
-        import json
-
         return int(json.loads(body)["size"])
 
     async def list(self, path: str) -> builtins.list[EntryInfo]:
@@ -263,6 +266,86 @@ class RemoteFiles(AsyncFiles):
 
     async def rename(self, src: str, dst: str) -> None:
         await self._t.call("POST", self._base + "/rename", json={"src": src, "dst": dst})
+
+
+class RemotePty(AsyncPty):
+    """A terminal in a sandbox served by a daemon, over its WebSocket."""
+
+    def __init__(self, ws: ClientConnection, pid: int) -> None:
+        self._ws = ws
+        self.pid = pid
+        self._code: int | None = None
+
+    @classmethod
+    async def open(cls, t: Transport, sandbox_id: str, request: dict[str, Any]) -> RemotePty:
+        from websockets.asyncio.client import connect, unix_connect
+        from websockets.exceptions import WebSocketException
+
+        parts = urlsplit(t.url)
+        path = f"/v1/sandboxes/{quote(sandbox_id, safe='')}/pty"
+        headers = {"authorization": f"Bearer {t.api_key}"} if t.api_key else {}
+        try:
+            if parts.scheme == "unix":
+                ws = await unix_connect(parts.path, f"ws://emberd{path}",
+                                        additional_headers=headers, max_size=1 << 20)
+            else:
+                scheme = "wss" if parts.scheme == "https" else "ws"
+                ws = await connect(f"{scheme}://{parts.netloc}{path}",
+                                   additional_headers=headers, max_size=1 << 20)
+        except (OSError, WebSocketException) as err:
+            raise _host(t.url, httpx.ConnectError(str(err))) from None
+        try:
+            await ws.send(json.dumps(request))
+            first = json.loads(await ws.recv())
+            if first.get("event") == "error":
+                raise wire.error_for_event(first)
+            if first.get("event") != "started":
+                raise GuestError(f"unexpected first pty message from the daemon: {first!r:.200}")
+        except BaseException:
+            await ws.close()
+            raise
+        return cls(ws, int(first.get("pid", 0)))
+
+    async def write(self, data: bytes | str) -> None:
+        await self._ws.send(data.encode() if isinstance(data, str) else bytes(data))
+
+    async def resize(self, rows: int, cols: int) -> None:
+        rows, cols = check_size(rows, cols)
+        await self._ws.send(json.dumps({"resize": {"rows": rows, "cols": cols}}))
+
+    async def signal(self, signum: int) -> None:
+        await self._ws.send(json.dumps({"signal": int(signum)}))
+
+    async def kill(self) -> None:
+        await self.signal(9)
+
+    async def output(self) -> AsyncIterator[bytes]:
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            async for msg in self._ws:
+                if isinstance(msg, bytes):
+                    yield msg
+                    continue
+                ev = json.loads(msg)
+                if ev.get("event") == "exit":
+                    self._code = int(ev.get("exit_code", -1))
+                elif ev.get("event") == "error":
+                    raise wire.error_for_event(ev)
+        except ConnectionClosed:
+            pass
+        if self._code is None:
+            raise GuestError("the daemon closed the terminal before its command ended")
+
+    async def wait(self) -> int:
+        if self._code is None:
+            async for _ in self.output():
+                pass
+        assert self._code is not None
+        return self._code
+
+    async def close(self) -> None:
+        await self._ws.close()
 
 
 class RemoteSandbox(AsyncSandbox):
@@ -325,6 +408,16 @@ class RemoteSandbox(AsyncSandbox):
             return await proc.wait(on_stdout, on_stderr)
         finally:
             await events.response.aclose()
+
+    async def pty(self, cmd: str | Sequence[str] | None = None, *, rows: int = 24,
+                  cols: int = 80, env: Mapping[str, str] | None = None, cwd: str | None = None,
+                  user: str | int | None = None) -> AsyncPty:
+        rows, cols = check_size(rows, cols)
+        c: str | builtins.list[str] | None = cmd if cmd is None or isinstance(cmd, str) \
+            else builtins.list(cmd)
+        return await RemotePty.open(self._t, self.id, {
+            "cmd": c, "rows": rows, "cols": cols, "env": dict(env or {}), "cwd": cwd,
+            "user": user})
 
     async def processes(self) -> builtins.list[ProcessInfo]:
         raw = await self._t.call("GET", self._base + "/processes")

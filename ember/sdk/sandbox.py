@@ -14,6 +14,7 @@ from ember.sdk.async_sandbox import CONNECT_WAIT_S, DEFAULT_EXEC_TIMEOUT_S, Asyn
 from ember.sdk.files import AsyncFiles
 from ember.sdk.portal import portal
 from ember.sdk.process import AsyncProcess, OutputCallback
+from ember.sdk.pty import AsyncPty
 from ember.sdk.results import (
     EntryInfo,
     ExecResult,
@@ -50,6 +51,35 @@ class Process:
 
     def kill(self) -> None:
         portal().call(self._inner.kill())
+
+
+class Pty:
+    """A command on a terminal in a sandbox (blocking API); see :class:`AsyncPty`."""
+
+    def __init__(self, inner: AsyncPty) -> None:
+        self._inner = inner
+        self.pid = inner.pid
+
+    def write(self, data: bytes | str) -> None:
+        portal().call(self._inner.write(data))
+
+    def resize(self, rows: int, cols: int) -> None:
+        portal().call(self._inner.resize(rows, cols))
+
+    def signal(self, signum: int) -> None:
+        portal().call(self._inner.signal(signum))
+
+    def kill(self) -> None:
+        portal().call(self._inner.kill())
+
+    def output(self) -> Iterator[bytes]:
+        return portal().iterate(self._inner.output())
+
+    def wait(self) -> int:
+        return portal().call(self._inner.wait())
+
+    def close(self) -> None:
+        portal().call(self._inner.close())
 
 
 class Files:
@@ -193,6 +223,13 @@ class Sandbox:
         """Start a command in the background; see :meth:`AsyncSandbox.spawn`."""
         return Process(portal().call(self._inner.spawn(
             cmd, env=env, cwd=cwd, user=user, stdin=stdin, timeout=timeout)))
+
+    def pty(self, cmd: str | Sequence[str] | None = None, *, rows: int = 24, cols: int = 80,
+            env: Mapping[str, str] | None = None, cwd: str | None = None,
+            user: str | int | None = None) -> Pty:
+        """``cmd`` (default: a login shell) on a new terminal; see :meth:`AsyncSandbox.pty`."""
+        return Pty(portal().call(self._inner.pty(cmd, rows=rows, cols=cols, env=env, cwd=cwd,
+                                                 user=user)))
 
     def processes(self) -> builtins.list[ProcessInfo]:
         return portal().call(self._inner.processes())

@@ -3,12 +3,12 @@
 import ember
 
 PUBLIC = {
-    "AsyncFiles", "AsyncProcess", "AsyncSandbox", "BadRequestError", "BuildError",
+    "AsyncFiles", "AsyncProcess", "AsyncPty", "AsyncSandbox", "BadRequestError", "BuildError",
     "CommandFailedError", "CommandNotFoundError", "CommandTimeoutError", "EmberError",
     "EmberTimeoutError", "EngineError", "EntryInfo", "ExecResult", "Files", "GuestError",
     "GuestPathNotFoundError", "HostCommandError", "HostError", "ImageSourceError",
     "MissingDependencyError", "NotFoundError", "OutputChunk", "Process", "ProcessInfo",
-    "ProtocolError", "Sandbox", "SandboxInfo", "SandboxNotFoundError", "SandboxStateError",
+    "ProtocolError", "Pty", "Sandbox", "SandboxInfo", "SandboxNotFoundError", "SandboxStateError",
     "SnapshotError", "SnapshotInfo", "SnapshotNotFoundError", "TemplateNotFoundError",
     "TierUnavailableError", "UnsafeLayerError",
 }
