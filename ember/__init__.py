@@ -23,12 +23,14 @@ from ember.errors import (
     MissingDependencyError,
     NotFoundError,
     ProtocolError,
+    QuotaExceededError,
     SandboxNotFoundError,
     SandboxStateError,
     SnapshotError,
     SnapshotNotFoundError,
     TemplateNotFoundError,
     TierUnavailableError,
+    UnauthorizedError,
     UnsafeLayerError,
 )
 
@@ -107,6 +109,7 @@ __all__ = [
     "ProcessInfo",
     "ProtocolError",
     "Pty",
+    "QuotaExceededError",
     "Sandbox",
     "SandboxInfo",
     "SandboxNotFoundError",
@@ -116,5 +119,6 @@ __all__ = [
     "SnapshotNotFoundError",
     "TemplateNotFoundError",
     "TierUnavailableError",
+    "UnauthorizedError",
     "UnsafeLayerError",
 ]

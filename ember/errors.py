@@ -151,6 +151,20 @@ class CommandTimeoutError(EmberTimeoutError):
         self.result = result
 
 
+class UnauthorizedError(EmberError):
+    """The daemon does not know the caller: no API key, or a wrong or revoked one."""
+
+    code: ClassVar[str] = "unauthorized"
+
+
+class QuotaExceededError(EmberError):
+    """The caller's tenant is at one of its limits (running sandboxes, vCPUs, memory);
+    ``retry_after`` says when trying again makes sense (seconds)."""
+
+    code: ClassVar[str] = "quota_exceeded"
+    retry_after: float = 5.0
+
+
 class TierUnavailableError(HostError):
     """The isolation tier asked for (``gvisor``, ``container``) cannot run on this host:
     its runtime is missing or the host lacks what it needs. The message names the cause

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 import click
 
 from ember.cli.common import handle_errors, print_json
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 @click.group("daemon")
@@ -27,17 +32,29 @@ def _show(st: object, as_json: bool) -> None:
         click.echo(f"emberd not running (socket {st.socket})")
 
 
+def _network_options(fn: F) -> F:
+    fn = click.option("--tls-key", default=None, type=click.Path(dir_okay=False),
+                      help="Private key (PEM) for --tls-cert.")(fn)
+    fn = click.option("--tls-cert", default=None, type=click.Path(dir_okay=False),
+                      help="Serve TCP with TLS: certificate chain (PEM).")(fn)
+    fn = click.option("--listen", default=None, metavar="HOST:PORT",
+                      help="Also serve TCP on HOST:PORT; every request there needs an API "
+                      "key (ember apikey create).")(fn)
+    return fn
+
+
 @daemon.command("start")
-@click.option("--listen", default=None, metavar="HOST:PORT",
-              help="Also serve TCP on HOST:PORT (loopback unless you mean it).")
+@_network_options
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 @handle_errors
-def start(listen: str | None, as_json: bool) -> None:
+def start(listen: str | None, tls_cert: str | None, tls_key: str | None,
+          as_json: bool) -> None:
     """Start the daemon in the background unless it runs; return once it answers."""
     from ember.daemon import control
     from ember.paths import Paths
 
-    _show(control.start(Paths.from_env(), listen=listen), as_json)
+    _show(control.start(Paths.from_env(), listen=listen, tls_cert=tls_cert, tls_key=tls_key),
+          as_json)
 
 
 @daemon.command("stop")
@@ -66,15 +83,14 @@ def status(as_json: bool) -> None:
 
 
 @daemon.command("serve")
-@click.option("--listen", default=None, metavar="HOST:PORT",
-              help="Also serve TCP on HOST:PORT.")
+@_network_options
 @handle_errors
-def serve(listen: str | None) -> None:
+def serve(listen: str | None, tls_cert: str | None, tls_key: str | None) -> None:
     """Run the daemon in the foreground (what the systemd unit runs)."""
     from ember.daemon.server import serve as run
     from ember.paths import Paths
 
-    run(Paths.from_env(), listen=listen)
+    run(Paths.from_env(), listen=listen, tls_cert=tls_cert, tls_key=tls_key)
 
 
 @daemon.command("openapi")

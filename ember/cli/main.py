@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ember.cli import (
+    apikey_cmds,
     daemon_cmds,
     doctor_cmd,
     image_cmds,
@@ -34,6 +35,8 @@ cli.add_command(image_cmds.image)
 cli.add_command(doctor_cmd.doctor)
 cli.add_command(bench)
 cli.add_command(daemon_cmds.daemon)
+cli.add_command(apikey_cmds.apikey)
+cli.add_command(apikey_cmds.tenant)
 for _cmd in (sandbox_cmds.run, sandbox_cmds.create, sandbox_cmds.ls, sandbox_cmds.inspect,
              sandbox_cmds.exec_, sandbox_cmds.shell, sandbox_cmds.cp, sandbox_cmds.logs,
              sandbox_cmds.rm):

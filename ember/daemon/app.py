@@ -22,7 +22,9 @@ from starlette.exceptions import HTTPException
 
 import ember
 from ember.daemon import API_VERSION, routes_exec, routes_files, routes_pty, routes_sandboxes
-from ember.daemon.errors import status_for
+from ember.daemon.auth import Principal, Quotas
+from ember.daemon.deps import Who
+from ember.daemon.errors import headers_for, status_for
 from ember.daemon.live import LiveSandboxes
 from ember.daemon.metrics import Metrics
 from ember.daemon.middleware import EdgeMiddleware
@@ -59,6 +61,7 @@ def create_app(paths: Paths) -> FastAPI:
                   '{"error": {"code", "message"}} with a stable code.')
     app.state.live = live
     app.state.metrics = metrics
+    app.state.quotas = Quotas(live.mgr.store)
     app.add_middleware(EdgeMiddleware)
 
     @app.exception_handler(EmberError)
@@ -66,7 +69,8 @@ def create_app(paths: Paths) -> FastAPI:
         metrics.errors.labels(err.code).inc()
         if status_for(err) >= 500:
             log.warning("%s %s failed: %s", request.method, request.url.path, err)
-        return JSONResponse(error_body(err), status_code=status_for(err))
+        return JSONResponse(error_body(err), status_code=status_for(err),
+                            headers=headers_for(err))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
@@ -85,31 +89,35 @@ def create_app(paths: Paths) -> FastAPI:
         return JSONResponse(error_body(e), status_code=err.status_code)
 
     @app.get(f"/{API_VERSION}/health", tags=["daemon"])
-    async def health() -> dict[str, Any]:
-        """The daemon answers: its version, pid and home."""
-        return {"ok": True, "version": ember.__version__, "api": API_VERSION,
-                "pid": os.getpid(), "home": str(paths.home), "open": len(live.ids())}
+    async def health(who: Who) -> dict[str, Any]:
+        """The daemon answers: its version, pid and home, and who the caller is to it."""
+        return {"ok": True, "tenant": who.tenant, "admin": who.admin,
+                "version": ember.__version__, "api": API_VERSION, "pid": os.getpid(),
+                "home": str(paths.home), "open": len(live.ids())}
 
     @app.get("/metrics", tags=["daemon"], response_class=PlainTextResponse)
-    async def prometheus() -> Response:
-        """Prometheus metrics."""
+    async def prometheus(who: Who) -> Response:
+        """Prometheus metrics (the administrator's)."""
+        _admin(who, "metrics")
         data = await asyncio.to_thread(generate_latest, metrics.registry)
         return Response(data, media_type=CONTENT_TYPE_LATEST)
 
     @app.get(f"/{API_VERSION}/templates", tags=["templates"])
-    async def templates() -> list[dict[str, Any]]:
+    async def templates(who: Who) -> list[dict[str, Any]]:
         """The templates sandboxes can be created from."""
         recs = await asyncio.to_thread(live.mgr.store.list_templates)
         return [r.to_json() for r in recs]
 
     @app.get(f"/{API_VERSION}/pools", tags=["pools"])
-    async def pool_status() -> list[dict[str, object]]:
+    async def pool_status(who: Who) -> list[dict[str, object]]:
         """Warm pools: size asked, members ready and starting, their memory."""
+        _admin(who, "pools")
         return [s.to_json() for s in await asyncio.to_thread(pools.status, live.mgr)]
 
     @app.get(f"/{API_VERSION}/doctor", tags=["daemon"])
-    async def doctor() -> list[dict[str, Any]]:
+    async def doctor(who: Who) -> list[dict[str, Any]]:
         """What this host supports (KVM or TCG and why, tiers, cgroups, jail)."""
+        _admin(who, "doctor")
         checks = await asyncio.to_thread(diagnose, home=paths.home)
         return [{"name": c.name, "ok": c.ok, "detail": c.detail, "fix": c.fix}
                 for c in checks]
@@ -119,3 +127,8 @@ def create_app(paths: Paths) -> FastAPI:
     app.include_router(routes_files.router, prefix=f"/{API_VERSION}")
     app.include_router(routes_pty.router, prefix=f"/{API_VERSION}")
     return app
+
+
+def _admin(who: Principal, what: str) -> None:
+    if not who.admin:
+        raise NotFoundError(f"{what} is for the administrator")

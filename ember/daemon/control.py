@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 
@@ -52,7 +53,8 @@ def status(paths: Paths) -> DaemonStatus:
         return DaemonStatus(True, pid, str(sock))  # starting, or stuck: the lock says alive
 
 
-def start(paths: Paths, *, listen: str | None = None, wait: float = START_WAIT_S) -> DaemonStatus:
+def start(paths: Paths, *, listen: str | None = None, tls_cert: str | None = None,
+          tls_key: str | None = None, wait: float = START_WAIT_S) -> DaemonStatus:
     """Start the home's daemon unless one runs; return once it answers."""
     st = status(paths)
     if st.running and st.version is not None:
@@ -61,8 +63,10 @@ def start(paths: Paths, *, listen: str | None = None, wait: float = START_WAIT_S
         paths.ensure()
         paths.logs.mkdir(parents=True, exist_ok=True)
         argv = [sys.executable, "-m", "ember.daemon.server"]
-        if listen:
-            argv += ["--listen", listen]
+        for flag, value in (("--listen", listen), ("--tls-cert", tls_cert),
+                            ("--tls-key", tls_key)):
+            if value:
+                argv += [flag, str(Path(value).absolute()) if flag != "--listen" else value]
         env = {**os.environ, "EMBER_HOME": str(paths.home), "EMBER_CACHE": str(paths.cache)}
         env.pop("EMBER_URL", None)
         with open(paths.logs / "emberd.out", "ab") as out:

@@ -1,13 +1,18 @@
-"""What routes take from the application: the live table and the metrics."""
+"""What routes take from the application: the live table, the metrics, the caller (its
+tenant), and sandbox ids that the caller owns."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 
+from ember.daemon.auth import Principal, Quotas, own_sandbox, principal_of
 from ember.daemon.live import LiveSandboxes
 from ember.daemon.metrics import Metrics
+
+ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 
 
 def _live(request: Request) -> LiveSandboxes:
@@ -20,6 +25,29 @@ def _metrics(request: Request) -> Metrics:
     return m
 
 
+def _quotas(request: Request) -> Quotas:
+    q: Quotas = request.app.state.quotas
+    return q
+
+
+def _principal(request: Request) -> Principal:
+    live: LiveSandboxes = request.app.state.live
+    return principal_of(live.mgr.store, request.scope.get("client"),
+                        request.headers.get("authorization"))
+
+
 Live = Annotated[LiveSandboxes, Depends(_live)]
 Meter = Annotated[Metrics, Depends(_metrics)]
-SandboxId = Annotated[str, "a sandbox id"]
+Quota = Annotated[Quotas, Depends(_quotas)]
+Who = Annotated[Principal, Depends(_principal)]
+
+
+async def _owned(live: Live, who: Who,
+                 sandbox_id: str = Path(pattern=ID_PATTERN, description="a sandbox id")) -> str:
+    """The path's sandbox id, once it is known to be the caller's (else 404)."""
+    if not who.admin:
+        own_sandbox(who, await asyncio.to_thread(live.mgr.get, sandbox_id))
+    return sandbox_id
+
+
+OwnedId = Annotated[str, Depends(_owned)]

@@ -7,14 +7,18 @@ from ember.errors import (
     EmberError,
     EmberTimeoutError,
     NotFoundError,
+    QuotaExceededError,
     SandboxStateError,
     SnapshotError,
     TierUnavailableError,
+    UnauthorizedError,
 )
 
 #: Checked in order: the first class the error is an instance of decides.
 _STATUS: list[tuple[type[EmberError], int]] = [
     (BadRequestError, 400),
+    (UnauthorizedError, 401),
+    (QuotaExceededError, 429),
     (NotFoundError, 404),
     (SandboxStateError, 409),
     (SnapshotError, 409),
@@ -28,3 +32,11 @@ def status_for(err: EmberError) -> int:
         if isinstance(err, cls):
             return status
     return 500
+
+
+def headers_for(err: EmberError) -> dict[str, str]:
+    if isinstance(err, QuotaExceededError):
+        return {"retry-after": str(max(1, round(err.retry_after)))}
+    if isinstance(err, UnauthorizedError):
+        return {"www-authenticate": 'Bearer realm="ember"'}
+    return {}

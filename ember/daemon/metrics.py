@@ -10,6 +10,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ember.runtime.manager import SandboxManager
+from ember.store.records import TENANT_KEY
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -21,11 +22,13 @@ class _Sandboxes(Collector):
         self._mgr = mgr
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        g = GaugeMetricFamily("ember_sandboxes", "Sandboxes of this home by state and tier",
-                              labels=["state", "isolation"])
-        counts = Tally((r.state, r.isolation) for r in self._mgr.store.list_sandboxes())
-        for (state, iso), n in sorted(counts.items()):
-            g.add_metric([state, iso], n)
+        g = GaugeMetricFamily("ember_sandboxes",
+                              "Sandboxes of this home by state, tier and tenant",
+                              labels=["state", "isolation", "tenant"])
+        counts = Tally((r.state, r.isolation, r.metadata.get(TENANT_KEY, ""))
+                       for r in self._mgr.store.list_sandboxes())
+        for (state, iso, tenant), n in sorted(counts.items()):
+            g.add_metric([state, iso, tenant], n)
         yield g
 
 

@@ -8,11 +8,21 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 Name = Annotated[str, Field(min_length=1, max_length=128)]
 Env = dict[Annotated[str, Field(max_length=256)], Annotated[str, Field(max_length=32768)]]
-Meta = dict[Annotated[str, Field(max_length=256)], Annotated[str, Field(max_length=4096)]]
+
+
+def _not_reserved(meta: dict[str, str]) -> dict[str, str]:
+    bad = [k for k in meta if k.startswith("ember.")]
+    if bad:
+        raise ValueError(f"metadata keys starting with 'ember.' are the daemon's: {bad[:3]}")
+    return meta
+
+
+Meta = Annotated[dict[Annotated[str, Field(max_length=256)],
+                      Annotated[str, Field(max_length=4096)]], AfterValidator(_not_reserved)]
 GuestPath = Annotated[str, Field(min_length=1, max_length=4096)]
 Seconds = Annotated[float, Field(gt=0, le=86400 * 30)]
 

@@ -27,9 +27,8 @@ from typing import Any
 from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import StreamingResponse
 
-from ember.daemon.deps import Live, Meter
+from ember.daemon.deps import Live, Meter, OwnedId
 from ember.daemon.models import ExecRequest, SignalRequest, SpawnRequest
-from ember.daemon.routes_sandboxes import SbId
 from ember.errors import BadRequestError, EmberError
 from ember.sdk.process import AsyncProcess
 from ember.sdk.wire import EVENT_CHUNK, error_body, event_line, output_event, to_json
@@ -71,7 +70,7 @@ async def _events(proc: AsyncProcess, *, kill_on_disconnect: bool,
 
 @router.post("/sandboxes/{sandbox_id}/exec")
 async def exec_(body: ExecRequest, live: Live, meter: Meter,
-                sandbox_id: str = SbId) -> StreamingResponse:
+                sandbox_id: OwnedId) -> StreamingResponse:
     """Run a command to completion; its output streams back as NDJSON events as produced.
     If the client disconnects first, the command is killed."""
     t0 = time.monotonic()
@@ -96,7 +95,7 @@ async def exec_(body: ExecRequest, live: Live, meter: Meter,
 
 
 @router.post("/sandboxes/{sandbox_id}/processes", status_code=201)
-async def spawn(body: SpawnRequest, live: Live, sandbox_id: str = SbId) -> dict[str, int]:
+async def spawn(body: SpawnRequest, live: Live, sandbox_id: OwnedId) -> dict[str, int]:
     """Start a command in the background; read its output with GET .../output."""
     sb = await live.get(sandbox_id)
     proc = await sb._spawn(body.cmd, env=body.env, cwd=body.cwd, user=body.user,
@@ -106,14 +105,14 @@ async def spawn(body: SpawnRequest, live: Live, sandbox_id: str = SbId) -> dict[
 
 
 @router.get("/sandboxes/{sandbox_id}/processes")
-async def processes(live: Live, sandbox_id: str = SbId) -> list[dict[str, Any]]:
+async def processes(live: Live, sandbox_id: OwnedId) -> list[dict[str, Any]]:
     """Processes the agent started (running and recently ended)."""
     sb = await live.get(sandbox_id)
     return [to_json(p) for p in await sb.processes()]
 
 
 @router.get("/sandboxes/{sandbox_id}/processes/{pid}/output")
-async def output(live: Live, sandbox_id: str = SbId, pid: int = Pid) -> StreamingResponse:
+async def output(live: Live, sandbox_id: OwnedId, pid: int = Pid) -> StreamingResponse:
     """A background process's output as NDJSON, from where the last reader stopped, to its
     exit. A reader that disconnects leaves the process running."""
     proc = live.process(sandbox_id, pid)
@@ -127,7 +126,7 @@ async def output(live: Live, sandbox_id: str = SbId, pid: int = Pid) -> Streamin
 
 
 @router.post("/sandboxes/{sandbox_id}/processes/{pid}/stdin", status_code=204)
-async def stdin(request: Request, live: Live, sandbox_id: str = SbId,
+async def stdin(request: Request, live: Live, sandbox_id: OwnedId,
                 pid: int = Pid) -> Response:
     """Bytes for the process's stdin (the raw body, streamed through)."""
     proc = live.process(sandbox_id, pid)
@@ -138,13 +137,13 @@ async def stdin(request: Request, live: Live, sandbox_id: str = SbId,
 
 
 @router.post("/sandboxes/{sandbox_id}/processes/{pid}/close-stdin", status_code=204)
-async def close_stdin(live: Live, sandbox_id: str = SbId, pid: int = Pid) -> Response:
+async def close_stdin(live: Live, sandbox_id: OwnedId, pid: int = Pid) -> Response:
     await live.process(sandbox_id, pid).close_stdin()
     return Response(status_code=204)
 
 
 @router.post("/sandboxes/{sandbox_id}/processes/{pid}/signal", status_code=204)
-async def signal(body: SignalRequest, live: Live, sandbox_id: str = SbId,
+async def signal(body: SignalRequest, live: Live, sandbox_id: OwnedId,
                  pid: int = Pid) -> Response:
     await live.process(sandbox_id, pid).signal(body.signal)
     return Response(status_code=204)

@@ -11,9 +11,8 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from ember import protocol as P
-from ember.daemon.deps import Live
+from ember.daemon.deps import Live, OwnedId
 from ember.daemon.models import MkdirRequest, RemoveRequest, RenameRequest
-from ember.daemon.routes_sandboxes import SbId
 from ember.sdk.wire import to_json
 
 router = APIRouter(tags=["files"])
@@ -21,7 +20,7 @@ GuestPath = Annotated[str, Query(min_length=1, max_length=4096, description="abs
 
 
 @router.get("/sandboxes/{sandbox_id}/files/content")
-async def download(path: GuestPath, live: Live, sandbox_id: str = SbId) -> StreamingResponse:
+async def download(path: GuestPath, live: Live, sandbox_id: OwnedId) -> StreamingResponse:
     """A guest file's bytes, streamed as the guest sends them."""
     sb = await live.get(sandbox_id)
     chunks = cast(AsyncGenerator[bytes, None], sb.files.read_chunks(path))
@@ -40,7 +39,7 @@ async def download(path: GuestPath, live: Live, sandbox_id: str = SbId) -> Strea
 
 
 @router.put("/sandboxes/{sandbox_id}/files/content")
-async def upload(path: GuestPath, request: Request, live: Live, sandbox_id: str = SbId,
+async def upload(path: GuestPath, request: Request, live: Live, sandbox_id: OwnedId,
                  mode: Annotated[int, Query(ge=0, le=0o7777)] = 0o644) -> dict[str, int]:
     """Write the raw body to a guest file (created or truncated); answers its size."""
     sb = await live.get(sandbox_id)
@@ -54,33 +53,33 @@ async def upload(path: GuestPath, request: Request, live: Live, sandbox_id: str 
 
 
 @router.get("/sandboxes/{sandbox_id}/files/list")
-async def list_dir(path: GuestPath, live: Live, sandbox_id: str = SbId) -> list[dict[str, Any]]:
+async def list_dir(path: GuestPath, live: Live, sandbox_id: OwnedId) -> list[dict[str, Any]]:
     sb = await live.get(sandbox_id)
     return [to_json(e) for e in await sb.files.list(path)]
 
 
 @router.get("/sandboxes/{sandbox_id}/files/stat")
-async def stat(path: GuestPath, live: Live, sandbox_id: str = SbId) -> dict[str, Any]:
+async def stat(path: GuestPath, live: Live, sandbox_id: OwnedId) -> dict[str, Any]:
     sb = await live.get(sandbox_id)
     return to_json(await sb.files.stat(path))
 
 
 @router.post("/sandboxes/{sandbox_id}/files/mkdir", status_code=204)
-async def mkdir(body: MkdirRequest, live: Live, sandbox_id: str = SbId) -> Response:
+async def mkdir(body: MkdirRequest, live: Live, sandbox_id: OwnedId) -> Response:
     sb = await live.get(sandbox_id)
     await sb.files.mkdir(body.path, parents=body.parents)
     return Response(status_code=204)
 
 
 @router.post("/sandboxes/{sandbox_id}/files/remove", status_code=204)
-async def remove(body: RemoveRequest, live: Live, sandbox_id: str = SbId) -> Response:
+async def remove(body: RemoveRequest, live: Live, sandbox_id: OwnedId) -> Response:
     sb = await live.get(sandbox_id)
     await sb.files.remove(body.path, recursive=body.recursive)
     return Response(status_code=204)
 
 
 @router.post("/sandboxes/{sandbox_id}/files/rename", status_code=204)
-async def rename(body: RenameRequest, live: Live, sandbox_id: str = SbId) -> Response:
+async def rename(body: RenameRequest, live: Live, sandbox_id: OwnedId) -> Response:
     sb = await live.get(sandbox_id)
     await sb.files.rename(body.src, body.dst)
     return Response(status_code=204)

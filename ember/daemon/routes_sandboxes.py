@@ -9,7 +9,8 @@ from typing import Any
 
 from fastapi import APIRouter, Path, Response
 
-from ember.daemon.deps import Live, Meter
+from ember.daemon.auth import Principal, own_snapshot
+from ember.daemon.deps import Live, Meter, OwnedId, Quota, Who
 from ember.daemon.models import (
     CreateRequest,
     ForkRequest,
@@ -20,9 +21,9 @@ from ember.daemon.models import (
 from ember.sdk.async_sandbox import AsyncSandbox, info_of, snapshot_info
 from ember.sdk.results import SandboxInfo
 from ember.sdk.wire import to_json
+from ember.store.records import TENANT_KEY
 
 router = APIRouter(tags=["sandboxes"])
-SbId = Path(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="a sandbox id")
 SnapRef = Path(pattern=r"^[A-Za-z0-9_.:-]{1,128}$", description="a snapshot name or id")
 
 
@@ -32,33 +33,45 @@ async def _info(live: Live, sandbox_id: str) -> dict[str, Any]:
 
 
 @router.post("/sandboxes", status_code=201)
-async def create(body: CreateRequest, live: Live, meter: Meter) -> dict[str, Any]:
+async def create(body: CreateRequest, live: Live, meter: Meter, who: Who,
+                 quotas: Quota) -> dict[str, Any]:
     """A new sandbox, started from a pool, a pre-baked snapshot or a boot; answers once
-    its agent does."""
+    its agent does. 429 when the caller's tenant is at a quota."""
     t0 = time.monotonic()
-    sb = await AsyncSandbox.create(
-        body.template, vcpus=body.vcpus, memory_mib=body.memory_mib, disk_mib=body.disk_mib,
-        timeout=body.timeout, env=body.env, metadata=body.metadata,
-        boot_timeout=body.boot_timeout, paths=live.paths, on_timeout=body.on_timeout,
-        isolation=body.isolation)
+    tpl = await asyncio.to_thread(live.mgr.store.get_template, body.template)
+    vcpus = body.vcpus or int(tpl.config.get("vcpus", 1))
+    memory = body.memory_mib or int(tpl.config.get("memory_mib", 256))
+    async with quotas.lock(who):
+        quotas.check(who, sandboxes=1, vcpus=vcpus, memory_mib=memory)
+        sb = await AsyncSandbox.create(
+            body.template, vcpus=body.vcpus, memory_mib=body.memory_mib,
+            disk_mib=body.disk_mib, timeout=body.timeout, env=body.env,
+            metadata=_tagged(body.metadata, who), boot_timeout=body.boot_timeout,
+            paths=live.paths, on_timeout=body.on_timeout, isolation=body.isolation)
     live.add(sb)
     meter.latency.labels("create").observe(time.monotonic() - t0)
     return to_json(await sb.info())
 
 
+def _tagged(metadata: dict[str, str], who: Principal) -> dict[str, str]:
+    return {**metadata, TENANT_KEY: who.tenant}
+
+
 @router.get("/sandboxes")
-async def list_sandboxes(live: Live) -> list[dict[str, Any]]:
-    """Every sandbox of this home (dead VMs are found and marked failed)."""
-    return [to_json(i) for i in await AsyncSandbox.list(paths=live.paths)]
+async def list_sandboxes(live: Live, who: Who) -> list[dict[str, Any]]:
+    """The caller's sandboxes (all of them for the administrator); dead VMs are found and
+    marked failed."""
+    return [to_json(i) for i in await AsyncSandbox.list(paths=live.paths)
+            if who.owns(i.metadata)]
 
 
 @router.get("/sandboxes/{sandbox_id}")
-async def info(live: Live, sandbox_id: str = SbId) -> dict[str, Any]:
+async def info(live: Live, sandbox_id: OwnedId) -> dict[str, Any]:
     return await _info(live, sandbox_id)
 
 
 @router.delete("/sandboxes/{sandbox_id}", status_code=204)
-async def kill(live: Live, meter: Meter, sandbox_id: str = SbId) -> Response:
+async def kill(live: Live, meter: Meter, sandbox_id: OwnedId) -> Response:
     """Destroy the sandbox: its VM, disk, sockets and registry row."""
     t0 = time.monotonic()
     await live.kill(sandbox_id)
@@ -68,14 +81,14 @@ async def kill(live: Live, meter: Meter, sandbox_id: str = SbId) -> Response:
 
 @router.post("/sandboxes/{sandbox_id}/timeout")
 async def set_timeout(body: TimeoutRequest, live: Live,
-                      sandbox_id: str = SbId) -> dict[str, Any]:
+                      sandbox_id: OwnedId) -> dict[str, Any]:
     """Its remaining lifetime, in seconds from now (null: no limit)."""
     await asyncio.to_thread(live.mgr.set_timeout, sandbox_id, body.timeout)
     return await _info(live, sandbox_id)
 
 
 @router.post("/sandboxes/{sandbox_id}/pause")
-async def pause(live: Live, sandbox_id: str = SbId) -> dict[str, Any]:
+async def pause(live: Live, sandbox_id: OwnedId) -> dict[str, Any]:
     sb = live.peek(sandbox_id)
     if sb is not None:
         await sb.pause()
@@ -85,7 +98,7 @@ async def pause(live: Live, sandbox_id: str = SbId) -> dict[str, Any]:
 
 
 @router.post("/sandboxes/{sandbox_id}/resume")
-async def resume(live: Live, sandbox_id: str = SbId) -> dict[str, Any]:
+async def resume(live: Live, sandbox_id: OwnedId) -> dict[str, Any]:
     sb = live.peek(sandbox_id)
     if sb is not None:
         await sb.resume()
@@ -95,7 +108,7 @@ async def resume(live: Live, sandbox_id: str = SbId) -> dict[str, Any]:
 
 
 @router.get("/sandboxes/{sandbox_id}/logs")
-async def logs(live: Live, sandbox_id: str = SbId) -> Response:
+async def logs(live: Live, sandbox_id: OwnedId) -> Response:
     """The guest's console (kernel and init messages), as text."""
     await asyncio.to_thread(live.mgr.get, sandbox_id)
     sb = await live.get(sandbox_id)
@@ -103,7 +116,7 @@ async def logs(live: Live, sandbox_id: str = SbId) -> Response:
 
 
 @router.get("/sandboxes/{sandbox_id}/ping")
-async def ping(live: Live, meter: Meter, sandbox_id: str = SbId) -> dict[str, float]:
+async def ping(live: Live, meter: Meter, sandbox_id: OwnedId) -> dict[str, float]:
     """One round trip to the guest agent."""
     sb = await live.get(sandbox_id)
     seconds = await sb.ping()
@@ -113,7 +126,7 @@ async def ping(live: Live, meter: Meter, sandbox_id: str = SbId) -> dict[str, fl
 
 @router.post("/sandboxes/{sandbox_id}/snapshots", status_code=201, tags=["snapshots"])
 async def snapshot(body: SnapshotRequest, live: Live, meter: Meter,
-                   sandbox_id: str = SbId) -> dict[str, Any]:
+                   sandbox_id: OwnedId) -> dict[str, Any]:
     """Save memory, devices and disk as a snapshot; the sandbox keeps running."""
     t0 = time.monotonic()
     sb = await live.get(sandbox_id)
@@ -123,10 +136,15 @@ async def snapshot(body: SnapshotRequest, live: Live, meter: Meter,
 
 
 @router.post("/sandboxes/{sandbox_id}/fork", status_code=201, tags=["snapshots"])
-async def fork(body: ForkRequest, live: Live, sandbox_id: str = SbId) -> list[dict[str, Any]]:
+async def fork(body: ForkRequest, live: Live, who: Who, quotas: Quota,
+               sandbox_id: OwnedId) -> list[dict[str, Any]]:
     """``n`` new sandboxes from this one's current state (all or none)."""
     sb = await live.get(sandbox_id)
-    clones = await sb.fork(body.n)
+    rec = await asyncio.to_thread(live.mgr.get, sandbox_id)
+    async with quotas.lock(who):
+        quotas.check(who, sandboxes=body.n, vcpus=rec.vcpus * body.n,
+                     memory_mib=rec.memory_mib * body.n)
+        clones = await sb.fork(body.n)
     out: list[SandboxInfo] = []
     for c in clones:
         live.add(c)
@@ -135,28 +153,39 @@ async def fork(body: ForkRequest, live: Live, sandbox_id: str = SbId) -> list[di
 
 
 @router.get("/snapshots", tags=["snapshots"])
-async def list_snapshots(live: Live) -> list[dict[str, Any]]:
-    return [to_json(s) for s in await AsyncSandbox.list_snapshots(paths=live.paths)]
+async def list_snapshots(live: Live, who: Who) -> list[dict[str, Any]]:
+    recs = await asyncio.to_thread(live.mgr.store.list_snapshots)
+    return [to_json(snapshot_info(s)) for s in recs if who.owns(s.metadata)]
+
+
+async def _own_snapshot(live: Live, who: Who, ref: str) -> None:
+    if not who.admin:
+        own_snapshot(who, await asyncio.to_thread(live.mgr.store.get_snapshot, ref), ref)
 
 
 @router.delete("/snapshots/{ref}", status_code=204, tags=["snapshots"])
-async def delete_snapshot(live: Live, ref: str = SnapRef) -> Response:
+async def delete_snapshot(live: Live, who: Who, ref: str = SnapRef) -> Response:
     """Remove a snapshot (refused while sandboxes restored from it still run)."""
+    await _own_snapshot(live, who, ref)
     await AsyncSandbox.delete_snapshot(ref, paths=live.paths)
     return Response(status_code=204)
 
 
 @router.post("/snapshots/{ref}/restore", status_code=201, tags=["snapshots"])
-async def restore(body: RestoreRequest, live: Live, meter: Meter,
+async def restore(body: RestoreRequest, live: Live, meter: Meter, who: Who, quotas: Quota,
                   ref: str = SnapRef) -> dict[str, Any]:
     """A new sandbox restored from a snapshot."""
     t0 = time.monotonic()
-    sb = await AsyncSandbox.restore(ref, timeout=body.timeout, env=body.env,
-                                    metadata=body.metadata, boot_timeout=body.boot_timeout,
-                                    paths=live.paths, on_timeout=body.on_timeout)
+    await _own_snapshot(live, who, ref)
+    snap = await asyncio.to_thread(live.mgr.store.get_snapshot, ref)
+    async with quotas.lock(who):
+        quotas.check(who, sandboxes=1, vcpus=snap.vcpus, memory_mib=snap.memory_mib)
+        sb = await AsyncSandbox.restore(
+            ref, timeout=body.timeout, env=body.env, metadata=_tagged(body.metadata, who),
+            boot_timeout=body.boot_timeout, paths=live.paths, on_timeout=body.on_timeout)
     live.add(sb)
     meter.latency.labels("restore").observe(time.monotonic() - t0)
     return to_json(await sb.info())
 
 
-__all__ = ["router", "snapshot_info"]
+__all__ = ["router"]

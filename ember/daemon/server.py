@@ -15,7 +15,9 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
@@ -53,10 +55,28 @@ def bind_unix(path: Path) -> socket.socket:
     return sock
 
 
-def serve(paths: Paths, *, listen: str | None = None) -> None:
-    """Run the daemon of ``paths``' home in this process until SIGTERM or SIGINT."""
-    from ember.daemon.app import create_app
+class _Server(uvicorn.Server):
+    """A uvicorn server whose signals the daemon handles (it runs two servers at once)."""
 
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def serve(paths: Paths, *, listen: str | None = None, tls_cert: str | None = None,
+          tls_key: str | None = None) -> None:
+    """Run the daemon of ``paths``' home in this process until SIGTERM or SIGINT: the Unix
+    socket, and with ``listen`` also TCP (TLS with ``tls_cert``/``tls_key``)."""
+    from ember.daemon.app import create_app
+    from ember.daemon.auth import PeerCredH11, PeerCredWebSocket
+
+    if (tls_cert is None) != (tls_key is None):
+        raise HostError("--tls-cert and --tls-key go together")
+    if tls_cert and not listen:
+        raise HostError("--tls-cert needs --listen HOST:PORT (the Unix socket has no TLS)")
+    for f in (tls_cert, tls_key):
+        if f is not None and not os.access(f, os.R_OK):
+            raise HostError(f"cannot read {f}")
     os.environ.pop("EMBER_URL", None)  # the daemon itself works in-process, never via itself
     paths.ensure()
     lock = FileLock(lock_path(paths))
@@ -66,21 +86,35 @@ def serve(paths: Paths, *, listen: str | None = None) -> None:
         time.sleep(0.05)
     else:
         raise HostError(f"a daemon already serves {paths.home} (pid {lock.holder()})")
-    sockets = [bind_unix(socket_path(paths))]
-    if listen:
-        sockets.append(_bind_tcp(listen))
-    config = uvicorn.Config(
-        create_app(paths), http="h11", log_config=None, access_log=False, lifespan="on",
+    app = create_app(paths)
+    common: dict[str, Any] = dict(
+        http=PeerCredH11, log_config=None, access_log=False, ws=PeerCredWebSocket,
         h11_max_incomplete_event_size=MAX_HEADER_BYTES, limit_concurrency=MAX_CONNECTIONS,
-        timeout_keep_alive=30, timeout_graceful_shutdown=10)
-    server = uvicorn.Server(config)
+        timeout_keep_alive=30, timeout_graceful_shutdown=10, ws_max_size=1 << 20)
+    unix = bind_unix(socket_path(paths))
+    servers = [(_Server(uvicorn.Config(app, lifespan="on", **common)), unix)]
+    if listen:
+        tcp = _bind_tcp(listen)
+        servers.append((_Server(uvicorn.Config(app, lifespan="off", ssl_certfile=tls_cert,
+                                               ssl_keyfile=tls_key, **common)), tcp))
     log.info("emberd %d serving %s on %s", os.getpid(), paths.home,
-             ", ".join(str(s.getsockname()) for s in sockets))
+             ", ".join(str(sock.getsockname()) for _, sock in servers))
+
+    async def run_all() -> None:
+        def stop() -> None:
+            for server, _ in servers:
+                server.should_exit = True
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop)
+        await asyncio.gather(*(s.serve(sockets=[sock]) for s, sock in servers))
+
     try:
-        asyncio.run(server.serve(sockets=sockets))
+        asyncio.run(run_all())
     finally:
-        for s in sockets:
-            s.close()
+        for _, sock in servers:
+            sock.close()
         with contextlib.suppress(FileNotFoundError):
             socket_path(paths).unlink()
         lock.release()
@@ -103,12 +137,13 @@ def main() -> None:
     from ember.logconfig import setup_logging
 
     paths = setup_logging(verbose="-v" in sys.argv)
-    listen = None
-    if "--listen" in sys.argv:
-        listen = sys.argv[sys.argv.index("--listen") + 1]
+    def opt(name: str) -> str | None:
+        return sys.argv[sys.argv.index(name) + 1] if name in sys.argv else None
+
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
-        serve(paths, listen=listen)
+        serve(paths, listen=opt("--listen"), tls_cert=opt("--tls-cert"),
+              tls_key=opt("--tls-key"))
     except HostError as err:
         print(f"emberd: {err}", file=sys.stderr)
         raise SystemExit(1) from None

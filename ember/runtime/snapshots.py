@@ -41,6 +41,7 @@ from ember.locks import FileLock, owner_gone
 from ember.paths import Paths
 from ember.runtime.sparse import copy_sparse, digest
 from ember.store import SandboxRecord, SnapshotRecord, Store, TemplateRecord
+from ember.store.records import TENANT_KEY
 
 log = logging.getLogger("ember.snapshots")
 
@@ -158,7 +159,9 @@ def take(paths: Paths, store: Store, engine: Any, handle: VMHandle, rec: Sandbox
             vcpus=rec.vcpus, memory_mib=rec.memory_mib, disk_mib=rec.disk_mib,
             ram_file=not saved.ram_in_stream, size_bytes=size,
             created_at=float(manifest["created_at"]), source=rec.id, env=dict(rec.env),
-            metadata={"ephemeral": "fork"} if hold else {}, verified=stat_signature(final))
+            metadata={**({"ephemeral": "fork"} if hold else {}),
+                      **{k: v for k, v in rec.metadata.items() if k == TENANT_KEY}},
+            verified=stat_signature(final))
         stored = store.add_snapshot(snap)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

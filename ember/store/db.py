@@ -17,11 +17,20 @@ from typing import Any
 from ember.errors import (
     BadRequestError,
     HostError,
+    NotFoundError,
     SandboxNotFoundError,
     SnapshotNotFoundError,
     TemplateNotFoundError,
 )
-from ember.store.records import PoolRecord, SandboxRecord, SnapshotRecord, TemplateRecord, dumps
+from ember.store.records import (
+    ApiKeyRecord,
+    PoolRecord,
+    SandboxRecord,
+    SnapshotRecord,
+    TemplateRecord,
+    TenantRecord,
+    dumps,
+)
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: templates and sandboxes
@@ -93,6 +102,22 @@ MIGRATIONS: tuple[str, ...] = (
     # 4: isolation tiers (microvm, gvisor, container)
     """
     ALTER TABLE sandboxes ADD COLUMN isolation TEXT NOT NULL DEFAULT 'microvm';
+    """,
+    # 5: the daemon's API keys (only a hash of each secret) and tenants' quotas
+    """
+    CREATE TABLE api_keys (
+        id TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        secret_sha256 TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        revoked_at REAL
+    );
+    CREATE TABLE tenants (
+        name TEXT PRIMARY KEY,
+        max_sandboxes INTEGER,
+        max_vcpus INTEGER,
+        max_memory_mib INTEGER
+    );
     """,
 )
 
@@ -278,6 +303,48 @@ class Store:
             got = db.execute(f"SELECT {_SANDBOX_COLS} FROM sandboxes WHERE id=?",
                              (row[0],)).fetchone()
         return _sandbox(got)
+
+    # API keys and tenants -----------------------------------------------------------------
+    def add_api_key(self, rec: ApiKeyRecord) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO api_keys (id, tenant, secret_sha256, created_at, revoked_at)"
+                       " VALUES (?,?,?,?,?)", (rec.id, rec.tenant, rec.secret_sha256,
+                                               rec.created_at, rec.revoked_at))
+
+    def get_api_key(self, key_id: str) -> ApiKeyRecord | None:
+        row = self._one("SELECT id, tenant, secret_sha256, created_at, revoked_at FROM api_keys"
+                        " WHERE id=?", (key_id,))
+        return ApiKeyRecord(*row) if row else None
+
+    def list_api_keys(self) -> list[ApiKeyRecord]:
+        rows = self._all("SELECT id, tenant, secret_sha256, created_at, revoked_at FROM "
+                         "api_keys ORDER BY created_at")
+        return [ApiKeyRecord(*r) for r in rows]
+
+    def revoke_api_key(self, key_id: str, now: float) -> ApiKeyRecord:
+        with self._tx() as db:
+            db.execute("UPDATE api_keys SET revoked_at=? WHERE id=? AND revoked_at IS NULL",
+                       (now, key_id))
+        rec = self.get_api_key(key_id)
+        if rec is None:
+            raise NotFoundError(f"no API key {key_id!r} (see `ember apikey ls`)")
+        return rec
+
+    def put_tenant(self, rec: TenantRecord) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO tenants (name, max_sandboxes, max_vcpus, "
+                       "max_memory_mib) VALUES (?,?,?,?)",
+                       (rec.name, rec.max_sandboxes, rec.max_vcpus, rec.max_memory_mib))
+
+    def get_tenant(self, name: str) -> TenantRecord | None:
+        row = self._one("SELECT name, max_sandboxes, max_vcpus, max_memory_mib FROM tenants "
+                        "WHERE name=?", (name,))
+        return TenantRecord(*row) if row else None
+
+    def list_tenants(self) -> list[TenantRecord]:
+        rows = self._all("SELECT name, max_sandboxes, max_vcpus, max_memory_mib FROM tenants "
+                         "ORDER BY name")
+        return [TenantRecord(*r) for r in rows]
 
     # snapshots ------------------------------------------------------------------------
     def add_snapshot(self, rec: SnapshotRecord) -> SnapshotRecord:

@@ -134,3 +134,37 @@ class PoolRecord:
         return {"key": self.key, "template": self.template, "vcpus": self.vcpus,
                 "memory_mib": self.memory_mib, "disk_mib": self.disk_mib, "size": self.size,
                 "created_at": self.created_at}
+
+
+#: The metadata key that names a sandbox's (and a snapshot's) tenant, set by the daemon.
+TENANT_KEY = "ember.tenant"
+
+
+@dataclass(frozen=True)
+class ApiKeyRecord:
+    """An API key of the daemon: its public id, its tenant, and a SHA-256 of its secret
+    (the secret itself is shown once, at creation, and stored nowhere)."""
+
+    id: str
+    tenant: str
+    secret_sha256: str
+    created_at: float
+    revoked_at: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "tenant": self.tenant, "created_at": self.created_at,
+                "revoked_at": self.revoked_at}
+
+
+@dataclass(frozen=True)
+class TenantRecord:
+    """A tenant's limits (None: no limit)."""
+
+    name: str
+    max_sandboxes: int | None = None
+    max_vcpus: int | None = None
+    max_memory_mib: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "max_sandboxes": self.max_sandboxes,
+                "max_vcpus": self.max_vcpus, "max_memory_mib": self.max_memory_mib}

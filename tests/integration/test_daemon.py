@@ -268,7 +268,7 @@ def test_lifecycle_and_metrics(sb: Sandbox, ember_paths: Paths) -> None:
     with http(ember_paths) as c:
         text = c.get("/metrics").text
     assert 'ember_operation_seconds_count{op="exec"}' in text
-    assert 'ember_sandboxes{isolation="microvm",state="running"}' in text
+    assert 'ember_sandboxes{isolation="microvm",state="running",tenant="admin"}' in text
 
 
 def _detached_reapers(home: Path) -> list[int]:

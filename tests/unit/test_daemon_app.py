@@ -13,8 +13,11 @@ import httpx
 import pytest
 
 from ember.daemon.app import create_app
+from ember.daemon.auth import new_key
 from ember.daemon.middleware import MAX_JSON_BODY
 from ember.paths import Paths
+from ember.store import SandboxRecord, Store, TemplateRecord
+from ember.store.records import TENANT_KEY, TenantRecord
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -25,11 +28,26 @@ def paths(tmp_path: Path) -> Iterator[Paths]:
                 ram=tmp_path / "ram").ensure()
 
 
-def call(paths: Paths, method: str, url: str, **kw: Any) -> httpx.Response:
+_KEYS: dict[tuple[Path, str], str] = {}
+
+
+def key(paths: Paths, tenant: str = "admin") -> str:
+    if (paths.home, tenant) not in _KEYS:
+        _KEYS[paths.home, tenant] = new_key(Store(paths.db), tenant)[1]
+    return _KEYS[paths.home, tenant]
+
+
+def call(paths: Paths, method: str, url: str, *, tenant: str | None = "admin",
+         **kw: Any) -> httpx.Response:
+    """One request over ASGI (a TCP-like client: it needs an API key)."""
+    headers = dict(kw.pop("headers", {}))
+    if tenant is not None:
+        headers["authorization"] = f"Bearer {key(paths, tenant)}"
+
     async def go() -> httpx.Response:
         transport = httpx.ASGITransport(app=create_app(paths))
         async with httpx.AsyncClient(transport=transport, base_url="http://emberd") as c:
-            return await c.request(method, url, **kw)
+            return await c.request(method, url, headers=headers, **kw)
 
     return asyncio.run(go())
 
@@ -108,7 +126,8 @@ def test_lists_start_empty_and_metrics_count_errors(paths: Paths) -> None:
 
     async def go() -> str:
         transport = httpx.ASGITransport(app=create_app(paths))
-        async with httpx.AsyncClient(transport=transport, base_url="http://e") as c:
+        async with httpx.AsyncClient(transport=transport, base_url="http://e", headers={
+                "authorization": f"Bearer {key(paths)}"}) as c:
             await c.get("/v1/sandboxes/sb-0000dead")
             return (await c.get("/metrics")).text
 
@@ -127,3 +146,69 @@ def test_openapi_document_is_committed_and_current(paths: Paths) -> None:
     for route in ("/v1/sandboxes", "/v1/sandboxes/{sandbox_id}/exec",
                   "/v1/sandboxes/{sandbox_id}/files/content", "/v1/snapshots/{ref}/restore"):
         assert route in spec["paths"]
+
+
+@pytest.mark.parametrize("authorization", [
+    None, "", "Basic abc", "Bearer ", "Bearer ek_nope", "Bearer ek_0123456789ab_wrong",
+    "Bearer " + "x" * 300,
+])
+def test_callers_without_a_valid_key_get_401(paths: Paths, authorization: str | None) -> None:
+    headers = {} if authorization is None else {"authorization": authorization}
+    r = call(paths, "GET", "/v1/sandboxes", tenant=None, headers=headers)
+    assert error_of(r) == (401, "unauthorized"), r.text
+    assert r.headers["www-authenticate"].startswith("Bearer")
+
+
+def test_a_revoked_key_is_refused_at_once(paths: Paths) -> None:
+    store = Store(paths.db)
+    rec, token = new_key(store, "t1")
+    headers = {"authorization": f"Bearer {token}"}
+    assert call(paths, "GET", "/v1/health", tenant=None, headers=headers).json()["tenant"] == "t1"
+    store.revoke_api_key(rec.id, 1.0)
+    r = call(paths, "GET", "/v1/health", tenant=None, headers=headers)
+    assert error_of(r) == (401, "unauthorized") and "revoked" in r.text
+    stored = store.get_api_key(rec.id)
+    assert stored is not None and token.split("_")[-1] not in stored.secret_sha256
+
+
+def _row(store: Store, sid: str, tenant: str) -> None:
+    store.add_sandbox(SandboxRecord(
+        id=sid, template="t", state="failed", vcpus=1, memory_mib=256, disk_mib=1,
+        timeout_s=None, created_at=1.0, expires_at=None, dir=f"/nonexistent/{sid}", pid=None,
+        accel="tcg", metadata={TENANT_KEY: tenant}, error="a registry row for this test"))
+
+
+def test_a_tenant_sees_only_its_own_sandboxes(paths: Paths) -> None:
+    store = Store(paths.db)
+    _row(store, "sb-00000000000a", "alice")
+    _row(store, "sb-00000000000b", "bob")
+    assert call(paths, "GET", "/v1/sandboxes/sb-00000000000a", tenant="alice").status_code == 200
+    r = call(paths, "GET", "/v1/sandboxes/sb-00000000000a", tenant="bob")
+    assert error_of(r) == (404, "sandbox_not_found")  # as if it did not exist: not 403
+    for verb, path in (("DELETE", ""), ("POST", "/pause"), ("GET", "/logs"),
+                       ("GET", "/files/stat?path=/")):
+        r = call(paths, verb, f"/v1/sandboxes/sb-00000000000a{path}", tenant="bob")
+        assert error_of(r) == (404, "sandbox_not_found"), (verb, path, r.text)
+    ids = [i["id"] for i in call(paths, "GET", "/v1/sandboxes", tenant="bob").json()]
+    assert ids == ["sb-00000000000b"]
+    ids = sorted(i["id"] for i in call(paths, "GET", "/v1/sandboxes").json())  # admin
+    assert ids == ["sb-00000000000a", "sb-00000000000b"]
+    assert call(paths, "GET", "/metrics", tenant="bob").status_code == 404
+
+
+def test_quota_answers_429_with_retry_after(paths: Paths) -> None:
+    store = Store(paths.db)
+    store.put_template(TemplateRecord(name="t", source="dir:/", digest="sha256:0",
+                                      image_path="/nonexistent", size_bytes=1, created_at=1.0))
+    store.put_tenant(TenantRecord("carol", max_sandboxes=0))
+    r = call(paths, "POST", "/v1/sandboxes", tenant="carol", json={"template": "t"})
+    assert error_of(r) == (429, "quota_exceeded")
+    assert int(r.headers["retry-after"]) >= 1
+    store.put_tenant(TenantRecord("carol", max_vcpus=2))
+    r = call(paths, "POST", "/v1/sandboxes", tenant="carol", json={"template": "t", "vcpus": 3})
+    assert error_of(r) == (429, "quota_exceeded") and "vCPUs" in r.text
+
+
+def test_metadata_keys_of_the_daemon_are_refused(paths: Paths) -> None:
+    r = call(paths, "POST", "/v1/sandboxes", json={"metadata": {"ember.tenant": "bob"}})
+    assert error_of(r) == (400, "bad_request")

@@ -10,7 +10,7 @@ PUBLIC = {
     "MissingDependencyError", "NotFoundError", "OutputChunk", "Process", "ProcessInfo",
     "ProtocolError", "Pty", "Sandbox", "SandboxInfo", "SandboxNotFoundError", "SandboxStateError",
     "SnapshotError", "SnapshotInfo", "SnapshotNotFoundError", "TemplateNotFoundError",
-    "TierUnavailableError", "UnsafeLayerError",
+    "TierUnavailableError", "UnsafeLayerError", "QuotaExceededError", "UnauthorizedError",
 }
 
 

@@ -1,0 +1,108 @@
+"""``ember apikey`` and ``ember tenant``: who may use the daemon over the network, and how
+much each tenant may hold at once."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import click
+from rich.table import Table
+
+from ember.cli.common import handle_errors, out_console, print_json
+
+if TYPE_CHECKING:
+    from ember.store import Store
+
+
+def _store() -> Store:
+    from ember.paths import Paths
+    from ember.store import Store
+
+    return Store(Paths.from_env().ensure().db)
+
+
+@click.group("apikey")
+def apikey() -> None:
+    """API keys for the daemon (required over TCP; on the Unix socket the caller's uid
+    decides). Only a hash of each key is stored."""
+
+
+@apikey.command("create")
+@click.option("--tenant", required=True, help="The tenant the key acts for ('admin': all).")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def apikey_create(tenant: str, as_json: bool) -> None:
+    """Create a key for TENANT and print it (shown this once)."""
+    from ember.daemon.auth import new_key
+
+    rec, token = new_key(_store(), tenant)
+    if as_json:
+        print_json({**rec.to_json(), "key": token})
+    else:
+        click.echo(token)
+        click.echo(f"key {rec.id} for tenant {rec.tenant}: keep it, it is not shown again",
+                   err=True)
+
+
+@apikey.command("ls")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def apikey_ls(as_json: bool) -> None:
+    """Keys: id, tenant, created, revoked."""
+    keys = _store().list_api_keys()
+    if as_json:
+        print_json([k.to_json() for k in keys])
+        return
+    t = Table("ID", "TENANT", "CREATED", "REVOKED")
+    for k in keys:
+        t.add_row(k.id, k.tenant, time.strftime("%F %T", time.localtime(k.created_at)),
+                  time.strftime("%F %T", time.localtime(k.revoked_at)) if k.revoked_at else "")
+    out_console.print(t)
+
+
+@apikey.command("revoke")
+@click.argument("key_id")
+@handle_errors
+def apikey_revoke(key_id: str) -> None:
+    """Revoke a key: the daemon refuses it from the next request on."""
+    rec = _store().revoke_api_key(key_id, time.time())
+    click.echo(f"revoked {rec.id} (tenant {rec.tenant})")
+
+
+@click.group("tenant")
+def tenant() -> None:
+    """Tenants' quotas: running sandboxes, vCPUs and memory (429 beyond them)."""
+
+
+@tenant.command("set")
+@click.argument("name")
+@click.option("--max-sandboxes", type=click.IntRange(0), default=None)
+@click.option("--max-vcpus", type=click.IntRange(0), default=None)
+@click.option("--max-memory", "max_memory_mib", type=click.IntRange(0), default=None,
+              help="MiB")
+@handle_errors
+def tenant_set(name: str, max_sandboxes: int | None, max_vcpus: int | None,
+               max_memory_mib: int | None) -> None:
+    """Set NAME's limits (an option left out: no limit)."""
+    from ember.store.records import TenantRecord
+
+    _store().put_tenant(TenantRecord(name, max_sandboxes, max_vcpus, max_memory_mib))
+    click.echo(f"tenant {name}: sandboxes {max_sandboxes}, vcpus {max_vcpus}, "
+               f"memory {max_memory_mib} MiB")
+
+
+@tenant.command("ls")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def tenant_ls(as_json: bool) -> None:
+    """Tenants with limits."""
+    rows = _store().list_tenants()
+    if as_json:
+        print_json([r.to_json() for r in rows])
+        return
+    t = Table("TENANT", "MAX SANDBOXES", "MAX VCPUS", "MAX MEMORY MIB")
+    for r in rows:
+        t.add_row(r.name, *(str(v) if v is not None else "-" for v in
+                            (r.max_sandboxes, r.max_vcpus, r.max_memory_mib)))
+    out_console.print(t)
