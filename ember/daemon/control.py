@@ -55,31 +55,48 @@ def status(paths: Paths) -> DaemonStatus:
 
 def start(paths: Paths, *, listen: str | None = None, tls_cert: str | None = None,
           tls_key: str | None = None, wait: float = START_WAIT_S) -> DaemonStatus:
-    """Start the home's daemon unless one runs; return once it answers."""
-    st = status(paths)
-    if st.running and st.version is not None:
-        return st
-    if not st.running:
-        paths.ensure()
-        paths.logs.mkdir(parents=True, exist_ok=True)
-        argv = [sys.executable, "-m", "ember.daemon.server"]
-        for flag, value in (("--listen", listen), ("--tls-cert", tls_cert),
-                            ("--tls-key", tls_key)):
-            if value:
-                argv += [flag, str(Path(value).absolute()) if flag != "--listen" else value]
-        env = {**os.environ, "EMBER_HOME": str(paths.home), "EMBER_CACHE": str(paths.cache)}
-        env.pop("EMBER_URL", None)
-        with open(paths.logs / "emberd.out", "ab") as out:
-            subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                             close_fds=True, start_new_session=True, cwd="/")
+    """Start the home's daemon unless one runs; return once it answers.
+
+    A daemon that holds the lock but does not answer may be one just killed whose exit
+    the kernel has not finished (a big process takes a moment to close its files): the
+    lock is watched, and a daemon is started as soon as it is free."""
     deadline = time.monotonic() + wait
+    child: subprocess.Popen[bytes] | None = None
+    out = paths.logs / "emberd.out"
     while time.monotonic() < deadline:
         st = status(paths)
         if st.running and st.version is not None:
             return st
+        if not st.running:
+            if child is not None and child.poll() is not None:
+                raise HostError(f"the ember daemon exited at start (code {child.returncode})"
+                                + _tail(out))
+            if child is None:
+                child = _spawn(paths, listen, tls_cert, tls_key)
         time.sleep(0.05)
     raise HostError(f"the ember daemon did not answer on {socket_path(paths)} within {wait:g} s;"
-                    f" see {paths.logs / 'emberd.out'} and {paths.logs / 'ember.log'}")
+                    f" see {out} and {paths.logs / 'ember.log'}" + _tail(out))
+
+
+def _spawn(paths: Paths, listen: str | None, tls_cert: str | None,
+           tls_key: str | None) -> subprocess.Popen[bytes]:
+    paths.ensure()
+    paths.logs.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "ember.daemon.server"]
+    for flag, value in (("--listen", listen), ("--tls-cert", tls_cert),
+                        ("--tls-key", tls_key)):
+        if value:
+            argv += [flag, str(Path(value).absolute()) if flag != "--listen" else value]
+    env = {**os.environ, "EMBER_HOME": str(paths.home), "EMBER_CACHE": str(paths.cache)}
+    env.pop("EMBER_URL", None)
+    with open(paths.logs / "emberd.out", "ab") as out:
+        return subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=out, close_fds=True, start_new_session=True, cwd="/")
+
+
+def _tail(out: Path) -> str:
+    tail = out.read_text(errors="replace")[-1500:] if out.is_file() else ""
+    return f"\n--- {out.name} ends ---\n{tail}" if tail.strip() else ""
 
 
 def stop(paths: Paths, *, wait: float = 30.0) -> DaemonStatus:

@@ -18,6 +18,7 @@ from ember.daemon.models import (
     SnapshotRequest,
     TimeoutRequest,
 )
+from ember.runtime.manager import console_tail
 from ember.sdk.async_sandbox import AsyncSandbox, info_of, snapshot_info
 from ember.sdk.results import SandboxInfo
 from ember.sdk.wire import to_json
@@ -110,9 +111,9 @@ async def resume(live: Live, sandbox_id: OwnedId) -> dict[str, Any]:
 @router.get("/sandboxes/{sandbox_id}/logs")
 async def logs(live: Live, sandbox_id: OwnedId) -> Response:
     """The guest's console (kernel and init messages), as text."""
-    await asyncio.to_thread(live.mgr.get, sandbox_id)
-    sb = await live.get(sandbox_id)
-    return Response(await sb.logs(), media_type="text/plain; charset=utf-8")
+    rec = await asyncio.to_thread(live.mgr.store.get_sandbox, sandbox_id)  # any state
+    text = await asyncio.to_thread(console_tail, rec, 1 << 22)
+    return Response(text, media_type="text/plain; charset=utf-8")
 
 
 @router.get("/sandboxes/{sandbox_id}/ping")

@@ -137,6 +137,8 @@ def main() -> None:
     from ember.logconfig import setup_logging
 
     paths = setup_logging(verbose="-v" in sys.argv)
+    log.info("emberd %d starting", os.getpid())
+
     def opt(name: str) -> str | None:
         return sys.argv[sys.argv.index(name) + 1] if name in sys.argv else None
 
@@ -145,8 +147,12 @@ def main() -> None:
         serve(paths, listen=opt("--listen"), tls_cert=opt("--tls-cert"),
               tls_key=opt("--tls-key"))
     except HostError as err:
+        log.error("emberd %d: %s", os.getpid(), err)
         print(f"emberd: {err}", file=sys.stderr)
         raise SystemExit(1) from None
+    except BaseException:
+        log.exception("emberd %d failed", os.getpid())
+        raise
 
 
 if __name__ == "__main__":
