@@ -69,6 +69,10 @@ class AsyncProcess:
                  label: str, *, keep_output: bool = True) -> None:
         self._client = client
         self._sid = sid
+        self._track(pid, timeout, label, keep_output)
+
+    def _track(self, pid: int, timeout: float | None, label: str, keep_output: bool) -> None:
+        """What every process handle keeps, wherever its output comes from."""
         self.pid = pid
         self._timeout = timeout
         self._label = label

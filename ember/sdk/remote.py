@@ -136,19 +136,8 @@ class RemoteProcess(AsyncProcess):
                  label: str, events: _Events | None = None) -> None:
         self._t = t
         self._base = f"/sandboxes/{sandbox_id}/processes/{pid}"
-        self.pid = pid
-        self._timeout = timeout
-        self._label = label
-        self._start = time.monotonic()
-        self._out = bytearray()
-        self._err = bytearray()
-        self._truncated = False
-        self._keep = True
-        self._result: ExecResult | None = None
+        self._track(pid, timeout, label, keep_output=True)
         self._events = events  # an exec's own answer, already open
-        import asyncio
-
-        self._lock = asyncio.Lock()
 
     async def write_stdin(self, data: bytes | str) -> None:
         payload = data.encode() if isinstance(data, str) else bytes(data)
