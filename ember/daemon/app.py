@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -45,8 +46,9 @@ def create_app(paths: Paths) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         stop = threading.Event()  # lifetimes and pool refills: the reaper's work, done here
-        supervisor = threading.Thread(target=reaper.supervise, args=(paths, stop),
-                                      name="ember-supervisor", daemon=True)
+        supervisor = threading.Thread(
+            target=reaper.supervise, args=(paths, stop, _stop_this_process),
+            name="ember-supervisor", daemon=True)
         supervisor.start()
         try:
             yield
@@ -132,3 +134,8 @@ def create_app(paths: Paths) -> FastAPI:
 def _admin(who: Principal, what: str) -> None:
     if not who.admin:
         raise NotFoundError(f"{what} is for the administrator")
+
+
+def _stop_this_process() -> None:
+    """The daemon's home was removed: nothing is left to serve."""
+    os.kill(os.getpid(), signal.SIGTERM)

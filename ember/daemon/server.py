@@ -118,7 +118,8 @@ def serve(paths: Paths, *, listen: str | None = None, tls_cert: str | None = Non
         with contextlib.suppress(FileNotFoundError):
             socket_path(paths).unlink()
         lock.release()
-        ensure_reaper(paths)  # sandboxes outlive the daemon: their lifetimes still end
+        if paths.db.exists():  # sandboxes outlive the daemon: their lifetimes still end
+            ensure_reaper(paths)
         log.info("emberd %d stopped", os.getpid())
 
 

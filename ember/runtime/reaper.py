@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ember.locks import FileLock
@@ -92,7 +93,8 @@ def _daemon_serves(paths: Paths) -> bool:
     return True
 
 
-def supervise(paths: Paths, stop: threading.Event) -> None:
+def supervise(paths: Paths, stop: threading.Event,
+              on_home_gone: Callable[[], None] | None = None) -> None:
     """The daemon's reaper: the same passes, in a thread of the daemon, for as long as the
     daemon runs (a detached reaper that still holds the lock is waited out). Holding the
     lock keeps ``ensure_reaper`` from starting a detached one."""
@@ -112,6 +114,9 @@ def supervise(paths: Paths, stop: threading.Event) -> None:
                 log.exception("supervision pass failed")
                 pause = MAX_SLEEP_S
             stop.wait(MAX_SLEEP_S if pause is None else pause)
+        if not stop.is_set() and on_home_gone is not None:  # its home was removed
+            log.warning("%s is gone: stopping", paths.home)
+            on_home_gone()
     finally:
         mgr.close()
         lock.release()
