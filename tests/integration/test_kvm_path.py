@@ -17,12 +17,13 @@ import shutil
 import stat
 import subprocess
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from ember import Sandbox, SnapshotError
+from ember import EngineError, Sandbox, SnapshotError
 from ember.engine import detect_accel
 from ember.engine.container.tiers import gvisor_platform
 from ember.engine.doctor import diagnose
@@ -189,8 +190,21 @@ def test_gvisor_platform_is_chosen_by_a_probe(debian_template) -> None:  # type:
         assert platform in ("systrap", "ptrace") and "failed its probe" in reason
     check = {c.name: c for c in diagnose()}["isolation=gvisor"]
     assert f"platform {reason}" in check.detail
-    with Sandbox.create("debian-python", isolation="gvisor", timeout=300) as sb:
-        assert sb.exec("echo gvisor ok").stdout == "gvisor ok\n"
+    # Nested under TCG, runsc's ptrace platform sometimes loses its sandbox right at start
+    # ("runsc reports no process ... exited right after starting"); what this test checks
+    # is the platform choice, so a start that dies that way is tried again (at most 3).
+    for attempt in range(3):
+        try:
+            sb = Sandbox.create("debian-python", isolation="gvisor", timeout=300)
+        except EngineError as err:
+            if "exited right after starting" not in str(err) or attempt == 2:
+                raise
+            warnings.warn(f"gVisor start {attempt + 1} died at start, again: {err}",
+                          stacklevel=1)
+            continue
+        with sb:
+            assert sb.exec("echo gvisor ok").stdout == "gvisor ok\n"
+        break
 
 
 def test_bench_measures_the_microvm_column_under_kvm(debian_template, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
