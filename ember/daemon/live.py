@@ -14,7 +14,7 @@ import contextlib
 import logging
 from collections.abc import Sequence
 
-from ember.errors import BadRequestError, NotFoundError, SandboxNotFoundError
+from ember.errors import BadRequestError, NotFoundError
 from ember.paths import Paths
 from ember.runtime.manager import SandboxManager
 from ember.sdk.async_sandbox import AsyncSandbox, manager
@@ -126,4 +126,4 @@ def _usable(sb: AsyncSandbox) -> bool:
     return not sb._killed and client is not None and not client.broken
 
 
-__all__ = ["LiveSandboxes", "SandboxNotFoundError"]
+__all__ = ["LiveSandboxes"]

@@ -33,15 +33,8 @@ def exec_request(cmd: str | Sequence[str], *, env: Mapping[str, str] | None, cwd
     if pty is not None:
         rows, cols = check_size(*pty)
         msg["pty"] = {"rows": rows, "cols": cols}
-    if isinstance(cmd, str):
-        if not cmd.strip():
-            raise BadRequestError("empty command")
-        msg["shell"] = cmd
-    else:
-        argv = list(cmd)
-        if not argv or not all(isinstance(a, str) for a in argv):
-            raise BadRequestError("command must be a non-empty string or list of strings")
-        msg["argv"] = argv
+    checked = check_cmd(cmd)
+    msg["shell" if isinstance(checked, str) else "argv"] = checked
     if env:
         msg["env"] = dict(env)
     if cwd is not None:
@@ -51,6 +44,18 @@ def exec_request(cmd: str | Sequence[str], *, env: Mapping[str, str] | None, cwd
     if timeout is not None and not 0 < timeout <= 86400 * 7:
         raise BadRequestError(f"timeout must be positive, got {timeout!r}")
     return msg
+
+
+def check_cmd(cmd: str | Sequence[str]) -> str | list[str]:
+    """A command as given: a non-blank string (for /bin/sh -c) or a non-empty argv list."""
+    if isinstance(cmd, str):
+        if not cmd.strip():
+            raise BadRequestError("empty command")
+        return cmd
+    argv = list(cmd)
+    if not argv or not all(isinstance(a, str) for a in argv):
+        raise BadRequestError("command must be a non-empty string or list of strings")
+    return argv
 
 
 def check_size(rows: int, cols: int) -> tuple[int, int]:
@@ -167,13 +172,7 @@ class AsyncProcess:
         if frame.kind in (P.Kind.STDOUT, P.Kind.STDERR):
             name: Literal["stdout", "stderr"] = (
                 "stdout" if frame.kind == P.Kind.STDOUT else "stderr")
-            if self._keep:
-                buf = self._out if name == "stdout" else self._err
-                room = MAX_OUTPUT_BYTES - len(buf)
-                if len(frame.payload) > room:
-                    self._truncated = True
-                buf += frame.payload[:max(room, 0)]
-            return OutputChunk(name, frame.payload)
+            return self._keep_chunk(name, frame.payload)
         if frame.kind != P.Kind.MSG:
             raise ProtocolError(f"unexpected frame kind {frame.kind} on an exec stream")
         msg = reply_of(self._sid, frame)
@@ -195,13 +194,27 @@ class AsyncProcess:
             exit_code = code
         else:
             raise ProtocolError(f"invalid exit message from the guest: {msg!r:.200}")
+        self._conclude(exit_code, sig, timed_out=msg.get("timed_out") is True,
+                       dropped=self._client.dropped_bytes(self._sid) > 0)
+        self._client.close_stream(self._sid)
+
+    def _keep_chunk(self, stream: Literal["stdout", "stderr"], data: bytes) -> OutputChunk:
+        """Keep what fits of a chunk of output (bounded per stream) and pass it on."""
+        if self._keep:
+            buf = self._out if stream == "stdout" else self._err
+            room = MAX_OUTPUT_BYTES - len(buf)
+            if len(data) > room:
+                self._truncated = True
+            buf += data[:max(room, 0)]
+        return OutputChunk(stream, data)
+
+    def _conclude(self, exit_code: int, signal: int | None, *, timed_out: bool,
+                  dropped: bool) -> None:
+        """The command ended: its result, with what was kept of its output."""
         self._result = ExecResult(
             exit_code=exit_code, stdout_bytes=bytes(self._out), stderr_bytes=bytes(self._err),
-            duration=time.monotonic() - self._start, pid=self.pid, signal=sig,
-            timed_out=msg.get("timed_out") is True,
-            truncated=self._truncated or self._client.dropped_bytes(self._sid) > 0,
-        )
-        self._client.close_stream(self._sid)
+            duration=time.monotonic() - self._start, pid=self.pid, signal=signal,
+            timed_out=timed_out, truncated=self._truncated or dropped)
 
     @property
     def result(self) -> ExecResult | None:

@@ -23,7 +23,7 @@ from ember.errors import BadRequestError, EmberError, GuestError
 from ember.sdk import wire
 from ember.sdk.async_sandbox import DEFAULT_EXEC_TIMEOUT_S, AsyncSandbox
 from ember.sdk.files import AsyncFiles
-from ember.sdk.process import MAX_OUTPUT_BYTES, AsyncProcess, OutputCallback, check_size
+from ember.sdk.process import AsyncProcess, OutputCallback, check_cmd, check_size
 from ember.sdk.pty import AsyncPty
 from ember.sdk.results import (
     EntryInfo,
@@ -179,22 +179,13 @@ class RemoteProcess(AsyncProcess):
     def _event(self, ev: dict[str, Any]) -> OutputChunk | None:
         kind = ev["event"]
         if kind in ("stdout", "stderr"):
-            data: bytes = ev["data"]
-            buf = self._out if kind == "stdout" else self._err
-            room = MAX_OUTPUT_BYTES - len(buf)
-            if len(data) > room:
-                self._truncated = True
-            buf += data[:max(room, 0)]
             stream: Literal["stdout", "stderr"] = "stdout" if kind == "stdout" else "stderr"
-            return OutputChunk(stream, data)
+            return self._keep_chunk(stream, ev["data"])
         if kind == "exit":
             sig = ev.get("signal")
-            self._result = ExecResult(
-                exit_code=int(ev.get("exit_code", -1)), stdout_bytes=bytes(self._out),
-                stderr_bytes=bytes(self._err), duration=time.monotonic() - self._start,
-                pid=self.pid, signal=sig if isinstance(sig, int) else None,
-                timed_out=ev.get("timed_out") is True,
-                truncated=self._truncated or ev.get("truncated") is True)
+            self._conclude(int(ev.get("exit_code", -1)), sig if isinstance(sig, int) else None,
+                           timed_out=ev.get("timed_out") is True,
+                           dropped=ev.get("truncated") is True)
             return None
         if kind == "error":
             raise wire.error_for_event(ev)
@@ -480,15 +471,7 @@ class _Events:
 
 def _command(cmd: str | Sequence[str], env: Mapping[str, str] | None, cwd: str | None,
              user: str | int | None, timeout: float | None) -> dict[str, Any]:
-    if isinstance(cmd, str):
-        if not cmd.strip():
-            raise BadRequestError("empty command")
-        c: str | builtins.list[str] = cmd
-    else:
-        c = builtins.list(cmd)
-        if not c or not all(isinstance(a, str) for a in c):
-            raise BadRequestError("command must be a non-empty string or list of strings")
-    body: dict[str, Any] = {"cmd": c, "env": dict(env or {}), "timeout": timeout}
+    body: dict[str, Any] = {"cmd": check_cmd(cmd), "env": dict(env or {}), "timeout": timeout}
     if cwd is not None:
         body["cwd"] = cwd
     if user is not None:
