@@ -67,6 +67,9 @@ def ember_paths() -> Iterator[Paths]:
     os.environ["EMBER_CACHE"] = str(cache)
     paths = Paths(home=home, cache=cache).ensure()
     yield paths
+    from ember.daemon.control import stop as stop_daemon
+
+    stop_daemon(paths)  # the SDK started it on first use; its sandboxes are gone by now
     leaked_cgroup_pids = _cgroup_pids_of_home(paths)
     leaked = qemu_pids_under(home)
     with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:

@@ -166,9 +166,9 @@ def ls(as_json: bool) -> None:
 @handle_errors
 def inspect(sandbox_id: str, as_json: bool) -> None:
     """Show one sandbox."""
-    from ember.sdk.async_sandbox import info_of, manager
+    from ember.sdk.sandbox import Sandbox
 
-    info = info_of(manager().get(sandbox_id))
+    info = Sandbox.get_info(sandbox_id)
     if as_json:
         print_json(info.__dict__)
     else:
@@ -254,11 +254,9 @@ def cp(src: str, dst: str) -> None:
 @handle_errors
 def logs(sandbox_id: str) -> None:
     """Print a sandbox's console log (kernel and init output)."""
-    from ember.runtime.manager import console_tail
-    from ember.sdk.async_sandbox import manager
+    from ember.sdk.sandbox import Sandbox
 
-    rec = manager().store.get_sandbox(sandbox_id)
-    sys.stdout.write(console_tail(rec, limit=1 << 22))
+    sys.stdout.write(Sandbox.logs(sandbox_id))
 
 
 @click.command("rm")
@@ -267,16 +265,15 @@ def logs(sandbox_id: str) -> None:
 @handle_errors
 def rm(sandbox_ids: tuple[str, ...], all_: bool) -> None:
     """Destroy sandboxes (VM, disk, sockets, registry row)."""
-    from ember.sdk.async_sandbox import manager
+    from ember.sdk.sandbox import Sandbox
 
-    mgr = manager()
-    ids = [r.id for r in mgr.store.list_sandboxes()] if all_ else list(sandbox_ids)
+    ids = [i.id for i in Sandbox.list()] if all_ else list(sandbox_ids)
     if not ids and not all_:
         raise BadRequestError("give sandbox ids or --all")
     failed = False
     for sid in ids:
         try:
-            mgr.destroy(sid)
+            Sandbox.kill(sid)
             click.echo(f"removed {sid}")
         except EmberError as err:
             failed = True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import time
 
 import click
 from rich.table import Table
@@ -22,15 +23,20 @@ def snapshot() -> None:
 @handle_errors
 def snapshot_create(sandbox_id: str, name: str | None, as_json: bool) -> None:
     """Snapshot a running sandbox (paused only while it is copied; it keeps running)."""
-    from ember.sdk.async_sandbox import manager, snapshot_info
+    from ember.sdk.sandbox import Sandbox
 
-    taken = manager().snapshot(sandbox_id, name)
-    info = snapshot_info(taken.record, taken.pause_s)
+    sb = Sandbox.connect(sandbox_id)
+    try:
+        t0 = time.monotonic()
+        info = sb.snapshot(name)
+        total_s = time.monotonic() - t0
+    finally:
+        sb.close()
     if as_json:
-        print_json({**info.__dict__, "total_s": taken.total_s})
+        print_json({**info.__dict__, "total_s": total_s})
     else:
         click.echo(info.id)
-        click.echo(f"paused {taken.pause_s * 1000:.0f} ms, took {taken.total_s * 1000:.0f} ms, "
+        click.echo(f"paused {(info.pause_s or 0) * 1000:.0f} ms, took {total_s * 1000:.0f} ms, "
                    f"{info.size_bytes / 2**20:.0f} MiB on disk", err=True)
 
 
@@ -115,9 +121,9 @@ def fork(sandbox_id: str, count: int, as_json: bool) -> None:
 @handle_errors
 def pause(sandbox_id: str) -> None:
     """Pause a sandbox's vCPUs (memory and processes are kept)."""
-    from ember.sdk.async_sandbox import manager
+    from ember.sdk.sandbox import Sandbox
 
-    manager().pause(sandbox_id)
+    Sandbox.pause(sandbox_id)
     click.echo(f"paused {sandbox_id}")
 
 
@@ -126,7 +132,7 @@ def pause(sandbox_id: str) -> None:
 @handle_errors
 def resume(sandbox_id: str) -> None:
     """Resume a paused sandbox."""
-    from ember.sdk.async_sandbox import manager
+    from ember.sdk.sandbox import Sandbox
 
-    manager().resume(sandbox_id)
+    Sandbox.resume(sandbox_id)
     click.echo(f"resumed {sandbox_id}")

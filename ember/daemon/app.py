@@ -38,8 +38,9 @@ from ember.sdk.wire import error_body
 log = logging.getLogger("ember.daemon")
 
 
-def create_app(paths: Paths) -> FastAPI:
-    """The API of the daemon serving ``paths``' home."""
+def create_app(paths: Paths, *, idle_exit: float | None = None) -> FastAPI:
+    """The API of the daemon serving ``paths``' home (``idle_exit``: stop after that many
+    seconds with no sandbox and no pool; see :func:`ember.runtime.reaper.supervise`)."""
     live = LiveSandboxes(paths)
     metrics = Metrics(live.mgr)
 
@@ -48,7 +49,7 @@ def create_app(paths: Paths) -> FastAPI:
         stop = threading.Event()  # lifetimes and pool refills: the reaper's work, done here
         supervisor = threading.Thread(
             target=reaper.supervise, args=(paths, stop, _stop_this_process),
-            name="ember-supervisor", daemon=True)
+            kwargs={"idle_exit": idle_exit}, name="ember-supervisor", daemon=True)
         supervisor.start()
         try:
             yield
@@ -137,5 +138,5 @@ def _admin(who: Principal, what: str) -> None:
 
 
 def _stop_this_process() -> None:
-    """The daemon's home was removed: nothing is left to serve."""
+    """The daemon's home was removed, or it idled out: nothing is left to serve."""
     os.kill(os.getpid(), signal.SIGTERM)

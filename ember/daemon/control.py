@@ -10,17 +10,16 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
-from ember.daemon.server import lock_path, socket_path
 from ember.errors import HostError
 from ember.locks import FileLock
 from ember.paths import Paths
+from ember.runtime.supervisor import ON_DEMAND_IDLE_S, daemon_running, out_path, spawn_daemon
 
 START_WAIT_S = 30.0
 
@@ -39,9 +38,9 @@ class DaemonStatus:
 
 
 def status(paths: Paths) -> DaemonStatus:
-    sock = socket_path(paths)
-    probe = FileLock(lock_path(paths))
-    if not lock_path(paths).exists() or probe.try_acquire():
+    sock = paths.daemon_socket
+    probe = FileLock(paths.daemon_lock)
+    if not paths.daemon_lock.exists() or probe.try_acquire():
         probe.release()
         return DaemonStatus(False, None, str(sock))
     pid = probe.holder()
@@ -54,15 +53,18 @@ def status(paths: Paths) -> DaemonStatus:
 
 
 def start(paths: Paths, *, listen: str | None = None, tls_cert: str | None = None,
-          tls_key: str | None = None, wait: float = START_WAIT_S) -> DaemonStatus:
+          tls_key: str | None = None, wait: float = START_WAIT_S,
+          idle_exit: float | None = None) -> DaemonStatus:
     """Start the home's daemon unless one runs; return once it answers.
 
     A daemon that holds the lock but does not answer may be one just killed whose exit
     the kernel has not finished (a big process takes a moment to close its files): the
-    lock is watched, and a daemon is started as soon as it is free."""
+    lock is watched, and a daemon is started as soon as it is free. ``idle_exit``: the
+    daemon stops by itself after that many seconds with no sandbox and no pool (how the
+    SDK and the CLI start one on demand)."""
     deadline = time.monotonic() + wait
     child: subprocess.Popen[bytes] | None = None
-    out = paths.logs / "emberd.out"
+    out = out_path(paths)
     while time.monotonic() < deadline:
         st = status(paths)
         if st.running and st.version is not None:
@@ -72,26 +74,28 @@ def start(paths: Paths, *, listen: str | None = None, tls_cert: str | None = Non
                 raise HostError(f"the ember daemon exited at start (code {child.returncode})"
                                 + _tail(out))
             if child is None:
-                child = _spawn(paths, listen, tls_cert, tls_key)
+                child = spawn_daemon(paths, _flags(listen, tls_cert, tls_key, idle_exit))
         time.sleep(0.05)
-    raise HostError(f"the ember daemon did not answer on {socket_path(paths)} within {wait:g} s;"
+    raise HostError(f"the ember daemon did not answer on {paths.daemon_socket} within {wait:g} s;"
                     f" see {out} and {paths.logs / 'ember.log'}" + _tail(out))
 
 
-def _spawn(paths: Paths, listen: str | None, tls_cert: str | None,
-           tls_key: str | None) -> subprocess.Popen[bytes]:
-    paths.ensure()
-    paths.logs.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, "-m", "ember.daemon.server"]
+def ensure_running(paths: Paths) -> None:
+    """Make sure the home's daemon serves, starting it if need be (what the SDK and the CLI
+    do on first use). Cheap while one runs: one flock attempt and one stat."""
+    if daemon_running(paths) and paths.daemon_socket.exists():
+        return
+    start(paths, idle_exit=ON_DEMAND_IDLE_S)
+
+
+def _flags(listen: str | None, tls_cert: str | None, tls_key: str | None,
+           idle_exit: float | None) -> list[str]:
+    argv: list[str] = [] if idle_exit is None else ["--idle-exit", f"{idle_exit:g}"]
     for flag, value in (("--listen", listen), ("--tls-cert", tls_cert),
                         ("--tls-key", tls_key)):
         if value:
             argv += [flag, str(Path(value).absolute()) if flag != "--listen" else value]
-    env = {**os.environ, "EMBER_HOME": str(paths.home), "EMBER_CACHE": str(paths.cache)}
-    env.pop("EMBER_URL", None)
-    with open(paths.logs / "emberd.out", "ab") as out:
-        return subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=out, close_fds=True, start_new_session=True, cwd="/")
+    return argv
 
 
 def _tail(out: Path) -> str:

@@ -65,7 +65,8 @@ class LiveSandboxes:
                 return sb
             if sb is not None:  # broken: its sandbox failed or ended; say why, from scratch
                 await self.forget(sandbox_id)
-            sb = await AsyncSandbox.connect(sandbox_id, wait=ATTACH_WAIT_S, paths=self.paths)
+            sb = await AsyncSandbox._connect_here(sandbox_id, wait=ATTACH_WAIT_S,
+                                                   paths=self.paths)
             log.info("attached to sandbox %s", sandbox_id)
             self._open[sandbox_id] = sb
             return sb

@@ -18,6 +18,7 @@ from ember.daemon.models import (
     SnapshotRequest,
     TimeoutRequest,
 )
+from ember.engine.container import require_tier
 from ember.runtime.manager import console_tail
 from ember.sdk.async_sandbox import AsyncSandbox, info_of, snapshot_info
 from ember.sdk.results import SandboxInfo
@@ -39,16 +40,19 @@ async def create(body: CreateRequest, live: Live, meter: Meter, who: Who,
     """A new sandbox, started from a pool, a pre-baked snapshot or a boot; answers once
     its agent does. 429 when the caller's tenant is at a quota."""
     t0 = time.monotonic()
+    if body.isolation != "microvm":  # a tier this host cannot run: say so before anything
+        await asyncio.to_thread(require_tier, body.isolation)
     tpl = await asyncio.to_thread(live.mgr.store.get_template, body.template)
     vcpus = body.vcpus or int(tpl.config.get("vcpus", 1))
     memory = body.memory_mib or int(tpl.config.get("memory_mib", 256))
     async with quotas.lock(who):
         quotas.check(who, sandboxes=1, vcpus=vcpus, memory_mib=memory)
-        sb = await AsyncSandbox.create(
+        sb = await AsyncSandbox._create_here(
             body.template, vcpus=body.vcpus, memory_mib=body.memory_mib,
             disk_mib=body.disk_mib, timeout=body.timeout, env=body.env,
             metadata=_tagged(body.metadata, who), boot_timeout=body.boot_timeout,
-            paths=live.paths, on_timeout=body.on_timeout, isolation=body.isolation)
+            on_progress=None, paths=live.paths, on_timeout=body.on_timeout,
+            isolation=body.isolation)
     live.add(sb)
     meter.latency.labels("create").observe(time.monotonic() - t0)
     return to_json(await sb.info())
@@ -62,7 +66,7 @@ def _tagged(metadata: dict[str, str], who: Principal) -> dict[str, str]:
 async def list_sandboxes(live: Live, who: Who) -> list[dict[str, Any]]:
     """The caller's sandboxes (all of them for the administrator); dead VMs are found and
     marked failed."""
-    return [to_json(i) for i in await AsyncSandbox.list(paths=live.paths)
+    return [to_json(i) for i in await AsyncSandbox._list_here(live.paths)
             if who.owns(i.metadata)]
 
 
@@ -168,7 +172,7 @@ async def _own_snapshot(live: Live, who: Who, ref: str) -> None:
 async def delete_snapshot(live: Live, who: Who, ref: str = SnapRef) -> Response:
     """Remove a snapshot (refused while sandboxes restored from it still run)."""
     await _own_snapshot(live, who, ref)
-    await AsyncSandbox.delete_snapshot(ref, paths=live.paths)
+    await asyncio.to_thread(live.mgr.remove_snapshot, ref)
     return Response(status_code=204)
 
 
@@ -181,9 +185,10 @@ async def restore(body: RestoreRequest, live: Live, meter: Meter, who: Who, quot
     snap = await asyncio.to_thread(live.mgr.store.get_snapshot, ref)
     async with quotas.lock(who):
         quotas.check(who, sandboxes=1, vcpus=snap.vcpus, memory_mib=snap.memory_mib)
-        sb = await AsyncSandbox.restore(
+        sb = await AsyncSandbox._restore_here(
             ref, timeout=body.timeout, env=body.env, metadata=_tagged(body.metadata, who),
-            boot_timeout=body.boot_timeout, paths=live.paths, on_timeout=body.on_timeout)
+            boot_timeout=body.boot_timeout, on_progress=None, paths=live.paths,
+            on_timeout=body.on_timeout)
     live.add(sb)
     meter.latency.labels("restore").observe(time.monotonic() - t0)
     return to_json(await sb.info())

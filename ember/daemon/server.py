@@ -25,9 +25,14 @@ from ember.daemon.middleware import MAX_HEADER_BYTES
 from ember.errors import HostError
 from ember.locks import FileLock
 from ember.paths import Paths
-from ember.runtime.reaper import ensure_reaper
 
 log = logging.getLogger("ember.daemon")
+
+
+class AlreadyServing(HostError):
+    """Another daemon won the home's lock (two processes started one at once)."""
+
+
 #: Connections served at once; beyond it new requests get 503 instead of queuing forever.
 MAX_CONNECTIONS = 1024
 
@@ -64,7 +69,7 @@ class _Server(uvicorn.Server):
 
 
 def serve(paths: Paths, *, listen: str | None = None, tls_cert: str | None = None,
-          tls_key: str | None = None) -> None:
+          tls_key: str | None = None, idle_exit: float | None = None) -> None:
     """Run the daemon of ``paths``' home in this process until SIGTERM or SIGINT: the Unix
     socket, and with ``listen`` also TCP (TLS with ``tls_cert``/``tls_key``)."""
     from ember.daemon.app import create_app
@@ -85,8 +90,8 @@ def serve(paths: Paths, *, listen: str | None = None, tls_cert: str | None = Non
             break
         time.sleep(0.05)
     else:
-        raise HostError(f"a daemon already serves {paths.home} (pid {lock.holder()})")
-    app = create_app(paths)
+        raise AlreadyServing(f"a daemon already serves {paths.home} (pid {lock.holder()})")
+    app = create_app(paths, idle_exit=idle_exit)
     common: dict[str, Any] = dict(
         http=PeerCredH11, log_config=None, access_log=False, ws=PeerCredWebSocket,
         h11_max_incomplete_event_size=MAX_HEADER_BYTES, limit_concurrency=MAX_CONNECTIONS,
@@ -117,9 +122,7 @@ def serve(paths: Paths, *, listen: str | None = None, tls_cert: str | None = Non
             sock.close()
         with contextlib.suppress(FileNotFoundError):
             socket_path(paths).unlink()
-        lock.release()
-        if paths.db.exists():  # sandboxes outlive the daemon: their lifetimes still end
-            ensure_reaper(paths)
+        lock.release()  # its sandboxes run on; the next daemon enforces their lifetimes
         log.info("emberd %d stopped", os.getpid())
 
 
@@ -145,8 +148,13 @@ def main() -> None:
 
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
+        idle = opt("--idle-exit")
         serve(paths, listen=opt("--listen"), tls_cert=opt("--tls-cert"),
-              tls_key=opt("--tls-key"))
+              tls_key=opt("--tls-key"), idle_exit=float(idle) if idle else None)
+    except AlreadyServing as err:  # lost the race to start: the winner serves
+        log.info("emberd %d: %s", os.getpid(), err)
+        print(f"emberd: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
     except HostError as err:
         log.error("emberd %d: %s", os.getpid(), err)
         print(f"emberd: {err}", file=sys.stderr)

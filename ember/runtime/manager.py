@@ -46,9 +46,9 @@ from ember.runtime import snapshots
 from ember.runtime.confinement import Confinement
 from ember.runtime.leftovers import NEW_DIR_PREFIX, sweep_leftovers
 from ember.runtime.overlays import make_overlay
-from ember.runtime.reaper import ensure_reaper
 from ember.runtime.spec import SandboxSpec, pool_key
 from ember.runtime.states import LIVE_STATES, check_transition
+from ember.runtime.supervisor import ensure as ensure_supervisor
 from ember.store import SandboxRecord, SnapshotRecord, Store
 
 log = logging.getLogger("ember.runtime")
@@ -213,7 +213,7 @@ class SandboxManager:
         try:
             handle = build(rec, d)
             self.set_state(sid, "booting", pid=handle.pid)
-            ensure_reaper(self.paths)  # enforces the lifetime after this process is gone
+            ensure_supervisor(self.paths)  # the daemon enforces the lifetime
         except BaseException as err:
             self._abandon(rec, lock, lock_out)
             if snap is not None and isinstance(err, EngineError):
@@ -432,7 +432,7 @@ class SandboxManager:
         rec = self.store.claim_pooled(key, timeout_s=spec.timeout, env=dict(spec.env),
                                       metadata=dict(spec.metadata), now=time.time(),
                                       on_timeout=spec.on_timeout)
-        ensure_reaper(self.paths)
+        ensure_supervisor(self.paths)
         return rec
 
     def set_state(self, sandbox_id: str, state: str, **fields: Any) -> None:

@@ -4,9 +4,9 @@ A pool is a row (template, size, target count) in the registry; its members are 
 sandboxes in state ``pooled``, booted (or restored, for a pre-baked template) and checked
 with an agent hello, with no lifetime until handed out. Handing one out is one SQLite
 transaction that flips it to ``running`` (:meth:`Store.claim_pooled`): no sandbox is ever
-handed out twice, by any number of processes. The home's background supervisor (the
-reaper process) refills pools; a pool therefore survives the process that configured it,
-and after a host reboot the supervisor marks dead members failed and boots new ones.
+handed out twice, by any number of processes. The home's daemon refills pools (its
+supervision thread); a pool therefore survives the process that configured it, and after
+a host reboot the daemon marks dead members failed and boots new ones.
 """
 
 from __future__ import annotations
@@ -61,9 +61,9 @@ def set_pool(mgr: SandboxManager, template: str, size: int, *, vcpus: int | None
         return rec
     mgr.store.put_pool(rec)
     trim(mgr, rec)
-    from ember.runtime.reaper import ensure_reaper
+    from ember.runtime.supervisor import ensure
 
-    ensure_reaper(mgr.paths)
+    ensure(mgr.paths)
     return rec
 
 

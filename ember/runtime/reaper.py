@@ -1,27 +1,22 @@
-"""The per-home supervisor ("reaper"): enforces lifetimes and refills warm pools while no
-other ember process runs.
+"""The per-home supervision ("reaper") that the daemon runs: lifetimes and warm pools.
 
-One reaper process per ember home (an flock on ``reaper.lock`` elects it) wakes up at the
-next deadline (at least every few seconds), reconciles the registry (destroys expired
-sandboxes, marks those whose VM died as failed and releases their resources), starts one
-member for any warm pool below its size, and exits as soon as no live sandbox and no pool
-is left, or when its home disappears. ``ensure_reaper`` starts it, detached, whenever a
-sandbox is created or a pool configured. While a daemon serves the home, the daemon holds
-the lock and does this work itself (:func:`supervise`), so no detached reaper starts.
+:func:`supervise` runs in a thread of the home's daemon. It wakes up at the next deadline
+(at least every few seconds), reconciles the registry (destroys expired sandboxes, pauses
+those that asked for it, marks those whose VM died as failed and releases their
+resources) and starts one member for any warm pool below its size. A process that starts
+a sandbox or configures a pool makes sure the daemon runs
+(:func:`ember.runtime.supervisor.ensure`); while no daemon runs, nothing ends lifetimes,
+and the next daemon destroys what expired meanwhile on its first pass.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ember.locks import FileLock
 from ember.paths import Paths
 
 if TYPE_CHECKING:
@@ -29,20 +24,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ember.reaper")
 MAX_SLEEP_S = 5.0
-
-
-def ensure_reaper(paths: Paths) -> None:
-    """Start the home's reaper unless one runs already (cheap: one flock attempt)."""
-    probe = FileLock(paths.home / "reaper.lock")
-    if not probe.try_acquire():
-        return  # a reaper holds it
-    probe.release()
-    env = {**os.environ, "EMBER_HOME": str(paths.home), "EMBER_CACHE": str(paths.cache)}
-    subprocess.Popen(  # detached: a new session, no inherited descriptors, no terminal
-        [sys.executable, "-m", "ember.runtime.reaper"], env=env, stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
-        start_new_session=True, cwd="/",
-    )
 
 
 def step(mgr: SandboxManager) -> float | None:
@@ -62,50 +43,19 @@ def step(mgr: SandboxManager) -> float | None:
     return max(0.2, min([MAX_SLEEP_S, *deadlines]))
 
 
-def run(paths: Paths) -> None:
-    """The detached reaper: until nothing is left to watch."""
-    lock = FileLock(paths.home / "reaper.lock")
-    if not lock.try_acquire():
-        return
-    from ember.runtime.manager import SandboxManager
-
-    mgr = SandboxManager(paths)
-    try:
-        while paths.db.exists():
-            if _daemon_serves(paths):  # it supervises the home now
-                return
-            pause = step(mgr)
-            if pause is None:
-                return
-            time.sleep(pause)
-    except Exception:  # never leave a traceback on a detached process: log and stop
-        log.exception("reaper stopped")
-    finally:
-        mgr.close()
-        lock.release()
-
-
-def _daemon_serves(paths: Paths) -> bool:
-    probe = FileLock(paths.daemon_lock)
-    if not paths.daemon_lock.exists() or probe.try_acquire():
-        probe.release()
-        return False
-    return True
-
-
 def supervise(paths: Paths, stop: threading.Event,
-              on_home_gone: Callable[[], None] | None = None) -> None:
-    """The daemon's reaper: the same passes, in a thread of the daemon, for as long as the
-    daemon runs (a detached reaper that still holds the lock is waited out). Holding the
-    lock keeps ``ensure_reaper`` from starting a detached one."""
-    lock = FileLock(paths.home / "reaper.lock")
-    while not lock.try_acquire():
-        if stop.wait(1.0):
-            return
+              on_end: Callable[[], None] | None = None, *,
+              idle_exit: float | None = None) -> None:
+    """The supervision loop, a thread of the daemon, for as long as the daemon runs (the
+    daemon lock makes it the only one of its home). ``on_end`` is called when the home is
+    removed under it, or, with ``idle_exit``, once nothing was left to watch (no live
+    sandbox, no pool) for that many seconds: a daemon started on demand goes away, as
+    the detached reaper it replaces did."""
     from ember.runtime.manager import SandboxManager
 
     log.info("the daemon supervises %s", paths.home)
     mgr = SandboxManager(paths)
+    idle_since: float | None = None
     try:
         while not stop.is_set() and paths.db.exists():
             try:
@@ -113,16 +63,21 @@ def supervise(paths: Paths, stop: threading.Event,
             except Exception:  # one bad pass must not end supervision
                 log.exception("supervision pass failed")
                 pause = MAX_SLEEP_S
-            stop.wait(MAX_SLEEP_S if pause is None else pause)
-        if not stop.is_set() and on_home_gone is not None:  # its home was removed
+            if pause is not None:
+                idle_since = None
+            elif idle_since is None:
+                idle_since = time.monotonic()
+            elif idle_exit is not None and time.monotonic() - idle_since >= idle_exit:
+                log.info("nothing to watch for %g s: stopping", idle_exit)
+                if on_end is not None:
+                    on_end()
+                return
+            wait = MAX_SLEEP_S if pause is None else pause
+            if idle_exit is not None and pause is None:
+                wait = min(wait, max(0.2, idle_exit / 4))
+            stop.wait(wait)
+        if not stop.is_set() and on_end is not None:  # its home was removed
             log.warning("%s is gone: stopping", paths.home)
-            on_home_gone()
+            on_end()
     finally:
         mgr.close()
-        lock.release()
-
-
-if __name__ == "__main__":
-    from ember.logconfig import setup_logging
-
-    run(setup_logging(verbose=False))

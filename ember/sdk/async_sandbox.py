@@ -39,6 +39,7 @@ from ember.sdk.results import (
     SnapshotInfo,
     snapshot_ref,
 )
+from ember.sdk.verbs import AsyncVerb, ByIdOrSelf
 from ember.store import SandboxRecord, SnapshotRecord
 
 if TYPE_CHECKING:
@@ -140,15 +141,30 @@ class AsyncSandbox:
         ``http://host:8700``, with ``api_key`` (or ``EMBER_API_KEY``). The API and the
         errors are the same either way.
         """
-        t = _daemon(url, api_key, paths)
-        if t is not None:
-            if on_progress:
-                on_progress(f"creating through the daemon at {t.url}")
-            body = {"template": template, "vcpus": vcpus, "memory_mib": memory_mib,
-                    "disk_mib": disk_mib, "timeout": timeout, "env": dict(env or {}),
-                    "metadata": dict(metadata or {}), "boot_timeout": boot_timeout,
-                    "on_timeout": on_timeout, "isolation": isolation}
-            return await _remote_sandbox(t, "POST", "/sandboxes", body)
+        t = await _target(url, api_key, paths)
+        if t is None:
+            return await cls._create_here(
+                template, vcpus=vcpus, memory_mib=memory_mib, disk_mib=disk_mib,
+                timeout=timeout, env=env, metadata=metadata, boot_timeout=boot_timeout,
+                on_progress=on_progress, paths=paths, on_timeout=on_timeout,
+                isolation=isolation)
+        if on_progress:
+            on_progress(f"creating through the daemon at {t.url}")
+        body = {"template": template, "vcpus": vcpus, "memory_mib": memory_mib,
+                "disk_mib": disk_mib, "timeout": timeout, "env": dict(env or {}),
+                "metadata": dict(metadata or {}), "boot_timeout": boot_timeout,
+                "on_timeout": on_timeout, "isolation": isolation}
+        return await _remote_sandbox(t, "POST", "/sandboxes", body)
+
+    @classmethod
+    async def _create_here(
+        cls, template: str, *, vcpus: int | None, memory_mib: int | None,
+        disk_mib: int | None, timeout: float | None, env: Mapping[str, str] | None,
+        metadata: Mapping[str, str] | None, boot_timeout: float | None,
+        on_progress: Callable[[str], None] | None, paths: Paths | None,
+        on_timeout: OnTimeout, isolation: Isolation,
+    ) -> AsyncSandbox:
+        """:meth:`create`, in this process (what the daemon does)."""
         if isolation != "microvm":  # a tier this host cannot run: say so before anything else
             await asyncio.to_thread(require_tier, isolation)
         mgr = manager(paths)
@@ -235,11 +251,22 @@ class AsyncSandbox:
         another kernel, template, QEMU build or accelerator (nothing is left behind).
         """
         ref = snapshot_ref(snapshot)
-        t = _daemon(url, api_key, paths)
-        if t is not None:
-            body = {"timeout": timeout, "env": dict(env or {}), "metadata": dict(metadata or {}),
-                    "boot_timeout": boot_timeout, "on_timeout": on_timeout}
-            return await _remote_sandbox(t, "POST", f"/snapshots/{_seg(ref)}/restore", body)
+        t = await _target(url, api_key, paths)
+        if t is None:
+            return await cls._restore_here(ref, timeout=timeout, env=env, metadata=metadata,
+                                           boot_timeout=boot_timeout, on_progress=on_progress,
+                                           paths=paths, on_timeout=on_timeout)
+        body = {"timeout": timeout, "env": dict(env or {}), "metadata": dict(metadata or {}),
+                "boot_timeout": boot_timeout, "on_timeout": on_timeout}
+        return await _remote_sandbox(t, "POST", f"/snapshots/{_seg(ref)}/restore", body)
+
+    @classmethod
+    async def _restore_here(cls, ref: str, *, timeout: float | None,
+                            env: Mapping[str, str] | None, metadata: Mapping[str, str] | None,
+                            boot_timeout: float | None,
+                            on_progress: Callable[[str], None] | None, paths: Paths | None,
+                            on_timeout: OnTimeout) -> AsyncSandbox:
+        """:meth:`restore`, in this process (what the daemon does)."""
         mgr = manager(paths)
         snap = await asyncio.to_thread(mgr.store.get_snapshot, ref)
         spec = SandboxSpec(template=snap.template, vcpus=snap.vcpus,
@@ -261,10 +288,17 @@ class AsyncSandbox:
                       paths: Paths | None = None, url: str | None = None,
                       api_key: str | None = None) -> AsyncSandbox:
         """Attach to a running sandbox (created by this or another process)."""
-        t = _daemon(url, api_key, paths)
-        if t is not None:
-            return await _remote_sandbox(t, "GET", f"/sandboxes/{_seg(sandbox_id)}", None,
-                                         running=True)
+        t = await _target(url, api_key, paths)
+        if t is None:
+            return await cls._connect_here(sandbox_id, wait=wait, paths=paths)
+        return await _remote_sandbox(t, "GET", f"/sandboxes/{_seg(sandbox_id)}", None,
+                                     running=True)
+
+    @classmethod
+    async def _connect_here(cls, sandbox_id: str, *, wait: float,
+                            paths: Paths | None) -> AsyncSandbox:
+        """:meth:`connect`, in this process: the sandbox's agent connection is ours alone
+        (another in-process client waits up to ``wait`` seconds for it)."""
         mgr = manager(paths)
         rec = await asyncio.to_thread(mgr.get, sandbox_id)
         if rec.state != "running":
@@ -283,12 +317,17 @@ class AsyncSandbox:
     @classmethod
     async def list(cls, *, paths: Paths | None = None, url: str | None = None,
                    api_key: str | None = None) -> builtins.list[SandboxInfo]:
-        t = _daemon(url, api_key, paths)
-        if t is not None:
-            from ember.sdk.wire import sandbox_info
+        """Every sandbox this caller may see (all of the home's, for its administrator)."""
+        t = await _target(url, api_key, paths)
+        if t is None:
+            return await cls._list_here(paths)
+        from ember.sdk.wire import sandbox_info
 
-            async with _closing(t):
-                return [sandbox_info(i) for i in await t.call("GET", "/sandboxes")]
+        async with _closing(t):
+            return [sandbox_info(i) for i in await t.call("GET", "/sandboxes")]
+
+    @classmethod
+    async def _list_here(cls, paths: Paths | None) -> builtins.list[SandboxInfo]:
         mgr = manager(paths)
         return [info_of(r) for r in await asyncio.to_thread(mgr.list)]
 
@@ -362,9 +401,34 @@ class AsyncSandbox:
     async def info(self) -> SandboxInfo:
         return info_of(await asyncio.to_thread(self._mgr.get, self.id))
 
-    async def logs(self) -> str:
-        """The guest's console output (kernel and init messages)."""
+    @classmethod
+    async def get_info(cls, sandbox_id: str, *, paths: Paths | None = None,
+                       url: str | None = None, api_key: str | None = None) -> SandboxInfo:
+        """A sandbox's state, in any state, without connecting to it."""
+        t = await _target(url, api_key, paths)
+        if t is None:
+            return info_of(await asyncio.to_thread(manager(paths).get, sandbox_id))
+        from ember.sdk.wire import sandbox_info
+
+        async with _closing(t):
+            return sandbox_info(await t.call("GET", f"/sandboxes/{_seg(sandbox_id)}"))
+
+    #: ``await sb.logs()``, or ``await AsyncSandbox.logs(id)`` for a sandbox in any state:
+    #: the guest's console output (kernel and init messages).
+    logs = ByIdOrSelf[AsyncVerb[str]]()
+
+    async def _logs_self(self) -> str:
         return console_tail(self._rec, limit=1 << 20)
+
+    @classmethod
+    async def _logs_id(cls, sandbox_id: str, *, paths: Paths | None = None,
+                       url: str | None = None, api_key: str | None = None) -> str:
+        t = await _target(url, api_key, paths)
+        if t is None:
+            rec = await asyncio.to_thread(manager(paths).store.get_sandbox, sandbox_id)
+            return console_tail(rec, limit=1 << 22)
+        async with _closing(t):
+            return str(await t.call("GET", f"/sandboxes/{_seg(sandbox_id)}/logs") or "")
 
     # --- commands ------------------------------------------------------------------------
     async def spawn(self, cmd: str | Sequence[str], *, env: Mapping[str, str] | None = None,
@@ -439,9 +503,45 @@ class AsyncSandbox:
         return loop.time() - t0
 
     # --- pause, snapshot, fork ------------------------------------------------------------
-    async def pause(self) -> None:
-        """Stop the guest's vCPUs (memory, processes and the connection stay). Commands
-        and file operations raise SandboxStateError until :meth:`resume`."""
+    #: ``await sb.pause()`` or ``await AsyncSandbox.pause(id)``: stop the guest's vCPUs
+    #: (memory, processes and connections stay). Commands and file operations raise
+    #: SandboxStateError until it is resumed.
+    pause = ByIdOrSelf[AsyncVerb[None]]()
+    #: ``await sb.resume()`` or ``await AsyncSandbox.resume(id)``: continue a paused guest.
+    resume = ByIdOrSelf[AsyncVerb[None]]()
+
+    @classmethod
+    async def _pause_id(cls, sandbox_id: str, *, paths: Paths | None = None,
+                        url: str | None = None, api_key: str | None = None) -> None:
+        await cls._by_id("pause", sandbox_id, paths, url, api_key)
+
+    @classmethod
+    async def _resume_id(cls, sandbox_id: str, *, paths: Paths | None = None,
+                         url: str | None = None, api_key: str | None = None) -> None:
+        await cls._by_id("resume", sandbox_id, paths, url, api_key)
+
+    @classmethod
+    async def _kill_id(cls, sandbox_id: str, *, paths: Paths | None = None,
+                       url: str | None = None, api_key: str | None = None) -> None:
+        await cls._by_id("kill", sandbox_id, paths, url, api_key)
+
+    @classmethod
+    async def _by_id(cls, verb: str, sandbox_id: str, paths: Paths | None, url: str | None,
+                     api_key: str | None) -> None:
+        t = await _target(url, api_key, paths)
+        if t is None:
+            mgr = manager(paths)
+            op = {"pause": mgr.pause, "resume": mgr.resume, "kill": mgr.destroy}[verb]
+            await asyncio.to_thread(op, sandbox_id)
+            return
+        path = f"/sandboxes/{_seg(sandbox_id)}"
+        async with _closing(t):
+            if verb == "kill":
+                await t.call("DELETE", path)
+            else:
+                await t.call("POST", f"{path}/{verb}")
+
+    async def _pause_self(self) -> None:
         self._paused = True
         try:
             await asyncio.to_thread(self._mgr.pause, self.id)
@@ -449,8 +549,7 @@ class AsyncSandbox:
             self._paused = False
             raise
 
-    async def resume(self) -> None:
-        """Continue a paused guest."""
+    async def _resume_self(self) -> None:
         await asyncio.to_thread(self._mgr.resume, self.id)
         self._paused = False
         if self._client is not None and self._client.broken:  # a deadline passed meanwhile
@@ -512,26 +611,26 @@ class AsyncSandbox:
     @classmethod
     async def list_snapshots(cls, *, paths: Paths | None = None, url: str | None = None,
                              api_key: str | None = None) -> builtins.list[SnapshotInfo]:
-        t = _daemon(url, api_key, paths)
-        if t is not None:
-            from ember.sdk.wire import snapshot_info as decode
+        t = await _target(url, api_key, paths)
+        if t is None:
+            mgr = manager(paths)
+            return [snapshot_info(s) for s in await asyncio.to_thread(mgr.store.list_snapshots)]
+        from ember.sdk.wire import snapshot_info as decode
 
-            async with _closing(t):
-                return [decode(i) for i in await t.call("GET", "/snapshots")]
-        mgr = manager(paths)
-        return [snapshot_info(s) for s in await asyncio.to_thread(mgr.store.list_snapshots)]
+        async with _closing(t):
+            return [decode(i) for i in await t.call("GET", "/snapshots")]
 
     @classmethod
     async def delete_snapshot(cls, snapshot: str | SnapshotInfo, *,
                               paths: Paths | None = None, url: str | None = None,
                               api_key: str | None = None) -> None:
         """Remove a snapshot (refused while sandboxes restored from it still run)."""
-        t = _daemon(url, api_key, paths)
-        if t is not None:
-            async with _closing(t):
-                await t.call("DELETE", f"/snapshots/{_seg(snapshot_ref(snapshot))}")
+        t = await _target(url, api_key, paths)
+        if t is None:
+            await asyncio.to_thread(manager(paths).remove_snapshot, snapshot_ref(snapshot))
             return
-        await asyncio.to_thread(manager(paths).remove_snapshot, snapshot_ref(snapshot))
+        async with _closing(t):
+            await t.call("DELETE", f"/snapshots/{_seg(snapshot_ref(snapshot))}")
 
     # --- lifetime ------------------------------------------------------------------------
     async def set_timeout(self, timeout: float | None) -> None:
@@ -546,8 +645,11 @@ class AsyncSandbox:
             self._client = None
         self._lock.release()
 
-    async def kill(self) -> None:
-        """Destroy the sandbox: stop its VM and remove its disk, sockets and registry row."""
+    #: ``await sb.kill()`` or ``await AsyncSandbox.kill(id)``: destroy the sandbox (its VM,
+    #: disk, sockets and registry row). On an instance, one already gone is no error.
+    kill = ByIdOrSelf[AsyncVerb[None]]()
+
+    async def _kill_self(self) -> None:
         if self._killed:
             return
         self._killed = True
@@ -574,15 +676,34 @@ class AsyncSandbox:
         return f"<AsyncSandbox {self.id} template={self._rec.template}>"
 
 
-def _daemon(url: str | None, api_key: str | None, paths: Paths | None) -> Transport | None:
-    """The daemon to send operations to: ``url``, else ``EMBER_URL`` unless the caller
-    named a home with ``paths`` (which means: in this process, on that home)."""
-    target = url or (os.environ.get("EMBER_URL") if paths is None else None)
-    if not target:
-        return None
+def in_process() -> bool:
+    """Whether this process runs sandboxes itself instead of asking a daemon: with
+    ``EMBER_LOCAL=1`` (embedding ember in a program of one's own; the home's daemon, started
+    on demand, still enforces lifetimes and refills pools)."""
+    return os.environ.get("EMBER_LOCAL") == "1"
+
+
+async def _target(url: str | None, api_key: str | None,
+                  paths: Paths | None) -> Transport | None:
+    """The daemon to send operations to, or None to run them in this process.
+
+    ``url``, else ``EMBER_URL`` (unless the caller named a home with ``paths``); else, with
+    ``EMBER_LOCAL=1``, this process; else the daemon of the home (``paths``, else
+    ``EMBER_HOME``), started on first use when none runs."""
     from ember.sdk.remote import Transport
 
-    return Transport(target, api_key or os.environ.get("EMBER_API_KEY"))
+    key = api_key or os.environ.get("EMBER_API_KEY")
+    named = url or (os.environ.get("EMBER_URL") if paths is None else None)
+    if named:
+        return Transport(named, key)
+    if in_process():
+        return None
+    from ember.daemon.control import ensure_running
+
+    home = paths or Paths.from_env()
+    await asyncio.to_thread(ensure_running, home)
+    return Transport(f"unix://{home.daemon_socket}", key,
+                     revive=functools.partial(ensure_running, home))
 
 
 async def _remote_sandbox(t: Transport, method: str, path: str, body: dict[str, Any] | None,

@@ -8,11 +8,12 @@ back as the same exception classes as in-process (the wire carries their stable 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import builtins
 import json
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote, urlsplit
 
@@ -47,9 +48,11 @@ INLINE_STDIN = 256 * 1024
 class Transport:
     """One daemon: a Unix socket path or an http(s) URL, and an optional API key."""
 
-    def __init__(self, url: str, api_key: str | None = None) -> None:
+    def __init__(self, url: str, api_key: str | None = None, *,
+                 revive: Callable[[], None] | None = None) -> None:
         parts = urlsplit(url)
         self.api_key = api_key
+        self._revive = revive  # starts the home's daemon again when it is found gone
         headers = {"user-agent": "ember-sdk"}
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
@@ -69,7 +72,24 @@ class Transport:
 
     def clone(self) -> Transport:
         """Another connection pool to the same daemon (each sandbox owns its own)."""
-        return Transport(self.url, self.api_key)
+        return Transport(self.url, self.api_key, revive=self._revive)
+
+    async def _send(self, req: httpx.Request, *, stream: bool) -> httpx.Response:
+        """Send ``req``; a daemon that is not there (killed, restarting) is started again
+        once when this transport may (the home's own daemon) and the request sent again:
+        a refused connection carried nothing, so that is safe."""
+        try:
+            return await self._http.send(req, stream=stream)
+        except httpx.ConnectError as err:
+            if self._revive is None:
+                raise _unreachable(self.url, err) from None
+            await asyncio.to_thread(self._revive)
+        except httpx.HTTPError as err:
+            raise _unreachable(self.url, err) from None
+        try:
+            return await self._http.send(req, stream=stream)
+        except httpx.HTTPError as err:
+            raise _unreachable(self.url, err) from None
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -77,10 +97,8 @@ class Transport:
     async def call(self, method: str, path: str, *, json: Any = None,
                    params: Mapping[str, Any] | None = None) -> Any:
         """One request; the JSON answer (None for 204), or the error it stands for."""
-        try:
-            r = await self._http.request(method, "/v1" + path, json=json, params=params)
-        except httpx.HTTPError as err:
-            raise _unreachable(self.url, err) from None
+        r = await self._send(self._http.build_request(method, "/v1" + path, json=json,
+                                                      params=params), stream=False)
         if r.status_code >= 400:
             raise wire.error_from_body(_json_or_text(r), r.status_code)
         if r.status_code == 204 or not r.content:
@@ -95,10 +113,7 @@ class Transport:
         """A request whose answer is read as it comes; the caller closes it."""
         req = self._http.build_request(method, "/v1" + path, json=json, params=params,
                                        content=content)
-        try:
-            r = await self._http.send(req, stream=True)
-        except httpx.HTTPError as err:
-            raise _unreachable(self.url, err) from None
+        r = await self._send(req, stream=True)
         if r.status_code >= 400:
             await r.aread()
             await r.aclose()
@@ -296,7 +311,7 @@ class RemotePty(AsyncPty):
     async def signal(self, signum: int) -> None:
         await self._ws.send(json.dumps({"signal": int(signum)}))
 
-    async def kill(self) -> None:
+    async def _kill_self(self) -> None:
         await self.signal(9)
 
     async def output(self) -> AsyncIterator[bytes]:
@@ -352,7 +367,7 @@ class RemoteSandbox(AsyncSandbox):
         self._info = wire.sandbox_info(await self._t.call("GET", self._base))
         return self._info
 
-    async def logs(self) -> str:
+    async def _logs_self(self) -> str:
         return str(await self._t.call("GET", self._base + "/logs") or "")
 
     async def spawn(self, cmd: str | Sequence[str], *, env: Mapping[str, str] | None = None,
@@ -408,10 +423,10 @@ class RemoteSandbox(AsyncSandbox):
         await self._t.call("GET", self._base + "/ping")
         return time.monotonic() - t0
 
-    async def pause(self) -> None:
+    async def _pause_self(self) -> None:
         self._info = wire.sandbox_info(await self._t.call("POST", self._base + "/pause"))
 
-    async def resume(self) -> None:
+    async def _resume_self(self) -> None:
         self._info = wire.sandbox_info(await self._t.call("POST", self._base + "/resume"))
 
     async def snapshot(self, name: str | None = None) -> SnapshotInfo:
@@ -435,7 +450,7 @@ class RemoteSandbox(AsyncSandbox):
             if self._owns:
                 await self._t.close()
 
-    async def kill(self) -> None:
+    async def _kill_self(self) -> None:
         if self._killed:
             return
         self._killed = True

@@ -23,6 +23,7 @@ from ember.sdk.results import (
     SandboxInfo,
     SnapshotInfo,
 )
+from ember.sdk.verbs import ByIdOrSelf, SyncVerb
 
 
 class Process:
@@ -49,9 +50,6 @@ class Process:
     def signal(self, signum: int) -> None:
         portal().call(self._inner.signal(signum))
 
-    def kill(self) -> None:
-        portal().call(self._inner.kill())
-
 
 class Pty:
     """A command on a terminal in a sandbox (blocking API); see :class:`AsyncPty`."""
@@ -68,9 +66,6 @@ class Pty:
 
     def signal(self, signum: int) -> None:
         portal().call(self._inner.signal(signum))
-
-    def kill(self) -> None:
-        portal().call(self._inner.kill())
 
     def output(self) -> Iterator[bytes]:
         return portal().iterate(self._inner.output())
@@ -204,8 +199,24 @@ class Sandbox:
     def info(self) -> SandboxInfo:
         return portal().call(self._inner.info())
 
-    def logs(self) -> str:
+    @classmethod
+    def get_info(cls, sandbox_id: str, *, paths: Paths | None = None, url: str | None = None,
+                 api_key: str | None = None) -> SandboxInfo:
+        """A sandbox's state, in any state, without connecting to it."""
+        return portal().call(AsyncSandbox.get_info(sandbox_id, paths=paths, url=url,
+                                                   api_key=api_key))
+
+    #: ``sb.logs()`` or ``Sandbox.logs(id)``: the guest's console (kernel and init output).
+    logs = ByIdOrSelf[SyncVerb[str]]()
+
+    def _logs_self(self) -> str:
         return portal().call(self._inner.logs())
+
+    @classmethod
+    def _logs_id(cls, sandbox_id: str, *, paths: Paths | None = None, url: str | None = None,
+                 api_key: str | None = None) -> str:
+        return portal().call(AsyncSandbox.logs(sandbox_id, paths=paths, url=url,
+                                               api_key=api_key))
 
     def exec(self, cmd: str | Sequence[str], *, env: Mapping[str, str] | None = None,
              cwd: str | None = None, user: str | int | None = None,
@@ -237,11 +248,36 @@ class Sandbox:
     def ping(self, timeout: float = 10.0) -> float:
         return portal().call(self._inner.ping(timeout))
 
-    def pause(self) -> None:
+    #: ``sb.pause()`` or ``Sandbox.pause(id)``; see :attr:`AsyncSandbox.pause`.
+    pause = ByIdOrSelf[SyncVerb[None]]()
+    #: ``sb.resume()`` or ``Sandbox.resume(id)``.
+    resume = ByIdOrSelf[SyncVerb[None]]()
+    #: ``sb.kill()`` or ``Sandbox.kill(id)``: destroy the sandbox.
+    kill = ByIdOrSelf[SyncVerb[None]]()
+
+    def _pause_self(self) -> None:
         portal().call(self._inner.pause())
 
-    def resume(self) -> None:
+    def _resume_self(self) -> None:
         portal().call(self._inner.resume())
+
+    def _kill_self(self) -> None:
+        portal().call(self._inner.kill())
+
+    @classmethod
+    def _pause_id(cls, sandbox_id: str, *, paths: Paths | None = None, url: str | None = None,
+                  api_key: str | None = None) -> None:
+        portal().call(AsyncSandbox.pause(sandbox_id, paths=paths, url=url, api_key=api_key))
+
+    @classmethod
+    def _resume_id(cls, sandbox_id: str, *, paths: Paths | None = None, url: str | None = None,
+                   api_key: str | None = None) -> None:
+        portal().call(AsyncSandbox.resume(sandbox_id, paths=paths, url=url, api_key=api_key))
+
+    @classmethod
+    def _kill_id(cls, sandbox_id: str, *, paths: Paths | None = None, url: str | None = None,
+                 api_key: str | None = None) -> None:
+        portal().call(AsyncSandbox.kill(sandbox_id, paths=paths, url=url, api_key=api_key))
 
     def snapshot(self, name: str | None = None) -> SnapshotInfo:
         """Save this sandbox as a snapshot; see :meth:`AsyncSandbox.snapshot`."""
@@ -256,9 +292,6 @@ class Sandbox:
 
     def close(self) -> None:
         portal().call(self._inner.close())
-
-    def kill(self) -> None:
-        portal().call(self._inner.kill())
 
     def __enter__(self) -> Sandbox:
         return self

@@ -9,8 +9,7 @@ Kinds (keys of the result; each value is a sorted list of human-readable finding
 
 ``processes``  live programs (QEMU, qemu-img, a jailer, a cgroup wrapper: any program)
                whose command line names the home or its RAM directory and that do not
-               belong to a kept sandbox; with ``reaper=True``, also a reaper process of
-               this home while no live sandbox or pool is left for it to watch;
+               belong to a kept sandbox;
 ``ram``        guest RAM files (``*.ram``) in ``paths.ram`` not of a kept sandbox;
 ``sandbox_dirs`` directories under ``paths.sandboxes`` with no registry row, or whose row
                is failed but which hold more than the console and QEMU logs;
@@ -53,18 +52,17 @@ FAILED_DIR_MAY_KEEP = frozenset(KEEP_ON_FAILURE) | {"console.log", "qemu.log"}
 #: States that only last while their owner (creator or snapshot writer) lives.
 TRANSIENT_STATES = {"creating": "client.lock", "booting": "client.lock",
                     "snapshotting": "snapshot.lock"}
-REAPER_MODULE = b"ember.runtime.reaper"
 
 Leaks = dict[str, list[str]]
 
 
 def leaks(paths: Paths, *, allow_failed_rows: bool = False, keep: Collection[str] = (),
-          keep_snapshots: Collection[str] | None = None, reaper: bool = False) -> Leaks:
+          keep_snapshots: Collection[str] | None = None) -> Leaks:
     """Every resource of ``paths``' home that no kept sandbox owns, by kind (see the module
     docstring). ``keep``: ids of sandboxes that are meant to be alive (running or paused,
     VM up). ``keep_snapshots``: ids or names of snapshots meant to exist; None keeps every
     named snapshot and reports unnamed ones that no live sandbox uses (a fork's leftovers).
-    ``reaper``: also report a reaper process that should have exited."""
+    The home's daemon and its socket are not leaks."""
     rows, snaps = _registry(paths)
     kept = {r.id: r for r in rows if r.id in keep and r.state in LIVE_STATES}
     kept_dirs = [Path(r.dir) for r in kept.values()]
@@ -81,23 +79,20 @@ def leaks(paths: Paths, *, allow_failed_rows: bool = False, keep: Collection[str
         "staging": _staging(paths),
         "snapshots": _snapshots(paths, rows, snaps, kept, keep_snapshots),
     }
-    if reaper and not any(r.state in LIVE_STATES for r in rows) and not _has_pools(paths):
-        found["processes"] += [f"reaper pid {pid} still runs with nothing to watch"
-                               for pid in reaper_pids(paths)]
     return {kind: sorted(items) for kind, items in found.items() if items}
 
 
 def assert_no_leaks_anywhere(paths: Paths, *, allow_failed_rows: bool = False,
                              keep: Collection[str] = (),
                              keep_snapshots: Collection[str] | None = None,
-                             reaper: bool = False, settle: float = 3.0,
+                             settle: float = 3.0,
                              context: str = "") -> None:
     """Fail with every leak listed, by kind. Killed processes take a moment to exit (and
     their files to be released): leaks are re-checked for up to ``settle`` seconds."""
     deadline = time.monotonic() + settle
     while True:
         found = leaks(paths, allow_failed_rows=allow_failed_rows, keep=keep,
-                      keep_snapshots=keep_snapshots, reaper=reaper)
+                      keep_snapshots=keep_snapshots)
         if not found or time.monotonic() >= deadline:
             break
         time.sleep(0.1)
@@ -116,16 +111,6 @@ def _registry(paths: Paths) -> tuple[list[SandboxRecord], list[SnapshotRecord]]:
     store = Store(paths.db)
     try:
         return store.list_sandboxes(), store.list_snapshots()
-    finally:
-        store.close()
-
-
-def _has_pools(paths: Paths) -> bool:
-    if not paths.db.exists():
-        return False
-    store = Store(paths.db)
-    try:
-        return bool(store.list_pools())
     finally:
         store.close()
 
@@ -214,23 +199,6 @@ def _processes(paths: Paths, kept_dirs: list[Path]) -> list[str]:
     return out
 
 
-def reaper_pids(paths: Paths) -> list[int]:
-    """Live reaper processes (``python -m ember.runtime.reaper``) of this home."""
-    want = b"EMBER_HOME=" + os.fsencode(paths.home)
-    out = []
-    for pid in _pids():
-        argv = cmdline(pid)
-        if not argv or REAPER_MODULE not in argv.split(b"\0"):
-            continue
-        try:
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if want in env:
-            out.append(pid)
-    return out
-
-
 # --- files -----------------------------------------------------------------------------------
 
 
@@ -281,7 +249,8 @@ def _walk(root: Path, skip: list[Path]) -> Iterator[tuple[Path, os.stat_result]]
 
 def _sockets(paths: Paths, kept_dirs: list[Path]) -> list[str]:
     skip = [*kept_dirs, paths.cache]
-    return [str(p) for p, st in _walk(paths.home, skip) if stat.S_ISSOCK(st.st_mode)]
+    return [str(p) for p, st in _walk(paths.home, skip)
+            if stat.S_ISSOCK(st.st_mode) and p != paths.daemon_socket]
 
 
 def _overlays(paths: Paths, kept_dirs: list[Path]) -> list[str]:

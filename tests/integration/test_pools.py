@@ -32,17 +32,10 @@ def _wait_ready(paths: Paths, key: str, n: int, timeout: float = 120) -> None:
     raise AssertionError(f"pool {key} did not fill to {n} within {timeout} s; {states}\n{log}")
 
 
-def _reaper_pid(paths: Paths) -> int | None:
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                cmd = Path(f"/proc/{d}/cmdline").read_bytes()
-                env = Path(f"/proc/{d}/environ").read_bytes()
-            except OSError:
-                continue
-            if b"ember.runtime.reaper" in cmd and f"EMBER_HOME={paths.home}".encode() in env:
-                return int(d)
-    return None
+def _daemon_pid(paths: Paths) -> int | None:
+    from ember.daemon.control import status
+
+    return status(paths).pid
 
 
 def test_pool_hands_out_ready_sandboxes_once_and_refills(ember_paths: Paths,
@@ -52,8 +45,8 @@ def test_pool_hands_out_ready_sandboxes_once_and_refills(ember_paths: Paths,
     try:
         _wait_ready(ember_paths, rec.key, 2)
         pooled = {r.id for r in pools.members(mgr, rec.key) if r.state == "pooled"}
-        # the supervisor that filled the pool dies; handing out restarts one, which refills
-        pid = _reaper_pid(ember_paths)
+        # the daemon that filled the pool dies; handing out starts one again, which refills
+        pid = _daemon_pid(ember_paths)
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
         with concurrent.futures.ThreadPoolExecutor(4) as ex:
@@ -71,7 +64,7 @@ def test_pool_hands_out_ready_sandboxes_once_and_refills(ember_paths: Paths,
             for s in got:
                 s.kill()
         _wait_ready(ember_paths, rec.key, 2)
-        assert _reaper_pid(ember_paths) not in (None, pid)
+        assert _daemon_pid(ember_paths) not in (None, pid)
         status = next(p for p in pools.status(mgr) if p.pool.key == rec.key)
         assert status.idle_pss_bytes > 0
     finally:

@@ -19,6 +19,7 @@ from ember.engine.container import require_tier, tier_status
 from ember.engine.container.bundle import CAPABILITIES, oci_config
 from ember.engine.doctor import diagnose
 from ember.errors import BadRequestError, TierUnavailableError
+from ember.paths import Paths
 from ember.runtime.agent_client import AgentClient
 from ember.runtime.spec import SandboxSpec
 from ember.store import SandboxRecord, Store
@@ -153,6 +154,15 @@ def test_cli_and_sdk_report_an_unavailable_tier(tmp_path: Path) -> None:
     and fails; nothing is created (before even looking for the template)."""
     env = {**os.environ, "PATH": str(tmp_path / "empty-bin"),
            "EMBER_HOME": str(tmp_path / "h"), "EMBER_CACHE": str(tmp_path / "c")}
+    try:
+        _report_unavailable(tmp_path, env)
+    finally:  # the CLI and the SDK started the home's daemon: the daemon decides
+        from ember.daemon.control import stop
+
+        stop(Paths(home=tmp_path / "h", cache=tmp_path / "c"))
+
+
+def _report_unavailable(tmp_path: Path, env: dict[str, str]) -> None:
     cp = subprocess.run([sys.executable, "-m", "ember.cli", "create", "--isolation", "gvisor"],
                         capture_output=True, text=True, env=env, timeout=120)
     said = " ".join(cp.stderr.split())  # the CLI wraps long lines
