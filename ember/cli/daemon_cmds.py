@@ -61,11 +61,26 @@ def start(listen: str | None, tls_cert: str | None, tls_key: str | None,
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 @handle_errors
 def stop(as_json: bool) -> None:
-    """Stop the daemon (SIGTERM). Sandboxes keep running; a new daemon re-attaches."""
+    """Stop the daemon (SIGTERM). Sandboxes keep running; a new daemon re-attaches. While
+    no daemon runs, nothing ends their lifetimes: the next one (started by `ember daemon
+    start`, systemd, or any SDK or CLI call) destroys what expired meanwhile."""
     from ember.daemon import control
     from ember.paths import Paths
+    from ember.runtime.states import LIVE_STATES
+    from ember.store import Store
 
-    _show(control.stop(Paths.from_env()), as_json)
+    paths = Paths.from_env()
+    _show(control.stop(paths), as_json)
+    if paths.db.exists() and not as_json:
+        store = Store(paths.db)
+        try:
+            live = [r for r in store.list_sandboxes() if r.state in LIVE_STATES]
+        finally:
+            store.close()
+        if live:
+            click.echo(f"{len(live)} sandbox(es) keep running, unsupervised until a daemon "
+                       "runs again (which ends the lifetimes that expired meanwhile)",
+                       err=True)
 
 
 @daemon.command("status")

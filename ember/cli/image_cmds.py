@@ -39,17 +39,17 @@ def image() -> None:
 @handle_errors
 def build(name: str, source: str | None, packages: tuple[str, ...], force: bool, rebuild: bool,
           free_mib: int, as_json: bool) -> None:
-    """Build template NAME from SOURCE into the image cache and register it."""
-    from ember.guest.image import build_image
+    """Build template NAME from SOURCE into the image cache and register it (the home's
+    daemon builds it; its progress is shown here)."""
+    from ember.sdk.sandbox import Sandbox
 
-    paths = Paths.from_env()
     t0 = time.monotonic()
     with progress(not as_json, f"image {name}") as p:
-        rec = build_image(paths, _store(paths), name, source, packages=packages, force=force,
-                          rebuild=rebuild, free_mib=free_mib, progress=p)
+        rec = Sandbox.build_template(name, source, packages=packages, force=force,
+                                     rebuild=rebuild, free_mib=free_mib, on_progress=p)
     took = time.monotonic() - t0
     if as_json:
-        print_json({**rec.to_json(), "seconds": round(took, 2)})
+        print_json({**rec.__dict__, "seconds": round(took, 2)})
     else:
         out_console.print(f"template [bold]{rec.name}[/] ready: {rec.digest} "
                           f"({rec.size_bytes >> 20} MiB image, {took:.1f} s)")
@@ -60,9 +60,11 @@ def build(name: str, source: str | None, packages: tuple[str, ...], force: bool,
 @handle_errors
 def ls(as_json: bool) -> None:
     """List templates."""
-    recs = _store(Paths.from_env()).list_templates()
+    from ember.sdk.sandbox import Sandbox
+
+    recs = Sandbox.list_templates()
     if as_json:
-        print_json([r.to_json() for r in recs])
+        print_json([r.__dict__ for r in recs])
         return
     t = Table("NAME", "SOURCE", "DIGEST", "SIZE", "CREATED")
     for r in recs:
@@ -75,18 +77,12 @@ def ls(as_json: bool) -> None:
 @click.argument("names", nargs=-1, required=True)
 @handle_errors
 def rm(names: tuple[str, ...]) -> None:
-    """Remove templates (refused while sandboxes use them)."""
-    from ember.guest.image import remove_image
+    """Remove templates (refused while sandboxes use them); a baked template's snapshot
+    goes with it unless still in use."""
+    from ember.sdk.sandbox import Sandbox
 
-    paths = Paths.from_env()
-    store = _store(paths)
     for n in names:
-        snapshot = store.get_template(n).config.get("snapshot")
-        remove_image(paths, store, n)
-        if snapshot:  # a baked template's snapshot goes with it (unless still in use)
-            from ember.sdk.async_sandbox import manager
-
-            manager(paths).collect_snapshot(str(snapshot))
+        Sandbox.delete_template(n)
         out_console.print(f"removed template {n}")
 
 

@@ -15,6 +15,7 @@ from ember.cli import (
     snapshot_cmds,
 )
 from ember.cli.bench_cmd import bench
+from ember.cli.top_cmd import top
 from ember.logconfig import setup_logging
 
 
@@ -34,6 +35,7 @@ cli.add_command(kernel_cmds.kernel)
 cli.add_command(image_cmds.image)
 cli.add_command(doctor_cmd.doctor)
 cli.add_command(bench)
+cli.add_command(top)
 cli.add_command(daemon_cmds.daemon)
 cli.add_command(apikey_cmds.apikey)
 cli.add_command(apikey_cmds.tenant)

@@ -24,11 +24,10 @@ def pool_set(template: str, size: int, vcpus: int | None, memory_mib: int | None
              disk_mib: int | None) -> None:
     """Keep SIZE sandboxes of TEMPLATE (at that size) ready; the home's supervisor fills
     the pool in the background."""
-    from ember.runtime.pools import set_pool
-    from ember.sdk.async_sandbox import manager
+    from ember.sdk.sandbox import Sandbox
 
-    rec = set_pool(manager(), template, size, vcpus=vcpus, memory_mib=memory_mib,
-                   disk_mib=disk_mib)
+    rec = Sandbox.set_pool(template, size, vcpus=vcpus, memory_mib=memory_mib,
+                           disk_mib=disk_mib)
     click.echo(f"pool {rec.key}: size {rec.size}")
 
 
@@ -37,16 +36,15 @@ def pool_set(template: str, size: int, vcpus: int | None, memory_mib: int | None
 @handle_errors
 def pool_ls(as_json: bool) -> None:
     """Pools, how many members are ready or starting, and their idle host memory (PSS)."""
-    from ember.runtime.pools import status
-    from ember.sdk.async_sandbox import manager
+    from ember.sdk.sandbox import Sandbox
 
-    pools = status(manager())
+    pools = Sandbox.list_pools()
     if as_json:
-        print_json([p.to_json() for p in pools])
+        print_json([p.__dict__ for p in pools])
         return
     t = Table("POOL", "SIZE", "READY", "STARTING", "IDLE MEMORY (PSS)")
     for p in pools:
-        t.add_row(p.pool.key, str(p.pool.size), str(p.ready), str(p.starting),
+        t.add_row(p.key, str(p.size), str(p.ready), str(p.starting),
                   f"{p.idle_pss_bytes / 2**20:.0f} MiB")
     out_console.print(t)
 
@@ -56,8 +54,7 @@ def pool_ls(as_json: bool) -> None:
 @handle_errors
 def pool_rm(key: str) -> None:
     """Remove pool KEY (as `ember pool ls` shows it) and destroy its ready members."""
-    from ember.runtime.pools import remove_pool
-    from ember.sdk.async_sandbox import manager
+    from ember.sdk.sandbox import Sandbox
 
-    remove_pool(manager(), key)
+    Sandbox.remove_pool(key)
     click.echo(f"removed pool {key}")

@@ -7,6 +7,7 @@ stable code of an :class:`~ember.errors.EmberError` class, which the SDK raises 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -22,13 +23,22 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
 import ember
-from ember.daemon import API_VERSION, routes_exec, routes_files, routes_pty, routes_sandboxes
+from ember.daemon import (
+    API_VERSION,
+    routes_exec,
+    routes_files,
+    routes_pty,
+    routes_sandboxes,
+    routes_templates,
+    routes_usage,
+)
 from ember.daemon.auth import Principal, Quotas
 from ember.daemon.deps import Who
 from ember.daemon.errors import headers_for, status_for
 from ember.daemon.live import LiveSandboxes
 from ember.daemon.metrics import Metrics
 from ember.daemon.middleware import EdgeMiddleware
+from ember.daemon.models import PoolRequest
 from ember.engine.doctor import diagnose
 from ember.errors import BadRequestError, EmberError, NotFoundError
 from ember.paths import Paths
@@ -79,8 +89,11 @@ def create_app(paths: Paths, *, idle_exit: float | None = None) -> FastAPI:
     async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
         parts = []
         for e in err.errors()[:5]:
-            where = ".".join(str(x) for x in e.get("loc", ()))
-            parts.append(f"{where}: {e.get('msg', 'invalid')}")
+            loc = [str(x) for x in e.get("loc", ())]
+            where = ".".join(loc[1:] if len(loc) > 1 and loc[0] == "body" else loc)
+            given = e.get("input")
+            shown = f"={given!r}"[:60] if isinstance(given, int | float | str | bool) else ""
+            parts.append(f"{where}{shown}: {e.get('msg', 'invalid')}")
         bad = BadRequestError("invalid request: " + "; ".join(parts))
         metrics.errors.labels(bad.code).inc()
         return JSONResponse(error_body(bad), status_code=400)
@@ -105,17 +118,32 @@ def create_app(paths: Paths, *, idle_exit: float | None = None) -> FastAPI:
         data = await asyncio.to_thread(generate_latest, metrics.registry)
         return Response(data, media_type=CONTENT_TYPE_LATEST)
 
-    @app.get(f"/{API_VERSION}/templates", tags=["templates"])
-    async def templates(who: Who) -> list[dict[str, Any]]:
-        """The templates sandboxes can be created from."""
-        recs = await asyncio.to_thread(live.mgr.store.list_templates)
-        return [r.to_json() for r in recs]
-
     @app.get(f"/{API_VERSION}/pools", tags=["pools"])
     async def pool_status(who: Who) -> list[dict[str, object]]:
         """Warm pools: size asked, members ready and starting, their memory."""
         _admin(who, "pools")
         return [s.to_json() for s in await asyncio.to_thread(pools.status, live.mgr)]
+
+    @app.put(f"/{API_VERSION}/pools", tags=["pools"])
+    async def pool_set(body: PoolRequest, who: Who) -> dict[str, object]:
+        """Create or resize the warm pool of a template and shape (size 0 removes it);
+        the daemon fills it in the background."""
+        _admin(who, "pools")
+        rec = await asyncio.to_thread(
+            functools.partial(pools.set_pool, live.mgr, body.template, body.size,
+                              vcpus=body.vcpus, memory_mib=body.memory_mib,
+                              disk_mib=body.disk_mib))
+        now = await asyncio.to_thread(pools.status, live.mgr)
+        return next((s.to_json() for s in now if s.pool.key == rec.key), rec.to_json())
+
+    @app.delete(f"/{API_VERSION}/pools/{{key:path}}", tags=["pools"], status_code=204)
+    async def pool_remove(key: str, who: Who) -> Response:
+        """Remove a pool (its key as listed) and destroy its ready members."""
+        _admin(who, "pools")
+        if not any(p.key == key for p in await asyncio.to_thread(live.mgr.store.list_pools)):
+            raise NotFoundError(f"no pool {key!r}")
+        await asyncio.to_thread(pools.remove_pool, live.mgr, key)
+        return Response(status_code=204)
 
     @app.get(f"/{API_VERSION}/doctor", tags=["daemon"])
     async def doctor(who: Who) -> list[dict[str, Any]]:
@@ -129,6 +157,8 @@ def create_app(paths: Paths, *, idle_exit: float | None = None) -> FastAPI:
     app.include_router(routes_exec.router, prefix=f"/{API_VERSION}")
     app.include_router(routes_files.router, prefix=f"/{API_VERSION}")
     app.include_router(routes_pty.router, prefix=f"/{API_VERSION}")
+    app.include_router(routes_usage.router, prefix=f"/{API_VERSION}")
+    app.include_router(routes_templates.router, prefix=f"/{API_VERSION}")
     return app
 
 

@@ -51,7 +51,11 @@ class Principal:
     admin: bool
 
     def owns(self, metadata: dict[str, str]) -> bool:
-        return self.admin or metadata.get(TENANT_KEY) == self.tenant
+        return self.sees(metadata.get(TENANT_KEY))
+
+    def sees(self, tenant: str | None) -> bool:
+        """Whether what belongs to ``tenant`` is the caller's to see and touch."""
+        return self.admin or tenant == self.tenant
 
 
 def _peer(transport: asyncio.BaseTransport) -> tuple[str, int] | None:

@@ -19,7 +19,7 @@ import httpx
 from ember.errors import HostError
 from ember.locks import FileLock
 from ember.paths import Paths
-from ember.runtime.supervisor import ON_DEMAND_IDLE_S, daemon_running, out_path, spawn_daemon
+from ember.runtime.supervisor import daemon_running, on_demand_idle_s, out_path, spawn_daemon
 
 START_WAIT_S = 30.0
 
@@ -85,7 +85,13 @@ def ensure_running(paths: Paths) -> None:
     do on first use). Cheap while one runs: one flock attempt and one stat."""
     if daemon_running(paths) and paths.daemon_socket.exists():
         return
-    start(paths, idle_exit=ON_DEMAND_IDLE_S)
+    start(paths, idle_exit=on_demand_idle_s())
+
+
+def revive(paths: Paths) -> None:
+    """A client found the daemon's socket dead: wait out a dying daemon's lock and start
+    a new one (unless another client did already), as on first use."""
+    start(paths, idle_exit=on_demand_idle_s())
 
 
 def _flags(listen: str | None, tls_cert: str | None, tls_key: str | None,

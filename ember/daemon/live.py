@@ -14,7 +14,7 @@ import contextlib
 import logging
 from collections.abc import Sequence
 
-from ember.errors import BadRequestError, NotFoundError
+from ember.errors import BadRequestError, GuestError, NotFoundError
 from ember.paths import Paths
 from ember.runtime.manager import SandboxManager
 from ember.sdk.async_sandbox import AsyncSandbox, manager
@@ -65,6 +65,9 @@ class LiveSandboxes:
                 return sb
             if sb is not None:  # broken: its sandbox failed or ended; say why, from scratch
                 await self.forget(sandbox_id)
+            rec = await asyncio.to_thread(self.mgr.get, sandbox_id)  # reconciled
+            if rec.state == "failed":  # as an in-process handle says it, for every client
+                raise GuestError(f"sandbox {sandbox_id} failed: {rec.error}")
             sb = await AsyncSandbox._connect_here(sandbox_id, wait=ATTACH_WAIT_S,
                                                    paths=self.paths)
             log.info("attached to sandbox %s", sandbox_id)

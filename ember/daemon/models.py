@@ -10,12 +10,14 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from ember.store.records import RESERVED_PREFIX
+
 Name = Annotated[str, Field(min_length=1, max_length=128)]
 Env = dict[Annotated[str, Field(max_length=256)], Annotated[str, Field(max_length=32768)]]
 
 
 def _not_reserved(meta: dict[str, str]) -> dict[str, str]:
-    bad = [k for k in meta if k.startswith("ember.")]
+    bad = [k for k in meta if k.startswith(RESERVED_PREFIX)]
     if bad:
         raise ValueError(f"metadata keys starting with 'ember.' are the daemon's: {bad[:3]}")
     return meta
@@ -78,6 +80,28 @@ class SpawnRequest(_Command):
     """Start in the background; ``stdin``: keep its stdin open for later writes."""
 
     stdin: bool = False
+
+
+class PoolRequest(Strict):
+    """A warm pool's template, shape and size (0 removes it)."""
+
+    template: Name = "debian-python"
+    size: Annotated[int, Field(ge=0, le=256)]
+    vcpus: Annotated[int, Field(ge=1, le=64)] | None = None
+    memory_mib: Annotated[int, Field(ge=64, le=1 << 20)] | None = None
+    disk_mib: Annotated[int, Field(ge=1, le=1 << 24)] | None = None
+
+
+class TemplateBuildRequest(Strict):
+    """``ember image build``: a template from a source, with the image build's options."""
+
+    name: Annotated[str, Field(min_length=1, max_length=63)]  # checked again by the build
+    source: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
+    packages: list[Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9.+-]{0,127}$")]] = Field(
+        default_factory=list, max_length=256)
+    force: bool = False
+    rebuild: bool = False
+    free_mib: Annotated[int, Field(ge=0, le=1 << 20)] = 1024
 
 
 class TimeoutRequest(Strict):

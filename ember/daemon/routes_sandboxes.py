@@ -7,7 +7,7 @@ import asyncio
 import time
 from typing import Any
 
-from fastapi import APIRouter, Path, Response
+from fastapi import APIRouter, Path, Query, Response
 
 from ember.daemon.auth import Principal, own_snapshot
 from ember.daemon.deps import Live, Meter, OwnedId, Quota, Who
@@ -67,7 +67,7 @@ async def list_sandboxes(live: Live, who: Who) -> list[dict[str, Any]]:
     """The caller's sandboxes (all of them for the administrator); dead VMs are found and
     marked failed."""
     return [to_json(i) for i in await AsyncSandbox._list_here(live.paths)
-            if who.owns(i.metadata)]
+            if who.sees(i.tenant)]
 
 
 @router.get("/sandboxes/{sandbox_id}")
@@ -121,10 +121,12 @@ async def logs(live: Live, sandbox_id: OwnedId) -> Response:
 
 
 @router.get("/sandboxes/{sandbox_id}/ping")
-async def ping(live: Live, meter: Meter, sandbox_id: OwnedId) -> dict[str, float]:
-    """One round trip to the guest agent."""
+async def ping(live: Live, meter: Meter, sandbox_id: OwnedId,
+               timeout: float = Query(10.0, gt=0, le=300)) -> dict[str, float]:
+    """One round trip to the guest agent (an agent that does not answer within
+    ``timeout`` seconds fails the sandbox: 504)."""
     sb = await live.get(sandbox_id)
-    seconds = await sb.ping()
+    seconds = await sb.ping(timeout)
     meter.latency.labels("ping").observe(seconds)
     return {"seconds": seconds}
 

@@ -371,6 +371,17 @@ class SandboxCgroup:
         text = self._read("cpu", "cpu.stat", "cpu.stat")
         return None if text is None else _keyed(text).get("nr_throttled")
 
+    def cpu_seconds(self) -> float | None:
+        """CPU time the cgroup's processes used so far (v2 ``usage_usec``, v1 cpuacct);
+        None where it is not accounted."""
+        text = self._read("cpu", "cpuacct.usage", "cpu.stat")
+        if text is None:
+            return None
+        if text.strip().isdigit():  # v1: nanoseconds
+            return int(text) / 1e9
+        usec = _keyed(text).get("usage_usec")
+        return None if usec is None else usec / 1e6
+
     def stats(self) -> CgroupStats:
         return CgroupStats(tuple(self.pids()), self.memory_usage(), self.memory_peak(),
                            self.oom_kills(), self.cpu_throttled_periods())

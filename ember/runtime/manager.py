@@ -548,6 +548,11 @@ class SandboxManager:
             log.info("sandbox %s expired; destroying it (a client saw: %s)", sandbox_id, error)
             self._release(rec, error=None, keep_row=False)
             return
+        for _ in range(10):  # a connection that broke because its VM died: say that
+            if not self._alive(rec):
+                error = f"the VM process exited unexpectedly (crashed or killed): {error}"
+                break
+            time.sleep(0.02)
         self._release(rec, error=error)
 
     def destroy(self, sandbox_id: str) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ember.errors import BadRequestError, EmberError
 from ember.locks import FileLock
+from ember.runtime import supervisor
 from ember.runtime.agent_client import AgentClient
 from ember.runtime.manager import SandboxDir, SandboxManager
 from ember.runtime.spec import SandboxSpec, pool_key
@@ -61,9 +62,7 @@ def set_pool(mgr: SandboxManager, template: str, size: int, *, vcpus: int | None
         return rec
     mgr.store.put_pool(rec)
     trim(mgr, rec)
-    from ember.runtime.supervisor import ensure
-
-    ensure(mgr.paths)
+    supervisor.ensure(mgr.paths)
     return rec
 
 

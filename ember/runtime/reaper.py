@@ -15,12 +15,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from ember.paths import Paths
-
-if TYPE_CHECKING:
-    from ember.runtime.manager import SandboxManager
+from ember.runtime.manager import SandboxManager
+from ember.runtime.pools import fill_one
+from ember.runtime.states import LIVE_STATES
 
 log = logging.getLogger("ember.reaper")
 MAX_SLEEP_S = 5.0
@@ -29,9 +28,6 @@ MAX_SLEEP_S = 5.0
 def step(mgr: SandboxManager) -> float | None:
     """One pass: reconcile, enforce lifetimes, start one pool member if one is missing.
     How long to sleep before the next pass, or None when nothing is left to watch."""
-    from ember.runtime.pools import fill_one
-    from ember.runtime.states import LIVE_STATES
-
     live = [r for r in mgr.list() if r.state in LIVE_STATES]
     pools = mgr.store.list_pools()
     if not live and not pools:
@@ -51,8 +47,6 @@ def supervise(paths: Paths, stop: threading.Event,
     removed under it, or, with ``idle_exit``, once nothing was left to watch (no live
     sandbox, no pool) for that many seconds: a daemon started on demand goes away, as
     the detached reaper it replaces did."""
-    from ember.runtime.manager import SandboxManager
-
     log.info("the daemon supervises %s", paths.home)
     mgr = SandboxManager(paths)
     idle_since: float | None = None

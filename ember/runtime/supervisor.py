@@ -12,14 +12,23 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from ember.locks import FileLock
 from ember.paths import Paths
 
 #: A daemon started on demand (not by `ember daemon start` or systemd) stops after this
-#: long with no sandbox and no pool, as the detached reaper it replaces did.
+#: long with no sandbox and no pool, as the detached reaper it replaces did
+#: (``EMBER_DAEMON_IDLE_S`` changes it).
 ON_DEMAND_IDLE_S = 60.0
+
+
+def on_demand_idle_s() -> float:
+    try:
+        return max(1.0, float(os.environ.get("EMBER_DAEMON_IDLE_S", ON_DEMAND_IDLE_S)))
+    except ValueError:
+        return ON_DEMAND_IDLE_S
 
 
 def daemon_running(paths: Paths) -> bool:
@@ -46,8 +55,12 @@ def spawn_daemon(paths: Paths, flags: list[str] | None = None) -> subprocess.Pop
     for k in ("EMBER_URL", "EMBER_API_KEY", "EMBER_LOCAL"):  # it works in-process, itself
         env.pop(k, None)
     with open(out_path(paths), "ab") as out:
-        return subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=out, close_fds=True, start_new_session=True, cwd="/")
+        child = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                 stderr=out, close_fds=True, start_new_session=True, cwd="/")
+    # Reaped whenever it exits (an idle daemon stops by itself) while this process lives,
+    # so a long-running client keeps no zombie; if this process ends first, init adopts it.
+    threading.Thread(target=child.wait, name="ember-daemon-reaper", daemon=True).start()
+    return child
 
 
 def out_path(paths: Paths) -> Path:
@@ -58,4 +71,4 @@ def out_path(paths: Paths) -> Path:
 def ensure(paths: Paths) -> None:
     """Start the home's daemon unless one runs; do not wait for it to answer."""
     if not daemon_running(paths):
-        spawn_daemon(paths, ["--idle-exit", f"{ON_DEMAND_IDLE_S:g}"])
+        spawn_daemon(paths, ["--idle-exit", f"{on_demand_idle_s():g}"])

@@ -34,13 +34,17 @@ from ember.sdk.process import AsyncProcess, OutputCallback, exec_request
 from ember.sdk.pty import LOGIN_SHELL, AsyncPty
 from ember.sdk.results import (
     ExecResult,
+    PoolInfo,
     ProcessInfo,
     SandboxInfo,
+    SandboxUsage,
     SnapshotInfo,
+    TemplateInfo,
     snapshot_ref,
 )
 from ember.sdk.verbs import AsyncVerb, ByIdOrSelf
 from ember.store import SandboxRecord, SnapshotRecord
+from ember.store.records import RESERVED_PREFIX, TENANT_KEY
 
 if TYPE_CHECKING:
     from ember.sdk.remote import Transport
@@ -80,8 +84,9 @@ def info_of(rec: SandboxRecord) -> SandboxInfo:
     return SandboxInfo(
         id=rec.id, template=rec.template, state=cast(SandboxState, rec.state), vcpus=rec.vcpus,
         memory_mib=rec.memory_mib, disk_mib=rec.disk_mib, created_at=rec.created_at,
-        expires_at=rec.expires_at, accel=rec.accel, metadata=dict(rec.metadata),
-        error=rec.error, snapshot=rec.snapshot, isolation=cast(Isolation, rec.isolation),
+        expires_at=rec.expires_at, accel=rec.accel, error=rec.error, snapshot=rec.snapshot,
+        metadata={k: v for k, v in rec.metadata.items() if not k.startswith(RESERVED_PREFIX)},
+        isolation=cast(Isolation, rec.isolation), tenant=rec.metadata.get(TENANT_KEY),
     )
 
 
@@ -632,6 +637,111 @@ class AsyncSandbox:
         async with _closing(t):
             await t.call("DELETE", f"/snapshots/{_seg(snapshot_ref(snapshot))}")
 
+    @classmethod
+    async def list_usage(cls, *, paths: Paths | None = None, url: str | None = None,
+                         api_key: str | None = None) -> builtins.list[SandboxUsage]:
+        """One sample per live sandbox of the caller: host CPU seconds used so far and
+        host memory held now (CPU use is the difference of two samples; ``ember top``)."""
+        t = await _target(url, api_key, paths)
+        if t is None:
+            from ember.sdk.usage import usage_of
+
+            return [u for u, _ in await asyncio.to_thread(usage_of, manager(paths))]
+        from ember.sdk.wire import sandbox_usage
+
+        async with _closing(t):
+            return [sandbox_usage(u) for u in await t.call("GET", "/usage")]
+
+    # --- templates ------------------------------------------------------------------------
+    @classmethod
+    async def build_template(cls, name: str, source: str | None = None, *,
+                             packages: Sequence[str] = (), force: bool = False,
+                             rebuild: bool = False, free_mib: int = 1024,
+                             on_progress: Callable[[str], None] | None = None,
+                             paths: Paths | None = None, url: str | None = None,
+                             api_key: str | None = None) -> TemplateInfo:
+        """Build template ``name`` from ``source`` (``ember image build``; docs/images.md)
+        and register it; ``on_progress`` gets its status lines as they come. The
+        administrator's; builds whose image is cached by recipe take a moment."""
+        from ember.sdk import template_ops
+
+        t = await _target(url, api_key, paths)
+        if t is None:
+            return await asyncio.to_thread(functools.partial(
+                template_ops.build_here, paths, name, source, packages=packages, force=force,
+                rebuild=rebuild, free_mib=free_mib, progress=on_progress))
+        body = {"name": name, "source": source, "packages": builtins.list(packages),
+                "force": force, "rebuild": rebuild, "free_mib": free_mib}
+        async with _closing(t):
+            return await template_ops.build_remote(t, body, on_progress)
+
+    @classmethod
+    async def list_templates(cls, *, paths: Paths | None = None, url: str | None = None,
+                             api_key: str | None = None) -> builtins.list[TemplateInfo]:
+        """The templates sandboxes can be created from."""
+        from ember.sdk import template_ops
+
+        t = await _target(url, api_key, paths)
+        if t is None:
+            return await asyncio.to_thread(template_ops.list_here, paths)
+        async with _closing(t):
+            return await template_ops.list_remote(t)
+
+    @classmethod
+    async def delete_template(cls, name: str, *, paths: Paths | None = None,
+                              url: str | None = None, api_key: str | None = None) -> None:
+        """Remove template ``name`` (refused while sandboxes use it)."""
+        from ember.sdk import template_ops
+
+        t = await _target(url, api_key, paths)
+        if t is None:
+            await asyncio.to_thread(template_ops.remove_here, paths, name)
+            return
+        async with _closing(t):
+            await template_ops.remove_remote(t, name)
+
+    # --- warm pools -----------------------------------------------------------------------
+    @classmethod
+    async def set_pool(cls, template: str, size: int, *, vcpus: int | None = None,
+                       memory_mib: int | None = None, disk_mib: int | None = None,
+                       paths: Paths | None = None, url: str | None = None,
+                       api_key: str | None = None) -> PoolInfo:
+        """Keep ``size`` sandboxes of ``template`` at that shape started ahead, so that a
+        :meth:`create` of that template and shape returns at once (0 removes the pool).
+        The daemon fills it in the background (the administrator's)."""
+        from ember.sdk import pool_ops
+
+        t = await _target(url, api_key, paths)
+        if t is None:
+            return await pool_ops.set_here(paths, template, size, vcpus, memory_mib, disk_mib)
+        async with _closing(t):
+            return await pool_ops.set_remote(t, template, size, vcpus, memory_mib, disk_mib)
+
+    @classmethod
+    async def list_pools(cls, *, paths: Paths | None = None, url: str | None = None,
+                         api_key: str | None = None) -> builtins.list[PoolInfo]:
+        """The warm pools: size asked, members ready and starting, their idle memory."""
+        from ember.sdk import pool_ops
+
+        t = await _target(url, api_key, paths)
+        if t is None:
+            return await pool_ops.list_here(paths)
+        async with _closing(t):
+            return await pool_ops.list_remote(t)
+
+    @classmethod
+    async def remove_pool(cls, key: str, *, paths: Paths | None = None,
+                          url: str | None = None, api_key: str | None = None) -> None:
+        """Remove the pool ``key`` (as listed) and destroy its ready members."""
+        from ember.sdk import pool_ops
+
+        t = await _target(url, api_key, paths)
+        if t is None:
+            await pool_ops.remove_here(paths, key)
+            return
+        async with _closing(t):
+            await pool_ops.remove_remote(t, key)
+
     # --- lifetime ------------------------------------------------------------------------
     async def set_timeout(self, timeout: float | None) -> None:
         """Change the sandbox's remaining lifetime (seconds from now; None = no limit)."""
@@ -698,12 +808,12 @@ async def _target(url: str | None, api_key: str | None,
         return Transport(named, key)
     if in_process():
         return None
-    from ember.daemon.control import ensure_running
+    from ember.daemon.control import ensure_running, revive
 
     home = paths or Paths.from_env()
     await asyncio.to_thread(ensure_running, home)
     return Transport(f"unix://{home.daemon_socket}", key,
-                     revive=functools.partial(ensure_running, home))
+                     revive=functools.partial(revive, home))
 
 
 async def _remote_sandbox(t: Transport, method: str, path: str, body: dict[str, Any] | None,

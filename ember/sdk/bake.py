@@ -41,7 +41,7 @@ async def bake_template(name: str, base: str, setup: str | None, *, vcpus: int =
         raise BadRequestError(f"template {name!r} exists already (use --force)")
     async with await AsyncSandbox.create(base, vcpus=vcpus, memory_mib=memory_mib,
                                          disk_mib=disk_mib, timeout=None,
-                                         on_progress=on_progress) as sb:
+                                         on_progress=on_progress, paths=paths) as sb:
         if setup:
             if on_progress:
                 on_progress(f"running setup: {setup}")

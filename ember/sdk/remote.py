@@ -84,6 +84,15 @@ class Transport:
             if self._revive is None:
                 raise _unreachable(self.url, err) from None
             await asyncio.to_thread(self._revive)
+        except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError) as err:
+            # The daemon went away with the request: it may or may not have been done, so
+            # it is not sent again; the home's daemon is started again for the next call.
+            if self._revive is not None:
+                await asyncio.to_thread(self._revive)
+            raise GuestError(f"lost the ember daemon at {self.url} during {req.method} "
+                             f"{req.url.path} ({type(err).__name__}); it may or may not have "
+                             "been done" + ("; the daemon was started again"
+                                            if self._revive is not None else "")) from None
         except httpx.HTTPError as err:
             raise _unreachable(self.url, err) from None
         try:
@@ -311,7 +320,7 @@ class RemotePty(AsyncPty):
     async def signal(self, signum: int) -> None:
         await self._ws.send(json.dumps({"signal": int(signum)}))
 
-    async def _kill_self(self) -> None:
+    async def kill(self) -> None:
         await self.signal(9)
 
     async def output(self) -> AsyncIterator[bytes]:
@@ -420,7 +429,7 @@ class RemoteSandbox(AsyncSandbox):
 
     async def ping(self, timeout: float = 10.0) -> float:
         t0 = time.monotonic()
-        await self._t.call("GET", self._base + "/ping")
+        await self._t.call("GET", self._base + "/ping", params={"timeout": timeout})
         return time.monotonic() - t0
 
     async def _pause_self(self) -> None:
@@ -454,12 +463,15 @@ class RemoteSandbox(AsyncSandbox):
         if self._killed:
             return
         self._killed = True
+        t = self._t.clone() if self._closed else self._t  # kill() after close() works too
         try:
-            await self._t.call("DELETE", self._base)
+            await t.call("DELETE", self._base)
         except EmberError as err:
             if err.code != "sandbox_not_found":
                 raise
         finally:
+            if t is not self._t:
+                await t.close()
             await self.close()
 
     def __repr__(self) -> str:

@@ -114,6 +114,7 @@ class SandboxInfo:
     error: str | None = None
     snapshot: str | None = None  # restored from this snapshot id
     isolation: Isolation = "microvm"
+    tenant: str | None = None  # the daemon tenant it belongs to (None: made outside one)
 
 
 @dataclass(frozen=True)
@@ -146,3 +147,46 @@ def snapshot_ref(snapshot: object) -> str:
         return snapshot
     raise BadRequestError(f"snapshot must be a name, an id or a SnapshotInfo, not "
                           f"{type(snapshot).__name__} {snapshot!r:.80}")
+
+
+@dataclass(frozen=True)
+class PoolInfo:
+    """A warm pool: ``size`` ready sandboxes of a template and shape, kept by the daemon."""
+
+    key: str  # template/vcpus/memory_mib/disk_mib
+    template: str
+    vcpus: int
+    memory_mib: int
+    disk_mib: int | None
+    size: int  # asked for
+    created_at: float
+    ready: int = 0  # members waiting to be handed out
+    starting: int = 0  # members being started
+    idle_pss_bytes: int = 0  # host memory (PSS) of the ready members' VMMs
+
+
+@dataclass(frozen=True)
+class SandboxUsage:
+    """What a sandbox costs the host at one moment (``ember top`` shows the difference of
+    two samples as CPU use)."""
+
+    id: str
+    state: SandboxState
+    vcpus: int
+    memory_mib: int  # its memory limit
+    cpu_seconds: float  # host CPU time used since it started
+    memory_bytes: int  # host memory it holds now (its cgroup's charge, or its VMM's RSS)
+    sampled_at: float  # seconds since the epoch
+
+
+@dataclass(frozen=True)
+class TemplateInfo:
+    """A template sandboxes can be created from (``ember image ls``)."""
+
+    name: str
+    source: str
+    digest: str  # content digest of its root filesystem
+    size_bytes: int  # its image
+    created_at: float
+    config: dict[str, Any] = field(default_factory=dict)  # image config, bake and snapshot
+

@@ -19,9 +19,12 @@ from ember.sdk.results import (
     EntryInfo,
     ExecResult,
     OutputChunk,
+    PoolInfo,
     ProcessInfo,
     SandboxInfo,
+    SandboxUsage,
     SnapshotInfo,
+    TemplateInfo,
 )
 from ember.sdk.verbs import ByIdOrSelf, SyncVerb
 
@@ -50,6 +53,9 @@ class Process:
     def signal(self, signum: int) -> None:
         portal().call(self._inner.signal(signum))
 
+    def kill(self) -> None:
+        portal().call(self._inner.kill())
+
 
 class Pty:
     """A command on a terminal in a sandbox (blocking API); see :class:`AsyncPty`."""
@@ -66,6 +72,9 @@ class Pty:
 
     def signal(self, signum: int) -> None:
         portal().call(self._inner.signal(signum))
+
+    def kill(self) -> None:
+        portal().call(self._inner.kill())
 
     def output(self) -> Iterator[bytes]:
         return portal().iterate(self._inner.output())
@@ -175,6 +184,56 @@ class Sandbox:
                         url: str | None = None, api_key: str | None = None) -> None:
         portal().call(AsyncSandbox.delete_snapshot(snapshot, paths=paths, url=url,
                                                    api_key=api_key))
+
+    @classmethod
+    def build_template(cls, name: str, source: str | None = None, *,
+                       packages: Sequence[str] = (), force: bool = False,
+                       rebuild: bool = False, free_mib: int = 1024,
+                       on_progress: Callable[[str], None] | None = None,
+                       paths: Paths | None = None, url: str | None = None,
+                       api_key: str | None = None) -> TemplateInfo:
+        """Build and register a template; see :meth:`AsyncSandbox.build_template`."""
+        return portal().call(AsyncSandbox.build_template(
+            name, source, packages=packages, force=force, rebuild=rebuild, free_mib=free_mib,
+            on_progress=on_progress, paths=paths, url=url, api_key=api_key))
+
+    @classmethod
+    def list_templates(cls, *, paths: Paths | None = None, url: str | None = None,
+                       api_key: str | None = None) -> builtins.list[TemplateInfo]:
+        return portal().call(AsyncSandbox.list_templates(paths=paths, url=url,
+                                                         api_key=api_key))
+
+    @classmethod
+    def delete_template(cls, name: str, *, paths: Paths | None = None, url: str | None = None,
+                        api_key: str | None = None) -> None:
+        portal().call(AsyncSandbox.delete_template(name, paths=paths, url=url,
+                                                   api_key=api_key))
+
+    @classmethod
+    def list_usage(cls, *, paths: Paths | None = None, url: str | None = None,
+                   api_key: str | None = None) -> builtins.list[SandboxUsage]:
+        """What each live sandbox costs the host; see :meth:`AsyncSandbox.list_usage`."""
+        return portal().call(AsyncSandbox.list_usage(paths=paths, url=url, api_key=api_key))
+
+    @classmethod
+    def set_pool(cls, template: str, size: int, *, vcpus: int | None = None,
+                 memory_mib: int | None = None, disk_mib: int | None = None,
+                 paths: Paths | None = None, url: str | None = None,
+                 api_key: str | None = None) -> PoolInfo:
+        """Keep ``size`` sandboxes of ``template`` ready; see :meth:`AsyncSandbox.set_pool`."""
+        return portal().call(AsyncSandbox.set_pool(
+            template, size, vcpus=vcpus, memory_mib=memory_mib, disk_mib=disk_mib,
+            paths=paths, url=url, api_key=api_key))
+
+    @classmethod
+    def list_pools(cls, *, paths: Paths | None = None, url: str | None = None,
+                   api_key: str | None = None) -> builtins.list[PoolInfo]:
+        return portal().call(AsyncSandbox.list_pools(paths=paths, url=url, api_key=api_key))
+
+    @classmethod
+    def remove_pool(cls, key: str, *, paths: Paths | None = None, url: str | None = None,
+                    api_key: str | None = None) -> None:
+        portal().call(AsyncSandbox.remove_pool(key, paths=paths, url=url, api_key=api_key))
 
     @classmethod
     def connect(cls, sandbox_id: str, *, wait: float = CONNECT_WAIT_S,

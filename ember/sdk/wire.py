@@ -15,7 +15,15 @@ import json
 from typing import Any, TypeVar
 
 from ember.errors import EmberError, ProtocolError, error_for_code
-from ember.sdk.results import EntryInfo, ProcessInfo, SandboxInfo, SnapshotInfo
+from ember.sdk.results import (
+    EntryInfo,
+    PoolInfo,
+    ProcessInfo,
+    SandboxInfo,
+    SandboxUsage,
+    SnapshotInfo,
+    TemplateInfo,
+)
 
 T = TypeVar("T")
 #: The longest NDJSON line either side accepts (a 64 KiB chunk of output in base64, with
@@ -60,6 +68,18 @@ def entry_info(raw: object) -> EntryInfo:
 
 def process_info(raw: object) -> ProcessInfo:
     return from_json(ProcessInfo, raw)
+
+
+def pool_info(raw: object) -> PoolInfo:
+    return from_json(PoolInfo, raw)
+
+
+def sandbox_usage(raw: object) -> SandboxUsage:
+    return from_json(SandboxUsage, raw)
+
+
+def template_info(raw: object) -> TemplateInfo:
+    return from_json(TemplateInfo, raw)
 
 
 # --- errors ------------------------------------------------------------------------------
@@ -109,7 +129,20 @@ def parse_event(line: bytes) -> dict[str, Any]:
 
 
 __all__ = [
-    "EVENT_CHUNK", "entry_info", "error_body", "error_for_event", "error_from_body",
-    "event_line", "from_json", "output_event", "parse_event", "process_info", "sandbox_info",
-    "snapshot_info", "to_json",
+    "EVENT_CHUNK",
+    "entry_info",
+    "error_body",
+    "error_for_event",
+    "error_from_body",
+    "event_line",
+    "from_json",
+    "output_event",
+    "parse_event",
+    "pool_info",
+    "process_info",
+    "sandbox_info",
+    "sandbox_usage",
+    "snapshot_info",
+    "template_info",
+    "to_json",
 ]

@@ -136,8 +136,10 @@ class PoolRecord:
                 "created_at": self.created_at}
 
 
+#: Metadata keys that start with this are ember's own: refused from users, not shown back.
+RESERVED_PREFIX = "ember."
 #: The metadata key that names a sandbox's (and a snapshot's) tenant, set by the daemon.
-TENANT_KEY = "ember.tenant"
+TENANT_KEY = RESERVED_PREFIX + "tenant"
 
 
 @dataclass(frozen=True)

@@ -156,3 +156,28 @@ def test_cli_image_commands(ember_paths: Paths, debian_template) -> None:  # typ
     assert cp.returncode == 3 and "no-such" in cp.stderr
     cp = ember("image", "build", "x", "--from", "debian:nosuchrelease")
     assert cp.returncode == 1 and "unknown Debian release" in cp.stderr
+
+
+def test_template_build_through_the_daemon_streams_progress(
+        ember_paths: Paths, kernel, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`ember image build` is a client of the daemon: the build runs there, its status lines
+    come back as they happen, and errors are the same types as in-process."""
+    layout = F.make_busybox_oci_layout(tmp_path / "bb")
+    seen: list[str] = []
+    info = Sandbox.build_template("via-daemon", f"oci-layout:{layout}", free_mib=8,
+                                  on_progress=seen.append, paths=ember_paths)
+    try:
+        assert info.name == "via-daemon" and info.digest.startswith("sha256:")
+        assert info.source == f"oci-layout:{layout}" and seen, seen
+        assert "via-daemon" in [t.name for t in Sandbox.list_templates(paths=ember_paths)]
+        with pytest.raises(BadRequestError, match="exists already"):
+            Sandbox.build_template("via-daemon", f"oci-layout:{layout}", paths=ember_paths)
+        with pytest.raises(ImageSourceError):
+            Sandbox.build_template("bad-src", f"oci-layout:{tmp_path / 'nothing'}",
+                                   paths=ember_paths)
+        assert "bad-src" not in [t.name for t in Sandbox.list_templates(paths=ember_paths)]
+    finally:
+        Sandbox.delete_template("via-daemon", paths=ember_paths)
+    with pytest.raises(TemplateNotFoundError):
+        Sandbox.delete_template("via-daemon", paths=ember_paths)
+    assert staging_empty(ember_paths)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ember import Sandbox
+from ember import NotFoundError, Sandbox
 from ember.paths import Paths
 from ember.runtime import pools
 from ember.sdk.async_sandbox import manager
@@ -41,7 +41,8 @@ def _daemon_pid(paths: Paths) -> int | None:
 def test_pool_hands_out_ready_sandboxes_once_and_refills(ember_paths: Paths,
                                                          debian_template) -> None:  # type: ignore[no-untyped-def]
     mgr = manager(ember_paths)
-    rec = pools.set_pool(mgr, "debian-python", 2, memory_mib=192)
+    rec = Sandbox.set_pool("debian-python", 2, memory_mib=192, paths=ember_paths)  # daemon's
+    assert (rec.template, rec.size, rec.memory_mib) == ("debian-python", 2, 192)
     try:
         _wait_ready(ember_paths, rec.key, 2)
         pooled = {r.id for r in pools.members(mgr, rec.key) if r.state == "pooled"}
@@ -65,11 +66,14 @@ def test_pool_hands_out_ready_sandboxes_once_and_refills(ember_paths: Paths,
                 s.kill()
         _wait_ready(ember_paths, rec.key, 2)
         assert _daemon_pid(ember_paths) not in (None, pid)
-        status = next(p for p in pools.status(mgr) if p.pool.key == rec.key)
-        assert status.idle_pss_bytes > 0
+        status = next(p for p in Sandbox.list_pools(paths=ember_paths) if p.key == rec.key)
+        assert status.idle_pss_bytes > 0 and status.ready == 2
     finally:
-        pools.remove_pool(mgr, rec.key)
+        Sandbox.remove_pool(rec.key, paths=ember_paths)
     assert not pools.members(mgr, rec.key)
+    assert rec.key not in [p.key for p in Sandbox.list_pools(paths=ember_paths)]
+    with pytest.raises(NotFoundError):
+        Sandbox.remove_pool(rec.key, paths=ember_paths)
 
 
 def test_baked_template_restores_with_setup_done(ember_paths: Paths,

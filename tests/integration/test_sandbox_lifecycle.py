@@ -132,9 +132,9 @@ def test_guest_that_stops_answering_is_failed(ember_paths: Paths, debian_templat
     assert_no_leaks(ember_paths)
 
 
-def test_creator_killed_mid_create_is_reconciled(ember_paths: Paths, debian_template) -> None:  # type: ignore[no-untyped-def]
+def _create_and_get_killed(ember_paths: Paths, env: dict[str, str]) -> None:
     code = "import ember; ember.Sandbox.create('debian-python'); import time; time.sleep(600)"
-    child = subprocess.Popen([sys.executable, "-c", code], env=os.environ.copy())
+    child = subprocess.Popen([sys.executable, "-c", code], env=env)
     try:
         deadline = time.monotonic() + 60
         while not qemu_pids_under(ember_paths.home):  # wait until QEMU is booting
@@ -144,11 +144,35 @@ def test_creator_killed_mid_create_is_reconciled(ember_paths: Paths, debian_temp
     finally:
         child.kill()
         child.wait()
+
+
+def test_creator_killed_mid_create_is_reconciled(ember_paths: Paths, debian_template) -> None:  # type: ignore[no-untyped-def]
+    """A process running the runtime itself (EMBER_LOCAL=1, as the daemon does) dies while
+    its sandbox boots: the next reconcile marks it failed and releases everything."""
+    _create_and_get_killed(ember_paths, {**os.environ, "EMBER_LOCAL": "1"})
     recs = manager(ember_paths).list()  # `ember ls` reconciles
     assert len(recs) == 1 and recs[0].state == "failed", recs
     assert "died" in (recs[0].error or "")
     assert_no_leaks(ember_paths, allow_failed_rows=True)
     manager(ember_paths).destroy(recs[0].id)
+    assert_no_leaks(ember_paths)
+
+
+def test_client_killed_mid_create_through_the_daemon(ember_paths: Paths, debian_template) -> None:  # type: ignore[no-untyped-def]
+    """Through the daemon, the create is the daemon's: its client dying changes nothing,
+    and the sandbox comes up, usable by anyone (and ends with its lifetime)."""
+    _create_and_get_killed(ember_paths, os.environ.copy())
+    deadline = time.monotonic() + 180
+    while True:
+        infos = Sandbox.list(paths=ember_paths)
+        if infos and infos[0].state == "running":
+            break
+        assert time.monotonic() < deadline, f"the create did not finish: {infos}"
+        time.sleep(0.2)
+    assert len(infos) == 1
+    sb = Sandbox.connect(infos[0].id, paths=ember_paths)
+    assert sb.exec("hostname").stdout.strip() == sb.id
+    sb.kill()
     assert_no_leaks(ember_paths)
 
 
@@ -171,13 +195,18 @@ def test_missing_kernel_or_qemu_is_a_clear_error(ember_paths: Paths, debian_temp
     # an ember home whose cache has no kernel, with the template registered
     isolated = Paths(home=tmp_path / "h", cache=tmp_path / "c").ensure()
     Store(isolated.db).put_template(debian_template)
-    with pytest.raises(MissingDependencyError, match="ember kernel build"):
-        Sandbox.create("debian-python", paths=isolated)
+    try:
+        with pytest.raises(MissingDependencyError, match="ember kernel build"):
+            Sandbox.create("debian-python", paths=isolated)  # its daemon says so
+    finally:
+        from ember.daemon.control import stop
+
+        stop(isolated)
     assert manager(isolated).store.list_sandboxes() == []
     assert list(isolated.sandboxes.iterdir()) == []
-    # no QEMU on PATH
+    # no QEMU on PATH (of the process that runs the runtime)
     code = "import ember; ember.Sandbox.create('debian-python')"
-    env = {**os.environ, "PATH": "/nonexistent"}
+    env = {**os.environ, "PATH": "/nonexistent", "EMBER_LOCAL": "1"}
     cp = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                         timeout=120)
     assert cp.returncode != 0 and "MissingDependencyError" in cp.stderr
@@ -194,15 +223,15 @@ def test_disk_size_is_what_was_asked(ember_paths: Paths, debian_template) -> Non
     assert_no_leaks(ember_paths)
 
 
-def test_lifetime_is_enforced_with_no_ember_process_running(ember_paths: Paths,
-                                                           debian_template) -> None:  # type: ignore[no-untyped-def]
+def test_lifetime_is_enforced_after_its_creator_is_gone(ember_paths: Paths,
+                                                       debian_template) -> None:  # type: ignore[no-untyped-def]
     code = "import ember; sb = ember.Sandbox.create('debian-python', timeout=2); sb.close()"
     cp = subprocess.run([sys.executable, "-c", code], timeout=120, env=os.environ.copy(),
                         capture_output=True, text=True)
     assert cp.returncode == 0, cp.stderr
     assert qemu_pids_under(ember_paths.home)  # the sandbox outlives its creator...
     deadline = time.monotonic() + 30
-    # ...until the reaper ends it, nobody asking. The reaper kills QEMU first and deletes
+    # ...until the home's daemon ends it, nobody asking. It kills QEMU first and deletes
     # the row after: wait for both (checking the row as soon as QEMU is gone races it).
     while qemu_pids_under(ember_paths.home) or manager(ember_paths).store.list_sandboxes():
         assert time.monotonic() < deadline, "the expired sandbox was not destroyed"
@@ -211,11 +240,24 @@ def test_lifetime_is_enforced_with_no_ember_process_running(ember_paths: Paths,
     assert_no_leaks(ember_paths)
 
 
-def test_second_client_gets_a_clear_busy_error(ember_paths: Paths, debian_template) -> None:  # type: ignore[no-untyped-def]
+def test_in_process_a_second_client_gets_a_clear_busy_error(
+        ember_paths: Paths, debian_template, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     from ember import SandboxStateError
 
+    monkeypatch.setenv("EMBER_LOCAL", "1")
     with Sandbox.create("debian-python", paths=ember_paths) as sb:
         with pytest.raises(SandboxStateError, match="busy"):
             Sandbox.connect(sb.id, wait=0.5, paths=ember_paths)
+        assert sb.exec("echo still mine").stdout == "still mine\n"
+    assert_no_leaks(ember_paths)
+
+
+def test_through_the_daemon_clients_share_a_sandbox(ember_paths: Paths, debian_template) -> None:  # type: ignore[no-untyped-def]
+    with Sandbox.create("debian-python", paths=ember_paths) as sb:
+        other = Sandbox.connect(sb.id, wait=0.5, paths=ember_paths)
+        p = sb.spawn("sleep 2; echo slow", timeout=30)
+        assert other.exec("echo meanwhile").stdout == "meanwhile\n"
+        assert p.wait().stdout == "slow\n"
+        other.close()
         assert sb.exec("echo still mine").stdout == "still mine\n"
     assert_no_leaks(ember_paths)

@@ -320,8 +320,9 @@ def test_seccomp_and_capabilities_confine_the_workload(sandbox: Sandbox) -> None
 
 def test_creator_killed_before_the_agent_answered_leaves_nothing(  # type: ignore[no-untyped-def]
         ember_paths: Paths, debian_template, tier: str) -> None:
-    """The creating process dies with the container running but not yet ready: the next
-    look at the registry releases the container, its mounts and cgroup."""
+    """The process that runs the runtime (EMBER_LOCAL=1, as the daemon does) dies with the
+    container running but not yet ready: the next look at the registry releases the
+    container, its mounts and cgroup."""
     image = _image(ember_paths)
     loops = _loops_backed_by(image)
     code = ("import os, signal\nfrom ember import Sandbox\n"
@@ -329,7 +330,7 @@ def test_creator_killed_before_the_agent_answered_leaves_nothing(  # type: ignor
             "        os.kill(os.getpid(), signal.SIGKILL)\n"
             f"Sandbox.create(isolation={tier!r}, on_progress=die)\n")
     cp = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                        timeout=120, env=os.environ.copy())
+                        timeout=120, env={**os.environ, "EMBER_LOCAL": "1"})  # it runs them
     assert cp.returncode == -9, cp.stderr
     rows = Store(ember_paths.db).list_sandboxes()
     orphans = [r for r in rows if r.isolation == tier and r.state == "booting"]

@@ -212,3 +212,38 @@ def test_quota_answers_429_with_retry_after(paths: Paths) -> None:
 def test_metadata_keys_of_the_daemon_are_refused(paths: Paths) -> None:
     r = call(paths, "POST", "/v1/sandboxes", json={"metadata": {"ember.tenant": "bob"}})
     assert error_of(r) == (400, "bad_request")
+
+
+def test_pools_are_the_administrators_and_checked(paths: Paths) -> None:
+    """Pool changes are refused with a typed error before anything starts: an unknown
+    template, a size out of bounds, an unknown pool; a tenant cannot see pools at all."""
+    r = call(paths, "PUT", "/v1/pools", json={"template": "nope", "size": 1})
+    assert error_of(r) == (404, "template_not_found")
+    assert error_of(call(paths, "PUT", "/v1/pools", json={"size": 10_000}))[0] == 400
+    assert error_of(call(paths, "PUT", "/v1/pools", json={"size": 1, "x": 1}))[0] == 400
+    r = call(paths, "DELETE", "/v1/pools/debian-python/1/256/-")
+    assert error_of(r) == (404, "not_found") and "no pool" in r.json()["error"]["message"]
+    assert call(paths, "GET", "/v1/pools").json() == []
+    for method, url in (("GET", "/v1/pools"), ("DELETE", "/v1/pools/a/1/256/-")):
+        assert error_of(call(paths, method, url, tenant="t1"))[0] == 404
+    r = call(paths, "PUT", "/v1/pools", json={"template": "nope", "size": 1}, tenant="t1")
+    assert error_of(r)[0] == 404
+
+
+def test_template_builds_are_the_administrators_and_checked(paths: Paths) -> None:
+    """Builds read host paths and run as root: a tenant gets 404; a bad request is refused
+    before any build starts; an existing name needs force; removal of an unknown one is a
+    typed 404."""
+    Store(paths.db).put_template(TemplateRecord(
+        name="base", source="dir:/x", digest="sha256:" + "0" * 64, image_path="/nonexistent",
+        size_bytes=1, created_at=1.0))
+    r = call(paths, "POST", "/v1/templates", json={"name": "t", "source": "dir:/"}, tenant="t1")
+    assert error_of(r)[0] == 404
+    for bad in ({"name": ""}, {"name": "t", "packages": ["; rm -rf /"]}, {"name": "t", "x": 1},
+                {"name": "t", "free_mib": -1}):
+        assert error_of(call(paths, "POST", "/v1/templates", json=bad))[0] == 400, bad
+    r = call(paths, "POST", "/v1/templates", json={"name": "base", "source": "dir:/"})
+    assert error_of(r) == (400, "bad_request") and "exists already" in r.text
+    assert [t["name"] for t in call(paths, "GET", "/v1/templates", tenant="t1").json()] == ["base"]
+    assert error_of(call(paths, "DELETE", "/v1/templates/nope")) == (404, "template_not_found")
+    assert error_of(call(paths, "DELETE", "/v1/templates/base", tenant="t1"))[0] == 404

@@ -7,10 +7,12 @@ PUBLIC = {
     "CommandFailedError", "CommandNotFoundError", "CommandTimeoutError", "EmberError",
     "EmberTimeoutError", "EngineError", "EntryInfo", "ExecResult", "Files", "GuestError",
     "GuestPathNotFoundError", "HostCommandError", "HostError", "ImageSourceError",
-    "MissingDependencyError", "NotFoundError", "OutputChunk", "Process", "ProcessInfo",
+    "MissingDependencyError", "NotFoundError", "OutputChunk", "PoolInfo", "Process", "ProcessInfo",
     "ProtocolError", "Pty", "Sandbox", "SandboxInfo", "SandboxNotFoundError", "SandboxStateError",
+    "SandboxUsage",
     "SnapshotError", "SnapshotInfo", "SnapshotNotFoundError", "TemplateNotFoundError",
     "TierUnavailableError", "UnsafeLayerError", "QuotaExceededError", "UnauthorizedError",
+    "TemplateInfo",
 }
 
 

@@ -1,0 +1,101 @@
+"""Templates: list (everyone: templates are shared read-only), build with progress
+streamed as NDJSON, and remove (the administrator's).
+
+A build runs in a thread of the daemon, as root (debootstrap, image tools) and reads
+sources on the daemon's host (``dir:``, ``oci-layout:``) or fetched by it (``registry:``),
+so builds are the administrator's: a tenant's request answers 404 as for an unknown route.
+A build goes on when its client disconnects (its template is registered when it ends);
+the events are::
+
+    {"event": "started", "name": "py"}
+    {"event": "progress", "message": "debootstrap bookworm ..."}
+    {"event": "done", "template": {...}}   or   {"event": "error", "code", "message"}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Path, Response
+from fastapi.responses import StreamingResponse
+
+from ember.daemon.auth import Principal
+from ember.daemon.deps import Live, Who
+from ember.daemon.models import TemplateBuildRequest
+from ember.errors import BadRequestError, EmberError, NotFoundError, TemplateNotFoundError
+from ember.sdk import template_ops
+from ember.sdk.wire import error_body, event_line, to_json
+
+router = APIRouter(tags=["templates"])
+NDJSON = "application/x-ndjson"
+#: Progress lines kept for a slow (or gone) reader; beyond it the oldest news is dropped.
+MAX_QUEUED = 1024
+
+
+def _admin(who: Principal) -> None:
+    if not who.admin:
+        raise NotFoundError("template builds are for the administrator")
+
+
+@router.get("/templates")
+async def templates(live: Live, who: Who) -> list[dict[str, Any]]:
+    """The templates sandboxes can be created from."""
+    return [to_json(i) for i in await asyncio.to_thread(template_ops.list_here, live.paths)]
+
+
+@router.post("/templates", responses={200: {"content": {NDJSON: {}}}})
+async def build(body: TemplateBuildRequest, live: Live, who: Who) -> StreamingResponse:
+    """Build a template (``ember image build``); its progress and result as NDJSON."""
+    _admin(who)
+    if not body.force:
+        with contextlib.suppress(TemplateNotFoundError):
+            await asyncio.to_thread(live.mgr.store.get_template, body.name)
+            raise BadRequestError(f"template {body.name!r} exists already (use force)")
+    loop = asyncio.get_running_loop()
+    news: asyncio.Queue[bytes | None] = asyncio.Queue(MAX_QUEUED)
+
+    def tell(line: bytes | None) -> None:  # in the loop; the end (None) always gets in
+        if news.full():
+            news.get_nowait()
+        news.put_nowait(line)
+
+    def progress(msg: str) -> None:  # called in the build's thread
+        loop.call_soon_threadsafe(tell, event_line({"event": "progress",
+                                                    "message": msg[:2000]}))
+
+    job = asyncio.ensure_future(asyncio.to_thread(functools.partial(
+        template_ops.build_here, live.paths, body.name, body.source,
+        packages=body.packages, force=body.force, rebuild=body.rebuild,
+        free_mib=body.free_mib, progress=progress)))
+    job.add_done_callback(lambda _: tell(None))
+
+    async def events() -> AsyncIterator[bytes]:
+        yield event_line({"event": "started", "name": body.name})
+        while (line := await news.get()) is not None:
+            yield line
+        err = job.exception()
+        if err is None:
+            yield event_line({"event": "done", "template": to_json(job.result())})
+        elif isinstance(err, EmberError):
+            yield event_line({"event": "error", **error_body(err)["error"]})
+        else:
+            yield event_line({"event": "error", "code": "internal",
+                              "message": f"{type(err).__name__}: {err}"})
+
+    return StreamingResponse(events(), media_type=NDJSON)
+
+
+@router.delete("/templates/{name}", status_code=204)
+async def remove(live: Live, who: Who,
+                 name: str = Path(min_length=1, max_length=63)) -> Response:
+    """Remove a template (refused while sandboxes use it)."""
+    _admin(who)
+    await asyncio.to_thread(template_ops.remove_here, live.paths, name)
+    return Response(status_code=204)
+
+
+__all__ = ["router"]

@@ -1,0 +1,86 @@
+"""Templates from the SDK: what ``AsyncSandbox.build_template`` / ``list_templates`` /
+``delete_template`` do, in this process (``EMBER_LOCAL=1``, and the daemon) or through a
+daemon (the build's progress streamed as NDJSON events)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+from ember.errors import ProtocolError
+from ember.paths import Paths
+from ember.sdk.results import TemplateInfo
+from ember.store import TemplateRecord
+
+if TYPE_CHECKING:
+    from ember.sdk.remote import Transport
+
+
+def info(rec: TemplateRecord) -> TemplateInfo:
+    return TemplateInfo(name=rec.name, source=rec.source, digest=rec.digest,
+                        size_bytes=rec.size_bytes, created_at=rec.created_at,
+                        config=dict(rec.config))
+
+
+def build_here(paths: Paths | None, name: str, source: str | None, *,
+               packages: Sequence[str], force: bool, rebuild: bool, free_mib: int,
+               progress: Callable[[str], None] | None) -> TemplateInfo:
+    """Build and register template ``name`` (blocking: minutes for a Debian build)."""
+    from ember.guest.image import build_image
+    from ember.sdk.async_sandbox import manager
+
+    mgr = manager(paths)
+    return info(build_image(mgr.paths, mgr.store, name, source, packages=packages,
+                            force=force, rebuild=rebuild, free_mib=free_mib,
+                            progress=progress))
+
+
+def remove_here(paths: Paths | None, name: str) -> None:
+    """Remove template ``name`` (refused while sandboxes use it); a baked template's
+    snapshot goes with it unless still in use."""
+    from ember.guest.image import remove_image
+    from ember.sdk.async_sandbox import manager
+
+    mgr = manager(paths)
+    snapshot = mgr.store.get_template(name).config.get("snapshot")
+    remove_image(mgr.paths, mgr.store, name)
+    if snapshot:
+        mgr.collect_snapshot(str(snapshot))
+
+
+def list_here(paths: Paths | None) -> list[TemplateInfo]:
+    from ember.sdk.async_sandbox import manager
+
+    return [info(r) for r in manager(paths).store.list_templates()]
+
+
+async def build_remote(t: Transport, body: dict[str, Any],
+                       progress: Callable[[str], None] | None) -> TemplateInfo:
+    from ember.sdk import wire
+
+    r = await t.stream("POST", "/templates", json=body)
+    try:
+        async for line in r.aiter_lines():
+            if not line:
+                continue
+            ev = wire.parse_event(line.encode())
+            if ev["event"] == "progress" and progress is not None:
+                progress(str(ev.get("message", ""))[:2000])
+            elif ev["event"] == "error":
+                raise wire.error_for_event(ev)
+            elif ev["event"] == "done":
+                return wire.template_info(ev.get("template"))
+    finally:
+        await r.aclose()
+    raise ProtocolError(f"the daemon ended the build of {body.get('name')!r} without a result")
+
+
+async def list_remote(t: Transport) -> list[TemplateInfo]:
+    from ember.sdk.wire import template_info
+
+    return [template_info(i) for i in await t.call("GET", "/templates")]
+
+
+async def remove_remote(t: Transport, name: str) -> None:
+    await t.call("DELETE", "/templates/" + quote(name, safe=""))
