@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import secrets
 import stat
 
 from ember.protocol import (
@@ -145,21 +147,38 @@ def stream_read(msg: Message, reply: Reply) -> list[Message]:
 class FileWriter:
     """A ``write`` in progress: FILEDATA frames go to the file until ``eof``.
 
-    The file is written in place (not atomically); ``mode``, when given, is applied even
-    to an existing file.
+    A regular file (or a new one) is written to a hidden sibling and renamed over the
+    target at ``eof``: a write that ends early (``abort``, the session gone) leaves the old
+    file as it was and no partial one. ``append``, and targets that are not regular files
+    (devices, FIFOs, /proc), are written in place. ``mode``, when given, is applied even to
+    an existing file; otherwise an existing file keeps its mode and owner.
     """
 
-    def __init__(self, fd: int, path: str) -> None:
+    def __init__(self, fd: int, path: str, staged: str | None = None,
+                 target: str | None = None) -> None:
         self.path = path
         self.written = 0
         self._fd: int | None = fd
+        self._staged = staged  # the hidden sibling renamed over ``target`` at the end
+        self._target = target or path
 
     @classmethod
     def open(cls, msg: Message) -> FileWriter:
         path = get_str(msg, "path")
         mode = get_opt_int(msg, "mode")
+        append = get_bool(msg, "append")
+        try:
+            old = os.stat(path)
+        except OSError:
+            old = None
+        if append or (old is not None and not stat.S_ISREG(old.st_mode)):
+            return cls._in_place(path, mode, append)
+        return cls._staged_write(path, mode, old)
+
+    @classmethod
+    def _in_place(cls, path: str, mode: int | None, append: bool) -> FileWriter:
         flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
-        flags |= os.O_APPEND if get_bool(msg, "append") else os.O_TRUNC
+        flags |= os.O_APPEND if append else os.O_TRUNC
         try:
             fd = os.open(path, flags, 0o644 if mode is None else mode)
         except OSError as err:
@@ -172,6 +191,32 @@ class FileWriter:
             os.close(fd)
             raise os_error(err, f"cannot write {path}") from None
         return cls(fd, path)
+
+    @classmethod
+    def _staged_write(cls, path: str, mode: int | None,
+                      old: os.stat_result | None) -> FileWriter:
+        real = os.path.realpath(path)  # through a symlink: replace what it points to
+        if os.path.isdir(real):
+            raise os_error(IsADirectoryError(errno.EISDIR, "Is a directory"),
+                           f"cannot write {path}")
+        parent, name = os.path.split(real)
+        staged = os.path.join(parent, f".{name[:200]}.ember-{secrets.token_hex(4)}.part")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+        perm = mode if mode is not None else (old.st_mode & 0o7777 if old else 0o644)
+        try:
+            fd = os.open(staged, flags, 0o600)
+        except OSError as err:
+            raise os_error(err, f"cannot write {path}") from None
+        try:
+            if old is not None and mode is None:
+                os.fchown(fd, old.st_uid, old.st_gid)
+            os.fchmod(fd, perm)
+        except OSError as err:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(staged)
+            raise os_error(err, f"cannot write {path}") from None
+        return cls(fd, path, staged, real)
 
     def write(self, data: bytes) -> None:
         if self._fd is None:
@@ -186,17 +231,28 @@ class FileWriter:
         self.written += len(data)
 
     def finish(self) -> Message:
-        """Close the file; the final ``ok {size}`` (bytes written by this request)."""
+        """Close the file (and put it in place); the final ``ok {size}`` (bytes written by
+        this request)."""
         fd, self._fd = self._fd, None
         if fd is not None:
             try:
                 os.close(fd)
+                if self._staged is not None:
+                    os.rename(self._staged, self._target)
+                    self._staged = None
             except OSError as err:
+                self.abort()
                 raise os_error(err, f"cannot write {self.path}") from None
         return {"op": "ok", "size": self.written}
 
     def abort(self) -> None:
+        """The write ends early: close, and drop the staged copy (the target is as it
+        was)."""
         fd, self._fd = self._fd, None
         if fd is not None:
             with contextlib.suppress(OSError):
                 os.close(fd)
+        staged, self._staged = self._staged, None
+        if staged is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(staged)

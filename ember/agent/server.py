@@ -284,6 +284,13 @@ class Agent:
             if isinstance(op, ExecOp) and op.stdin is not None:
                 op.stdin.finish()
             return
+        if op_name == "abort":  # its client gave the write up and hears nothing more
+            if isinstance(op, FileWriter):
+                self._unregister(stream, op)
+                op.abort()
+            elif isinstance(op, _Discard):
+                self._unregister(stream, op)
+            return
         if isinstance(op, FileWriter):
             self._unregister(stream, op)
             try:

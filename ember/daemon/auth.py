@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import logging
 import secrets
 import socket
 import struct
@@ -25,6 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
@@ -38,6 +40,8 @@ from ember.errors import (
 from ember.runtime.states import LIVE_STATES
 from ember.store import Store
 from ember.store.records import TENANT_KEY, ApiKeyRecord, SandboxRecord, SnapshotRecord
+
+log = logging.getLogger("ember.daemon")
 
 ADMIN = "admin"
 #: The ``client`` of a request that came over the Unix socket: ``(PEER_UID, uid)``.
@@ -68,15 +72,47 @@ def _peer(transport: asyncio.BaseTransport) -> tuple[str, int] | None:
     return (PEER_UID, uid)
 
 
+#: A request's head (request line and headers) must arrive within this many seconds of
+#: the connection (or of the previous response): a client dribbling bytes is cut off
+#: instead of holding a connection forever (uvicorn itself has no such deadline).
+HEAD_TIMEOUT_S = 30.0
+
+
 class PeerCredH11(H11Protocol):
     """uvicorn's HTTP/1.1 protocol, which also records the peer uid of a Unix socket
-    connection as the request's ``client``."""
+    connection as the request's ``client`` and closes connections whose request head
+    takes longer than :data:`HEAD_TIMEOUT_S`."""
+
+    _head_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         peer = _peer(transport)
         if peer is not None:
             self.client = peer
+        self._arm_head_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().connection_lost(exc)
+
+    def _arm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        self._head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self._head_deadline)
+
+    def _head_deadline(self) -> None:
+        self._head_timer = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            log.info("closing a connection whose request head took over %g s",
+                     HEAD_TIMEOUT_S)
+            self.transport.close()
 
 
 class PeerCredWebSocket(WebSocketsSansIOProtocol):

@@ -4,13 +4,14 @@ Lower layer: imports nothing from ``runtime``, ``sdk`` or ``cli``.
 """
 
 from ember.engine.accel import AccelDecision, detect_accel
-from ember.engine.base import Engine, VMHandle, VMSpec
+from ember.engine.base import Engine, SandboxHandle, VMHandle, VMSpec
 from ember.engine.qemu import QemuEngine
 
 __all__ = [
     "AccelDecision",
     "Engine",
     "QemuEngine",
+    "SandboxHandle",
     "VMHandle",
     "VMSpec",
     "default_engine",

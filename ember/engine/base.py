@@ -167,29 +167,21 @@ def remove_stale_socket(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-class VMHandle(ABC):
-    """A running (or once running) VMM process and its sockets.
+class SandboxHandle(ABC):
+    """The running process of one sandbox, whatever its tier (a VMM, a container's init
+    or gVisor's sandbox process) and the sockets it serves.
 
-    ``is_alive``, ``kill`` and ``wait_exit`` are engine-neutral and implemented here;
-    subclasses implement VMM control. ``kill``, ``quit`` and a successful ``wait_exit``
-    leave no process and remove the VM's sockets and pidfile.
+    ``is_alive``, ``kill`` and ``wait_exit`` are implemented here, from the process and
+    its identity; subclasses implement pausing and stopping. ``kill``, ``quit`` and a
+    successful ``wait_exit`` leave no process and remove its sockets and pidfile.
     """
 
-    def __init__(
-        self,
-        *,
-        name: str,
-        pid: int,
-        qmp_socket: Path,
-        agent_socket: Path | None,
-        console_log: Path,
-        pidfile: Path,
-    ) -> None:
+    def __init__(self, *, name: str, pid: int, agent_socket: Path | None, console_log: Path,
+                 pidfile: Path) -> None:
         if pid <= 0:
             raise BadRequestError(f"pid must be positive, not {pid}")
         self.name = name
         self.pid = pid
-        self.qmp_socket = qmp_socket
         self.agent_socket = agent_socket
         self.console_log = console_log
         self.pidfile = pidfile
@@ -198,18 +190,13 @@ class VMHandle(ABC):
         return f"<{type(self).__name__} {self.name} pid={self.pid}>"
 
     @property
-    def _identity(self) -> str:
-        """A string that appears in this VMM's argv and in no unrelated process's."""
-        return os.fspath(self.qmp_socket)
-
-    # -- VMM control (per engine)
     @abstractmethod
-    def qmp(self, cmd: str, **args: Any) -> Any:
-        """Run one control command and return its result; EngineError on failure."""
+    def _identity(self) -> str:
+        """A string that appears in this process's argv and in no unrelated process's."""
 
     @abstractmethod
     def stop(self) -> None:
-        """Pause the guest's vCPUs."""
+        """Pause the guest."""
 
     @abstractmethod
     def cont(self) -> None:
@@ -217,11 +204,11 @@ class VMHandle(ABC):
 
     @abstractmethod
     def status(self) -> str:
-        """The VMM's run state (``running``, ``paused``, ...) or ``exited``."""
+        """The run state (``running``, ``paused``, ...) or ``exited``."""
 
     @abstractmethod
     def quit(self, timeout: float = 10.0) -> None:
-        """Ask the VMM to exit; SIGKILL it if it has not within ``timeout`` seconds."""
+        """Ask the process to exit; SIGKILL it if it has not within ``timeout`` seconds."""
 
     # -- process level (shared)
     def is_alive(self) -> bool:
@@ -276,7 +263,6 @@ class VMHandle(ABC):
         return fd
 
     def _cleanup(self) -> None:
-        remove_stale_socket(self.qmp_socket)
         if self.agent_socket is not None:
             remove_stale_socket(self.agent_socket)
         try:
@@ -289,6 +275,28 @@ class VMHandle(ABC):
         except OSError as err:
             if err.errno != errno.ENOENT:
                 raise EngineError(f"cannot remove pidfile {self.pidfile}: {err}") from err
+
+
+class VMHandle(SandboxHandle):
+    """A running (or once running) VMM process: its control socket (QMP) besides."""
+
+    def __init__(self, *, name: str, pid: int, qmp_socket: Path, agent_socket: Path | None,
+                 console_log: Path, pidfile: Path) -> None:
+        super().__init__(name=name, pid=pid, agent_socket=agent_socket,
+                         console_log=console_log, pidfile=pidfile)
+        self.qmp_socket = qmp_socket
+
+    @property
+    def _identity(self) -> str:
+        return os.fspath(self.qmp_socket)
+
+    @abstractmethod
+    def qmp(self, cmd: str, **args: Any) -> Any:
+        """Run one control command and return its result; EngineError on failure."""
+
+    def _cleanup(self) -> None:
+        remove_stale_socket(self.qmp_socket)
+        super()._cleanup()
 
 
 def _reap(pidfd: int) -> None:

@@ -219,6 +219,8 @@ REQUESTS: Mapping[str, OpSpec] = {
     "read": OpSpec({"path": PATH}),
     "write": OpSpec({"path": PATH}, {"mode": MODE, "append": BOOL}),
     "eof": OpSpec(),
+    # a write given up by its client: the staged file is dropped, no reply
+    "abort": OpSpec(),
     "list": OpSpec({"path": PATH}),
     "stat": OpSpec({"path": PATH}),
     "mkdir": OpSpec({"path": PATH}, {"parents": BOOL}),
@@ -253,7 +255,7 @@ REQUEST_OPS = frozenset(REQUESTS)
 REPLY_OPS = frozenset(REPLIES)
 
 # Requests sent on the stream of a running operation rather than on a fresh stream.
-STREAM_CONTROL_OPS = frozenset({"stdin_eof", "eof"})
+STREAM_CONTROL_OPS = frozenset({"stdin_eof", "eof", "abort"})
 
 
 def check_request(stream: int, msg: Message) -> None:

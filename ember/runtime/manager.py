@@ -15,19 +15,14 @@ import logging
 import os
 import secrets
 import shutil
-import signal
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ember import proc
-from ember.agent import INIT_PATH
-from ember.engine import AccelDecision, QemuEngine, VMHandle, VMSpec, detect_accel
+from ember.engine import AccelDecision, SandboxHandle, VMSpec, detect_accel
 from ember.engine.base import file_tail
-from ember.engine.container import ContainerSpec, OciEngine, gvisor_platform, require_tier
-from ember.engine.container.compat import statx_compat
+from ember.engine.container import require_tier
 from ember.errors import (
     BadRequestError,
     EmberError,
@@ -36,13 +31,12 @@ from ember.errors import (
     SandboxStateError,
     SnapshotError,
 )
-from ember.guest.inject import staged_agent_lib
 from ember.guest.kernel import Kernel, kernel_by_key, require_kernel
-from ember.host.cgroups import SandboxCgroup, home_key
-from ember.host.jail import JAILER_NAME, JailSpec
+from ember.host.jail import JailSpec
 from ember.locks import FileLock
 from ember.paths import Paths
 from ember.runtime import snapshots
+from ember.runtime.backends import Backend, Build, MicroVM, boot_cmdline, make_backend
 from ember.runtime.confinement import Confinement
 from ember.runtime.leftovers import NEW_DIR_PREFIX, sweep_leftovers
 from ember.runtime.overlays import make_overlay
@@ -87,11 +81,12 @@ class SandboxManager:
     def __init__(self, paths: Paths | None = None) -> None:
         self.paths = (paths or Paths.from_env()).ensure()
         self.store = Store(self.paths.db)
-        self.engine = QemuEngine()
         self.confinement = Confinement(self.paths)
         self._accel: AccelDecision | None = None
         self._kernel: Kernel | None = None
-        self._oci: dict[str, OciEngine] = {}
+        self._backends: dict[str, Backend] = {}
+        self.microvm = MicroVM(self)
+        self.engine = self.microvm.engine  # snapshots and restores are the microVM's
 
     @property
     def accel(self) -> AccelDecision:
@@ -102,13 +97,14 @@ class SandboxManager:
     def close(self) -> None:
         self.store.close()
 
-    def oci(self, isolation: str) -> OciEngine:
-        """The OCI runtime engine of a container tier (``gvisor`` or ``container``)."""
-        if isolation not in self._oci:
-            platform = gvisor_platform()[0] if isolation == "gvisor" else "ptrace"
-            state = Path("/run/ember/oci") / home_key(self.paths.home)
-            self._oci[isolation] = OciEngine(isolation, state, platform=platform)
-        return self._oci[isolation]
+    def backend(self, isolation: str) -> Backend:
+        """The backend of an isolation tier (made on first use: the gVisor one probes
+        its platform)."""
+        if isolation == "microvm":
+            return self.microvm
+        if isolation not in self._backends:
+            self._backends[isolation] = make_backend(self, isolation)
+        return self._backends[isolation]
 
     def kernel(self) -> Kernel:
         """The guest kernel (looked up once per manager: the lookup asks dpkg)."""
@@ -119,78 +115,21 @@ class SandboxManager:
     # --- create --------------------------------------------------------------------------
     def start(self, spec: SandboxSpec, lock_out: list[FileLock],
               progress: Callable[[str], None] | None = None) -> SandboxRecord:
-        """Register and boot a sandbox; return with QEMU running (state ``booting``).
+        """Register and start a sandbox of ``spec.isolation``'s tier; return with its
+        process running (state ``booting``).
 
         The caller receives the sandbox's client lock in ``lock_out`` (held) and must
         connect to the agent, then call :meth:`mark_running` or :meth:`destroy`.
         """
-        if spec.isolation != "microvm":
-            return self._start_container(spec, lock_out, progress)
+        if spec.isolation != "microvm":  # a tier this host cannot run: say so first
+            require_tier(spec.isolation)
         template = self.store.get_template(spec.template)
-        for program in ("qemu-system-x86_64", "qemu-img"):
-            proc.require(program)
-        kernel = self.kernel()
-        base_mib = -(-template.size_bytes // (1 << 20))
-        disk_mib = spec.disk_mib or base_mib
-        if disk_mib < base_mib:
-            raise BadRequestError(
-                f"disk_mib={disk_mib} is smaller than template {template.name!r} ({base_mib} MiB)"
-            )
-
-        def build(rec: SandboxRecord, d: SandboxDir) -> VMHandle:
-            if progress:
-                progress(f"creating overlay over template {template.name}")
-            make_overlay(self.paths, Path(template.image_path), "raw", disk_mib, d.overlay)
-            if progress:
-                progress(f"booting microVM ({self.accel.accel})")
-            ram = self.ram_file(rec.id)
-            jail = self.confinement.prepare(rec, d.root, writable=d.prepare_vm_files(),
-                                            shared_ram=ram, log_path=d.qemu_log)
-            return self.engine.start(self._vmspec(
-                rec, d, kernel.bzimage, cmdline=boot_cmdline(rec.id), memory_file=ram,
-                memory_shared=True, jail=jail))
-
-        return self._launch(spec, lock_out, build, template=template.name, disk_mib=disk_mib,
-                            accel=self.accel.accel, what="creating sandbox")
-
-    def _start_container(self, spec: SandboxSpec, lock_out: list[FileLock],
-                         progress: Callable[[str], None] | None) -> SandboxRecord:
-        """:meth:`start` for the container tiers: the template's image under a per-sandbox
-        overlay, run by crun or runsc in the sandbox's cgroup (docs/isolation.md)."""
-        require_tier(spec.isolation)
-        template = self.store.get_template(spec.template)
-        if template.config.get("snapshot"):
-            raise BadRequestError(f"template {template.name!r} is pre-baked (a microVM "
-                                  f"snapshot); isolation={spec.isolation} needs a plain one")
-        engine = self.oci(spec.isolation)
-        base_mib = -(-template.size_bytes // (1 << 20))
-
-        def build(rec: SandboxRecord, d: SandboxDir) -> VMHandle:
-            if progress:
-                progress(f"starting {spec.isolation} sandbox ({engine.name}) over template "
-                         f"{template.name}")
-            d.console_log.touch(mode=0o600)
-            if self.confinement.enabled:
-                procs = self.confinement.prepare_cgroup(rec)
-            else:
-                procs = ()
-                log.warning("sandbox %s runs without cgroup limits: %s", rec.id,
-                            self.confinement.reason)
-            return engine.start(ContainerSpec(
-                name=rec.id, root=d.root, image=Path(template.image_path),
-                agent_lib=staged_agent_lib(self.paths.home / "agent-lib"), run_dir=d.vm,
-                console_log=d.console_log, pidfile=d.pidfile, cgroup_procs=procs,
-                disk_mib=rec.disk_mib,
-                compat_lib=statx_compat(self.paths.cache) if spec.isolation == "gvisor"
-                else None))
-
-        return self._launch(spec, lock_out, build, template=template.name,
-                            disk_mib=spec.disk_mib or base_mib,
-                            accel=engine.platform if spec.isolation == "gvisor" else "none",
-                            what="creating sandbox")
+        plan = self.backend(spec.isolation).plan(spec, template, progress)
+        return self._launch(spec, lock_out, plan.build, template=plan.template,
+                            disk_mib=plan.disk_mib, accel=plan.accel, what="creating sandbox")
 
     def _launch(self, spec: SandboxSpec, lock_out: list[FileLock],
-                build: Callable[[SandboxRecord, SandboxDir], VMHandle], *, template: str,
+                build: Build, *, template: str,
                 disk_mib: int, accel: str, what: str, snap: SnapshotRecord | None = None,
                 ) -> SandboxRecord:
         """Make the sandbox's locked directory, register it (``creating``), ``build`` its
@@ -252,7 +191,7 @@ class SandboxManager:
         """Where a booted sandbox's guest RAM lives (shared file on tmpfs)."""
         return self.paths.ensure_ram() / f"{sandbox_id}.ram"
 
-    def _vmspec(self, rec: SandboxRecord, d: SandboxDir, kernel: Path, *, cmdline: str = "",
+    def vmspec(self, rec: SandboxRecord, d: SandboxDir, kernel: Path, *, cmdline: str = "",
                 memory_file: Path | None = None, memory_shared: bool = False,
                 incoming: bool = False, jail: JailSpec | None = None) -> VMSpec:
         return VMSpec(
@@ -283,13 +222,13 @@ class SandboxManager:
             raise BadRequestError(f"disk_mib={spec.disk_mib} differs from the snapshot's "
                                   f"({snap.disk_mib} MiB)")
 
-        def build(rec: SandboxRecord, d: SandboxDir) -> VMHandle:
+        def build(rec: SandboxRecord, d: SandboxDir) -> SandboxHandle:
             make_overlay(self.paths, plan.disk, "qcow2", snap.disk_mib, d.overlay)
             if progress:
                 progress(f"restoring snapshot {snap.id[:12]} ({self.accel.accel})")
             jail = self.confinement.prepare(rec, d.root, writable=d.prepare_vm_files(),
                                             snapshot_ram=plan.ram, log_path=d.qemu_log)
-            return self.engine.restore(self._vmspec(
+            return self.engine.restore(self.vmspec(
                 rec, d, plan.kernel.bzimage, cmdline=plan.cmdline, memory_file=plan.ram,
                 incoming=True, jail=jail), plan.state, expect_cpu=plan.cpu)
 
@@ -302,7 +241,10 @@ class SandboxManager:
         """Snapshot a running or paused sandbox (it is paused meanwhile, then resumed).
         ``hold``: the caller keeps the snapshot's hold lock (see :func:`snapshots.take`)."""
         rec = self.get(sandbox_id)
-        _microvm_only(rec, "snapshot (and fork)")
+        if not self.backend(rec.isolation).snapshots:
+            raise BadRequestError(f"snapshot (and fork) is not supported on isolation="
+                                  f"{rec.isolation} (sandbox {rec.id}); only on "
+                                  "isolation=microvm")
         if rec.state not in ("running", "paused", "pooled"):
             raise SandboxStateError(f"sandbox {sandbox_id} is {rec.state}; only a running or "
                                     "paused sandbox can be snapshotted")
@@ -323,7 +265,8 @@ class SandboxManager:
         ram = self.paths.ram / f"{rec.id}.ram"
         try:
             return snapshots.take(
-                self.paths, self.store, self.engine, self.handle(rec), rec, kernel=kernel,
+                self.paths, self.store, self.engine, self.microvm.attach(rec, d), rec,
+                kernel=kernel,
                 cmdline=cmdline, ram_file=ram if ram.is_file() else None, overlay=d.overlay,
                 template=tpl, name=name, resume=resume, hold=hold)
         finally:
@@ -368,25 +311,10 @@ class SandboxManager:
     def _stop(self, rec: SandboxRecord) -> None:
         """Pause the guest: QEMU stops its vCPUs, runsc its Sentry; a crun container's
         processes are frozen in their cgroup (crun itself has no cgroup here)."""
-        if rec.isolation == "container":
-            self._freezer(rec, "pause").freeze()
-        else:
-            self.handle(rec).stop()
+        self.backend(rec.isolation).pause(rec, SandboxDir(Path(rec.dir)))
 
     def _cont(self, rec: SandboxRecord) -> None:
-        if rec.isolation == "container":
-            self._freezer(rec, "resume").thaw()
-        else:
-            self.handle(rec).cont()
-
-    def _freezer(self, rec: SandboxRecord, verb: str) -> SandboxCgroup:
-        cg = self.confinement.cgroup(rec.id)
-        if cg is None or not cg.can_freeze:
-            why = self.confinement.reason if not self.confinement.enabled else \
-                self.confinement.freezer_detail()
-            raise BadRequestError(f"cannot {verb} sandbox {rec.id}: isolation=container "
-                                  f"pauses with the cgroup freezer, which is unusable: {why}")
-        return cg
+        self.backend(rec.isolation).resume(rec, SandboxDir(Path(rec.dir)))
 
     def _switch(self, sandbox_id: str, src: str, dst: str, verb: str,
                 action: Callable[[SandboxRecord], None]) -> None:
@@ -468,15 +396,9 @@ class SandboxManager:
             log.warning("sweeping leftovers: %s", err)
         return out
 
-    def handle(self, rec: SandboxRecord) -> VMHandle:
-        d = SandboxDir(Path(rec.dir))
-        if rec.pid is None:
-            raise SandboxNotFoundError(f"sandbox {rec.id} has no VM process")
-        if rec.isolation != "microvm":
-            return self.oci(rec.isolation).attach(rec.pid, rec.id, agent_socket=d.agent_socket,
-                                                  console_log=d.console_log, pidfile=d.pidfile)
-        # Attaching to a running VM does not need the kernel file (it may have been rebuilt).
-        return self.engine.attach(rec.pid, self._vmspec(rec, d, Path("/")))
+    def handle(self, rec: SandboxRecord) -> SandboxHandle:
+        """The running process of a sandbox, whatever its tier."""
+        return self.backend(rec.isolation).attach(rec, SandboxDir(Path(rec.dir)))
 
     def _alive(self, rec: SandboxRecord) -> bool:
         if rec.pid is None:
@@ -560,58 +482,31 @@ class SandboxManager:
         self._release(rec, error=None, keep_row=False)
 
     def _release(self, rec: SandboxRecord, *, error: str | None, keep_row: bool = True) -> None:
-        # The registry may not know every process of this sandbox: its creator may have died
-        # while `qemu-img` or a daemonizing QEMU ran (whose child may appear after we look),
-        # and a recorded pid may have been reused. Kill the QEMU programs that name this
-        # sandbox's directory on their command line until none does.
         d = SandboxDir(Path(rec.dir))
-        for _ in range(50):
-            pids = _qemu_pids_mentioning(d.root)
-            if not pids:
-                break
-            for pid in pids:
-                self._kill_pid(rec, d, pid)
-            time.sleep(0.02)
-        root = Path(rec.dir)
-        if rec.isolation != "microvm" and rec.pid is not None:
-            try:
-                self.handle(rec).kill()
-            except EmberError as err:
-                log.warning("sandbox %s: cannot kill its container: %s", rec.id, err)
+        backend = self.backend(rec.isolation)
+        backend.kill(rec, d)
         if error is not None and self.confinement.oom_killed(rec.id):
             error = (f"out of memory: the sandbox used more host memory than its limit "
                      f"({rec.memory_mib} MiB plus any VMM overhead) and the kernel killed "
                      f"it ({error})")
-        self.confinement.release(rec.id, root)
-        if rec.isolation != "microvm":
-            try:  # after the cgroup's removal: no process of it can hold the mounts now
-                self.oci(rec.isolation).teardown(rec.id, root)
-            except EmberError as err:  # never delete files under a still-mounted overlay
-                log.error("sandbox %s: %s; leaving %s in place", rec.id, err, root)
-                self.set_state(rec.id, "failed", pid=None,
-                               error=f"cannot release its mounts: {err}")
-                return
-        (self.paths.ram / f"{rec.id}.ram").unlink(missing_ok=True)
+        self.confinement.release(rec.id, d.root)
+        try:
+            backend.teardown(rec, d)
+        except EmberError as err:  # never delete files under a still-mounted overlay
+            log.error("sandbox %s: %s; leaving %s in place", rec.id, err, d.root)
+            self.set_state(rec.id, "failed", pid=None, error=f"cannot release its mounts: {err}")
+            return
         if keep_row:
-            if root.is_dir():
-                for child in root.iterdir():
+            if d.root.is_dir():
+                for child in d.root.iterdir():
                     if child.name not in KEEP_ON_FAILURE:
                         _remove(child)
             with contextlib.suppress(SandboxNotFoundError):  # destroyed meanwhile
                 self.set_state(rec.id, "failed", error=error, pid=None)
         else:
-            shutil.rmtree(root, ignore_errors=True)
+            shutil.rmtree(d.root, ignore_errors=True)
             self.store.delete_sandbox(rec.id)
         self.collect_snapshot(rec.snapshot)
-
-    def _kill_pid(self, rec: SandboxRecord, d: SandboxDir, pid: int) -> None:
-        try:
-            if str(d.qmp_socket).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
-                self.handle(replace(rec, pid=pid)).kill()  # QEMU: engine-checked kill
-            else:
-                os.kill(pid, signal.SIGKILL)  # a helper such as qemu-img
-        except (OSError, EmberError) as err:
-            log.warning("sandbox %s: cannot kill process %s: %s", rec.id, pid, err)
 
     def set_timeout(self, sandbox_id: str, timeout: float | None) -> None:
         if timeout is not None and not 0 < timeout <= 7 * 86400:
@@ -619,36 +514,6 @@ class SandboxManager:
         self.store.update_sandbox(
             sandbox_id, timeout_s=timeout,
             expires_at=time.time() + timeout if timeout is not None else None)
-
-
-def _microvm_only(rec: SandboxRecord, what: str) -> None:
-    if rec.isolation != "microvm":
-        raise BadRequestError(f"{what} is not supported on isolation={rec.isolation} "
-                              f"(sandbox {rec.id}); only on isolation=microvm")
-
-
-def boot_cmdline(sandbox_id: str) -> str:
-    return f"init={INIT_PATH} ember.hostname={sandbox_id} ember.id={sandbox_id}"
-
-
-_JAILER = JAILER_NAME.encode()
-
-
-def _qemu_pids_mentioning(directory: Path) -> set[int]:
-    """Live QEMU programs (qemu-system-*, qemu-img) and jailers starting one, whose command
-    line names a file in ``directory``; never a user's shell or editor that names it."""
-    needle = str(directory).encode() + b"/"
-    found = set()
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                argv = (d / "cmdline").read_bytes()
-                prog = os.path.basename(argv.split(b"\0", 1)[0])
-                if needle in argv and (prog.startswith(b"qemu-") or prog == _JAILER):
-                    found.add(int(d.name))
-            except OSError:
-                continue
-    return found
 
 
 def _remove(p: Path) -> None:

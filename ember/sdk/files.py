@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -83,9 +84,14 @@ class AsyncFiles:
         try:
             await client.send_msg(sid, {"op": "write", "path": _check_path(path), "mode": mode,
                                         "append": append})
-            async for chunk in chunks:
-                if chunk:
-                    await client.send_data(sid, P.Kind.FILEDATA, chunk)
+            try:
+                async for chunk in chunks:
+                    if chunk:
+                        await client.send_data(sid, P.Kind.FILEDATA, chunk)
+            except BaseException:  # the data stopped coming: the guest drops what it has
+                with contextlib.suppress(Exception):
+                    await client.send_msg(sid, {"op": "abort"})
+                raise
             await client.send_msg(sid, {"op": "eof"})
             frame = await client.next_frame(sid, FILE_TIMEOUT_S)
             msg = reply_of(sid, frame)

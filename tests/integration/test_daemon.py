@@ -283,3 +283,25 @@ def test_the_daemon_enforces_lifetimes_itself(daemon: str, ember_paths: Paths) -
     with pytest.raises(EmberError):
         box.exec("true")
     box.close()
+
+
+def test_an_upload_cut_off_midway_leaves_the_old_file(ember_paths: Paths, sb: Sandbox) -> None:
+    """The client disconnects after part of the body: the guest file is as it was, with no
+    partial or staged copy, and the sandbox goes on serving."""
+    sb.files.write("/root/cut.txt", "the old content")
+    raw = socket.socket(socket.AF_UNIX)
+    raw.connect(str(socket_path(ember_paths)))
+    raw.sendall(f"PUT /v1/sandboxes/{sb.id}/files/content?path=/root/cut.txt HTTP/1.1\r\n"
+                f"Host: x\r\nContent-Length: {10 << 20}\r\n\r\n".encode())
+    raw.sendall(b"x" * (1 << 20))
+    time.sleep(0.5)
+    raw.close()
+    deadline = time.monotonic() + 30
+    while True:
+        names = sb.exec("ls -A /root").stdout.split()
+        if not [n for n in names if n.endswith(".part")]:
+            break
+        assert time.monotonic() < deadline, f"a staged copy stayed: {names}"
+        time.sleep(0.2)
+    assert sb.files.read_text("/root/cut.txt") == "the old content"
+    sb.files.remove("/root/cut.txt")

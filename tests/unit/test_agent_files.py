@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -200,3 +201,43 @@ def test_errno_kinds_are_protocol_kinds() -> None:
     from ember.protocol import ERROR_KINDS
 
     assert set(ERRNO_KINDS.values()) <= ERROR_KINDS
+
+
+def test_a_write_given_up_leaves_the_old_file(agent: AgentHarness, tmp_path: Path) -> None:
+    """``abort`` (the client's data stopped) and a lost session alike: the target is as it
+    was and no staged copy remains; the agent keeps serving."""
+    target = tmp_path / "keep.txt"
+    target.write_bytes(b"old content")
+    stream = agent.new_stream()
+    agent.send_msg(stream, {"op": "write", "path": str(target), "mode": 0o644})
+    agent.send_data(Kind.FILEDATA, stream, b"half of the new")
+    assert agent.request({"op": "ping"}) == {"op": "pong"}  # the data arrived
+    assert target.read_bytes() == b"old content"  # not written in place
+    agent.send_msg(stream, {"op": "abort"})
+    assert agent.request({"op": "ping"}) == {"op": "pong"}
+    assert not agent.queues[stream]  # abort has no reply
+    assert target.read_bytes() == b"old content"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+    # the same when the whole session goes away mid-write
+    stream = agent.new_stream()
+    agent.send_msg(stream, {"op": "write", "path": str(tmp_path / "new.txt")})
+    agent.send_data(Kind.FILEDATA, stream, b"partial")
+    assert agent.request({"op": "ping"}) == {"op": "pong"}
+    agent.close()
+    deadline = time.monotonic() + 5
+    while len(list(tmp_path.iterdir())) > 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+
+
+def test_writes_through_symlinks_and_to_devices(agent: AgentHarness, tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.write_bytes(b"a")
+    real.chmod(0o640)
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    assert write(agent, link, b"through")["size"] == 7
+    assert link.is_symlink() and real.read_bytes() == b"through"
+    assert stat.S_IMODE(real.stat().st_mode) == 0o640  # no mode asked: it keeps its own
+    assert write(agent, "/dev/null", b"gone")["size"] == 4  # not a regular file: in place
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]

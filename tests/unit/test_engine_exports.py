@@ -11,6 +11,7 @@ def test_engine_exports() -> None:
         "AccelDecision",
         "Engine",
         "QemuEngine",
+        "SandboxHandle",
         "VMHandle",
         "VMSpec",
         "default_engine",

@@ -28,10 +28,9 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from ember.engine.base import (
-    VMHandle,
+    SandboxHandle,
     file_tail,
     process_runs,
     remove_stale_socket,
@@ -75,22 +74,20 @@ class ContainerSpec:
         return self.run_dir / "agent.sock"
 
 
-class OciHandle(VMHandle):
+class OciHandle(SandboxHandle):
     """A container's main process (crun: the container's init; runsc: the sandbox
-    process). Its argv carries the sandbox id, which :meth:`is_alive` checks."""
+    process). Its argv carries the sandbox id, which :meth:`is_alive` checks. It has no
+    VMM control socket: pausing goes through the OCI runtime."""
 
     def __init__(self, engine: OciEngine, name: str, pid: int, *, agent_socket: Path,
                  console_log: Path, pidfile: Path) -> None:
-        super().__init__(name=name, pid=pid, qmp_socket=agent_socket.with_name("none"),
-                         agent_socket=agent_socket, console_log=console_log, pidfile=pidfile)
+        super().__init__(name=name, pid=pid, agent_socket=agent_socket,
+                         console_log=console_log, pidfile=pidfile)
         self.engine = engine
 
     @property
     def _identity(self) -> str:
         return self.name
-
-    def qmp(self, cmd: str, **args: Any) -> Any:
-        raise BadRequestError(f"{cmd} is not supported on isolation={self.engine.isolation}")
 
     def stop(self) -> None:
         """Pause every task of the sandbox (gVisor only: its Sentry stops them itself)."""
