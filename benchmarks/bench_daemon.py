@@ -110,7 +110,11 @@ def main() -> None:
     url = f"unix://{socket_path(paths)}"
     print(f"daemon pid {st.pid} on {url}")
     remote = Sandbox.create(timeout=3600, url=url)
-    local = Sandbox.create(timeout=3600)  # in-process: what the daemon itself does
+    os.environ["EMBER_LOCAL"] = "1"  # in-process: what the daemon itself does
+    try:
+        local = Sandbox.create(timeout=3600)
+    finally:
+        del os.environ["EMBER_LOCAL"]
     try:
         for sb in (remote, local):
             timed(sb.ping, 20)

@@ -74,18 +74,24 @@ class LiveSandboxes:
             self._open[sandbox_id] = sb
             return sb
 
+    def _drop(self, sandbox_id: str) -> AsyncSandbox | None:
+        """Forget what the daemon holds of a sandbox; its open connection, if any."""
+        self._procs.pop(sandbox_id, None)
+        lock = self._attaching.get(sandbox_id)
+        if lock is not None and not lock.locked():  # one per sandbox attached, not forever
+            del self._attaching[sandbox_id]
+        return self._open.pop(sandbox_id, None)
+
     async def forget(self, sandbox_id: str) -> None:
         """Close the daemon's connection to a sandbox (which keeps running)."""
-        sb = self._open.pop(sandbox_id, None)
-        self._procs.pop(sandbox_id, None)
+        sb = self._drop(sandbox_id)
         if sb is not None:
             with contextlib.suppress(Exception):
                 await sb.close()
 
     async def kill(self, sandbox_id: str) -> None:
         """Destroy a sandbox, whether the daemon holds it open or not."""
-        sb = self._open.pop(sandbox_id, None)
-        self._procs.pop(sandbox_id, None)
+        sb = self._drop(sandbox_id)
         if sb is not None:
             await sb.kill()
             return

@@ -10,13 +10,15 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ember.runtime.manager import SandboxManager
+from ember.runtime.states import LIVE_STATES
 from ember.store.records import TENANT_KEY
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
 class _Sandboxes(Collector):
-    """Sandboxes by state and tier, read from the registry at scrape time."""
+    """Sandboxes by state and tier, and warm pools, read from the registry at scrape
+    time."""
 
     def __init__(self, mgr: SandboxManager) -> None:
         self._mgr = mgr
@@ -30,6 +32,22 @@ class _Sandboxes(Collector):
         for (state, iso, tenant), n in sorted(counts.items()):
             g.add_metric([state, iso, tenant], n)
         yield g
+        yield from self._pools()
+
+    def _pools(self) -> Iterator[GaugeMetricFamily]:
+        """Warm pools: members asked for, ready and starting (from the registry)."""
+        sizes = GaugeMetricFamily("ember_pool_size", "Warm pool members asked for", labels=["pool"])
+        members = GaugeMetricFamily("ember_pool_members", "Warm pool members by state",
+                                    labels=["pool", "state"])
+        rows = self._mgr.store.list_sandboxes()
+        for pool in self._mgr.store.list_pools():
+            sizes.add_metric([pool.key], pool.size)
+            mine = [r for r in rows if r.pool == pool.key and r.state in LIVE_STATES]
+            ready = sum(1 for r in mine if r.state == "pooled")
+            members.add_metric([pool.key, "ready"], ready)
+            members.add_metric([pool.key, "starting"], len(mine) - ready)
+        yield sizes
+        yield members
 
 
 class Metrics:

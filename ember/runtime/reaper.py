@@ -12,6 +12,7 @@ and the next daemon destroys what expired meanwhile on its first pass.
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -70,8 +71,12 @@ def supervise(paths: Paths, stop: threading.Event,
             if idle_exit is not None and pause is None:
                 wait = min(wait, max(0.2, idle_exit / 4))
             stop.wait(wait)
-        if not stop.is_set() and on_end is not None:  # its home was removed
-            log.warning("%s is gone: stopping", paths.home)
-            on_end()
+        if not stop.is_set():  # its home was removed under its sandboxes
+            log.warning("%s is gone: stopping its sandboxes' processes and the daemon",
+                        paths.home)
+            mgr.confinement.sweep(set)  # no registry to manage them by any more
+            shutil.rmtree(paths.ram, ignore_errors=True)  # their guest RAM files
+            if on_end is not None:
+                on_end()
     finally:
         mgr.close()

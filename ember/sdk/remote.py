@@ -59,7 +59,11 @@ class Transport:
         timeout = httpx.Timeout(30.0, read=SLOW_S)
         if parts.scheme == "unix":
             self.url = url
-            transport = httpx.AsyncHTTPTransport(uds=parts.path)
+            # A connection per request (a Unix socket connects in microseconds): a daemon
+            # that died or idled out is then a refused connection, which is safe to send
+            # again once it is back, never a stale pooled one that fails mid-request.
+            transport = httpx.AsyncHTTPTransport(
+                uds=parts.path, limits=httpx.Limits(max_keepalive_connections=0))
             self._http = httpx.AsyncClient(transport=transport, base_url="http://emberd",
                                            headers=headers, timeout=timeout)
         elif parts.scheme in ("http", "https") and parts.netloc:

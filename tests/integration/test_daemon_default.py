@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -36,7 +37,19 @@ def alive(pid):
         return open(f"/proc/{pid}/stat").read().split(") ")[1][0] != "Z"
     except OSError:
         return False
-while alive(first):  # (a request racing with its death gets GuestError: "lost the daemon")
+def refused():  # the kernel drops a dead process's listening socket a moment after
+    import socket
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(str(Paths.from_env().daemon_socket))
+        return False
+    except OSError:
+        return True
+    finally:
+        s.close()
+# (a request racing with its death gets GuestError: "lost the daemon", and is not resent)
+deadline = time.monotonic() + 10
+while (alive(first) or not refused()) and time.monotonic() < deadline:
     time.sleep(0.01)
 out["after_kill"] = sb.exec("echo again").stdout.strip()
 out["daemon_after"] = control.status(Paths.from_env()).pid
@@ -128,3 +141,24 @@ def test_a_busy_guest_shows_in_top(home: Paths) -> None:
         assert row["cpu_percent"] > 20, row
         usage = {u.id: u for u in Sandbox.list_usage(paths=home)}
         assert usage[sb.id].vcpus == 1 and usage[sb.id].state == "running"
+
+
+def test_a_home_removed_under_its_daemon(home: Paths) -> None:
+    """Deleting a home (a wiped install, a test's temporary home) while sandboxes run: its
+    daemon stops their processes and their RAM files, then itself."""
+    from ember import Sandbox
+    from tests.conftest import qemu_pids_under
+
+    sb = Sandbox.create("debian-python", timeout=600, paths=home)
+    assert qemu_pids_under(home.home) and list(home.ram.glob("*.ram"))
+    pid = control.status(home).pid
+    assert pid is not None
+    sb.close()
+    shutil.rmtree(home.home)
+    deadline = time.monotonic() + 60
+    while (qemu_pids_under(home.home) or Path(f"/proc/{pid}").exists()) \
+            and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not qemu_pids_under(home.home), "its sandbox outlived the home"
+    assert not Path(f"/proc/{pid}").exists(), "its daemon outlived the home"
+    assert not home.ram.exists()

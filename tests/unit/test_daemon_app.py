@@ -247,3 +247,15 @@ def test_template_builds_are_the_administrators_and_checked(paths: Paths) -> Non
     assert [t["name"] for t in call(paths, "GET", "/v1/templates", tenant="t1").json()] == ["base"]
     assert error_of(call(paths, "DELETE", "/v1/templates/nope")) == (404, "template_not_found")
     assert error_of(call(paths, "DELETE", "/v1/templates/base", tenant="t1"))[0] == 404
+
+
+def test_metrics_show_pools(paths: Paths) -> None:
+    """A pool row in the registry appears as its size and its members by state."""
+    from ember.store.records import PoolRecord
+
+    Store(paths.db).put_pool(PoolRecord(key="debian-python/1/256/-", template="debian-python",
+                                        vcpus=1, memory_mib=256, disk_mib=None, size=3,
+                                        created_at=1.0))
+    text = call(paths, "GET", "/metrics").text
+    assert 'ember_pool_size{pool="debian-python/1/256/-"} 3.0' in text
+    assert 'ember_pool_members{pool="debian-python/1/256/-",state="ready"} 0.0' in text
