@@ -7,7 +7,6 @@ stable code of an :class:`~ember.errors.EmberError` class, which the SDK raises 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import signal
@@ -42,8 +41,8 @@ from ember.daemon.models import PoolRequest
 from ember.engine.doctor import diagnose
 from ember.errors import BadRequestError, EmberError, NotFoundError
 from ember.paths import Paths
-from ember.runtime import pools, reaper
-from ember.sdk.wire import error_body
+from ember.runtime import reaper
+from ember.sdk.wire import error_body, to_json
 
 log = logging.getLogger("ember.daemon")
 
@@ -122,27 +121,22 @@ def create_app(paths: Paths, *, idle_exit: float | None = None) -> FastAPI:
     async def pool_status(who: Who) -> list[dict[str, object]]:
         """Warm pools: size asked, members ready and starting, their memory."""
         _admin(who, "pools")
-        return [s.to_json() for s in await asyncio.to_thread(pools.status, live.mgr)]
+        return [to_json(p) for p in await live.local.list_pools()]
 
     @app.put(f"/{API_VERSION}/pools", tags=["pools"])
     async def pool_set(body: PoolRequest, who: Who) -> dict[str, object]:
         """Create or resize the warm pool of a template and shape (size 0 removes it);
         the daemon fills it in the background."""
         _admin(who, "pools")
-        rec = await asyncio.to_thread(
-            functools.partial(pools.set_pool, live.mgr, body.template, body.size,
-                              vcpus=body.vcpus, memory_mib=body.memory_mib,
-                              disk_mib=body.disk_mib))
-        now = await asyncio.to_thread(pools.status, live.mgr)
-        return next((s.to_json() for s in now if s.pool.key == rec.key), rec.to_json())
+        return to_json(await live.local.set_pool(body.template, body.size, vcpus=body.vcpus,
+                                                 memory_mib=body.memory_mib,
+                                                 disk_mib=body.disk_mib))
 
     @app.delete(f"/{API_VERSION}/pools/{{key:path}}", tags=["pools"], status_code=204)
     async def pool_remove(key: str, who: Who) -> Response:
         """Remove a pool (its key as listed) and destroy its ready members."""
         _admin(who, "pools")
-        if not any(p.key == key for p in await asyncio.to_thread(live.mgr.store.list_pools)):
-            raise NotFoundError(f"no pool {key!r}")
-        await asyncio.to_thread(pools.remove_pool, live.mgr, key)
+        await live.local.remove_pool(key)
         return Response(status_code=204)
 
     @app.get(f"/{API_VERSION}/doctor", tags=["daemon"])

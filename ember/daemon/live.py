@@ -18,6 +18,7 @@ from ember.errors import BadRequestError, GuestError, NotFoundError
 from ember.paths import Paths
 from ember.runtime.manager import SandboxManager
 from ember.sdk.async_sandbox import AsyncSandbox, manager
+from ember.sdk.local import Local
 from ember.sdk.process import AsyncProcess
 
 log = logging.getLogger("ember.daemon")
@@ -34,6 +35,7 @@ class LiveSandboxes:
 
     def __init__(self, paths: Paths) -> None:
         self.paths = paths
+        self.local = Local(paths)  # the home's operations, in the daemon's process
         self._open: dict[str, AsyncSandbox] = {}
         self._attaching: dict[str, asyncio.Lock] = {}
         self._procs: dict[str, dict[int, AsyncProcess]] = {}
@@ -68,8 +70,7 @@ class LiveSandboxes:
             rec = await asyncio.to_thread(self.mgr.get, sandbox_id)  # reconciled
             if rec.state == "failed":  # as an in-process handle says it, for every client
                 raise GuestError(f"sandbox {sandbox_id} failed: {rec.error}")
-            sb = await AsyncSandbox._connect_here(sandbox_id, wait=ATTACH_WAIT_S,
-                                                   paths=self.paths)
+            sb = await self.local.connect(sandbox_id, wait=ATTACH_WAIT_S)
             log.info("attached to sandbox %s", sandbox_id)
             self._open[sandbox_id] = sb
             return sb

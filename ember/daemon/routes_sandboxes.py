@@ -19,8 +19,7 @@ from ember.daemon.models import (
     TimeoutRequest,
 )
 from ember.engine.container import require_tier
-from ember.runtime.manager import console_tail
-from ember.sdk.async_sandbox import AsyncSandbox, info_of, snapshot_info
+from ember.sdk.async_sandbox import info_of, snapshot_info
 from ember.sdk.results import SandboxInfo
 from ember.sdk.wire import to_json
 from ember.store.records import TENANT_KEY
@@ -47,12 +46,11 @@ async def create(body: CreateRequest, live: Live, meter: Meter, who: Who,
     memory = body.memory_mib or int(tpl.config.get("memory_mib", 256))
     async with quotas.lock(who):
         quotas.check(who, sandboxes=1, vcpus=vcpus, memory_mib=memory)
-        sb = await AsyncSandbox._create_here(
+        sb = await live.local.create(
             body.template, vcpus=body.vcpus, memory_mib=body.memory_mib,
             disk_mib=body.disk_mib, timeout=body.timeout, env=body.env,
             metadata=_tagged(body.metadata, who), boot_timeout=body.boot_timeout,
-            on_progress=None, paths=live.paths, on_timeout=body.on_timeout,
-            isolation=body.isolation)
+            on_progress=None, on_timeout=body.on_timeout, isolation=body.isolation)
     live.add(sb)
     meter.latency.labels("create").observe(time.monotonic() - t0)
     return to_json(await sb.info())
@@ -66,7 +64,7 @@ def _tagged(metadata: dict[str, str], who: Principal) -> dict[str, str]:
 async def list_sandboxes(live: Live, who: Who) -> list[dict[str, Any]]:
     """The caller's sandboxes (all of them for the administrator); dead VMs are found and
     marked failed."""
-    return [to_json(i) for i in await AsyncSandbox._list_here(live.paths)
+    return [to_json(i) for i in await live.local.list()
             if who.sees(i.tenant)]
 
 
@@ -88,7 +86,7 @@ async def kill(live: Live, meter: Meter, sandbox_id: OwnedId) -> Response:
 async def set_timeout(body: TimeoutRequest, live: Live,
                       sandbox_id: OwnedId) -> dict[str, Any]:
     """Its remaining lifetime, in seconds from now (null: no limit)."""
-    await asyncio.to_thread(live.mgr.set_timeout, sandbox_id, body.timeout)
+    await live.local.set_timeout(sandbox_id, body.timeout)
     return await _info(live, sandbox_id)
 
 
@@ -98,7 +96,7 @@ async def pause(live: Live, sandbox_id: OwnedId) -> dict[str, Any]:
     if sb is not None:
         await sb.pause()
     else:
-        await asyncio.to_thread(live.mgr.pause, sandbox_id)
+        await live.local.pause(sandbox_id)
     return await _info(live, sandbox_id)
 
 
@@ -108,16 +106,14 @@ async def resume(live: Live, sandbox_id: OwnedId) -> dict[str, Any]:
     if sb is not None:
         await sb.resume()
     else:
-        await asyncio.to_thread(live.mgr.resume, sandbox_id)
+        await live.local.resume(sandbox_id)
     return await _info(live, sandbox_id)
 
 
 @router.get("/sandboxes/{sandbox_id}/logs")
 async def logs(live: Live, sandbox_id: OwnedId) -> Response:
     """The guest's console (kernel and init messages), as text."""
-    rec = await asyncio.to_thread(live.mgr.store.get_sandbox, sandbox_id)  # any state
-    text = await asyncio.to_thread(console_tail, rec, 1 << 22)
-    return Response(text, media_type="text/plain; charset=utf-8")
+    return Response(await live.local.logs(sandbox_id), media_type="text/plain; charset=utf-8")
 
 
 @router.get("/sandboxes/{sandbox_id}/ping")
@@ -174,7 +170,7 @@ async def _own_snapshot(live: Live, who: Who, ref: str) -> None:
 async def delete_snapshot(live: Live, who: Who, ref: str = SnapRef) -> Response:
     """Remove a snapshot (refused while sandboxes restored from it still run)."""
     await _own_snapshot(live, who, ref)
-    await asyncio.to_thread(live.mgr.remove_snapshot, ref)
+    await live.local.delete_snapshot(ref)
     return Response(status_code=204)
 
 
@@ -187,10 +183,9 @@ async def restore(body: RestoreRequest, live: Live, meter: Meter, who: Who, quot
     snap = await asyncio.to_thread(live.mgr.store.get_snapshot, ref)
     async with quotas.lock(who):
         quotas.check(who, sandboxes=1, vcpus=snap.vcpus, memory_mib=snap.memory_mib)
-        sb = await AsyncSandbox._restore_here(
+        sb = await live.local.restore(
             ref, timeout=body.timeout, env=body.env, metadata=_tagged(body.metadata, who),
-            boot_timeout=body.boot_timeout, on_progress=None, paths=live.paths,
-            on_timeout=body.on_timeout)
+            boot_timeout=body.boot_timeout, on_progress=None, on_timeout=body.on_timeout)
     live.add(sb)
     meter.latency.labels("restore").observe(time.monotonic() - t0)
     return to_json(await sb.info())

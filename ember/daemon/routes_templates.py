@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -27,7 +26,6 @@ from ember.daemon.auth import Principal
 from ember.daemon.deps import Live, Who
 from ember.daemon.models import TemplateBuildRequest
 from ember.errors import BadRequestError, EmberError, NotFoundError, TemplateNotFoundError
-from ember.sdk import template_ops
 from ember.sdk.wire import error_body, event_line, to_json
 
 router = APIRouter(tags=["templates"])
@@ -44,7 +42,7 @@ def _admin(who: Principal) -> None:
 @router.get("/templates")
 async def templates(live: Live, who: Who) -> list[dict[str, Any]]:
     """The templates sandboxes can be created from."""
-    return [to_json(i) for i in await asyncio.to_thread(template_ops.list_here, live.paths)]
+    return [to_json(i) for i in await live.local.list_templates()]
 
 
 @router.post("/templates", responses={200: {"content": {NDJSON: {}}}})
@@ -67,10 +65,9 @@ async def build(body: TemplateBuildRequest, live: Live, who: Who) -> StreamingRe
         loop.call_soon_threadsafe(tell, event_line({"event": "progress",
                                                     "message": msg[:2000]}))
 
-    job = asyncio.ensure_future(asyncio.to_thread(functools.partial(
-        template_ops.build_here, live.paths, body.name, body.source,
-        packages=body.packages, force=body.force, rebuild=body.rebuild,
-        free_mib=body.free_mib, progress=progress)))
+    job = asyncio.ensure_future(live.local.build_template(
+        body.name, body.source, packages=body.packages, force=body.force,
+        rebuild=body.rebuild, free_mib=body.free_mib, on_progress=progress))
     job.add_done_callback(lambda _: tell(None))
 
     async def events() -> AsyncIterator[bytes]:
@@ -94,7 +91,7 @@ async def remove(live: Live, who: Who,
                  name: str = Path(min_length=1, max_length=63)) -> Response:
     """Remove a template (refused while sandboxes use it)."""
     _admin(who)
-    await asyncio.to_thread(template_ops.remove_here, live.paths, name)
+    await live.local.delete_template(name)
     return Response(status_code=204)
 
 

@@ -1,4 +1,9 @@
-"""AsyncSandbox: the one implementation of the SDK (the blocking Sandbox wraps it)."""
+"""AsyncSandbox: the SDK's API (the blocking Sandbox wraps it).
+
+Its class methods send each operation to a daemon (:mod:`ember.sdk.remote`) or, in the
+daemon itself and with ``EMBER_LOCAL=1``, to the home's operations in this process
+(:mod:`ember.sdk.local`); an instance is then a sandbox's agent connection held here.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +19,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, cast
 
-from ember.engine.container import require_tier
 from ember.errors import (
     BadRequestError,
     EmberError,
@@ -47,6 +51,7 @@ from ember.store import SandboxRecord, SnapshotRecord
 from ember.store.records import RESERVED_PREFIX, TENANT_KEY
 
 if TYPE_CHECKING:
+    from ember.sdk.local import Local
     from ember.sdk.remote import Transport
 
 #: How long a client waits for another client of the same sandbox to disconnect.
@@ -148,11 +153,10 @@ class AsyncSandbox:
         """
         t = await _target(url, api_key, paths)
         if t is None:
-            return await cls._create_here(
+            return await _local(paths).create(
                 template, vcpus=vcpus, memory_mib=memory_mib, disk_mib=disk_mib,
                 timeout=timeout, env=env, metadata=metadata, boot_timeout=boot_timeout,
-                on_progress=on_progress, paths=paths, on_timeout=on_timeout,
-                isolation=isolation)
+                on_progress=on_progress, on_timeout=on_timeout, isolation=isolation)
         if on_progress:
             on_progress(f"creating through the daemon at {t.url}")
         body = {"template": template, "vcpus": vcpus, "memory_mib": memory_mib,
@@ -160,83 +164,6 @@ class AsyncSandbox:
                 "metadata": dict(metadata or {}), "boot_timeout": boot_timeout,
                 "on_timeout": on_timeout, "isolation": isolation}
         return await _remote_sandbox(t, "POST", "/sandboxes", body)
-
-    @classmethod
-    async def _create_here(
-        cls, template: str, *, vcpus: int | None, memory_mib: int | None,
-        disk_mib: int | None, timeout: float | None, env: Mapping[str, str] | None,
-        metadata: Mapping[str, str] | None, boot_timeout: float | None,
-        on_progress: Callable[[str], None] | None, paths: Paths | None,
-        on_timeout: OnTimeout, isolation: Isolation,
-    ) -> AsyncSandbox:
-        """:meth:`create`, in this process (what the daemon does)."""
-        if isolation != "microvm":  # a tier this host cannot run: say so before anything else
-            await asyncio.to_thread(require_tier, isolation)
-        mgr = manager(paths)
-        tpl = await asyncio.to_thread(mgr.store.get_template, template)
-        baked = tpl.config.get("snapshot")
-        spec = SandboxSpec(template=template, vcpus=(vcpus if vcpus is not None
-                              else int(tpl.config.get("vcpus", 1))),
-                           memory_mib=(memory_mib if memory_mib is not None
-                                       else int(tpl.config.get("memory_mib", 256))),
-                           disk_mib=disk_mib, timeout=timeout, env=dict(env or {}),
-                           metadata=dict(metadata or {}), on_timeout=on_timeout,
-                           isolation=isolation)
-        if isolation != "microvm":  # no pools or pre-baked snapshots: always a fresh start
-            locks_: list[FileLock] = []
-            rec_ = await asyncio.to_thread(mgr.start, spec, locks_, on_progress)
-            return await cls._finish_start(mgr, rec_, locks_[0], boot_timeout, on_progress)
-        pooled = await cls._from_pool(mgr, spec)
-        if pooled is not None:
-            return pooled
-        if baked:
-            snap = await asyncio.to_thread(mgr.store.get_snapshot, str(baked))
-            return await cls._restore(mgr, snap, spec, boot_timeout, on_progress, template)
-        locks: list[FileLock] = []
-        rec = await asyncio.to_thread(mgr.start, spec, locks, on_progress)
-        return await cls._finish_start(mgr, rec, locks[0], boot_timeout, on_progress)
-
-    @classmethod
-    async def _finish_start(cls, mgr: SandboxManager, rec: SandboxRecord, lock: FileLock,
-                            boot_timeout: float | None,
-                            on_progress: Callable[[str], None] | None) -> AsyncSandbox:
-        """Connect to a just started (booted or restored) sandbox's agent; destroy it if
-        that fails."""
-        sb = cls(mgr, rec, lock)
-        try:
-            if on_progress:
-                on_progress("waiting for the guest agent")
-            await sb._connect(boot_timeout or boot_timeout_for(rec.accel))
-            mgr.mark_running(rec.id)
-            sb._rec = mgr.store.get_sandbox(rec.id)
-        except BaseException as err:
-            tail = console_tail(rec)
-            with contextlib.suppress(EmberError):
-                mgr.destroy(rec.id)
-            sb._lock.release()
-            if isinstance(err, EmberError):
-                raise type(err)(f"sandbox {rec.id} did not start: {err}\n--- console tail ---\n"
-                                f"{tail[-1500:]}") from err
-            raise
-        return sb
-
-    @classmethod
-    async def _from_pool(cls, mgr: SandboxManager, spec: SandboxSpec) -> AsyncSandbox | None:
-        """A ready sandbox out of the warm pool for ``spec``, or None."""
-        while True:
-            rec = await asyncio.to_thread(mgr.claim_pooled, spec)
-            if rec is None:
-                return None
-            lock = FileLock(SandboxDir(Path(rec.dir)).lock)
-            sb = cls(mgr, rec, lock)
-            try:
-                lock.acquire(5.0, f"sandbox {rec.id}")
-                await sb._connect(10.0)
-                return sb
-            except EmberError:  # a broken pooled VM: discard it and take the next
-                lock.release()
-                with contextlib.suppress(EmberError):
-                    mgr.destroy(rec.id)
 
     @classmethod
     async def restore(cls, snapshot: str | SnapshotInfo, *,
@@ -258,35 +185,12 @@ class AsyncSandbox:
         ref = snapshot_ref(snapshot)
         t = await _target(url, api_key, paths)
         if t is None:
-            return await cls._restore_here(ref, timeout=timeout, env=env, metadata=metadata,
-                                           boot_timeout=boot_timeout, on_progress=on_progress,
-                                           paths=paths, on_timeout=on_timeout)
+            return await _local(paths).restore(ref, timeout=timeout, env=env,
+                                               metadata=metadata, boot_timeout=boot_timeout,
+                                               on_progress=on_progress, on_timeout=on_timeout)
         body = {"timeout": timeout, "env": dict(env or {}), "metadata": dict(metadata or {}),
                 "boot_timeout": boot_timeout, "on_timeout": on_timeout}
         return await _remote_sandbox(t, "POST", f"/snapshots/{_seg(ref)}/restore", body)
-
-    @classmethod
-    async def _restore_here(cls, ref: str, *, timeout: float | None,
-                            env: Mapping[str, str] | None, metadata: Mapping[str, str] | None,
-                            boot_timeout: float | None,
-                            on_progress: Callable[[str], None] | None, paths: Paths | None,
-                            on_timeout: OnTimeout) -> AsyncSandbox:
-        """:meth:`restore`, in this process (what the daemon does)."""
-        mgr = manager(paths)
-        snap = await asyncio.to_thread(mgr.store.get_snapshot, ref)
-        spec = SandboxSpec(template=snap.template, vcpus=snap.vcpus,
-                           memory_mib=snap.memory_mib, timeout=timeout, env=dict(env or {}),
-                           metadata=dict(metadata or {}), on_timeout=on_timeout)
-        return await cls._restore(mgr, snap, spec, boot_timeout, on_progress, None)
-
-    @classmethod
-    async def _restore(cls, mgr: SandboxManager, snap: SnapshotRecord, spec: SandboxSpec,
-                       boot_timeout: float | None, on_progress: Callable[[str], None] | None,
-                       template_name: str | None) -> AsyncSandbox:
-        locks: list[FileLock] = []
-        rec = await asyncio.to_thread(mgr.start_restore, snap, spec, locks, on_progress,
-                                      template_name=template_name)
-        return await cls._finish_start(mgr, rec, locks[0], boot_timeout or 30.0, on_progress)
 
     @classmethod
     async def connect(cls, sandbox_id: str, *, wait: float = CONNECT_WAIT_S,
@@ -295,29 +199,9 @@ class AsyncSandbox:
         """Attach to a running sandbox (created by this or another process)."""
         t = await _target(url, api_key, paths)
         if t is None:
-            return await cls._connect_here(sandbox_id, wait=wait, paths=paths)
+            return await _local(paths).connect(sandbox_id, wait=wait)
         return await _remote_sandbox(t, "GET", f"/sandboxes/{_seg(sandbox_id)}", None,
                                      running=True)
-
-    @classmethod
-    async def _connect_here(cls, sandbox_id: str, *, wait: float,
-                            paths: Paths | None) -> AsyncSandbox:
-        """:meth:`connect`, in this process: the sandbox's agent connection is ours alone
-        (another in-process client waits up to ``wait`` seconds for it)."""
-        mgr = manager(paths)
-        rec = await asyncio.to_thread(mgr.get, sandbox_id)
-        if rec.state != "running":
-            raise SandboxStateError(
-                f"sandbox {sandbox_id} is {rec.state}" + (f": {rec.error}" if rec.error else ""))
-        lock = FileLock(SandboxDir(Path(rec.dir)).lock)
-        await asyncio.to_thread(lock.acquire, wait, f"sandbox {sandbox_id}")
-        sb = cls(mgr, rec, lock)
-        try:
-            await sb._connect(30.0, resync=True)
-        except BaseException:
-            lock.release()
-            raise
-        return sb
 
     @classmethod
     async def list(cls, *, paths: Paths | None = None, url: str | None = None,
@@ -325,16 +209,11 @@ class AsyncSandbox:
         """Every sandbox this caller may see (all of the home's, for its administrator)."""
         t = await _target(url, api_key, paths)
         if t is None:
-            return await cls._list_here(paths)
+            return await _local(paths).list()
         from ember.sdk.wire import sandbox_info
 
         async with _closing(t):
             return [sandbox_info(i) for i in await t.call("GET", "/sandboxes")]
-
-    @classmethod
-    async def _list_here(cls, paths: Paths | None) -> builtins.list[SandboxInfo]:
-        mgr = manager(paths)
-        return [info_of(r) for r in await asyncio.to_thread(mgr.list)]
 
     async def _connect(self, timeout: float, *, resync: bool = False) -> None:
         """Connect to the agent; ``resync`` when it has served another client before (which
@@ -412,7 +291,7 @@ class AsyncSandbox:
         """A sandbox's state, in any state, without connecting to it."""
         t = await _target(url, api_key, paths)
         if t is None:
-            return info_of(await asyncio.to_thread(manager(paths).get, sandbox_id))
+            return await _local(paths).get_info(sandbox_id)
         from ember.sdk.wire import sandbox_info
 
         async with _closing(t):
@@ -430,8 +309,7 @@ class AsyncSandbox:
                        url: str | None = None, api_key: str | None = None) -> str:
         t = await _target(url, api_key, paths)
         if t is None:
-            rec = await asyncio.to_thread(manager(paths).store.get_sandbox, sandbox_id)
-            return console_tail(rec, limit=1 << 22)
+            return await _local(paths).logs(sandbox_id)
         async with _closing(t):
             return str(await t.call("GET", f"/sandboxes/{_seg(sandbox_id)}/logs") or "")
 
@@ -535,9 +413,9 @@ class AsyncSandbox:
                      api_key: str | None) -> None:
         t = await _target(url, api_key, paths)
         if t is None:
-            mgr = manager(paths)
-            op = {"pause": mgr.pause, "resume": mgr.resume, "kill": mgr.destroy}[verb]
-            await asyncio.to_thread(op, sandbox_id)
+            local = _local(paths)
+            op = {"pause": local.pause, "resume": local.resume, "kill": local.kill}[verb]
+            await op(sandbox_id)
             return
         path = f"/sandboxes/{_seg(sandbox_id)}"
         async with _closing(t):
@@ -597,10 +475,11 @@ class AsyncSandbox:
                            on_timeout=cast(OnTimeout, self._rec.on_timeout))
         gate = asyncio.Semaphore(max(1, os.cpu_count() or 1))
 
+        local = _local(self._mgr.paths)
+
         async def one() -> AsyncSandbox:
             async with gate:
-                return await AsyncSandbox._restore(self._mgr, snap, spec, None, None,
-                                                   self._rec.template)
+                return await local.start_restore(snap, spec, None, None, self._rec.template)
 
         results = await asyncio.gather(*(one() for _ in range(n)), return_exceptions=True)
         clones = [r for r in results if isinstance(r, AsyncSandbox)]
@@ -618,8 +497,7 @@ class AsyncSandbox:
                              api_key: str | None = None) -> builtins.list[SnapshotInfo]:
         t = await _target(url, api_key, paths)
         if t is None:
-            mgr = manager(paths)
-            return [snapshot_info(s) for s in await asyncio.to_thread(mgr.store.list_snapshots)]
+            return await _local(paths).list_snapshots()
         from ember.sdk.wire import snapshot_info as decode
 
         async with _closing(t):
@@ -632,7 +510,7 @@ class AsyncSandbox:
         """Remove a snapshot (refused while sandboxes restored from it still run)."""
         t = await _target(url, api_key, paths)
         if t is None:
-            await asyncio.to_thread(manager(paths).remove_snapshot, snapshot_ref(snapshot))
+            await _local(paths).delete_snapshot(snapshot_ref(snapshot))
             return
         async with _closing(t):
             await t.call("DELETE", f"/snapshots/{_seg(snapshot_ref(snapshot))}")
@@ -644,9 +522,7 @@ class AsyncSandbox:
         host memory held now (CPU use is the difference of two samples; ``ember top``)."""
         t = await _target(url, api_key, paths)
         if t is None:
-            from ember.sdk.usage import usage_of
-
-            return [u for u, _ in await asyncio.to_thread(usage_of, manager(paths))]
+            return await _local(paths).list_usage()
         from ember.sdk.wire import sandbox_usage
 
         async with _closing(t):
@@ -667,9 +543,9 @@ class AsyncSandbox:
 
         t = await _target(url, api_key, paths)
         if t is None:
-            return await asyncio.to_thread(functools.partial(
-                template_ops.build_here, paths, name, source, packages=packages, force=force,
-                rebuild=rebuild, free_mib=free_mib, progress=on_progress))
+            return await _local(paths).build_template(
+                name, source, packages=packages, force=force, rebuild=rebuild,
+                free_mib=free_mib, on_progress=on_progress)
         body = {"name": name, "source": source, "packages": builtins.list(packages),
                 "force": force, "rebuild": rebuild, "free_mib": free_mib}
         async with _closing(t):
@@ -683,7 +559,7 @@ class AsyncSandbox:
 
         t = await _target(url, api_key, paths)
         if t is None:
-            return await asyncio.to_thread(template_ops.list_here, paths)
+            return await _local(paths).list_templates()
         async with _closing(t):
             return await template_ops.list_remote(t)
 
@@ -695,7 +571,7 @@ class AsyncSandbox:
 
         t = await _target(url, api_key, paths)
         if t is None:
-            await asyncio.to_thread(template_ops.remove_here, paths, name)
+            await _local(paths).delete_template(name)
             return
         async with _closing(t):
             await template_ops.remove_remote(t, name)
@@ -713,7 +589,8 @@ class AsyncSandbox:
 
         t = await _target(url, api_key, paths)
         if t is None:
-            return await pool_ops.set_here(paths, template, size, vcpus, memory_mib, disk_mib)
+            return await _local(paths).set_pool(template, size, vcpus=vcpus,
+                                                memory_mib=memory_mib, disk_mib=disk_mib)
         async with _closing(t):
             return await pool_ops.set_remote(t, template, size, vcpus, memory_mib, disk_mib)
 
@@ -725,7 +602,7 @@ class AsyncSandbox:
 
         t = await _target(url, api_key, paths)
         if t is None:
-            return await pool_ops.list_here(paths)
+            return await _local(paths).list_pools()
         async with _closing(t):
             return await pool_ops.list_remote(t)
 
@@ -737,7 +614,7 @@ class AsyncSandbox:
 
         t = await _target(url, api_key, paths)
         if t is None:
-            await pool_ops.remove_here(paths, key)
+            await _local(paths).remove_pool(key)
             return
         async with _closing(t):
             await pool_ops.remove_remote(t, key)
@@ -784,6 +661,12 @@ class AsyncSandbox:
 
     def __repr__(self) -> str:
         return f"<AsyncSandbox {self.id} template={self._rec.template}>"
+
+
+def _local(paths: Paths | None) -> Local:
+    from ember.sdk.local import Local
+
+    return Local(paths)
 
 
 def in_process() -> bool:

@@ -1,0 +1,229 @@
+"""The host-side operations on one ember home, in this process: what the daemon serves and
+what ``EMBER_LOCAL=1`` gives the SDK.
+
+:class:`Local` is the typed layer between callers and the runtime: every operation the
+API offers on a home (create with its policy, restore, connect, list, by-id verbs,
+snapshots, usage, templates, pools) with the SDK's results and errors. The daemon's routes
+call it (and only translate HTTP); :class:`~ember.sdk.async_sandbox.AsyncSandbox` calls it
+when it runs sandboxes itself; the benchmarks measure it as the in-process baseline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+from ember.engine.container import require_tier
+from ember.errors import EmberError, SandboxStateError
+from ember.kinds import Isolation, OnTimeout
+from ember.locks import FileLock
+from ember.paths import Paths
+from ember.runtime.manager import SandboxDir, SandboxManager, console_tail
+from ember.runtime.spec import SandboxSpec
+from ember.sdk import pool_ops, template_ops
+from ember.sdk.async_sandbox import (
+    AsyncSandbox,
+    boot_timeout_for,
+    info_of,
+    manager,
+    snapshot_info,
+)
+from ember.sdk.results import (
+    PoolInfo,
+    SandboxInfo,
+    SandboxUsage,
+    SnapshotInfo,
+    TemplateInfo,
+)
+from ember.store import SandboxRecord, SnapshotRecord
+
+Progress = Callable[[str], None] | None
+
+
+class Local:
+    """The operations on the home ``paths`` (``EMBER_HOME`` by default), in this process."""
+
+    def __init__(self, paths: Paths | None = None) -> None:
+        self.mgr: SandboxManager = manager(paths)
+        self.paths = self.mgr.paths
+
+    # --- sandboxes -----------------------------------------------------------------------
+    async def create(self, template: str, *, vcpus: int | None, memory_mib: int | None,
+                     disk_mib: int | None, timeout: float | None,
+                     env: Mapping[str, str] | None, metadata: Mapping[str, str] | None,
+                     boot_timeout: float | None, on_progress: Progress,
+                     on_timeout: OnTimeout, isolation: Isolation) -> AsyncSandbox:
+        """A new sandbox, by the create policy: a warm pool's member if one is ready,
+        else a pre-baked template's snapshot restored, else a boot. The weaker tiers have
+        neither pools nor snapshots: they always start fresh."""
+        if isolation != "microvm":  # a tier this host cannot run: say so before anything else
+            await asyncio.to_thread(require_tier, isolation)
+        mgr = self.mgr
+        tpl = await asyncio.to_thread(mgr.store.get_template, template)
+        baked = tpl.config.get("snapshot")
+        spec = SandboxSpec(template=template, vcpus=(vcpus if vcpus is not None
+                              else int(tpl.config.get("vcpus", 1))),
+                           memory_mib=(memory_mib if memory_mib is not None
+                                       else int(tpl.config.get("memory_mib", 256))),
+                           disk_mib=disk_mib, timeout=timeout, env=dict(env or {}),
+                           metadata=dict(metadata or {}), on_timeout=on_timeout,
+                           isolation=isolation)
+        if isolation == "microvm":
+            pooled = await self._from_pool(spec)
+            if pooled is not None:
+                return pooled
+            if baked:
+                snap = await asyncio.to_thread(mgr.store.get_snapshot, str(baked))
+                return await self.start_restore(snap, spec, boot_timeout, on_progress,
+                                                template)
+        locks: list[FileLock] = []
+        rec = await asyncio.to_thread(mgr.start, spec, locks, on_progress)
+        return await self._finish_start(rec, locks[0], boot_timeout, on_progress)
+
+    async def _finish_start(self, rec: SandboxRecord, lock: FileLock,
+                            boot_timeout: float | None, on_progress: Progress) -> AsyncSandbox:
+        """Connect to a just started (booted or restored) sandbox's agent; destroy it if
+        that fails."""
+        mgr = self.mgr
+        sb = AsyncSandbox(mgr, rec, lock)
+        try:
+            if on_progress:
+                on_progress("waiting for the guest agent")
+            await sb._connect(boot_timeout or boot_timeout_for(rec.accel))
+            mgr.mark_running(rec.id)
+            sb._rec = mgr.store.get_sandbox(rec.id)
+        except BaseException as err:
+            tail = console_tail(rec)
+            with contextlib.suppress(EmberError):
+                mgr.destroy(rec.id)
+            lock.release()
+            if isinstance(err, EmberError):
+                raise type(err)(f"sandbox {rec.id} did not start: {err}\n--- console tail ---\n"
+                                f"{tail[-1500:]}") from err
+            raise
+        return sb
+
+    async def _from_pool(self, spec: SandboxSpec) -> AsyncSandbox | None:
+        """A ready sandbox out of the warm pool for ``spec``, or None."""
+        mgr = self.mgr
+        while True:
+            rec = await asyncio.to_thread(mgr.claim_pooled, spec)
+            if rec is None:
+                return None
+            lock = FileLock(SandboxDir(Path(rec.dir)).lock)
+            sb = AsyncSandbox(mgr, rec, lock)
+            try:
+                lock.acquire(5.0, f"sandbox {rec.id}")
+                await sb._connect(10.0)
+                return sb
+            except EmberError:  # a broken pooled VM: discard it and take the next
+                lock.release()
+                with contextlib.suppress(EmberError):
+                    mgr.destroy(rec.id)
+
+    async def restore(self, ref: str, *, timeout: float | None,
+                      env: Mapping[str, str] | None, metadata: Mapping[str, str] | None,
+                      boot_timeout: float | None, on_progress: Progress,
+                      on_timeout: OnTimeout) -> AsyncSandbox:
+        """A new sandbox restored from snapshot ``ref`` (name or id)."""
+        snap = await asyncio.to_thread(self.mgr.store.get_snapshot, ref)
+        spec = SandboxSpec(template=snap.template, vcpus=snap.vcpus,
+                           memory_mib=snap.memory_mib, timeout=timeout, env=dict(env or {}),
+                           metadata=dict(metadata or {}), on_timeout=on_timeout)
+        return await self.start_restore(snap, spec, boot_timeout, on_progress, None)
+
+    async def start_restore(self, snap: SnapshotRecord, spec: SandboxSpec,
+                            boot_timeout: float | None, on_progress: Progress,
+                            template_name: str | None) -> AsyncSandbox:
+        """Restore ``snap`` as ``spec`` (a create from a baked template, a restore, a fork's
+        clone) and connect to it."""
+        locks: list[FileLock] = []
+        rec = await asyncio.to_thread(self.mgr.start_restore, snap, spec, locks, on_progress,
+                                      template_name=template_name)
+        return await self._finish_start(rec, locks[0], boot_timeout or 30.0, on_progress)
+
+    async def connect(self, sandbox_id: str, *, wait: float) -> AsyncSandbox:
+        """The sandbox's agent connection, ours alone (another in-process client waits up
+        to ``wait`` seconds for it)."""
+        mgr = self.mgr
+        rec = await asyncio.to_thread(mgr.get, sandbox_id)
+        if rec.state != "running":
+            raise SandboxStateError(
+                f"sandbox {sandbox_id} is {rec.state}" + (f": {rec.error}" if rec.error else ""))
+        lock = FileLock(SandboxDir(Path(rec.dir)).lock)
+        await asyncio.to_thread(lock.acquire, wait, f"sandbox {sandbox_id}")
+        sb = AsyncSandbox(mgr, rec, lock)
+        try:
+            await sb._connect(30.0, resync=True)
+        except BaseException:
+            lock.release()
+            raise
+        return sb
+
+    async def list(self) -> builtins.list[SandboxInfo]:
+        """Every sandbox of the home; dead VMs are found and marked failed."""
+        return [info_of(r) for r in await asyncio.to_thread(self.mgr.list)]
+
+    async def get_info(self, sandbox_id: str) -> SandboxInfo:
+        return info_of(await asyncio.to_thread(self.mgr.get, sandbox_id))
+
+    async def logs(self, sandbox_id: str) -> str:
+        rec = await asyncio.to_thread(self.mgr.store.get_sandbox, sandbox_id)  # any state
+        return await asyncio.to_thread(console_tail, rec, 1 << 22)
+
+    async def pause(self, sandbox_id: str) -> None:
+        await asyncio.to_thread(self.mgr.pause, sandbox_id)
+
+    async def resume(self, sandbox_id: str) -> None:
+        await asyncio.to_thread(self.mgr.resume, sandbox_id)
+
+    async def kill(self, sandbox_id: str) -> None:
+        await asyncio.to_thread(self.mgr.destroy, sandbox_id)
+
+    async def set_timeout(self, sandbox_id: str, timeout: float | None) -> None:
+        await asyncio.to_thread(self.mgr.set_timeout, sandbox_id, timeout)
+
+    async def list_usage(self) -> builtins.list[SandboxUsage]:
+        from ember.sdk.usage import usage_of
+
+        return [u for u, _ in await asyncio.to_thread(usage_of, self.mgr)]
+
+    # --- snapshots -----------------------------------------------------------------------
+    async def list_snapshots(self) -> builtins.list[SnapshotInfo]:
+        return [snapshot_info(s)
+                for s in await asyncio.to_thread(self.mgr.store.list_snapshots)]
+
+    async def delete_snapshot(self, ref: str) -> None:
+        await asyncio.to_thread(self.mgr.remove_snapshot, ref)
+
+    # --- templates -----------------------------------------------------------------------
+    async def build_template(self, name: str, source: str | None, *, packages: Sequence[str],
+                             force: bool, rebuild: bool, free_mib: int,
+                             on_progress: Progress) -> TemplateInfo:
+        return await asyncio.to_thread(functools.partial(
+            template_ops.build_here, self.paths, name, source, packages=packages, force=force,
+            rebuild=rebuild, free_mib=free_mib, progress=on_progress))
+
+    async def list_templates(self) -> builtins.list[TemplateInfo]:
+        return await asyncio.to_thread(template_ops.list_here, self.paths)
+
+    async def delete_template(self, name: str) -> None:
+        await asyncio.to_thread(template_ops.remove_here, self.paths, name)
+
+    # --- pools ---------------------------------------------------------------------------
+    async def set_pool(self, template: str, size: int, *, vcpus: int | None,
+                       memory_mib: int | None, disk_mib: int | None) -> PoolInfo:
+        return await pool_ops.set_here(self.paths, template, size, vcpus, memory_mib, disk_mib)
+
+    async def list_pools(self) -> builtins.list[PoolInfo]:
+        return await pool_ops.list_here(self.paths)
+
+    async def remove_pool(self, key: str) -> None:
+        await pool_ops.remove_here(self.paths, key)
+
+
+__all__ = ["Local"]
