@@ -79,30 +79,22 @@ class Transport:
         return Transport(self.url, self.api_key, revive=self._revive)
 
     async def _send(self, req: httpx.Request, *, stream: bool) -> httpx.Response:
-        """Send ``req``; a daemon that is not there (killed, restarting) is started again
-        once when this transport may (the home's own daemon) and the request sent again:
-        a refused connection carried nothing, so that is safe."""
+        """Send ``req``. A daemon that is not there (killed, restarting) is started again
+        when this transport may (the home's own daemon): after a refused connection, which
+        carried nothing, the request is sent again; after one lost mid-request, which may
+        have been done, it is not (the error says so) but the next call finds a daemon."""
         try:
             return await self._http.send(req, stream=stream)
-        except httpx.ConnectError as err:
-            if self._revive is None:
-                raise _unreachable(self.url, err) from None
+        except httpx.HTTPError as err:
+            if self._revive is None or not isinstance(err, (httpx.ConnectError, *_LOST)):
+                raise _unreachable(self.url, err, req) from None
             await asyncio.to_thread(self._revive)
-        except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError) as err:
-            # The daemon went away with the request: it may or may not have been done, so
-            # it is not sent again; the home's daemon is started again for the next call.
-            if self._revive is not None:
-                await asyncio.to_thread(self._revive)
-            raise GuestError(f"lost the ember daemon at {self.url} during {req.method} "
-                             f"{req.url.path} ({type(err).__name__}); it may or may not have "
-                             "been done" + ("; the daemon was started again"
-                                            if self._revive is not None else "")) from None
-        except httpx.HTTPError as err:
-            raise _unreachable(self.url, err) from None
+            if not isinstance(err, httpx.ConnectError):
+                raise _unreachable(self.url, err, req, revived=True) from None
         try:
             return await self._http.send(req, stream=stream)
         except httpx.HTTPError as err:
-            raise _unreachable(self.url, err) from None
+            raise _unreachable(self.url, err, req) from None
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -141,13 +133,23 @@ def _json_or_text(r: httpx.Response) -> Any:
         return r.text[:500]
 
 
-def _unreachable(url: str, err: httpx.HTTPError) -> EmberError:
+#: Transport errors after the connection was made: the daemon went away mid-request.
+_LOST = (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError)
+
+
+def _unreachable(url: str, err: httpx.HTTPError, req: httpx.Request | None = None, *,
+                 revived: bool = False) -> EmberError:
+    """The SDK's error for a transport failure talking to the daemon at ``url``."""
     if isinstance(err, httpx.TimeoutException):
         from ember.errors import EmberTimeoutError
 
         return EmberTimeoutError(f"the ember daemon at {url} did not answer in time: {err}")
-    return GuestError(f"lost the ember daemon at {url}: {type(err).__name__}: {err}") \
-        if isinstance(err, httpx.RemoteProtocolError) else _host(url, err)
+    if isinstance(err, _LOST):
+        during = f" during {req.method} {req.url.path}" if req is not None else ""
+        return GuestError(f"lost the ember daemon at {url}{during} ({type(err).__name__}); "
+                          "it may or may not have been done"
+                          + ("; the daemon was started again" if revived else ""))
+    return _host(url, err)
 
 
 def _host(url: str, err: httpx.HTTPError) -> EmberError:
