@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING
 from ember import proc
 from ember.agent import INIT_PATH
 from ember.engine import QemuEngine, SandboxHandle, VMHandle
-from ember.engine.container import ContainerSpec, OciEngine, gvisor_platform, require_tier
+from ember.engine.container import ContainerSpec, OciEngine, gvisor_platform
 from ember.engine.container.compat import statx_compat
-from ember.errors import BadRequestError, EmberError
+from ember.errors import BadRequestError, EmberError, SandboxNotFoundError
 from ember.guest.inject import staged_agent_lib
 from ember.host.cgroups import SandboxCgroup, home_key
 from ember.host.jail import JAILER_NAME
@@ -168,7 +168,6 @@ class Oci(Backend):
         self.engine = OciEngine(isolation, state, platform=platform)
 
     def plan(self, spec: SandboxSpec, template: TemplateRecord, progress: Progress) -> Launch:
-        require_tier(self.isolation)
         if template.config.get("snapshot"):
             raise BadRequestError(f"template {template.name!r} is pre-baked (a microVM "
                                   f"snapshot); isolation={self.isolation} needs a plain one")
@@ -253,8 +252,6 @@ def boot_cmdline(sandbox_id: str) -> str:
 
 def _pid(rec: SandboxRecord) -> int:
     if rec.pid is None:
-        from ember.errors import SandboxNotFoundError
-
         raise SandboxNotFoundError(f"sandbox {rec.id} has no VM process")
     return rec.pid
 
