@@ -205,25 +205,25 @@ class Local:
                              force: bool, rebuild: bool, free_mib: int,
                              on_progress: Progress) -> TemplateInfo:
         return await asyncio.to_thread(functools.partial(
-            template_ops.build_here, self.paths, name, source, packages=packages, force=force,
+            template_ops.build_here, self.mgr, name, source, packages=packages, force=force,
             rebuild=rebuild, free_mib=free_mib, progress=on_progress))
 
     async def list_templates(self) -> builtins.list[TemplateInfo]:
-        return await asyncio.to_thread(template_ops.list_here, self.paths)
+        return await asyncio.to_thread(template_ops.list_here, self.mgr)
 
     async def delete_template(self, name: str) -> None:
-        await asyncio.to_thread(template_ops.remove_here, self.paths, name)
+        await asyncio.to_thread(template_ops.remove_here, self.mgr, name)
 
     # --- pools ---------------------------------------------------------------------------
     async def set_pool(self, template: str, size: int, *, vcpus: int | None,
                        memory_mib: int | None, disk_mib: int | None) -> PoolInfo:
-        return await pool_ops.set_here(self.paths, template, size, vcpus, memory_mib, disk_mib)
+        return await pool_ops.set_here(self.mgr, template, size, vcpus, memory_mib, disk_mib)
 
     async def list_pools(self) -> builtins.list[PoolInfo]:
-        return await pool_ops.list_here(self.paths)
+        return await pool_ops.list_here(self.mgr)
 
     async def remove_pool(self, key: str) -> None:
-        await pool_ops.remove_here(self.paths, key)
+        await pool_ops.remove_here(self.mgr, key)
 
 
 __all__ = ["Local"]

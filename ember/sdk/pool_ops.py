@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from ember.errors import NotFoundError
-from ember.paths import Paths
 from ember.runtime import pools
 from ember.sdk.results import PoolInfo
 
 if TYPE_CHECKING:
+    from ember.runtime.manager import SandboxManager
     from ember.sdk.remote import Transport
 
 
@@ -25,30 +25,22 @@ def _info(status: pools.PoolStatus) -> PoolInfo:
                     idle_pss_bytes=status.idle_pss_bytes)
 
 
-async def list_here(paths: Paths | None) -> list[PoolInfo]:
-    from ember.sdk.async_sandbox import manager
-
-    return [_info(s) for s in await asyncio.to_thread(pools.status, manager(paths))]
+async def list_here(mgr: SandboxManager) -> list[PoolInfo]:
+    return [_info(s) for s in await asyncio.to_thread(pools.status, mgr)]
 
 
-async def set_here(paths: Paths | None, template: str, size: int, vcpus: int | None,
+async def set_here(mgr: SandboxManager, template: str, size: int, vcpus: int | None,
                    memory_mib: int | None, disk_mib: int | None) -> PoolInfo:
-    from ember.sdk.async_sandbox import manager
-
-    mgr = manager(paths)
     rec = await asyncio.to_thread(functools.partial(
         pools.set_pool, mgr, template, size, vcpus=vcpus, memory_mib=memory_mib,
         disk_mib=disk_mib))
-    now = {i.key: i for i in await list_here(paths)}
+    now = {i.key: i for i in await list_here(mgr)}
     return now.get(rec.key) or PoolInfo(
         key=rec.key, template=rec.template, vcpus=rec.vcpus, memory_mib=rec.memory_mib,
         disk_mib=rec.disk_mib, size=rec.size, created_at=rec.created_at)
 
 
-async def remove_here(paths: Paths | None, key: str) -> None:
-    from ember.sdk.async_sandbox import manager
-
-    mgr = manager(paths)
+async def remove_here(mgr: SandboxManager, key: str) -> None:
     if not any(p.key == key for p in await asyncio.to_thread(mgr.store.list_pools)):
         raise NotFoundError(f"no pool {key!r}")
     await asyncio.to_thread(pools.remove_pool, mgr, key)

@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from ember.errors import ProtocolError
-from ember.paths import Paths
 from ember.sdk.results import TemplateInfo
 from ember.store import TemplateRecord
 
 if TYPE_CHECKING:
+    from ember.runtime.manager import SandboxManager
     from ember.sdk.remote import Transport
 
 
@@ -23,36 +23,30 @@ def info(rec: TemplateRecord) -> TemplateInfo:
                         config=dict(rec.config))
 
 
-def build_here(paths: Paths | None, name: str, source: str | None, *,
+def build_here(mgr: SandboxManager, name: str, source: str | None, *,
                packages: Sequence[str], force: bool, rebuild: bool, free_mib: int,
                progress: Callable[[str], None] | None) -> TemplateInfo:
     """Build and register template ``name`` (blocking: minutes for a Debian build)."""
     from ember.guest.image import build_image
-    from ember.sdk.async_sandbox import manager
 
-    mgr = manager(paths)
     return info(build_image(mgr.paths, mgr.store, name, source, packages=packages,
                             force=force, rebuild=rebuild, free_mib=free_mib,
                             progress=progress))
 
 
-def remove_here(paths: Paths | None, name: str) -> None:
+def remove_here(mgr: SandboxManager, name: str) -> None:
     """Remove template ``name`` (refused while sandboxes use it); a baked template's
     snapshot goes with it unless still in use."""
     from ember.guest.image import remove_image
-    from ember.sdk.async_sandbox import manager
 
-    mgr = manager(paths)
     snapshot = mgr.store.get_template(name).config.get("snapshot")
     remove_image(mgr.paths, mgr.store, name)
     if snapshot:
         mgr.collect_snapshot(str(snapshot))
 
 
-def list_here(paths: Paths | None) -> list[TemplateInfo]:
-    from ember.sdk.async_sandbox import manager
-
-    return [info(r) for r in manager(paths).store.list_templates()]
+def list_here(mgr: SandboxManager) -> list[TemplateInfo]:
+    return [info(r) for r in mgr.store.list_templates()]
 
 
 async def build_remote(t: Transport, body: dict[str, Any],
