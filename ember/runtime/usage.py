@@ -8,8 +8,6 @@ difference as CPU use.
 from __future__ import annotations
 
 import os
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from ember.host.cgroups import SandboxCgroup
@@ -17,14 +15,6 @@ from ember.store import SandboxRecord
 
 _TICK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-@dataclass(frozen=True)
-class Usage:
-    sandbox_id: str
-    cpu_seconds: float  # host CPU time used since it started
-    memory_bytes: int  # host memory held now
-    sampled_at: float  # time.time() of the sample
 
 
 def _proc_cpu_seconds(pid: int) -> float:
@@ -42,8 +32,9 @@ def _proc_rss_bytes(pid: int) -> int:
         return 0
 
 
-def usage(rec: SandboxRecord, cgroup: SandboxCgroup | None) -> Usage:
-    """One sample of ``rec``'s use (zeros for a sandbox with no process)."""
+def usage(rec: SandboxRecord, cgroup: SandboxCgroup | None) -> tuple[float, int]:
+    """One sample of ``rec``'s use: host CPU seconds used since it started and host memory
+    bytes held now (zeros for a sandbox with no process)."""
     cpu = cgroup.cpu_seconds() if cgroup is not None else None
     mem = cgroup.memory_usage() if cgroup is not None else None
     pids = cgroup.pids() if cgroup is not None and (cpu is None or mem is None) else []
@@ -53,4 +44,4 @@ def usage(rec: SandboxRecord, cgroup: SandboxCgroup | None) -> Usage:
         cpu = sum(_proc_cpu_seconds(p) for p in pids)
     if mem is None:
         mem = sum(_proc_rss_bytes(p) for p in pids)
-    return Usage(rec.id, cpu, mem, time.time())
+    return cpu, mem

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, cast
 
 from ember.kinds import SandboxState
@@ -19,9 +20,9 @@ def usage_of(mgr: SandboxManager) -> list[tuple[SandboxUsage, dict[str, str]]]:
     for rec in mgr.list():
         if rec.state not in LIVE_STATES or rec.state == "pooled":
             continue
-        u = usage(rec, mgr.confinement.cgroup(rec.id))
+        cpu, mem = usage(rec, mgr.confinement.cgroup(rec.id))
         out.append((SandboxUsage(id=rec.id, state=cast(SandboxState, rec.state),
                                  vcpus=rec.vcpus, memory_mib=rec.memory_mib,
-                                 cpu_seconds=u.cpu_seconds, memory_bytes=u.memory_bytes,
-                                 sampled_at=u.sampled_at), dict(rec.metadata)))
+                                 cpu_seconds=cpu, memory_bytes=mem, sampled_at=time.time()),
+                    dict(rec.metadata)))
     return out
