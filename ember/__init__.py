@@ -50,6 +50,7 @@ if TYPE_CHECKING:
         SandboxUsage,
         SnapshotInfo,
         TemplateInfo,
+        TemplateSnapshotInfo,
     )
     from ember.sdk.sandbox import Files, Process, Pty, Sandbox
 
@@ -70,6 +71,7 @@ _LAZY = {
     "SandboxUsage": "ember.sdk.results",
     "SnapshotInfo": "ember.sdk.results",
     "TemplateInfo": "ember.sdk.results",
+    "TemplateSnapshotInfo": "ember.sdk.results",
     "Files": "ember.sdk.sandbox",
     "Process": "ember.sdk.sandbox",
     "Pty": "ember.sdk.sandbox",
@@ -127,6 +129,7 @@ __all__ = [
     "SnapshotNotFoundError",
     "TemplateInfo",
     "TemplateNotFoundError",
+    "TemplateSnapshotInfo",
     "TierUnavailableError",
     "UnauthorizedError",
     "UnsafeLayerError",

@@ -13,10 +13,14 @@ from typing import Literal, get_args
 Isolation = Literal["microvm", "gvisor", "container"]
 #: What happens when a sandbox's lifetime ends.
 OnTimeout = Literal["destroy", "pause"]
+#: How a create starts a microVM: ``auto`` restores the template snapshot of its template
+#: and shape (making it on first use), ``cold`` boots the kernel.
+Boot = Literal["auto", "cold"]
 #: A sandbox's state in the registry (the transitions: ``ember.runtime.states``).
 SandboxState = Literal["creating", "booting", "running", "paused", "pooled", "snapshotting",
                        "failed"]
 
 ISOLATIONS: tuple[Isolation, ...] = get_args(Isolation)
+BOOTS: tuple[Boot, ...] = get_args(Boot)
 ON_TIMEOUT: tuple[OnTimeout, ...] = get_args(OnTimeout)
 SANDBOX_STATES: tuple[SandboxState, ...] = get_args(SandboxState)

@@ -124,18 +124,25 @@ def busybox_template(ember_paths: Paths, kernel, store, tmp_path_factory):  # ty
     return build_image(ember_paths, store, "busybox", f"oci-layout:{layout}", force=True)
 
 
-@pytest.fixture(scope="session", params=["booted", "restored"])
+@pytest.fixture(scope="session", params=["booted", "template-snapshot"])
 def shared_sandbox(request, ember_paths: Paths, debian_template):  # type: ignore[no-untyped-def]
     """One running debian-python sandbox shared by tests that do not need isolation; every
-    such test runs on a booted sandbox and again on one restored from a snapshot."""
+    such test runs on a cold-booted sandbox and again on one created the default way,
+    restored from the template snapshot (which a first create makes if need be)."""
     from ember import Sandbox
+    from ember.runtime.template_snapshots import KEY_META
+    from ember.store import Store
 
-    sb = Sandbox.create("debian-python", timeout=3600, paths=ember_paths)
-    if request.param == "restored":
-        origin = sb
-        snap = origin.snapshot()
-        origin.kill()
-        sb = Sandbox.restore(snap.id, timeout=3600, paths=ember_paths)
-        assert sb.info().snapshot == snap.id
+    if request.param == "booted":
+        sb = Sandbox.create("debian-python", timeout=3600, paths=ember_paths, boot="cold")
+        assert sb.info().snapshot is None
+    else:
+        Sandbox.create("debian-python", timeout=600, paths=ember_paths).kill()
+        sb = Sandbox.create("debian-python", timeout=3600, paths=ember_paths)
+        snap = sb.info().snapshot
+        assert snap is not None, "a default create did not restore the template snapshot"
+        store = Store(ember_paths.db)
+        assert KEY_META in store.get_snapshot(snap).metadata
+        store.close()
     yield sb
     sb.kill()

@@ -1,4 +1,5 @@
-"""What makes one guest distinct from its siblings: hostname, kernel RNG state, clock.
+"""What makes one guest distinct from its siblings: hostname, machine-id, kernel RNG state,
+clock.
 
 A sandbox restored from a snapshot (a fork clone, a pooled or pre-baked sandbox) starts
 with its parent's memory: the same hostname, the same kernel CRNG state, a clock frozen at
@@ -77,11 +78,28 @@ def set_hostname(name: str) -> bool:
     return True
 
 
+GRND_INSECURE = 0x0004  # getrandom(2) that never blocks (Linux 5.6+); not in ``os``
+
+
+def new_machine_id() -> str:
+    """A fresh /etc/machine-id: 128 random bits as 32 hex digits. Written whenever the
+    guest learns a new name (its boot, a restored clone's first hello), so every sandbox
+    has its own. Never blocks, even before the kernel's RNG is seeded at boot."""
+    try:
+        raw = os.getrandom(16, GRND_INSECURE)
+    except OSError:  # an older kernel: the RNG is seeded once a guest has run this far
+        raw = os.urandom(16)
+    return raw.hex()
+
+
 def write_identity(hostname: str) -> None:
-    """/etc/hostname and a /etc/hosts entry, so that programs resolving the hostname work.
-    Raises OSError."""
+    """/etc/hostname, /etc/machine-id and a /etc/hosts entry, so that programs resolving the
+    hostname work and programs keyed by the machine id tell sandboxes apart. Raises
+    OSError."""
     with open("/etc/hostname", "w", encoding="utf-8") as f:
         f.write(hostname + "\n")
+    with open("/etc/machine-id", "w", encoding="ascii") as f:
+        f.write(new_machine_id() + "\n")
     try:
         with open("/etc/hosts", encoding="utf-8") as f:
             lines = [ln for ln in f.read(1 << 20).splitlines() if "# ember" not in ln]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import sys
 import time
@@ -10,6 +11,7 @@ import click
 from rich.table import Table
 
 from ember.cli.common import handle_errors, out_console, print_json, progress
+from ember.errors import EmberError
 from ember.paths import Paths
 from ember.store import Store
 
@@ -64,13 +66,100 @@ def ls(as_json: bool) -> None:
 
     recs = Sandbox.list_templates()
     if as_json:
-        print_json([r.__dict__ for r in recs])
+        print_json([dataclasses.asdict(r) for r in recs])
         return
-    t = Table("NAME", "SOURCE", "DIGEST", "SIZE", "CREATED")
+    t = Table("NAME", "SOURCE", "DIGEST", "SIZE", "SNAPSHOTS", "CREATED")
     for r in recs:
         created = datetime.datetime.fromtimestamp(r.created_at).strftime("%Y-%m-%d %H:%M")
-        t.add_row(r.name, r.source, r.digest[:19], f"{r.size_bytes >> 20} MiB", created)
+        snaps = (f"{len(r.snapshots)} ({sum(s.size_bytes for s in r.snapshots) >> 20} MiB)"
+                 if r.snapshots else "-")
+        t.add_row(r.name, r.source, r.digest[:19], f"{r.size_bytes >> 20} MiB", snaps,
+                  created)
     out_console.print(t)
+
+
+@image.group("snapshot")
+def snapshot() -> None:
+    """Template snapshots: the booted, idle guest of a template and size that plain
+    creates restore instead of booting (docs/snapshots.md)."""
+
+
+@snapshot.command("ls")
+@click.argument("names", nargs=-1)
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def snapshot_ls(names: tuple[str, ...], as_json: bool) -> None:
+    """List the template snapshots (of templates NAMES)."""
+    from ember.sdk.sandbox import Sandbox
+
+    rows = [(r.name, s) for r in Sandbox.list_templates() if not names or r.name in names
+            for s in r.snapshots]
+    if as_json:
+        print_json([{"template": n, **dataclasses.asdict(s)} for n, s in rows])
+        return
+    t = Table("TEMPLATE", "ID", "VCPUS", "MEMORY", "DISK", "SIZE", "CURRENT", "CREATED")
+    for n, s in rows:
+        created = datetime.datetime.fromtimestamp(s.created_at).strftime("%Y-%m-%d %H:%M")
+        t.add_row(n, s.id[:12], str(s.vcpus), f"{s.memory_mib} MiB", f"{s.disk_mib} MiB",
+                  f"{s.size_bytes >> 20} MiB", "yes" if s.current else "no (stale)", created)
+    out_console.print(t)
+
+
+@snapshot.command("rm")
+@click.argument("names", nargs=-1)
+@click.option("--all", "every", is_flag=True, help="Every template's snapshots.")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def snapshot_rm(names: tuple[str, ...], every: bool, as_json: bool) -> None:
+    """Remove the template snapshots of templates NAMES (or --all); those live sandboxes
+    were restored from stay until those are gone. The next create boots and makes a new
+    one."""
+    from ember.errors import BadRequestError
+    from ember.sdk.sandbox import Sandbox
+
+    if every == bool(names):
+        raise BadRequestError("name the templates, or give --all")
+    targets = list(names) or [r.name for r in Sandbox.list_templates()]
+    removed = {n: Sandbox.drop_template_snapshots(n) for n in targets}
+    if as_json:
+        print_json(removed)
+        return
+    for n, ids in removed.items():
+        out_console.print(f"{n}: removed {len(ids)} template snapshot(s)")
+
+
+@snapshot.command("make")
+@click.argument("name")
+@click.option("--vcpus", type=int, default=None, help="vCPUs (default 1).")
+@click.option("--memory", "memory_mib", type=int, default=None,
+              help="Guest RAM in MiB (default 256).")
+@click.option("--disk", "disk_mib", type=int, default=None,
+              help="Disk size in MiB (default: the template's).")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def snapshot_make(name: str, vcpus: int | None, memory_mib: int | None,
+                  disk_mib: int | None, as_json: bool) -> None:
+    """Make the template snapshot of template NAME at this size now (the first create
+    would make it otherwise), by creating one sandbox and removing it."""
+    from ember.sdk.sandbox import Sandbox
+
+    with progress(not as_json, f"snapshot {name}") as p:
+        sb = Sandbox.create(name, vcpus=vcpus, memory_mib=memory_mib, disk_mib=disk_mib,
+                            timeout=600, on_progress=p)
+        sb.kill()
+    rec = next((r for r in Sandbox.list_templates() if r.name == name), None)
+    snaps = [s for s in (rec.snapshots if rec else []) if s.current
+             and (vcpus is None or s.vcpus == vcpus)
+             and (memory_mib is None or s.memory_mib == memory_mib)]
+    if as_json:
+        print_json([dataclasses.asdict(s) for s in snaps])
+    elif snaps:
+        s = snaps[0]
+        out_console.print(f"template {name}: snapshot {s.id[:12]} ({s.vcpus} vCPU, "
+                          f"{s.memory_mib} MiB, {s.size_bytes >> 20} MiB on disk)")
+    else:
+        raise EmberError(f"template {name}: no template snapshot was made (see the "
+                         "log: $EMBER_HOME/logs/ember.log)")
 
 
 @image.command("rm")

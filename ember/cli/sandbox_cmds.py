@@ -13,7 +13,7 @@ from rich.table import Table
 
 from ember.cli.common import handle_errors, out_console, print_json, progress
 from ember.errors import BadRequestError, CommandNotFoundError, EmberError
-from ember.kinds import ISOLATIONS, ON_TIMEOUT, Isolation, OnTimeout
+from ember.kinds import BOOTS, ISOLATIONS, ON_TIMEOUT, Boot, Isolation, OnTimeout
 from ember.runtime.spec import DEFAULT_TEMPLATE
 
 if TYPE_CHECKING:
@@ -35,6 +35,9 @@ CREATE_OPTIONS = [
                  default="microvm", show_default=True,
                  help="Boundary: microVM (own kernel), gVisor, or container (host kernel); "
                       "see docs/isolation.md."),
+    click.option("--boot", type=click.Choice(BOOTS), default="auto", show_default=True,
+                 help="auto: restore the template snapshot of this template and size (made "
+                      "by the first create); cold: boot the kernel."),
     click.option("--env", "-e", "env", multiple=True, metavar="KEY=VALUE",
                  help="Environment for every command; repeatable."),
     click.option("--meta", "metadata", multiple=True, metavar="KEY=VALUE",
@@ -62,7 +65,7 @@ def _pairs(items: tuple[str, ...], what: str) -> dict[str, str]:
 
 
 def _create(template: str, vcpus: int | None, memory_mib: int | None, disk_mib: int | None,
-            timeout: float, on_timeout: OnTimeout, isolation: Isolation,
+            timeout: float, on_timeout: OnTimeout, isolation: Isolation, boot: Boot,
             env: tuple[str, ...], metadata: tuple[str, ...], show: bool) -> Sandbox:
     from ember.sdk.sandbox import Sandbox
 
@@ -70,7 +73,7 @@ def _create(template: str, vcpus: int | None, memory_mib: int | None, disk_mib: 
         return Sandbox.create(template, vcpus=vcpus, memory_mib=memory_mib, disk_mib=disk_mib,
                               timeout=timeout or None, env=_pairs(env, "--env"),
                               metadata=_pairs(metadata, "--meta"), on_progress=p,
-                              on_timeout=on_timeout, isolation=isolation)
+                              on_timeout=on_timeout, isolation=isolation, boot=boot)
 
 
 def _stream_exec(sb: Sandbox, cmd: list[str], stdin: bool, timeout: float | None) -> int:
@@ -105,15 +108,15 @@ def _copy_output(sb: Sandbox, cmd: list[str], stdin: bool, timeout: float | None
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
 @handle_errors
 def run(template: str, vcpus: int | None, memory_mib: int | None, disk_mib: int | None,
-        timeout: float, on_timeout: OnTimeout, isolation: Isolation,
+        timeout: float, on_timeout: OnTimeout, isolation: Isolation, boot: Boot,
         env: tuple[str, ...], metadata: tuple[str, ...], stdin: bool, cmd_timeout: float | None,
         cmd: tuple[str, ...]) -> None:
     """Create a sandbox, run CMD in it with streamed output, destroy it; exit with CMD's code.
 
     Example: ember run -- python3 -c "print(6*7)"
     """
-    sb = _create(template, vcpus, memory_mib, disk_mib, timeout, on_timeout, isolation, env,
-                 metadata, True)
+    sb = _create(template, vcpus, memory_mib, disk_mib, timeout, on_timeout, isolation, boot,
+                 env, metadata, True)
     try:
         code = _stream_exec(sb, list(cmd), stdin, cmd_timeout)
     finally:
@@ -126,11 +129,11 @@ def run(template: str, vcpus: int | None, memory_mib: int | None, disk_mib: int 
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
 def create(template: str, vcpus: int | None, memory_mib: int | None, disk_mib: int | None,
-           timeout: float, on_timeout: OnTimeout, isolation: Isolation,
+           timeout: float, on_timeout: OnTimeout, isolation: Isolation, boot: Boot,
            env: tuple[str, ...], metadata: tuple[str, ...], as_json: bool) -> None:
     """Create a sandbox that keeps running after this command; print its id."""
-    sb = _create(template, vcpus, memory_mib, disk_mib, timeout, on_timeout, isolation, env,
-                 metadata, not as_json)
+    sb = _create(template, vcpus, memory_mib, disk_mib, timeout, on_timeout, isolation, boot,
+                 env, metadata, not as_json)
     info = sb.info()
     sb.close()
     if as_json:

@@ -44,6 +44,7 @@ class CreateRequest(Strict):
     boot_timeout: Seconds | None = None
     on_timeout: Literal["destroy", "pause"] = "destroy"
     isolation: Literal["microvm", "gvisor", "container"] = "microvm"
+    boot: Literal["auto", "cold"] = "auto"
 
 
 class RestoreRequest(Strict):

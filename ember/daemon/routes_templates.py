@@ -95,4 +95,13 @@ async def remove(live: Live, who: Who,
     return Response(status_code=204)
 
 
+@router.delete("/templates/{name}/snapshots")
+async def drop_snapshots(live: Live, who: Who,
+                         name: str = Path(min_length=1, max_length=63)) -> dict[str, Any]:
+    """Remove a template's template snapshots (those live sandboxes use stay until they
+    are gone); the next create of it boots and makes a new one."""
+    _admin(who)
+    return {"removed": await live.local.drop_template_snapshots(name)}
+
+
 __all__ = ["router"]

@@ -35,7 +35,7 @@ from ember.guest.kernel import Kernel, kernel_by_key, require_kernel
 from ember.host.jail import JailSpec
 from ember.locks import FileLock
 from ember.paths import Paths
-from ember.runtime import snapshots
+from ember.runtime import snapshots, template_snapshots
 from ember.runtime.backends import Backend, Build, MicroVM, boot_cmdline, make_backend
 from ember.runtime.confinement import Confinement
 from ember.runtime.leftovers import NEW_DIR_PREFIX, sweep_leftovers
@@ -237,9 +237,11 @@ class SandboxManager:
                             what="restoring snapshot", snap=snap)
 
     def snapshot(self, sandbox_id: str, name: str | None = None, *,
-                 resume: bool = True, hold: bool = False) -> snapshots.Taken:
+                 resume: bool = True, hold: bool = False,
+                 shared: dict[str, str] | None = None) -> snapshots.Taken:
         """Snapshot a running or paused sandbox (it is paused meanwhile, then resumed).
-        ``hold``: the caller keeps the snapshot's hold lock (see :func:`snapshots.take`)."""
+        ``hold``: the caller keeps the snapshot's hold lock; ``shared``: a template
+        snapshot's metadata (see :func:`snapshots.take`)."""
         rec = self.get(sandbox_id)
         if not self.backend(rec.isolation).snapshots:
             raise BadRequestError(f"snapshot (and fork) is not supported on isolation="
@@ -268,7 +270,7 @@ class SandboxManager:
                 self.paths, self.store, self.engine, self.microvm.attach(rec, d), rec,
                 kernel=kernel,
                 cmdline=cmdline, ram_file=ram if ram.is_file() else None, overlay=d.overlay,
-                template=tpl, name=name, resume=resume, hold=hold)
+                template=tpl, name=name, resume=resume, hold=hold, shared=shared)
         finally:
             if resume:
                 self.set_state(sandbox_id, "running")
@@ -337,12 +339,17 @@ class SandboxManager:
         return snap
 
     def collect_snapshot(self, snapshot_id: str | None) -> None:
-        """Remove an unnamed snapshot (a fork's) once nothing uses it any more."""
+        """Remove an unnamed snapshot (a fork's) once nothing uses it any more; a template
+        snapshot only once it is no longer current."""
         if snapshot_id is None:
             return
         try:
             snap = self.store.get_snapshot(snapshot_id)
         except EmberError:
+            return
+        if template_snapshots.is_template_snapshot(snap):
+            if not template_snapshots.is_current(self, snap):
+                template_snapshots.collect(self, snap.template)
             return
         if snap.name is None and not snapshots.users(self.store, snap.id, LIVE_STATES):
             try:

@@ -97,14 +97,16 @@ def snapshot_dir(paths: Paths, snapshot_id: str) -> Path:
 def take(paths: Paths, store: Store, engine: Any, handle: VMHandle, rec: SandboxRecord,
          *, kernel: Kernel, cmdline: str, ram_file: Path | None, overlay: Path,
          template: TemplateRecord, name: str | None, resume: bool,
-         hold: bool = False) -> Taken:
+         hold: bool = False, shared: dict[str, str] | None = None) -> Taken:
     """Write a snapshot of the running (or paused) sandbox ``rec``.
 
     The guest is paused while its state, RAM and disk are copied, then resumed if
     ``resume`` (and if it was running); hashing and publishing happen after that. With
     ``hold`` (a fork) the returned :class:`Taken` keeps the snapshot's hold lock (the
     caller releases it) and the snapshot is marked ephemeral: a killed taker's hold dies
-    with it and the sweep collects the snapshot once no clone uses it.
+    with it and the sweep collects the snapshot once no clone uses it. ``shared`` makes a
+    snapshot any tenant's sandboxes start from (a template snapshot): it is registered
+    with that metadata only, and without the source's env or tenant.
     """
     if name is not None:
         check_name(name)
@@ -114,6 +116,12 @@ def take(paths: Paths, store: Store, engine: Any, handle: VMHandle, rec: Sandbox
     staging.mkdir(parents=True)
     was_running = handle.status() == "running"
     resumed = False
+    env = {} if shared is not None else dict(rec.env)
+    if shared is not None:
+        meta = dict(shared)
+    else:
+        meta = {**({"ephemeral": "fork"} if hold else {}),
+                **{k: v for k, v in rec.metadata.items() if k == TENANT_KEY}}
     try:
         # Under KVM the guest runs on the host's CPU model: record it (before the pause).
         cpu = engine.guest_cpu(handle) if rec.accel == "kvm" else None
@@ -135,7 +143,7 @@ def take(paths: Paths, store: Store, engine: Any, handle: VMHandle, rec: Sandbox
             "vmm_version": saved.vmm_version, "accel": rec.accel,
             "vcpus": rec.vcpus, "memory_mib": rec.memory_mib, "disk_mib": rec.disk_mib,
             "ram_file": not saved.ram_in_stream, "source": rec.id,
-            "env": rec.env, "created_at": time.time(),
+            "env": env, "created_at": time.time(),
             **({"cpu": cpu.to_json()} if cpu is not None else {}),
             "files": {f.name: {"size": f.stat().st_size, "digest": digest(f)}
                       for f in sorted(staging.iterdir())},
@@ -158,9 +166,7 @@ def take(paths: Paths, store: Store, engine: Any, handle: VMHandle, rec: Sandbox
             kernel_key=kernel.key, vmm_version=saved.vmm_version, accel=rec.accel,
             vcpus=rec.vcpus, memory_mib=rec.memory_mib, disk_mib=rec.disk_mib,
             ram_file=not saved.ram_in_stream, size_bytes=size,
-            created_at=float(manifest["created_at"]), source=rec.id, env=dict(rec.env),
-            metadata={**({"ephemeral": "fork"} if hold else {}),
-                      **{k: v for k, v in rec.metadata.items() if k == TENANT_KEY}},
+            created_at=float(manifest["created_at"]), source=rec.id, env=env, metadata=meta,
             verified=stat_signature(final))
         stored = store.add_snapshot(snap)
     except BaseException:

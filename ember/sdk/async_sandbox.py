@@ -27,7 +27,7 @@ from ember.errors import (
     SandboxNotFoundError,
     SandboxStateError,
 )
-from ember.kinds import Isolation, OnTimeout, SandboxState
+from ember.kinds import Boot, Isolation, OnTimeout, SandboxState
 from ember.locks import FileLock
 from ember.paths import Paths
 from ember.runtime.agent_client import AgentClient
@@ -129,6 +129,7 @@ class AsyncSandbox:
         isolation: Isolation = "microvm",
         url: str | None = None,
         api_key: str | None = None,
+        boot: Boot = "auto",
     ) -> AsyncSandbox:
         """Start a new sandbox from ``template`` and return once its agent answers.
 
@@ -137,7 +138,10 @@ class AsyncSandbox:
         destroyed); when it ends the sandbox is destroyed, or paused with
         ``on_timeout="pause"`` (resume() it to go on). A ready sandbox is taken from a warm
         pool of that template and size when there is one; a pre-baked template is restored
-        from its snapshot; anything else boots.
+        from its snapshot; anything else is restored from the template snapshot of its
+        template and size (a booted, idle guest that the first create of that template and
+        size makes: it boots, and is snapshotted before it is handed over).
+        ``boot="cold"`` always boots the kernel (no pool, no snapshot).
 
         ``isolation`` chooses the boundary: ``"microvm"`` (the default: its own kernel),
         ``"gvisor"`` (gVisor's user-space kernel) or ``"container"`` (the host's kernel
@@ -156,13 +160,13 @@ class AsyncSandbox:
             return await _local(paths).create(
                 template, vcpus=vcpus, memory_mib=memory_mib, disk_mib=disk_mib,
                 timeout=timeout, env=env, metadata=metadata, boot_timeout=boot_timeout,
-                on_progress=on_progress, on_timeout=on_timeout, isolation=isolation)
+                on_progress=on_progress, on_timeout=on_timeout, isolation=isolation, boot=boot)
         if on_progress:
             on_progress(f"creating through the daemon at {t.url}")
         body = {"template": template, "vcpus": vcpus, "memory_mib": memory_mib,
                 "disk_mib": disk_mib, "timeout": timeout, "env": dict(env or {}),
                 "metadata": dict(metadata or {}), "boot_timeout": boot_timeout,
-                "on_timeout": on_timeout, "isolation": isolation}
+                "on_timeout": on_timeout, "isolation": isolation, "boot": boot}
         return await _remote_sandbox(t, "POST", "/sandboxes", body)
 
     @classmethod
@@ -575,6 +579,21 @@ class AsyncSandbox:
             return
         async with _closing(t):
             await template_ops.remove_remote(t, name)
+
+    @classmethod
+    async def drop_template_snapshots(cls, template: str, *, paths: Paths | None = None,
+                                      url: str | None = None,
+                                      api_key: str | None = None) -> builtins.list[str]:
+        """Remove the template snapshots of ``template`` (the next create boots and makes
+        a new one); those that live sandboxes were restored from stay until they are gone.
+        Returns the ids removed. The administrator's."""
+        from ember.sdk import template_ops
+
+        t = await _target(url, api_key, paths)
+        if t is None:
+            return await _local(paths).drop_template_snapshots(template)
+        async with _closing(t):
+            return await template_ops.drop_snapshots_remote(t, template)
 
     # --- warm pools -----------------------------------------------------------------------
     @classmethod

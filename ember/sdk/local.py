@@ -14,14 +14,16 @@ import asyncio
 import builtins
 import contextlib
 import functools
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from ember.engine.container import require_tier
-from ember.errors import EmberError, SandboxStateError
-from ember.kinds import Isolation, OnTimeout
+from ember.errors import BadRequestError, EmberError, SandboxStateError, SnapshotError
+from ember.kinds import BOOTS, Boot, Isolation, OnTimeout
 from ember.locks import FileLock
 from ember.paths import Paths
+from ember.runtime import template_snapshots
 from ember.runtime.manager import SandboxDir, SandboxManager, console_tail
 from ember.runtime.spec import SandboxSpec
 from ember.sdk import pool_ops, template_ops
@@ -39,7 +41,9 @@ from ember.sdk.results import (
     SnapshotInfo,
     TemplateInfo,
 )
-from ember.store import SandboxRecord, SnapshotRecord
+from ember.store import SandboxRecord, SnapshotRecord, TemplateRecord
+
+log = logging.getLogger("ember.sdk")
 
 Progress = Callable[[str], None] | None
 
@@ -56,10 +60,15 @@ class Local:
                      disk_mib: int | None, timeout: float | None,
                      env: Mapping[str, str] | None, metadata: Mapping[str, str] | None,
                      boot_timeout: float | None, on_progress: Progress,
-                     on_timeout: OnTimeout, isolation: Isolation) -> AsyncSandbox:
+                     on_timeout: OnTimeout, isolation: Isolation,
+                     boot: Boot = "auto") -> AsyncSandbox:
         """A new sandbox, by the create policy: a warm pool's member if one is ready,
-        else a pre-baked template's snapshot restored, else a boot. The weaker tiers have
-        neither pools nor snapshots: they always start fresh."""
+        else a pre-baked template's snapshot restored, else the template snapshot of its
+        template and shape restored (made from this boot on first use), else a boot.
+        ``boot="cold"`` always boots. The weaker tiers have neither pools nor snapshots:
+        they always start fresh."""
+        if boot not in BOOTS:
+            raise BadRequestError(f"boot must be one of {', '.join(BOOTS)}, got {boot!r}")
         if isolation != "microvm":  # a tier this host cannot run: say so before anything else
             await asyncio.to_thread(require_tier, isolation)
         mgr = self.mgr
@@ -72,7 +81,8 @@ class Local:
                            disk_mib=disk_mib, timeout=timeout, env=dict(env or {}),
                            metadata=dict(metadata or {}), on_timeout=on_timeout,
                            isolation=isolation)
-        if isolation == "microvm":
+        maker: tuple[FileLock, str, str] | None = None
+        if isolation == "microvm" and boot == "auto":
             pooled = await self._from_pool(spec)
             if pooled is not None:
                 return pooled
@@ -80,9 +90,64 @@ class Local:
                 snap = await asyncio.to_thread(mgr.store.get_snapshot, str(baked))
                 return await self.start_restore(snap, spec, boot_timeout, on_progress,
                                                 template)
+            restored, maker = await self._from_template_snapshot(tpl, spec, boot_timeout,
+                                                                 on_progress)
+            if restored is not None:
+                return restored
         locks: list[FileLock] = []
-        rec = await asyncio.to_thread(mgr.start, spec, locks, on_progress)
-        return await self._finish_start(rec, locks[0], boot_timeout, on_progress)
+        try:
+            rec = await asyncio.to_thread(mgr.start, spec, locks, on_progress)
+            sb = await self._finish_start(rec, locks[0], boot_timeout, on_progress)
+            if maker is not None:
+                await self._make_template_snapshot(sb, maker, on_progress)
+            return sb
+        finally:
+            if maker is not None:
+                template_snapshots.release_maker(maker[0])
+
+    async def _from_template_snapshot(
+            self, tpl: TemplateRecord, spec: SandboxSpec, boot_timeout: float | None,
+            on_progress: Progress) -> tuple[AsyncSandbox | None, tuple[FileLock, str, str] | None]:
+        """Restore the template snapshot of ``spec``'s template and shape, or say how the
+        boot that follows should make it: (sandbox, None) or (None, (held maker lock, key,
+        disk label)), or (None, None) when another process is making it or this host
+        cannot key one."""
+        mgr = self.mgr
+        disk = template_snapshots.disk_label(spec.disk_mib)
+        try:
+            key = await asyncio.to_thread(template_snapshots.key_for, mgr, tpl, spec.vcpus,
+                                          spec.memory_mib, disk)
+        except EmberError:
+            return None, None  # no kernel or QEMU: the boot says why
+        for _ in range(2):  # a snapshot that fails its checks is dropped; look once more
+            snap = await asyncio.to_thread(template_snapshots.find, mgr, key)
+            if snap is None:
+                break
+            try:
+                return await self.start_restore(snap, spec, boot_timeout, on_progress,
+                                                None), None
+            except SnapshotError as err:
+                await asyncio.to_thread(template_snapshots.drop, mgr, snap, str(err))
+        lock = template_snapshots.maker_lock(mgr.paths, key)
+        if not await asyncio.to_thread(lock.try_acquire):
+            return None, None  # another process is making it: boot meanwhile
+        if await asyncio.to_thread(template_snapshots.find, mgr, key) is not None:
+            template_snapshots.release_maker(lock)  # made just now by its last holder
+            return await self._from_template_snapshot(tpl, spec, boot_timeout, on_progress)
+        return None, (lock, key, disk)
+
+    async def _make_template_snapshot(self, sb: AsyncSandbox, maker: tuple[FileLock, str, str],
+                                      on_progress: Progress) -> None:
+        """Snapshot the just booted ``sb`` as its template snapshot. A failure (a full
+        disk, say) costs only the snapshot: the sandbox is handed over all the same."""
+        _, key, disk = maker
+        if on_progress:
+            on_progress("saving the template snapshot for the next creates")
+        try:
+            await asyncio.to_thread(template_snapshots.make, self.mgr, sb.id, key, disk)
+        except (EmberError, OSError) as err:
+            log.warning("sandbox %s: cannot make the template snapshot of %s: %s", sb.id,
+                        sb._rec.template, err)
 
     async def _finish_start(self, rec: SandboxRecord, lock: FileLock,
                             boot_timeout: float | None, on_progress: Progress) -> AsyncSandbox:
@@ -194,8 +259,11 @@ class Local:
 
     # --- snapshots -----------------------------------------------------------------------
     async def list_snapshots(self) -> builtins.list[SnapshotInfo]:
+        """The snapshots taken of sandboxes (template snapshots are listed with their
+        templates)."""
         return [snapshot_info(s)
-                for s in await asyncio.to_thread(self.mgr.store.list_snapshots)]
+                for s in await asyncio.to_thread(self.mgr.store.list_snapshots)
+                if not template_snapshots.is_template_snapshot(s)]
 
     async def delete_snapshot(self, ref: str) -> None:
         await asyncio.to_thread(self.mgr.remove_snapshot, ref)
@@ -213,6 +281,9 @@ class Local:
 
     async def delete_template(self, name: str) -> None:
         await asyncio.to_thread(template_ops.remove_here, self.mgr, name)
+
+    async def drop_template_snapshots(self, name: str) -> builtins.list[str]:
+        return await asyncio.to_thread(template_ops.drop_snapshots_here, self.mgr, name)
 
     # --- pools ---------------------------------------------------------------------------
     async def set_pool(self, template: str, size: int, *, vcpus: int | None,

@@ -180,6 +180,22 @@ class SandboxUsage:
 
 
 @dataclass(frozen=True)
+class TemplateSnapshotInfo:
+    """A template snapshot: the booted, idle guest of a template and size that plain
+    creates restore (``ember image snapshot ls``)."""
+
+    id: str
+    vcpus: int
+    memory_mib: int
+    disk_mib: int
+    size_bytes: int  # on disk
+    created_at: float
+    #: False once its template, kernel, agent or QEMU changed: no create restores it any
+    #: more, and it is removed when the last sandbox restored from it is gone.
+    current: bool = True
+
+
+@dataclass(frozen=True)
 class TemplateInfo:
     """A template sandboxes can be created from (``ember image ls``)."""
 
@@ -189,4 +205,5 @@ class TemplateInfo:
     size_bytes: int  # its image
     created_at: float
     config: dict[str, Any] = field(default_factory=dict)  # image config, bake and snapshot
+    snapshots: list[TemplateSnapshotInfo] = field(default_factory=list)
 

@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
 
-from ember.kinds import Isolation, OnTimeout
+from ember.kinds import Boot, Isolation, OnTimeout
 from ember.paths import Paths
 from ember.runtime.spec import DEFAULT_TEMPLATE, DEFAULT_TIMEOUT_S
 from ember.sdk.async_sandbox import CONNECT_WAIT_S, DEFAULT_EXEC_TIMEOUT_S, AsyncSandbox
@@ -151,14 +151,15 @@ class Sandbox:
         isolation: Isolation = "microvm",
         url: str | None = None,
         api_key: str | None = None,
+        boot: Boot = "auto",
     ) -> Sandbox:
-        """Boot a new sandbox from ``template``; see :meth:`AsyncSandbox.create` (``url``
+        """Start a new sandbox from ``template``; see :meth:`AsyncSandbox.create` (``url``
         or ``EMBER_URL``: through an ember daemon)."""
         return cls(portal().call(AsyncSandbox.create(
             template, vcpus=vcpus, memory_mib=memory_mib, disk_mib=disk_mib, timeout=timeout,
             env=env, metadata=metadata, boot_timeout=boot_timeout, on_progress=on_progress,
             paths=paths, on_timeout=on_timeout, isolation=isolation, url=url,
-            api_key=api_key)))
+            api_key=api_key, boot=boot)))
 
     @classmethod
     def restore(cls, snapshot: str | SnapshotInfo, *, timeout: float | None = DEFAULT_TIMEOUT_S,
@@ -208,6 +209,14 @@ class Sandbox:
                         api_key: str | None = None) -> None:
         portal().call(AsyncSandbox.delete_template(name, paths=paths, url=url,
                                                    api_key=api_key))
+
+    @classmethod
+    def drop_template_snapshots(cls, template: str, *, paths: Paths | None = None,
+                                url: str | None = None,
+                                api_key: str | None = None) -> builtins.list[str]:
+        """See :meth:`AsyncSandbox.drop_template_snapshots`."""
+        return portal().call(AsyncSandbox.drop_template_snapshots(
+            template, paths=paths, url=url, api_key=api_key))
 
     @classmethod
     def list_usage(cls, *, paths: Paths | None = None, url: str | None = None,

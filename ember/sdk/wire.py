@@ -23,6 +23,7 @@ from ember.sdk.results import (
     SandboxUsage,
     SnapshotInfo,
     TemplateInfo,
+    TemplateSnapshotInfo,
 )
 
 T = TypeVar("T")
@@ -79,7 +80,12 @@ def sandbox_usage(raw: object) -> SandboxUsage:
 
 
 def template_info(raw: object) -> TemplateInfo:
-    return from_json(TemplateInfo, raw)
+    info = from_json(TemplateInfo, raw)
+    snaps = info.snapshots
+    if not isinstance(snaps, list):
+        raise ProtocolError("malformed TemplateInfo from the daemon: snapshots is not a list")
+    return dataclasses.replace(info, snapshots=[from_json(TemplateSnapshotInfo, s)
+                                                for s in snaps])
 
 
 # --- errors ------------------------------------------------------------------------------

@@ -26,8 +26,9 @@ Kinds (keys of the result; each value is a sorted list of human-readable finding
                kept, and live processes running as such a uid;
 ``staging``    anything in ``paths.tmp``, snapshot staging directories
                (``snapshots/.staging-*``) and overlay-cache staging files;
-``snapshots``  snapshot rows without a directory, snapshot directories without a row, and
-               snapshots nobody asked to keep (see ``keep_snapshots``).
+``snapshots``  snapshot rows without a directory, snapshot directories without a row,
+               snapshots nobody asked to keep (see ``keep_snapshots``), and template
+               snapshots superseded by a newer one of the same shape that nothing uses.
 
 Only non-empty kinds appear in the result: ``leaks(paths) == {}`` means nothing leaked.
 """
@@ -44,6 +45,7 @@ from ember.host import detect_cgroups, home_key
 from ember.paths import Paths
 from ember.runtime.manager import KEEP_ON_FAILURE, SandboxDir
 from ember.runtime.snapshots import STAGING_PREFIX
+from ember.runtime.template_snapshots import DISK_META, KEY_META
 from ember.runtime.states import LIVE_STATES
 from ember.store import SandboxRecord, SnapshotRecord, Store
 
@@ -281,11 +283,21 @@ def _snapshots(paths: Paths, rows: list[SandboxRecord], snaps: list[SnapshotReco
                 out.append(f"{d}: snapshot directory with no registry row")
     used = {r.snapshot for r in rows if r.snapshot and r.id in kept}
     baked = _baked_snapshots(paths)
+    newest: dict[tuple[object, ...], SnapshotRecord] = {}  # template snapshots by shape
+    for s in snaps:
+        if KEY_META in s.metadata:
+            shape = (s.template, s.vcpus, s.memory_mib, s.metadata.get(DISK_META))
+            if shape not in newest or s.created_at > newest[shape].created_at:
+                newest[shape] = s
     for s in snaps:
         label = f"{s.name or '(unnamed)'} {s.id[:12]}"
         if not (paths.snapshots / s.id).is_dir():
             out.append(f"{label}: registry row with no directory")
         if s.id in used or s.id in baked:
+            continue
+        if KEY_META in s.metadata:  # the newest of its shape is meant to stay
+            if s not in newest.values():
+                out.append(f"{label}: superseded template snapshot that nothing uses")
             continue
         if keep is None:
             if s.name is None:

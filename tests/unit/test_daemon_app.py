@@ -247,6 +247,13 @@ def test_template_builds_are_the_administrators_and_checked(paths: Paths) -> Non
     assert [t["name"] for t in call(paths, "GET", "/v1/templates", tenant="t1").json()] == ["base"]
     assert error_of(call(paths, "DELETE", "/v1/templates/nope")) == (404, "template_not_found")
     assert error_of(call(paths, "DELETE", "/v1/templates/base", tenant="t1"))[0] == 404
+    # template snapshots: dropped by the administrator only, of a known template
+    r = call(paths, "DELETE", "/v1/templates/base/snapshots", tenant="t1")
+    assert error_of(r)[0] == 404
+    assert call(paths, "DELETE", "/v1/templates/base/snapshots").json() == {"removed": []}
+    r = call(paths, "DELETE", "/v1/templates/nope/snapshots")
+    assert error_of(r) == (404, "template_not_found")
+    assert call(paths, "GET", "/v1/templates").json()[0]["snapshots"] == []
 
 
 def test_metrics_show_pools(paths: Paths) -> None:

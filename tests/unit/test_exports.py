@@ -12,7 +12,7 @@ PUBLIC = {
     "SandboxUsage",
     "SnapshotError", "SnapshotInfo", "SnapshotNotFoundError", "TemplateNotFoundError",
     "TierUnavailableError", "UnsafeLayerError", "QuotaExceededError", "UnauthorizedError",
-    "TemplateInfo",
+    "TemplateInfo", "TemplateSnapshotInfo",
 }
 
 
