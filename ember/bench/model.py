@@ -6,11 +6,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 #: Tiers in report column order, with their column titles.
-TIER_ORDER: tuple[str, ...] = ("container", "gvisor", "microvm", "traditional-vm")
+TIER_ORDER: tuple[str, ...] = ("container", "gvisor", "microvm", "microvm-cold",
+                               "traditional-vm")
 TIER_TITLES: dict[str, str] = {
     "container": "Container",
     "gvisor": "gVisor",
     "microvm": "microVM",
+    "microvm-cold": "microVM, cold boot",
     "traditional-vm": "traditional VM",
 }
 

@@ -1,7 +1,9 @@
 """The tiers a bench run compares, behind one small interface.
 
-``microvm``, ``container`` and ``gvisor`` are ember sandboxes (``Sandbox.create`` with
-``isolation=`` for the latter two); ``traditional-vm`` is :mod:`ember.bench.tradvm`. A tier
+``microvm``, ``microvm-cold``, ``container`` and ``gvisor`` are ember sandboxes
+(``Sandbox.create``: the default, restored from the template snapshot that ``prepare``
+makes; ``boot="cold"``; ``isolation=`` for the last two); ``traditional-vm`` is
+:mod:`ember.bench.tradvm`. A tier
 that cannot run here raises an :class:`~ember.errors.EmberError` from :meth:`Tier.prepare`
 or its first :meth:`Tier.start`; the runner reports it as unavailable with that reason.
 """
@@ -71,18 +73,23 @@ class EmberTier:
     """A tier served by ``ember.Sandbox``: ``isolation=None`` is the default (microVM)."""
 
     def __init__(self, name: str, isolation: str | None, *, template: str, memory_mib: int,
-                 description: str) -> None:
+                 description: str, boot: str | None = None) -> None:
         self.name = name
         self.isolation = isolation
         self.template = template
         self.memory_mib = memory_mib
         self.description = description
+        self.boot = boot
 
     def prepare(self) -> None:
         if self.isolation is not None and not sdk_supports_isolation():
             raise TierUnavailableError(
                 f"this ember's Sandbox.create() has no isolation= keyword yet "
                 f"(the {self.isolation!r} tier is not implemented)")
+        if self.isolation is None and self.boot is None:
+            # The first create of a template and size makes its template snapshot: do it
+            # here, so that the figures are those of every later create.
+            self.start().close()
 
     def start(self) -> Instance:
         from ember import Sandbox
@@ -90,6 +97,8 @@ class EmberTier:
         kwargs: dict[str, Any] = {}
         if self.isolation is not None:
             kwargs["isolation"] = self.isolation
+        if self.boot is not None:
+            kwargs["boot"] = self.boot
         sb = Sandbox.create(self.template, memory_mib=self.memory_mib, timeout=1800, **kwargs)
         inst = EmberInstance(sb)
         try:
@@ -154,7 +163,11 @@ def default_tiers(*, template: str, memory_mib: int, cache: Path, home: Path,
         EmberTier("gvisor", "gvisor", template=template, memory_mib=memory_mib,
                   description="ember isolation='gvisor' (runsc)"),
         EmberTier("microvm", None, template=template, memory_mib=memory_mib,
-                  description=f"ember default: QEMU microvm, ember's kernel, jailed ({accel})"),
+                  description=f"ember default: QEMU microvm, ember's kernel, jailed ({accel}), "
+                              "restored from the template snapshot"),
+        EmberTier("microvm-cold", None, template=template, memory_mib=memory_mib, boot="cold",
+                  description=f"ember microvm booted cold (boot='cold'): QEMU microvm, "
+                              f"ember's kernel, jailed ({accel})"),
         TradVMTier(cache=cache, runs=home / "bench", template=template,
                    memory_mib=memory_mib, accel=accel),
     ]

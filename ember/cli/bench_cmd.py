@@ -10,7 +10,7 @@ from rich.table import Table
 
 from ember.cli.common import err_console, handle_errors, out_console, print_json
 
-TIER_NAMES = ("container", "gvisor", "microvm", "traditional-vm")
+TIER_NAMES = ("container", "gvisor", "microvm", "microvm-cold", "traditional-vm")
 
 
 @click.command("bench")

@@ -45,8 +45,8 @@ from ember.host import detect_cgroups, home_key
 from ember.paths import Paths
 from ember.runtime.manager import KEEP_ON_FAILURE, SandboxDir
 from ember.runtime.snapshots import STAGING_PREFIX
-from ember.runtime.template_snapshots import DISK_META, KEY_META
 from ember.runtime.states import LIVE_STATES
+from ember.runtime.template_snapshots import DISK_META, KEY_META
 from ember.store import SandboxRecord, SnapshotRecord, Store
 
 #: What a failed sandbox's directory may still hold (for ``ember logs``).

@@ -14,7 +14,7 @@ import pytest
 pytestmark = pytest.mark.integration
 
 TIERS = {"container": "Container", "gvisor": "gVisor", "microvm": "microVM",
-         "traditional-vm": "traditional VM"}
+         "microvm-cold": "microVM, cold boot", "traditional-vm": "traditional VM"}
 
 
 def test_bench_quick_reports_every_tier(debian_template, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -36,7 +36,8 @@ def test_bench_quick_reports_every_tier(debian_template, tmp_path: Path) -> None
 
     md = (out / "report.md").read_text()
     table = md[md.index("|"):md.index("## Host")]
-    assert table.startswith("|  | Container | gVisor | microVM | traditional VM |")
+    assert table.startswith(
+        "|  | Container | gVisor | microVM | microVM, cold boot | traditional VM |")
     for name, tier in summary["tiers"].items():
         if tier["status"] == "unavailable":
             assert "unavailable: " in table, name
