@@ -207,8 +207,9 @@ class Agent:
         if isinstance(entropy, str):
             reseed(bytes.fromhex(entropy))
         hostname = msg.get("hostname")
-        if isinstance(hostname, str):
-            set_hostname(hostname)
+        if isinstance(hostname, str) and set_hostname(hostname):
+            log(f"this guest is now {hostname[:64]} (a restored clone: new name, "
+                "machine-id, RNG seed and clock)")
 
     def _hello_ok(self, nonce: int) -> Message:
         # uname() holds what gethostname(2) returns; no need to import ``socket`` (slow to

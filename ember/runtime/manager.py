@@ -228,6 +228,11 @@ class SandboxManager:
                 progress(f"restoring snapshot {snap.id[:12]} ({self.accel.accel})")
             jail = self.confinement.prepare(rec, d.root, writable=d.prepare_vm_files(),
                                             snapshot_ram=plan.ram, log_path=d.qemu_log)
+            kind = ("template snapshot" if template_snapshots.is_template_snapshot(snap)
+                    else "snapshot")
+            with open(d.console_log, "a", encoding="utf-8") as f:  # QEMU appends after it
+                f.write(f"ember: restored from {kind} {snap.id[:12]} of {snap.template}; "
+                        "no boot: the console goes on from the snapshot\n")
             return self.engine.restore(self.vmspec(
                 rec, d, plan.kernel.bzimage, cmdline=plan.cmdline, memory_file=plan.ram,
                 incoming=True, jail=jail), plan.state, expect_cpu=plan.cpu)

@@ -1,7 +1,8 @@
 """Warm pools: sandboxes started ahead of time, handed out by ``Sandbox.create()`` at once.
 
 A pool is a row (template, size, target count) in the registry; its members are ordinary
-sandboxes in state ``pooled``, booted (or restored, for a pre-baked template) and checked
+sandboxes in state ``pooled``, booted (or restored: a pre-baked template's snapshot, or the
+template snapshot of the pool's template and size when one exists) and checked
 with an agent hello, with no lifetime until handed out. Handing one out is one SQLite
 transaction that flips it to ``running`` (:meth:`Store.claim_pooled`): no sandbox is ever
 handed out twice, by any number of processes. The home's daemon refills pools (its
@@ -17,13 +18,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ember.errors import BadRequestError, EmberError
+from ember.errors import BadRequestError, EmberError, SnapshotError
 from ember.locks import FileLock
-from ember.runtime import supervisor
+from ember.runtime import supervisor, template_snapshots
 from ember.runtime.agent_client import AgentClient
 from ember.runtime.manager import SandboxDir, SandboxManager
 from ember.runtime.spec import SandboxSpec, pool_key
-from ember.store import PoolRecord, SandboxRecord
+from ember.store import PoolRecord, SandboxRecord, TemplateRecord
 
 log = logging.getLogger("ember.pools")
 
@@ -131,7 +132,7 @@ def start_member(mgr: SandboxManager, pool: PoolRecord) -> SandboxRecord:
         snap = mgr.store.get_snapshot(str(baked))
         rec = mgr.start_restore(snap, spec, locks, template_name=pool.template)
     else:
-        rec = mgr.start(spec, locks)
+        rec = _from_template_snapshot(mgr, tpl, spec, locks) or mgr.start(spec, locks)
     try:
         mgr.store.update_sandbox(rec.id, pool=pool.key)
         asyncio.run(_check_agent(rec))
@@ -143,6 +144,25 @@ def start_member(mgr: SandboxManager, pool: PoolRecord) -> SandboxRecord:
         locks[0].release()
     log.info("pool %s: %s ready", pool.key, rec.id)
     return mgr.store.get_sandbox(rec.id)
+
+
+def _from_template_snapshot(mgr: SandboxManager, tpl: TemplateRecord, spec: SandboxSpec,
+                            locks: list[FileLock]) -> SandboxRecord | None:
+    """A member restored from the template snapshot of its template and size, when there
+    is a good one (a pool does not make one: the first create does)."""
+    try:
+        key = template_snapshots.key_for(mgr, tpl, spec.vcpus, spec.memory_mib,
+                                         template_snapshots.disk_label(spec.disk_mib))
+    except EmberError:
+        return None
+    snap = template_snapshots.find(mgr, key)
+    if snap is None:
+        return None
+    try:
+        return mgr.start_restore(snap, spec, locks)
+    except SnapshotError as err:
+        template_snapshots.drop(mgr, snap, str(err))
+        return None
 
 
 async def _check_agent(rec: SandboxRecord) -> None:

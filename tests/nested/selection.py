@@ -1,7 +1,8 @@
 """The tests the nested-KVM layer runs inside the outer VM (``test_kvm_nested.py``).
 
 ember's own tests, chosen to cover the KVM path once each: boot, exec, files, pause and
-resume, snapshot and restore (and a restore refused for another CPU), fork, 2 vCPUs, the
+resume, snapshot and restore (and a restore refused for another CPU), template snapshots
+(the default create), fork, 2 vCPUs, the
 jail and its cgroup, ``ember doctor``, ``ember image check`` and the bench's microVM
 column. Every id must pass inside; one that is skipped or missing fails the layer.
 """
@@ -21,12 +22,14 @@ SELECTION: tuple[str, ...] = (
     f"{KVM_PATH}::test_gvisor_platform_is_chosen_by_a_probe",
     f"{KVM_PATH}::test_bench_measures_the_microvm_column_under_kvm",
     "tests/integration/test_sdk_exec.py::test_exec_python_and_exit_codes[booted]",
-    "tests/integration/test_sdk_exec.py::test_exec_python_and_exit_codes[restored]",
+    "tests/integration/test_sdk_exec.py::test_exec_python_and_exit_codes[template-snapshot]",
     "tests/integration/test_sdk_exec.py::test_streaming_callbacks_and_iterator[booted]",
-    "tests/integration/test_sdk_exec.py::test_background_process_stdin_signal_and_ps[restored]",
+    "tests/integration/test_sdk_exec.py::test_background_process_stdin_signal_and_ps[template-snapshot]",
     "tests/integration/test_sdk_files.py::test_write_read_list_stat_rename_remove[booted]",
-    "tests/integration/test_sdk_files.py::test_write_read_list_stat_rename_remove[restored]",
+    "tests/integration/test_sdk_files.py::test_write_read_list_stat_rename_remove[template-snapshot]",
     "tests/integration/test_sdk_files.py::test_large_file_roundtrip[booted]",
+    "tests/integration/test_template_snapshots.py::"
+    "test_first_create_makes_it_and_the_next_ones_restore_it",
     "tests/integration/test_snapshots.py::test_restore_keeps_files_and_running_processes",
     "tests/integration/test_snapshots.py::test_fork_clones_differ_and_share_nothing_writable",
     "tests/integration/test_snapshots.py::test_pause_and_resume",

@@ -49,7 +49,7 @@ def test_tcg_argv_exactly() -> None:
         "-kernel", "/cache/bzImage",
         "-append", "console=ttyS0 reboot=t panic=-1 root=/dev/vda rootfstype=ext4 rw quiet "
                    "init=/sbin/ember-init",
-        "-chardev", f"file,id=console,path={d}/console.log",
+        "-chardev", f"file,id=console,path={d}/console.log,append=on",
         "-serial", "chardev:console",
         "-drive", f"id=root,file={d}/root.qcow2,format=qcow2,if=none,cache=unsafe,readonly=off",
         "-device", "virtio-blk-device,drive=root",
@@ -156,7 +156,7 @@ def test_commas_in_paths_are_escaped_for_qemu_options() -> None:
     argv = build_argv(spec)
     assert opt(argv, "-drive")[0].startswith("id=root,file=/tmp/a,,b/root,,1.img,format=")
     assert "socket,id=qmp,path=/tmp/a,,b/q.sock,server=on,wait=off" in argv
-    assert "file,id=console,path=/tmp/a,,b/c.log" in argv
+    assert "file,id=console,path=/tmp/a,,b/c.log,append=on" in argv
     # Plain (non key=value) arguments are not escaped.
     assert opt(argv, "-kernel") == ["/tmp/a,b/k"]
     assert opt(argv, "-pidfile") == ["/tmp/a,b/p.pid"]

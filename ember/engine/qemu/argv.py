@@ -108,7 +108,8 @@ def build_argv(
         "-smp", str(spec.vcpus),
         "-kernel", str(spec.kernel),
         "-append", kernel_cmdline(spec),
-        "-chardev", f"file,id=console,path={qemu_opt(str(spec.console_log))}",
+        # append: the host may write a line first (a restore says what it restored)
+        "-chardev", f"file,id=console,path={qemu_opt(str(spec.console_log))},append=on",
         "-serial", "chardev:console",
         "-drive", drive,
         "-device", "virtio-blk-device,drive=root",
