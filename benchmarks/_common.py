@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ember.engine.accel import detect_accel, host_tsc_khz
+from ember.engine.qemu.argv import TCG_TB_SIZE_MIB
 
 QEMU = "qemu-system-x86_64"
 
@@ -28,7 +29,8 @@ def machine_args(memory_mib: int = 256) -> list[str]:
     if accel.accel == "kvm":
         return ["-M", machine + ",pit=off,pic=off", "-accel", "kvm", "-cpu", "host",
                 "-m", str(memory_mib), "-smp", "1"]
-    return ["-M", machine, "-accel", "tcg,tb-size=64", "-m", str(memory_mib), "-smp", "1"]
+    return ["-M", machine, "-accel", f"tcg,tb-size={TCG_TB_SIZE_MIB}", "-m", str(memory_mib),
+            "-smp", "1"]
 
 
 def base_cmdline(extra: str) -> str:

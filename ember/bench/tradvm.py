@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from ember import proc
+from ember.engine.qemu.argv import TCG_TB_SIZE_MIB
 from ember.errors import EmberTimeoutError, HostError, MissingDependencyError
 from ember.runtime.agent_client import AgentClient
 from ember.sdk.process import AsyncProcess, exec_request
@@ -136,7 +137,7 @@ def build_argv(*, kernel: Path, initrd: Path, overlay: Path, workdir: Path, memo
                accel: str, name: str) -> list[str]:
     """A conventional full VM: q35 (PCI, ACPI, SeaBIOS firmware), virtio PCI devices."""
     accel_args = (["-accel", "kvm", "-cpu", "host"] if accel == "kvm"
-                  else ["-accel", "tcg,tb-size=64"])
+                  else ["-accel", f"tcg,tb-size={TCG_TB_SIZE_MIB}"])
     cmdline = (f"console=ttyS0 reboot=t panic=-1 quiet init=/.ember/init "
                f"ember.hostname={name} ember.id={name}")
     # fmt: off

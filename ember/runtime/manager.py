@@ -23,6 +23,7 @@ from typing import Any
 from ember.engine import AccelDecision, SandboxHandle, VMSpec, detect_accel
 from ember.engine.base import file_tail
 from ember.engine.container import require_tier
+from ember.engine.qemu.argv import device_model
 from ember.errors import (
     BadRequestError,
     EmberError,
@@ -210,9 +211,10 @@ class SandboxManager:
         """Register a sandbox and restore ``snap`` into it; return with its VM running
         (state ``booting``: the caller connects to the agent, as after :meth:`start`)."""
         tpl = self.store.get_template(snap.template)
-        plan = snapshots.plan_restore(self.paths, self.store, snap,
-                                      vmm_version=self.engine.version(),
-                                      accel=self.accel.accel, template=tpl, progress=progress)
+        plan = snapshots.plan_restore(
+            self.paths, self.store, snap, vmm_version=self.engine.version(),
+            accel=self.accel.accel, template=tpl, progress=progress,
+            device_model=device_model(self.accel, snap.vcpus, snap.memory_mib))
         for key, want in (("vcpus", snap.vcpus), ("memory_mib", snap.memory_mib)):
             got = getattr(spec, key)
             if got != want:
@@ -275,7 +277,8 @@ class SandboxManager:
                 self.paths, self.store, self.engine, self.microvm.attach(rec, d), rec,
                 kernel=kernel,
                 cmdline=cmdline, ram_file=ram if ram.is_file() else None, overlay=d.overlay,
-                template=tpl, name=name, resume=resume, hold=hold, shared=shared)
+                template=tpl, name=name, resume=resume, hold=hold, shared=shared,
+                device_model=device_model(self.accel, rec.vcpus, rec.memory_mib))
         finally:
             if resume:
                 self.set_state(sandbox_id, "running")

@@ -97,7 +97,8 @@ def snapshot_dir(paths: Paths, snapshot_id: str) -> Path:
 def take(paths: Paths, store: Store, engine: Any, handle: VMHandle, rec: SandboxRecord,
          *, kernel: Kernel, cmdline: str, ram_file: Path | None, overlay: Path,
          template: TemplateRecord, name: str | None, resume: bool,
-         hold: bool = False, shared: dict[str, str] | None = None) -> Taken:
+         hold: bool = False, shared: dict[str, str] | None = None,
+         device_model: str | None = None) -> Taken:
     """Write a snapshot of the running (or paused) sandbox ``rec``.
 
     The guest is paused while its state, RAM and disk are copied, then resumed if
@@ -143,6 +144,7 @@ def take(paths: Paths, store: Store, engine: Any, handle: VMHandle, rec: Sandbox
             "vmm_version": saved.vmm_version, "accel": rec.accel,
             "vcpus": rec.vcpus, "memory_mib": rec.memory_mib, "disk_mib": rec.disk_mib,
             "ram_file": not saved.ram_in_stream, "source": rec.id,
+            **({"device_model": device_model} if device_model else {}),
             "env": env, "created_at": time.time(),
             **({"cpu": cpu.to_json()} if cpu is not None else {}),
             "files": {f.name: {"size": f.stat().st_size, "digest": digest(f)}
@@ -274,8 +276,11 @@ class RestorePlan:
 
 def plan_restore(paths: Paths, store: Store, snap: SnapshotRecord, *, vmm_version: str,
                  accel: str, template: TemplateRecord,
-                 progress: Callable[[str], None] | None = None) -> RestorePlan:
-    """Check that ``snap`` can be restored here, or raise SnapshotError naming why."""
+                 progress: Callable[[str], None] | None = None,
+                 device_model: str | None = None) -> RestorePlan:
+    """Check that ``snap`` can be restored here, or raise SnapshotError naming why.
+    ``device_model``: the digest of the devices a restore would run now
+    (:func:`ember.engine.qemu.argv.device_model`), compared with the one recorded."""
     d = snapshot_dir(paths, snap.id)
     manifest = read_manifest(d, snap.id)
     expect = {"template_digest": snap.template_digest, "kernel_key": snap.kernel_key,
@@ -303,6 +308,11 @@ def plan_restore(paths: Paths, store: Store, snap: SnapshotRecord, *, vmm_versio
     if snap.accel != accel:
         raise SnapshotError(f"snapshot {snap.id[:12]} was taken under {snap.accel}; this "
                             f"host runs guests under {accel} (the CPU state differs)")
+    recorded = manifest.get("device_model")
+    if device_model is not None and recorded is not None and recorded != device_model:
+        raise SnapshotError(f"snapshot {snap.id[:12]} was taken with another device model "
+                            "(ember's QEMU devices or their options changed since); its "
+                            "saved state would not load")
     files = manifest["files"]
     wanted = {STATE, DISK} | ({RAM} if snap.ram_file else set())
     if set(files) != wanted:

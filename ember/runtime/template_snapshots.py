@@ -25,10 +25,9 @@ import functools
 import hashlib
 import json
 import logging
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ember.engine import AccelDecision, VMSpec
+from ember.engine.qemu.argv import device_model
 from ember.errors import EmberError
 from ember.locks import FileLock
 from ember.paths import Paths
@@ -66,23 +65,9 @@ def key_for(mgr: SandboxManager, template: TemplateRecord, vcpus: int, memory_mi
         "version": KEY_VERSION, "template": template.name, "digest": template.digest,
         "kernel": mgr.kernel().key, "agent": _agent_hash(), "vmm": mgr.engine.version(),
         "accel": mgr.accel.accel, "vcpus": vcpus, "memory_mib": memory_mib, "disk": disk,
-        "machine": machine_model(mgr.accel, vcpus, memory_mib),
+        "device_model": device_model(mgr.accel, vcpus, memory_mib),
     }
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
-
-
-def machine_model(accel: AccelDecision, vcpus: int, memory_mib: int) -> str:
-    """The hash of the QEMU command line a restore of this shape runs (with placeholder
-    paths): a change of ember's device model (a device added, an option changed) changes
-    it, and a saved state QEMU would no longer load is not restored."""
-    from ember.engine.qemu.argv import build_argv
-
-    p = Path("/ember-key")
-    spec = VMSpec(name="key", kernel=p / "kernel", disk=p / "disk", disk_format="qcow2",
-                  disk_readonly=False, vcpus=vcpus, memory_mib=memory_mib, cmdline="",
-                  console_log=p / "console", qmp_socket=p / "qmp", agent_socket=p / "agent",
-                  pidfile=p / "pid", accel=accel, memory_file=p / "ram", incoming=True)
-    return hashlib.sha256("\0".join(build_argv(spec)).encode()).hexdigest()
 
 
 def is_template_snapshot(snap: SnapshotRecord) -> bool:

@@ -91,7 +91,7 @@ def test_bad_requests_create_nothing(ember_paths: Paths, debian_template) -> Non
 
 def test_guest_that_never_answers_times_out_cleanly(ember_paths: Paths, debian_template) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(EmberTimeoutError, match="did not answer"):
-        Sandbox.create("debian-python", boot_timeout=0.3, paths=ember_paths)
+        Sandbox.create("debian-python", boot_timeout=0.3, paths=ember_paths, boot="cold")
     assert_no_leaks(ember_paths)
 
 

@@ -29,8 +29,9 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def origin(ember_paths: Paths, debian_template) -> Iterator[Sandbox]:  # type: ignore[no-untyped-def]
-    """A sandbox with a file and a background counter, snapshotted as 'origin'."""
-    sb = Sandbox.create(timeout=3600, paths=ember_paths)
+    """A booted sandbox (its RAM a shared file, which its snapshots copy) with a file and a
+    background counter, snapshotted as 'origin'."""
+    sb = Sandbox.create(timeout=3600, paths=ember_paths, boot="cold")
     sb.files.write("/root/before.txt", "written before the snapshot\n")
     sb.exec("nohup sh -c 'i=0; while true; do i=$((i+1)); echo $i > /root/counter; "
             "sleep 0.05; done' >/dev/null 2>&1 &").check()

@@ -1,6 +1,7 @@
 """Template snapshots (issue 12): a plain create restores the booted, idle guest of its
 template and size; the first create makes it. Real guests, each test in a home of its own
-(the image cache is shared, so registering a template there is quick)."""
+(the image cache is shared, so registering a template there is quick), through that
+home's daemon as the SDK does by default unless a test says ``EMBER_LOCAL=1``."""
 
 from __future__ import annotations
 
@@ -40,9 +41,12 @@ def home(ember_paths: Paths, debian_template) -> Iterator[Paths]:  # type: ignor
     build_image(paths, store, TEMPLATE, force=True)
     store.close()
     yield paths
+    from ember.daemon.control import stop as stop_daemon
+
     try:
         for info in Sandbox.list(paths=paths):
             Sandbox.kill(info.id, paths=paths)
+        stop_daemon(paths)  # started by the first create (the SDK's default)
     finally:
         shutil.rmtree(root, ignore_errors=True)
         shutil.rmtree(paths.ram, ignore_errors=True)
@@ -89,6 +93,13 @@ def test_first_create_makes_it_and_the_next_ones_restore_it(home: Paths) -> None
     for _, _, _, when, secret in ids[1:3]:
         assert abs(int(when) - time.time()) < 30  # the clock was set from the host's
         assert secret == "secret=", "a clone inherited the first sandbox's env"
+    # a restored sandbox forks like any other (its clones carry its RAM in their state)
+    clones[0].files.write("/root/mine", "clone 0")
+    forks = clones[0].fork(2)
+    assert len({f.exec("hostname").stdout for f in forks} | {clones[0].id + "\n"}) == 3
+    assert [f.files.read_text("/root/mine") for f in forks] == ["clone 0", "clone 0"]
+    for f in forks:
+        f.kill()
     # a different shape has its own template snapshot
     big = create(home, memory_mib=320)
     assert big.info().snapshot is None
@@ -241,3 +252,21 @@ def test_kill_9_while_making_leaves_nothing_half_made(home: Paths) -> None:
     mgr = manager(home)
     sweep_orphans(home, mgr.store, LIVE_STATES)
     assert_no_leaks_anywhere(home, context="after kill -9 while making")
+
+
+def test_a_changed_device_model_is_never_restored(home: Paths, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """ember's QEMU devices or options change (here the TCG cache size): the old template
+    snapshot's saved state is not loaded into the new device model; a new one is made."""
+    import ember.engine.qemu.argv as argv
+
+    monkeypatch.setenv("EMBER_LOCAL", "1")  # in this process, where the change is made
+    create(home).kill()
+    [old] = template_snaps(home)
+    monkeypatch.setattr(argv, "TCG_TB_SIZE_MIB", argv.TCG_TB_SIZE_MIB // 2)
+    with create(home) as sb:
+        assert sb.info().snapshot is None
+    [new] = template_snaps(home)
+    assert new.id != old.id
+    with create(home) as sb:
+        assert sb.info().snapshot == new.id
+    assert_no_leaks_anywhere(home, context="after a device model change")

@@ -43,13 +43,20 @@ def test_the_key_is_stable_and_changes_with_every_input() -> None:
     assert len(set(variants.values())) == len(variants)
 
 
-def test_the_machine_model_follows_the_device_model(monkeypatch: Any) -> None:
-    accel = AccelDecision(accel="tcg", reason="test")
-    before = ts.machine_model(accel, 1, 256)
+def test_the_device_model_digest_follows_the_devices_not_the_kernel_cmdline(
+        monkeypatch: Any) -> None:
     import ember.engine.qemu.argv as argv
 
+    accel = AccelDecision(accel="tcg", reason="test")
+    before = argv.device_model(accel, 1, 256)
+    assert argv.device_model(accel, 2, 256) != before
+    tsc = AccelDecision(accel="tcg", reason="test", details={"host_tsc_khz": "2000000"})
+    assert argv.device_model(tsc, 1, 256) == before  # only the kernel cmdline differs
     monkeypatch.setattr(argv, "TCG_TB_SIZE_MIB", argv.TCG_TB_SIZE_MIB * 2)
-    assert ts.machine_model(accel, 1, 256) != before
+    assert argv.device_model(accel, 1, 256) != before
+    key = ts.key_for(host(), TPL, 1, 256, ts.DEFAULT_DISK)
+    monkeypatch.undo()
+    assert ts.key_for(host(), TPL, 1, 256, ts.DEFAULT_DISK) != key
 
 
 def test_template_snapshots_are_told_apart_by_their_metadata() -> None:
