@@ -7,6 +7,7 @@
   cold-boot create (``boot="cold"``);
 * host memory (PSS) per idle sandbox created the default way next to a cold-booted one, and
   QEMU's own share: everything but the guest RAM mapping;
+* PSS per fork clone of a default-created sandbox next to one of a cold-booted sandbox;
 * optionally (``--density``) ``ember bench``'s density of the microvm tier under a memory
   budget.
 
@@ -156,6 +157,30 @@ def bench_memory(idle: int, settle: float) -> None:
           f" MiB, default {own / mib:.1f} MiB")
 
 
+def bench_fork(n: int, settle: float) -> None:
+    """PSS per fork clone of a default-created sandbox (its RAM is in the fork's saved
+    state) next to clones of a cold-booted one (its RAM file is shared by the clones)."""
+    template_snapshot_id()
+    mgr = manager()
+    out = {}
+    for label, boot in (("default-created", "auto"), ("cold-booted", "cold")):
+        with Sandbox.create(TEMPLATE, boot=boot, timeout=1800) as src:  # type: ignore[arg-type]
+            src.exec("true")
+            clones = src.fork(n)
+            try:
+                for c in clones:
+                    c.exec("true")
+                time.sleep(settle)
+                out[label] = med([float(sum(smaps_split(mgr.store.get_sandbox(c.id).pid or 0)))
+                                  for c in clones])
+            finally:
+                for c in clones:
+                    c.kill()
+    print(f"fork of {n}, PSS per clone: of a default-created sandbox "
+          f"{out['default-created'] / 2**20:.1f} MiB, of a cold-booted one "
+          f"{out['cold-booted'] / 2**20:.1f} MiB")
+
+
 def bench_density(budget_mib: int, max_density: int) -> None:
     cp = subprocess.run([sys.executable, "-m", "ember.cli", "bench", "--tiers", "microvm",
                          "--reps", "1", "--parallel", "1", "--no-syscalls",
@@ -175,6 +200,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--idle", type=int, default=5)
     ap.add_argument("--settle", type=float, default=3.0)
+    ap.add_argument("--fork", type=int, default=3)
     ap.add_argument("--density", action="store_true")
     ap.add_argument("--memory-budget-mib", type=int, default=600)
     ap.add_argument("--max-density", type=int, default=40)
@@ -182,6 +208,8 @@ def main() -> None:
     os.environ.setdefault("EMBER_HOME", "/var/lib/ember")
     bench_create(a.reps)
     bench_memory(a.idle, a.settle)
+    if a.fork:
+        bench_fork(a.fork, a.settle)
     if a.density:
         bench_density(a.memory_budget_mib, a.max_density)
 

@@ -277,6 +277,12 @@ class SandboxHandle(ABC):
                 raise EngineError(f"cannot remove pidfile {self.pidfile}: {err}") from err
 
 
+#: query-migrate states of a migration that has not ended.
+MIGRATING = frozenset({"setup", "active", "pre-switchover", "device", "cancelling",
+                       "wait-unplug", "postcopy-active", "postcopy-paused",
+                       "postcopy-recover"})
+
+
 class VMHandle(SandboxHandle):
     """A running (or once running) VMM process: its control socket (QMP) besides."""
 
@@ -293,6 +299,23 @@ class VMHandle(SandboxHandle):
     @abstractmethod
     def qmp(self, cmd: str, **args: Any) -> Any:
         """Run one control command and return its result; EngineError on failure."""
+
+    def resume_after_save(self, timeout: float = 30.0) -> None:
+        """Run the guest again after its snapshot writer died: a migration to the state
+        file may still be in flight (then ``cont`` would run the guest only until the
+        migration completes and stops it again), so cancel it and wait until it has
+        settled; then ``cont`` and check that the guest runs (EngineError otherwise)."""
+        deadline = time.monotonic() + timeout
+        if str(self.qmp("query-migrate").get("status", "none")) in MIGRATING:
+            with contextlib.suppress(EngineError):  # it may just have ended
+                self.qmp("migrate_cancel")
+        while (st := str(self.qmp("query-migrate").get("status", "none"))) in MIGRATING:
+            if time.monotonic() > deadline:
+                raise EngineError(f"VM {self.name}: its migration stays {st!r}")
+            time.sleep(0.02)
+        self.cont()
+        if (now := self.status()) != "running":
+            raise EngineError(f"VM {self.name} is {now!r} after cont, not running")
 
     def _cleanup(self) -> None:
         remove_stale_socket(self.qmp_socket)

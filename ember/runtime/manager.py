@@ -446,7 +446,7 @@ class SandboxManager:
             try:  # its writer died with the guest stopped: resume it
                 if self._alive(rec):
                     log.warning("sandbox %s: snapshot writer died; resuming the guest", rec.id)
-                    self.handle(rec).cont()
+                    self.microvm.attach(rec, SandboxDir(Path(rec.dir))).resume_after_save()
                     self.set_state(rec.id, "running")
                     rec = self.store.get_sandbox(rec.id)
             except EmberError as err:

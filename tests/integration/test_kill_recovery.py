@@ -341,7 +341,9 @@ class Target:
 
 @pytest.fixture(scope="module")
 def target(home: Home) -> Iterator[Target]:
-    sb = Sandbox.create("debian-python", timeout=3600, paths=home.paths)
+    # booted: its RAM is a file of its own, which its snapshots copy (the kill points wait
+    # for that copy); ``restored`` sandboxes cover the other kind
+    sb = Sandbox.create("debian-python", timeout=3600, paths=home.paths, boot="cold")
     # a named snapshot to restore throw-away sandboxes from (faster than booting them)
     home.snapshots.add(sb.snapshot("kr-base").id)
     sb.close()
@@ -549,6 +551,60 @@ def test_kill_client_during_snapshot(home: Home, target: Target) -> None:
     ], before, after))
 
 
+def test_kill_client_while_a_restored_sandbox_saves_its_ram(home: Home, target: Target) -> None:
+    """A restored sandbox's snapshot carries its RAM in the state stream, so the migration
+    runs long enough for a dead client's sandbox to be found mid-migration: the guest must
+    then run again (the migration cancelled first, or a resumed guest would be stopped
+    again when it completes), not stay paused while the registry says running."""
+    from ember.engine.base import MIGRATING
+    from ember.runtime.manager import SandboxDir
+    from ember.sdk.async_sandbox import manager
+
+    paths = home.paths
+    problems: list[str] = []
+    sb = restored(home)
+    try:
+        sid = sb.id
+        # 120 MiB of guest RAM that is not zero: the migration takes a while to write it
+        sb.exec("head -c 120M /dev/urandom > /dev/shm/fill", timeout=120).check()
+        sb.close()
+        mgr = manager(paths)
+        rec = mgr.store.get_sandbox(sid)
+        vm = mgr.microvm.attach(rec, SandboxDir(Path(rec.dir)))
+        for attempt in range(5):
+            before = Before(paths)
+
+            def writing(before: Before = before) -> bool:  # the migration has begun
+                return any(d.name.startswith(STAGING_PREFIX) and d.name not in before.entries
+                           and (d / "state").is_file() and (d / "state").stat().st_size > 0
+                           for d in paths.snapshots.iterdir())
+
+            k = run_and_kill(paths, "snapshot", "when the RAM is being written", writing,
+                             sid=sid, arg=f"kr-restored-{attempt}")
+            # keep the dead client's migration going while the registry is looked at
+            vm.qmp("migrate-set-parameters", **{"max-bandwidth": 32 << 20})
+            if not k.finished and vm.qmp("query-migrate").get("status") == "active":
+                break
+            Sandbox.list(paths=paths)  # the migration ended first: resume, try again
+        else:
+            pytest.fail("no kill point caught the migration in flight")
+        [info] = [i for i in Sandbox.list(paths=paths) if i.id == sid]  # reconciles
+        assert info.state == "running", info
+        deadline = time.monotonic() + 120  # the dead client's migration ends one way or other
+        while vm.qmp("query-migrate").get("status") in MIGRATING:
+            assert time.monotonic() < deadline, "the migration never ended"
+            time.sleep(0.1)
+        assert vm.status() == "running", "the guest was left stopped by the old migration"
+        with Sandbox.connect(sid, wait=10, paths=paths) as again:
+            assert again.exec("echo alive", timeout=30).stdout == "alive\n"
+        check_leaks(paths, "snapshot of a restored sandbox, mid-migration", problems,
+                    home.keep(target.id, sid), home.snapshots)
+    finally:
+        with contextlib.suppress(EmberError):
+            Sandbox.kill(sb.id, paths=paths)
+    finish(problems)
+
+
 def test_kill_client_during_fork(home: Home, target: Target) -> None:
     paths = home.paths
     before = Before(paths)
@@ -575,7 +631,7 @@ def test_kill_client_during_destroy(home: Home, target: Target) -> None:
     base = set(rows(paths))
 
     def fresh(boot: bool) -> str:
-        sb = (Sandbox.create("debian-python", timeout=900, paths=paths) if boot
+        sb = (Sandbox.create("debian-python", timeout=900, paths=paths, boot="cold") if boot
               else restored(home))
         sb.close()
         return sb.id
@@ -659,7 +715,7 @@ def _in_thread(fn: Callable[[], object]) -> tuple[threading.Thread, list[BaseExc
 def test_kill_qemu_during_exec(home: Home, target: Target) -> None:
     problems: list[str] = []
     for kind in ("booted", "restored"):
-        sb = (Sandbox.create("debian-python", timeout=900, paths=home.paths)
+        sb = (Sandbox.create("debian-python", timeout=900, paths=home.paths, boot="cold")
               if kind == "booted" else restored(home))
         got: list[str] = []
         p = sb.spawn("for i in $(seq 1 100); do echo line $i; sleep 0.05; done", timeout=None)
@@ -718,7 +774,7 @@ def test_kill_qemu_during_snapshot(home: Home, target: Target) -> None:
     plan = [(kind, step) for kind in ("booted", "restored")
             for step in ("its staging directory appears", "its device state is being saved")]
     for n, (kind, step) in enumerate(plan):
-        sb = (Sandbox.create("debian-python", timeout=900, paths=paths)
+        sb = (Sandbox.create("debian-python", timeout=900, paths=paths, boot="cold")
               if kind == "booted" else restored(home))
         pid = _qemu_pid(paths, sb.id)
         name = f"kr-qemu-{n}"

@@ -5,6 +5,7 @@ home's daemon as the SDK does by default unless a test says ``EMBER_LOCAL=1``.""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -270,3 +271,32 @@ def test_a_changed_device_model_is_never_restored(home: Paths, monkeypatch) -> N
     with create(home) as sb:
         assert sb.info().snapshot == new.id
     assert_no_leaks_anywhere(home, context="after a device model change")
+
+
+def test_the_cli_shows_makes_and_drops_template_snapshots(home: Paths) -> None:
+    def ember(*args: str) -> subprocess.CompletedProcess[str]:
+        cp = subprocess.run([sys.executable, "-m", "ember.cli", *args], capture_output=True,
+                            text=True, timeout=600,
+                            env={**os.environ, "EMBER_HOME": str(home.home),
+                                 "EMBER_RAM_DIR": str(home.ram)})
+        assert cp.returncode == 0, f"ember {args}: {cp.stdout}\n{cp.stderr}"
+        return cp
+
+    assert json.loads(ember("image", "snapshot", "ls", "--json").stdout) == []
+    made = json.loads(ember("image", "snapshot", "make", TEMPLATE, "--memory", "288",
+                            "--json").stdout)
+    assert [(s["memory_mib"], s["current"]) for s in made] == [(288, True)]
+    listed = json.loads(ember("image", "snapshot", "ls", "--json").stdout)
+    assert [(s["template"], s["id"]) for s in listed] == [(TEMPLATE, made[0]["id"])]
+    assert "1 (" in ember("image", "ls").stdout  # the SNAPSHOTS column: count (size)
+    doctor = subprocess.run([sys.executable, "-m", "ember.cli", "doctor", "--json"],
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "EMBER_HOME": str(home.home)})
+    [row] = [c for c in json.loads(doctor.stdout) if c["name"] == "template snapshots"]
+    assert row["ok"] and TEMPLATE in row["detail"]
+    cp = ember("run", "--memory", "288", "--", "sh", "-c", "echo restored")
+    assert cp.stdout == "restored\n"
+    assert json.loads(ember("image", "snapshot", "rm", "--all", "--json").stdout) == {
+        TEMPLATE: [made[0]["id"]]}
+    assert template_snaps(home) == []
+    assert_no_leaks_anywhere(home, context="after the template snapshot CLI")
