@@ -139,6 +139,11 @@ def shared_sandbox(request, ember_paths: Paths, debian_template):  # type: ignor
     else:
         Sandbox.create("debian-python", timeout=600, paths=ember_paths).kill()
         sb = Sandbox.create("debian-python", timeout=3600, paths=ember_paths)
+        for _ in range(2):  # a first create's snapshot may fail (a loaded host): make again
+            if sb.info().snapshot is not None:
+                break
+            sb.kill()
+            sb = Sandbox.create("debian-python", timeout=3600, paths=ember_paths)
         snap = sb.info().snapshot
         assert snap is not None, "a default create did not restore the template snapshot"
         store = Store(ember_paths.db)

@@ -22,11 +22,9 @@ SELECTION: tuple[str, ...] = (
     f"{KVM_PATH}::test_gvisor_platform_is_chosen_by_a_probe",
     f"{KVM_PATH}::test_bench_measures_the_microvm_column_under_kvm",
     "tests/integration/test_sdk_exec.py::test_exec_python_and_exit_codes[booted]",
-    "tests/integration/test_sdk_exec.py::test_exec_python_and_exit_codes[template-snapshot]",
     "tests/integration/test_sdk_exec.py::test_streaming_callbacks_and_iterator[booted]",
-    "tests/integration/test_sdk_exec.py::test_background_process_stdin_signal_and_ps[template-snapshot]",
+    "tests/integration/test_sdk_exec.py::test_background_process_stdin_signal_and_ps[booted]",
     "tests/integration/test_sdk_files.py::test_write_read_list_stat_rename_remove[booted]",
-    "tests/integration/test_sdk_files.py::test_write_read_list_stat_rename_remove[template-snapshot]",
     "tests/integration/test_sdk_files.py::test_large_file_roundtrip[booted]",
     "tests/integration/test_template_snapshots.py::"
     "test_first_create_makes_it_and_the_next_ones_restore_it",
