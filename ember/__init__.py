@@ -21,6 +21,7 @@ from ember.errors import (
     HostError,
     ImageSourceError,
     MissingDependencyError,
+    NetworkError,
     NotFoundError,
     ProtocolError,
     QuotaExceededError,
@@ -35,6 +36,7 @@ from ember.errors import (
 )
 
 if TYPE_CHECKING:
+    from ember.net.policy import NetworkPolicy
     from ember.sdk.async_sandbox import AsyncSandbox
     from ember.sdk.files import AsyncFiles
     from ember.sdk.process import AsyncProcess
@@ -62,6 +64,7 @@ _LAZY = {
     "AsyncProcess": "ember.sdk.process",
     "AsyncPty": "ember.sdk.pty",
     "CommandFailedError": "ember.sdk.results",
+    "NetworkPolicy": "ember.net.policy",
     "EntryInfo": "ember.sdk.results",
     "ExecResult": "ember.sdk.results",
     "OutputChunk": "ember.sdk.results",
@@ -111,6 +114,8 @@ __all__ = [
     "HostError",
     "ImageSourceError",
     "MissingDependencyError",
+    "NetworkError",
+    "NetworkPolicy",
     "NotFoundError",
     "OutputChunk",
     "PoolInfo",

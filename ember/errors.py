@@ -173,6 +173,13 @@ class TierUnavailableError(HostError):
     code: ClassVar[str] = "tier_unavailable"
 
 
+class NetworkError(HostError):
+    """A sandbox's network could not be set up, changed or removed on this host (a
+    namespace, link, tap device or nftables rule); the message names the step."""
+
+    code: ClassVar[str] = "network_error"
+
+
 def _all_classes(root: type[EmberError]) -> list[type[EmberError]]:
     out = [root]
     for sub in root.__subclasses__():

@@ -22,6 +22,7 @@ APT_PACKAGES=(
   linux-source-6.1 bc bison flex libelf-dev libssl-dev make gcc xz-utils cpio  # guest kernel
   busybox-static docker-registry        # test fixtures: busybox OCI image, local registry
   strace                                # ember bench: host syscalls of each tier
+  nftables iproute2                     # sandbox networks: the egress policy, NAT; ip netns
   ca-certificates
 )
 missing=()

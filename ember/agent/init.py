@@ -155,8 +155,22 @@ def _boot() -> None:
         write_identity(config.hostname)
     except OSError as err:
         log(f"cannot write /etc/hostname or /etc/hosts: {err}")
+    if os.path.exists("/sys/class/net/eth0"):  # a NIC: the host gave it a network
+        _configure_network()
     _grow_root()
     _supervise()
+
+
+def _configure_network() -> None:
+    """Never fatal: without its network the sandbox still runs (and says why)."""
+    try:
+        from .netconf import configure  # imports socket: only networked guests pay for it
+
+        problem = configure()
+    except Exception as err:
+        problem = f"cannot configure the network: {err!r}"
+    if problem:
+        log(problem)
 
 
 EXT4_IOC_RESIZE_FS = 0x40086610  # _IOW('f', 16, __u64)

@@ -17,8 +17,9 @@ from ember.engine.doctor import Check
 def doctor(as_json: bool) -> None:
     """Check the host: QEMU, accelerator (KVM or TCG, and why), kernel, images, tools."""
     from ember.engine.doctor import diagnose
+    from ember.net.doctor import checks as network_checks
 
-    checks = [*diagnose(), _template_snapshots()]
+    checks = [*diagnose(), _template_snapshots(), *network_checks()]
     if as_json:
         print_json([c.__dict__ for c in checks])
     else:

@@ -10,6 +10,7 @@ from ember.cli import (
     doctor_cmd,
     image_cmds,
     kernel_cmds,
+    network_cmds,
     pool_cmds,
     sandbox_cmds,
     snapshot_cmds,
@@ -39,6 +40,7 @@ cli.add_command(top)
 cli.add_command(daemon_cmds.daemon)
 cli.add_command(apikey_cmds.apikey)
 cli.add_command(apikey_cmds.tenant)
+cli.add_command(network_cmds.network)
 for _cmd in (sandbox_cmds.run, sandbox_cmds.create, sandbox_cmds.ls, sandbox_cmds.inspect,
              sandbox_cmds.exec_, sandbox_cmds.shell, sandbox_cmds.cp, sandbox_cmds.logs,
              sandbox_cmds.rm):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import sys
 import time
@@ -14,11 +15,13 @@ from rich.table import Table
 from ember.cli.common import handle_errors, out_console, print_json, progress
 from ember.errors import BadRequestError, CommandNotFoundError, EmberError
 from ember.kinds import BOOTS, ISOLATIONS, ON_TIMEOUT, Boot, Isolation, OnTimeout
+from ember.net.policy import NetworkPolicy
 from ember.runtime.spec import DEFAULT_TEMPLATE
 
 if TYPE_CHECKING:
     from ember.sdk.sandbox import Sandbox
 
+NETWORK_MODES = ("none", "internet", "off")
 CREATE_OPTIONS = [
     click.option("--template", "-t", default=DEFAULT_TEMPLATE, show_default=True),
     click.option("--vcpus", type=int, default=None,
@@ -38,6 +41,15 @@ CREATE_OPTIONS = [
     click.option("--boot", type=click.Choice(BOOTS), default="auto", show_default=True,
                  help="auto: restore the template snapshot of this template and size (made "
                       "by the first create); cold: boot the kernel."),
+    click.option("--network", "network", type=click.Choice(NETWORK_MODES), default="none",
+                 show_default=True,
+                 help="none: no NIC at all; internet: outbound internet (private, host and "
+                      "metadata ranges stay denied); off: a NIC reaching only --allow CIDRs. "
+                      "See docs/networking.md."),
+    click.option("--allow", multiple=True, metavar="CIDR",
+                 help="Destinations allowed (also private ones); repeatable."),
+    click.option("--deny", multiple=True, metavar="CIDR",
+                 help="Destinations denied (wins over --allow); repeatable."),
     click.option("--env", "-e", "env", multiple=True, metavar="KEY=VALUE",
                  help="Environment for every command; repeatable."),
     click.option("--meta", "metadata", multiple=True, metavar="KEY=VALUE",
@@ -64,16 +76,29 @@ def _pairs(items: tuple[str, ...], what: str) -> dict[str, str]:
     return out
 
 
+def network_policy(mode: str, allow: tuple[str, ...],
+                   deny: tuple[str, ...]) -> NetworkPolicy | None:
+    """The policy the ``--network``, ``--allow`` and ``--deny`` options describe."""
+    if mode == "none":
+        if allow or deny:
+            raise BadRequestError("--allow and --deny need --network internet or off "
+                                  "(none: the sandbox has no NIC at all)")
+        return None
+    return NetworkPolicy(internet=mode == "internet", allow=allow, deny=deny)
+
+
 def _create(template: str, vcpus: int | None, memory_mib: int | None, disk_mib: int | None,
             timeout: float, on_timeout: OnTimeout, isolation: Isolation, boot: Boot,
-            env: tuple[str, ...], metadata: tuple[str, ...], show: bool) -> Sandbox:
+            net: NetworkPolicy | None, env: tuple[str, ...], metadata: tuple[str, ...],
+            show: bool) -> Sandbox:
     from ember.sdk.sandbox import Sandbox
 
     with progress(show, "sandbox", plain=False) as p:
         return Sandbox.create(template, vcpus=vcpus, memory_mib=memory_mib, disk_mib=disk_mib,
                               timeout=timeout or None, env=_pairs(env, "--env"),
                               metadata=_pairs(metadata, "--meta"), on_progress=p,
-                              on_timeout=on_timeout, isolation=isolation, boot=boot)
+                              on_timeout=on_timeout, isolation=isolation, boot=boot,
+                              network=net)
 
 
 def _stream_exec(sb: Sandbox, cmd: list[str], stdin: bool, timeout: float | None) -> int:
@@ -108,7 +133,8 @@ def _copy_output(sb: Sandbox, cmd: list[str], stdin: bool, timeout: float | None
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
 @handle_errors
 def run(template: str, vcpus: int | None, memory_mib: int | None, disk_mib: int | None,
-        timeout: float, on_timeout: OnTimeout, isolation: Isolation, boot: Boot,
+        timeout: float, on_timeout: OnTimeout, isolation: Isolation, boot: Boot, network: str,
+        allow: tuple[str, ...], deny: tuple[str, ...],
         env: tuple[str, ...], metadata: tuple[str, ...], stdin: bool, cmd_timeout: float | None,
         cmd: tuple[str, ...]) -> None:
     """Create a sandbox, run CMD in it with streamed output, destroy it; exit with CMD's code.
@@ -116,7 +142,7 @@ def run(template: str, vcpus: int | None, memory_mib: int | None, disk_mib: int 
     Example: ember run -- python3 -c "print(6*7)"
     """
     sb = _create(template, vcpus, memory_mib, disk_mib, timeout, on_timeout, isolation, boot,
-                 env, metadata, True)
+                 network_policy(network, allow, deny), env, metadata, True)
     try:
         code = _stream_exec(sb, list(cmd), stdin, cmd_timeout)
     finally:
@@ -130,14 +156,15 @@ def run(template: str, vcpus: int | None, memory_mib: int | None, disk_mib: int 
 @handle_errors
 def create(template: str, vcpus: int | None, memory_mib: int | None, disk_mib: int | None,
            timeout: float, on_timeout: OnTimeout, isolation: Isolation, boot: Boot,
+           network: str, allow: tuple[str, ...], deny: tuple[str, ...],
            env: tuple[str, ...], metadata: tuple[str, ...], as_json: bool) -> None:
     """Create a sandbox that keeps running after this command; print its id."""
     sb = _create(template, vcpus, memory_mib, disk_mib, timeout, on_timeout, isolation, boot,
-                 env, metadata, not as_json)
+                 network_policy(network, allow, deny), env, metadata, not as_json)
     info = sb.info()
     sb.close()
     if as_json:
-        print_json(info.__dict__)
+        print_json(dataclasses.asdict(info))
     else:
         click.echo(info.id)
 
@@ -151,7 +178,7 @@ def ls(as_json: bool) -> None:
 
     infos = Sandbox.list()
     if as_json:
-        print_json([i.__dict__ for i in infos])
+        print_json([dataclasses.asdict(i) for i in infos])
         return
     t = Table("ID", "TEMPLATE", "ISOLATION", "STATE", "VCPUS", "MEMORY", "CREATED", "EXPIRES",
               "NOTE")
@@ -173,7 +200,7 @@ def inspect(sandbox_id: str, as_json: bool) -> None:
 
     info = Sandbox.get_info(sandbox_id)
     if as_json:
-        print_json(info.__dict__)
+        print_json(dataclasses.asdict(info))
     else:
         for k, v in info.__dict__.items():
             click.echo(f"{k}: {v}")

@@ -33,6 +33,19 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+Cidr = Annotated[str, Field(min_length=1, max_length=64)]
+
+
+class NetworkRequest(Strict):
+    """An egress policy (docs/networking.md): ``internet`` on or off, and ``allow`` and
+    ``deny`` lists of IPv4 CIDRs (deny wins; private, link-local, metadata and host
+    ranges stay denied unless allowed by CIDR)."""
+
+    internet: bool = True
+    allow: list[Cidr] = Field(default_factory=list, max_length=1000)
+    deny: list[Cidr] = Field(default_factory=list, max_length=1000)
+
+
 class CreateRequest(Strict):
     template: Name = "debian-python"
     vcpus: Annotated[int, Field(ge=1, le=64)] | None = None
@@ -45,6 +58,8 @@ class CreateRequest(Strict):
     on_timeout: Literal["destroy", "pause"] = "destroy"
     isolation: Literal["microvm", "gvisor", "container"] = "microvm"
     boot: Literal["auto", "cold"] = "auto"
+    #: null: no NIC at all.
+    network: NetworkRequest | None = None
 
 
 class RestoreRequest(Strict):
@@ -107,6 +122,7 @@ class TemplateBuildRequest(Strict):
 
 class TimeoutRequest(Strict):
     timeout: Seconds | None
+
 
 
 class SignalRequest(Strict):

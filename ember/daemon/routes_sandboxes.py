@@ -14,6 +14,7 @@ from ember.daemon.deps import Live, Meter, OwnedId, Quota, Who
 from ember.daemon.models import (
     CreateRequest,
     ForkRequest,
+    NetworkRequest,
     RestoreRequest,
     SnapshotRequest,
     TimeoutRequest,
@@ -52,7 +53,8 @@ async def create(body: CreateRequest, live: Live, meter: Meter, who: Who,
             disk_mib=body.disk_mib, timeout=body.timeout, env=body.env,
             metadata=_tagged(body.metadata, who), boot_timeout=body.boot_timeout,
             on_progress=None, on_timeout=body.on_timeout, isolation=body.isolation,
-            boot=body.boot)
+            boot=body.boot,
+            network=None if body.network is None else body.network.model_dump())
     live.add(sb)
     meter.latency.labels("create").observe(time.monotonic() - t0)
     return to_json(await sb.info())
@@ -90,6 +92,15 @@ async def set_timeout(body: TimeoutRequest, live: Live,
     """Its remaining lifetime, in seconds from now (null: no limit)."""
     await live.local.set_timeout(sandbox_id, body.timeout)
     return await _info(live, sandbox_id)
+
+
+@router.put("/sandboxes/{sandbox_id}/network")
+async def set_network(body: NetworkRequest, live: Live,
+                      sandbox_id: OwnedId) -> dict[str, Any]:
+    """Replace the egress policy of a sandbox created with a network, atomically, while
+    it runs. 400 for a sandbox created without one."""
+    rec = await live.local.set_network(sandbox_id, body.model_dump())
+    return to_json(info_of(rec))
 
 
 @router.post("/sandboxes/{sandbox_id}/pause")

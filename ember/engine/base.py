@@ -70,6 +70,10 @@ class VMSpec:
     #: Run the VMM inside this jail (uid, namespaces, new root, cgroups, rlimits); the
     #: engine adds the bind mounts its VMM needs. None: run it as the caller (unjailed).
     jail: JailSpec | None = None
+    #: An open tap device (the sandbox's network, :mod:`ember.net`): the guest gets a
+    #: virtio-net NIC on it. The VMM receives it as :data:`NET_FD`; the caller keeps and
+    #: closes its own copy. None: no NIC at all.
+    net_fd: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not NAME_RE.fullmatch(self.name):

@@ -74,6 +74,8 @@ class JailSpec:
     rlimits: tuple[tuple[str, int, int], ...] = ()
     cgroup_procs: tuple[Path, ...] = ()
     network: bool = False
+    #: Descriptors of the caller handed to the program: ``(caller's fd, fd in the jail)``.
+    pass_fds: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         for label, value in (("uid", self.uid), ("gid", self.gid), *(("group", g) for g in
@@ -104,6 +106,7 @@ class JailSpec:
             "rlimits": {name: [soft, hard] for name, soft, hard in self.rlimits},
             "cgroup_procs": [str(p) for p in self.cgroup_procs],
             "network": self.network,
+            "fds": [[src, dst] for src, dst in self.pass_fds],
         }
         return marshal.dumps(doc)
 
@@ -121,6 +124,7 @@ def launch(jail: JailSpec, argv: list[str], *, timeout: float = LAUNCH_TIMEOUT_S
             [JAILER_NAME, "-I", "-S", str(JAILER), "--for", str(jail.log)],
             executable=sys.executable,
             input=jail.encode(argv), capture_output=True, timeout=timeout, close_fds=True,
+            pass_fds=[src for src, _ in jail.pass_fds],
             cwd="/", env={"PATH": "/usr/bin:/bin"},
         )
     except subprocess.TimeoutExpired as err:

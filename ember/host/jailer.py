@@ -185,8 +185,17 @@ def _child(spec: dict[str, Any], report: int) -> None:
     os.dup2(null, 0)
     os.dup2(log, 1)
     os.dup2(log, 2)
-    os.closerange(3, report)
-    os.closerange(report + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0] + 1)
+    keep = {report}
+    for src, dst in spec.get("fds", []):  # handed over: at the number the program expects
+        if dst <= 2 or dst == report or dst in keep:
+            raise JailError(f"cannot hand over descriptor {src} as {dst}")
+        os.dup2(src, dst)  # inheritable
+        keep.add(dst)
+    low = 3
+    for fd in sorted(keep):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, resource.getrlimit(resource.RLIMIT_NOFILE)[0] + 1)
     _drop_bounding_set()
     os.setgroups([int(g) for g in spec.get("groups", [])])
     os.setresgid(spec["gid"], spec["gid"], spec["gid"])

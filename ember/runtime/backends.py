@@ -120,9 +120,18 @@ class MicroVM(Backend):
             ram = mgr.ram_file(rec.id)
             jail = mgr.confinement.prepare(rec, d.root, writable=d.prepare_vm_files(),
                                            shared_ram=ram, log_path=d.qemu_log)
-            return self.engine.start(mgr.vmspec(
-                rec, d, kernel.bzimage, cmdline=boot_cmdline(rec.id), memory_file=ram,
-                memory_shared=True, jail=jail))
+            net = None
+            if spec.network is not None:
+                if progress:
+                    progress("setting up the sandbox's network")
+                net = mgr.network.attach(rec.id, spec.network)
+            try:
+                return self.engine.start(mgr.vmspec(
+                    rec, d, kernel.bzimage, cmdline=boot_cmdline(rec.id), memory_file=ram,
+                    memory_shared=True, jail=jail, net_fd=net.tap_fd if net else None))
+            finally:
+                if net is not None:
+                    os.close(net.tap_fd)  # the VMM holds its own copy
 
         return Launch(template.name, disk_mib, mgr.accel.accel, build)
 

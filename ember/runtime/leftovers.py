@@ -60,6 +60,8 @@ def sweep_leftovers(mgr: SandboxManager, live_states: tuple[str, ...]) -> list[s
         _sweep_dead_staging(mgr.paths.home / staging)
     mgr.confinement.sweep(lambda: {r.id for r in mgr.store.list_sandboxes()
                                    if r.state in live_states})
+    alive = {r.id for r in mgr.store.list_sandboxes() if r.state in live_states}
+    removed += [f"network of {sid}" for sid in mgr.network.sweep(alive)]
     if removed:
         log.info("removed leftovers of killed processes: %s", ", ".join(removed))
     return removed

@@ -35,6 +35,8 @@ from ember.errors import (
 from ember.guest.kernel import Kernel, kernel_by_key, require_kernel
 from ember.host.jail import JailSpec
 from ember.locks import FileLock
+from ember.net.manager import NetworkManager
+from ember.net.policy import NetworkPolicy
 from ember.paths import Paths
 from ember.runtime import snapshots, template_snapshots
 from ember.runtime.backends import Backend, Build, MicroVM, boot_cmdline, make_backend
@@ -86,6 +88,7 @@ class SandboxManager:
         self._accel: AccelDecision | None = None
         self._kernel: Kernel | None = None
         self._backends: dict[str, Backend] = {}
+        self.network = NetworkManager(self.paths.home)
         self.microvm = MicroVM(self)
         self.engine = self.microvm.engine  # snapshots and restores are the microVM's
 
@@ -148,6 +151,7 @@ class SandboxManager:
             metadata=dict(spec.metadata), snapshot=snap.id if snap else None,
             on_timeout=spec.on_timeout,
             isolation="microvm" if snap else spec.isolation,  # snapshots are microVMs
+            network=None if spec.network is None else spec.network.to_json(),
         )
         self.store.add_sandbox(rec)
         try:
@@ -194,14 +198,15 @@ class SandboxManager:
 
     def vmspec(self, rec: SandboxRecord, d: SandboxDir, kernel: Path, *, cmdline: str = "",
                 memory_file: Path | None = None, memory_shared: bool = False,
-                incoming: bool = False, jail: JailSpec | None = None) -> VMSpec:
+                incoming: bool = False, jail: JailSpec | None = None,
+                net_fd: int | None = None) -> VMSpec:
         return VMSpec(
             name=rec.id, kernel=kernel, disk=d.overlay, disk_format="qcow2",
             disk_readonly=False, vcpus=rec.vcpus, memory_mib=rec.memory_mib,
             cmdline=cmdline, console_log=d.console_log, qmp_socket=d.qmp_socket,
             agent_socket=d.agent_socket, pidfile=d.pidfile, accel=self.accel,
             memory_file=memory_file, memory_shared=memory_shared, incoming=incoming,
-            jail=jail,
+            jail=jail, net_fd=net_fd,
         )
 
     # --- restore -------------------------------------------------------------------------
@@ -250,6 +255,9 @@ class SandboxManager:
         ``hold``: the caller keeps the snapshot's hold lock; ``shared``: a template
         snapshot's metadata (see :func:`snapshots.take`)."""
         rec = self.get(sandbox_id)
+        if rec.network is not None:
+            raise BadRequestError(f"sandbox {rec.id} has a network: snapshot (and fork) of a "
+                                  "networked sandbox is not supported yet")
         if not self.backend(rec.isolation).snapshots:
             raise BadRequestError(f"snapshot (and fork) is not supported on isolation="
                                   f"{rec.isolation} (sandbox {rec.id}); only on "
@@ -505,6 +513,11 @@ class SandboxManager:
                      f"({rec.memory_mib} MiB plus any VMM overhead) and the kernel killed "
                      f"it ({error})")
         self.confinement.release(rec.id, d.root)
+        if rec.network is not None:
+            try:
+                self.network.detach(rec.id)
+            except EmberError as err:  # a later sweep retries (the lease names it)
+                log.error("sandbox %s: cannot remove its network: %s", rec.id, err)
         try:
             backend.teardown(rec, d)
         except EmberError as err:  # never delete files under a still-mounted overlay
@@ -522,6 +535,18 @@ class SandboxManager:
             shutil.rmtree(d.root, ignore_errors=True)
             self.store.delete_sandbox(rec.id)
         self.collect_snapshot(rec.snapshot)
+
+    def set_network(self, sandbox_id: str, policy: NetworkPolicy) -> SandboxRecord:
+        """Replace a networked sandbox's egress policy, atomically, while it runs."""
+        rec = self.get(sandbox_id)
+        if rec.network is None:
+            raise BadRequestError(f"sandbox {rec.id} was created without a network; a "
+                                  "policy applies only to a sandbox created with one")
+        if rec.state not in ("running", "paused", "booting"):
+            raise SandboxStateError(f"sandbox {rec.id} is {rec.state}")
+        self.network.update(rec.id, policy)
+        self.store.update_sandbox(rec.id, network=policy.to_json())
+        return self.store.get_sandbox(rec.id)
 
     def set_timeout(self, sandbox_id: str, timeout: float | None) -> None:
         if timeout is not None and not 0 < timeout <= 7 * 86400:

@@ -11,6 +11,7 @@ from ember.engine.base import host_memory_mib
 from ember.engine.container.tiers import DEFAULT_ISOLATION
 from ember.errors import BadRequestError
 from ember.kinds import ISOLATIONS, ON_TIMEOUT, Isolation, OnTimeout
+from ember.net.policy import NetworkPolicy
 
 DEFAULT_TEMPLATE = "debian-python"
 DEFAULT_TIMEOUT_S = 300.0
@@ -34,8 +35,16 @@ class SandboxSpec:
     #: "microvm" (own kernel; the default), "gvisor" (gVisor's user-space kernel) or
     #: "container" (the host's kernel, namespaces, seccomp, cgroups). See docs/isolation.md.
     isolation: Isolation = DEFAULT_ISOLATION
+    #: None: no NIC at all (the default). A policy (or its JSON form): a NIC whose
+    #: egress it decides (docs/networking.md).
+    network: NetworkPolicy | None = None
 
     def __post_init__(self) -> None:
+        if self.network is not None:
+            object.__setattr__(self, "network", NetworkPolicy.from_json(self.network))
+            if self.isolation != "microvm":
+                raise BadRequestError(f"network is not available on isolation="
+                                      f"{self.isolation} yet; only on microvm")
         if not isinstance(self.template, str) or not self.template:
             raise BadRequestError("template must be a non-empty string")
         _int_in("vcpus", self.vcpus, 1, min(MAX_VCPUS, os.cpu_count() or 1),

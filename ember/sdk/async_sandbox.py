@@ -29,6 +29,7 @@ from ember.errors import (
 )
 from ember.kinds import Boot, Isolation, OnTimeout, SandboxState
 from ember.locks import FileLock
+from ember.net.policy import NetworkPolicy
 from ember.paths import Paths
 from ember.runtime.agent_client import AgentClient
 from ember.runtime.manager import SandboxDir, SandboxManager, console_tail
@@ -92,6 +93,7 @@ def info_of(rec: SandboxRecord) -> SandboxInfo:
         expires_at=rec.expires_at, accel=rec.accel, error=rec.error, snapshot=rec.snapshot,
         metadata={k: v for k, v in rec.metadata.items() if not k.startswith(RESERVED_PREFIX)},
         isolation=cast(Isolation, rec.isolation), tenant=rec.metadata.get(TENANT_KEY),
+        network=None if rec.network is None else NetworkPolicy.from_json(rec.network),
     )
 
 
@@ -130,6 +132,7 @@ class AsyncSandbox:
         url: str | None = None,
         api_key: str | None = None,
         boot: Boot = "auto",
+        network: NetworkPolicy | Mapping[str, Any] | None = None,
     ) -> AsyncSandbox:
         """Start a new sandbox from ``template`` and return once its agent answers.
 
@@ -142,6 +145,12 @@ class AsyncSandbox:
         template and size (a booted, idle guest that the first create of that template and
         size makes: it boots, and is snapshotted before it is handed over).
         ``boot="cold"`` always boots the kernel (no pool, no snapshot).
+
+        ``network``: None (the default) gives the guest no NIC at all. A
+        :class:`~ember.NetworkPolicy` (or its JSON form, ``{"internet": bool, "allow":
+        [CIDR...], "deny": [CIDR...]}``) gives it one whose egress the policy decides;
+        private, link-local, metadata and host addresses stay unreachable unless allowed
+        by CIDR (docs/networking.md). Change it later with :meth:`set_network`.
 
         ``isolation`` chooses the boundary: ``"microvm"`` (the default: its own kernel),
         ``"gvisor"`` (gVisor's user-space kernel) or ``"container"`` (the host's kernel
@@ -160,13 +169,16 @@ class AsyncSandbox:
             return await _local(paths).create(
                 template, vcpus=vcpus, memory_mib=memory_mib, disk_mib=disk_mib,
                 timeout=timeout, env=env, metadata=metadata, boot_timeout=boot_timeout,
-                on_progress=on_progress, on_timeout=on_timeout, isolation=isolation, boot=boot)
+                on_progress=on_progress, on_timeout=on_timeout, isolation=isolation, boot=boot,
+                network=network)
         if on_progress:
             on_progress(f"creating through the daemon at {t.url}")
         body = {"template": template, "vcpus": vcpus, "memory_mib": memory_mib,
                 "disk_mib": disk_mib, "timeout": timeout, "env": dict(env or {}),
                 "metadata": dict(metadata or {}), "boot_timeout": boot_timeout,
-                "on_timeout": on_timeout, "isolation": isolation, "boot": boot}
+                "on_timeout": on_timeout, "isolation": isolation, "boot": boot,
+                "network": None if network is None else
+                NetworkPolicy.from_json(network).to_json()}
         return await _remote_sandbox(t, "POST", "/sandboxes", body)
 
     @classmethod
@@ -413,6 +425,21 @@ class AsyncSandbox:
         await cls._by_id("kill", sandbox_id, paths, url, api_key)
 
     @classmethod
+    async def update_network(cls, sandbox_id: str, policy: NetworkPolicy | Mapping[str, Any],
+                             *, paths: Paths | None = None, url: str | None = None,
+                             api_key: str | None = None) -> SandboxInfo:
+        """:meth:`set_network` by id, without connecting to the sandbox."""
+        pol = NetworkPolicy.from_json(policy)
+        t = await _target(url, api_key, paths)
+        if t is None:
+            return info_of(await _local(paths).set_network(sandbox_id, pol))
+        async with _closing(t):
+            from ember.sdk.wire import sandbox_info
+
+            return sandbox_info(await t.call(
+                "PUT", f"/sandboxes/{_seg(sandbox_id)}/network", json=pol.to_json()))
+
+    @classmethod
     async def _by_id(cls, verb: str, sandbox_id: str, paths: Paths | None, url: str | None,
                      api_key: str | None) -> None:
         t = await _target(url, api_key, paths)
@@ -643,6 +670,13 @@ class AsyncSandbox:
         """Change the sandbox's remaining lifetime (seconds from now; None = no limit)."""
         await asyncio.to_thread(self._mgr.set_timeout, self.id, timeout)
         self._rec = await asyncio.to_thread(self._mgr.store.get_sandbox, self.id)
+
+    async def set_network(self, policy: NetworkPolicy | Mapping[str, Any]) -> SandboxInfo:
+        """Replace the egress policy of a sandbox created with a network; applied
+        atomically (no packet sees half of it) while the sandbox runs."""
+        self._rec = await asyncio.to_thread(self._mgr.set_network, self.id,
+                                            NetworkPolicy.from_json(policy))
+        return info_of(self._rec)
 
     async def close(self) -> None:
         """Disconnect without destroying the sandbox (it keeps running)."""

@@ -22,6 +22,7 @@ from ember.engine.container import require_tier
 from ember.errors import BadRequestError, EmberError, SandboxStateError, SnapshotError
 from ember.kinds import BOOTS, Boot, Isolation, OnTimeout
 from ember.locks import FileLock
+from ember.net.policy import NetworkPolicy
 from ember.paths import Paths
 from ember.runtime import template_snapshots
 from ember.runtime.manager import SandboxDir, SandboxManager, console_tail
@@ -61,12 +62,15 @@ class Local:
                      env: Mapping[str, str] | None, metadata: Mapping[str, str] | None,
                      boot_timeout: float | None, on_progress: Progress,
                      on_timeout: OnTimeout, isolation: Isolation,
-                     boot: Boot = "auto") -> AsyncSandbox:
+                     boot: Boot = "auto",
+                     network: NetworkPolicy | Mapping[str, object] | None = None,
+                     ) -> AsyncSandbox:
         """A new sandbox, by the create policy: a warm pool's member if one is ready,
         else a pre-baked template's snapshot restored, else the template snapshot of its
         template and shape restored (made from this boot on first use), else a boot.
         ``boot="cold"`` always boots. The weaker tiers have neither pools nor snapshots:
-        they always start fresh."""
+        they always start fresh. A sandbox with a ``network`` boots too (pools and
+        template snapshots have no NIC)."""
         if boot not in BOOTS:
             raise BadRequestError(f"boot must be one of {', '.join(BOOTS)}, got {boot!r}")
         if isolation != "microvm":  # a tier this host cannot run: say so before anything else
@@ -80,9 +84,10 @@ class Local:
                                        else int(tpl.config.get("memory_mib", 256))),
                            disk_mib=disk_mib, timeout=timeout, env=dict(env or {}),
                            metadata=dict(metadata or {}), on_timeout=on_timeout,
-                           isolation=isolation)
+                           isolation=isolation,
+                           network=None if network is None else NetworkPolicy.from_json(network))
         maker: tuple[FileLock, str, str] | None = None
-        if isolation == "microvm" and boot == "auto":
+        if isolation == "microvm" and boot == "auto" and spec.network is None:
             pooled = await self._from_pool(spec)
             if pooled is not None:
                 return pooled
@@ -248,6 +253,11 @@ class Local:
 
     async def kill(self, sandbox_id: str) -> None:
         await asyncio.to_thread(self.mgr.destroy, sandbox_id)
+
+    async def set_network(self, sandbox_id: str,
+                          policy: NetworkPolicy | Mapping[str, object]) -> SandboxRecord:
+        return await asyncio.to_thread(self.mgr.set_network, sandbox_id,
+                                       NetworkPolicy.from_json(policy))
 
     async def set_timeout(self, sandbox_id: str, timeout: float | None) -> None:
         await asyncio.to_thread(self.mgr.set_timeout, sandbox_id, timeout)

@@ -21,6 +21,7 @@ import httpx
 
 from ember import protocol as P
 from ember.errors import BadRequestError, EmberError, GuestError
+from ember.net.policy import NetworkPolicy
 from ember.sdk import wire
 from ember.sdk.async_sandbox import DEFAULT_EXEC_TIMEOUT_S, AsyncSandbox
 from ember.sdk.files import AsyncFiles
@@ -454,6 +455,11 @@ class RemoteSandbox(AsyncSandbox):
         raw = await self._t.call("POST", self._base + "/fork", json={"n": n})
         return [RemoteSandbox(self._t.clone(), wire.sandbox_info(i), owns_transport=True)
                 for i in raw]
+
+    async def set_network(self, policy: NetworkPolicy | Mapping[str, Any]) -> SandboxInfo:
+        self._info = wire.sandbox_info(await self._t.call(
+            "PUT", self._base + "/network", json=NetworkPolicy.from_json(policy).to_json()))
+        return self._info
 
     async def set_timeout(self, timeout: float | None) -> None:
         self._info = wire.sandbox_info(await self._t.call("POST", self._base + "/timeout",

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from ember.errors import BadRequestError, EmberError
 from ember.kinds import Isolation, SandboxState
+from ember.net.policy import NetworkPolicy
 
 
 class CommandFailedError(EmberError):
@@ -115,6 +116,7 @@ class SandboxInfo:
     snapshot: str | None = None  # restored from this snapshot id
     isolation: Isolation = "microvm"
     tenant: str | None = None  # the daemon tenant it belongs to (None: made outside one)
+    network: NetworkPolicy | None = None  # its egress policy; None: no network at all
 
 
 @dataclass(frozen=True)

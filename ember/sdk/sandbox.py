@@ -6,8 +6,10 @@ import builtins
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
+from typing import Any
 
 from ember.kinds import Boot, Isolation, OnTimeout
+from ember.net.policy import NetworkPolicy
 from ember.paths import Paths
 from ember.runtime.spec import DEFAULT_TEMPLATE, DEFAULT_TIMEOUT_S
 from ember.sdk.async_sandbox import CONNECT_WAIT_S, DEFAULT_EXEC_TIMEOUT_S, AsyncSandbox
@@ -152,6 +154,7 @@ class Sandbox:
         url: str | None = None,
         api_key: str | None = None,
         boot: Boot = "auto",
+        network: NetworkPolicy | Mapping[str, Any] | None = None,
     ) -> Sandbox:
         """Start a new sandbox from ``template``; see :meth:`AsyncSandbox.create` (``url``
         or ``EMBER_URL``: through an ember daemon)."""
@@ -159,7 +162,7 @@ class Sandbox:
             template, vcpus=vcpus, memory_mib=memory_mib, disk_mib=disk_mib, timeout=timeout,
             env=env, metadata=metadata, boot_timeout=boot_timeout, on_progress=on_progress,
             paths=paths, on_timeout=on_timeout, isolation=isolation, url=url,
-            api_key=api_key, boot=boot)))
+            api_key=api_key, boot=boot, network=network)))
 
     @classmethod
     def restore(cls, snapshot: str | SnapshotInfo, *, timeout: float | None = DEFAULT_TIMEOUT_S,
@@ -333,6 +336,14 @@ class Sandbox:
         portal().call(self._inner.kill())
 
     @classmethod
+    def update_network(cls, sandbox_id: str, policy: NetworkPolicy | Mapping[str, Any], *,
+                       paths: Paths | None = None, url: str | None = None,
+                       api_key: str | None = None) -> SandboxInfo:
+        """:meth:`set_network` by id, without connecting to the sandbox."""
+        return portal().call(AsyncSandbox.update_network(sandbox_id, policy, paths=paths,
+                                                         url=url, api_key=api_key))
+
+    @classmethod
     def _pause_id(cls, sandbox_id: str, *, paths: Paths | None = None, url: str | None = None,
                   api_key: str | None = None) -> None:
         portal().call(AsyncSandbox.pause(sandbox_id, paths=paths, url=url, api_key=api_key))
@@ -357,6 +368,10 @@ class Sandbox:
 
     def set_timeout(self, timeout: float | None) -> None:
         portal().call(self._inner.set_timeout(timeout))
+
+    def set_network(self, policy: NetworkPolicy | Mapping[str, Any]) -> SandboxInfo:
+        """Replace the egress policy of a sandbox created with a network (atomic, live)."""
+        return portal().call(self._inner.set_network(policy))
 
     def close(self) -> None:
         portal().call(self._inner.close())

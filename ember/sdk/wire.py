@@ -14,7 +14,8 @@ import dataclasses
 import json
 from typing import Any, TypeVar
 
-from ember.errors import EmberError, ProtocolError, error_for_code
+from ember.errors import BadRequestError, EmberError, ProtocolError, error_for_code
+from ember.net.policy import NetworkPolicy
 from ember.sdk.results import (
     EntryInfo,
     PoolInfo,
@@ -56,7 +57,13 @@ def from_json(cls: type[T], raw: object) -> T:
 
 
 def sandbox_info(raw: object) -> SandboxInfo:
-    return from_json(SandboxInfo, raw)
+    info = from_json(SandboxInfo, raw)
+    if info.network is not None and not isinstance(info.network, NetworkPolicy):
+        try:
+            return dataclasses.replace(info, network=NetworkPolicy.from_json(info.network))
+        except BadRequestError as err:
+            raise ProtocolError(f"malformed network policy from the daemon: {err}") from None
+    return info
 
 
 def snapshot_info(raw: object) -> SnapshotInfo:

@@ -119,11 +119,15 @@ MIGRATIONS: tuple[str, ...] = (
         max_memory_mib INTEGER
     );
     """,
+    # 6: a sandbox's network policy (JSON; NULL: no network)
+    """
+    ALTER TABLE sandboxes ADD COLUMN network TEXT;
+    """,
 )
 
 _SANDBOX_COLS = (
     "id, template, state, vcpus, memory_mib, disk_mib, timeout_s, created_at, expires_at, "
-    "dir, pid, accel, env, metadata, error, snapshot, pool, on_timeout, isolation"
+    "dir, pid, accel, env, metadata, error, snapshot, pool, on_timeout, isolation, network"
 )
 _SNAPSHOT_COLS = (
     "id, name, template, template_digest, kernel_key, vmm_version, accel, vcpus, memory_mib, "
@@ -234,17 +238,18 @@ class Store:
         with self._tx() as db:
             db.execute(
                 f"INSERT INTO sandboxes ({_SANDBOX_COLS}) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (rec.id, rec.template, rec.state, rec.vcpus, rec.memory_mib, rec.disk_mib,
                  rec.timeout_s, rec.created_at, rec.expires_at, rec.dir, rec.pid, rec.accel,
                  dumps(rec.env), dumps(rec.metadata), rec.error, rec.snapshot, rec.pool,
-                 rec.on_timeout, rec.isolation),
+                 rec.on_timeout, rec.isolation,
+                 None if rec.network is None else dumps(rec.network)),
             )
 
     def update_sandbox(self, sandbox_id: str, **fields: Any) -> None:
         allowed = {"state", "pid", "error", "expires_at", "timeout_s", "env", "metadata",
-                   "pool", "on_timeout"}
-        for key in ("env", "metadata"):
+                   "pool", "on_timeout", "network"}
+        for key in ("env", "metadata", "network"):
             if key in fields:
                 fields[key] = dumps(fields[key])
         bad = set(fields) - allowed
@@ -426,12 +431,13 @@ def _template(row: tuple[Any, ...]) -> TemplateRecord:
 
 def _sandbox(row: tuple[Any, ...]) -> SandboxRecord:
     (sid, template, state, vcpus, mem, disk, timeout_s, created, expires, d, pid, accel, env,
-     metadata, error, snapshot, pool, on_timeout, isolation) = row
+     metadata, error, snapshot, pool, on_timeout, isolation, network) = row
     return SandboxRecord(
         id=sid, template=template, state=state, vcpus=int(vcpus), memory_mib=int(mem),
         disk_mib=int(disk), timeout_s=timeout_s, created_at=float(created), expires_at=expires,
         dir=d, pid=pid, accel=accel, env=json.loads(env), metadata=json.loads(metadata),
         error=error, snapshot=snapshot, pool=pool, on_timeout=on_timeout, isolation=isolation,
+        network=None if network is None else json.loads(network),
     )
 
 

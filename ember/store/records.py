@@ -50,6 +50,8 @@ class SandboxRecord:
     pool: str | None = None  # waiting in this warm pool (state ``pooled``)
     on_timeout: str = "destroy"  # when the lifetime ends: "destroy" or "pause"
     isolation: str = "microvm"  # microvm | gvisor | container
+    #: The egress policy (NetworkPolicy.to_json()); None: no network at all.
+    network: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -72,6 +74,7 @@ class SandboxRecord:
             "env": self.env,
             "metadata": self.metadata,
             "error": self.error,
+            "network": self.network,
         }
 
 

@@ -35,6 +35,7 @@ Only non-empty kinds appear in the result: ``leaks(paths) == {}`` means nothing 
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import time
@@ -80,6 +81,7 @@ def leaks(paths: Paths, *, allow_failed_rows: bool = False, keep: Collection[str
         "uids": _uids(paths, kept_dirs),
         "staging": _staging(paths),
         "snapshots": _snapshots(paths, rows, snaps, kept, keep_snapshots),
+        "networks": _networks(paths, kept),
     }
     return {kind: sorted(items) for kind, items in found.items() if items}
 
@@ -350,6 +352,26 @@ def _cgroups(paths: Paths, kept: dict[str, SandboxRecord]) -> list[str]:
             continue
         out += [str(c) for c in d.iterdir() if c.is_dir() and c.name not in kept]
     return out
+
+
+def _networks(paths: Paths, kept: dict[str, SandboxRecord]) -> list[str]:
+    """Network leases (and the namespaces they name) of this home's sandboxes that are
+    not kept: whatever the host namespace (``/run/ember/net/<host>/<index>``)."""
+    from ember.net.manager import LEASES_ROOT
+
+    found = []
+    for lease in LEASES_ROOT.glob("*/[0-9]*"):
+        try:
+            doc = json.loads(lease.read_text())
+        except (OSError, ValueError):
+            continue
+        if doc.get("home") == str(paths.home) and doc.get("sandbox") not in kept:
+            found.append(f"{lease} ({doc.get('sandbox')})")
+    for ns in Path("/run/netns").glob("ember-sb-*"):
+        sid = ns.name.removeprefix("ember-")
+        if sid not in kept and (paths.sandboxes / sid).exists():
+            found.append(f"network namespace {ns.name}")
+    return found
 
 
 def lock_holder(path: Path) -> int | None:

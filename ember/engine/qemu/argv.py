@@ -37,6 +37,12 @@ BASE_CMDLINE = "console=ttyS0 reboot=t panic=-1 root=/dev/vda rootfstype=ext4"
 
 MICROVM_OPTS = "microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off"
 
+#: The descriptor number a networked VMM finds its tap device at (the jailer puts it
+#: there; a constant, so that the device model's digest does not depend on it).
+NET_FD = 64
+#: Every guest's NIC has the same address: each sits alone on its own link.
+GUEST_MAC = "52:54:00:e0:00:02"
+
 
 def qemu_opt(value: str) -> str:
     """Escape a value for QEMU's ``key=value,...`` option syntax (a comma is doubled)."""
@@ -133,6 +139,11 @@ def build_argv(
             f"socket,id=agent,path={qemu_opt(str(spec.agent_socket))},server=on,wait=off",
             "-device", "virtserialport,chardev=agent,name=ember.agent",
         ]
+    if spec.net_fd is not None:  # vhost=off: no vhost-net here, and it needs /dev/vhost-net
+        argv += [
+            "-netdev", f"tap,id=net0,fd={NET_FD},vhost=off",
+            "-device", f"virtio-net-device,netdev=net0,mac={GUEST_MAC}",
+        ]
     # fmt: on
     if spec.incoming:
         argv += ["-incoming", "defer"]
@@ -145,7 +156,8 @@ def build_argv(
     return argv
 
 
-def device_model(accel: AccelDecision, vcpus: int, memory_mib: int) -> str:
+def device_model(accel: AccelDecision, vcpus: int, memory_mib: int, *,
+                 network: bool = False) -> str:
     """The digest of the device model a restore of this shape runs: the QEMU command line
     with placeholder paths and without the kernel command line (a restored guest keeps the
     one it booted with). A change in ember's devices or their options changes it, so a
@@ -154,7 +166,8 @@ def device_model(accel: AccelDecision, vcpus: int, memory_mib: int) -> str:
     spec = VMSpec(name="model", kernel=p / "kernel", disk=p / "disk", disk_format="qcow2",
                   disk_readonly=False, vcpus=vcpus, memory_mib=memory_mib, cmdline="",
                   console_log=p / "console", qmp_socket=p / "qmp", agent_socket=p / "agent",
-                  pidfile=p / "pid", accel=accel, memory_file=p / "ram", incoming=True)
+                  pidfile=p / "pid", accel=accel, memory_file=p / "ram", incoming=True,
+                  net_fd=NET_FD if network else None)
     argv = build_argv(spec)
     i = argv.index("-append")
     del argv[i:i + 2]

@@ -8,6 +8,7 @@ import logging
 import re
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from ember.engine.base import (
     process_runs,
     remove_stale_socket,
 )
-from ember.engine.qemu.argv import build_argv
+from ember.engine.qemu.argv import NET_FD, build_argv
 from ember.engine.qemu.caps import seccomp_supported
 from ember.engine.qemu.cpu import KVM_CPU_MODEL, GuestCpu, from_expansion, restore_problem
 from ember.engine.qemu.migration import load_state, save_state
@@ -156,6 +157,9 @@ class QemuEngine:
         try:
             if spec.jail is not None:
                 handle = self._start_jailed(spec, qemu, kvm_groups)
+            elif spec.net_fd is not None:
+                raise EngineError(f"VM {spec.name}: a network needs the jail (ember as root; "
+                                  "EMBER_JAIL not 0)")
             else:
                 argv = build_argv(spec, qemu=qemu, daemonize=True,
                                   sandbox=seccomp_supported(qemu))
@@ -185,6 +189,8 @@ class QemuEngine:
         argv = build_argv(spec, qemu=qemu, daemonize=False, sandbox=seccomp_supported(qemu),
                           pidfile=False)
         jail = spec.jail.with_binds(*vm_binds(spec)).with_groups(*groups)
+        if spec.net_fd is not None:
+            jail = replace(jail, pass_fds=((spec.net_fd, NET_FD),))
         pid = launch(jail, argv, timeout=START_TIMEOUT)
         tmp = spec.pidfile.with_name(f".{spec.pidfile.name}.tmp")
         tmp.write_text(f"{pid}\n")

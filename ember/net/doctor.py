@@ -1,0 +1,33 @@
+"""``ember doctor``'s rows for sandbox networking: each piece, and the fix when missing."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+from ember.engine.doctor import Check
+from ember.net.manager import host_ns_name
+from ember.net.nsutil import netns_path
+
+
+def checks() -> list[Check]:
+    out = []
+    root = os.geteuid() == 0
+    out.append(Check("network: root", root,
+                     "networked sandboxes need ember (its daemon) running as root" if not root
+                     else "root: ember makes namespaces, links and nftables rules",
+                     None if root else "run ember (or emberd) as root"))
+    tun = os.path.exists("/dev/net/tun")
+    out.append(Check("network: tun", tun, "/dev/net/tun" + ("" if tun else " is missing"),
+                     None if tun else "modprobe tun (CONFIG_TUN)"))
+    nft = shutil.which("nft")
+    out.append(Check("network: nftables", nft is not None,
+                     nft or "the nft program is missing", None if nft else
+                     "apt-get install nftables"))
+    name = host_ns_name()
+    ok = name is None or netns_path(name).exists()
+    out.append(Check("network: host namespace", ok,
+                     "the host's own" if name is None else f"EMBER_NET_HOST_NS={name}"
+                     + ("" if ok else " does not exist"),
+                     None if ok else "unset EMBER_NET_HOST_NS or create that namespace"))
+    return out

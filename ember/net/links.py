@@ -1,0 +1,100 @@
+"""The links of one sandbox's network, made and removed with netlink (pyroute2) inside
+the right namespace: a veth pair between the host's namespace and the sandbox's, and the
+tap device QEMU's virtio-net uses, opened here (``/dev/net/tun`` is root's) and handed to
+the jailed VMM as a file descriptor."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+from pathlib import Path
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from ember.net.addressing import GATEWAY_IP, GUEST_PREFIX, TAP, UPLINK, Link
+from ember.net.nsutil import NetnsError, write_sysctl
+
+TUNSETIFF = 0x400454CA
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+
+
+def _index(ip: IPRoute, name: str) -> int:
+    found = ip.link_lookup(ifname=name)
+    if not found:
+        raise NetnsError(f"interface {name} is missing")
+    return int(found[0])
+
+
+def make_veth(link: Link, sandbox_ns: Path) -> None:
+    """In the host's namespace (the calling thread's): the veth pair, its sandbox end moved
+    into ``sandbox_ns``; the host end addressed and up; forwarding on."""
+    peer = f"embp{link.host_if[3:]}"[:15]
+    with IPRoute() as ip:
+        try:
+            ip.link("add", ifname=link.host_if, kind="veth", peer=peer)
+        except NetlinkError as err:
+            raise NetnsError(f"cannot add veth {link.host_if}: {err}") from None
+        fd = os.open(sandbox_ns, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            ip.link("set", index=_index(ip, peer), net_ns_fd=fd)
+        finally:
+            os.close(fd)
+        host = _index(ip, link.host_if)
+        ip.addr("add", index=host, address=link.host_ip, prefixlen=30)
+        ip.link("set", index=host, state="up")
+    write_sysctl("net.ipv4.ip_forward", "1")
+
+
+def setup_sandbox_side(link: Link) -> int:
+    """In the sandbox's namespace (the calling thread's): the veth end renamed ``eth0``,
+    addressed, default route to the host end; the tap device made and addressed as the
+    guest's gateway. Returns the open tap descriptor (QEMU's)."""
+    peer = f"embp{link.host_if[3:]}"[:15]
+    with IPRoute() as ip:
+        ip.link("set", index=_index(ip, "lo"), state="up")
+        up = _index(ip, peer)
+        ip.link("set", index=up, ifname=UPLINK)
+        ip.addr("add", index=up, address=link.sandbox_ip, prefixlen=30)
+        ip.link("set", index=up, state="up")
+        ip.route("add", dst="0.0.0.0/0", gateway=link.host_ip)
+        fd = open_tap(TAP)
+        try:
+            tap = _index(ip, TAP)
+            ip.addr("add", index=tap, address=GATEWAY_IP, prefixlen=GUEST_PREFIX)
+            ip.link("set", index=tap, state="up")
+        except BaseException:
+            os.close(fd)
+            raise
+    write_sysctl("net.ipv4.ip_forward", "1")
+    return fd
+
+
+def open_tap(name: str) -> int:
+    """A new tap device ``name`` in this thread's namespace, alive while the descriptor is
+    open (not persistent: it goes with its last holder, QEMU)."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(),
+                                               IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
+    except OSError as err:
+        os.close(fd)
+        raise NetnsError(f"cannot create tap device {name}: {err.strerror}") from None
+    return fd
+
+
+def remove_host_link(link: Link) -> bool:
+    """Delete the host end (its peer goes with it); False if it was gone."""
+    with IPRoute() as ip:
+        found = ip.link_lookup(ifname=link.host_if)
+        if not found:
+            return False
+        try:
+            ip.link("del", index=found[0])
+        except NetlinkError as err:
+            if err.code != 19:  # ENODEV: gone meanwhile
+                raise NetnsError(f"cannot delete {link.host_if}: {err}") from None
+        return True

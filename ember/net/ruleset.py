@@ -1,0 +1,172 @@
+"""nftables rules as JSON commands (``nft -j -f -``), pure: no I/O.
+
+The host's namespace holds one table, ``inet ember``, shared by every ember home on the
+host: its base chains pass other traffic untouched and send each sandbox link to that
+sandbox's chain through a verdict map; nothing new enters a sandbox link and the host
+itself answers nothing on one. Each sandbox's own namespace holds ``ip ember_sb``: NAT of
+the guest onto its link, and drop of anything not from the guest's address.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from ember.net.addressing import GUEST_IP, HOST_IF_PREFIX, LINK_POOL, TAP, UPLINK, Link
+from ember.net.policy import ALWAYS_DENIED, NetworkPolicy
+
+Cmd = dict[str, Any]
+TABLE = "ember"
+FAMILY = "inet"
+EGRESS_MAP = "egress"
+SANDBOX_TABLE = "ember_sb"
+_ANY_LINK = f"{HOST_IF_PREFIX}*"
+
+
+def _meta(key: str) -> dict[str, Any]:
+    return {"meta": {"key": key}}
+
+
+def _match(left: object, right: object, op: str = "==") -> Cmd:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+def _payload(protocol: str, field: str) -> dict[str, Any]:
+    return {"payload": {"protocol": protocol, "field": field}}
+
+
+def _established() -> Cmd:
+    return _match({"ct": {"key": "state"}}, ["established", "related"], "in")
+
+
+def _counter() -> Cmd:
+    return {"counter": {"packets": 0, "bytes": 0}}
+
+
+def _rule(chain: str, *expr: Cmd, table: str = TABLE, family: str = FAMILY) -> Cmd:
+    return {"add": {"rule": {"family": family, "table": table, "chain": chain,
+                             "expr": list(expr)}}}
+
+
+def _chain(name: str, table: str = TABLE, family: str = FAMILY, **base: Any) -> Cmd:
+    return {"add": {"chain": {"family": family, "table": table, "name": name, **base}}}
+
+
+def base_table() -> list[Cmd]:
+    """The host table, made once per host namespace (in one transaction: all or nothing)."""
+    drop = {"drop": None}
+    accept = {"accept": None}
+    link_in = _match(_meta("iifname"), _ANY_LINK)
+    link_out = _match(_meta("oifname"), _ANY_LINK)
+    return [
+        {"add": {"table": {"family": FAMILY, "name": TABLE}}},
+        {"add": {"map": {"family": FAMILY, "table": TABLE, "name": EGRESS_MAP,
+                         "type": "ifname", "map": "verdict"}}},
+        _chain("forward", type="filter", hook="forward", prio=0, policy="accept"),
+        _chain("input", type="filter", hook="input", prio=0, policy="accept"),
+        _chain("postrouting", type="nat", hook="postrouting", prio=100, policy="accept"),
+        _rule("forward", link_in, {"vmap": {"key": _meta("iifname"), "data": f"@{EGRESS_MAP}"}}),
+        _rule("forward", link_in, _counter(), drop),  # a link with no sandbox chain
+        _rule("forward", link_out, _established(), accept),
+        _rule("forward", link_out, _counter(), drop),  # nothing new into a sandbox
+        _rule("input", link_in, _established(), accept),
+        _rule("input", link_in, _counter(), drop),  # the host answers nothing on a link
+        _rule("postrouting", _match(_payload("ip", "saddr"), _prefix(str(LINK_POOL))),
+              _match(_meta("oifname"), _ANY_LINK, "!="), {"masquerade": None}),
+    ]
+
+
+def sandbox_chain_name(link: Link) -> str:
+    return f"sb-{link.sandbox_id.removeprefix('sb-')}"
+
+
+def _prefix(cidr: str) -> dict[str, Any] | str:
+    net = ipaddress.ip_network(cidr)
+    if net.prefixlen == 32:
+        return str(net.network_address)
+    return {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
+
+
+def _set_of(cidrs: tuple[str, ...]) -> dict[str, Any]:
+    nets = ipaddress.collapse_addresses(ipaddress.IPv4Network(c) for c in cidrs)
+    return {"set": [_prefix(str(n)) for n in nets]}
+
+
+#: A destination the policy denies is refused at once (TCP reset or ICMP "administratively
+#: prohibited"), so that a guest's connect fails fast and says why; spoofed or IPv6
+#: packets are dropped silently.
+REFUSE: Cmd = {"reject": {"type": "icmpx", "expr": "admin-prohibited"}}
+
+
+def policy_rules(link: Link, policy: NetworkPolicy) -> list[Cmd]:
+    """The sandbox chain's rules, in :mod:`ember.net.policy`'s order."""
+    chain = sandbox_chain_name(link)
+    daddr = _payload("ip", "daddr")
+    rules = [
+        _rule(chain, _match(_meta("nfproto"), "ipv6"), _counter(), {"drop": None}),
+        _rule(chain, _match(_payload("ip", "saddr"), link.sandbox_ip, "!="), _counter(),
+              {"drop": None}),  # spoofed: not from the sandbox's NAT address
+    ]
+    if policy.deny:
+        rules.append(_rule(chain, _match(daddr, _set_of(policy.deny)), _counter(), REFUSE))
+    if policy.allow:
+        rules.append(_rule(chain, _match(daddr, _set_of(policy.allow)), _counter(),
+                           {"accept": None}))
+    rules.append(_rule(chain, _match(daddr, _set_of(ALWAYS_DENIED)), _counter(), REFUSE))
+    rules.append(_rule(chain, _counter(), {"accept": None} if policy.internet else REFUSE))
+    return rules
+
+
+def _element(link: Link) -> dict[str, Any]:
+    return {"family": FAMILY, "table": TABLE, "name": EGRESS_MAP,
+            "elem": [[link.host_if, {"jump": {"target": sandbox_chain_name(link)}}]]}
+
+
+def add_sandbox(link: Link, policy: NetworkPolicy) -> list[Cmd]:
+    """The sandbox's chain, its rules and its map entry, in one transaction."""
+    return [_chain(sandbox_chain_name(link)), *policy_rules(link, policy),
+            {"add": {"element": _element(link)}}]
+
+
+def update_sandbox(link: Link, policy: NetworkPolicy) -> list[Cmd]:
+    """Replace the sandbox chain's rules atomically (one transaction: no packet sees a
+    half-updated chain)."""
+    name = sandbox_chain_name(link)
+    return [{"flush": {"chain": {"family": FAMILY, "table": TABLE, "name": name}}},
+            *policy_rules(link, policy)]
+
+
+def remove_sandbox(link: Link, *, has_element: bool, has_chain: bool) -> list[Cmd]:
+    cmds: list[Cmd] = []
+    if has_element:
+        cmds.append({"delete": {"element": _element(link)}})
+    if has_chain:
+        name = sandbox_chain_name(link)
+        cmds += [{"flush": {"chain": {"family": FAMILY, "table": TABLE, "name": name}}},
+                 {"delete": {"chain": {"family": FAMILY, "table": TABLE, "name": name}}}]
+    return cmds
+
+
+def sandbox_table() -> list[Cmd]:
+    """The table inside a sandbox's own namespace: the guest NATed onto its link, nothing
+    else forwarded, nothing answered by the namespace itself."""
+    fam, tab = "ip", SANDBOX_TABLE
+    accept = {"accept": None}
+    return [
+        {"add": {"table": {"family": fam, "name": tab}}},
+        _chain("forward", tab, fam, type="filter", hook="forward", prio=0, policy="drop"),
+        _chain("input", tab, fam, type="filter", hook="input", prio=0, policy="drop"),
+        _chain("postrouting", tab, fam, type="nat", hook="postrouting", prio=100,
+               policy="accept"),
+        _rule("forward", _match(_meta("iifname"), TAP), _match(_meta("oifname"), UPLINK),
+              _match(_payload("ip", "saddr"), GUEST_IP), accept, table=tab, family=fam),
+        _rule("forward", _match(_meta("iifname"), UPLINK), _match(_meta("oifname"), TAP),
+              _established(), accept, table=tab, family=fam),
+        _rule("forward", _counter(), table=tab, family=fam),  # then the drop policy
+        _rule("input", _established(), accept, table=tab, family=fam),
+        _rule("input", _counter(), table=tab, family=fam),
+        _rule("postrouting", _match(_meta("oifname"), UPLINK), {"masquerade": None},
+              table=tab, family=fam),
+    ]
+
+

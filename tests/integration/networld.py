@@ -1,0 +1,109 @@
+"""A fake host and a fake internet, each a network namespace this test process creates,
+so that network tests never send a packet off this machine.
+
+``host`` plays the host's part for ember (``EMBER_NET_HOST_NS``): its only uplink is a
+veth to ``inet``, which holds the "internet" (198.51.100.0/24, TEST-NET-2) and a
+"private" service (10.77.0.10). Servers here are plain threads whose sockets were opened
+inside ``inet``: no subprocess, no name lookups.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+
+from ember.net.manager import LEASES_ROOT
+from ember.net.nsutil import in_netns, netns_path, remove_netns
+
+INET_IP = "198.51.100.10"
+HOST_UPLINK_IP = "198.51.100.1"
+PRIVATE_IP = "10.77.0.10"
+HTTP_PORT = 8080
+UDP_PORT = 9999
+
+
+@dataclass
+class World:
+    host: str
+    inet: str
+    udp_seen: list[tuple[str, bytes]] = field(default_factory=list)
+    sockets: list[socket.socket] = field(default_factory=list)
+
+    def host_listen(self, port: int) -> socket.socket:
+        """A TCP listener in the fake host's namespace, on all its addresses."""
+        s = in_netns(netns_path(self.host), lambda: socket.create_server(("0.0.0.0", port)))
+        self.sockets.append(s)
+        threading.Thread(target=_serve, args=(s, b"host"), daemon=True).start()
+        return s
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+
+
+def _serve(listener: socket.socket, who: bytes) -> None:
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(5)
+            try:
+                conn.recv(4096)
+                conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nhello from "
+                             + who + b"\n")
+            except OSError:
+                pass
+
+
+def _udp(sock: socket.socket, seen: list[tuple[str, bytes]]) -> None:
+    while True:
+        try:
+            data, addr = sock.recvfrom(2048)
+        except OSError:
+            return
+        if addr is None:  # shut down
+            return
+        seen.append((addr[0], data))
+
+
+@contextmanager
+def fake_world() -> Iterator[World]:
+    tag = f"{os.getpid() % 100000}"
+    world = World(host=f"etest-host-{tag}", inet=f"etest-inet-{tag}")
+    for ns in (world.host, world.inet):
+        remove_netns(netns_path(ns))
+        in_netns(netns_path(ns), lambda: None, create=True)
+    try:
+        _ip("link", "add", "up0", "netns", world.host, "type", "veth", "peer", "name", "wan0",
+            "netns", world.inet)
+        _ip("-n", world.host, "addr", "add", f"{HOST_UPLINK_IP}/24", "dev", "up0")
+        _ip("-n", world.inet, "addr", "add", f"{INET_IP}/24", "dev", "wan0")
+        _ip("-n", world.inet, "addr", "add", f"{PRIVATE_IP}/32", "dev", "lo")
+        for ns, dev in ((world.host, "up0"), (world.inet, "wan0")):
+            _ip("-n", ns, "link", "set", "lo", "up")
+            _ip("-n", ns, "link", "set", dev, "up")
+        _ip("-n", world.host, "route", "add", "default", "via", INET_IP)
+        inet = netns_path(world.inet)
+        http = in_netns(inet, lambda: socket.create_server(("0.0.0.0", HTTP_PORT)))
+        udp = in_netns(inet, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+        udp.bind(("0.0.0.0", UDP_PORT))
+        world.sockets += [http, udp]
+        threading.Thread(target=_serve, args=(http, b"the fake internet"), daemon=True).start()
+        threading.Thread(target=_udp, args=(udp, world.udp_seen), daemon=True).start()
+        yield world
+    finally:
+        for s in world.sockets:
+            with suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+        for ns in (world.host, world.inet):
+            remove_netns(netns_path(ns))
+        shutil.rmtree(LEASES_ROOT / world.host, ignore_errors=True)  # its empty lease table

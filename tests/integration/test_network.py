@@ -1,0 +1,314 @@
+"""Sandbox networking (issue 13), from inside real guests, against a fake host and a fake
+internet that this test creates (tests/integration/networld.py): nothing leaves this
+machine. One home of its own, whose daemon plays its host part in the fake host."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ember import NetworkPolicy, Sandbox
+from ember.errors import BadRequestError
+from ember.net.addressing import host_ifname, netns_name
+from ember.net.manager import LEASES_ROOT
+from ember.net.nsutil import netns_path
+from ember.paths import Paths
+from tests.integration.leaks import assert_no_leaks_anywhere
+from tests.integration.networld import (
+    HOST_UPLINK_IP,
+    HTTP_PORT,
+    INET_IP,
+    PRIVATE_IP,
+    UDP_PORT,
+    World,
+    fake_world,
+)
+
+pytestmark = pytest.mark.integration
+
+PROBE = """
+import socket, sys
+for target in sys.argv[1:]:
+    host, port = target.rsplit(':', 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=4) as s:
+            s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')
+            body = s.recv(4096).decode(errors='replace').split('\\r\\n\\r\\n', 1)[-1].strip()
+            print(target, 'OK', body)
+    except OSError as e:
+        print(target, 'ERR', type(e).__name__)
+"""
+INTERNET = f"{INET_IP}:{HTTP_PORT}"
+PRIVATE = f"{PRIVATE_IP}:{HTTP_PORT}"
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[World]:
+    with fake_world() as w:
+        yield w
+
+
+@pytest.fixture(scope="module")
+def home(ember_paths: Paths, debian_template, world: World) -> Iterator[Paths]:  # type: ignore[no-untyped-def]
+    """A home of its own whose daemon (started by the first create) uses the fake host."""
+    from ember.daemon.control import stop as stop_daemon
+    from ember.guest.image import build_image
+    from ember.store import Store
+
+    root = Path(tempfile.mkdtemp(prefix="enet-", dir="/tmp"))
+    paths = Paths(home=root, cache=ember_paths.cache,
+                  ram=Path(f"/dev/shm/ember-test-{root.name}")).ensure()
+    store = Store(paths.db)
+    build_image(paths, store, "debian-python", force=True)
+    store.close()
+    old = os.environ.get("EMBER_NET_HOST_NS")
+    os.environ["EMBER_NET_HOST_NS"] = world.host
+    try:
+        yield paths
+    finally:
+        try:
+            for info in Sandbox.list(paths=paths):
+                Sandbox.kill(info.id, paths=paths)
+            stop_daemon(paths)
+        finally:
+            if old is None:
+                os.environ.pop("EMBER_NET_HOST_NS", None)
+            else:
+                os.environ["EMBER_NET_HOST_NS"] = old
+            shutil.rmtree(root, ignore_errors=True)
+            shutil.rmtree(paths.ram, ignore_errors=True)
+
+
+def create(paths: Paths, network: object) -> Sandbox:
+    return Sandbox.create("debian-python", timeout=600, paths=paths,
+                          network=network)  # type: ignore[arg-type]
+
+
+def probe(sb: Sandbox, *targets: str) -> dict[str, str]:
+    out = sb.exec(["python3", "-c", PROBE, *targets], timeout=120).check().stdout
+    return {line.split(" ", 1)[0]: line.split(" ", 1)[1] for line in out.splitlines()}
+
+
+def network_leftovers(world: World, sandbox_id: str) -> list[str]:
+    """What of a sandbox's network still exists: its namespace, host link, chain, lease."""
+    found = []
+    if netns_path(netns_name(sandbox_id)).exists():
+        found.append("namespace")
+    links = subprocess.run(["ip", "-n", world.host, "-o", "link"], capture_output=True,
+                           text=True, timeout=30).stdout
+    if host_ifname(sandbox_id) in links:
+        found.append("host link")
+    rules = subprocess.run(["ip", "netns", "exec", world.host, "nft", "list", "ruleset"],
+                           capture_output=True, text=True, timeout=30).stdout
+    if sandbox_id.removeprefix("sb-") in rules:
+        found.append("nftables chain")
+    leases = LEASES_ROOT / world.host
+    if leases.is_dir() and any(sandbox_id in p.read_text() for p in leases.iterdir()
+                               if p.name.isdigit()):
+        found.append("lease")
+    return found
+
+
+@pytest.fixture(scope="module")
+def internet_sb(home: Paths) -> Iterator[Sandbox]:
+    sb = create(home, {"internet": True})
+    yield sb
+    sb.kill()
+
+
+def test_internet_reached_private_and_host_refused(internet_sb: Sandbox, world: World) -> None:
+    world.host_listen(2222)
+    got = probe(internet_sb, INTERNET, PRIVATE, f"{HOST_UPLINK_IP}:2222",
+                "100.100.0.1:2222", "169.254.169.254:80", "127.0.0.1:2222")
+    assert got[INTERNET] == "OK hello from the fake internet"
+    assert got[PRIVATE].startswith("ERR")  # RFC 1918: always denied unless allowed
+    assert got[f"{HOST_UPLINK_IP}:2222"].startswith("ERR")  # the host, by its own address
+    assert got["100.100.0.1:2222"].startswith("ERR")  # the host, by the sandbox's link
+    assert got["169.254.169.254:80"].startswith("ERR")  # metadata
+    assert got["127.0.0.1:2222"].startswith("ERR")  # the guest's own loopback: nothing there
+    info = internet_sb.info()
+    assert info.network == NetworkPolicy(internet=True)
+    out = internet_sb.exec("cat /etc/resolv.conf; cat /sys/class/net/eth0/address").stdout
+    assert "nameserver 100.127.255.253" in out
+
+
+def test_policy_changes_live_and_deny_wins(internet_sb: Sandbox) -> None:
+    try:
+        info = internet_sb.set_network({"internet": True, "allow": [PRIVATE_IP],
+                                        "deny": [f"{INET_IP}/32"]})
+        assert info.network == NetworkPolicy(allow=(PRIVATE_IP + "/32",),
+                                             deny=(INET_IP + "/32",))
+        got = probe(internet_sb, INTERNET, PRIVATE)
+        assert got[INTERNET].startswith("ERR ConnectionRefused") or got[INTERNET].startswith(
+            "ERR")
+        assert got[PRIVATE] == "OK hello from the fake internet"
+        internet_sb.set_network({"internet": False, "allow": ["10.0.0.0/8"],
+                                 "deny": [PRIVATE_IP]})  # deny wins over a wider allow
+        got = probe(internet_sb, INTERNET, PRIVATE)
+        assert got[INTERNET].startswith("ERR") and got[PRIVATE].startswith("ERR")
+    finally:
+        internet_sb.set_network({"internet": True})
+    assert probe(internet_sb, INTERNET)[INTERNET].startswith("OK")
+
+
+def test_spoofed_source_addresses_are_dropped(internet_sb: Sandbox, world: World) -> None:
+    spoof = f"""
+import socket, struct
+dst = socket.inet_aton('{INET_IP}')
+def packet(src, payload):
+    udp = struct.pack('!HHHH', 40000, {UDP_PORT}, 8 + len(payload), 0) + payload
+    ip = struct.pack('!BBHHHBBH4s4s', 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0,
+                     socket.inet_aton(src), dst)
+    return ip + udp
+raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+for src in ('203.0.113.7', '100.100.0.2', '100.127.255.253'):
+    raw.sendto(packet(src, b'spoofed ' + src.encode()), ('{INET_IP}', 0))
+socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'honest', ('{INET_IP}', {UDP_PORT}))
+"""
+    world.udp_seen.clear()
+    internet_sb.exec(["python3", "-c", spoof], timeout=60).check()
+    deadline = time.monotonic() + 10
+    while not world.udp_seen and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    payloads = [data for _, data in world.udp_seen]
+    assert payloads == [b"honest"], world.udp_seen  # each spoofed packet dropped
+    assert world.udp_seen[0][0] == HOST_UPLINK_IP  # NAT: the world sees the host
+
+
+def test_internet_off_reaches_only_allowed(home: Paths) -> None:
+    sb = create(home, NetworkPolicy(internet=False, allow=(PRIVATE_IP,)))
+    try:
+        got = probe(sb, INTERNET, PRIVATE)
+        assert got[INTERNET].startswith("ERR")
+        assert got[PRIVATE] == "OK hello from the fake internet"
+    finally:
+        sb.kill()
+
+
+def test_sandboxes_do_not_reach_each_other(home: Paths, internet_sb: Sandbox,
+                                           world: World) -> None:
+    other = create(home, {"internet": True})
+    try:
+        server = other.spawn(["python3", "-m", "http.server", "8000"])
+        deadline = time.monotonic() + 60
+        while not probe(other, "127.0.0.1:8000")["127.0.0.1:8000"].startswith("OK"):
+            assert time.monotonic() < deadline, "the guest's own server never answered"
+            time.sleep(0.5)
+        got = probe(internet_sb, "100.100.0.2:8000", "100.100.0.6:8000",
+                    "100.127.255.254:8000")
+        assert all(v.startswith("ERR") for v in got.values()), got
+        server.kill()
+    finally:
+        other.kill()
+    assert network_leftovers(world, other.id) == []
+
+
+def test_no_network_by_default(home: Paths) -> None:
+    sb = Sandbox.create("debian-python", timeout=600, paths=home)
+    try:
+        assert sb.info().network is None
+        out = sb.exec("ls /sys/class/net").check().stdout.split()
+        assert "eth0" not in out and "lo" in out  # (sit0: the kernel's own, no NIC)
+        with pytest.raises(BadRequestError, match="created without a network"):
+            sb.set_network({"internet": True})
+    finally:
+        sb.kill()
+
+
+def test_bad_policies_are_refused_by_name(home: Paths) -> None:
+    for bad, why in (({"allow": ["10.0.0.300/8"]}, "invalid CIDR"),
+                     ({"deny": ["fd00::/8"]}, "IPv6"),
+                     ({"allow": [f"10.{i // 256}.{i % 256}.0/24" for i in range(1001)]},
+                      "at most 1000"),
+                     ({"internet": "yes"}, "true or false"),
+                     ({"ports": [80]}, "unknown network policy field")):
+        with pytest.raises(BadRequestError, match=why):
+            create(home, bad)
+    with pytest.raises(BadRequestError, match="not available on isolation=container"):
+        Sandbox.create("debian-python", paths=home, isolation="container",
+                       network={"internet": True})
+    assert_no_leaks_anywhere(home, keep=[i.id for i in Sandbox.list(paths=home)])
+
+
+def test_snapshot_of_a_networked_sandbox_is_refused(internet_sb: Sandbox) -> None:
+    with pytest.raises(BadRequestError, match="networked sandbox is not supported yet"):
+        internet_sb.snapshot()
+
+
+def test_kill_removes_everything(home: Paths, world: World) -> None:
+    sb = create(home, {"internet": False})
+    assert network_leftovers(world, sb.id) == ["namespace", "host link", "nftables chain",
+                                               "lease"]
+    sb.kill()
+    assert network_leftovers(world, sb.id) == []
+
+
+def test_creator_killed_during_network_setup_leaves_nothing(home: Paths, world: World) -> None:
+    """kill -9 of an in-process creator once the sandbox's namespace exists: the next
+    listing (reconcile and sweep) removes the namespace, link, chain and lease."""
+    code = ("from ember import Sandbox; from ember.paths import Paths; import sys\n"
+            "Sandbox.create('debian-python', paths=Paths.from_env(), network={'internet': True})")
+    env = {**os.environ, "EMBER_HOME": str(home.home), "EMBER_LOCAL": "1",
+           "EMBER_NET_HOST_NS": world.host}
+    before = {i.id for i in Sandbox.list(paths=home)}
+    child = subprocess.Popen([sys.executable, "-c", code], env=env)
+    sid = None
+    deadline = time.monotonic() + 120
+    while sid is None and time.monotonic() < deadline and child.poll() is None:
+        for p in Path("/run/netns").glob("ember-sb-*"):
+            if p.name.removeprefix("ember-") not in before:
+                sid = p.name.removeprefix("ember-")
+        time.sleep(0.01)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait(timeout=30)
+    assert sid is not None, "the creator never got to network setup"
+    Sandbox.list(paths=home)  # reconcile: the dead creator's sandbox fails, sweep cleans
+    deadline = time.monotonic() + 30
+    while network_leftovers(world, sid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        Sandbox.list(paths=home)
+    assert network_leftovers(world, sid) == []
+    assert_no_leaks_anywhere(home, allow_failed_rows=True,
+                             keep=[i.id for i in Sandbox.list(paths=home)
+                                   if i.state == "running"])
+
+
+def test_cli_create_show_and_set(home: Paths, world: World) -> None:
+    env = {**os.environ, "EMBER_HOME": str(home.home), "EMBER_NET_HOST_NS": world.host}
+
+    def ember(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "ember.cli", *args], env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    bad = ember("create", "--allow", "10.0.0.0/8")
+    assert bad.returncode != 0 and "--network internet or off" in bad.stderr
+    made = ember("create", "--network", "off", "--allow", PRIVATE_IP, "--json")
+    assert made.returncode == 0, made.stderr
+    info = json.loads(made.stdout)
+    sid = info["id"]
+    try:
+        assert info["network"] == {"internet": False, "allow": [PRIVATE_IP + "/32"], "deny": []}
+        shown = ember("network", "show", sid, "--json")
+        assert json.loads(shown.stdout) == info["network"]
+        changed = ember("network", "set", sid, "--internet", "--deny", PRIVATE_IP, "--json")
+        assert changed.returncode == 0, changed.stderr
+        assert json.loads(changed.stdout) == {"internet": True, "allow": [PRIVATE_IP + "/32"],
+                                              "deny": [PRIVATE_IP + "/32"]}
+        sb = Sandbox.connect(sid, paths=home)
+        got = probe(sb, INTERNET, PRIVATE)
+        sb.close()
+        assert got[INTERNET].startswith("OK") and got[PRIVATE].startswith("ERR"), got
+    finally:
+        Sandbox.kill(sid, paths=home)
+    assert network_leftovers(world, sid) == []
