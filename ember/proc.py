@@ -35,6 +35,8 @@ APT_PACKAGE_FOR = {
     "xz": "xz-utils",
     "docker-registry": "docker-registry",
     "ldd": "libc-bin",
+    "nft": "nftables",
+    "dnsmasq": "dnsmasq-base",
 }
 
 STDERR_TAIL_CHARS = 2000

@@ -22,7 +22,7 @@ APT_PACKAGES=(
   linux-source-6.1 bc bison flex libelf-dev libssl-dev make gcc xz-utils cpio  # guest kernel
   busybox-static docker-registry        # test fixtures: busybox OCI image, local registry
   strace                                # ember bench: host syscalls of each tier
-  nftables iproute2                     # sandbox networks: the egress policy, NAT; ip netns
+  nftables iproute2 dnsmasq-base        # sandbox networks: egress policy, NAT, per-sandbox DNS
   ca-certificates
 )
 missing=()

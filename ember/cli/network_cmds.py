@@ -42,9 +42,9 @@ def show(sandbox_id: str, as_json: bool) -> None:
 @click.argument("sandbox_id")
 @click.option("--internet/--no-internet", default=None,
               help="Outbound internet on or off (default: unchanged).")
-@click.option("--allow", multiple=True, metavar="CIDR",
+@click.option("--allow", multiple=True, metavar="CIDR|DOMAIN",
               help="Allowed destinations, replacing the list; repeatable.")
-@click.option("--deny", multiple=True, metavar="CIDR",
+@click.option("--deny", multiple=True, metavar="CIDR|DOMAIN",
               help="Denied destinations (win over --allow), replacing the list; repeatable.")
 @click.option("--clear", is_flag=True, help="Empty the allow and deny lists first.")
 @click.option("--json", "as_json", is_flag=True)
@@ -55,6 +55,7 @@ def set_policy(sandbox_id: str, internet: bool | None, allow: tuple[str, ...],
     current value.
 
     Example: ember network set sb-1234abcd --no-internet --allow 203.0.113.0/24
+    --allow pypi.org --allow '*.pythonhosted.org'
     """
     from ember.sdk.sandbox import Sandbox
 

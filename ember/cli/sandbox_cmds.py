@@ -46,9 +46,10 @@ CREATE_OPTIONS = [
                  help="none: no NIC at all; internet: outbound internet (private, host and "
                       "metadata ranges stay denied); off: a NIC reaching only --allow CIDRs. "
                       "See docs/networking.md."),
-    click.option("--allow", multiple=True, metavar="CIDR",
-                 help="Destinations allowed (also private ones); repeatable."),
-    click.option("--deny", multiple=True, metavar="CIDR",
+    click.option("--allow", multiple=True, metavar="CIDR|DOMAIN",
+                 help="Destinations allowed: a CIDR (also a private one) or a domain "
+                      "(example.com, *.example.com); repeatable."),
+    click.option("--deny", multiple=True, metavar="CIDR|DOMAIN",
                  help="Destinations denied (wins over --allow); repeatable."),
     click.option("--env", "-e", "env", multiple=True, metavar="KEY=VALUE",
                  help="Environment for every command; repeatable."),

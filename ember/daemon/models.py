@@ -33,17 +33,18 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-Cidr = Annotated[str, Field(min_length=1, max_length=64)]
+NetEntry = Annotated[str, Field(min_length=1, max_length=253)]
 
 
 class NetworkRequest(Strict):
     """An egress policy (docs/networking.md): ``internet`` on or off, and ``allow`` and
-    ``deny`` lists of IPv4 CIDRs (deny wins; private, link-local, metadata and host
-    ranges stay denied unless allowed by CIDR)."""
+    ``deny`` lists of IPv4 CIDRs and domain names (``example.com``, ``*.example.com``);
+    deny wins; private, link-local, metadata and host ranges stay denied unless allowed
+    by CIDR."""
 
     internet: bool = True
-    allow: list[Cidr] = Field(default_factory=list, max_length=1000)
-    deny: list[Cidr] = Field(default_factory=list, max_length=1000)
+    allow: list[NetEntry] = Field(default_factory=list, max_length=1000)
+    deny: list[NetEntry] = Field(default_factory=list, max_length=1000)
 
 
 class CreateRequest(Strict):

@@ -24,6 +24,10 @@ def checks() -> list[Check]:
     out.append(Check("network: nftables", nft is not None,
                      nft or "the nft program is missing", None if nft else
                      "apt-get install nftables"))
+    dnsmasq = shutil.which("dnsmasq")
+    out.append(Check("network: dnsmasq", dnsmasq is not None,
+                     (dnsmasq or "the dnsmasq program is missing") + " (each sandbox's resolver)",
+                     None if dnsmasq else "apt-get install dnsmasq-base"))
     name = host_ns_name()
     ok = name is None or netns_path(name).exists()
     out.append(Check("network: host namespace", ok,

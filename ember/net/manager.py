@@ -15,6 +15,8 @@ import contextlib
 import json
 import logging
 import os
+import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from typing import Any
 from ember import proc
 from ember.errors import EmberError, NetworkError
 from ember.locks import FileLock
-from ember.net import links, ruleset
+from ember.net import links, resolver, ruleset
 from ember.net.addressing import MAX_LINKS, Link, netns_name
 from ember.net.nsutil import in_netns, netns_path, remove_netns
 from ember.net.policy import NetworkPolicy
@@ -97,30 +99,82 @@ class NetworkManager:
         proc.run(["nft", "-j", "-f", "-"], input=doc, what=what, timeout=NFT_TIMEOUT_S)
 
     def _host_table(self) -> dict[str, set[str]]:
-        """What the host table holds now: ``chains`` and ``elements`` (interface names)."""
+        """What the host table holds now: ``chains``, ``sets``, ``elements`` (links in the
+        egress map), ``resolvers`` (links in the resolver set); ``missing`` has "table"
+        when there is none."""
         got = proc.run(["nft", "-j", "list", "table", ruleset.FAMILY, ruleset.TABLE],
                        what="list the ember nftables table", check=False,
                        timeout=NFT_TIMEOUT_S)
-        chains: set[str] = set()
-        elements: set[str] = set()
+        found: dict[str, set[str]] = {"chains": set(), "sets": set(), "elements": set(),
+                                      "resolvers": set(), "missing": set()}
         if got.returncode != 0:
-            return {"chains": chains, "elements": elements, "missing": {"table"}}
+            found["missing"].add("table")
+            return found
         for item in json.loads(got.stdout or "{}").get("nftables", []):
             if "chain" in item:
-                chains.add(item["chain"]["name"])
+                found["chains"].add(item["chain"]["name"])
+            for kind in ("set", "map"):
+                if kind in item:
+                    found["sets"].add(item[kind]["name"])
             if "map" in item and item["map"]["name"] == ruleset.EGRESS_MAP:
                 for elem in item["map"].get("elem", []):
                     if isinstance(elem, list) and elem and isinstance(elem[0], str):
-                        elements.add(elem[0])
-        return {"chains": chains, "elements": elements, "missing": set()}
+                        found["elements"].add(elem[0])
+            if "set" in item and item["set"]["name"] == ruleset.RESOLVERS_SET:
+                for elem in item["set"].get("elem", []):
+                    parts = elem.get("concat", []) if isinstance(elem, dict) else []
+                    if parts and isinstance(parts[0], str):
+                        found["resolvers"].add(parts[0])
+        return found
 
     def _ensure_base(self) -> None:
-        if "table" in self._host_table()["missing"]:
+        """The host table in this layout (made, or its base chains rebuilt, atomically)."""
+        if ruleset.LAYOUT_SET not in self._host_table()["sets"]:
             try:
                 self._nft(ruleset.base_table(), "create the ember nftables table")
             except EmberError:
-                if "table" in self._host_table()["missing"]:  # not made by a racing home
+                if ruleset.LAYOUT_SET not in self._host_table()["sets"]:  # not a racing home
                     raise
+
+    # --- resolver ----------------------------------------------------------------------
+    def _resolver_files(self, link: Link) -> Path:
+        return self.leases / f"{link.index}-{link.sandbox_id}.dnsmasq.pid"
+
+    def _start_resolver(self, link: Link, policy: NetworkPolicy) -> None:
+        """The sandbox's dnsmasq, in the host namespace (the calling thread's); returns
+        once it listens (dnsmasq's parent exits when its child is ready)."""
+        proc.require("dnsmasq")
+        conf = resolver.resolv_conf_path(self.host_ns.name if self.host_ns else None)
+        try:
+            servers = resolver.upstreams(conf.read_text(errors="replace"))
+        except OSError:
+            servers = []
+        if not servers:
+            log.warning("sandbox %s: no IPv4 nameserver in %s: its resolver answers nothing "
+                        "it has to forward", link.sandbox_id, conf)
+        argv = resolver.dnsmasq_argv(
+            link, policy, servers, pidfile=self._resolver_files(link),
+            nft_set=(ruleset.FAMILY, ruleset.TABLE, ruleset.domain_set_name(link)))
+        proc.run(argv, what=f"start sandbox {link.sandbox_id}'s resolver", timeout=30)
+
+    def _stop_resolver(self, link: Link) -> bool:
+        """Stop the sandbox's dnsmasq (found by its pid file, checked by its command line);
+        False if none ran."""
+        pidfile = self._resolver_files(link)
+        try:
+            pid = int(pidfile.read_text().strip() or "0")
+        except (OSError, ValueError):
+            pid = 0
+        stopped = False
+        if pid > 0:
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                argv = b""
+            if str(pidfile).encode() in argv:
+                stopped = _terminate(pid)
+        pidfile.unlink(missing_ok=True)
+        return stopped
 
     # --- lifecycle ---------------------------------------------------------------------
     def attach(self, sandbox_id: str, policy: NetworkPolicy) -> Attached:
@@ -138,13 +192,14 @@ class NetworkManager:
                 self._ensure_base()
                 self._nft(ruleset.add_sandbox(link, policy),
                           f"add sandbox {sandbox_id}'s network policy")
+                self._start_resolver(link, policy)
 
             in_netns(self.host_ns, host_side)
 
             def sandbox_side() -> int:
                 fd = links.setup_sandbox_side(link)
                 try:
-                    self._nft(ruleset.sandbox_table(), f"NAT sandbox {sandbox_id}")
+                    self._nft(ruleset.sandbox_table(link), f"NAT sandbox {sandbox_id}")
                 except BaseException:
                     os.close(fd)
                     raise
@@ -164,8 +219,13 @@ class NetworkManager:
         link = self.find(sandbox_id)
         if link is None:
             raise NetworkError(f"sandbox {sandbox_id} has no network set up on this host")
-        in_netns(self.host_ns, lambda: self._nft(
-            ruleset.update_sandbox(link, policy), f"change sandbox {sandbox_id}'s policy"))
+        def host_side() -> None:
+            self._nft(ruleset.update_sandbox(link, policy),
+                      f"change sandbox {sandbox_id}'s policy")
+            self._stop_resolver(link)  # dnsmasq takes its domains at start only
+            self._start_resolver(link, policy)
+
+        in_netns(self.host_ns, host_side)
 
     def detach(self, sandbox_id: str, link: Link | None = None) -> bool:
         """Remove everything of the sandbox's network; True if anything was there.
@@ -175,13 +235,16 @@ class NetworkManager:
         ns = netns_path(netns_name(sandbox_id))
         if link is not None:
             def host_side() -> bool:
+                stopped = self._stop_resolver(link)
                 table = self._host_table()
                 cmds = ruleset.remove_sandbox(
                     link, has_element=link.host_if in table["elements"],
-                    has_chain=ruleset.sandbox_chain_name(link) in table["chains"])
+                    has_chain=ruleset.sandbox_chain_name(link) in table["chains"],
+                    has_set=ruleset.domain_set_name(link) in table["sets"],
+                    has_resolver=link.host_if in table["resolvers"])
                 if cmds:
                     self._nft(cmds, f"remove sandbox {sandbox_id}'s network policy")
-                return links.remove_host_link(link) or bool(cmds)
+                return links.remove_host_link(link) or bool(cmds) or stopped
 
             found = in_netns(self.host_ns, host_side)
         found = remove_netns(ns) or found
@@ -203,3 +266,21 @@ class NetworkManager:
                         self.detach(sid, Link(int(p.name), sid))
                         removed.append(sid)
         return removed
+
+
+def _terminate(pid: int, grace: float = 2.0) -> bool:
+    """SIGTERM, then SIGKILL after ``grace`` seconds; True if it was running."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.02)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    return True

@@ -12,13 +12,19 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from ember.net.addressing import GUEST_IP, HOST_IF_PREFIX, LINK_POOL, TAP, UPLINK, Link
+from ember.net.addressing import GATEWAY_IP, GUEST_IP, HOST_IF_PREFIX, LINK_POOL, TAP, UPLINK, Link
 from ember.net.policy import ALWAYS_DENIED, NetworkPolicy
 
 Cmd = dict[str, Any]
 TABLE = "ember"
 FAMILY = "inet"
 EGRESS_MAP = "egress"
+#: (link, host address) pairs whose resolver a sandbox may query.
+RESOLVERS_SET = "resolvers"
+#: The base table's layout: a table without this set is rebuilt (its base chains flushed
+#: and filled again in one transaction; sandbox chains and sets are kept).
+LAYOUT_SET = "layout-2"
+DNS_PORT = 53
 SANDBOX_TABLE = "ember_sb"
 _ANY_LINK = f"{HOST_IF_PREFIX}*"
 
@@ -52,32 +58,60 @@ def _chain(name: str, table: str = TABLE, family: str = FAMILY, **base: Any) -> 
     return {"add": {"chain": {"family": family, "table": table, "name": name, **base}}}
 
 
+def _dns() -> list[Cmd]:
+    return [_match(_meta("l4proto"), {"set": ["tcp", "udp"]}),
+            _match(_payload("th", "dport"), DNS_PORT)]
+
+
+def _flush(name: str) -> Cmd:
+    return {"flush": {"chain": {"family": FAMILY, "table": TABLE, "name": name}}}
+
+
 def base_table() -> list[Cmd]:
-    """The host table, made once per host namespace (in one transaction: all or nothing)."""
+    """The host table, made (or brought to this layout) in one transaction: all or
+    nothing. Base chains are flushed and filled again; sandbox chains and sets stay."""
     drop = {"drop": None}
     accept = {"accept": None}
     link_in = _match(_meta("iifname"), _ANY_LINK)
     link_out = _match(_meta("oifname"), _ANY_LINK)
+    resolver = _match({"concat": [_meta("iifname"), _payload("ip", "daddr")]},
+                      f"@{RESOLVERS_SET}")
     return [
         {"add": {"table": {"family": FAMILY, "name": TABLE}}},
         {"add": {"map": {"family": FAMILY, "table": TABLE, "name": EGRESS_MAP,
                          "type": "ifname", "map": "verdict"}}},
+        {"add": {"set": {"family": FAMILY, "table": TABLE, "name": RESOLVERS_SET,
+                         "type": ["ifname", "ipv4_addr"]}}},
         _chain("forward", type="filter", hook="forward", prio=0, policy="accept"),
         _chain("input", type="filter", hook="input", prio=0, policy="accept"),
         _chain("postrouting", type="nat", hook="postrouting", prio=100, policy="accept"),
+        _flush("forward"), _flush("input"), _flush("postrouting"),
         _rule("forward", link_in, {"vmap": {"key": _meta("iifname"), "data": f"@{EGRESS_MAP}"}}),
         _rule("forward", link_in, _counter(), drop),  # a link with no sandbox chain
         _rule("forward", link_out, _established(), accept),
         _rule("forward", link_out, _counter(), drop),  # nothing new into a sandbox
         _rule("input", link_in, _established(), accept),
+        _rule("input", link_in, resolver, *_dns(), accept),  # its own resolver only
         _rule("input", link_in, _counter(), drop),  # the host answers nothing on a link
         _rule("postrouting", _match(_payload("ip", "saddr"), _prefix(str(LINK_POOL))),
               _match(_meta("oifname"), _ANY_LINK, "!="), {"masquerade": None}),
+        {"add": {"set": {"family": FAMILY, "table": TABLE, "name": LAYOUT_SET,
+                         "type": "ipv4_addr"}}},
     ]
 
 
 def sandbox_chain_name(link: Link) -> str:
     return f"sb-{link.sandbox_id.removeprefix('sb-')}"
+
+
+def domain_set_name(link: Link) -> str:
+    """The set of addresses the sandbox's resolver returned for its allowed domains."""
+    return f"dom-{link.sandbox_id.removeprefix('sb-')}"
+
+
+#: How long an address resolved for an allowed domain stays reachable after its last
+#: lookup (each lookup refreshes it).
+DOMAIN_ADDRESS_TIMEOUT_S = 3600
 
 
 def _prefix(cidr: str) -> dict[str, Any] | str:
@@ -107,12 +141,18 @@ def policy_rules(link: Link, policy: NetworkPolicy) -> list[Cmd]:
         _rule(chain, _match(_payload("ip", "saddr"), link.sandbox_ip, "!="), _counter(),
               {"drop": None}),  # spoofed: not from the sandbox's NAT address
     ]
-    if policy.deny:
-        rules.append(_rule(chain, _match(daddr, _set_of(policy.deny)), _counter(), REFUSE))
-    if policy.allow:
-        rules.append(_rule(chain, _match(daddr, _set_of(policy.allow)), _counter(),
+    if policy.has_domains:  # QUIC would carry names past the resolver's view: TCP only
+        rules.append(_rule(chain, _match(_meta("l4proto"), "udp"),
+                           _match(_payload("udp", "dport"), 443), _counter(), REFUSE))
+    if policy.deny_cidrs:
+        rules.append(_rule(chain, _match(daddr, _set_of(policy.deny_cidrs)), _counter(),
+                           REFUSE))
+    if policy.allow_cidrs:
+        rules.append(_rule(chain, _match(daddr, _set_of(policy.allow_cidrs)), _counter(),
                            {"accept": None}))
     rules.append(_rule(chain, _match(daddr, _set_of(ALWAYS_DENIED)), _counter(), REFUSE))
+    rules.append(_rule(chain, _match(daddr, f"@{domain_set_name(link)}"), _counter(),
+                       {"accept": None}))
     rules.append(_rule(chain, _counter(), {"accept": None} if policy.internet else REFUSE))
     return rules
 
@@ -122,38 +162,63 @@ def _element(link: Link) -> dict[str, Any]:
             "elem": [[link.host_if, {"jump": {"target": sandbox_chain_name(link)}}]]}
 
 
+def _domain_set(link: Link) -> dict[str, Any]:
+    return {"family": FAMILY, "table": TABLE, "name": domain_set_name(link)}
+
+
+def _resolver_element(link: Link) -> dict[str, Any]:
+    return {"family": FAMILY, "table": TABLE, "name": RESOLVERS_SET,
+            "elem": [{"concat": [link.host_if, link.host_ip]}]}
+
+
 def add_sandbox(link: Link, policy: NetworkPolicy) -> list[Cmd]:
-    """The sandbox's chain, its rules and its map entry, in one transaction."""
-    return [_chain(sandbox_chain_name(link)), *policy_rules(link, policy),
-            {"add": {"element": _element(link)}}]
+    """The sandbox's address set, chain, rules, map entry and resolver entry, in one
+    transaction."""
+    return [{"add": {"set": {**_domain_set(link), "type": "ipv4_addr", "flags": ["timeout"],
+                             "timeout": DOMAIN_ADDRESS_TIMEOUT_S}}},
+            _chain(sandbox_chain_name(link)), *policy_rules(link, policy),
+            {"add": {"element": _element(link)}},
+            {"add": {"element": _resolver_element(link)}}]
 
 
 def update_sandbox(link: Link, policy: NetworkPolicy) -> list[Cmd]:
     """Replace the sandbox chain's rules atomically (one transaction: no packet sees a
-    half-updated chain)."""
+    half-updated chain), and forget the addresses of the old policy's domains."""
     name = sandbox_chain_name(link)
-    return [{"flush": {"chain": {"family": FAMILY, "table": TABLE, "name": name}}},
+    return [{"flush": {"set": _domain_set(link)}},
+            {"flush": {"chain": {"family": FAMILY, "table": TABLE, "name": name}}},
             *policy_rules(link, policy)]
 
 
-def remove_sandbox(link: Link, *, has_element: bool, has_chain: bool) -> list[Cmd]:
+def remove_sandbox(link: Link, *, has_element: bool, has_chain: bool, has_set: bool,
+                   has_resolver: bool) -> list[Cmd]:
     cmds: list[Cmd] = []
     if has_element:
         cmds.append({"delete": {"element": _element(link)}})
+    if has_resolver:
+        cmds.append({"delete": {"element": _resolver_element(link)}})
     if has_chain:
         name = sandbox_chain_name(link)
         cmds += [{"flush": {"chain": {"family": FAMILY, "table": TABLE, "name": name}}},
                  {"delete": {"chain": {"family": FAMILY, "table": TABLE, "name": name}}}]
+    if has_set:
+        cmds.append({"delete": {"set": _domain_set(link)}})
     return cmds
 
 
-def sandbox_table() -> list[Cmd]:
-    """The table inside a sandbox's own namespace: the guest NATed onto its link, nothing
-    else forwarded, nothing answered by the namespace itself."""
+def sandbox_table(link: Link) -> list[Cmd]:
+    """The table inside a sandbox's own namespace: the guest NATed onto its link, its DNS
+    (to its gateway) sent to its resolver on the host end, nothing else forwarded, nothing
+    answered by the namespace itself."""
     fam, tab = "ip", SANDBOX_TABLE
     accept = {"accept": None}
     return [
         {"add": {"table": {"family": fam, "name": tab}}},
+        _chain("prerouting", tab, fam, type="nat", hook="prerouting", prio=-100,
+               policy="accept"),
+        _rule("prerouting", _match(_meta("iifname"), TAP),
+              _match(_payload("ip", "daddr"), GATEWAY_IP), *_dns(),
+              {"dnat": {"addr": link.host_ip}}, table=tab, family=fam),
         _chain("forward", tab, fam, type="filter", hook="forward", prio=0, policy="drop"),
         _chain("input", tab, fam, type="filter", hook="input", prio=0, policy="drop"),
         _chain("postrouting", tab, fam, type="nat", hook="postrouting", prio=100,

@@ -362,10 +362,11 @@ def _networks(paths: Paths, kept: dict[str, SandboxRecord]) -> list[str]:
     found = []
     for lease in LEASES_ROOT.glob("*/[0-9]*"):
         try:
-            doc = json.loads(lease.read_text())
+            doc = json.loads(lease.read_text()) if lease.name.isdigit() else None
         except (OSError, ValueError):
             continue
-        if doc.get("home") == str(paths.home) and doc.get("sandbox") not in kept:
+        if isinstance(doc, dict) and doc.get("home") == str(paths.home) \
+                and doc.get("sandbox") not in kept:
             found.append(f"{lease} ({doc.get('sandbox')})")
     for ns in Path("/run/netns").glob("ember-sb-*"):
         sid = ns.name.removeprefix("ember-")

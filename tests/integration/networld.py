@@ -3,8 +3,9 @@ so that network tests never send a packet off this machine.
 
 ``host`` plays the host's part for ember (``EMBER_NET_HOST_NS``): its only uplink is a
 veth to ``inet``, which holds the "internet" (198.51.100.0/24, TEST-NET-2) and a
-"private" service (10.77.0.10). Servers here are plain threads whose sockets were opened
-inside ``inet``: no subprocess, no name lookups.
+"private" service (10.77.0.10). Its web servers are threads whose sockets were opened
+inside ``inet`` (no name lookups); its DNS server is a dnsmasq there, answering only the
+names in :data:`NAMES`, and ``/etc/netns/<host>/resolv.conf`` points the host at it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ember.net.manager import LEASES_ROOT
 from ember.net.nsutil import in_netns, netns_path, remove_netns
@@ -26,6 +28,14 @@ HOST_UPLINK_IP = "198.51.100.1"
 PRIVATE_IP = "10.77.0.10"
 HTTP_PORT = 8080
 UDP_PORT = 9999
+#: The fake internet's names and addresses (each address is served by the web server).
+NAMES = {
+    "allowed.test": INET_IP,
+    "sub.test": "198.51.100.13",
+    "a.sub.test": "198.51.100.12",
+    "other.test": "198.51.100.11",
+    "rebind.test": PRIVATE_IP,
+}
 
 
 @dataclass
@@ -34,6 +44,7 @@ class World:
     inet: str
     udp_seen: list[tuple[str, bytes]] = field(default_factory=list)
     sockets: list[socket.socket] = field(default_factory=list)
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def host_listen(self, port: int) -> socket.socket:
         """A TCP listener in the fake host's namespace, on all its addresses."""
@@ -86,7 +97,8 @@ def fake_world() -> Iterator[World]:
             "netns", world.inet)
         _ip("-n", world.host, "addr", "add", f"{HOST_UPLINK_IP}/24", "dev", "up0")
         _ip("-n", world.inet, "addr", "add", f"{INET_IP}/24", "dev", "wan0")
-        _ip("-n", world.inet, "addr", "add", f"{PRIVATE_IP}/32", "dev", "lo")
+        for address in {*NAMES.values()} - {INET_IP}:
+            _ip("-n", world.inet, "addr", "add", f"{address}/32", "dev", "lo")
         for ns, dev in ((world.host, "up0"), (world.inet, "wan0")):
             _ip("-n", ns, "link", "set", "lo", "up")
             _ip("-n", ns, "link", "set", dev, "up")
@@ -98,8 +110,21 @@ def fake_world() -> Iterator[World]:
         world.sockets += [http, udp]
         threading.Thread(target=_serve, args=(http, b"the fake internet"), daemon=True).start()
         threading.Thread(target=_udp, args=(udp, world.udp_seen), daemon=True).start()
+        dns = in_netns(inet, lambda: subprocess.Popen(
+            ["dnsmasq", "--conf-file=/dev/null", "--keep-in-foreground", "--no-resolv",
+             "--no-hosts", "--bind-interfaces", f"--listen-address={INET_IP}",
+             "--log-facility=/dev/null", "--user=nobody", "--group=nogroup",
+             *(f"--address=/{n}/{a}" for n, a in NAMES.items())]))
+        world.processes.append(dns)
+        etc = Path("/etc/netns") / world.host
+        etc.mkdir(parents=True, exist_ok=True)
+        (etc / "resolv.conf").write_text(f"nameserver {INET_IP}\n")
         yield world
     finally:
+        for child in world.processes:
+            child.terminate()
+            child.wait(timeout=10)
+        shutil.rmtree(Path("/etc/netns") / world.host, ignore_errors=True)
         for s in world.sockets:
             with suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)

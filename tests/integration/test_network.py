@@ -48,6 +48,18 @@ for target in sys.argv[1:]:
     except OSError as e:
         print(target, 'ERR', type(e).__name__)
 """
+RESOLVE = """
+import socket, sys
+for name in sys.argv[1:]:
+    try:
+        ip = socket.gethostbyname(name)
+    except OSError as e:
+        print(name, 'NORESOLVE'); continue
+    try:
+        socket.create_connection((ip, PORT), timeout=4).close(); print(name, 'OK', ip)
+    except OSError as e:
+        print(name, 'ERR', ip, type(e).__name__)
+""".replace("PORT", str(HTTP_PORT))
 INTERNET = f"{INET_IP}:{HTTP_PORT}"
 PRIVATE = f"{PRIVATE_IP}:{HTTP_PORT}"
 
@@ -99,6 +111,11 @@ def probe(sb: Sandbox, *targets: str) -> dict[str, str]:
     return {line.split(" ", 1)[0]: line.split(" ", 1)[1] for line in out.splitlines()}
 
 
+def resolve(sb: Sandbox, *names: str) -> dict[str, str]:
+    out = sb.exec(["python3", "-c", RESOLVE, *names], timeout=120).check().stdout
+    return {line.split(" ", 1)[0]: line.split(" ", 1)[1] for line in out.splitlines()}
+
+
 def network_leftovers(world: World, sandbox_id: str) -> list[str]:
     """What of a sandbox's network still exists: its namespace, host link, chain, lease."""
     found = []
@@ -116,6 +133,10 @@ def network_leftovers(world: World, sandbox_id: str) -> list[str]:
     if leases.is_dir() and any(sandbox_id in p.read_text() for p in leases.iterdir()
                                if p.name.isdigit()):
         found.append("lease")
+    dnsmasq = subprocess.run(["pgrep", "-af", "dnsmasq"], capture_output=True, text=True,
+                             timeout=30).stdout
+    if f"-{sandbox_id}.dnsmasq.pid" in dnsmasq:
+        found.append("resolver")
     return found
 
 
@@ -249,7 +270,7 @@ def test_snapshot_of_a_networked_sandbox_is_refused(internet_sb: Sandbox) -> Non
 def test_kill_removes_everything(home: Paths, world: World) -> None:
     sb = create(home, {"internet": False})
     assert network_leftovers(world, sb.id) == ["namespace", "host link", "nftables chain",
-                                               "lease"]
+                                               "lease", "resolver"]
     sb.kill()
     assert network_leftovers(world, sb.id) == []
 
@@ -312,3 +333,48 @@ def test_cli_create_show_and_set(home: Paths, world: World) -> None:
     finally:
         Sandbox.kill(sid, paths=home)
     assert network_leftovers(world, sid) == []
+
+
+def test_domains_allowed_with_the_internet_off(home: Paths) -> None:
+    """Only allowed names resolve, and only their addresses are reachable: a hard-coded
+    address is refused, a rebinding answer stays refused, QUIC is refused."""
+    sb = create(home, {"internet": False, "allow": ["allowed.test", "*.sub.test",
+                                                    "rebind.test"]})
+    try:
+        got = resolve(sb, "allowed.test", "x.allowed.test", "a.sub.test", "sub.test",
+                      "other.test", "rebind.test")
+        assert got["allowed.test"] == f"OK {INET_IP}"
+        assert got["a.sub.test"] == "OK 198.51.100.12"  # *.sub.test: its subdomains
+        assert got["x.allowed.test"] == "NORESOLVE"  # exact: not its subdomains
+        assert got["sub.test"] == "NORESOLVE"  # the wildcard does not cover sub.test
+        assert got["other.test"] == "NORESOLVE"
+        assert got["rebind.test"].startswith(f"ERR {PRIVATE_IP}")  # resolved, refused
+        assert probe(sb, f"198.51.100.11:{HTTP_PORT}")[f"198.51.100.11:{HTTP_PORT}"].startswith(
+            "ERR")  # other.test's address, hard-coded
+        quic = sb.exec(["python3", "-c", f"""
+import errno, socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)
+s.connect(('{INET_IP}', 443))
+try:
+    s.send(b'x'); s.recv(10); print('answered')
+except TimeoutError:
+    print('timeout')
+except OSError as e:
+    print(errno.errorcode.get(e.errno, e.errno))
+"""], timeout=60).check().stdout.strip()
+        assert quic in ("ECONNREFUSED", "EHOSTUNREACH"), quic  # refused at once
+    finally:
+        sb.kill()
+
+
+def test_denied_domains_do_not_resolve_and_policy_updates_reach_the_resolver(
+        internet_sb: Sandbox) -> None:
+    try:
+        assert resolve(internet_sb, "other.test")["other.test"] == "OK 198.51.100.11"
+        internet_sb.set_network({"internet": True, "deny": ["other.test", "*.sub.test"]})
+        got = resolve(internet_sb, "other.test", "a.sub.test", "sub.test", "allowed.test")
+        assert got["other.test"] == "NORESOLVE" and got["a.sub.test"] == "NORESOLVE"
+        assert got["sub.test"] == "OK 198.51.100.13" and got["allowed.test"].startswith("OK")
+    finally:
+        internet_sb.set_network({"internet": True})
+    assert resolve(internet_sb, "other.test")["other.test"] == "OK 198.51.100.11"

@@ -37,10 +37,10 @@ def test_cidrs_are_normalized_and_deduplicated() -> None:
 
 @pytest.mark.parametrize("doc, why", [
     ({"allow": ["10.0.0.300"]}, "invalid CIDR"),
-    ({"allow": ["example.com"]}, "invalid CIDR"),
+    ({"allow": ["exa mple.com"]}, "neither an IPv4 CIDR nor a domain"),
     ({"deny": ["::1/128"]}, "IPv6"),
     ({"allow": "10.0.0.0/8"}, "list of CIDRs"),
-    ({"allow": [7]}, "invalid CIDR"),
+    ({"allow": [7]}, "invalid entry"),
     ({"internet": 1}, "true or false"),
     ({"bandwidth": 5}, "unknown network policy field"),
     ([], "is an object"),
@@ -75,7 +75,7 @@ def test_sandbox_rules_follow_the_policy_order() -> None:
     rules = _rule_exprs(ruleset.policy_rules(link, NetworkPolicy(
         internet=False, allow=("10.0.0.0/8", "10.1.0.0/16"), deny=("10.9.0.0/16",))))
     verdicts = [next(k for k in r[-1]) for r in rules]
-    assert verdicts == ["drop", "drop", "reject", "accept", "reject", "reject"]
+    assert verdicts == ["drop", "drop", "reject", "accept", "reject", "accept", "reject"]
     assert rules[1][0]["match"]["right"] == link.sandbox_ip  # anti-spoofing first
     allow_set = rules[3][0]["match"]["right"]["set"]
     assert allow_set == [{"prefix": {"addr": "10.0.0.0", "len": 8}}]  # overlaps collapsed
@@ -86,8 +86,58 @@ def test_sandbox_rules_follow_the_policy_order() -> None:
 def test_update_is_one_flush_then_the_rules() -> None:
     link = Link(0, "sb-0123456789ab")
     cmds = ruleset.update_sandbox(link, NetworkPolicy())
-    assert list(cmds[0]) == ["flush"] and all("add" in c for c in cmds[1:])
-    assert ruleset.remove_sandbox(link, has_element=False, has_chain=False) == []
-    both = ruleset.remove_sandbox(link, has_element=True, has_chain=True)
-    assert [next(iter(c["delete"] if "delete" in c else c["flush"])) for c in both] == [
-        "element", "chain", "chain"]
+    assert [list(c) for c in cmds[:2]] == [["flush"], ["flush"]]
+    assert "set" in cmds[0]["flush"] and all("add" in c for c in cmds[2:])
+    assert ruleset.remove_sandbox(link, has_element=False, has_chain=False, has_set=False,
+                                  has_resolver=False) == []
+    every = ruleset.remove_sandbox(link, has_element=True, has_chain=True, has_set=True,
+                                   has_resolver=True)
+    assert [next(iter(c["delete"] if "delete" in c else c["flush"])) for c in every] == [
+        "element", "element", "chain", "chain", "set"]
+
+
+def test_domains_are_normalized_and_resolved_by_policy() -> None:
+    p = NetworkPolicy(internet=False, allow=("Allowed.TEST.", "*.sub.test", "10.0.0.1"),
+                      deny=("bad.sub.test",))
+    assert p.allow == ("allowed.test", "*.sub.test", "10.0.0.1/32")
+    assert p.allow_domains == ("allowed.test", "*.sub.test") and p.allow_cidrs == (
+        "10.0.0.1/32",)
+    assert p.resolves("allowed.test") and p.resolves("a.sub.test")
+    assert not p.resolves("x.allowed.test")  # exact
+    assert not p.resolves("sub.test")  # a wildcard covers subdomains only
+    assert not p.resolves("bad.sub.test") and not p.resolves("x.bad.sub.test")  # deny wins
+    assert not p.resolves("other.test")  # internet off
+    assert NetworkPolicy(deny=("other.test",)).resolves("else.test")  # internet on
+    assert p.decide("203.0.113.1", resolved_for_allowed=True)
+    assert not p.decide("10.1.1.1", resolved_for_allowed=True)  # rebinding stays refused
+
+
+@pytest.mark.parametrize("entry", ["-x.com", "a..b", "*.", "*x.com", "x" * 64 + ".com",
+                                   "exa mple.com", "1.2.3", "10.0.0.0/33"])
+def test_bad_entries_are_refused(entry: str) -> None:
+    with pytest.raises(BadRequestError, match="network allow"):
+        NetworkPolicy(allow=(entry,))
+
+
+def test_resolver_config_follows_the_policy() -> None:
+    from pathlib import Path
+
+    from ember.net.resolver import dnsmasq_argv, upstreams
+
+    assert upstreams("# x\nnameserver 192.0.2.53\nnameserver ::1\nnameserver 192.0.2.53\n"
+                     "search example\nnameserver 192.0.2.54") == ["192.0.2.53", "192.0.2.54"]
+    link = Link(2, "sb-0123456789ab")
+    argv = dnsmasq_argv(link, NetworkPolicy(internet=False, allow=(
+        "allowed.test", "*.sub.test", "*.no.test"), deny=("no.test",)), ["192.0.2.53"],
+        pidfile=Path("/run/x.pid"), nft_set=("inet", "ember", "dom-x"))
+    assert f"--listen-address={link.host_ip}" in argv and "--pid-file=/run/x.pid" in argv
+    assert "--server=/allowed.test/192.0.2.53" in argv
+    assert "--address=/*.allowed.test/" in argv  # exact: subdomains do not exist
+    assert "--server=/*.sub.test/192.0.2.53" in argv
+    assert "--nftset=/sub.test/4#inet#ember#dom-x" in argv
+    assert "--address=/no.test/" in argv
+    assert not any("/no.test/192" in a or "*.no.test/192" in a for a in argv)  # denied
+    assert "--server=192.0.2.53" not in argv  # internet off: nothing else is forwarded
+    on = dnsmasq_argv(link, NetworkPolicy(allow=("allowed.test",)), ["192.0.2.53"],
+                      pidfile=Path("/run/x.pid"), nft_set=("inet", "ember", "dom-x"))
+    assert "--server=192.0.2.53" in on and "--address=/*.allowed.test/" not in on
