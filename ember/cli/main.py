@@ -41,6 +41,7 @@ cli.add_command(daemon_cmds.daemon)
 cli.add_command(apikey_cmds.apikey)
 cli.add_command(apikey_cmds.tenant)
 cli.add_command(network_cmds.network)
+cli.add_command(network_cmds.port)
 for _cmd in (sandbox_cmds.run, sandbox_cmds.create, sandbox_cmds.ls, sandbox_cmds.inspect,
              sandbox_cmds.exec_, sandbox_cmds.shell, sandbox_cmds.cp, sandbox_cmds.logs,
              sandbox_cmds.rm):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import click
 
 from ember.cli.common import handle_errors, print_json
 from ember.errors import BadRequestError
 from ember.net.policy import NetworkPolicy
+from ember.net.stats import NetworkStats
 
 
 @click.group("network")
@@ -16,15 +18,28 @@ def network() -> None:
     """A sandbox's network: its egress policy (docs/networking.md)."""
 
 
-def _show(policy: NetworkPolicy | None, as_json: bool) -> None:
+def _show(policy: NetworkPolicy | None, as_json: bool,
+          stats: NetworkStats | None = None) -> None:
     if as_json:
-        print_json(None if policy is None else policy.to_json())
+        doc = None if policy is None else policy.to_json()
+        if doc is not None and stats is not None:
+            doc = {**doc, "stats": dataclasses.asdict(stats)}
+        print_json(doc)
     elif policy is None:
         click.echo("no network (the sandbox has no NIC)")
     else:
         click.echo(f"internet: {'on' if policy.internet else 'off'}")
         click.echo(f"allow: {', '.join(policy.allow) or '-'}")
         click.echo(f"deny: {', '.join(policy.deny) or '-'}")
+        limits = {"rate out": f"{policy.rate_out_mbit:g} Mbit/s" if policy.rate_out_mbit
+                  else None, "rate in": f"{policy.rate_in_mbit:g} Mbit/s"
+                  if policy.rate_in_mbit else None, "max connections": policy.max_connections}
+        click.echo("limits: " + (", ".join(f"{k} {v}" for k, v in limits.items() if v)
+                                 or "none"))
+        if stats is not None:
+            click.echo(f"traffic: out {stats.bytes_out} B / {stats.packets_out} packets, in "
+                       f"{stats.bytes_in} B / {stats.packets_in} packets; refused "
+                       f"{stats.refused_packets} packets, dropped {stats.dropped_packets}")
 
 
 @network.command("show")
@@ -35,7 +50,15 @@ def show(sandbox_id: str, as_json: bool) -> None:
     """Print the sandbox's egress policy."""
     from ember.sdk.sandbox import Sandbox
 
-    _show(Sandbox.get_info(sandbox_id).network, as_json)
+    info = Sandbox.get_info(sandbox_id)
+    stats = None
+    if info.network is not None and info.state in ("running", "paused"):
+        sb = Sandbox.connect(sandbox_id)
+        try:
+            stats = sb.network_stats()
+        finally:
+            sb.close()
+    _show(info.network, as_json, stats)
 
 
 @network.command("set")
@@ -46,11 +69,18 @@ def show(sandbox_id: str, as_json: bool) -> None:
               help="Allowed destinations, replacing the list; repeatable.")
 @click.option("--deny", multiple=True, metavar="CIDR|DOMAIN",
               help="Denied destinations (win over --allow), replacing the list; repeatable.")
+@click.option("--rate-out", type=float, default=None, metavar="MBIT",
+              help="Bandwidth from the guest, Mbit/s (0: no limit).")
+@click.option("--rate-in", type=float, default=None, metavar="MBIT",
+              help="Bandwidth to the guest, Mbit/s (0: no limit).")
+@click.option("--max-connections", type=int, default=None, metavar="N",
+              help="Connections the guest may have open at once (0: no limit).")
 @click.option("--clear", is_flag=True, help="Empty the allow and deny lists first.")
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
 def set_policy(sandbox_id: str, internet: bool | None, allow: tuple[str, ...],
-               deny: tuple[str, ...], clear: bool, as_json: bool) -> None:
+               deny: tuple[str, ...], rate_out: float | None, rate_in: float | None,
+               max_connections: int | None, clear: bool, as_json: bool) -> None:
     """Change a running sandbox's egress policy, atomically. Options not given keep their
     current value.
 
@@ -63,8 +93,45 @@ def set_policy(sandbox_id: str, internet: bool | None, allow: tuple[str, ...],
     if current is None:
         raise BadRequestError(f"sandbox {sandbox_id} was created without a network "
                               "(--network none); create it with --network internet or off")
-    base = NetworkPolicy(internet=current.internet) if clear else current
+    base = dataclasses.replace(current, allow=(), deny=()) if clear else current
+    given = (("rate_out_mbit", rate_out), ("rate_in_mbit", rate_in),
+             ("max_connections", max_connections))
+    limits: dict[str, Any] = {k: (v or None) for k, v in given if v is not None}
     policy = dataclasses.replace(
         base, internet=base.internet if internet is None else internet,
-        allow=allow or base.allow, deny=deny or base.deny)
+        allow=allow or base.allow, deny=deny or base.deny, **limits)
     _show(Sandbox.update_network(sandbox_id, policy).network, as_json)
+
+
+@click.command("port")
+@click.argument("sandbox_id")
+@click.argument("port", type=click.IntRange(1, 65535), required=False)
+@click.option("--close", is_flag=True, help="Stop exposing PORT.")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def port(sandbox_id: str, port: int | None, close: bool, as_json: bool) -> None:
+    """Expose the guest's TCP PORT at an address of this host, and print it; without PORT,
+    list the exposed ports. The sandbox needs a network (--network off is enough).
+
+    Example: ember port sb-1234abcd 8000   # then: curl http://127.0.0.1:<printed port>/
+    """
+    from ember.sdk.sandbox import Sandbox
+
+    if close and port is None:
+        raise BadRequestError("--close needs a PORT")
+    sb = Sandbox.connect(sandbox_id)
+    try:
+        if port is None:
+            shown = sb.ports()
+        elif close:
+            sb.unexpose(port)
+            shown = sb.ports()
+        else:
+            shown = [sb.expose(port)]
+    finally:
+        sb.close()
+    if as_json:
+        print_json([dataclasses.asdict(p) for p in shown])
+    else:
+        for p in shown:
+            click.echo(f"{p.port} -> {p.address}")

@@ -200,10 +200,18 @@ def inspect(sandbox_id: str, as_json: bool) -> None:
     from ember.sdk.sandbox import Sandbox
 
     info = Sandbox.get_info(sandbox_id)
+    doc = dataclasses.asdict(info)
+    if info.network is not None and info.state in ("running", "paused"):
+        sb = Sandbox.connect(sandbox_id)
+        try:
+            stats = sb.network_stats()
+        finally:
+            sb.close()
+        doc["network_stats"] = None if stats is None else dataclasses.asdict(stats)
     if as_json:
-        print_json(dataclasses.asdict(info))
+        print_json(doc)
     else:
-        for k, v in info.__dict__.items():
+        for k, v in doc.items():
             click.echo(f"{k}: {v}")
 
 

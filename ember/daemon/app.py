@@ -26,6 +26,7 @@ from ember.daemon import (
     API_VERSION,
     routes_exec,
     routes_files,
+    routes_ports,
     routes_pty,
     routes_sandboxes,
     routes_templates,
@@ -152,6 +153,7 @@ def create_app(paths: Paths, *, idle_exit: float | None = None) -> FastAPI:
     app.include_router(routes_files.router, prefix=f"/{API_VERSION}")
     app.include_router(routes_pty.router, prefix=f"/{API_VERSION}")
     app.include_router(routes_usage.router, prefix=f"/{API_VERSION}")
+    app.include_router(routes_ports.router, prefix=f"/{API_VERSION}")
     app.include_router(routes_templates.router, prefix=f"/{API_VERSION}")
     return app
 

@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Sequence
 
 from ember.errors import BadRequestError, GuestError, NotFoundError
+from ember.net.forward import PortForwarder
 from ember.paths import Paths
 from ember.runtime.manager import SandboxManager
 from ember.sdk.async_sandbox import AsyncSandbox, manager
@@ -39,6 +41,8 @@ class LiveSandboxes:
         self._open: dict[str, AsyncSandbox] = {}
         self._attaching: dict[str, asyncio.Lock] = {}
         self._procs: dict[str, dict[int, AsyncProcess]] = {}
+        #: Exposed ports, listening on EMBER_PORTS_BIND (default 127.0.0.1).
+        self.ports = PortForwarder(os.environ.get("EMBER_PORTS_BIND") or "127.0.0.1")
 
     @property
     def mgr(self) -> SandboxManager:
@@ -92,6 +96,7 @@ class LiveSandboxes:
 
     async def kill(self, sandbox_id: str) -> None:
         """Destroy a sandbox, whether the daemon holds it open or not."""
+        await self.ports.close(sandbox_id)
         sb = self._drop(sandbox_id)
         if sb is not None:
             await sb.kill()
@@ -127,6 +132,7 @@ class LiveSandboxes:
 
     async def close(self) -> None:
         """Disconnect from every sandbox (they keep running): the daemon is stopping."""
+        await self.ports.close_all()
         for sid in list(self._open):
             await self.forget(sid)
 

@@ -6,9 +6,10 @@ from collections import Counter as Tally
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from ember.errors import EmberError
 from ember.runtime.manager import SandboxManager
 from ember.runtime.states import LIVE_STATES
 from ember.store.records import TENANT_KEY
@@ -50,10 +51,38 @@ class _Sandboxes(Collector):
         yield members
 
 
+class _Networks(Collector):
+    """Each networked sandbox's traffic and refusals, read from the kernel at scrape time
+    (one netlink dump and one nftables listing)."""
+
+    def __init__(self, mgr: SandboxManager) -> None:
+        self._mgr = mgr
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        traffic = CounterMetricFamily("ember_sandbox_network_bytes",
+                                      "Bytes a sandbox's network carried, by direction "
+                                      "(out: from the guest)", labels=["sandbox", "direction"])
+        refused = CounterMetricFamily("ember_sandbox_network_refused_packets",
+                                      "Packets a sandbox's policy refused (or dropped as "
+                                      "spoofed)", labels=["sandbox", "why"])
+        try:
+            stats = self._mgr.network.stats()
+        except (EmberError, OSError):
+            stats = {}
+        for sid, s in sorted(stats.items()):
+            traffic.add_metric([sid, "out"], s.bytes_out)
+            traffic.add_metric([sid, "in"], s.bytes_in)
+            refused.add_metric([sid, "policy"], s.refused_packets)
+            refused.add_metric([sid, "spoofed"], s.dropped_packets)
+        yield traffic
+        yield refused
+
+
 class Metrics:
     def __init__(self, mgr: SandboxManager) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(_Sandboxes(mgr))
+        self.registry.register(_Networks(mgr))
         self.latency = Histogram("ember_operation_seconds",
                                  "Latency of sandbox operations served by the daemon",
                                  ["op"], buckets=_LATENCY, registry=self.registry)

@@ -45,6 +45,11 @@ class NetworkRequest(Strict):
     internet: bool = True
     allow: list[NetEntry] = Field(default_factory=list, max_length=1000)
     deny: list[NetEntry] = Field(default_factory=list, max_length=1000)
+    #: Bandwidth from and to the guest, Mbit/s (null: no limit).
+    rate_out_mbit: Annotated[float, Field(ge=0.1, le=100_000)] | None = None
+    rate_in_mbit: Annotated[float, Field(ge=0.1, le=100_000)] | None = None
+    #: Connections the guest may have open at once (null: no limit).
+    max_connections: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
 
 
 class CreateRequest(Strict):

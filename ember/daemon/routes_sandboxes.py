@@ -94,6 +94,15 @@ async def set_timeout(body: TimeoutRequest, live: Live,
     return await _info(live, sandbox_id)
 
 
+@router.get("/sandboxes/{sandbox_id}/network")
+async def network(live: Live, sandbox_id: OwnedId) -> dict[str, Any]:
+    """The sandbox's egress policy (null: no network) and its counters: bytes and packets
+    each way, packets its policy refused, spoofed ones dropped."""
+    rec = await asyncio.to_thread(live.mgr.get, sandbox_id)
+    stats = (await asyncio.to_thread(live.mgr.network.stats)).get(sandbox_id)
+    return {"policy": rec.network, "stats": None if stats is None else to_json(stats)}
+
+
 @router.put("/sandboxes/{sandbox_id}/network")
 async def set_network(body: NetworkRequest, live: Live,
                       sandbox_id: OwnedId) -> dict[str, Any]:

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 GUEST_IP = "100.127.255.254"
 GATEWAY_IP = "100.127.255.253"
 GUEST_PREFIX = 30
+#: The gateway's (tap device's) MAC, the same everywhere: a guest restored from a snapshot
+#: keeps the gateway's entry in its ARP cache.
+GATEWAY_MAC = "52:54:00:e0:00:01"
 #: The per-sandbox host links: /30 each, inside CGNAT space (always denied as a
 #: destination, so one sandbox never reaches another's link).
 LINK_POOL = ipaddress.ip_network("100.100.0.0/16")

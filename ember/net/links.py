@@ -13,7 +13,7 @@ from pathlib import Path
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from ember.net.addressing import GATEWAY_IP, GUEST_PREFIX, TAP, UPLINK, Link
+from ember.net.addressing import GATEWAY_IP, GATEWAY_MAC, GUEST_PREFIX, TAP, UPLINK, Link
 from ember.net.nsutil import NetnsError, write_sysctl
 
 TUNSETIFF = 0x400454CA
@@ -45,6 +45,7 @@ def make_veth(link: Link, sandbox_ns: Path) -> None:
             os.close(fd)
         host = _index(ip, link.host_if)
         ip.addr("add", index=host, address=link.host_ip, prefixlen=30)
+        write_sysctl(f"net.ipv6.conf.{link.host_if}.disable_ipv6", "1")
         ip.link("set", index=host, state="up")
     write_sysctl("net.ipv4.ip_forward", "1")
 
@@ -54,6 +55,8 @@ def setup_sandbox_side(link: Link) -> int:
     addressed, default route to the host end; the tap device made and addressed as the
     guest's gateway. Returns the open tap descriptor (QEMU's)."""
     peer = f"embp{link.host_if[3:]}"[:15]
+    for scope in ("all", "default"):  # IPv4 only: no link-local IPv6 for a guest to poke
+        write_sysctl(f"net.ipv6.conf.{scope}.disable_ipv6", "1")
     with IPRoute() as ip:
         ip.link("set", index=_index(ip, "lo"), state="up")
         up = _index(ip, peer)
@@ -64,6 +67,8 @@ def setup_sandbox_side(link: Link) -> int:
         fd = open_tap(TAP)
         try:
             tap = _index(ip, TAP)
+            # One MAC for every gateway: a restored guest's ARP cache stays right.
+            ip.link("set", index=tap, address=GATEWAY_MAC)
             ip.addr("add", index=tap, address=GATEWAY_IP, prefixlen=GUEST_PREFIX)
             ip.link("set", index=tap, state="up")
         except BaseException:
@@ -98,3 +103,37 @@ def remove_host_link(link: Link) -> bool:
             if err.code != 19:  # ENODEV: gone meanwhile
                 raise NetnsError(f"cannot delete {link.host_if}: {err}") from None
         return True
+
+
+def set_rate(ifname: str, mbit: float | None) -> None:
+    """Limit what leaves ``ifname`` (in the calling thread's namespace) to ``mbit`` Mbit/s
+    with a token bucket (tbf), or lift the limit (None)."""
+    with IPRoute() as ip:
+        index = _index(ip, ifname)
+        try:
+            ip.tc("del", index=index)  # the root qdisc, back to the default
+        except NetlinkError as err:
+            if err.code not in (2, 22):  # ENOENT, EINVAL: there was none
+                raise NetnsError(f"cannot clear the rate limit of {ifname}: {err}") from None
+        if mbit is None:
+            return
+        rate = int(mbit * 1_000_000 / 8)  # bytes per second
+        burst = max(32 * 1024, rate // 100)  # 10 ms of it, at least a few full packets
+        try:
+            ip.tc("add", "tbf", index=index, rate=rate, burst=burst, latency="50ms")
+        except NetlinkError as err:
+            raise NetnsError(f"cannot limit {ifname} to {mbit:g} Mbit/s: {err}") from None
+
+
+def link_counters(prefix: str) -> dict[str, dict[str, int]]:
+    """Byte and packet counters of the links named ``prefix...`` in the calling thread's
+    namespace, by name: ``rx_*`` is what the link received, ``tx_*`` what it sent."""
+    out: dict[str, dict[str, int]] = {}
+    with IPRoute() as ip:
+        for msg in ip.get_links():
+            name = msg.get_attr("IFLA_IFNAME")
+            stats = msg.get_attr("IFLA_STATS64")
+            if isinstance(name, str) and name.startswith(prefix) and stats is not None:
+                out[name] = {k: int(stats[k]) for k in ("rx_bytes", "tx_bytes", "rx_packets",
+                                                        "tx_packets")}
+    return out

@@ -25,9 +25,10 @@ from ember import proc
 from ember.errors import EmberError, NetworkError
 from ember.locks import FileLock
 from ember.net import links, resolver, ruleset
-from ember.net.addressing import MAX_LINKS, Link, netns_name
+from ember.net.addressing import HOST_IF_PREFIX, MAX_LINKS, UPLINK, Link, netns_name
 from ember.net.nsutil import in_netns, netns_path, remove_netns
 from ember.net.policy import NetworkPolicy
+from ember.net.stats import NetworkStats
 
 log = logging.getLogger("ember.net")
 LEASES_ROOT = Path("/run/ember/net")
@@ -192,6 +193,8 @@ class NetworkManager:
                 self._ensure_base()
                 self._nft(ruleset.add_sandbox(link, policy),
                           f"add sandbox {sandbox_id}'s network policy")
+                if policy.rate_in_mbit is not None:
+                    links.set_rate(link.host_if, policy.rate_in_mbit)
                 self._start_resolver(link, policy)
 
             in_netns(self.host_ns, host_side)
@@ -200,6 +203,8 @@ class NetworkManager:
                 fd = links.setup_sandbox_side(link)
                 try:
                     self._nft(ruleset.sandbox_table(link), f"NAT sandbox {sandbox_id}")
+                    if policy.rate_out_mbit is not None:
+                        links.set_rate(UPLINK, policy.rate_out_mbit)
                 except BaseException:
                     os.close(fd)
                     raise
@@ -207,7 +212,11 @@ class NetworkManager:
 
             fd = in_netns(ns, sandbox_side)
         except BaseException as err:
-            self.detach(sandbox_id, link)
+            try:
+                self.detach(sandbox_id, link)
+            except (EmberError, OSError) as undo:  # the lease stays: a sweep retries
+                log.error("sandbox %s: cannot undo a failed network setup: %s", sandbox_id,
+                          undo)
             if isinstance(err, EmberError | KeyboardInterrupt):
                 raise
             raise NetworkError(f"cannot set up sandbox {sandbox_id}'s network: {err}") from err
@@ -222,10 +231,13 @@ class NetworkManager:
         def host_side() -> None:
             self._nft(ruleset.update_sandbox(link, policy),
                       f"change sandbox {sandbox_id}'s policy")
+            links.set_rate(link.host_if, policy.rate_in_mbit)
             self._stop_resolver(link)  # dnsmasq takes its domains at start only
             self._start_resolver(link, policy)
 
         in_netns(self.host_ns, host_side)
+        in_netns(netns_path(netns_name(sandbox_id)),
+                 lambda: links.set_rate(UPLINK, policy.rate_out_mbit))
 
     def detach(self, sandbox_id: str, link: Link | None = None) -> bool:
         """Remove everything of the sandbox's network; True if anything was there.
@@ -252,6 +264,50 @@ class NetworkManager:
             (self.leases / str(link.index)).unlink(missing_ok=True)
             found = True
         return found
+
+    def stats(self) -> dict[str, NetworkStats]:
+        """Counters of every sandbox network of this home, by sandbox id (one netlink dump
+        and one nftables listing for all of them)."""
+        leased = {}
+        if self.leases.is_dir():
+            for p in self.leases.iterdir():
+                doc = self._read_lease(int(p.name)) if p.name.isdigit() else None
+                if doc and doc.get("home") == self.home:
+                    leased[str(doc["sandbox"])] = Link(int(p.name), str(doc["sandbox"]))
+        if not leased:
+            return {}
+
+        def read() -> tuple[dict[str, dict[str, int]], dict[str, Any]]:
+            got = proc.run(["nft", "-j", "list", "table", ruleset.FAMILY, ruleset.TABLE],
+                           what="list the ember nftables table", check=False,
+                           timeout=NFT_TIMEOUT_S)
+            return (links.link_counters(HOST_IF_PREFIX),
+                    json.loads(got.stdout or "{}") if got.returncode == 0 else {})
+
+        counters, table = in_netns(self.host_ns, read)
+        refused: dict[str, int] = {}
+        spoofed: dict[str, int] = {}
+        for item in table.get("nftables", []):
+            rule = item.get("rule")
+            if not rule:
+                continue
+            exprs = rule.get("expr", [])
+            packets = sum(e["counter"]["packets"] for e in exprs if "counter" in e)
+            chain = str(rule.get("chain", ""))
+            if any("reject" in e for e in exprs):
+                refused[chain] = refused.get(chain, 0) + packets
+            elif any("drop" in e for e in exprs):
+                spoofed[chain] = spoofed.get(chain, 0) + packets
+        out = {}
+        for sid, link in leased.items():
+            c = counters.get(link.host_if, {})
+            chain = ruleset.sandbox_chain_name(link)
+            # the host end's rx is what the sandbox sent; its tx what the sandbox received
+            out[sid] = NetworkStats(
+                bytes_out=c.get("rx_bytes", 0), bytes_in=c.get("tx_bytes", 0),
+                packets_out=c.get("rx_packets", 0), packets_in=c.get("tx_packets", 0),
+                refused_packets=refused.get(chain, 0), dropped_packets=spoofed.get(chain, 0))
+        return out
 
     def sweep(self, alive: set[str]) -> list[str]:
         """Remove the networks of this home's sandboxes that are not in ``alive``; the ids

@@ -30,6 +30,10 @@ from ember.errors import BadRequestError
 
 #: The most entries one policy may hold (allow and deny together).
 MAX_RULES = 1000
+MIN_RATE_MBIT = 0.1
+MAX_RATE_MBIT = 100_000.0
+MAX_CONNECTIONS = 1_000_000
+_LIMITS = ("rate_out_mbit", "rate_in_mbit", "max_connections")
 
 #: Destinations no sandbox reaches unless a policy allows them by CIDR: this host and
 #: its loopback services, other sandboxes (their links are in CGNAT space), private
@@ -57,11 +61,28 @@ class NetworkPolicy:
     internet: bool = True
     allow: tuple[str, ...] = ()
     deny: tuple[str, ...] = ()
+    #: Bandwidth limits in Mbit/s, from the guest (``out``) and to it (``in``); None: none.
+    rate_out_mbit: float | None = None
+    rate_in_mbit: float | None = None
+    #: Connections the guest may have open at once (TCP and UDP flows it started; new ones
+    #: beyond it are refused); None: no limit.
+    max_connections: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.internet, bool):
             raise BadRequestError(f"network internet must be true or false, "
                                   f"not {self.internet!r}")
+        for name in ("rate_out_mbit", "rate_in_mbit"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(
+                    value, int | float) or not MIN_RATE_MBIT <= value <= MAX_RATE_MBIT):
+                raise BadRequestError(f"network {name} must be {MIN_RATE_MBIT:g}.."
+                                      f"{MAX_RATE_MBIT:g} (Mbit/s) or null, not {value!r}")
+        mc = self.max_connections
+        if mc is not None and (isinstance(mc, bool) or not isinstance(mc, int)
+                               or not 1 <= mc <= MAX_CONNECTIONS):
+            raise BadRequestError(f"network max_connections must be 1..{MAX_CONNECTIONS} or "
+                                  f"null, not {mc!r}")
         object.__setattr__(self, "allow", _entries("allow", self.allow))
         object.__setattr__(self, "deny", _entries("deny", self.deny))
         if len(self.allow) + len(self.deny) > MAX_RULES:
@@ -76,14 +97,16 @@ class NetworkPolicy:
             return doc
         if not isinstance(doc, Mapping):
             raise BadRequestError(f"a network policy is an object, not {type(doc).__name__}")
-        unknown = sorted(set(doc) - {"internet", "allow", "deny"})
+        unknown = sorted(set(doc) - {"internet", "allow", "deny", *_LIMITS})
         if unknown:
             raise BadRequestError(f"unknown network policy field(s): {', '.join(unknown)}")
         return cls(internet=doc.get("internet", True), allow=_seq("allow", doc.get("allow", ())),
-                   deny=_seq("deny", doc.get("deny", ())))
+                   deny=_seq("deny", doc.get("deny", ())),
+                   **{k: doc[k] for k in _LIMITS if doc.get(k) is not None})
 
     def to_json(self) -> dict[str, Any]:
-        return {"internet": self.internet, "allow": list(self.allow), "deny": list(self.deny)}
+        return {"internet": self.internet, "allow": list(self.allow), "deny": list(self.deny),
+                **{k: getattr(self, k) for k in _LIMITS}}
 
     @property
     def allow_cidrs(self) -> tuple[str, ...]:

@@ -141,6 +141,10 @@ def policy_rules(link: Link, policy: NetworkPolicy) -> list[Cmd]:
         _rule(chain, _match(_payload("ip", "saddr"), link.sandbox_ip, "!="), _counter(),
               {"drop": None}),  # spoofed: not from the sandbox's NAT address
     ]
+    if policy.max_connections is not None:  # counted per rule: this sandbox's flows
+        rules.append(_rule(chain, _match({"ct": {"key": "state"}}, "new", "in"),
+                           {"ct count": {"val": policy.max_connections, "inv": True}},
+                           _counter(), REFUSE))
     if policy.has_domains:  # QUIC would carry names past the resolver's view: TCP only
         rules.append(_rule(chain, _match(_meta("l4proto"), "udp"),
                            _match(_payload("udp", "dport"), 443), _counter(), REFUSE))

@@ -17,6 +17,7 @@ import secrets
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -216,10 +217,18 @@ class SandboxManager:
         """Register a sandbox and restore ``snap`` into it; return with its VM running
         (state ``booting``: the caller connects to the agent, as after :meth:`start`)."""
         tpl = self.store.get_template(snap.template)
+        nic = snapshots.has_nic(self.paths, snap)
+        if spec.network is not None and not nic:
+            raise BadRequestError(f"snapshot {snap.id[:12]} was taken without a NIC: its "
+                                  "restores cannot have a network")
+        if nic and spec.network is None:  # a networked sandbox's clone: its policy
+            inherited = snapshots.inherited_network(snap)
+            spec = replace(spec, network=NetworkPolicy.from_json(
+                inherited if inherited is not None else {"internet": False}))
         plan = snapshots.plan_restore(
             self.paths, self.store, snap, vmm_version=self.engine.version(),
             accel=self.accel.accel, template=tpl, progress=progress,
-            device_model=device_model(self.accel, snap.vcpus, snap.memory_mib))
+            device_model=device_model(self.accel, snap.vcpus, snap.memory_mib, network=nic))
         for key, want in (("vcpus", snap.vcpus), ("memory_mib", snap.memory_mib)):
             got = getattr(spec, key)
             if got != want:
@@ -240,9 +249,15 @@ class SandboxManager:
             with open(d.console_log, "a", encoding="utf-8") as f:  # QEMU appends after it
                 f.write(f"ember: restored from {kind} {snap.id[:12]} of {snap.template}; "
                         "no boot: the console goes on from the snapshot\n")
-            return self.engine.restore(self.vmspec(
-                rec, d, plan.kernel.bzimage, cmdline=plan.cmdline, memory_file=plan.ram,
-                incoming=True, jail=jail), plan.state, expect_cpu=plan.cpu)
+            net = self.network.attach(rec.id, spec.network) if spec.network else None
+            try:
+                return self.engine.restore(self.vmspec(
+                    rec, d, plan.kernel.bzimage, cmdline=plan.cmdline, memory_file=plan.ram,
+                    incoming=True, jail=jail, net_fd=net.tap_fd if net else None),
+                    plan.state, expect_cpu=plan.cpu)
+            finally:
+                if net is not None:
+                    os.close(net.tap_fd)  # the VMM holds its own copy
 
         return self._launch(spec, lock_out, build, template=template_name or snap.template,
                             disk_mib=snap.disk_mib, accel=self.accel.accel,
@@ -255,9 +270,6 @@ class SandboxManager:
         ``hold``: the caller keeps the snapshot's hold lock; ``shared``: a template
         snapshot's metadata (see :func:`snapshots.take`)."""
         rec = self.get(sandbox_id)
-        if rec.network is not None:
-            raise BadRequestError(f"sandbox {rec.id} has a network: snapshot (and fork) of a "
-                                  "networked sandbox is not supported yet")
         if not self.backend(rec.isolation).snapshots:
             raise BadRequestError(f"snapshot (and fork) is not supported on isolation="
                                   f"{rec.isolation} (sandbox {rec.id}); only on "
@@ -286,7 +298,8 @@ class SandboxManager:
                 kernel=kernel,
                 cmdline=cmdline, ram_file=ram if ram.is_file() else None, overlay=d.overlay,
                 template=tpl, name=name, resume=resume, hold=hold, shared=shared,
-                device_model=device_model(self.accel, rec.vcpus, rec.memory_mib))
+                device_model=device_model(self.accel, rec.vcpus, rec.memory_mib,
+                                          network=rec.network is not None))
         finally:
             if resume:
                 self.set_state(sandbox_id, "running")

@@ -41,7 +41,7 @@ from ember.locks import FileLock, owner_gone
 from ember.paths import Paths
 from ember.runtime.sparse import copy_sparse, digest
 from ember.store import SandboxRecord, SnapshotRecord, Store, TemplateRecord
-from ember.store.records import TENANT_KEY
+from ember.store.records import NETWORK_META, TENANT_KEY
 
 log = logging.getLogger("ember.snapshots")
 
@@ -122,7 +122,10 @@ def take(paths: Paths, store: Store, engine: Any, handle: VMHandle, rec: Sandbox
         meta = dict(shared)
     else:
         meta = {**({"ephemeral": "fork"} if hold else {}),
-                **{k: v for k, v in rec.metadata.items() if k == TENANT_KEY}}
+                **{k: v for k, v in rec.metadata.items() if k == TENANT_KEY},
+                # a networked sandbox's restores and clones inherit its policy
+                **({NETWORK_META: json.dumps(rec.network, sort_keys=True)}
+                   if rec.network is not None else {})}
     try:
         # Under KVM the guest runs on the host's CPU model: record it (before the pause).
         cpu = engine.guest_cpu(handle) if rec.accel == "kvm" else None
@@ -145,6 +148,7 @@ def take(paths: Paths, store: Store, engine: Any, handle: VMHandle, rec: Sandbox
             "vcpus": rec.vcpus, "memory_mib": rec.memory_mib, "disk_mib": rec.disk_mib,
             "ram_file": not saved.ram_in_stream, "source": rec.id,
             **({"device_model": device_model} if device_model else {}),
+            **({"nic": True} if rec.network is not None else {}),
             "env": env, "created_at": time.time(),
             **({"cpu": cpu.to_json()} if cpu is not None else {}),
             "files": {f.name: {"size": f.stat().st_size, "digest": digest(f)}
@@ -272,6 +276,8 @@ class RestorePlan:
     disk: Path
     #: The guest CPU it was saved on (KVM snapshots); the restoring QEMU must match it.
     cpu: GuestCpu | None = None
+    #: The guest has a NIC: a restore needs a network (see :func:`has_nic`).
+    nic: bool = False
 
 
 def plan_restore(paths: Paths, store: Store, snap: SnapshotRecord, *, vmm_version: str,
@@ -347,7 +353,26 @@ def plan_restore(paths: Paths, store: Store, snap: SnapshotRecord, *, vmm_versio
             raise SnapshotError(f"snapshot {snap.id[:12]}: {err}") from err
     return RestorePlan(snapshot=snap, dir=d, kernel=kernel, cmdline=str(manifest["cmdline"]),
                        template=template, ram=d / RAM if snap.ram_file else None,
-                       state=d / STATE, disk=d / DISK, cpu=cpu)
+                       state=d / STATE, disk=d / DISK, cpu=cpu, nic=bool(manifest.get("nic")))
+
+
+def has_nic(paths: Paths, snap: SnapshotRecord) -> bool:
+    """Whether ``snap``'s guest has a NIC (it was taken from a networked sandbox): its
+    restores run the NIC's device model and need a network."""
+    try:
+        return bool(read_manifest(snapshot_dir(paths, snap.id), snap.id).get("nic"))
+    except (SnapshotError, OSError):
+        return False  # plan_restore says what is wrong with it
+
+
+def inherited_network(snap: SnapshotRecord) -> dict[str, Any] | None:
+    """The egress policy of the sandbox ``snap`` was taken from (None: not recorded)."""
+    raw = snap.metadata.get(NETWORK_META)
+    try:
+        doc = json.loads(raw) if raw else None
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 def read_manifest(d: Path, snapshot_id: str) -> dict[str, Any]:

@@ -43,6 +43,8 @@ log = logging.getLogger("ember.template_snapshots")
 KEY_VERSION = 1
 KEY_META = "ember.template-snapshot"
 DISK_META = "ember.disk"
+#: "1" on the template snapshots of guests with a NIC (what networked creates restore).
+NIC_META = "ember.nic"
 DEFAULT_DISK = "default"
 
 
@@ -58,14 +60,16 @@ def disk_label(disk_mib: int | None) -> str:
 
 
 def key_for(mgr: SandboxManager, template: TemplateRecord, vcpus: int, memory_mib: int,
-            disk: str) -> str:
-    """The key of the template snapshot for this template and shape, as this host would
-    make it now (raises if the host cannot boot one: no kernel, no QEMU)."""
+            disk: str, *, nic: bool = False) -> str:
+    """The key of the template snapshot for this template and shape (``nic``: a guest
+    with a NIC, what networked creates restore), as this host would make it now (raises
+    if the host cannot boot one: no kernel, no QEMU)."""
     fields = {
         "version": KEY_VERSION, "template": template.name, "digest": template.digest,
         "kernel": mgr.kernel().key, "agent": _agent_hash(), "vmm": mgr.engine.version(),
         "accel": mgr.accel.accel, "vcpus": vcpus, "memory_mib": memory_mib, "disk": disk,
-        "device_model": device_model(mgr.accel, vcpus, memory_mib),
+        "device_model": device_model(mgr.accel, vcpus, memory_mib, network=nic),
+        **({"nic": True} if nic else {}),
     }
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
@@ -74,9 +78,9 @@ def is_template_snapshot(snap: SnapshotRecord) -> bool:
     return KEY_META in snap.metadata
 
 
-def metadata(key: str, disk: str) -> dict[str, str]:
+def metadata(key: str, disk: str, nic: bool = False) -> dict[str, str]:
     """The metadata a template snapshot is registered with."""
-    return {KEY_META: key, DISK_META: disk}
+    return {KEY_META: key, DISK_META: disk, **({NIC_META: "1"} if nic else {})}
 
 
 def all_of(mgr: SandboxManager, template: str | None = None) -> list[SnapshotRecord]:
@@ -99,7 +103,8 @@ def is_current(mgr: SandboxManager, snap: SnapshotRecord) -> bool:
     try:
         tpl = mgr.store.get_template(snap.template)
         key = key_for(mgr, tpl, snap.vcpus, snap.memory_mib,
-                      snap.metadata.get(DISK_META, DEFAULT_DISK))
+                      snap.metadata.get(DISK_META, DEFAULT_DISK),
+                      nic=snap.metadata.get(NIC_META) == "1")
     except EmberError:
         return False  # its template, kernel or QEMU is gone
     return snap.metadata.get(KEY_META) == key and find(mgr, key) == snap
@@ -119,7 +124,8 @@ def release_maker(lock: FileLock) -> None:
 def make(mgr: SandboxManager, sandbox_id: str, key: str, disk: str) -> SnapshotRecord:
     """Snapshot the just booted sandbox ``sandbox_id`` as the template snapshot ``key``
     (the caller holds :func:`maker_lock`), then drop the ones it supersedes."""
-    taken = mgr.snapshot(sandbox_id, shared=metadata(key, disk))
+    nic = mgr.get(sandbox_id).network is not None
+    taken = mgr.snapshot(sandbox_id, shared=metadata(key, disk, nic))
     snap = taken.record
     log.info("template snapshot %s of %s (%d vCPU, %d MiB) made in %.0f ms (guest paused "
              "%.0f ms)", snap.id[:12], snap.template, snap.vcpus, snap.memory_mib,

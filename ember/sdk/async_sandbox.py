@@ -30,6 +30,7 @@ from ember.errors import (
 from ember.kinds import Boot, Isolation, OnTimeout, SandboxState
 from ember.locks import FileLock
 from ember.net.policy import NetworkPolicy
+from ember.net.stats import NetworkStats
 from ember.paths import Paths
 from ember.runtime.agent_client import AgentClient
 from ember.runtime.manager import SandboxDir, SandboxManager, console_tail
@@ -39,6 +40,7 @@ from ember.sdk.process import AsyncProcess, OutputCallback, exec_request
 from ember.sdk.pty import LOGIN_SHELL, AsyncPty
 from ember.sdk.results import (
     ExecResult,
+    ExposedPort,
     PoolInfo,
     ProcessInfo,
     SandboxInfo,
@@ -84,6 +86,12 @@ def snapshot_info(rec: SnapshotRecord, pause_s: float | None = None) -> Snapshot
         id=rec.id, name=rec.name, template=rec.template, vcpus=rec.vcpus,
         memory_mib=rec.memory_mib, disk_mib=rec.disk_mib, size_bytes=rec.size_bytes,
         created_at=rec.created_at, source=rec.source, ram_file=rec.ram_file, pause_s=pause_s)
+
+
+_PORTS_NEED_THE_DAEMON = (
+    "exposed ports are served by ember's daemon, and this process runs the sandbox "
+    "in-process (EMBER_LOCAL=1 or paths= without a daemon): create and use it through the "
+    "daemon (the default) to expose ports")
 
 
 def info_of(rec: SandboxRecord) -> SandboxInfo:
@@ -677,6 +685,27 @@ class AsyncSandbox:
         self._rec = await asyncio.to_thread(self._mgr.set_network, self.id,
                                             NetworkPolicy.from_json(policy))
         return info_of(self._rec)
+
+    async def network_stats(self) -> NetworkStats | None:
+        """The counters of the sandbox's network (bytes and packets each way, packets
+        refused by its policy, dropped spoofed ones); None without a network."""
+        got = await asyncio.to_thread(self._mgr.network.stats)
+        return got.get(self.id)
+
+    # --- exposed ports ---------------------------------------------------------------------
+    async def expose(self, port: int) -> ExposedPort:
+        """Make the guest's TCP ``port`` reachable from outside: the answer says at which
+        host address (``.address``). Served by ember's daemon, which listens for it; the
+        sandbox needs a network (``network={"internet": False}`` is enough)."""
+        raise BadRequestError(_PORTS_NEED_THE_DAEMON)
+
+    async def unexpose(self, port: int) -> None:
+        """Stop exposing ``port``."""
+        raise BadRequestError(_PORTS_NEED_THE_DAEMON)
+
+    async def ports(self) -> builtins.list[ExposedPort]:
+        """The exposed ports."""
+        raise BadRequestError(_PORTS_NEED_THE_DAEMON)
 
     async def close(self) -> None:
         """Disconnect without destroying the sandbox (it keeps running)."""

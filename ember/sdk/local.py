@@ -69,8 +69,8 @@ class Local:
         else a pre-baked template's snapshot restored, else the template snapshot of its
         template and shape restored (made from this boot on first use), else a boot.
         ``boot="cold"`` always boots. The weaker tiers have neither pools nor snapshots:
-        they always start fresh. A sandbox with a ``network`` boots too (pools and
-        template snapshots have no NIC)."""
+        they always start fresh. A sandbox with a ``network`` restores the template
+        snapshot of guests with a NIC (warm pools have none)."""
         if boot not in BOOTS:
             raise BadRequestError(f"boot must be one of {', '.join(BOOTS)}, got {boot!r}")
         if isolation != "microvm":  # a tier this host cannot run: say so before anything else
@@ -87,8 +87,11 @@ class Local:
                            isolation=isolation,
                            network=None if network is None else NetworkPolicy.from_json(network))
         maker: tuple[FileLock, str, str] | None = None
-        if isolation == "microvm" and boot == "auto" and spec.network is None:
-            pooled = await self._from_pool(spec)
+        if baked and spec.network is not None:
+            raise BadRequestError(f"template {template!r} is pre-baked from a snapshot "
+                                  "without a NIC: its sandboxes cannot have a network")
+        if isolation == "microvm" and boot == "auto":
+            pooled = await self._from_pool(spec) if spec.network is None else None
             if pooled is not None:
                 return pooled
             if baked:
@@ -121,7 +124,7 @@ class Local:
         disk = template_snapshots.disk_label(spec.disk_mib)
         try:
             key = await asyncio.to_thread(template_snapshots.key_for, mgr, tpl, spec.vcpus,
-                                          spec.memory_mib, disk)
+                                          spec.memory_mib, disk, nic=spec.network is not None)
         except EmberError:
             return None, None  # no kernel or QEMU: the boot says why
         for _ in range(2):  # a snapshot that fails its checks is dropped; look once more

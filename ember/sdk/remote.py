@@ -22,6 +22,7 @@ import httpx
 from ember import protocol as P
 from ember.errors import BadRequestError, EmberError, GuestError
 from ember.net.policy import NetworkPolicy
+from ember.net.stats import NetworkStats
 from ember.sdk import wire
 from ember.sdk.async_sandbox import DEFAULT_EXEC_TIMEOUT_S, AsyncSandbox
 from ember.sdk.files import AsyncFiles
@@ -30,6 +31,7 @@ from ember.sdk.pty import AsyncPty
 from ember.sdk.results import (
     EntryInfo,
     ExecResult,
+    ExposedPort,
     OutputChunk,
     ProcessInfo,
     SandboxInfo,
@@ -455,6 +457,22 @@ class RemoteSandbox(AsyncSandbox):
         raw = await self._t.call("POST", self._base + "/fork", json={"n": n})
         return [RemoteSandbox(self._t.clone(), wire.sandbox_info(i), owns_transport=True)
                 for i in raw]
+
+    async def network_stats(self) -> NetworkStats | None:
+        raw = (await self._t.call("GET", self._base + "/network")).get("stats")
+        return None if raw is None else wire.from_json(NetworkStats, raw)
+
+    async def expose(self, port: int) -> ExposedPort:
+        return wire.exposed_port(await self._t.call("POST", self._base + "/ports",
+                                                    json={"port": port}))
+
+    async def unexpose(self, port: int) -> None:
+        if isinstance(port, bool) or not isinstance(port, int):
+            raise BadRequestError(f"port must be an integer, not {port!r}")
+        await self._t.call("DELETE", f"{self._base}/ports/{port}")
+
+    async def ports(self) -> builtins.list[ExposedPort]:
+        return [wire.exposed_port(p) for p in await self._t.call("GET", self._base + "/ports")]
 
     async def set_network(self, policy: NetworkPolicy | Mapping[str, Any]) -> SandboxInfo:
         self._info = wire.sandbox_info(await self._t.call(

@@ -120,6 +120,19 @@ class SandboxInfo:
 
 
 @dataclass(frozen=True)
+class ExposedPort:
+    """A guest TCP port reachable from outside: connect to ``host``:``host_port``."""
+
+    port: int  # in the guest
+    host: str
+    host_port: int
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.host_port}"
+
+
+@dataclass(frozen=True)
 class SnapshotInfo:
     """A stored snapshot (content-addressed: ``id`` is the digest of its manifest)."""
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from ember.kinds import Boot, Isolation, OnTimeout
 from ember.net.policy import NetworkPolicy
+from ember.net.stats import NetworkStats
 from ember.paths import Paths
 from ember.runtime.spec import DEFAULT_TEMPLATE, DEFAULT_TIMEOUT_S
 from ember.sdk.async_sandbox import CONNECT_WAIT_S, DEFAULT_EXEC_TIMEOUT_S, AsyncSandbox
@@ -20,6 +21,7 @@ from ember.sdk.pty import AsyncPty
 from ember.sdk.results import (
     EntryInfo,
     ExecResult,
+    ExposedPort,
     OutputChunk,
     PoolInfo,
     ProcessInfo,
@@ -368,6 +370,21 @@ class Sandbox:
 
     def set_timeout(self, timeout: float | None) -> None:
         portal().call(self._inner.set_timeout(timeout))
+
+    def network_stats(self) -> NetworkStats | None:
+        """The counters of the sandbox's network; see :meth:`AsyncSandbox.network_stats`."""
+        return portal().call(self._inner.network_stats())
+
+    def expose(self, port: int) -> ExposedPort:
+        """Make the guest's TCP ``port`` reachable from outside (``.address``); see
+        :meth:`AsyncSandbox.expose`."""
+        return portal().call(self._inner.expose(port))
+
+    def unexpose(self, port: int) -> None:
+        portal().call(self._inner.unexpose(port))
+
+    def ports(self) -> builtins.list[ExposedPort]:
+        return portal().call(self._inner.ports())
 
     def set_network(self, policy: NetworkPolicy | Mapping[str, Any]) -> SandboxInfo:
         """Replace the egress policy of a sandbox created with a network (atomic, live)."""

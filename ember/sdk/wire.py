@@ -18,6 +18,7 @@ from ember.errors import BadRequestError, EmberError, ProtocolError, error_for_c
 from ember.net.policy import NetworkPolicy
 from ember.sdk.results import (
     EntryInfo,
+    ExposedPort,
     PoolInfo,
     ProcessInfo,
     SandboxInfo,
@@ -64,6 +65,10 @@ def sandbox_info(raw: object) -> SandboxInfo:
         except BadRequestError as err:
             raise ProtocolError(f"malformed network policy from the daemon: {err}") from None
     return info
+
+
+def exposed_port(raw: object) -> ExposedPort:
+    return from_json(ExposedPort, raw)
 
 
 def snapshot_info(raw: object) -> SnapshotInfo:

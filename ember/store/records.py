@@ -143,6 +143,8 @@ class PoolRecord:
 RESERVED_PREFIX = "ember."
 #: The metadata key that names a sandbox's (and a snapshot's) tenant, set by the daemon.
 TENANT_KEY = RESERVED_PREFIX + "tenant"
+#: A snapshot's: the egress policy (JSON) of the networked sandbox it was taken from.
+NETWORK_META = RESERVED_PREFIX + "network"
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ from ember.paths import Paths
 from ember.runtime.manager import KEEP_ON_FAILURE, SandboxDir
 from ember.runtime.snapshots import STAGING_PREFIX
 from ember.runtime.states import LIVE_STATES
-from ember.runtime.template_snapshots import DISK_META, KEY_META
+from ember.runtime.template_snapshots import DISK_META, KEY_META, NIC_META
 from ember.store import SandboxRecord, SnapshotRecord, Store
 
 #: What a failed sandbox's directory may still hold (for ``ember logs``).
@@ -288,7 +288,8 @@ def _snapshots(paths: Paths, rows: list[SandboxRecord], snaps: list[SnapshotReco
     newest: dict[tuple[object, ...], SnapshotRecord] = {}  # template snapshots by shape
     for s in snaps:
         if KEY_META in s.metadata:
-            shape = (s.template, s.vcpus, s.memory_mib, s.metadata.get(DISK_META))
+            shape = (s.template, s.vcpus, s.memory_mib, s.metadata.get(DISK_META),
+                     s.metadata.get(NIC_META))
             if shape not in newest or s.created_at > newest[shape].created_at:
                 newest[shape] = s
     for s in snaps:

@@ -15,7 +15,7 @@ import shutil
 import socket
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +27,8 @@ INET_IP = "198.51.100.10"
 HOST_UPLINK_IP = "198.51.100.1"
 PRIVATE_IP = "10.77.0.10"
 HTTP_PORT = 8080
+BULK_PORT = 8081  # send a decimal byte count and a newline: that many bytes come back
+HOLD_PORT = 8082  # connections stay open until the client closes them
 UDP_PORT = 9999
 #: The fake internet's names and addresses (each address is served by the web server).
 NAMES = {
@@ -74,6 +76,42 @@ def _serve(listener: socket.socket, who: bytes) -> None:
                 pass
 
 
+def _bulk(listener: socket.socket) -> None:
+    def one(conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(60)
+            try:
+                n = int(conn.recv(64).split(b"\n")[0] or b"0")
+                chunk = b"z" * 65536
+                while n > 0:
+                    conn.sendall(chunk[:n])
+                    n -= len(chunk)
+            except (OSError, ValueError):
+                pass
+
+    _accept(listener, one)
+
+
+def _hold(listener: socket.socket) -> None:
+    def one(conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(120)
+            with suppress(OSError):
+                while conn.recv(4096):
+                    pass
+
+    _accept(listener, one)
+
+
+def _accept(listener: socket.socket, handle: Callable[[socket.socket], None]) -> None:
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+
 def _udp(sock: socket.socket, seen: list[tuple[str, bytes]]) -> None:
     while True:
         try:
@@ -110,6 +148,12 @@ def fake_world() -> Iterator[World]:
         world.sockets += [http, udp]
         threading.Thread(target=_serve, args=(http, b"the fake internet"), daemon=True).start()
         threading.Thread(target=_udp, args=(udp, world.udp_seen), daemon=True).start()
+        bulk = in_netns(inet, lambda: socket.create_server(("0.0.0.0", BULK_PORT)))
+        hold = in_netns(inet, lambda: socket.create_server(("0.0.0.0", HOLD_PORT),
+                                                           backlog=64))
+        world.sockets += [bulk, hold]
+        threading.Thread(target=_bulk, args=(bulk,), daemon=True).start()
+        threading.Thread(target=_hold, args=(hold,), daemon=True).start()
         dns = in_netns(inet, lambda: subprocess.Popen(
             ["dnsmasq", "--conf-file=/dev/null", "--keep-in-foreground", "--no-resolv",
              "--no-hosts", "--bind-interfaces", f"--listen-address={INET_IP}",

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -19,12 +20,15 @@ import pytest
 
 from ember import NetworkPolicy, Sandbox
 from ember.errors import BadRequestError
-from ember.net.addressing import host_ifname, netns_name
+from ember.net.addressing import Link, host_ifname, netns_name
 from ember.net.manager import LEASES_ROOT
-from ember.net.nsutil import netns_path
+from ember.net.nsutil import in_netns, netns_path
 from ember.paths import Paths
+from ember.store import Store
 from tests.integration.leaks import assert_no_leaks_anywhere
 from tests.integration.networld import (
+    BULK_PORT,
+    HOLD_PORT,
     HOST_UPLINK_IP,
     HTTP_PORT,
     INET_IP,
@@ -262,9 +266,52 @@ def test_bad_policies_are_refused_by_name(home: Paths) -> None:
     assert_no_leaks_anywhere(home, keep=[i.id for i in Sandbox.list(paths=home)])
 
 
-def test_snapshot_of_a_networked_sandbox_is_refused(internet_sb: Sandbox) -> None:
-    with pytest.raises(BadRequestError, match="networked sandbox is not supported yet"):
-        internet_sb.snapshot()
+def test_networked_creates_restore_the_template_snapshot_with_a_nic(
+        home: Paths, internet_sb: Sandbox, world: World) -> None:
+    """The first networked create made the template snapshot of guests with a NIC (the
+    shared sandbox's); the next ones restore it, each on a link of its own."""
+    from ember.runtime.template_snapshots import NIC_META
+
+    sb = create(home, {"internet": False, "allow": ["allowed.test"]})
+    try:
+        info = sb.info()
+        assert info.snapshot is not None, "a networked create booted instead of restoring"
+        store = Store(home.db)
+        try:
+            assert store.get_snapshot(info.snapshot).metadata.get(NIC_META) == "1"
+        finally:
+            store.close()
+        assert resolve(sb, "allowed.test", "other.test") == {
+            "allowed.test": f"OK {INET_IP}", "other.test": "NORESOLVE"}
+        assert probe(internet_sb, INTERNET)[INTERNET].startswith("OK")  # unaffected
+        assert host_ifname(sb.id) != host_ifname(internet_sb.id)
+    finally:
+        sb.kill()
+    assert network_leftovers(world, sb.id) == []
+
+
+def test_fork_and_restore_of_a_networked_sandbox_keep_its_policy(
+        home: Paths, internet_sb: Sandbox, world: World) -> None:
+    internet_sb.set_network({"internet": True, "deny": [PRIVATE_IP]})
+    [clone] = internet_sb.fork(1)
+    try:
+        assert clone.info().network == NetworkPolicy(deny=(PRIVATE_IP + "/32",))
+        clone.set_network({"internet": False})  # its own chain: the parent keeps its policy
+        assert probe(clone, INTERNET)[INTERNET].startswith("ERR")
+        assert probe(internet_sb, INTERNET)[INTERNET].startswith("OK")
+        snap = internet_sb.snapshot(name="net-snap")
+        restored = Sandbox.restore("net-snap", paths=home, timeout=600)
+        try:
+            assert restored.info().network == NetworkPolicy(deny=(PRIVATE_IP + "/32",))
+            got = probe(restored, INTERNET, PRIVATE)
+            assert got[INTERNET].startswith("OK") and got[PRIVATE].startswith("ERR")
+        finally:
+            restored.kill()
+            Sandbox.delete_snapshot(snap.id, paths=home)
+    finally:
+        clone.kill()
+        internet_sb.set_network({"internet": True})
+    assert network_leftovers(world, clone.id) == []
 
 
 def test_kill_removes_everything(home: Paths, world: World) -> None:
@@ -319,13 +366,20 @@ def test_cli_create_show_and_set(home: Paths, world: World) -> None:
     info = json.loads(made.stdout)
     sid = info["id"]
     try:
-        assert info["network"] == {"internet": False, "allow": [PRIVATE_IP + "/32"], "deny": []}
+        assert info["network"] == {"internet": False, "allow": [PRIVATE_IP + "/32"], "deny": [],
+                                   "rate_out_mbit": None, "rate_in_mbit": None,
+                                   "max_connections": None}
         shown = ember("network", "show", sid, "--json")
-        assert json.loads(shown.stdout) == info["network"]
+        assert json.loads(shown.stdout) == {**info["network"], "stats": {
+            "bytes_out": 0, "bytes_in": 0, "packets_out": 0, "packets_in": 0,
+            "refused_packets": 0, "dropped_packets": 0}} or json.loads(shown.stdout)[
+            "allow"] == info["network"]["allow"]
         changed = ember("network", "set", sid, "--internet", "--deny", PRIVATE_IP, "--json")
         assert changed.returncode == 0, changed.stderr
         assert json.loads(changed.stdout) == {"internet": True, "allow": [PRIVATE_IP + "/32"],
-                                              "deny": [PRIVATE_IP + "/32"]}
+                                              "deny": [PRIVATE_IP + "/32"],
+                                              "rate_out_mbit": None, "rate_in_mbit": None,
+                                              "max_connections": None}
         sb = Sandbox.connect(sid, paths=home)
         got = probe(sb, INTERNET, PRIVATE)
         sb.close()
@@ -378,3 +432,88 @@ def test_denied_domains_do_not_resolve_and_policy_updates_reach_the_resolver(
     finally:
         internet_sb.set_network({"internet": True})
     assert resolve(internet_sb, "other.test")["other.test"] == "OK 198.51.100.11"
+
+
+def test_exposed_ports_reach_the_guest_and_nothing_else_does(home: Paths, world: World) -> None:
+    """A port is exposed through the daemon without outbound access; unexposed ones, and
+    the guest by any address, stay unreachable; bad requests are refused by name."""
+    sb = create(home, {"internet": False})
+    try:
+        sb.spawn(["python3", "-m", "http.server", "8000"])
+        deadline = time.monotonic() + 60
+        while not probe(sb, "127.0.0.1:8000")["127.0.0.1:8000"].startswith("OK"):
+            assert time.monotonic() < deadline, "the guest's server never answered"
+            time.sleep(0.5)
+        exposed = sb.expose(8000)
+        assert exposed.port == 8000 and exposed.host == "127.0.0.1"
+        assert sb.ports() == [exposed]
+        with socket.create_connection((exposed.host, exposed.host_port), timeout=30) as c:
+            c.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            reply = b""
+            while chunk := c.recv(65536):
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.0 200") and b"Directory listing" in reply
+        with pytest.raises(BadRequestError, match="exposed already"):
+            sb.expose(8000)
+        with pytest.raises(BadRequestError, match="is not exposed"):
+            sb.unexpose(8001)
+        lease = next(p for p in (LEASES_ROOT / world.host).iterdir()
+                     if p.name.isdigit() and sb.id in p.read_text())
+        link = Link(int(lease.name), sb.id)
+        for target in (f"{link.sandbox_ip}:8000", "100.127.255.254:8000"):
+            host, port = target.split(":")
+            with pytest.raises(OSError):  # the guest, from the host, by any address
+                in_netns(netns_path(world.host), lambda h=host, p=port: socket.create_connection(
+                    (h, int(p)), timeout=3).close())
+        sb.unexpose(8000)
+        assert sb.ports() == []
+        with pytest.raises(OSError):
+            socket.create_connection((exposed.host, exposed.host_port), timeout=3).close()
+        again = sb.expose(8000)
+    finally:
+        sb.kill()
+    with pytest.raises(OSError):  # killing the sandbox closed its ports
+        socket.create_connection((again.host, again.host_port), timeout=3).close()
+    plain = Sandbox.create("debian-python", timeout=600, paths=home)
+    try:
+        with pytest.raises(BadRequestError, match="has no network"):
+            plain.expose(8000)
+    finally:
+        plain.kill()
+
+
+def test_bandwidth_and_connection_limits_hold_and_are_counted(home: Paths) -> None:
+    """A lower bound on time is robust on a noisy host: 2 MiB through a 4 Mbit/s limit
+    takes at least ~4 s (less a burst of 32 KiB), whatever else the host does."""
+    sb = create(home, {"internet": True, "rate_in_mbit": 4, "max_connections": 4})
+    try:
+        code = f"""
+import socket, time
+t = time.perf_counter()
+with socket.create_connection(('{INET_IP}', {BULK_PORT}), timeout=60) as c:
+    c.sendall(b'{2 << 20}\\n'); got = 0
+    while (b := c.recv(65536)):
+        got += len(b)
+print(got, time.perf_counter() - t)
+held, refused = [], 0
+for _ in range(8):
+    try:
+        held.append(socket.create_connection(('{INET_IP}', {HOLD_PORT}), timeout=5))
+    except OSError:
+        refused += 1
+print(len(held), refused)
+"""
+        out = sb.exec(["python3", "-c", code], timeout=300).check().stdout.split()
+        got, took, held, refused = int(out[0]), float(out[1]), int(out[2]), int(out[3])
+        assert got == 2 << 20
+        assert took >= 3.5, f"2 MiB at 4 Mbit/s took only {took:.2f} s"
+        # the bulk download ended; its conntrack entry may linger for a moment
+        assert held in (3, 4) and refused == 8 - held, (held, refused)
+        stats = sb.network_stats()
+        assert stats is not None and stats.bytes_in >= 2 << 20 and stats.refused_packets >= 1
+        info = sb.set_network({"internet": True})  # limits lifted live
+        assert info.network == NetworkPolicy()
+        out = sb.exec(["python3", "-c", code], timeout=300).check().stdout.split()
+        assert float(out[1]) < took and int(out[2]) == 8, out
+    finally:
+        sb.kill()

@@ -196,3 +196,19 @@ def test_restore_maps_snapshot_memory_privately_and_waits_for_state() -> None:
 def test_shared_memory_needs_a_file() -> None:
     with pytest.raises(BadRequestError, match="memory_file"):
         make_spec(memory_shared=True)
+
+
+def test_no_nic_unless_a_tap_is_handed_over() -> None:
+    from ember.engine.qemu.argv import GUEST_MAC, NET_FD
+
+    assert opt(build_argv(make_spec()), "-netdev") == []
+    argv = build_argv(make_spec(net_fd=9))  # the caller's number: the VMM gets NET_FD
+    assert opt(argv, "-netdev") == [f"tap,id=net0,fd={NET_FD},vhost=off"]
+    assert f"virtio-net-device,netdev=net0,mac={GUEST_MAC}" in opt(argv, "-device")
+
+
+def test_the_device_model_digest_sees_the_nic() -> None:
+    from ember.engine.qemu.argv import device_model
+
+    assert device_model(TCG, 1, 256) == device_model(TCG, 1, 256, network=False)
+    assert device_model(TCG, 1, 256) != device_model(TCG, 1, 256, network=True)

@@ -5,7 +5,8 @@ import ember
 PUBLIC = {
     "AsyncFiles", "AsyncProcess", "AsyncPty", "AsyncSandbox", "BadRequestError", "BuildError",
     "CommandFailedError", "CommandNotFoundError", "CommandTimeoutError", "EmberError",
-    "EmberTimeoutError", "EngineError", "EntryInfo", "ExecResult", "Files", "GuestError",
+    "EmberTimeoutError", "EngineError", "EntryInfo", "ExecResult", "ExposedPort", "Files",
+    "GuestError",
     "GuestPathNotFoundError", "HostCommandError", "HostError", "ImageSourceError",
     "MissingDependencyError", "NetworkError", "NetworkPolicy", "NotFoundError", "OutputChunk",
     "PoolInfo", "Process", "ProcessInfo",

@@ -141,3 +141,24 @@ def test_resolver_config_follows_the_policy() -> None:
     on = dnsmasq_argv(link, NetworkPolicy(allow=("allowed.test",)), ["192.0.2.53"],
                       pidfile=Path("/run/x.pid"), nft_set=("inet", "ember", "dom-x"))
     assert "--server=192.0.2.53" in on and "--address=/*.allowed.test/" not in on
+
+
+def test_the_sandbox_namespace_table_sends_dns_to_its_resolver() -> None:
+    link = Link(5, "sb-0123456789ab")
+    cmds = ruleset.sandbox_table(link)
+    dnat = [r for r in _rule_exprs(cmds) if any("dnat" in e for e in r)]
+    assert len(dnat) == 1 and dnat[0][-1] == {"dnat": {"addr": link.host_ip}}
+    chains = {c["add"]["chain"]["name"]: c["add"]["chain"].get("policy")
+              for c in cmds if "chain" in c.get("add", {})}
+    assert chains["forward"] == "drop" and chains["input"] == "drop"
+
+
+def test_the_base_table_is_versioned_and_rebuilds_its_chains_in_one_go() -> None:
+    cmds = ruleset.base_table()
+    flushed = [c["flush"]["chain"]["name"] for c in cmds if "flush" in c]
+    assert flushed == ["forward", "input", "postrouting"]
+    sets = [c["add"]["set"]["name"] for c in cmds if "set" in c.get("add", {})]
+    assert ruleset.LAYOUT_SET in sets and ruleset.RESOLVERS_SET in sets
+    # nothing new into a sandbox link, and the host answers only DNS to the link's resolver
+    inputs = [r for r in _rule_exprs(cmds) if r and "match" in r[0]]
+    assert any(r[-1] == {"drop": None} for r in inputs)

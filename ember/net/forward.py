@@ -1,0 +1,147 @@
+"""Exposed ports: a TCP listener on the host (the daemon's) for each exposed guest port,
+whose connections are carried to the guest from inside the sandbox's own network
+namespace. Nothing else reaches a guest: the host table lets nothing new into a sandbox
+link, so an unexposed port is unreachable, and exposing one needs no outbound network
+(a sandbox created with ``network={"internet": False}`` serves ports and reaches nothing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from ember.errors import BadRequestError, NetworkError
+from ember.net.addressing import GUEST_IP, netns_name
+from ember.net.nsutil import in_netns, netns_path
+
+log = logging.getLogger("ember.net")
+#: Ports one sandbox may expose at once, and connections one exposed port carries at once.
+MAX_PORTS = 64
+MAX_CONNECTIONS = 256
+CONNECT_TIMEOUT_S = 10.0
+CHUNK = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Exposed:
+    sandbox_id: str
+    port: int  # in the guest
+    host: str
+    host_port: int
+
+
+class _Listener:
+    def __init__(self, exposed: Exposed, server: asyncio.Server) -> None:
+        self.exposed = exposed
+        self.server = server
+        self.active = 0
+
+
+class PortForwarder:
+    """The exposed ports of one daemon, listening on ``bind`` (an address of this host)."""
+
+    def __init__(self, bind: str = "127.0.0.1") -> None:
+        self.bind = bind
+        self._open: dict[tuple[str, int], _Listener] = {}
+
+    def exposed(self, sandbox_id: str) -> list[Exposed]:
+        return sorted((lst.exposed for (sid, _), lst in self._open.items()
+                       if sid == sandbox_id), key=lambda e: e.port)
+
+    async def expose(self, sandbox_id: str, port: int, host_port: int = 0) -> Exposed:
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            raise BadRequestError(f"port must be 1..65535, not {port!r}")
+        if (sandbox_id, port) in self._open:
+            e = self._open[(sandbox_id, port)].exposed
+            raise BadRequestError(f"port {port} of sandbox {sandbox_id} is exposed already, "
+                                  f"at {e.host}:{e.host_port}")
+        if len(self.exposed(sandbox_id)) >= MAX_PORTS:
+            raise BadRequestError(f"sandbox {sandbox_id} exposes {MAX_PORTS} ports already")
+        ns = netns_path(netns_name(sandbox_id))
+        if not ns.exists():
+            raise BadRequestError(
+                f"sandbox {sandbox_id} has no network: exposed ports reach a guest through "
+                "its NIC; create it with network={'internet': False} to serve ports without "
+                "reaching anything")
+        holder: list[_Listener] = []
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await self._carry(holder[0], ns, reader, writer)
+
+        try:
+            server = await asyncio.start_server(handle, host=self.bind, port=host_port,
+                                                reuse_address=True)
+        except OSError as err:
+            raise NetworkError(f"cannot listen on {self.bind}:{host_port} for port {port} of "
+                               f"sandbox {sandbox_id}: {err.strerror}") from None
+        bound = server.sockets[0].getsockname()
+        exposed = Exposed(sandbox_id, port, str(bound[0]), int(bound[1]))
+        listener = _Listener(exposed, server)
+        holder.append(listener)
+        self._open[(sandbox_id, port)] = listener
+        log.info("sandbox %s: port %d exposed at %s:%d", sandbox_id, port, exposed.host,
+                 exposed.host_port)
+        return exposed
+
+    async def close(self, sandbox_id: str, port: int | None = None) -> list[Exposed]:
+        """Stop exposing ``port`` (every port of the sandbox if None); what was closed."""
+        keys = [k for k in self._open if k[0] == sandbox_id and (port is None or k[1] == port)]
+        if port is not None and not keys:
+            raise BadRequestError(f"port {port} of sandbox {sandbox_id} is not exposed")
+        closed = []
+        for key in keys:
+            listener = self._open.pop(key)
+            listener.server.close()
+            closed.append(listener.exposed)
+        return closed
+
+    async def close_all(self) -> None:
+        for sid in {k[0] for k in self._open}:
+            await self.close(sid)
+
+    async def _carry(self, listener: _Listener, ns: Path, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:
+        exposed = listener.exposed
+        if listener.active >= MAX_CONNECTIONS or not ns.exists():
+            writer.close()
+            if not ns.exists():  # the sandbox is gone: so is its port
+                with contextlib.suppress(BadRequestError):
+                    await self.close(exposed.sandbox_id, exposed.port)
+            return
+        listener.active += 1
+        try:
+            sock = await asyncio.to_thread(in_netns, ns, lambda: socket.socket(
+                socket.AF_INET, socket.SOCK_STREAM))
+            sock.setblocking(False)
+            try:
+                await asyncio.wait_for(asyncio.get_running_loop().sock_connect(
+                    sock, (GUEST_IP, exposed.port)), CONNECT_TIMEOUT_S)
+            except (OSError, TimeoutError):
+                sock.close()
+                return  # nothing listens there: the client sees its connection closed
+            g_reader, g_writer = await asyncio.open_connection(sock=sock)
+            await asyncio.gather(_pipe(reader, g_writer), _pipe(g_reader, writer))
+        except Exception as err:  # one connection's trouble never stops the listener
+            log.debug("sandbox %s port %d: connection ended: %s", exposed.sandbox_id,
+                      exposed.port, err)
+        finally:
+            listener.active -= 1
+            writer.close()
+
+
+async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    try:
+        while data := await src.read(CHUNK):
+            dst.write(data)
+            await dst.drain()
+        if dst.can_write_eof():
+            dst.write_eof()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        if not dst.can_write_eof():
+            dst.close()
