@@ -12,6 +12,7 @@ from pydantic import Field
 
 from ember.daemon.deps import Live, OwnedId
 from ember.daemon.models import Strict
+from ember.net.addressing import GUEST_IP
 from ember.net.forward import Exposed
 from ember.sdk.results import ExposedPort
 from ember.sdk.wire import to_json
@@ -32,8 +33,9 @@ def _json(e: Exposed) -> dict[str, Any]:
 async def expose(body: PortRequest, live: Live, sandbox_id: OwnedId) -> dict[str, Any]:
     """Make a guest TCP port reachable at an address of this host (the answer's ``host``
     and ``host_port``). The sandbox needs a network (its NIC), not outbound access."""
-    await asyncio.to_thread(live.mgr.get, sandbox_id)  # 404 for an unknown sandbox
-    return _json(await live.ports.expose(sandbox_id, body.port))
+    rec = await asyncio.to_thread(live.mgr.get, sandbox_id)  # 404 for an unknown sandbox
+    target = GUEST_IP if rec.isolation == "microvm" else "127.0.0.1"  # a container's own
+    return _json(await live.ports.expose(sandbox_id, body.port, target=target))
 
 
 @router.get("/sandboxes/{sandbox_id}/ports")

@@ -50,10 +50,11 @@ def make_veth(link: Link, sandbox_ns: Path) -> None:
     write_sysctl("net.ipv4.ip_forward", "1")
 
 
-def setup_sandbox_side(link: Link) -> int:
+def setup_sandbox_side(link: Link, *, tap: bool = True) -> int | None:
     """In the sandbox's namespace (the calling thread's): the veth end renamed ``eth0``,
-    addressed, default route to the host end; the tap device made and addressed as the
-    guest's gateway. Returns the open tap descriptor (QEMU's)."""
+    addressed, default route to the host end; with ``tap`` (a microVM) the tap device made
+    and addressed as the guest's gateway, and its open descriptor returned (QEMU's). A
+    container lives in this namespace itself and uses ``eth0``."""
     peer = f"embp{link.host_if[3:]}"[:15]
     for scope in ("all", "default"):  # IPv4 only: no link-local IPv6 for a guest to poke
         write_sysctl(f"net.ipv6.conf.{scope}.disable_ipv6", "1")
@@ -64,17 +65,19 @@ def setup_sandbox_side(link: Link) -> int:
         ip.addr("add", index=up, address=link.sandbox_ip, prefixlen=30)
         ip.link("set", index=up, state="up")
         ip.route("add", dst="0.0.0.0/0", gateway=link.host_ip)
+        if not tap:
+            return None
         fd = open_tap(TAP)
         try:
-            tap = _index(ip, TAP)
+            tap_index = _index(ip, TAP)
             # One MAC for every gateway: a restored guest's ARP cache stays right.
-            ip.link("set", index=tap, address=GATEWAY_MAC)
-            ip.addr("add", index=tap, address=GATEWAY_IP, prefixlen=GUEST_PREFIX)
-            ip.link("set", index=tap, state="up")
+            ip.link("set", index=tap_index, address=GATEWAY_MAC)
+            ip.addr("add", index=tap_index, address=GATEWAY_IP, prefixlen=GUEST_PREFIX)
+            ip.link("set", index=tap_index, state="up")
         except BaseException:
             os.close(fd)
             raise
-    write_sysctl("net.ipv4.ip_forward", "1")
+    write_sysctl("net.ipv4.ip_forward", "1")  # the guest's packets pass through
     return fd
 
 

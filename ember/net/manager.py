@@ -44,7 +44,7 @@ def host_ns_name(explicit: str | None = None) -> str | None:
 @dataclass(frozen=True)
 class Attached:
     link: Link
-    tap_fd: int
+    tap_fd: int | None  # a microVM's tap device (None for a container)
 
 
 class NetworkManager:
@@ -178,10 +178,10 @@ class NetworkManager:
         return stopped
 
     # --- lifecycle ---------------------------------------------------------------------
-    def attach(self, sandbox_id: str, policy: NetworkPolicy) -> Attached:
+    def attach(self, sandbox_id: str, policy: NetworkPolicy, *, tap: bool = True) -> Attached:
         """Make the sandbox's namespace, links, NAT and policy; return the tap descriptor
-        for its VMM (the caller closes it once the VMM holds it). On failure nothing is
-        left behind."""
+        for its VMM (the caller closes it once the VMM holds it; ``tap=False``: a container,
+        which joins the namespace itself). On failure nothing is left behind."""
         proc.require("nft")
         link = self._lease(sandbox_id)
         ns = netns_path(netns_name(sandbox_id))
@@ -199,14 +199,16 @@ class NetworkManager:
 
             in_netns(self.host_ns, host_side)
 
-            def sandbox_side() -> int:
-                fd = links.setup_sandbox_side(link)
+            def sandbox_side() -> int | None:
+                fd = links.setup_sandbox_side(link, tap=tap)
                 try:
-                    self._nft(ruleset.sandbox_table(link), f"NAT sandbox {sandbox_id}")
+                    if tap:  # a container needs no NAT: it has the link's address itself
+                        self._nft(ruleset.sandbox_table(link), f"NAT sandbox {sandbox_id}")
                     if policy.rate_out_mbit is not None:
                         links.set_rate(UPLINK, policy.rate_out_mbit)
                 except BaseException:
-                    os.close(fd)
+                    if fd is not None:
+                        os.close(fd)
                     raise
                 return fd
 

@@ -29,6 +29,7 @@ from ember.errors import BadRequestError, EmberError, SandboxNotFoundError
 from ember.guest.inject import staged_agent_lib
 from ember.host.cgroups import SandboxCgroup, home_key
 from ember.host.jail import JAILER_NAME
+from ember.net.nsutil import netns_path
 from ember.runtime.overlays import make_overlay
 from ember.runtime.spec import SandboxSpec
 from ember.store import SandboxRecord, TemplateRecord
@@ -130,7 +131,7 @@ class MicroVM(Backend):
                     rec, d, kernel.bzimage, cmdline=boot_cmdline(rec.id), memory_file=ram,
                     memory_shared=True, jail=jail, net_fd=net.tap_fd if net else None))
             finally:
-                if net is not None:
+                if net is not None and net.tap_fd is not None:
                     os.close(net.tap_fd)  # the VMM holds its own copy
 
         return Launch(template.name, disk_mib, mgr.accel.accel, build)
@@ -188,6 +189,15 @@ class Oci(Backend):
                 progress(f"starting {self.isolation} sandbox ({engine.name}) over template "
                          f"{template.name}")
             d.console_log.touch(mode=0o600)
+            netns = resolv = None
+            if spec.network is not None:
+                if progress:
+                    progress("setting up the sandbox's network")
+                link = mgr.network.attach(rec.id, spec.network, tap=False).link
+                netns = netns_path(link.netns)
+                resolv = d.root / "resolv.conf"  # its resolver, on the link's host end
+                resolv.write_text(f"nameserver {link.host_ip}\noptions timeout:2 attempts:2\n")
+                resolv.chmod(0o644)
             if mgr.confinement.enabled:
                 procs = mgr.confinement.prepare_cgroup(rec)
             else:
@@ -200,7 +210,7 @@ class Oci(Backend):
                 console_log=d.console_log, pidfile=d.pidfile, cgroup_procs=procs,
                 disk_mib=rec.disk_mib,
                 compat_lib=statx_compat(mgr.paths.cache) if self.isolation == "gvisor"
-                else None))
+                else None, netns=netns, resolv_conf=resolv))
 
         accel = engine.platform if self.isolation == "gvisor" else "none"
         return Launch(template.name, spec.disk_mib or base_mib, accel, build)

@@ -256,7 +256,7 @@ class SandboxManager:
                     incoming=True, jail=jail, net_fd=net.tap_fd if net else None),
                     plan.state, expect_cpu=plan.cpu)
             finally:
-                if net is not None:
+                if net is not None and net.tap_fd is not None:
                     os.close(net.tap_fd)  # the VMM holds its own copy
 
         return self._launch(spec, lock_out, build, template=template_name or snap.template,

@@ -42,9 +42,6 @@ class SandboxSpec:
     def __post_init__(self) -> None:
         if self.network is not None:
             object.__setattr__(self, "network", NetworkPolicy.from_json(self.network))
-            if self.isolation != "microvm":
-                raise BadRequestError(f"network is not available on isolation="
-                                      f"{self.isolation} yet; only on microvm")
         if not isinstance(self.template, str) or not self.template:
             raise BadRequestError("template must be a non-empty string")
         _int_in("vcpus", self.vcpus, 1, min(MAX_VCPUS, os.cpu_count() or 1),

@@ -69,16 +69,22 @@ def _bind(source: Path, target: str, *, writable: bool) -> dict[str, Any]:
 
 
 def oci_config(*, sandbox_id: str, rootfs: Path, run_dir: Path, agent_lib: Path,
-               nofile: int, nproc: int, gvisor: bool) -> dict[str, Any]:
+               nofile: int, nproc: int, gvisor: bool, netns: Path | None = None,
+               resolv_conf: Path | None = None) -> dict[str, Any]:
     """The ``config.json`` of one sandbox.
 
+    ``netns``: the sandbox's network namespace (crun joins it; runsc is started inside it
+    with ``--network=host``); ``resolv_conf`` is bound over /etc/resolv.conf.
     ``nofile``/``nproc`` must not exceed the host's hard limits (the runtime cannot raise
     them without CAP_SYS_RESOURCE). For runsc (``gvisor``) it adds an identity-mapped user
     namespace, which runsc needs on hosts where its gofer otherwise fails to start
     (``fork/exec /proc/self/exe: operation not permitted``).
     """
     caps = list(CAPABILITIES)
-    namespaces = [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount")]
+    namespaces: list[dict[str, str]] = [{"type": t} for t in ("pid", "network", "ipc", "uts",
+                                                              "mount")]
+    if netns is not None:  # the runtime joins the sandbox's network namespace
+        namespaces[1]["path"] = str(netns)
     linux: dict[str, Any] = {
         "namespaces": namespaces,
         "seccomp": seccomp_profile(),
@@ -124,6 +130,7 @@ def oci_config(*, sandbox_id: str, rootfs: Path, run_dir: Path, agent_lib: Path,
             _tmpfs("/run", "mode=755"),
             _bind(agent_lib, AGENT_LIB, writable=False),
             _bind(run_dir, AGENT_RUN, writable=True),
+            *([_bind(resolv_conf, "/etc/resolv.conf", writable=False)] if resolv_conf else []),
         ],
         "linux": linux,
     }

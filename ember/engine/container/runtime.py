@@ -41,6 +41,7 @@ from ember.engine.container.bundle import oci_config
 from ember.engine.container.rootfs import RootfsDirs, mount, unmount
 from ember.errors import BadRequestError, EmberTimeoutError, EngineError, HostCommandError
 from ember.host.cgroups import enter_argv
+from ember.net.addressing import netns_name
 from ember.proc import tail
 
 log = logging.getLogger("ember.engine.container")
@@ -68,6 +69,9 @@ class ContainerSpec:
     nproc: int = 256
     disk_mib: int | None = None  # the writable layer's size (None: unbounded)
     compat_lib: Path | None = None  # runsc only: the statx shim (engine.container.compat)
+    #: The sandbox's network namespace (ember.net) and its resolv.conf; None: no network.
+    netns: Path | None = None
+    resolv_conf: Path | None = None
 
     @property
     def agent_socket(self) -> Path:
@@ -118,12 +122,24 @@ class OciEngine:
         self.state_dir = state_root / self.name
         self.platform = platform
 
-    def _base(self) -> list[str]:
+    def _base(self, network: bool = False) -> list[str]:
         argv = [self.name, "--root", str(self.state_dir)]
         if self.name == "crun":
             return [*argv, "--cgroup-manager=disabled"]
-        return [*argv, f"--platform={self.platform}", "--network=none", "--ignore-cgroups",
+        # A network: runsc's netstack would need --network=sandbox, which this runsc refuses
+        # here; it runs inside the sandbox's network namespace and uses it (host notes).
+        return [*argv, f"--platform={self.platform}",
+                "--network=host" if network else "--network=none", "--ignore-cgroups",
                 "--host-uds=create", "--oci-seccomp"]
+
+    def _for(self, name: str, *args: str) -> list[str]:
+        """The runtime's argv for one command on container ``name``. A networked runsc
+        sandbox answers on an abstract socket of its own network namespace: every runsc
+        command about it runs there too."""
+        netns = Path("/run/netns") / netns_name(name)
+        if self.name == "runsc" and netns.exists():
+            return ["nsenter", f"--net={netns}", "--", *self._base(True), *args, name]
+        return [*self._base(), *args, name]
 
     def attach(self, pid: int, name: str, *, agent_socket: Path, console_log: Path,
                pidfile: Path) -> OciHandle:
@@ -146,9 +162,10 @@ class OciEngine:
             nproc = _capped(resource.RLIMIT_NPROC, spec.nproc)
             config = oci_config(sandbox_id=spec.name, rootfs=dirs.rootfs, run_dir=spec.run_dir,
                                 agent_lib=spec.agent_lib, nofile=nofile, nproc=nproc,
-                                gvisor=self.name == "runsc")
+                                gvisor=self.name == "runsc", netns=spec.netns,
+                                resolv_conf=spec.resolv_conf)
             (spec.root / "config.json").write_text(json.dumps(config, indent=1))
-            argv = [*self._base(), "run", "--detach", "--bundle", str(spec.root), spec.name]
+            argv = self._for(spec.name, "run", "--detach", "--bundle", str(spec.root))
             if self.name == "crun" and _hybrid_cgroups():
                 argv = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
                         _DETACH_UNIFIED, str(UNIFIED), *argv]
@@ -196,7 +213,7 @@ class OciEngine:
 
     def state_pid(self, name: str) -> int:
         try:
-            out = subprocess.run([*self._base(), "state", name], capture_output=True,
+            out = subprocess.run(self._for(name, "state"), capture_output=True,
                                  timeout=30, check=True).stdout
             pid = json.loads(out)["pid"]
         except (OSError, subprocess.SubprocessError, ValueError, KeyError) as err:
@@ -216,7 +233,7 @@ class OciEngine:
         if not self.can_pause:
             raise BadRequestError(f"{verb} is not supported on isolation={self.isolation}")
         try:
-            subprocess.run([*self._base(), verb, name], capture_output=True, timeout=30,
+            subprocess.run(self._for(name, verb), capture_output=True, timeout=30,
                            check=True)
         except subprocess.CalledProcessError as err:
             said = err.stderr.decode("utf-8", "replace") if err.stderr else ""
@@ -229,7 +246,7 @@ class OciEngine:
         if not (self.state_dir / name).exists():
             return
         try:
-            subprocess.run([*self._base(), "delete", "--force", name], capture_output=True,
+            subprocess.run(self._for(name, "delete", "--force"), capture_output=True,
                            timeout=30, check=False)
         except (OSError, subprocess.SubprocessError) as err:
             log.warning("%s delete %s: %s", self.name, name, err)
