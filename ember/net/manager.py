@@ -334,11 +334,20 @@ def _terminate(pid: int, grace: float = 2.0) -> bool:
         return False
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _running(pid):
             return True
-        time.sleep(0.02)
+        time.sleep(0.005)
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
     return True
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a daemonized dnsmasq belongs to init, which may be slow to
+    reap it, or never, in a container whose init does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in (b"Z", b"X")
