@@ -11,6 +11,7 @@ from ember.cli.common import handle_errors, print_json
 from ember.errors import BadRequestError
 from ember.net.policy import NetworkPolicy
 from ember.net.stats import NetworkStats
+from ember.sdk.results import SandboxInfo
 
 
 @click.group("network")
@@ -51,14 +52,20 @@ def show(sandbox_id: str, as_json: bool) -> None:
     from ember.sdk.sandbox import Sandbox
 
     info = Sandbox.get_info(sandbox_id)
-    stats = None
-    if info.network is not None and info.state in ("running", "paused"):
-        sb = Sandbox.connect(sandbox_id)
-        try:
-            stats = sb.network_stats()
-        finally:
-            sb.close()
-    _show(info.network, as_json, stats)
+    _show(info.network, as_json, live_stats(info))
+
+
+def live_stats(info: SandboxInfo) -> NetworkStats | None:
+    """The counters of a running or paused networked sandbox (else None)."""
+    from ember.sdk.sandbox import Sandbox
+
+    if info.network is None or info.state not in ("running", "paused"):
+        return None
+    sb = Sandbox.connect(info.id)
+    try:
+        return sb.network_stats()
+    finally:
+        sb.close()
 
 
 @network.command("set")

@@ -197,16 +197,13 @@ def ls(as_json: bool) -> None:
 @handle_errors
 def inspect(sandbox_id: str, as_json: bool) -> None:
     """Show one sandbox."""
+    from ember.cli.network_cmds import live_stats
     from ember.sdk.sandbox import Sandbox
 
     info = Sandbox.get_info(sandbox_id)
     doc = dataclasses.asdict(info)
-    if info.network is not None and info.state in ("running", "paused"):
-        sb = Sandbox.connect(sandbox_id)
-        try:
-            stats = sb.network_stats()
-        finally:
-            sb.close()
+    if info.network is not None:
+        stats = live_stats(info)
         doc["network_stats"] = None if stats is None else dataclasses.asdict(stats)
     if as_json:
         print_json(doc)
