@@ -7,7 +7,10 @@ internet (tests/integration/networld.py: no packet leaves this machine):
   policy and with 900 CIDRs and 100 domains;
 * from inside a guest: TCP connect time and 64 MiB transfers to and from the fake
   internet, with an empty policy and with the 1,000-entry one; the same connects from the
-  fake host itself, for scale.
+  fake host itself, for scale;
+* through the daemon: time to first byte of an HTTP answer from an exposed port of a
+  running sandbox, next to one that idleness paused (scale to zero: resumed by the
+  connection).
 
 Run: .venv/bin/python benchmarks/bench_network.py [--reps 5] [--mib 64]
 """
@@ -93,6 +96,45 @@ def echo(listener: socket.socket) -> None:
         c.close()
 
 
+def scale_to_zero(paths: Paths, reps: int) -> dict[str, list[float]]:
+    """First byte through an exposed port (the daemon's): running, and idle-paused."""
+    from ember.daemon.control import stop as stop_daemon
+
+    os.environ.pop("EMBER_LOCAL", None)  # ports are served by the daemon
+    out: dict[str, list[float]] = {"running": [], "paused": []}
+    sb = Sandbox.create(paths=paths, network={"internet": False})
+    try:
+        sb.spawn(["python3", "-m", "http.server", "8000"])
+        exposed = None
+        for _ in range(600):
+            if "200" in sb.exec("python3 -c \"import urllib.request as u; print(u.urlopen("
+                                "'http://127.0.0.1:8000/').status)\"").stdout:
+                exposed = sb.expose(8000, pause_after_idle=1)
+                break
+            time.sleep(0.1)
+        assert exposed is not None, "the guest's server never answered"
+
+        def first_byte() -> float:
+            t0 = time.perf_counter()
+            with socket.create_connection((exposed.host, exposed.host_port), timeout=60) as c:
+                c.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                c.recv(1)
+            return time.perf_counter() - t0
+
+        for _ in range(reps):
+            out["running"].append(first_byte())
+            deadline = time.monotonic() + 30
+            while Sandbox.get_info(sb.id, paths=paths).state != "paused":
+                assert time.monotonic() < deadline, "never paused"
+                time.sleep(0.1)
+            out["paused"].append(first_byte())
+    finally:
+        sb.kill()
+        os.environ["EMBER_LOCAL"] = "1"
+        stop_daemon(paths)
+    return out
+
+
 def med(xs: list[float]) -> float:
     return statistics.median(xs)
 
@@ -176,6 +218,7 @@ def run(paths: Paths, host_ns: str, args: argparse.Namespace) -> None:
                     guest[label].setdefault(k, []).append(float(v))
     finally:
         sb.kill()
+    ttfb = scale_to_zero(paths, args.reps)
     print(f"# network figures ({args.reps} reps, medians; {args.mib} MiB transfers)")
     a, b = med(creates["none"]), med(creates["network"])
     print(f"create->first exec, no network:     {a * 1000:8.1f} ms")
@@ -190,6 +233,9 @@ def run(paths: Paths, host_ns: str, args: argparse.Namespace) -> None:
         print(f"guest, policy {label:13s}: connect {med(figs['connect_ms']):.2f} ms, "
               f"down {med(figs['down_mib_s']):.1f} MiB/s, up {med(figs['up_mib_s']):.1f} MiB/s")
     e, big = guest["empty"], guest["1000 entries"]
+    run_ms, paused_ms = med(ttfb["running"]) * 1000, med(ttfb["paused"]) * 1000
+    print(f"exposed port, first byte: running {run_ms:.1f} ms, idle-paused {paused_ms:.1f} ms "
+          f"({paused_ms / run_ms:.1f}x)")
     ratio = med(big["connect_ms"]) / med(e["connect_ms"])
     print(f"1000-entry policy / empty: connect {ratio:.2f}x,"
           f" down {med(big['down_mib_s']) / med(e['down_mib_s']):.2f}x, "

@@ -114,9 +114,13 @@ def set_policy(sandbox_id: str, internet: bool | None, allow: tuple[str, ...],
 @click.argument("sandbox_id")
 @click.argument("port", type=click.IntRange(1, 65535), required=False)
 @click.option("--close", is_flag=True, help="Stop exposing PORT.")
+@click.option("--pause-after-idle", type=float, default=None, metavar="SECONDS",
+              help="Scale to zero: pause the sandbox after SECONDS without traffic on its "
+                   "exposed ports; the next connection resumes it.")
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
-def port(sandbox_id: str, port: int | None, close: bool, as_json: bool) -> None:
+def port(sandbox_id: str, port: int | None, close: bool, pause_after_idle: float | None,
+         as_json: bool) -> None:
     """Expose the guest's TCP PORT at an address of this host, and print it; without PORT,
     list the exposed ports. The sandbox needs a network (--network off is enough).
 
@@ -134,7 +138,7 @@ def port(sandbox_id: str, port: int | None, close: bool, as_json: bool) -> None:
             sb.unexpose(port)
             shown = sb.ports()
         else:
-            shown = [sb.expose(port)]
+            shown = [sb.expose(port, pause_after_idle=pause_after_idle)]
     finally:
         sb.close()
     if as_json:

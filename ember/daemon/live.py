@@ -41,8 +41,10 @@ class LiveSandboxes:
         self._open: dict[str, AsyncSandbox] = {}
         self._attaching: dict[str, asyncio.Lock] = {}
         self._procs: dict[str, dict[int, AsyncProcess]] = {}
-        #: Exposed ports, listening on EMBER_PORTS_BIND (default 127.0.0.1).
-        self.ports = PortForwarder(os.environ.get("EMBER_PORTS_BIND") or "127.0.0.1")
+        #: Exposed ports, listening on EMBER_PORTS_BIND (default 127.0.0.1); a sandbox
+        #: idle on them past its limit is paused, and woken by the next connection.
+        self.ports = PortForwarder(os.environ.get("EMBER_PORTS_BIND") or "127.0.0.1",
+                                   pause=self.pause, resume=self.resume)
 
     @property
     def mgr(self) -> SandboxManager:
@@ -93,6 +95,22 @@ class LiveSandboxes:
         if sb is not None:
             with contextlib.suppress(Exception):
                 await sb.close()
+
+    async def pause(self, sandbox_id: str) -> None:
+        """Stop the sandbox's vCPUs (through the daemon's open connection if it has one,
+        which then says "paused" instead of waiting for the agent)."""
+        sb = self.peek(sandbox_id)
+        if sb is not None:
+            await sb.pause()
+        else:
+            await self.local.pause(sandbox_id)
+
+    async def resume(self, sandbox_id: str) -> None:
+        sb = self.peek(sandbox_id)
+        if sb is not None:
+            await sb.resume()
+        else:
+            await self.local.resume(sandbox_id)
 
     async def kill(self, sandbox_id: str) -> None:
         """Destroy a sandbox, whether the daemon holds it open or not."""

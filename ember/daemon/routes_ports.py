@@ -23,6 +23,9 @@ GuestPort = Annotated[int, Path(ge=1, le=65535, description="a TCP port in the g
 
 class PortRequest(Strict):
     port: Annotated[int, Field(ge=1, le=65535)]
+    #: Scale to zero: pause the sandbox after this many seconds without traffic on any of
+    #: its exposed ports; the next connection resumes it (null: leave it as it is).
+    pause_after_idle_s: Annotated[float, Field(ge=1, le=7 * 86400)] | None = None
 
 
 def _json(e: Exposed) -> dict[str, Any]:
@@ -35,7 +38,10 @@ async def expose(body: PortRequest, live: Live, sandbox_id: OwnedId) -> dict[str
     and ``host_port``). The sandbox needs a network (its NIC), not outbound access."""
     rec = await asyncio.to_thread(live.mgr.get, sandbox_id)  # 404 for an unknown sandbox
     target = GUEST_IP if rec.isolation == "microvm" else "127.0.0.1"  # a container's own
-    return _json(await live.ports.expose(sandbox_id, body.port, target=target))
+    exposed = await live.ports.expose(sandbox_id, body.port, target=target)
+    if body.pause_after_idle_s is not None:
+        live.ports.set_idle_pause(sandbox_id, body.pause_after_idle_s)
+    return _json(exposed)
 
 
 @router.get("/sandboxes/{sandbox_id}/ports")

@@ -114,21 +114,13 @@ async def set_network(body: NetworkRequest, live: Live,
 
 @router.post("/sandboxes/{sandbox_id}/pause")
 async def pause(live: Live, sandbox_id: OwnedId) -> dict[str, Any]:
-    sb = live.peek(sandbox_id)
-    if sb is not None:
-        await sb.pause()
-    else:
-        await live.local.pause(sandbox_id)
+    await live.pause(sandbox_id)
     return await _info(live, sandbox_id)
 
 
 @router.post("/sandboxes/{sandbox_id}/resume")
 async def resume(live: Live, sandbox_id: OwnedId) -> dict[str, Any]:
-    sb = live.peek(sandbox_id)
-    if sb is not None:
-        await sb.resume()
-    else:
-        await live.local.resume(sandbox_id)
+    await live.resume(sandbox_id)
     return await _info(live, sandbox_id)
 
 

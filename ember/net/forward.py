@@ -11,10 +11,12 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ember.errors import BadRequestError, NetworkError
+from ember.errors import BadRequestError, EmberError, NetworkError
 from ember.net.addressing import GUEST_IP, netns_name
 from ember.net.nsutil import in_netns, netns_path
 
@@ -44,12 +46,94 @@ class _Listener:
         self.active = 0
 
 
-class PortForwarder:
-    """The exposed ports of one daemon, listening on ``bind`` (an address of this host)."""
+Wake = Callable[[str], Awaitable[None]]
+#: How often idle sandboxes are looked for.
+IDLE_CHECK_S = 0.5
 
-    def __init__(self, bind: str = "127.0.0.1") -> None:
+
+class PortForwarder:
+    """The exposed ports of one daemon, listening on ``bind`` (an address of this host).
+
+    Scale to zero: a sandbox given an idle period (:meth:`set_idle_pause`) is paused (with
+    ``pause``) once no connection to any of its exposed ports has been open, and no byte has
+    passed, for that long; the next connection resumes it (``resume``) before it is carried
+    on, so its client only sees a slower first byte.
+    """
+
+    def __init__(self, bind: str = "127.0.0.1", *, pause: Wake | None = None,
+                 resume: Wake | None = None) -> None:
         self.bind = bind
         self._open: dict[tuple[str, int], _Listener] = {}
+        self._pause, self._resume = pause, resume
+        self._idle: dict[str, float] = {}  # sandbox -> seconds of idleness that pause it
+        self._last: dict[str, float] = {}  # sandbox -> monotonic time of its last traffic
+        self._paused: set[str] = set()  # paused by us (for idleness)
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._watch: asyncio.Task[None] | None = None
+
+    def set_idle_pause(self, sandbox_id: str, seconds: float | None) -> None:
+        """Pause the sandbox after ``seconds`` without traffic on its exposed ports (None:
+        never)."""
+        if seconds is None:
+            self._idle.pop(sandbox_id, None)
+            return
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not (
+                1 <= seconds <= 7 * 86400):
+            raise BadRequestError(f"idle pause must be 1 s .. 7 days, not {seconds!r}")
+        if self._pause is None or self._resume is None:
+            raise BadRequestError("this forwarder cannot pause sandboxes")
+        self._idle[sandbox_id] = float(seconds)
+        self._last[sandbox_id] = time.monotonic()
+        if self._watch is None or self._watch.done():
+            self._watch = asyncio.get_running_loop().create_task(self._watch_idle())
+
+    def idle_pause(self, sandbox_id: str) -> float | None:
+        return self._idle.get(sandbox_id)
+
+    def _active(self, sandbox_id: str) -> int:
+        return sum(lst.active for (sid, _), lst in self._open.items() if sid == sandbox_id)
+
+    async def _watch_idle(self) -> None:
+        while self._idle:
+            await asyncio.sleep(IDLE_CHECK_S)
+            now = time.monotonic()
+            for sid, limit in list(self._idle.items()):
+                if sid in self._paused or self._active(sid) or \
+                        now - self._last.get(sid, now) < limit:
+                    continue
+                async with self._lock(sid):
+                    if sid in self._paused or self._active(sid):
+                        continue
+                    try:
+                        assert self._pause is not None
+                        await self._pause(sid)
+                        self._paused.add(sid)
+                        log.info("sandbox %s: paused after %.0f s without traffic on its "
+                                 "exposed ports", sid, limit)
+                    except EmberError as err:  # gone, or paused by its owner: stop watching
+                        log.info("sandbox %s: not paused for idleness: %s", sid, err)
+                        self._idle.pop(sid, None)
+
+    def _lock(self, sandbox_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(sandbox_id, asyncio.Lock())
+
+    async def _wake(self, sandbox_id: str) -> None:
+        """Resume the sandbox if idleness paused it (its first connection waits for it)."""
+        self._last[sandbox_id] = time.monotonic()
+        if sandbox_id not in self._paused:
+            return
+        async with self._lock(sandbox_id):
+            if sandbox_id in self._paused:
+                assert self._resume is not None
+                t0 = time.monotonic()
+                try:
+                    await self._resume(sandbox_id)
+                    log.info("sandbox %s: resumed by a connection in %.0f ms", sandbox_id,
+                             (time.monotonic() - t0) * 1000)
+                except EmberError as err:  # resumed (or destroyed) by its owner meanwhile
+                    log.info("sandbox %s: not resumed for a connection: %s", sandbox_id, err)
+                self._paused.discard(sandbox_id)
+        self._last[sandbox_id] = time.monotonic()
 
     def exposed(self, sandbox_id: str) -> list[Exposed]:
         return sorted((lst.exposed for (sid, _), lst in self._open.items()
@@ -94,6 +178,10 @@ class PortForwarder:
     async def close(self, sandbox_id: str, port: int | None = None) -> list[Exposed]:
         """Stop exposing ``port`` (every port of the sandbox if None); what was closed."""
         keys = [k for k in self._open if k[0] == sandbox_id and (port is None or k[1] == port)]
+        if port is None:
+            for table in (self._idle, self._last, self._locks):
+                table.pop(sandbox_id, None)
+            self._paused.discard(sandbox_id)
         if port is not None and not keys:
             raise BadRequestError(f"port {port} of sandbox {sandbox_id} is not exposed")
         closed = []
@@ -106,6 +194,8 @@ class PortForwarder:
     async def close_all(self) -> None:
         for sid in {k[0] for k in self._open}:
             await self.close(sid)
+        if self._watch is not None:
+            self._watch.cancel()
 
     async def _carry(self, listener: _Listener, ns: Path, reader: asyncio.StreamReader,
                      writer: asyncio.StreamWriter) -> None:
@@ -117,7 +207,9 @@ class PortForwarder:
                     await self.close(exposed.sandbox_id, exposed.port)
             return
         listener.active += 1
+        sid = exposed.sandbox_id
         try:
+            await self._wake(sid)
             sock = await asyncio.to_thread(in_netns, ns, lambda: socket.socket(
                 socket.AF_INET, socket.SOCK_STREAM))
             sock.setblocking(False)
@@ -128,18 +220,25 @@ class PortForwarder:
                 sock.close()
                 return  # nothing listens there: the client sees its connection closed
             g_reader, g_writer = await asyncio.open_connection(sock=sock)
-            await asyncio.gather(_pipe(reader, g_writer), _pipe(g_reader, writer))
+
+            def seen() -> None:
+                self._last[sid] = time.monotonic()
+
+            await asyncio.gather(_pipe(reader, g_writer, seen), _pipe(g_reader, writer, seen))
         except Exception as err:  # one connection's trouble never stops the listener
             log.debug("sandbox %s port %d: connection ended: %s", exposed.sandbox_id,
                       exposed.port, err)
         finally:
             listener.active -= 1
+            self._last[sid] = time.monotonic()
             writer.close()
 
 
-async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter,
+                seen: Callable[[], None]) -> None:
     try:
         while data := await src.read(CHUNK):
+            seen()
             dst.write(data)
             await dst.drain()
         if dst.can_write_eof():

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl import TC_H_ROOT
 
 from ember.net.addressing import GATEWAY_IP, GATEWAY_MAC, GUEST_PREFIX, TAP, UPLINK, Link
 from ember.net.nsutil import NetnsError, write_sysctl
@@ -20,6 +21,8 @@ TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
+#: The handle of the tbf qdisc a rate limit installs at the root of a link (``1:``).
+RATE_HANDLE = 0x10000
 
 
 def _index(ip: IPRoute, name: str) -> int:
@@ -110,20 +113,21 @@ def remove_host_link(link: Link) -> bool:
 
 def set_rate(ifname: str, mbit: float | None) -> None:
     """Limit what leaves ``ifname`` (in the calling thread's namespace) to ``mbit`` Mbit/s
-    with a token bucket (tbf), or lift the limit (None)."""
+    with a token bucket (tbf, ember's root qdisc ``1:``), or lift the limit (None)."""
     with IPRoute() as ip:
         index = _index(ip, ifname)
-        try:
-            ip.tc("del", index=index)  # the root qdisc, back to the default
-        except NetlinkError as err:
-            if err.code not in (2, 22):  # ENOENT, EINVAL: there was none
-                raise NetnsError(f"cannot clear the rate limit of {ifname}: {err}") from None
         if mbit is None:
+            try:
+                ip.tc("del", index=index, handle=RATE_HANDLE, parent=TC_H_ROOT)
+            except NetlinkError as err:
+                if err.code not in (2, 22):  # ENOENT, EINVAL: there was none
+                    raise NetnsError(f"cannot lift the rate limit of {ifname}: {err}") from None
             return
         rate = int(mbit * 1_000_000 / 8)  # bytes per second
         burst = max(32 * 1024, rate // 100)  # 10 ms of it, at least a few full packets
-        try:
-            ip.tc("add", "tbf", index=index, rate=rate, burst=burst, latency="50ms")
+        try:  # replace: made, or changed in place
+            ip.tc("replace", "tbf", index=index, handle=RATE_HANDLE, rate=rate, burst=burst,
+                  latency="50ms")
         except NetlinkError as err:
             raise NetnsError(f"cannot limit {ifname} to {mbit:g} Mbit/s: {err}") from None
 

@@ -693,10 +693,13 @@ class AsyncSandbox:
         return got.get(self.id)
 
     # --- exposed ports ---------------------------------------------------------------------
-    async def expose(self, port: int) -> ExposedPort:
+    async def expose(self, port: int, *, pause_after_idle: float | None = None) -> ExposedPort:
         """Make the guest's TCP ``port`` reachable from outside: the answer says at which
         host address (``.address``). Served by ember's daemon, which listens for it; the
-        sandbox needs a network (``network={"internet": False}`` is enough)."""
+        sandbox needs a network (``network={"internet": False}`` is enough).
+        ``pause_after_idle`` (seconds): scale to zero: the sandbox is paused once none of
+        its exposed ports carried traffic for that long, and the next connection resumes it
+        (its client sees a slower first byte)."""
         raise BadRequestError(_PORTS_NEED_THE_DAEMON)
 
     async def unexpose(self, port: int) -> None:

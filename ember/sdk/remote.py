@@ -462,9 +462,10 @@ class RemoteSandbox(AsyncSandbox):
         raw = (await self._t.call("GET", self._base + "/network")).get("stats")
         return None if raw is None else wire.from_json(NetworkStats, raw)
 
-    async def expose(self, port: int) -> ExposedPort:
-        return wire.exposed_port(await self._t.call("POST", self._base + "/ports",
-                                                    json={"port": port}))
+    async def expose(self, port: int, *, pause_after_idle: float | None = None) -> ExposedPort:
+        return wire.exposed_port(await self._t.call(
+            "POST", self._base + "/ports",
+            json={"port": port, "pause_after_idle_s": pause_after_idle}))
 
     async def unexpose(self, port: int) -> None:
         if isinstance(port, bool) or not isinstance(port, int):

@@ -375,10 +375,10 @@ class Sandbox:
         """The counters of the sandbox's network; see :meth:`AsyncSandbox.network_stats`."""
         return portal().call(self._inner.network_stats())
 
-    def expose(self, port: int) -> ExposedPort:
+    def expose(self, port: int, *, pause_after_idle: float | None = None) -> ExposedPort:
         """Make the guest's TCP ``port`` reachable from outside (``.address``); see
-        :meth:`AsyncSandbox.expose`."""
-        return portal().call(self._inner.expose(port))
+        :meth:`AsyncSandbox.expose` (``pause_after_idle``: scale to zero)."""
+        return portal().call(self._inner.expose(port, pause_after_idle=pause_after_idle))
 
     def unexpose(self, port: int) -> None:
         portal().call(self._inner.unexpose(port))
