@@ -6,13 +6,14 @@ internet (tests/integration/networld.py: no packet leaves this machine):
 * the host side alone: setting up and tearing down one sandbox's network, with an empty
   policy and with 900 CIDRs and 100 domains;
 * from inside a guest: TCP connect time and 64 MiB transfers to and from the fake
-  internet, with an empty policy and with the 1,000-entry one; the same connects from the
-  fake host itself, for scale;
+  internet, with an empty policy and with the 1,000-entry one; the same from a gVisor and
+  a container sandbox (empty policy); the same connects from the fake host itself, for
+  scale;
 * through the daemon: time to first byte of an HTTP answer from an exposed port of a
   running sandbox, next to one that idleness paused (scale to zero: resumed by the
   connection).
 
-Run: .venv/bin/python benchmarks/bench_network.py [--reps 5] [--mib 64]
+Run: .venv/bin/python benchmarks/bench_network.py [--reps 5] [--mib 64] [--tiers gvisor container]
 """
 
 from __future__ import annotations
@@ -144,6 +145,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--mib", type=int, default=64)
     ap.add_argument("--connects", type=int, default=20)
+    ap.add_argument("--tiers", nargs="*", default=["gvisor", "container"],
+                    choices=["gvisor", "container"],
+                    help="weaker tiers measured next to the microVM (default: both)")
     args = ap.parse_args()
     from ember.guest.image import build_image
     from ember.store import Store
@@ -218,6 +222,18 @@ def run(paths: Paths, host_ns: str, args: argparse.Namespace) -> None:
                     guest[label].setdefault(k, []).append(float(v))
     finally:
         sb.kill()
+    tiers: dict[str, dict[str, list[float]]] = {}
+    for tier in args.tiers:  # the weaker tiers, empty policy (the microVM's is "empty")
+        tsb = Sandbox.create(paths=paths, network=NetworkPolicy(), isolation=tier)
+        try:
+            for _ in range(args.reps):
+                out = tsb.exec(["python3", "-c", GUEST, INET_IP, str(args.mib),
+                                str(args.connects)], timeout=900).check().stdout
+                for line in out.splitlines():
+                    k, v = line.split()
+                    tiers.setdefault(tier, {}).setdefault(k, []).append(float(v))
+        finally:
+            tsb.kill()
     ttfb = scale_to_zero(paths, args.reps)
     print(f"# network figures ({args.reps} reps, medians; {args.mib} MiB transfers)")
     a, b = med(creates["none"]), med(creates["network"])
@@ -233,6 +249,9 @@ def run(paths: Paths, host_ns: str, args: argparse.Namespace) -> None:
         print(f"guest, policy {label:13s}: connect {med(figs['connect_ms']):.2f} ms, "
               f"down {med(figs['down_mib_s']):.1f} MiB/s, up {med(figs['up_mib_s']):.1f} MiB/s")
     e, big = guest["empty"], guest["1000 entries"]
+    for tier, figs in tiers.items():
+        print(f"{tier:9s} (empty policy):   connect {med(figs['connect_ms']):.2f} ms, "
+              f"down {med(figs['down_mib_s']):.1f} MiB/s, up {med(figs['up_mib_s']):.1f} MiB/s")
     run_ms, paused_ms = med(ttfb["running"]) * 1000, med(ttfb["paused"]) * 1000
     print(f"exposed port, first byte: running {run_ms:.1f} ms, idle-paused {paused_ms:.1f} ms "
           f"({paused_ms / run_ms:.1f}x)")
