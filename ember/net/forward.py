@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ember.errors import BadRequestError, EmberError, NetworkError
+from ember.errors import BadRequestError, NetworkError
 from ember.net.addressing import GUEST_IP, netns_name
 from ember.net.nsutil import in_netns, netns_path
 
@@ -98,6 +98,9 @@ class PortForwarder:
             await asyncio.sleep(IDLE_CHECK_S)
             now = time.monotonic()
             for sid, limit in list(self._idle.items()):
+                if not self.exposed(sid):  # no port left to wake it: never pause it
+                    self._idle.pop(sid, None)
+                    continue
                 if sid in self._paused or self._active(sid) or \
                         now - self._last.get(sid, now) < limit:
                     continue
@@ -110,7 +113,7 @@ class PortForwarder:
                         self._paused.add(sid)
                         log.info("sandbox %s: paused after %.0f s without traffic on its "
                                  "exposed ports", sid, limit)
-                    except EmberError as err:  # gone, or paused by its owner: stop watching
+                    except Exception as err:  # gone, or paused by its owner: stop watching
                         log.info("sandbox %s: not paused for idleness: %s", sid, err)
                         self._idle.pop(sid, None)
 
@@ -130,7 +133,7 @@ class PortForwarder:
                     await self._resume(sandbox_id)
                     log.info("sandbox %s: resumed by a connection in %.0f ms", sandbox_id,
                              (time.monotonic() - t0) * 1000)
-                except EmberError as err:  # resumed (or destroyed) by its owner meanwhile
+                except Exception as err:  # resumed (or destroyed) by its owner meanwhile
                     log.info("sandbox %s: not resumed for a connection: %s", sandbox_id, err)
                 self._paused.discard(sandbox_id)
         self._last[sandbox_id] = time.monotonic()
