@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -224,6 +225,17 @@ class NetworkManager:
             raise NetworkError(f"cannot set up sandbox {sandbox_id}'s network: {err}") from err
         log.info("sandbox %s: network on link %s (%s)", sandbox_id, link.index, link.host_if)
         return Attached(link, fd)
+
+    @contextlib.contextmanager
+    def tap_for(self, sandbox_id: str, policy: NetworkPolicy | None) -> Iterator[int | None]:
+        """A microVM's network while its VMM starts: the tap descriptor to hand over
+        (None without a policy), closed here once the VMM holds its own copy."""
+        net = self.attach(sandbox_id, policy) if policy is not None else None
+        try:
+            yield None if net is None else net.tap_fd
+        finally:
+            if net is not None and net.tap_fd is not None:
+                os.close(net.tap_fd)
 
     def update(self, sandbox_id: str, policy: NetworkPolicy) -> None:
         """Replace the sandbox's policy in one nftables transaction."""

@@ -121,18 +121,12 @@ class MicroVM(Backend):
             ram = mgr.ram_file(rec.id)
             jail = mgr.confinement.prepare(rec, d.root, writable=d.prepare_vm_files(),
                                            shared_ram=ram, log_path=d.qemu_log)
-            net = None
-            if spec.network is not None:
-                if progress:
-                    progress("setting up the sandbox's network")
-                net = mgr.network.attach(rec.id, spec.network)
-            try:
+            if progress and spec.network is not None:
+                progress("setting up the sandbox's network")
+            with mgr.network.tap_for(rec.id, spec.network) as net_fd:
                 return self.engine.start(mgr.vmspec(
                     rec, d, kernel.bzimage, cmdline=boot_cmdline(rec.id), memory_file=ram,
-                    memory_shared=True, jail=jail, net_fd=net.tap_fd if net else None))
-            finally:
-                if net is not None and net.tap_fd is not None:
-                    os.close(net.tap_fd)  # the VMM holds its own copy
+                    memory_shared=True, jail=jail, net_fd=net_fd))
 
         return Launch(template.name, disk_mib, mgr.accel.accel, build)
 

@@ -249,15 +249,10 @@ class SandboxManager:
             with open(d.console_log, "a", encoding="utf-8") as f:  # QEMU appends after it
                 f.write(f"ember: restored from {kind} {snap.id[:12]} of {snap.template}; "
                         "no boot: the console goes on from the snapshot\n")
-            net = self.network.attach(rec.id, spec.network) if spec.network else None
-            try:
+            with self.network.tap_for(rec.id, spec.network) as net_fd:
                 return self.engine.restore(self.vmspec(
                     rec, d, plan.kernel.bzimage, cmdline=plan.cmdline, memory_file=plan.ram,
-                    incoming=True, jail=jail, net_fd=net.tap_fd if net else None),
-                    plan.state, expect_cpu=plan.cpu)
-            finally:
-                if net is not None and net.tap_fd is not None:
-                    os.close(net.tap_fd)  # the VMM holds its own copy
+                    incoming=True, jail=jail, net_fd=net_fd), plan.state, expect_cpu=plan.cpu)
 
         return self._launch(spec, lock_out, build, template=template_name or snap.template,
                             disk_mib=snap.disk_mib, accel=self.accel.accel,
