@@ -9,6 +9,9 @@ internet (tests/integration/networld.py: no packet leaves this machine):
   internet, with an empty policy and with the 1,000-entry one; the same from a gVisor and
   a container sandbox (empty policy); the same connects from the fake host itself, for
   scale;
+* web requests (HTTP GET on port 80, connect to answer) from a guest, straight out and
+  through the sandbox's transparent proxy (a policy with a domain rule), and the proxy's
+  share of network setup (a policy with one domain);
 * through the daemon: time to first byte of an HTTP answer from an exposed port of a
   running sandbox, next to one that idleness paused (scale to zero: resumed by the
   connection).
@@ -65,6 +68,19 @@ for _ in range(mib): s.sendall(buf)
 s.shutdown(socket.SHUT_WR); s.recv(1)
 print('up_mib_s', mib / (time.perf_counter() - t0))
 """.replace("ECHO", str(ECHO_PORT)).replace("BULK", str(BULK_PORT))
+
+WEBREQ = """
+import socket, sys, time
+t = []
+for _ in range(int(sys.argv[2])):
+    t0 = time.perf_counter()
+    with socket.create_connection((sys.argv[1], 80), timeout=30) as s:
+        s.sendall(b'GET / HTTP/1.1\\r\\nHost: allowed.test\\r\\n\\r\\n')
+        assert b'hello from' in s.recv(4096)
+    t.append(time.perf_counter() - t0)
+t.sort(); print(t[len(t) // 2] * 1000)
+"""
+ONE_DOMAIN = NetworkPolicy(deny=("other.test",))
 
 
 def serve(listener: socket.socket, mib: int) -> None:
@@ -191,10 +207,11 @@ def run(paths: Paths, host_ns: str, args: argparse.Namespace) -> None:
             creates[label].append(time.perf_counter() - t0)
             sb.kill()
     mgr = NetworkManager(paths.home)
-    setup: dict[str, list[float]] = {"empty": [], "1000 entries": []}
-    teardown: dict[str, list[float]] = {"empty": [], "1000 entries": []}
+    setup: dict[str, list[float]] = {"empty": [], "1 domain": [], "1000 entries": []}
+    teardown: dict[str, list[float]] = {k: [] for k in setup}
     for _ in range(args.reps):
-        for label, pol in (("empty", NetworkPolicy()), ("1000 entries", BIG)):
+        for label, pol in (("empty", NetworkPolicy()), ("1 domain", ONE_DOMAIN),
+                           ("1000 entries", BIG)):
             sid = "sb-" + secrets.token_hex(6)
             t0 = time.perf_counter()
             att = mgr.attach(sid, pol)
@@ -220,6 +237,13 @@ def run(paths: Paths, host_ns: str, args: argparse.Namespace) -> None:
                 for line in out.splitlines():
                     k, v = line.split()
                     guest[label].setdefault(k, []).append(float(v))
+        web: dict[str, list[float]] = {"direct": [], "proxied": []}
+        for _ in range(args.reps):
+            for label, pol in (("direct", NetworkPolicy()), ("proxied", ONE_DOMAIN)):
+                sb.set_network(pol)
+                out = sb.exec(["python3", "-c", WEBREQ, INET_IP, str(args.connects)],
+                              timeout=900).check().stdout
+                web[label].append(float(out))
     finally:
         sb.kill()
     tiers: dict[str, dict[str, list[float]]] = {}
@@ -252,6 +276,9 @@ def run(paths: Paths, host_ns: str, args: argparse.Namespace) -> None:
     for tier, figs in tiers.items():
         print(f"{tier:9s} (empty policy):   connect {med(figs['connect_ms']):.2f} ms, "
               f"down {med(figs['down_mib_s']):.1f} MiB/s, up {med(figs['up_mib_s']):.1f} MiB/s")
+    d, p = med(web["direct"]), med(web["proxied"])
+    print(f"web request (port 80): direct {d:.2f} ms, through the proxy {p:.2f} ms "
+          f"({p / d:.2f}x)")
     run_ms, paused_ms = med(ttfb["running"]) * 1000, med(ttfb["paused"]) * 1000
     print(f"exposed port, first byte: running {run_ms:.1f} ms, idle-paused {paused_ms:.1f} ms "
           f"({paused_ms / run_ms:.1f}x)")

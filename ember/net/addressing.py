@@ -26,6 +26,11 @@ NETNS_PREFIX = "ember-"
 HOST_IF_PREFIX = "emb"
 TAP = "tap0"
 UPLINK = "eth0"
+#: A microVM's TCP ports whose connections go through its proxy (:mod:`ember.net.proxy`)
+#: when its policy names domains, and where that proxy listens in the sandbox's namespace
+#: (on the gateway's address, reached only by redirected connections).
+PROXIED_PORTS = (80, 443)
+PROXY_PORT = 15080
 
 
 @dataclass(frozen=True)

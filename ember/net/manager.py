@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,7 +27,15 @@ from ember import proc
 from ember.errors import EmberError, NetworkError
 from ember.locks import FileLock
 from ember.net import links, resolver, ruleset
-from ember.net.addressing import HOST_IF_PREFIX, MAX_LINKS, UPLINK, Link, netns_name
+from ember.net.addressing import (
+    GATEWAY_IP,
+    HOST_IF_PREFIX,
+    MAX_LINKS,
+    PROXY_PORT,
+    UPLINK,
+    Link,
+    netns_name,
+)
 from ember.net.nsutil import in_netns, netns_path, remove_netns
 from ember.net.policy import NetworkPolicy
 from ember.net.stats import NetworkStats
@@ -71,7 +80,7 @@ class NetworkManager:
             return None
         return doc if isinstance(doc, dict) else None
 
-    def _lease(self, sandbox_id: str) -> Link:
+    def _lease(self, sandbox_id: str, *, tap: bool) -> Link:
         lock = self._locked()
         try:
             used = {int(p.name) for p in self.leases.iterdir() if p.name.isdigit()}
@@ -79,7 +88,7 @@ class NetworkManager:
             if index is None:
                 raise NetworkError(f"all {MAX_LINKS} sandbox links of this host are in use")
             (self.leases / str(index)).write_text(
-                json.dumps({"sandbox": sandbox_id, "home": self.home}))
+                json.dumps({"sandbox": sandbox_id, "home": self.home, "tap": tap}))
             return Link(index, sandbox_id)
         finally:
             lock.release()
@@ -101,14 +110,14 @@ class NetworkManager:
         proc.run(["nft", "-j", "-f", "-"], input=doc, what=what, timeout=NFT_TIMEOUT_S)
 
     def _host_table(self) -> dict[str, set[str]]:
-        """What the host table holds now: ``chains``, ``sets``, ``elements`` (links in the
-        egress map), ``resolvers`` (links in the resolver set); ``missing`` has "table"
-        when there is none."""
+        """What the host table holds now: ``chains``, ``sets``, ``egress`` and ``ingress``
+        (links in those maps), ``resolvers`` (links in the resolver set); ``missing`` has
+        "table" when there is none."""
         got = proc.run(["nft", "-j", "list", "table", ruleset.FAMILY, ruleset.TABLE],
                        what="list the ember nftables table", check=False,
                        timeout=NFT_TIMEOUT_S)
-        found: dict[str, set[str]] = {"chains": set(), "sets": set(), "elements": set(),
-                                      "resolvers": set(), "missing": set()}
+        found: dict[str, set[str]] = {"chains": set(), "sets": set(), "egress": set(),
+                                      "ingress": set(), "resolvers": set(), "missing": set()}
         if got.returncode != 0:
             found["missing"].add("table")
             return found
@@ -118,10 +127,11 @@ class NetworkManager:
             for kind in ("set", "map"):
                 if kind in item:
                     found["sets"].add(item[kind]["name"])
-            if "map" in item and item["map"]["name"] == ruleset.EGRESS_MAP:
+            if "map" in item and item["map"]["name"] in (ruleset.EGRESS_MAP,
+                                                        ruleset.INGRESS_MAP):
                 for elem in item["map"].get("elem", []):
                     if isinstance(elem, list) and elem and isinstance(elem[0], str):
-                        found["elements"].add(elem[0])
+                        found[item["map"]["name"]].add(elem[0])
             if "set" in item and item["set"]["name"] == ruleset.RESOLVERS_SET:
                 for elem in item["set"].get("elem", []):
                     parts = elem.get("concat", []) if isinstance(elem, dict) else []
@@ -160,23 +170,45 @@ class NetworkManager:
         proc.run(argv, what=f"start sandbox {link.sandbox_id}'s resolver", timeout=30)
 
     def _stop_resolver(self, link: Link) -> bool:
-        """Stop the sandbox's dnsmasq (found by its pid file, checked by its command line);
-        False if none ran."""
-        pidfile = self._resolver_files(link)
-        try:
-            pid = int(pidfile.read_text().strip() or "0")
-        except (OSError, ValueError):
-            pid = 0
-        stopped = False
-        if pid > 0:
-            try:
-                argv = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                argv = b""
-            if str(pidfile).encode() in argv:
-                stopped = _terminate(pid)
-        pidfile.unlink(missing_ok=True)
-        return stopped
+        """Stop the sandbox's dnsmasq; False if none ran."""
+        return _stop_by_pidfile(self._resolver_files(link))
+
+    # --- proxy -------------------------------------------------------------------------
+    def _proxy_files(self, link: Link) -> tuple[Path, Path]:
+        """The proxy's pid file and the policy file it reads."""
+        stem = f"{link.index}-{link.sandbox_id}"
+        return self.leases / f"{stem}.proxy.pid", self.leases / f"{stem}.policy.json"
+
+    def _write_policy(self, link: Link, policy: NetworkPolicy) -> None:
+        path = self._proxy_files(link)[1]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(policy.to_json()))
+        tmp.rename(path)  # the running proxy sees the new one whole
+
+    def _start_proxy(self, link: Link, policy: NetworkPolicy) -> None:
+        """The sandbox's proxy, in its namespace (the calling thread's), as root without
+        any capability; returns once it listens."""
+        proc.require("setpriv")
+        pidfile, policy_file = self._proxy_files(link)
+        self._write_policy(link, policy)
+        logs = Path(self.home) / "sandboxes" / link.sandbox_id
+        argv = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs", "--",
+                sys.executable, "-m", "ember.net.proxy",
+                "--listen", f"{GATEWAY_IP}:{PROXY_PORT}", "--resolver", link.host_ip,
+                "--policy", str(policy_file), "--pidfile", str(pidfile),
+                "--log", str(logs / "network-proxy.log" if logs.is_dir() else os.devnull)]
+        proc.run(argv, what=f"start sandbox {link.sandbox_id}'s network proxy", timeout=30)
+
+    def _stop_proxy(self, link: Link) -> bool:
+        """Stop the sandbox's proxy (its policy file removed: a proxy whose pid file was
+        never written exits by itself); False if none ran."""
+        pidfile, policy_file = self._proxy_files(link)
+        policy_file.unlink(missing_ok=True)
+        return _stop_by_pidfile(pidfile)
+
+    def _proxy_running(self, link: Link) -> bool:
+        pid = _pid_of(self._proxy_files(link)[0])
+        return pid is not None and _running(pid)
 
     # --- lifecycle ---------------------------------------------------------------------
     def attach(self, sandbox_id: str, policy: NetworkPolicy, *, tap: bool = True) -> Attached:
@@ -184,7 +216,7 @@ class NetworkManager:
         for its VMM (the caller closes it once the VMM holds it; ``tap=False``: a container,
         which joins the namespace itself). On failure nothing is left behind."""
         proc.require("nft")
-        link = self._lease(sandbox_id)
+        link = self._lease(sandbox_id, tap=tap)
         ns = netns_path(netns_name(sandbox_id))
         try:
             in_netns(ns, lambda: None, create=True)
@@ -204,7 +236,11 @@ class NetworkManager:
                 fd = links.setup_sandbox_side(link, tap=tap)
                 try:
                     if tap:  # a container needs no NAT: it has the link's address itself
-                        self._nft(ruleset.sandbox_table(link), f"NAT sandbox {sandbox_id}")
+                        proxied = policy.has_domains
+                        if proxied:
+                            self._start_proxy(link, policy)
+                        self._nft(ruleset.sandbox_table(link) + ruleset.proxied(proxied),
+                                  f"NAT sandbox {sandbox_id}")
                     if policy.rate_out_mbit is not None:
                         links.set_rate(UPLINK, policy.rate_out_mbit)
                 except BaseException:
@@ -250,8 +286,23 @@ class NetworkManager:
             self._start_resolver(link, policy)
 
         in_netns(self.host_ns, host_side)
-        in_netns(netns_path(netns_name(sandbox_id)),
-                 lambda: links.set_rate(UPLINK, policy.rate_out_mbit))
+        lease = self._read_lease(link.index) or {}
+
+        def sandbox_side() -> None:
+            links.set_rate(UPLINK, policy.rate_out_mbit)
+            if not lease.get("tap"):
+                return  # a container: no proxy (docs/networking.md)
+            if policy.has_domains:
+                if self._proxy_running(link):
+                    self._write_policy(link, policy)  # it re-reads the file
+                else:
+                    self._start_proxy(link, policy)
+                self._nft(ruleset.proxied(True), f"proxy sandbox {sandbox_id}'s web traffic")
+            else:
+                self._nft(ruleset.proxied(False), f"unproxy sandbox {sandbox_id}'s traffic")
+                self._stop_proxy(link)
+
+        in_netns(netns_path(netns_name(sandbox_id)), sandbox_side)
 
     def detach(self, sandbox_id: str, link: Link | None = None) -> bool:
         """Remove everything of the sandbox's network; True if anything was there.
@@ -261,13 +312,9 @@ class NetworkManager:
         ns = netns_path(netns_name(sandbox_id))
         if link is not None:
             def host_side() -> bool:
-                stopped = self._stop_resolver(link)
-                table = self._host_table()
-                cmds = ruleset.remove_sandbox(
-                    link, has_element=link.host_if in table["elements"],
-                    has_chain=ruleset.sandbox_chain_name(link) in table["chains"],
-                    has_set=ruleset.domain_set_name(link) in table["sets"],
-                    has_resolver=link.host_if in table["resolvers"])
+                stopped = self._stop_proxy(link)
+                stopped = self._stop_resolver(link) or stopped
+                cmds = ruleset.remove_sandbox(link, self._host_table())
                 if cmds:
                     self._nft(cmds, f"remove sandbox {sandbox_id}'s network policy")
                 return links.remove_host_link(link) or bool(cmds) or stopped
@@ -320,7 +367,9 @@ class NetworkManager:
             out[sid] = NetworkStats(
                 bytes_out=c.get("rx_bytes", 0), bytes_in=c.get("tx_bytes", 0),
                 packets_out=c.get("rx_packets", 0), packets_in=c.get("tx_packets", 0),
-                refused_packets=refused.get(chain, 0), dropped_packets=spoofed.get(chain, 0))
+                refused_packets=refused.get(chain, 0),
+                dropped_packets=spoofed.get(chain, 0)
+                + spoofed.get(ruleset.ingress_chain_name(link), 0))  # spoofed, DNS flood
         return out
 
     def sweep(self, alive: set[str]) -> list[str]:
@@ -336,6 +385,25 @@ class NetworkManager:
                         self.detach(sid, Link(int(p.name), sid))
                         removed.append(sid)
         return removed
+
+
+def _pid_of(pidfile: Path) -> int | None:
+    """The pid in ``pidfile`` if that process's command line names the file (a pid reused
+    by another process is not taken for it)."""
+    try:
+        pid = int(pidfile.read_text().strip() or "0")
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes() if pid > 0 else b""
+    except (OSError, ValueError):
+        return None
+    return pid if str(pidfile).encode() in argv else None
+
+
+def _stop_by_pidfile(pidfile: Path) -> bool:
+    """Stop the process named by ``pidfile`` and remove the file; False if none ran."""
+    pid = _pid_of(pidfile)
+    stopped = _terminate(pid) if pid is not None else False
+    pidfile.unlink(missing_ok=True)
+    return stopped
 
 
 def _terminate(pid: int, grace: float = 2.0) -> bool:

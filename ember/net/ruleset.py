@@ -12,20 +12,38 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from ember.net.addressing import GATEWAY_IP, GUEST_IP, HOST_IF_PREFIX, LINK_POOL, TAP, UPLINK, Link
+from ember.net.addressing import (
+    GATEWAY_IP,
+    GUEST_IP,
+    HOST_IF_PREFIX,
+    LINK_POOL,
+    PROXIED_PORTS,
+    PROXY_PORT,
+    TAP,
+    UPLINK,
+    Link,
+)
 from ember.net.policy import ALWAYS_DENIED, NetworkPolicy
 
 Cmd = dict[str, Any]
 TABLE = "ember"
 FAMILY = "inet"
 EGRESS_MAP = "egress"
+#: Each sandbox link to its own chain of what it may send the host itself (its resolver).
+INGRESS_MAP = "ingress"
 #: (link, host address) pairs whose resolver a sandbox may query.
 RESOLVERS_SET = "resolvers"
 #: The base table's layout: a table without this set is rebuilt (its base chains flushed
 #: and filled again in one transaction; sandbox chains and sets are kept).
-LAYOUT_SET = "layout-2"
+LAYOUT_SET = "layout-3"
 DNS_PORT = 53
+#: DNS packets a sandbox may send its resolver per second (and in one burst); beyond, they
+#: are dropped and counted: a guest flooding DNS slows itself, not the host.
+DNS_RATE = 200
+DNS_BURST = 400
 SANDBOX_TABLE = "ember_sb"
+#: In the sandbox's table: the guest's TCP ports that go through its proxy.
+PROXIED_SET = "proxied"
 _ANY_LINK = f"{HOST_IF_PREFIX}*"
 
 
@@ -80,6 +98,8 @@ def base_table() -> list[Cmd]:
         {"add": {"table": {"family": FAMILY, "name": TABLE}}},
         {"add": {"map": {"family": FAMILY, "table": TABLE, "name": EGRESS_MAP,
                          "type": "ifname", "map": "verdict"}}},
+        {"add": {"map": {"family": FAMILY, "table": TABLE, "name": INGRESS_MAP,
+                         "type": "ifname", "map": "verdict"}}},
         {"add": {"set": {"family": FAMILY, "table": TABLE, "name": RESOLVERS_SET,
                          "type": ["ifname", "ipv4_addr"]}}},
         _chain("forward", type="filter", hook="forward", prio=0, policy="accept"),
@@ -90,6 +110,8 @@ def base_table() -> list[Cmd]:
         _rule("forward", link_in, _counter(), drop),  # a link with no sandbox chain
         _rule("forward", link_out, _established(), accept),
         _rule("forward", link_out, _counter(), drop),  # nothing new into a sandbox
+        _rule("input", link_in, {"vmap": {"key": _meta("iifname"),
+                                          "data": f"@{INGRESS_MAP}"}}),  # its DNS rate
         _rule("input", link_in, _established(), accept),
         _rule("input", link_in, resolver, *_dns(), accept),  # its own resolver only
         _rule("input", link_in, _counter(), drop),  # the host answers nothing on a link
@@ -102,6 +124,11 @@ def base_table() -> list[Cmd]:
 
 def sandbox_chain_name(link: Link) -> str:
     return f"sb-{link.sandbox_id.removeprefix('sb-')}"
+
+
+def ingress_chain_name(link: Link) -> str:
+    """The chain of what the sandbox sends the host itself (before the base input rules)."""
+    return f"in-{link.sandbox_id.removeprefix('sb-')}"
 
 
 def domain_set_name(link: Link) -> str:
@@ -161,9 +188,17 @@ def policy_rules(link: Link, policy: NetworkPolicy) -> list[Cmd]:
     return rules
 
 
-def _element(link: Link) -> dict[str, Any]:
-    return {"family": FAMILY, "table": TABLE, "name": EGRESS_MAP,
-            "elem": [[link.host_if, {"jump": {"target": sandbox_chain_name(link)}}]]}
+def _element(link: Link, vmap: str = EGRESS_MAP) -> dict[str, Any]:
+    chain = sandbox_chain_name(link) if vmap == EGRESS_MAP else ingress_chain_name(link)
+    return {"family": FAMILY, "table": TABLE, "name": vmap,
+            "elem": [[link.host_if, {"jump": {"target": chain}}]]}
+
+
+def ingress_rules(link: Link) -> list[Cmd]:
+    """DNS beyond the sandbox's rate is dropped (and counted); the rest returns to the
+    base input chain."""
+    over = {"limit": {"rate": DNS_RATE, "burst": DNS_BURST, "per": "second", "inv": True}}
+    return [_rule(ingress_chain_name(link), *_dns(), over, _counter(), {"drop": None})]
 
 
 def _domain_set(link: Link) -> dict[str, Any]:
@@ -182,6 +217,8 @@ def add_sandbox(link: Link, policy: NetworkPolicy) -> list[Cmd]:
                              "timeout": DOMAIN_ADDRESS_TIMEOUT_S}}},
             _chain(sandbox_chain_name(link)), *policy_rules(link, policy),
             {"add": {"element": _element(link)}},
+            _chain(ingress_chain_name(link)), *ingress_rules(link),
+            {"add": {"element": _element(link, INGRESS_MAP)}},
             {"add": {"element": _resolver_element(link)}}]
 
 
@@ -194,32 +231,43 @@ def update_sandbox(link: Link, policy: NetworkPolicy) -> list[Cmd]:
             *policy_rules(link, policy)]
 
 
-def remove_sandbox(link: Link, *, has_element: bool, has_chain: bool, has_set: bool,
-                   has_resolver: bool) -> list[Cmd]:
+def remove_sandbox(link: Link, found: dict[str, set[str]]) -> list[Cmd]:
+    """Delete what of the sandbox ``found`` (a listing of the host table: ``chains``,
+    ``sets``, and the links in the ``egress``, ``ingress`` and ``resolvers`` entries)
+    holds: nothing is asked of nftables that is not there."""
     cmds: list[Cmd] = []
-    if has_element:
+    if link.host_if in found["egress"]:
         cmds.append({"delete": {"element": _element(link)}})
-    if has_resolver:
+    if link.host_if in found["ingress"]:
+        cmds.append({"delete": {"element": _element(link, INGRESS_MAP)}})
+    if link.host_if in found["resolvers"]:
         cmds.append({"delete": {"element": _resolver_element(link)}})
-    if has_chain:
-        name = sandbox_chain_name(link)
-        cmds += [{"flush": {"chain": {"family": FAMILY, "table": TABLE, "name": name}}},
-                 {"delete": {"chain": {"family": FAMILY, "table": TABLE, "name": name}}}]
-    if has_set:
+    for name in (sandbox_chain_name(link), ingress_chain_name(link)):
+        if name in found["chains"]:
+            cmds += [{"flush": {"chain": {"family": FAMILY, "table": TABLE, "name": name}}},
+                     {"delete": {"chain": {"family": FAMILY, "table": TABLE, "name": name}}}]
+    if domain_set_name(link) in found["sets"]:
         cmds.append({"delete": {"set": _domain_set(link)}})
     return cmds
 
 
 def sandbox_table(link: Link) -> list[Cmd]:
     """The table inside a sandbox's own namespace: the guest NATed onto its link, its DNS
-    (to its gateway) sent to its resolver on the host end, nothing else forwarded, nothing
-    answered by the namespace itself."""
+    (to its gateway) sent to its resolver on the host end, its TCP connections to the
+    ports in the ``proxied`` set (empty unless its policy names domains) redirected to
+    its proxy (:mod:`ember.net.proxy`), nothing else forwarded, nothing else answered by
+    the namespace itself."""
     fam, tab = "ip", SANDBOX_TABLE
     accept = {"accept": None}
     return [
         {"add": {"table": {"family": fam, "name": tab}}},
+        {"add": {"set": {"family": fam, "table": tab, "name": PROXIED_SET,
+                         "type": "inet_service"}}},
         _chain("prerouting", tab, fam, type="nat", hook="prerouting", prio=-100,
                policy="accept"),
+        _rule("prerouting", _match(_meta("iifname"), TAP),
+              _match(_payload("tcp", "dport"), f"@{PROXIED_SET}"),
+              {"redirect": {"port": PROXY_PORT}}, table=tab, family=fam),
         _rule("prerouting", _match(_meta("iifname"), TAP),
               _match(_payload("ip", "daddr"), GATEWAY_IP), *_dns(),
               {"dnat": {"addr": link.host_ip}}, table=tab, family=fam),
@@ -233,9 +281,23 @@ def sandbox_table(link: Link) -> list[Cmd]:
               _established(), accept, table=tab, family=fam),
         _rule("forward", _counter(), table=tab, family=fam),  # then the drop policy
         _rule("input", _established(), accept, table=tab, family=fam),
+        _rule("input", _match(_meta("iifname"), TAP),
+              _match(_payload("tcp", "dport"), PROXY_PORT),
+              _match({"ct": {"key": "status"}}, "dnat", "in"), accept,
+              table=tab, family=fam),  # redirected connections only, to the proxy
         _rule("input", _counter(), table=tab, family=fam),
         _rule("postrouting", _match(_meta("oifname"), UPLINK), {"masquerade": None},
               table=tab, family=fam),
     ]
 
 
+
+
+def proxied(on: bool) -> list[Cmd]:
+    """Send the guest's connections to ports 80 and 443 through its proxy (``on``) or
+    straight out, in one transaction (in the sandbox's namespace)."""
+    ref = {"family": "ip", "table": SANDBOX_TABLE, "name": PROXIED_SET}
+    cmds: list[Cmd] = [{"flush": {"set": ref}}]
+    if on:
+        cmds.append({"add": {"element": {**ref, "elem": list(PROXIED_PORTS)}}})
+    return cmds

@@ -373,6 +373,22 @@ def _networks(paths: Paths, kept: dict[str, SandboxRecord]) -> list[str]:
         sid = ns.name.removeprefix("ember-")
         if sid not in kept and (paths.sandboxes / sid).exists():
             found.append(f"network namespace {ns.name}")
+    return found + _orphan_proxies()
+
+
+def _orphan_proxies() -> list[str]:
+    """Network proxies (any home's) whose network is gone: their policy file removed, they
+    should have exited."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"ember.net.proxy" in argv and b"--policy" in argv[:-1]:
+            policy = Path(argv[argv.index(b"--policy") + 1].decode(errors="replace"))
+            if not policy.exists():
+                found.append(f"network proxy pid {cmdline.parent.name} ({policy.name})")
     return found
 
 

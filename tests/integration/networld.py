@@ -30,6 +30,9 @@ HTTP_PORT = 8080
 BULK_PORT = 8081  # send a decimal byte count and a newline: that many bytes come back
 HOLD_PORT = 8082  # connections stay open until the client closes them
 UDP_PORT = 9999
+#: Web servers on every fake internet address: whatever a client sends first (an HTTP
+#: request, a TLS ClientHello), the answer names the address it reached.
+WEB_PORTS = (80, 443)
 #: The fake internet's names and addresses (each address is served by the web server).
 NAMES = {
     "allowed.test": INET_IP,
@@ -74,6 +77,18 @@ def _serve(listener: socket.socket, who: bytes) -> None:
                              + who + b"\n")
             except OSError:
                 pass
+
+
+def _where(listener: socket.socket) -> None:
+    def one(conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(5)
+            with suppress(OSError):
+                conn.recv(16384)
+                conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n"
+                             b"hello from " + conn.getsockname()[0].encode() + b"\n")
+
+    _accept(listener, one)
 
 
 def _bulk(listener: socket.socket) -> None:
@@ -154,6 +169,10 @@ def fake_world() -> Iterator[World]:
         world.sockets += [bulk, hold]
         threading.Thread(target=_bulk, args=(bulk,), daemon=True).start()
         threading.Thread(target=_hold, args=(hold,), daemon=True).start()
+        for port in WEB_PORTS:
+            web = in_netns(inet, lambda port=port: socket.create_server(("0.0.0.0", port)))
+            world.sockets.append(web)
+            threading.Thread(target=_where, args=(web,), daemon=True).start()
         dns = in_netns(inet, lambda: subprocess.Popen(
             ["dnsmasq", "--conf-file=/dev/null", "--keep-in-foreground", "--no-resolv",
              "--no-hosts", "--bind-interfaces", f"--listen-address={INET_IP}",

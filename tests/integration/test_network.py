@@ -64,6 +64,39 @@ for name in sys.argv[1:]:
     except OSError as e:
         print(name, 'ERR', ip, type(e).__name__)
 """.replace("PORT", str(HTTP_PORT))
+WEB = """
+import socket, ssl, sys
+def hello(name):
+    ctx = ssl.create_default_context(); ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    out = ssl.MemoryBIO()
+    tls = ctx.wrap_bio(ssl.MemoryBIO(), out, server_hostname=name or None)
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return out.read()
+for target in sys.argv[1:]:
+    kind, name, addr = target.split(',')
+    try:
+        with socket.create_connection((addr, 80 if kind == 'http' else 443), timeout=8) as s:
+            s.settimeout(8)
+            s.sendall(b'GET / HTTP/1.1\\r\\nHost: ' + name.encode() + b'\\r\\n\\r\\n'
+                      if kind == 'http' else hello(name))
+            data = b''
+            while chunk := s.recv(4096):
+                data += chunk
+        if b'hello from ' in data:
+            print(target, 'OK', data.split(b'hello from ')[1].split()[0].decode())
+        elif data.startswith(b'HTTP/1.1 403'):
+            print(target, '403')
+        elif data == bytes([0x15, 3, 3, 0, 2, 2, 0x31]):
+            print(target, 'DENIED')
+        else:
+            print(target, 'CLOSED', len(data))
+    except OSError as e:
+        print(target, 'ERR', type(e).__name__)
+"""
 INTERNET = f"{INET_IP}:{HTTP_PORT}"
 PRIVATE = f"{PRIVATE_IP}:{HTTP_PORT}"
 
@@ -125,6 +158,20 @@ def serve_http(sb: Sandbox, port: int = 8000) -> Process:
     return server
 
 
+def web(sb: Sandbox, *targets: str) -> dict[str, str]:
+    """Each ``KIND,NAME,ADDRESS`` (KIND ``http`` on port 80 with ``Host: NAME``, or ``tls``
+    on 443 with a ClientHello naming NAME): ``OK <address the server saw>``, ``403`` (the
+    proxy's refusal of a request), ``DENIED`` (its TLS alert), ``CLOSED n``, ``ERR ...``."""
+    out = sb.exec(["python3", "-c", WEB, *targets], timeout=180).check().stdout
+    return dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
+
+
+def proxy_running(sandbox_id: str) -> bool:
+    ps = subprocess.run(["pgrep", "-af", "ember.net.proxy"], capture_output=True, text=True,
+                        timeout=30).stdout
+    return f"-{sandbox_id}.proxy.pid" in ps
+
+
 def resolve(sb: Sandbox, *names: str) -> dict[str, str]:
     out = sb.exec(["python3", "-c", RESOLVE, *names], timeout=120).check().stdout
     return {line.split(" ", 1)[0]: line.split(" ", 1)[1] for line in out.splitlines()}
@@ -151,6 +198,8 @@ def network_leftovers(world: World, sandbox_id: str) -> list[str]:
                              timeout=30).stdout
     if f"-{sandbox_id}.dnsmasq.pid" in dnsmasq:
         found.append("resolver")
+    if proxy_running(sandbox_id):
+        found.append("proxy")
     return found
 
 
@@ -229,6 +278,29 @@ def test_internet_off_reaches_only_allowed(home: Paths) -> None:
         assert got[PRIVATE] == "OK hello from the fake internet"
     finally:
         sb.kill()
+
+
+def test_a_dns_flood_is_dropped_and_counted_and_the_resolver_keeps_answering(
+        internet_sb: Sandbox) -> None:
+    before = internet_sb.network_stats().dropped_packets
+    sent = internet_sb.exec(["python3", "-c", """
+import socket, struct
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.setblocking(False)
+query = struct.pack('!HHHHHH', 7, 0x100, 1, 0, 0, 0) + \\
+    b'\\x07allowed\\x04test\\x00\\x00\\x01\\x00\\x01'
+n = 0
+for _ in range(3000):
+    try:
+        s.sendto(query, ('100.127.255.253', 53)); n += 1
+    except BlockingIOError:
+        pass
+print(n)
+"""], timeout=120).check().stdout
+    assert int(sent) > 1000
+    dropped = internet_sb.network_stats().dropped_packets - before
+    assert dropped > 0, "a flood beyond the DNS rate was not dropped"
+    time.sleep(3)  # the rate's bucket fills again
+    assert resolve(internet_sb, "allowed.test")["allowed.test"] == f"OK {INET_IP}"
 
 
 def test_sandboxes_do_not_reach_each_other(home: Paths, internet_sb: Sandbox,
@@ -318,9 +390,9 @@ def test_fork_and_restore_of_a_networked_sandbox_keep_its_policy(
 
 
 def test_kill_removes_everything(home: Paths, world: World) -> None:
-    sb = create(home, {"internet": False})
+    sb = create(home, {"internet": False, "allow": ["allowed.test"]})
     assert network_leftovers(world, sb.id) == ["namespace", "host link", "nftables chain",
-                                               "lease", "resolver"]
+                                               "lease", "resolver", "proxy"]
     sb.kill()
     assert network_leftovers(world, sb.id) == []
 
@@ -329,7 +401,8 @@ def test_creator_killed_during_network_setup_leaves_nothing(home: Paths, world: 
     """kill -9 of an in-process creator once the sandbox's namespace exists: the next
     listing (reconcile and sweep) removes the namespace, link, chain and lease."""
     code = ("from ember import Sandbox; from ember.paths import Paths; import sys\n"
-            "Sandbox.create('debian-python', paths=Paths.from_env(), network={'internet': True})")
+            "Sandbox.create('debian-python', paths=Paths.from_env(),"
+            " network={'internet': True, 'deny': ['other.test']})")
     env = {**os.environ, "EMBER_HOME": str(home.home), "EMBER_LOCAL": "1",
            "EMBER_NET_HOST_NS": world.host}
     before = {i.id for i in Sandbox.list(paths=home)}
@@ -424,6 +497,40 @@ except OSError as e:
         sb.kill()
 
 
+def test_web_traffic_is_checked_by_name_where_an_address_cannot_bypass_it(
+        home: Paths, world: World) -> None:
+    """With domain rules, connections to ports 80 and 443 go through the sandbox's proxy:
+    the TLS server name or HTTP Host decides, and the name's own address is the one
+    reached, whatever address the guest used."""
+    sb = create(home, {"internet": False, "allow": ["allowed.test", "*.sub.test",
+                                                    "rebind.test"]})
+    try:
+        assert proxy_running(sb.id)
+        other = "198.51.100.11"
+        got = web(sb, f"http,allowed.test,{INET_IP}", f"tls,allowed.test,{INET_IP}",
+                  f"tls,allowed.test,{other}", f"http,allowed.test,{other}",
+                  f"http,other.test,{INET_IP}", f"tls,other.test,{INET_IP}",
+                  f"tls,,{INET_IP}", f"http,{INET_IP},{INET_IP}",
+                  "http,a.sub.test,198.51.100.12", f"http,rebind.test,{PRIVATE_IP}")
+        assert got == {
+            f"http,allowed.test,{INET_IP}": f"OK {INET_IP}",
+            f"tls,allowed.test,{INET_IP}": f"OK {INET_IP}",
+            f"tls,allowed.test,{other}": f"OK {INET_IP}",  # the name's server, not other's
+            f"http,allowed.test,{other}": f"OK {INET_IP}",
+            f"http,other.test,{INET_IP}": "403",  # an allowed address, a refused name
+            f"tls,other.test,{INET_IP}": "DENIED",
+            f"tls,,{INET_IP}": "DENIED",  # no name: the address alone is not allowed
+            f"http,{INET_IP},{INET_IP}": "403",
+            "http,a.sub.test,198.51.100.12": "OK 198.51.100.12",
+            f"http,rebind.test,{PRIVATE_IP}": "403",  # resolves into a denied range
+        }, got
+        log = (home.sandboxes / sb.id / "network-proxy.log").read_text()
+        assert "other.test" in log and "refused" in log
+    finally:
+        sb.kill()
+    assert network_leftovers(world, sb.id) == []
+
+
 def test_denied_domains_do_not_resolve_and_policy_updates_reach_the_resolver(
         internet_sb: Sandbox) -> None:
     try:
@@ -432,9 +539,20 @@ def test_denied_domains_do_not_resolve_and_policy_updates_reach_the_resolver(
         got = resolve(internet_sb, "other.test", "a.sub.test", "sub.test", "allowed.test")
         assert got["other.test"] == "NORESOLVE" and got["a.sub.test"] == "NORESOLVE"
         assert got["sub.test"] == "OK 198.51.100.13" and got["allowed.test"].startswith("OK")
+        assert proxy_running(internet_sb.id)  # the change started the proxy
+        other = "198.51.100.11"
+        assert web(internet_sb, f"http,other.test,{other}", f"tls,other.test,{INET_IP}",
+                   f"http,allowed.test,{other}", f"tls,,{other}",
+                   "http,sub.test,198.51.100.13") == {
+            f"http,other.test,{other}": "403", f"tls,other.test,{INET_IP}": "DENIED",
+            f"http,allowed.test,{other}": f"OK {INET_IP}", f"tls,,{other}": f"OK {other}",
+            "http,sub.test,198.51.100.13": "OK 198.51.100.13"}
     finally:
         internet_sb.set_network({"internet": True})
     assert resolve(internet_sb, "other.test")["other.test"] == "OK 198.51.100.11"
+    assert not proxy_running(internet_sb.id)  # no domain rules: no proxy
+    assert web(internet_sb, "http,other.test,198.51.100.11") == {
+        "http,other.test,198.51.100.11": "OK 198.51.100.11"}
 
 
 def test_exposed_ports_reach_the_guest_and_nothing_else_does(home: Paths, world: World) -> None:
@@ -524,7 +642,7 @@ def test_a_killed_vmm_or_daemon_leaves_no_network_behind(home: Paths, world: Wor
     removes them."""
     from ember.daemon.control import status as daemon_status
 
-    sb = create(home, {"internet": True})
+    sb = create(home, {"internet": True, "deny": ["other.test"]})  # with a proxy
     store = Store(home.db)
     try:
         pid = store.get_sandbox(sb.id).pid
@@ -540,7 +658,7 @@ def test_a_killed_vmm_or_daemon_leaves_no_network_behind(home: Paths, world: Wor
     assert Sandbox.get_info(sb.id, paths=home).state == "failed"
     Sandbox.kill(sb.id, paths=home)
 
-    other = create(home, {"internet": True})
+    other = create(home, {"internet": True, "deny": ["other.test"]})
     daemon = daemon_status(home).pid
     assert daemon is not None
     os.kill(daemon, signal.SIGKILL)
@@ -548,7 +666,7 @@ def test_a_killed_vmm_or_daemon_leaves_no_network_behind(home: Paths, world: Wor
     while daemon_status(home).running and time.monotonic() < deadline:
         time.sleep(0.1)
     assert network_leftovers(world, other.id) == ["namespace", "host link", "nftables chain",
-                                                  "lease", "resolver"]  # all still there
+                                                  "lease", "resolver", "proxy"]  # all there
     again = Sandbox.connect(other.id, paths=home)  # a new daemon starts and attaches
     try:
         assert probe(again, INTERNET)[INTERNET].startswith("OK")

@@ -88,12 +88,15 @@ def test_update_is_one_flush_then_the_rules() -> None:
     cmds = ruleset.update_sandbox(link, NetworkPolicy())
     assert [list(c) for c in cmds[:2]] == [["flush"], ["flush"]]
     assert "set" in cmds[0]["flush"] and all("add" in c for c in cmds[2:])
-    assert ruleset.remove_sandbox(link, has_element=False, has_chain=False, has_set=False,
-                                  has_resolver=False) == []
-    every = ruleset.remove_sandbox(link, has_element=True, has_chain=True, has_set=True,
-                                   has_resolver=True)
+    none: dict[str, set[str]] = {k: set() for k in ("chains", "sets", "egress", "ingress",
+                                                    "resolvers")}
+    assert ruleset.remove_sandbox(link, none) == []
+    every = ruleset.remove_sandbox(link, {
+        "chains": {ruleset.sandbox_chain_name(link), ruleset.ingress_chain_name(link)},
+        "sets": {ruleset.domain_set_name(link)}, "egress": {link.host_if},
+        "ingress": {link.host_if}, "resolvers": {link.host_if}})
     assert [next(iter(c["delete"] if "delete" in c else c["flush"])) for c in every] == [
-        "element", "element", "chain", "chain", "set"]
+        "element", "element", "element", "chain", "chain", "chain", "chain", "set"]
 
 
 def test_domains_are_normalized_and_resolved_by_policy() -> None:
