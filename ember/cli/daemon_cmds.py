@@ -33,6 +33,9 @@ def _show(st: object, as_json: bool) -> None:
 
 
 def _network_options(fn: F) -> F:
+    fn = click.option("--ports-domain", default=None, metavar="DOMAIN",
+                      help="Exposed ports answer HTTP here for Host: <port>-<id>.DOMAIN "
+                      "(default: $EMBER_PORTS_DOMAIN or localhost).")(fn)
     fn = click.option("--tls-key", default=None, type=click.Path(dir_okay=False),
                       help="Private key (PEM) for --tls-cert.")(fn)
     fn = click.option("--tls-cert", default=None, type=click.Path(dir_okay=False),
@@ -48,13 +51,13 @@ def _network_options(fn: F) -> F:
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 @handle_errors
 def start(listen: str | None, tls_cert: str | None, tls_key: str | None,
-          as_json: bool) -> None:
+          ports_domain: str | None, as_json: bool) -> None:
     """Start the daemon in the background unless it runs; return once it answers."""
     from ember.daemon import control
     from ember.paths import Paths
 
-    _show(control.start(Paths.from_env(), listen=listen, tls_cert=tls_cert, tls_key=tls_key),
-          as_json)
+    _show(control.start(Paths.from_env(), listen=listen, tls_cert=tls_cert, tls_key=tls_key,
+                        ports_domain=ports_domain), as_json)
 
 
 @daemon.command("stop")
@@ -100,12 +103,14 @@ def status(as_json: bool) -> None:
 @daemon.command("serve")
 @_network_options
 @handle_errors
-def serve(listen: str | None, tls_cert: str | None, tls_key: str | None) -> None:
+def serve(listen: str | None, tls_cert: str | None, tls_key: str | None,
+          ports_domain: str | None) -> None:
     """Run the daemon in the foreground (what the systemd unit runs)."""
     from ember.daemon.server import serve as run
     from ember.paths import Paths
 
-    run(Paths.from_env(), listen=listen, tls_cert=tls_cert, tls_key=tls_key)
+    run(Paths.from_env(), listen=listen, tls_cert=tls_cert, tls_key=tls_key,
+        ports_domain=ports_domain)
 
 
 @daemon.command("openapi")

@@ -13,6 +13,25 @@ from ember.net.policy import NetworkPolicy
 from ember.net.stats import NetworkStats
 from ember.sdk.results import SandboxInfo
 
+#: Limits on a sandbox's network, given at create (run, create) or later (network set).
+LIMIT_OPTIONS = [
+    click.option("--rate-out", type=float, default=None, metavar="MBIT",
+                 help="Bandwidth from the guest, Mbit/s (0: no limit)."),
+    click.option("--rate-in", type=float, default=None, metavar="MBIT",
+                 help="Bandwidth to the guest, Mbit/s (0: no limit)."),
+    click.option("--max-connections", type=int, default=None, metavar="N",
+                 help="Connections the guest may have open at once (0: no limit)."),
+]
+
+
+def limit_fields(rate_out: float | None, rate_in: float | None,
+                 max_connections: int | None) -> dict[str, Any]:
+    """The NetworkPolicy fields the given limit options set (0: no limit, None: not
+    given)."""
+    given = (("rate_out_mbit", rate_out), ("rate_in_mbit", rate_in),
+             ("max_connections", max_connections))
+    return {k: (v or None) for k, v in given if v is not None}
+
 
 @click.group("network")
 def network() -> None:
@@ -76,12 +95,9 @@ def live_stats(info: SandboxInfo) -> NetworkStats | None:
               help="Allowed destinations, replacing the list; repeatable.")
 @click.option("--deny", multiple=True, metavar="CIDR|DOMAIN",
               help="Denied destinations (win over --allow), replacing the list; repeatable.")
-@click.option("--rate-out", type=float, default=None, metavar="MBIT",
-              help="Bandwidth from the guest, Mbit/s (0: no limit).")
-@click.option("--rate-in", type=float, default=None, metavar="MBIT",
-              help="Bandwidth to the guest, Mbit/s (0: no limit).")
-@click.option("--max-connections", type=int, default=None, metavar="N",
-              help="Connections the guest may have open at once (0: no limit).")
+@LIMIT_OPTIONS[0]
+@LIMIT_OPTIONS[1]
+@LIMIT_OPTIONS[2]
 @click.option("--clear", is_flag=True, help="Empty the allow and deny lists first.")
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
@@ -101,9 +117,7 @@ def set_policy(sandbox_id: str, internet: bool | None, allow: tuple[str, ...],
         raise BadRequestError(f"sandbox {sandbox_id} was created without a network "
                               "(--network none); create it with --network internet or off")
     base = dataclasses.replace(current, allow=(), deny=()) if clear else current
-    given = (("rate_out_mbit", rate_out), ("rate_in_mbit", rate_in),
-             ("max_connections", max_connections))
-    limits: dict[str, Any] = {k: (v or None) for k, v in given if v is not None}
+    limits = limit_fields(rate_out, rate_in, max_connections)
     policy = dataclasses.replace(
         base, internet=base.internet if internet is None else internet,
         allow=allow or base.allow, deny=deny or base.deny, **limits)
@@ -145,4 +159,6 @@ def port(sandbox_id: str, port: int | None, close: bool, pause_after_idle: float
         print_json([dataclasses.asdict(p) for p in shown])
     else:
         for p in shown:
-            click.echo(f"{p.port} -> {p.address}")
+            http = f"  (HTTP via the daemon: Host {p.http_host}, or {p.http_path}/)" \
+                if p.http_host and p.http_path else ""
+            click.echo(f"{p.port} -> {p.address}{http}")

@@ -13,6 +13,7 @@ import click
 from rich.table import Table
 
 from ember.cli.common import handle_errors, out_console, print_json, progress
+from ember.cli.network_cmds import LIMIT_OPTIONS, limit_fields
 from ember.errors import BadRequestError, CommandNotFoundError, EmberError
 from ember.kinds import BOOTS, ISOLATIONS, ON_TIMEOUT, Boot, Isolation, OnTimeout
 from ember.net.policy import NetworkPolicy
@@ -51,6 +52,7 @@ CREATE_OPTIONS = [
                       "(example.com, *.example.com); repeatable."),
     click.option("--deny", multiple=True, metavar="CIDR|DOMAIN",
                  help="Destinations denied (wins over --allow); repeatable."),
+    *LIMIT_OPTIONS,
     click.option("--env", "-e", "env", multiple=True, metavar="KEY=VALUE",
                  help="Environment for every command; repeatable."),
     click.option("--meta", "metadata", multiple=True, metavar="KEY=VALUE",
@@ -77,15 +79,19 @@ def _pairs(items: tuple[str, ...], what: str) -> dict[str, str]:
     return out
 
 
-def network_policy(mode: str, allow: tuple[str, ...],
-                   deny: tuple[str, ...]) -> NetworkPolicy | None:
-    """The policy the ``--network``, ``--allow`` and ``--deny`` options describe."""
+def network_policy(mode: str, allow: tuple[str, ...], deny: tuple[str, ...],
+                   rate_out: float | None = None, rate_in: float | None = None,
+                   max_connections: int | None = None) -> NetworkPolicy | None:
+    """The policy the ``--network``, ``--allow``, ``--deny`` and limit options
+    describe."""
+    limits = limit_fields(rate_out, rate_in, max_connections)
     if mode == "none":
-        if allow or deny:
-            raise BadRequestError("--allow and --deny need --network internet or off "
+        if allow or deny or limits:
+            raise BadRequestError("--allow, --deny, --rate-in, --rate-out and "
+                                  "--max-connections need --network internet or off "
                                   "(none: the sandbox has no NIC at all)")
         return None
-    return NetworkPolicy(internet=mode == "internet", allow=allow, deny=deny)
+    return NetworkPolicy(internet=mode == "internet", allow=allow, deny=deny, **limits)
 
 
 def _create(template: str, vcpus: int | None, memory_mib: int | None, disk_mib: int | None,
@@ -135,15 +141,17 @@ def _copy_output(sb: Sandbox, cmd: list[str], stdin: bool, timeout: float | None
 @handle_errors
 def run(template: str, vcpus: int | None, memory_mib: int | None, disk_mib: int | None,
         timeout: float, on_timeout: OnTimeout, isolation: Isolation, boot: Boot, network: str,
-        allow: tuple[str, ...], deny: tuple[str, ...],
+        allow: tuple[str, ...], deny: tuple[str, ...], rate_out: float | None,
+        rate_in: float | None, max_connections: int | None,
         env: tuple[str, ...], metadata: tuple[str, ...], stdin: bool, cmd_timeout: float | None,
         cmd: tuple[str, ...]) -> None:
     """Create a sandbox, run CMD in it with streamed output, destroy it; exit with CMD's code.
 
     Example: ember run -- python3 -c "print(6*7)"
     """
+    net = network_policy(network, allow, deny, rate_out, rate_in, max_connections)
     sb = _create(template, vcpus, memory_mib, disk_mib, timeout, on_timeout, isolation, boot,
-                 network_policy(network, allow, deny), env, metadata, True)
+                 net, env, metadata, True)
     try:
         code = _stream_exec(sb, list(cmd), stdin, cmd_timeout)
     finally:
@@ -158,10 +166,12 @@ def run(template: str, vcpus: int | None, memory_mib: int | None, disk_mib: int 
 def create(template: str, vcpus: int | None, memory_mib: int | None, disk_mib: int | None,
            timeout: float, on_timeout: OnTimeout, isolation: Isolation, boot: Boot,
            network: str, allow: tuple[str, ...], deny: tuple[str, ...],
+           rate_out: float | None, rate_in: float | None, max_connections: int | None,
            env: tuple[str, ...], metadata: tuple[str, ...], as_json: bool) -> None:
     """Create a sandbox that keeps running after this command; print its id."""
+    net = network_policy(network, allow, deny, rate_out, rate_in, max_connections)
     sb = _create(template, vcpus, memory_mib, disk_mib, timeout, on_timeout, isolation, boot,
-                 network_policy(network, allow, deny), env, metadata, not as_json)
+                 net, env, metadata, not as_json)
     info = sb.info()
     sb.close()
     if as_json:

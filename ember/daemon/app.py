@@ -39,6 +39,7 @@ from ember.daemon.live import LiveSandboxes
 from ember.daemon.metrics import Metrics
 from ember.daemon.middleware import EdgeMiddleware
 from ember.daemon.models import PoolRequest
+from ember.daemon.port_proxy import HostRouting, PortProxy, check_domain, domain_from_env
 from ember.engine.doctor import diagnose
 from ember.errors import BadRequestError, EmberError, NotFoundError
 from ember.paths import Paths
@@ -48,11 +49,15 @@ from ember.sdk.wire import error_body, to_json
 log = logging.getLogger("ember.daemon")
 
 
-def create_app(paths: Paths, *, idle_exit: float | None = None) -> FastAPI:
+def create_app(paths: Paths, *, idle_exit: float | None = None,
+               ports_domain: str | None = None) -> FastAPI:
     """The API of the daemon serving ``paths``' home (``idle_exit``: stop after that many
-    seconds with no sandbox and no pool; see :func:`ember.runtime.reaper.supervise`)."""
+    seconds with no sandbox and no pool; see :func:`ember.runtime.reaper.supervise`;
+    ``ports_domain``: exposed ports answer HTTP for ``<port>-<id>.<domain>``, default
+    ``EMBER_PORTS_DOMAIN`` or localhost)."""
     live = LiveSandboxes(paths)
     metrics = Metrics(live.mgr)
+    proxy = PortProxy(check_domain(ports_domain) if ports_domain else domain_from_env())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -62,10 +67,15 @@ def create_app(paths: Paths, *, idle_exit: float | None = None) -> FastAPI:
             kwargs={"idle_exit": idle_exit}, name="ember-supervisor", daemon=True)
         supervisor.start()
         try:
+            await live.restore_ports()
+        except Exception:  # the API serves anyway; the ports can be exposed again
+            log.exception("exposed ports of the previous daemon could not be restored")
+        try:
             yield
         finally:
             stop.set()
             await live.close()
+            await proxy.aclose()
             await asyncio.to_thread(supervisor.join, 30)
 
     app = FastAPI(title="ember daemon API", version=ember.__version__, lifespan=lifespan,
@@ -75,7 +85,9 @@ def create_app(paths: Paths, *, idle_exit: float | None = None) -> FastAPI:
     app.state.live = live
     app.state.metrics = metrics
     app.state.quotas = Quotas(live.mgr.store)
+    app.state.proxy = proxy
     app.add_middleware(EdgeMiddleware)
+    app.add_middleware(HostRouting, domain=proxy.domain)  # outermost: before the edge
 
     @app.exception_handler(EmberError)
     async def ember_error(request: Request, err: EmberError) -> JSONResponse:

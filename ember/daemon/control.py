@@ -54,14 +54,14 @@ def status(paths: Paths) -> DaemonStatus:
 
 def start(paths: Paths, *, listen: str | None = None, tls_cert: str | None = None,
           tls_key: str | None = None, wait: float = START_WAIT_S,
-          idle_exit: float | None = None) -> DaemonStatus:
+          idle_exit: float | None = None, ports_domain: str | None = None) -> DaemonStatus:
     """Start the home's daemon unless one runs; return once it answers.
 
     A daemon that holds the lock but does not answer may be one just killed whose exit
     the kernel has not finished (a big process takes a moment to close its files): the
     lock is watched, and a daemon is started as soon as it is free. ``idle_exit``: the
     daemon stops by itself after that many seconds with no sandbox and no pool (how the
-    SDK and the CLI start one on demand)."""
+    SDK and the CLI start one on demand). ``ports_domain``: see :func:`serve`."""
     deadline = time.monotonic() + wait
     child: subprocess.Popen[bytes] | None = None
     out = out_path(paths)
@@ -74,7 +74,8 @@ def start(paths: Paths, *, listen: str | None = None, tls_cert: str | None = Non
                 raise HostError(f"the ember daemon exited at start (code {child.returncode})"
                                 + _tail(out))
             if child is None:
-                child = spawn_daemon(paths, _flags(listen, tls_cert, tls_key, idle_exit))
+                child = spawn_daemon(paths, _flags(listen, tls_cert, tls_key, idle_exit,
+                                                   ports_domain))
         time.sleep(0.05)
     raise HostError(f"the ember daemon did not answer on {paths.daemon_socket} within {wait:g} s;"
                     f" see {out} and {paths.logs / 'ember.log'}" + _tail(out))
@@ -95,12 +96,13 @@ def revive(paths: Paths) -> None:
 
 
 def _flags(listen: str | None, tls_cert: str | None, tls_key: str | None,
-           idle_exit: float | None) -> list[str]:
+           idle_exit: float | None, ports_domain: str | None = None) -> list[str]:
     argv: list[str] = [] if idle_exit is None else ["--idle-exit", f"{idle_exit:g}"]
     for flag, value in (("--listen", listen), ("--tls-cert", tls_cert),
-                        ("--tls-key", tls_key)):
+                        ("--tls-key", tls_key), ("--ports-domain", ports_domain)):
         if value:
-            argv += [flag, str(Path(value).absolute()) if flag != "--listen" else value]
+            argv += [flag, str(Path(value).absolute())
+                     if flag in ("--tls-cert", "--tls-key") else value]
     return argv
 
 

@@ -11,6 +11,7 @@ from fastapi import Depends, Path, Request
 from ember.daemon.auth import Principal, Quotas, own_sandbox, principal_of
 from ember.daemon.live import LiveSandboxes
 from ember.daemon.metrics import Metrics
+from ember.daemon.port_proxy import PortProxy
 
 ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 
@@ -30,6 +31,11 @@ def _quotas(request: Request) -> Quotas:
     return q
 
 
+def _proxy(request: Request) -> PortProxy:
+    p: PortProxy = request.app.state.proxy
+    return p
+
+
 def _principal(request: Request) -> Principal:
     live: LiveSandboxes = request.app.state.live
     return principal_of(live.mgr.store, request.scope.get("client"),
@@ -40,6 +46,7 @@ Live = Annotated[LiveSandboxes, Depends(_live)]
 Meter = Annotated[Metrics, Depends(_metrics)]
 Quota = Annotated[Quotas, Depends(_quotas)]
 Who = Annotated[Principal, Depends(_principal)]
+Proxy = Annotated[PortProxy, Depends(_proxy)]
 
 
 async def _owned(live: Live, who: Who,

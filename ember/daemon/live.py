@@ -15,13 +15,23 @@ import logging
 import os
 from collections.abc import Sequence
 
-from ember.errors import BadRequestError, GuestError, NotFoundError
-from ember.net.forward import PortForwarder
+from ember.errors import (
+    BadRequestError,
+    EmberError,
+    GuestError,
+    NetworkError,
+    NotFoundError,
+    SandboxNotFoundError,
+)
+from ember.net.addressing import GUEST_IP
+from ember.net.forward import Exposed, PortForwarder
 from ember.paths import Paths
 from ember.runtime.manager import SandboxManager
+from ember.runtime.states import LIVE_STATES
 from ember.sdk.async_sandbox import AsyncSandbox, manager
 from ember.sdk.local import Local
 from ember.sdk.process import AsyncProcess
+from ember.store.records import ExposedPortRecord, SandboxRecord
 
 log = logging.getLogger("ember.daemon")
 
@@ -112,9 +122,75 @@ class LiveSandboxes:
         else:
             await self.local.resume(sandbox_id)
 
+    # --- exposed ports (kept in the registry: a restarted daemon exposes them again) -----
+    async def expose(self, sandbox_id: str, port: int, *,
+                     pause_after_idle: float | None = None) -> Exposed:
+        rec = await asyncio.to_thread(self.mgr.get, sandbox_id)  # 404 for an unknown one
+        exposed = await self.ports.expose(sandbox_id, port, target=_target(rec))
+        try:
+            if pause_after_idle is not None:
+                self.ports.set_idle_pause(sandbox_id, pause_after_idle)
+            store = self.mgr.store
+            await asyncio.to_thread(store.put_exposed_port, ExposedPortRecord(
+                sandbox_id, port, exposed.host_port, self.ports.idle_pause(sandbox_id)))
+            if pause_after_idle is not None:
+                await asyncio.to_thread(store.set_idle_pause, sandbox_id, pause_after_idle)
+        except BaseException:
+            await self.ports.close(sandbox_id, port)
+            raise
+        return exposed
+
+    async def unexpose(self, sandbox_id: str, port: int) -> None:
+        await self.ports.close(sandbox_id, port)
+        await asyncio.to_thread(self.mgr.store.delete_exposed_ports, sandbox_id, port)
+
+    async def restore_ports(self) -> None:
+        """Expose again what a previous daemon exposed, for sandboxes still alive (at the
+        same host port if it is free, else at a new one); forget the rest."""
+        store = self.mgr.store
+        rows = await asyncio.to_thread(store.list_exposed_ports)
+        for sid in sorted({r.sandbox_id for r in rows}):
+            mine = [r for r in rows if r.sandbox_id == sid]
+            try:
+                rec: SandboxRecord | None = await asyncio.to_thread(self.mgr.get, sid)
+            except SandboxNotFoundError:
+                rec = None
+            if rec is None or rec.state not in LIVE_STATES or rec.network is None:
+                log.info("sandbox %s is gone: its exposed ports are forgotten", sid)
+                await asyncio.to_thread(store.delete_exposed_ports, sid)
+                continue
+            for row in mine:
+                await self._reexpose(rec, row)
+            idle = mine[0].pause_after_idle_s
+            if idle is not None and self.ports.exposed(sid):
+                self.ports.set_idle_pause(sid, idle)
+                if rec.state == "paused":
+                    self.ports.adopt_paused(sid)
+
+    async def _reexpose(self, rec: SandboxRecord, row: ExposedPortRecord) -> None:
+        store = self.mgr.store
+        try:
+            try:
+                got = await self.ports.expose(rec.id, row.port, row.host_port,
+                                              target=_target(rec))
+            except NetworkError as err:  # its host port is taken now: another one
+                log.warning("sandbox %s port %d: %s; exposing it at another host port",
+                            rec.id, row.port, err)
+                got = await self.ports.expose(rec.id, row.port, target=_target(rec))
+        except EmberError as err:
+            log.warning("sandbox %s port %d is not exposed again: %s", rec.id, row.port, err)
+            await asyncio.to_thread(store.delete_exposed_ports, rec.id, row.port)
+            return
+        if got.host_port != row.host_port:
+            await asyncio.to_thread(store.put_exposed_port, ExposedPortRecord(
+                rec.id, row.port, got.host_port, row.pause_after_idle_s))
+        log.info("sandbox %s: port %d exposed again at %s:%d", rec.id, row.port, got.host,
+                 got.host_port)
+
     async def kill(self, sandbox_id: str) -> None:
         """Destroy a sandbox, whether the daemon holds it open or not."""
         await self.ports.close(sandbox_id)
+        await asyncio.to_thread(self.mgr.store.delete_exposed_ports, sandbox_id)
         sb = self._drop(sandbox_id)
         if sb is not None:
             await sb.kill()
@@ -153,6 +229,12 @@ class LiveSandboxes:
         await self.ports.close_all()
         for sid in list(self._open):
             await self.forget(sid)
+
+
+def _target(rec: SandboxRecord) -> str:
+    """Where an exposed port is, seen from the sandbox's namespace: the guest behind its
+    gateway (a microVM's tap, a container's veth), on every tier."""
+    return GUEST_IP
 
 
 def _usable(sb: AsyncSandbox) -> bool:

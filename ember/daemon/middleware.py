@@ -15,6 +15,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ember.daemon.port_proxy import proxied
 from ember.errors import BadRequestError
 from ember.sdk.wire import error_body, event_line
 
@@ -26,9 +27,10 @@ access = logging.getLogger("ember.daemon.access")
 
 
 def _streamed(scope: Scope) -> bool:
-    """Requests whose body streams through (uploads, stdin), unbounded in total."""
+    """Requests whose body streams through (uploads, stdin, HTTP to an exposed port),
+    unbounded in total."""
     path: str = scope.get("path", "")
-    return path.endswith("/files/content") or path.endswith("/stdin")
+    return path.endswith("/files/content") or path.endswith("/stdin") or proxied(path)
 
 
 class EdgeMiddleware:

@@ -22,7 +22,7 @@ from typing import Any
 import uvicorn
 
 from ember.daemon.middleware import MAX_HEADER_BYTES
-from ember.errors import HostError
+from ember.errors import BadRequestError, HostError
 from ember.locks import FileLock
 from ember.paths import Paths
 
@@ -69,11 +69,14 @@ class _Server(uvicorn.Server):
 
 
 def serve(paths: Paths, *, listen: str | None = None, tls_cert: str | None = None,
-          tls_key: str | None = None, idle_exit: float | None = None) -> None:
+          tls_key: str | None = None, idle_exit: float | None = None,
+          ports_domain: str | None = None) -> None:
     """Run the daemon of ``paths``' home in this process until SIGTERM or SIGINT: the Unix
-    socket, and with ``listen`` also TCP (TLS with ``tls_cert``/``tls_key``)."""
+    socket, and with ``listen`` also TCP (TLS with ``tls_cert``/``tls_key``);
+    ``ports_domain``: exposed ports answer HTTP for ``Host: <port>-<id>.<domain>``."""
     from ember.daemon.app import create_app
     from ember.daemon.auth import PeerCredH11, PeerCredWebSocket
+    from ember.daemon.port_proxy import check_domain, domain_from_env
 
     if (tls_cert is None) != (tls_key is None):
         raise HostError("--tls-cert and --tls-key go together")
@@ -82,6 +85,10 @@ def serve(paths: Paths, *, listen: str | None = None, tls_cert: str | None = Non
     for f in (tls_cert, tls_key):
         if f is not None and not os.access(f, os.R_OK):
             raise HostError(f"cannot read {f}")
+    try:
+        ports_domain = check_domain(ports_domain) if ports_domain else domain_from_env()
+    except BadRequestError as err:
+        raise HostError(f"--ports-domain / EMBER_PORTS_DOMAIN: {err}") from None
     os.environ.pop("EMBER_URL", None)  # the daemon itself works in-process, never via itself
     paths.ensure()
     lock = FileLock(lock_path(paths))
@@ -91,7 +98,7 @@ def serve(paths: Paths, *, listen: str | None = None, tls_cert: str | None = Non
         time.sleep(0.05)
     else:
         raise AlreadyServing(f"a daemon already serves {paths.home} (pid {lock.holder()})")
-    app = create_app(paths, idle_exit=idle_exit)
+    app = create_app(paths, idle_exit=idle_exit, ports_domain=ports_domain)
     common: dict[str, Any] = dict(
         http=PeerCredH11, log_config=None, access_log=False, ws=PeerCredWebSocket,
         h11_max_incomplete_event_size=MAX_HEADER_BYTES, limit_concurrency=MAX_CONNECTIONS,
@@ -150,7 +157,8 @@ def main() -> None:
     try:
         idle = opt("--idle-exit")
         serve(paths, listen=opt("--listen"), tls_cert=opt("--tls-cert"),
-              tls_key=opt("--tls-key"), idle_exit=float(idle) if idle else None)
+              tls_key=opt("--tls-key"), idle_exit=float(idle) if idle else None,
+              ports_domain=opt("--ports-domain"))
     except AlreadyServing as err:  # lost the race to start: the winner serves
         log.info("emberd %d: %s", os.getpid(), err)
         print(f"emberd: {err}", file=sys.stderr)

@@ -17,6 +17,8 @@ GUEST_PREFIX = 30
 #: The gateway's (tap device's) MAC, the same everywhere: a guest restored from a snapshot
 #: keeps the gateway's entry in its ARP cache.
 GATEWAY_MAC = "52:54:00:e0:00:01"
+#: The guest's own MAC (a microVM's virtio-net, a container's veth end).
+GUEST_MAC = "52:54:00:e0:00:02"
 #: The per-sandbox host links: /30 each, inside CGNAT space (always denied as a
 #: destination, so one sandbox never reaches another's link).
 LINK_POOL = ipaddress.ip_network("100.100.0.0/16")
@@ -63,6 +65,15 @@ class Link:
 
 def netns_name(sandbox_id: str) -> str:
     return f"{NETNS_PREFIX}{sandbox_id}"
+
+
+def guest_netns_name(sandbox_id: str) -> str:
+    """A container's own namespace, behind its sandbox's (where a microVM has its tap): the
+    container sees what a microVM guest sees, ``eth0`` with the guest's address."""
+    return f"{NETNS_PREFIX}{sandbox_id}{GUEST_NETNS_SUFFIX}"
+
+
+GUEST_NETNS_SUFFIX = "-guest"
 
 
 def host_ifname(sandbox_id: str) -> str:

@@ -35,7 +35,7 @@ class Exposed:
     host: str
     host_port: int
     #: Where the port is, seen from inside the sandbox's namespace: the guest's address
-    #: (a microVM, behind the tap) or the namespace's own loopback (a container).
+    #: behind its gateway (a microVM's tap, a container's veth): the same on every tier.
     target: str = GUEST_IP
 
 
@@ -90,6 +90,12 @@ class PortForwarder:
     def idle_pause(self, sandbox_id: str) -> float | None:
         return self._idle.get(sandbox_id)
 
+    def adopt_paused(self, sandbox_id: str) -> None:
+        """The sandbox, given an idle period, is found paused (by a daemon restarted while
+        it idled): as if this forwarder had paused it, its next connection resumes it."""
+        if sandbox_id in self._idle:
+            self._paused.add(sandbox_id)
+
     def _active(self, sandbox_id: str) -> int:
         return sum(lst.active for (sid, _), lst in self._open.items() if sid == sandbox_id)
 
@@ -137,6 +143,10 @@ class PortForwarder:
                     log.info("sandbox %s: not resumed for a connection: %s", sandbox_id, err)
                 self._paused.discard(sandbox_id)
         self._last[sandbox_id] = time.monotonic()
+
+    def find(self, sandbox_id: str, port: int) -> Exposed | None:
+        listener = self._open.get((sandbox_id, port))
+        return None if listener is None else listener.exposed
 
     def exposed(self, sandbox_id: str) -> list[Exposed]:
         return sorted((lst.exposed for (sid, _), lst in self._open.items()

@@ -14,7 +14,16 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import TC_H_ROOT
 
-from ember.net.addressing import GATEWAY_IP, GATEWAY_MAC, GUEST_PREFIX, TAP, UPLINK, Link
+from ember.net.addressing import (
+    GATEWAY_IP,
+    GATEWAY_MAC,
+    GUEST_IP,
+    GUEST_MAC,
+    GUEST_PREFIX,
+    TAP,
+    UPLINK,
+    Link,
+)
 from ember.net.nsutil import NetnsError, write_sysctl
 
 TUNSETIFF = 0x400454CA
@@ -35,17 +44,8 @@ def _index(ip: IPRoute, name: str) -> int:
 def make_veth(link: Link, sandbox_ns: Path) -> None:
     """In the host's namespace (the calling thread's): the veth pair, its sandbox end moved
     into ``sandbox_ns``; the host end addressed and up; forwarding on."""
-    peer = f"embp{link.host_if[3:]}"[:15]
     with IPRoute() as ip:
-        try:
-            ip.link("add", ifname=link.host_if, kind="veth", peer=peer)
-        except NetlinkError as err:
-            raise NetnsError(f"cannot add veth {link.host_if}: {err}") from None
-        fd = os.open(sandbox_ns, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            ip.link("set", index=_index(ip, peer), net_ns_fd=fd)
-        finally:
-            os.close(fd)
+        _veth_into(ip, link.host_if, f"embp{link.host_if[3:]}"[:15], sandbox_ns)
         host = _index(ip, link.host_if)
         ip.addr("add", index=host, address=link.host_ip, prefixlen=30)
         write_sysctl(f"net.ipv6.conf.{link.host_if}.disable_ipv6", "1")
@@ -53,11 +53,12 @@ def make_veth(link: Link, sandbox_ns: Path) -> None:
     write_sysctl("net.ipv4.ip_forward", "1")
 
 
-def setup_sandbox_side(link: Link, *, tap: bool = True) -> int | None:
+def setup_sandbox_side(link: Link, *, guest_ns: Path | None = None) -> int | None:
     """In the sandbox's namespace (the calling thread's): the veth end renamed ``eth0``,
-    addressed, default route to the host end; with ``tap`` (a microVM) the tap device made
-    and addressed as the guest's gateway, and its open descriptor returned (QEMU's). A
-    container lives in this namespace itself and uses ``eth0``."""
+    addressed, default route to the host end; then the guest's gateway ``tap0``: for a
+    microVM the tap device, whose open descriptor is returned (QEMU's); for a container
+    (``guest_ns``, its own namespace) a veth whose other end goes there
+    (:func:`setup_guest_side` configures it)."""
     peer = f"embp{link.host_if[3:]}"[:15]
     for scope in ("all", "default"):  # IPv4 only: no link-local IPv6 for a guest to poke
         write_sysctl(f"net.ipv6.conf.{scope}.disable_ipv6", "1")
@@ -68,9 +69,11 @@ def setup_sandbox_side(link: Link, *, tap: bool = True) -> int | None:
         ip.addr("add", index=up, address=link.sandbox_ip, prefixlen=30)
         ip.link("set", index=up, state="up")
         ip.route("add", dst="0.0.0.0/0", gateway=link.host_ip)
-        if not tap:
-            return None
-        fd = open_tap(TAP)
+        fd = None
+        if guest_ns is None:
+            fd = open_tap(TAP)
+        else:
+            _veth_into(ip, TAP, GUEST_PEER, guest_ns)
         try:
             tap_index = _index(ip, TAP)
             # One MAC for every gateway: a restored guest's ARP cache stays right.
@@ -78,10 +81,42 @@ def setup_sandbox_side(link: Link, *, tap: bool = True) -> int | None:
             ip.addr("add", index=tap_index, address=GATEWAY_IP, prefixlen=GUEST_PREFIX)
             ip.link("set", index=tap_index, state="up")
         except BaseException:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
             raise
     write_sysctl("net.ipv4.ip_forward", "1")  # the guest's packets pass through
     return fd
+
+
+GUEST_PEER = "embguest0"
+
+
+def _veth_into(ip: IPRoute, name: str, peer: str, ns: Path) -> None:
+    """A veth pair: ``name`` here, ``peer`` moved into ``ns``."""
+    try:
+        ip.link("add", ifname=name, kind="veth", peer=peer)
+    except NetlinkError as err:
+        raise NetnsError(f"cannot add veth {name}: {err}") from None
+    fd = os.open(ns, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        ip.link("set", index=_index(ip, peer), net_ns_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def setup_guest_side() -> None:
+    """In a container's own namespace (the calling thread's): what a microVM guest's agent
+    sets up in its kernel, ``eth0`` with the guest's address and the gateway as its route;
+    IPv4 only."""
+    for scope in ("all", "default"):
+        write_sysctl(f"net.ipv6.conf.{scope}.disable_ipv6", "1")
+    with IPRoute() as ip:
+        ip.link("set", index=_index(ip, "lo"), state="up")
+        eth = _index(ip, GUEST_PEER)
+        ip.link("set", index=eth, ifname=UPLINK, address=GUEST_MAC)
+        ip.addr("add", index=eth, address=GUEST_IP, prefixlen=GUEST_PREFIX)
+        ip.link("set", index=eth, state="up")
+        ip.route("add", dst="0.0.0.0/0", gateway=GATEWAY_IP)
 
 
 def open_tap(name: str) -> int:

@@ -34,6 +34,7 @@ from ember.net.addressing import (
     PROXY_PORT,
     UPLINK,
     Link,
+    guest_netns_name,
     netns_name,
 )
 from ember.net.nsutil import in_netns, netns_path, remove_netns
@@ -55,6 +56,8 @@ def host_ns_name(explicit: str | None = None) -> str | None:
 class Attached:
     link: Link
     tap_fd: int | None  # a microVM's tap device (None for a container)
+    #: A container's own namespace (None for a microVM), for its runtime to join.
+    guest_ns: Path | None = None
 
 
 class NetworkManager:
@@ -80,7 +83,7 @@ class NetworkManager:
             return None
         return doc if isinstance(doc, dict) else None
 
-    def _lease(self, sandbox_id: str, *, tap: bool) -> Link:
+    def _lease(self, sandbox_id: str) -> Link:
         lock = self._locked()
         try:
             used = {int(p.name) for p in self.leases.iterdir() if p.name.isdigit()}
@@ -88,7 +91,7 @@ class NetworkManager:
             if index is None:
                 raise NetworkError(f"all {MAX_LINKS} sandbox links of this host are in use")
             (self.leases / str(index)).write_text(
-                json.dumps({"sandbox": sandbox_id, "home": self.home, "tap": tap}))
+                json.dumps({"sandbox": sandbox_id, "home": self.home, "table": True}))
             return Link(index, sandbox_id)
         finally:
             lock.release()
@@ -212,14 +215,18 @@ class NetworkManager:
 
     # --- lifecycle ---------------------------------------------------------------------
     def attach(self, sandbox_id: str, policy: NetworkPolicy, *, tap: bool = True) -> Attached:
-        """Make the sandbox's namespace, links, NAT and policy; return the tap descriptor
-        for its VMM (the caller closes it once the VMM holds it; ``tap=False``: a container,
-        which joins the namespace itself). On failure nothing is left behind."""
+        """Make the sandbox's namespace, links, NAT, policy and proxy; return the tap
+        descriptor for its VMM (the caller closes it once the VMM holds it), or with
+        ``tap=False`` (a container) the container's own namespace, behind the sandbox's,
+        for its runtime to join. On failure nothing is left behind."""
         proc.require("nft")
-        link = self._lease(sandbox_id, tap=tap)
+        link = self._lease(sandbox_id)
         ns = netns_path(netns_name(sandbox_id))
+        guest_ns = None if tap else netns_path(guest_netns_name(sandbox_id))
         try:
             in_netns(ns, lambda: None, create=True)
+            if guest_ns is not None:
+                in_netns(guest_ns, lambda: None, create=True)
 
             def host_side() -> None:
                 links.make_veth(link, ns)
@@ -233,14 +240,13 @@ class NetworkManager:
             in_netns(self.host_ns, host_side)
 
             def sandbox_side() -> int | None:
-                fd = links.setup_sandbox_side(link, tap=tap)
+                fd = links.setup_sandbox_side(link, guest_ns=guest_ns)
                 try:
-                    if tap:  # a container needs no NAT: it has the link's address itself
-                        proxied = policy.has_domains
-                        if proxied:
-                            self._start_proxy(link, policy)
-                        self._nft(ruleset.sandbox_table(link) + ruleset.proxied(proxied),
-                                  f"NAT sandbox {sandbox_id}")
+                    proxied = policy.has_domains
+                    if proxied:
+                        self._start_proxy(link, policy)
+                    self._nft(ruleset.sandbox_table(link) + ruleset.proxied(proxied),
+                              f"NAT sandbox {sandbox_id}")
                     if policy.rate_out_mbit is not None:
                         links.set_rate(UPLINK, policy.rate_out_mbit)
                 except BaseException:
@@ -250,6 +256,8 @@ class NetworkManager:
                 return fd
 
             fd = in_netns(ns, sandbox_side)
+            if guest_ns is not None:
+                in_netns(guest_ns, links.setup_guest_side)
         except BaseException as err:
             try:
                 self.detach(sandbox_id, link)
@@ -260,7 +268,7 @@ class NetworkManager:
                 raise
             raise NetworkError(f"cannot set up sandbox {sandbox_id}'s network: {err}") from err
         log.info("sandbox %s: network on link %s (%s)", sandbox_id, link.index, link.host_if)
-        return Attached(link, fd)
+        return Attached(link, fd, guest_ns)
 
     @contextlib.contextmanager
     def tap_for(self, sandbox_id: str, policy: NetworkPolicy | None) -> Iterator[int | None]:
@@ -290,8 +298,8 @@ class NetworkManager:
 
         def sandbox_side() -> None:
             links.set_rate(UPLINK, policy.rate_out_mbit)
-            if not lease.get("tap"):
-                return  # a container: no proxy (docs/networking.md)
+            if not lease.get("table"):
+                return  # made by an ember before the proxy: no set of proxied ports
             if policy.has_domains:
                 if self._proxy_running(link):
                     self._write_policy(link, policy)  # it re-reads the file
@@ -321,6 +329,7 @@ class NetworkManager:
 
             found = in_netns(self.host_ns, host_side)
         found = remove_netns(ns) or found
+        found = remove_netns(netns_path(guest_netns_name(sandbox_id))) or found
         if link is not None:
             (self.leases / str(link.index)).unlink(missing_ok=True)
             found = True

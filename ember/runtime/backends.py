@@ -29,7 +29,7 @@ from ember.errors import BadRequestError, EmberError, SandboxNotFoundError
 from ember.guest.inject import staged_agent_lib
 from ember.host.cgroups import SandboxCgroup, home_key
 from ember.host.jail import JAILER_NAME
-from ember.net.nsutil import netns_path
+from ember.net.addressing import GATEWAY_IP
 from ember.runtime.overlays import make_overlay
 from ember.runtime.spec import SandboxSpec
 from ember.store import SandboxRecord, TemplateRecord
@@ -187,10 +187,9 @@ class Oci(Backend):
             if spec.network is not None:
                 if progress:
                     progress("setting up the sandbox's network")
-                link = mgr.network.attach(rec.id, spec.network, tap=False).link
-                netns = netns_path(link.netns)
-                resolv = d.root / "resolv.conf"  # its resolver, on the link's host end
-                resolv.write_text(f"nameserver {link.host_ip}\noptions timeout:2 attempts:2\n")
+                netns = mgr.network.attach(rec.id, spec.network, tap=False).guest_ns
+                resolv = d.root / "resolv.conf"  # its resolver, behind its gateway
+                resolv.write_text(f"nameserver {GATEWAY_IP}\noptions timeout:2 attempts:2\n")
                 resolv.chmod(0o644)
             if mgr.confinement.enabled:
                 procs = mgr.confinement.prepare_cgroup(rec)

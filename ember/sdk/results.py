@@ -121,11 +121,15 @@ class SandboxInfo:
 
 @dataclass(frozen=True)
 class ExposedPort:
-    """A guest TCP port reachable from outside: connect to ``host``:``host_port``."""
+    """A guest TCP port reachable from outside: connect to ``host``:``host_port``; or, for
+    HTTP, through the daemon's own listener (its credentials needed): a request with
+    ``Host: <http_host>``, or to the path ``http_path`` + ``/...`` (docs/networking.md)."""
 
     port: int  # in the guest
     host: str
     host_port: int
+    http_host: str | None = None  # e.g. 8000-sb-1234abcd.localhost
+    http_path: str | None = None  # e.g. /v1/sandboxes/sb-1234abcd/ports/8000/http
 
     @property
     def address(self) -> str:

@@ -24,6 +24,7 @@ from ember.errors import (
 )
 from ember.store.records import (
     ApiKeyRecord,
+    ExposedPortRecord,
     PoolRecord,
     SandboxRecord,
     SnapshotRecord,
@@ -122,6 +123,16 @@ MIGRATIONS: tuple[str, ...] = (
     # 6: a sandbox's network policy (JSON; NULL: no network)
     """
     ALTER TABLE sandboxes ADD COLUMN network TEXT;
+    """,
+    # 7: exposed ports, exposed again by a restarted daemon
+    """
+    CREATE TABLE exposed_ports (
+        sandbox_id TEXT NOT NULL,
+        port INTEGER NOT NULL,
+        host_port INTEGER NOT NULL,
+        pause_after_idle_s REAL,
+        PRIMARY KEY (sandbox_id, port)
+    );
     """,
 )
 
@@ -279,6 +290,7 @@ class Store:
     def delete_sandbox(self, sandbox_id: str) -> None:
         with self._tx() as db:
             db.execute("DELETE FROM sandboxes WHERE id=?", (sandbox_id,))
+            db.execute("DELETE FROM exposed_ports WHERE sandbox_id=?", (sandbox_id,))
 
     def sandboxes_using_template(self, name: str) -> list[str]:
         rows = self._all("SELECT id FROM sandboxes WHERE template=?", (name,))
@@ -308,6 +320,35 @@ class Store:
             got = db.execute(f"SELECT {_SANDBOX_COLS} FROM sandboxes WHERE id=?",
                              (row[0],)).fetchone()
         return _sandbox(got)
+
+    # exposed ports ----------------------------------------------------------------------
+    def put_exposed_port(self, rec: ExposedPortRecord) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO exposed_ports (sandbox_id, port, host_port, "
+                       "pause_after_idle_s) VALUES (?,?,?,?)",
+                       (rec.sandbox_id, rec.port, rec.host_port, rec.pause_after_idle_s))
+
+    def list_exposed_ports(self, sandbox_id: str | None = None) -> list[ExposedPortRecord]:
+        sql = "SELECT sandbox_id, port, host_port, pause_after_idle_s FROM exposed_ports"
+        rows = (self._all(sql + " ORDER BY sandbox_id, port") if sandbox_id is None else
+                self._all(sql + " WHERE sandbox_id=? ORDER BY port", (sandbox_id,)))
+        return [ExposedPortRecord(str(s), int(p), int(h), None if i is None else float(i))
+                for s, p, h, i in rows]
+
+    def delete_exposed_ports(self, sandbox_id: str, port: int | None = None) -> None:
+        """Forget one exposed port of a sandbox (all of them if ``port`` is None)."""
+        with self._tx() as db:
+            if port is None:
+                db.execute("DELETE FROM exposed_ports WHERE sandbox_id=?", (sandbox_id,))
+            else:
+                db.execute("DELETE FROM exposed_ports WHERE sandbox_id=? AND port=?",
+                           (sandbox_id, port))
+
+    def set_idle_pause(self, sandbox_id: str, seconds: float | None) -> None:
+        """The idle period of every exposed port of a sandbox (it is the sandbox's)."""
+        with self._tx() as db:
+            db.execute("UPDATE exposed_ports SET pause_after_idle_s=? WHERE sandbox_id=?",
+                       (seconds, sandbox_id))
 
     # API keys and tenants -----------------------------------------------------------------
     def add_api_key(self, rec: ApiKeyRecord) -> None:

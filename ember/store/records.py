@@ -175,3 +175,15 @@ class TenantRecord:
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "max_sandboxes": self.max_sandboxes,
                 "max_vcpus": self.max_vcpus, "max_memory_mib": self.max_memory_mib}
+
+
+@dataclass(frozen=True)
+class ExposedPortRecord:
+    """An exposed guest port, kept so that a restarted daemon exposes it again (at the
+    same host port when it is free)."""
+
+    sandbox_id: str
+    port: int  # in the guest
+    host_port: int
+    #: Scale to zero: the sandbox's idle period (seconds), None: never paused for idleness.
+    pause_after_idle_s: float | None = None

@@ -358,6 +358,7 @@ def _cgroups(paths: Paths, kept: dict[str, SandboxRecord]) -> list[str]:
 def _networks(paths: Paths, kept: dict[str, SandboxRecord]) -> list[str]:
     """Network leases (and the namespaces they name) of this home's sandboxes that are
     not kept: whatever the host namespace (``/run/ember/net/<host>/<index>``)."""
+    from ember.net.addressing import GUEST_NETNS_SUFFIX
     from ember.net.manager import LEASES_ROOT
 
     found = []
@@ -370,7 +371,7 @@ def _networks(paths: Paths, kept: dict[str, SandboxRecord]) -> list[str]:
                 and doc.get("sandbox") not in kept:
             found.append(f"{lease} ({doc.get('sandbox')})")
     for ns in Path("/run/netns").glob("ember-sb-*"):
-        sid = ns.name.removeprefix("ember-")
+        sid = ns.name.removeprefix("ember-").removesuffix(GUEST_NETNS_SUFFIX)
         if sid not in kept and (paths.sandboxes / sid).exists():
             found.append(f"network namespace {ns.name}")
     return found + _orphan_proxies()

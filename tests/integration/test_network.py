@@ -20,7 +20,7 @@ import pytest
 
 from ember import NetworkPolicy, Process, Sandbox
 from ember.errors import BadRequestError
-from ember.net.addressing import Link, host_ifname, netns_name
+from ember.net.addressing import Link, guest_netns_name, host_ifname, netns_name
 from ember.net.manager import LEASES_ROOT
 from ember.net.nsutil import in_netns, netns_path
 from ember.paths import Paths
@@ -182,6 +182,8 @@ def network_leftovers(world: World, sandbox_id: str) -> list[str]:
     found = []
     if netns_path(netns_name(sandbox_id)).exists():
         found.append("namespace")
+    if netns_path(guest_netns_name(sandbox_id)).exists():
+        found.append("guest namespace")
     links = subprocess.run(["ip", "-n", world.host, "-o", "link"], capture_output=True,
                            text=True, timeout=30).stdout
     if host_ifname(sandbox_id) in links:
@@ -678,13 +680,21 @@ def test_a_killed_vmm_or_daemon_leaves_no_network_behind(home: Paths, world: Wor
 @pytest.mark.parametrize("isolation", ["container", "gvisor"])
 def test_container_tiers_get_the_same_policy(home: Paths, world: World,
                                              isolation: str) -> None:
-    """The weaker tiers join the sandbox's namespace themselves (no tap, no NAT): the same
-    chain, resolver, limits and ports apply."""
+    """The weaker tiers live in a namespace of their own behind the sandbox's, where a
+    microVM has its tap: the same NAT, proxy, chain, resolver, limits and ports apply."""
     sb = Sandbox.create("debian-python", timeout=600, paths=home, isolation=isolation,
                         network={"internet": False, "allow": ["allowed.test"]})
     try:
+        assert network_leftovers(world, sb.id) == [
+            "namespace", "guest namespace", "host link", "nftables chain", "lease",
+            "resolver", "proxy"]
         got = resolve(sb, "allowed.test", "other.test")
         assert got == {"allowed.test": f"OK {INET_IP}", "other.test": "NORESOLVE"}, got
+        got = web(sb, f"http,allowed.test,{INET_IP}", "tls,allowed.test,198.51.100.11",
+                  f"http,other.test,{INET_IP}", f"tls,,{INET_IP}")
+        assert got == {f"http,allowed.test,{INET_IP}": f"OK {INET_IP}",
+                       "tls,allowed.test,198.51.100.11": f"OK {INET_IP}",
+                       f"http,other.test,{INET_IP}": "403", f"tls,,{INET_IP}": "DENIED"}, got
         got = probe(sb, f"198.51.100.11:{HTTP_PORT}", PRIVATE, f"{HOST_UPLINK_IP}:22")
         assert all(v.startswith("ERR") for v in got.values()), got
         stats = sb.network_stats()

@@ -75,3 +75,24 @@ def test_failed_transaction_leaves_nothing(tmp_path: Path) -> None:
     with pytest.raises(sqlite3.IntegrityError):
         s.add_sandbox(sbx())  # duplicate id
     assert len(s.list_sandboxes()) == 1
+
+
+def test_exposed_ports_are_kept_until_unexposed_or_their_sandbox_goes(tmp_path: Path) -> None:
+    from ember.store.records import ExposedPortRecord
+
+    s = Store(tmp_path / "e.db")
+    s.add_sandbox(sbx("sb-1"))
+    s.put_exposed_port(ExposedPortRecord("sb-1", 8000, 41000))
+    s.put_exposed_port(ExposedPortRecord("sb-1", 8001, 41001))
+    s.put_exposed_port(ExposedPortRecord("sb-2", 80, 41002, 30.0))
+    s.set_idle_pause("sb-1", 5.0)
+    assert s.list_exposed_ports("sb-1") == [ExposedPortRecord("sb-1", 8000, 41000, 5.0),
+                                            ExposedPortRecord("sb-1", 8001, 41001, 5.0)]
+    s.put_exposed_port(ExposedPortRecord("sb-1", 8000, 42000, 5.0))  # exposed again
+    s.delete_exposed_ports("sb-1", 8001)
+    assert s.list_exposed_ports("sb-1") == [ExposedPortRecord("sb-1", 8000, 42000, 5.0)]
+    s.delete_sandbox("sb-1")  # its ports go with it
+    assert Store(tmp_path / "e.db").list_exposed_ports() == [
+        ExposedPortRecord("sb-2", 80, 41002, 30.0)]
+    s.delete_exposed_ports("sb-2")
+    assert s.list_exposed_ports() == []

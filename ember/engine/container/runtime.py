@@ -41,7 +41,7 @@ from ember.engine.container.bundle import oci_config
 from ember.engine.container.rootfs import RootfsDirs, mount, unmount
 from ember.errors import BadRequestError, EmberTimeoutError, EngineError, HostCommandError
 from ember.host.cgroups import enter_argv
-from ember.net.addressing import netns_name
+from ember.net.addressing import guest_netns_name
 from ember.proc import tail
 
 log = logging.getLogger("ember.engine.container")
@@ -134,9 +134,9 @@ class OciEngine:
 
     def _for(self, name: str, *args: str) -> list[str]:
         """The runtime's argv for one command on container ``name``. A networked runsc
-        sandbox answers on an abstract socket of its own network namespace: every runsc
-        command about it runs there too."""
-        netns = Path("/run/netns") / netns_name(name)
+        sandbox answers on an abstract socket of its own network namespace (the guest's,
+        behind the sandbox's): every runsc command about it runs there too."""
+        netns = Path("/run/netns") / guest_netns_name(name)
         if self.name == "runsc" and netns.exists():
             return ["nsenter", f"--net={netns}", "--", *self._base(True), *args, name]
         return [*self._base(), *args, name]
