@@ -56,10 +56,23 @@ class FileLock:
             time.sleep(delay)
             delay = min(delay * 2, 0.2)
 
+    def mark(self, note: str) -> None:
+        """Say, next to the holder's pid, what it holds the lock for (it must hold it)."""
+        assert self._fd is not None, "mark() needs the lock held"
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()} {note}".encode(), 0)
+
+    def marked(self, note: str) -> bool:
+        """Whether the lock's holder said it holds it for ``note``."""
+        try:
+            return self.path.read_text().split()[1:] == [note]
+        except (OSError, IndexError):
+            return False
+
     def holder(self) -> int | None:
         try:
-            text = self.path.read_text().strip()
-        except OSError:
+            text = self.path.read_text().split()[0]
+        except (OSError, IndexError):
             return None
         return int(text) if text.isdigit() else None
 

@@ -23,7 +23,6 @@ from ember.errors import (
     NotFoundError,
     SandboxNotFoundError,
 )
-from ember.net.addressing import GUEST_IP
 from ember.net.forward import Exposed, PortForwarder
 from ember.paths import Paths
 from ember.runtime.manager import SandboxManager
@@ -125,8 +124,8 @@ class LiveSandboxes:
     # --- exposed ports (kept in the registry: a restarted daemon exposes them again) -----
     async def expose(self, sandbox_id: str, port: int, *,
                      pause_after_idle: float | None = None) -> Exposed:
-        rec = await asyncio.to_thread(self.mgr.get, sandbox_id)  # 404 for an unknown one
-        exposed = await self.ports.expose(sandbox_id, port, target=_target(rec))
+        await asyncio.to_thread(self.mgr.get, sandbox_id)  # 404 for an unknown one
+        exposed = await self.ports.expose(sandbox_id, port)
         try:
             if pause_after_idle is not None:
                 self.ports.set_idle_pause(sandbox_id, pause_after_idle)
@@ -171,12 +170,11 @@ class LiveSandboxes:
         store = self.mgr.store
         try:
             try:
-                got = await self.ports.expose(rec.id, row.port, row.host_port,
-                                              target=_target(rec))
+                got = await self.ports.expose(rec.id, row.port, row.host_port)
             except NetworkError as err:  # its host port is taken now: another one
                 log.warning("sandbox %s port %d: %s; exposing it at another host port",
                             rec.id, row.port, err)
-                got = await self.ports.expose(rec.id, row.port, target=_target(rec))
+                got = await self.ports.expose(rec.id, row.port)
         except EmberError as err:
             log.warning("sandbox %s port %d is not exposed again: %s", rec.id, row.port, err)
             await asyncio.to_thread(store.delete_exposed_ports, rec.id, row.port)
@@ -229,12 +227,6 @@ class LiveSandboxes:
         await self.ports.close_all()
         for sid in list(self._open):
             await self.forget(sid)
-
-
-def _target(rec: SandboxRecord) -> str:
-    """Where an exposed port is, seen from the sandbox's namespace: the guest behind its
-    gateway (a microVM's tap, a container's veth), on every tier."""
-    return GUEST_IP
 
 
 def _usable(sb: AsyncSandbox) -> bool:

@@ -28,6 +28,18 @@ def checks() -> list[Check]:
     out.append(Check("network: dnsmasq", dnsmasq is not None,
                      (dnsmasq or "the dnsmasq program is missing") + " (each sandbox's resolver)",
                      None if dnsmasq else "apt-get install dnsmasq-base"))
+    setpriv = shutil.which("setpriv")
+    try:
+        import dns.asyncresolver  # noqa: F401
+        resolver = True
+    except ImportError:
+        resolver = False
+    proxy_ok = setpriv is not None and resolver
+    out.append(Check("network: web proxy", proxy_ok,
+                     "setpriv and dnspython (each sandbox's proxy for domain rules)" if proxy_ok
+                     else "setpriv is missing" if setpriv is None else "dnspython is missing",
+                     None if proxy_ok else "apt-get install util-linux" if setpriv is None
+                     else "pip install dnspython (scripts/install.sh does)"))
     name = host_ns_name()
     ok = name is None or netns_path(name).exists()
     out.append(Check("network: host namespace", ok,

@@ -110,7 +110,9 @@ class NetworkManager:
     # --- nftables ----------------------------------------------------------------------
     def _nft(self, cmds: list[ruleset.Cmd], what: str) -> None:
         doc = json.dumps({"nftables": cmds}).encode()
-        proc.run(["nft", "-j", "-f", "-"], input=doc, what=what, timeout=NFT_TIMEOUT_S)
+        # stdin by its /proc name: nft reads "-" as /dev/stdin, which a minimal /dev lacks
+        proc.run(["nft", "-j", "-f", "/proc/self/fd/0"], input=doc, what=what,
+                 timeout=NFT_TIMEOUT_S)
 
     def _host_table(self) -> dict[str, set[str]]:
         """What the host table holds now: ``chains``, ``sets``, ``egress`` and ``ingress``

@@ -52,6 +52,10 @@ from ember.store import SandboxRecord, SnapshotRecord, Store
 log = logging.getLogger("ember.runtime")
 
 KEEP_ON_FAILURE = ("console.log", "qemu.log")
+#: What a reconcile that resumes a guest whose snapshot writer died notes in the snapshot
+#: lock, and how long another reconcile waits for it (then reads the row it left).
+RECOVERING = "recovering"
+RECOVER_WAIT_S = 10.0
 #: The note a sandbox paused by the end of its lifetime carries (until resumed).
 EXPIRED_PAUSED = ("its lifetime ended and it was paused (on_timeout='pause'); resume() it "
                   "to go on for another lifetime")
@@ -458,9 +462,16 @@ class SandboxManager:
         if rec.state == "snapshotting":
             writer = FileLock(Path(rec.dir) / "snapshot.lock")
             if not writer.try_acquire():
-                return rec  # a snapshot is being written
-            try:  # its writer died with the guest stopped: resume it
-                if self._alive(rec):
+                if not writer.marked(RECOVERING):
+                    return rec  # a snapshot is being written
+                try:  # another reconcile resumes it: its outcome is the answer
+                    writer.acquire(RECOVER_WAIT_S, f"sandbox {rec.id}'s snapshot lock")
+                except SandboxStateError:
+                    return rec
+            try:  # its writer died with the guest stopped: resume it (unless done already)
+                writer.mark(RECOVERING)
+                rec = self.store.get_sandbox(rec.id)
+                if rec.state == "snapshotting" and self._alive(rec):
                     log.warning("sandbox %s: snapshot writer died; resuming the guest", rec.id)
                     self.microvm.attach(rec, SandboxDir(Path(rec.dir))).resume_after_save()
                     self.set_state(rec.id, "running")

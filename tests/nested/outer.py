@@ -47,7 +47,12 @@ MODULES = (
     "arch/x86/kvm/kvm-amd", "drivers/block/loop", "crypto/crc32c_generic", "lib/crc16",
     "fs/mbcache", "fs/jbd2/jbd2", "fs/ext4/ext4",
 )
-RECIPE_VERSION = 1  # of the kernel and initramfs (the CPU and memory are not in it)
+#: Modules sandbox networking needs (tap and veth links, nftables with NAT, conntrack
+#: state and counts, reject, limit and redirect, the tbf rate limit), by name: each is
+#: loaded after what it depends on (read from the module's own ``.modinfo``).
+NET_MODULES = ("tun", "veth", "nf_tables", "nft_ct", "nft_chain_nat", "nft_nat", "nft_masq",
+               "nft_redir", "nft_reject_inet", "nft_limit", "nft_connlimit", "sch_tbf")
+RECIPE_VERSION = 2  # of the kernel and initramfs (the CPU and memory are not in it)
 #: The outer machine: TCG emulating AMD SVM with nested paging; no NIC, no display. The
 #: CPU is qemu64 raised to x86-64-v2 (what Debian's Python wheels, numpy's among them,
 #: assume: without it ``ember bench``'s plotting dies of SIGILL).
@@ -125,7 +130,7 @@ def _digest(path: Path) -> str:
 
 def recipe_key(deb: Path) -> str:
     parts = {"deb": _digest(deb), "busybox": _digest(BUSYBOX), "init": _digest(INIT),
-             "modules": MODULES, "version": RECIPE_VERSION}
+             "modules": MODULES, "net_modules": NET_MODULES, "version": RECIPE_VERSION}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -145,6 +150,68 @@ def _newc(entries: list[tuple[str, int, bytes]]) -> bytes:
         out.write(data)
         pad(len(data))
     return out.getvalue()
+
+
+def _module_bytes(base: Path) -> bytes | None:
+    """A module (``base`` without its ``.ko`` suffix) uncompressed, or None if missing."""
+    plain, packed = Path(f"{base}.ko"), Path(f"{base}.ko.xz")
+    if plain.is_file():
+        return plain.read_bytes()
+    if packed.is_file():
+        return lzma.decompress(packed.read_bytes())
+    return None
+
+
+def _module_files(mod_root: Path) -> dict[str, str]:
+    """Every module of the tree by name (dashes as underscores, as the kernel names them):
+    its path under ``mod_root`` without the suffix."""
+    out = {}
+    for f in mod_root.rglob("*.ko*"):
+        rel = str(f.relative_to(mod_root)).removesuffix(".xz").removesuffix(".ko")
+        out[Path(rel).name.replace("-", "_")] = rel
+    return out
+
+
+def _depends(data: bytes) -> list[str]:
+    """The ``depends=`` entry of an ELF64 module's ``.modinfo`` section."""
+    shoff = int.from_bytes(data[0x28:0x30], "little")
+    size, count, names = (int.from_bytes(data[o:o + 2], "little") for o in (0x3A, 0x3C, 0x3E))
+    headers = [data[shoff + i * size:shoff + (i + 1) * size] for i in range(count)]
+
+    def section(h: bytes) -> bytes:
+        off, length = (int.from_bytes(h[o:o + 8], "little") for o in (0x18, 0x20))
+        return data[off:off + length]
+
+    strtab = section(headers[names])
+    for h in headers:
+        start = int.from_bytes(h[0:4], "little")
+        if strtab[start:strtab.index(b"\0", start)] == b".modinfo":
+            for entry in section(h).split(b"\0"):
+                if entry.startswith(b"depends="):
+                    return [d for d in entry[8:].decode().split(",") if d]
+    return []
+
+
+def _with_dependencies(mod_root: Path, wanted: tuple[str, ...]) -> list[str]:
+    """The paths (under ``mod_root``, without suffix) of the ``wanted`` modules and of all
+    they depend on, each after its dependencies; modules built into the kernel have no
+    file and are skipped."""
+    modules = _module_files(mod_root)
+    order: list[str] = []
+
+    def visit(name: str, depth: int) -> None:
+        rel = modules.get(name)
+        if rel is None or rel in order or depth > 32:
+            return
+        data = _module_bytes(mod_root / rel)
+        for dep in _depends(data) if data else []:
+            visit(dep.replace("-", "_"), depth + 1)
+        if rel not in order:
+            order.append(rel)
+
+    for name in wanted:
+        visit(name, 0)
+    return order
 
 
 def build(progress: bool = False) -> Outer:
@@ -170,16 +237,13 @@ def build(progress: bool = False) -> Outer:
         entries.append(("bin/busybox", stat.S_IFREG | 0o755, BUSYBOX.read_bytes()))
         entries.append(("init", stat.S_IFREG | 0o755, INIT.read_bytes()))
         order = []
-        for m in MODULES:
-            base = mod_root / m
-            plain, packed = Path(f"{base}.ko"), Path(f"{base}.ko.xz")
-            if plain.is_file():
-                data = plain.read_bytes()
-            elif packed.is_file():
-                data = lzma.decompress(packed.read_bytes())
-            else:
-                continue  # built into this kernel
+        for m in [*MODULES, *_with_dependencies(mod_root, NET_MODULES)]:
             name = f"{Path(m).name}.ko"
+            if name in order:
+                continue
+            data = _module_bytes(mod_root / m)
+            if data is None:
+                continue  # built into this kernel
             entries.append((f"mod/{name}", stat.S_IFREG | 0o644, data))
             order.append(name)
         entries.append(("mod/order", stat.S_IFREG | 0o644, ("\n".join(order) + "\n").encode()))

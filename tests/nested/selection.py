@@ -2,9 +2,10 @@
 
 ember's own tests, chosen to cover the KVM path once each: boot, exec, files, pause and
 resume, snapshot and restore (and a restore refused for another CPU), template snapshots
-(the default create), fork, 2 vCPUs, the
-jail and its cgroup, ``ember doctor``, ``ember image check`` and the bench's microVM
-column. Every id must pass inside; one that is skipped or missing fails the layer.
+(the default create), fork, 2 vCPUs, the jail and its cgroup, ``ember doctor``, ``ember
+image check``, the bench's microVM column and a networked guest (policy, proxy, networked
+restore and fork). Every id must pass inside; one that is skipped or missing fails the
+layer.
 """
 
 from __future__ import annotations
@@ -37,6 +38,13 @@ SELECTION: tuple[str, ...] = (
     "tests/integration/test_jail.py::test_qemu_root_holds_only_its_own_files",
     "tests/integration/test_jail.py::test_rlimits_and_cgroup_limits_match_the_sandbox",
     "tests/integration/test_jail.py::test_guest_still_works_under_the_jail",
+    # Networking: a NIC (tap handed to the jailed QEMU) under KVM, its policy, web traffic
+    # through the proxy, and a networked snapshot's restore and fork.
+    "tests/integration/test_network.py::test_internet_reached_private_and_host_refused",
+    "tests/integration/test_network.py::"
+    "test_web_traffic_is_checked_by_name_where_an_address_cannot_bypass_it",
+    "tests/integration/test_network.py::"
+    "test_fork_and_restore_of_a_networked_sandbox_keep_its_policy",
 )
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import subprocess
+from pathlib import Path
 
-from ember.locks import owner_gone
+from ember.locks import FileLock, owner_gone
 
 
 def test_owner_gone_only_for_a_pid_that_no_longer_runs() -> None:
@@ -16,3 +17,17 @@ def test_owner_gone_only_for_a_pid_that_no_longer_runs() -> None:
     assert not owner_gone("")
     assert not owner_gone("12x")
     assert not owner_gone("-1")
+
+
+def test_a_holder_says_what_it_holds_the_lock_for(tmp_path: Path) -> None:
+    lock = FileLock(tmp_path / "snapshot.lock")
+    other = FileLock(tmp_path / "snapshot.lock")
+    assert lock.try_acquire()
+    assert not other.marked("recovering")
+    lock.mark("recovering")
+    assert other.marked("recovering") and not other.marked("writing")
+    assert other.holder() == os.getpid()
+    assert not other.try_acquire()
+    lock.release()
+    assert other.try_acquire() and not lock.marked("recovering")  # a new holder, no note
+    other.release()
