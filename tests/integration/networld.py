@@ -173,14 +173,18 @@ def fake_world() -> Iterator[World]:
             web = in_netns(inet, lambda port=port: socket.create_server(("0.0.0.0", port)))
             world.sockets.append(web)
             threading.Thread(target=_where, args=(web,), daemon=True).start()
+        etc = Path("/etc/netns") / world.host
+        etc.mkdir(parents=True, exist_ok=True)
         dns = in_netns(inet, lambda: subprocess.Popen(
             ["dnsmasq", "--conf-file=/dev/null", "--keep-in-foreground", "--no-resolv",
+             f"--pid-file={etc / 'dnsmasq.pid'}",  # not /var/run's (a minimal root lacks it)
              "--no-hosts", "--bind-interfaces", f"--listen-address={INET_IP}",
              "--log-facility=/dev/null", "--user=nobody", "--group=nogroup",
              *(f"--address=/{n}/{a}" for n, a in NAMES.items())]))
         world.processes.append(dns)
-        etc = Path("/etc/netns") / world.host
-        etc.mkdir(parents=True, exist_ok=True)
+        with suppress(subprocess.TimeoutExpired):
+            dns.wait(timeout=0.5)
+            raise RuntimeError(f"the fake internet's dnsmasq exited at once ({dns.returncode})")
         (etc / "resolv.conf").write_text(f"nameserver {INET_IP}\n")
         yield world
     finally:
