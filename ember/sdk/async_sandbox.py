@@ -36,6 +36,7 @@ from ember.runtime.agent_client import AgentClient
 from ember.runtime.manager import SandboxDir, SandboxManager, console_tail
 from ember.runtime.spec import DEFAULT_TEMPLATE, DEFAULT_TIMEOUT_S, SandboxSpec
 from ember.sdk.files import AsyncFiles
+from ember.sdk.network import AsyncNetwork
 from ember.sdk.process import AsyncProcess, OutputCallback, exec_request
 from ember.sdk.pty import LOGIN_SHELL, AsyncPty
 from ember.sdk.results import (
@@ -119,6 +120,7 @@ class AsyncSandbox:
         self._killed = False
         self._paused = False
         self.files = AsyncFiles(self._require_client)
+        self.network = AsyncNetwork(self)
 
     # --- construction --------------------------------------------------------------------
     @classmethod

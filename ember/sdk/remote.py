@@ -26,6 +26,7 @@ from ember.net.stats import NetworkStats
 from ember.sdk import wire
 from ember.sdk.async_sandbox import DEFAULT_EXEC_TIMEOUT_S, AsyncSandbox
 from ember.sdk.files import AsyncFiles
+from ember.sdk.network import AsyncNetwork
 from ember.sdk.process import AsyncProcess, OutputCallback, check_cmd, check_size
 from ember.sdk.pty import AsyncPty
 from ember.sdk.results import (
@@ -372,6 +373,7 @@ class RemoteSandbox(AsyncSandbox):
         self._closed = False
         self._base = f"/sandboxes/{quote(info.id, safe='')}"
         self.files = RemoteFiles(t, info.id)
+        self.network = AsyncNetwork(self)
 
     @property
     def id(self) -> str:

@@ -15,6 +15,7 @@ from ember.paths import Paths
 from ember.runtime.spec import DEFAULT_TEMPLATE, DEFAULT_TIMEOUT_S
 from ember.sdk.async_sandbox import CONNECT_WAIT_S, DEFAULT_EXEC_TIMEOUT_S, AsyncSandbox
 from ember.sdk.files import AsyncFiles
+from ember.sdk.network import AsyncNetwork
 from ember.sdk.portal import portal
 from ember.sdk.process import AsyncProcess, OutputCallback
 from ember.sdk.pty import AsyncPty
@@ -130,12 +131,38 @@ class Files:
         portal().call(self._inner.rename(src, dst))
 
 
+class Network:
+    """``sandbox.network`` (blocking API); see :class:`ember.sdk.network.AsyncNetwork`."""
+
+    def __init__(self, inner: AsyncNetwork) -> None:
+        self._inner = inner
+
+    def update(self, policy: NetworkPolicy | Mapping[str, Any]) -> SandboxInfo:
+        return portal().call(self._inner.update(policy))
+
+    def policy(self) -> NetworkPolicy | None:
+        return portal().call(self._inner.policy())
+
+    def stats(self) -> NetworkStats | None:
+        return portal().call(self._inner.stats())
+
+    def expose(self, port: int, *, pause_after_idle: float | None = None) -> ExposedPort:
+        return portal().call(self._inner.expose(port, pause_after_idle=pause_after_idle))
+
+    def unexpose(self, port: int) -> None:
+        portal().call(self._inner.unexpose(port))
+
+    def ports(self) -> list[ExposedPort]:
+        return portal().call(self._inner.ports())
+
+
 class Sandbox:
     """A microVM sandbox (blocking API). ``with Sandbox.create() as sb:`` destroys on exit."""
 
     def __init__(self, inner: AsyncSandbox) -> None:
         self._inner = inner
         self.files = Files(inner.files)
+        self.network = Network(inner.network)
 
     @classmethod
     def create(

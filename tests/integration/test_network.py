@@ -238,8 +238,10 @@ def test_policy_changes_live_and_deny_wins(internet_sb: Sandbox) -> None:
         assert got[INTERNET].startswith("ERR ConnectionRefused") or got[INTERNET].startswith(
             "ERR")
         assert got[PRIVATE] == "OK hello from the fake internet"
-        internet_sb.set_network({"internet": False, "allow": ["10.0.0.0/8"],
-                                 "deny": [PRIVATE_IP]})  # deny wins over a wider allow
+        internet_sb.network.update({"internet": False, "allow": ["10.0.0.0/8"],
+                                    "deny": [PRIVATE_IP]})  # deny wins over a wider allow
+        assert internet_sb.network.policy() == NetworkPolicy(
+            internet=False, allow=("10.0.0.0/8",), deny=(PRIVATE_IP + "/32",))
         got = probe(internet_sb, INTERNET, PRIVATE)
         assert got[INTERNET].startswith("ERR") and got[PRIVATE].startswith("ERR")
     finally:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 
 from ember import AsyncFiles, AsyncProcess, AsyncPty, AsyncSandbox, Files, Process, Pty, Sandbox
+from ember.sdk.network import AsyncNetwork
+from ember.sdk.sandbox import Network
 
 
 def _public(cls: type) -> set[str]:
@@ -12,7 +14,8 @@ def _public(cls: type) -> set[str]:
 
 
 @pytest.mark.parametrize(("sync", "async_"), [
-    (Sandbox, AsyncSandbox), (Process, AsyncProcess), (Files, AsyncFiles), (Pty, AsyncPty)])
+    (Sandbox, AsyncSandbox), (Process, AsyncProcess), (Files, AsyncFiles), (Pty, AsyncPty),
+    (Network, AsyncNetwork)])
 def test_the_blocking_face_mirrors_the_async_one(sync: type, async_: type) -> None:
     # only the async side has: chunk streams, the factory, a terminal's resize (the
     # blocking face of a terminal is Pty, not Process), the result once known
