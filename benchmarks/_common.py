@@ -16,9 +16,14 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ember.engine.accel import detect_accel, host_tsc_khz
 from ember.engine.qemu.argv import TCG_TB_SIZE_MIB
+
+if TYPE_CHECKING:
+    from ember.paths import Paths
+    from ember.store import Store
 
 QEMU = "qemu-system-x86_64"
 
@@ -208,3 +213,19 @@ def pct(xs: Sequence[float], q: float) -> float:
 
 def fmt_ms(x: float) -> str:
     return f"{x * 1000:8.1f} ms"
+
+
+def home_with_default_template() -> tuple[Paths, Store]:
+    """The home of ``EMBER_HOME`` with ember's default template (built if missing)."""
+    from ember.errors import TemplateNotFoundError
+    from ember.guest.image import build_image
+    from ember.paths import Paths
+    from ember.store import Store
+
+    paths = Paths.from_env().ensure()
+    store = Store(paths.db)
+    try:
+        store.get_template("debian-python")
+    except TemplateNotFoundError:
+        build_image(paths, store, "debian-python")
+    return paths, store

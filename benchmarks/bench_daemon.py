@@ -25,13 +25,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks._common import home_with_default_template
 from ember import Sandbox
 from ember.daemon import control
 from ember.daemon.server import socket_path
-from ember.errors import TemplateNotFoundError
-from ember.guest.image import build_image
-from ember.paths import Paths
-from ember.store import Store
 
 
 def med_ms(xs: list[float]) -> float:
@@ -99,12 +96,7 @@ def main() -> None:
     ap.add_argument("--execs", type=int, default=10000)
     ap.add_argument("--transfer-mib", type=int, default=1024)
     args = ap.parse_args()
-    paths = Paths.from_env().ensure()
-    store = Store(paths.db)
-    try:
-        store.get_template("debian-python")
-    except TemplateNotFoundError:
-        build_image(paths, store, "debian-python")
+    paths, _ = home_with_default_template()
     st = control.start(paths)
     assert st.pid
     url = f"unix://{socket_path(paths)}"

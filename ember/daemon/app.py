@@ -40,6 +40,7 @@ from ember.daemon.metrics import Metrics
 from ember.daemon.middleware import EdgeMiddleware
 from ember.daemon.models import PoolRequest
 from ember.daemon.port_proxy import HostRouting, PortProxy, check_domain, domain_from_env
+from ember.e2b import install as install_e2b
 from ember.engine.doctor import diagnose
 from ember.errors import BadRequestError, EmberError, NotFoundError
 from ember.paths import Paths
@@ -87,7 +88,8 @@ def create_app(paths: Paths, *, idle_exit: float | None = None,
     app.state.quotas = Quotas(live.mgr.store)
     app.state.proxy = proxy
     app.add_middleware(EdgeMiddleware)
-    app.add_middleware(HostRouting, domain=proxy.domain)  # outermost: before the edge
+    app.add_middleware(HostRouting, domain=proxy.domain)  # before the edge
+    install_e2b(app, paths, live, proxy.domain)  # E2B's API; envd's requests outermost
 
     @app.exception_handler(EmberError)
     async def ember_error(request: Request, err: EmberError) -> JSONResponse:

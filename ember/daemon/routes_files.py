@@ -13,6 +13,7 @@ from fastapi.responses import StreamingResponse
 from ember import protocol as P
 from ember.daemon.deps import Live, OwnedId
 from ember.daemon.models import MkdirRequest, RemoveRequest, RenameRequest
+from ember.sdk.async_sandbox import AsyncSandbox
 from ember.sdk.wire import to_json
 
 router = APIRouter(tags=["files"])
@@ -22,7 +23,11 @@ GuestPath = Annotated[str, Query(min_length=1, max_length=4096, description="abs
 @router.get("/sandboxes/{sandbox_id}/files/content")
 async def download(path: GuestPath, live: Live, sandbox_id: OwnedId) -> StreamingResponse:
     """A guest file's bytes, streamed as the guest sends them."""
-    sb = await live.get(sandbox_id)
+    return await file_response(await live.get(sandbox_id), path)
+
+
+async def file_response(sb: AsyncSandbox, path: str) -> StreamingResponse:
+    """A guest file as a streamed answer (the E2B front's ``GET /files`` too)."""
     chunks = cast(AsyncGenerator[bytes, None], sb.files.read_chunks(path))
     first = await anext(chunks, b"")  # a missing file answers 404 before the 200 starts
 

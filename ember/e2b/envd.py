@@ -1,0 +1,503 @@
+"""envd, the in-sandbox API of E2B's SDK, served by the daemon on the guest's behalf (the
+guest runs no second daemon): :class:`EnvdRouting` sends every request that names a
+sandbox in ``E2b-Sandbox-Id`` (what the SDK sends when ``E2B_SANDBOX_URL`` points at the
+daemon) to :class:`Envd`, which checks its ``X-Access-Token`` and translates:
+
+* ``GET /health``; ``GET /files`` (download, streamed) and ``POST /files`` (multipart or
+  octet-stream, gzip allowed, streamed to the guest);
+* Connect RPCs (JSON, HTTP/1.1) of ``process.Process`` (Start, a server stream of start,
+  data, keep-alive and end events; List, SendInput, CloseStdin, SendSignal) and of
+  ``filesystem.Filesystem`` (Stat, ListDir, MakeDir, Move, Remove).
+
+The ``Authorization: Basic`` header of these requests names a guest user (envd's
+convention), never an ember credential: the access token is the credential.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import signal as signals
+import time
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from ember import protocol as P
+from ember.daemon.live import LiveSandboxes
+from ember.daemon.routes_files import file_response
+from ember.e2b import mapping as M
+from ember.e2b.connect import (
+    STREAM_CONTENT_TYPE,
+    ConnectError,
+    decode_message,
+    end_stream,
+    envelope,
+    single_message,
+    timeout_of,
+    unary_error_body,
+)
+from ember.e2b.multipart import MultipartReader, boundary_of
+from ember.e2b.state import E2bState
+from ember.errors import (
+    BadRequestError,
+    EmberError,
+    EmberTimeoutError,
+    NotFoundError,
+    SandboxNotFoundError,
+    SandboxStateError,
+    UnauthorizedError,
+)
+from ember.sdk.async_sandbox import AsyncSandbox
+from ember.sdk.process import AsyncProcess
+
+log = logging.getLogger("ember.daemon")
+access = logging.getLogger("ember.daemon.access")
+_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+#: Processes started through envd that one sandbox may have at once in the table.
+MAX_PROCESSES = 1024
+MAX_LIST_ENTRIES = 100_000
+#: A unary request's JSON body.
+MAX_UNARY_BODY = 1 << 20
+KEEPALIVE_DEFAULT_S = 50.0
+
+
+def connect_code(err: EmberError) -> str:
+    """The Connect code of an ember error."""
+    for cls, code in ((BadRequestError, "invalid_argument"),
+                      (UnauthorizedError, "unauthenticated"), (NotFoundError, "not_found"),
+                      (SandboxStateError, "failed_precondition"),
+                      (EmberTimeoutError, "deadline_exceeded")):
+        if isinstance(err, cls):
+            return code
+    return "internal"
+
+
+def _http_error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"code": status, "message": message}, status_code=status)
+
+
+@dataclass
+class Tracked:
+    """A process started through envd: its handle and what List says of it."""
+
+    proc: AsyncProcess
+    config: dict[str, Any]
+    tag: str | None
+
+
+@dataclass
+class Call:
+    """One envd request, once its sandbox and caller are known."""
+
+    request: Request
+    sandbox_id: str
+    sb: AsyncSandbox
+    user: str | None
+    procs: dict[int, Tracked] = field(default_factory=dict)
+
+
+class EnvdRouting:
+    """ASGI layer in front of the application: requests naming a sandbox in
+    ``E2b-Sandbox-Id`` go to envd, all others pass."""
+
+    def __init__(self, app: ASGIApp, envd: Envd) -> None:
+        self.app = app
+        self.envd = envd
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and any(k == b"e2b-sandbox-id"
+                                           for k, _ in scope.get("headers") or ()):
+            await self.envd(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+class Envd:
+    def __init__(self, live: LiveSandboxes, state: E2bState) -> None:
+        self.live = live
+        self.state = state
+        self._procs: dict[str, dict[int, Tracked]] = {}
+        self._unary: dict[str, Callable[[Call, dict[str, Any]], Awaitable[dict[str, Any]]]] = {
+            "/process.Process/List": self._list,
+            "/process.Process/SendInput": self._send_input,
+            "/process.Process/CloseStdin": self._close_stdin,
+            "/process.Process/SendSignal": self._send_signal,
+            "/filesystem.Filesystem/Stat": self._stat,
+            "/filesystem.Filesystem/ListDir": self._list_dir,
+            "/filesystem.Filesystem/MakeDir": self._make_dir,
+            "/filesystem.Filesystem/Move": self._move,
+            "/filesystem.Filesystem/Remove": self._remove,
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        t0 = time.monotonic()
+        request = Request(scope, receive)
+        response = await self._answer(request)
+        await response(scope, receive, send)
+        access.info("e2b %s %s %s %d %.1fms", request.headers.get("e2b-sandbox-id", "?")[:64],
+                    scope.get("method"), scope.get("path"), response.status_code,
+                    (time.monotonic() - t0) * 1000)
+
+    async def _answer(self, request: Request) -> Response:
+        path = request.url.path
+        rpc = path.startswith(("/process.Process/", "/filesystem.Filesystem/"))
+        try:
+            call = await self._call(request)
+        except UnauthorizedError as err:
+            return _http_error(401, str(err))
+        except SandboxNotFoundError:
+            sid = request.headers.get("e2b-sandbox-id", "")[:64]
+            return _http_error(502, f"sandbox {sid!r} was not found")
+        except EmberError as err:
+            return _http_error(502, f"the sandbox cannot be reached: {err}")
+        try:
+            if rpc:
+                return await self._rpc(call, path)
+            if path == "/health":
+                return Response(status_code=204)
+            if path == "/files" and request.method == "GET":
+                return await self._download(call)
+            if path == "/files" and request.method == "POST":
+                return await self._upload(call)
+            return _http_error(404, f"{request.method} {path} is not part of envd's API")
+        except EmberError as err:
+            status = {"invalid_argument": 400, "not_found": 404, "unauthenticated": 401,
+                      "failed_precondition": 409, "deadline_exceeded": 504}.get(
+                connect_code(err), 500)
+            return _http_error(status, str(err))
+
+    async def _call(self, request: Request) -> Call:
+        sid = request.headers.get("e2b-sandbox-id", "")
+        if not _ID.match(sid):
+            raise SandboxNotFoundError(f"not a sandbox id: {sid[:64]!r}")
+        if not M.token_matches(self.state.secret, sid, request.headers.get("x-access-token")):
+            raise UnauthorizedError("a wrong or missing X-Access-Token for this sandbox")
+        port = request.headers.get("e2b-sandbox-port", str(M.ENVD_PORT))
+        if port != str(M.ENVD_PORT):
+            raise BadRequestError(f"port is not open: only envd's port {M.ENVD_PORT} is "
+                                  "served through E2b-Sandbox-Port")
+        sb = await self.live.get(sid)
+        user = M.user_of(request.headers.get("authorization"))
+        return Call(request, sid, sb, user, self._procs.setdefault(sid, {}))
+
+    # --- Connect ---------------------------------------------------------------------------
+    async def _rpc(self, call: Call, path: str) -> Response:
+        ctype = call.request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if path == "/process.Process/Start":
+            return await self._start(call, ctype)
+        handler = self._unary.get(path)
+        try:
+            if call.request.method != "POST":
+                raise ConnectError("unimplemented", f"{path} takes POST")
+            if handler is None:
+                raise ConnectError("unimplemented", f"{path} is not served by ember "
+                                   "(docs/e2b.md)")
+            if ctype != "application/json":
+                raise ConnectError("invalid_argument", f"{path}: expected application/json, "
+                                   f"not {ctype!r}")
+            body = await _bounded_body(call.request, MAX_UNARY_BODY)
+            reply = await handler(call, decode_message(body, path))
+        except ConnectError as err:
+            return _connect_error(err)
+        except EmberError as err:
+            return _connect_error(ConnectError(connect_code(err), str(err)))
+        return JSONResponse(reply)
+
+    async def _start(self, call: Call, ctype: str) -> Response:
+        try:
+            if ctype != STREAM_CONTENT_TYPE:
+                raise ConnectError("invalid_argument", f"Start: expected {STREAM_CONTENT_TYPE}")
+            msg = single_message(await _bounded_body(call.request, MAX_UNARY_BODY), "Start")
+            proc, config, tag = await self._spawn(call, msg)
+        except ConnectError as err:
+            return _stream_error(err)
+        except EmberError as err:
+            return _stream_error(ConnectError(connect_code(err), str(err)))
+        raw = call.request.headers.get("keepalive-ping-interval", "")
+        every = float(raw) if raw.isdigit() and 0 < int(raw) <= 3600 else KEEPALIVE_DEFAULT_S
+        call.procs[proc.pid] = Tracked(proc, config, tag)
+        return StreamingResponse(self._events(call, proc, every), status_code=200,
+                                 media_type=STREAM_CONTENT_TYPE)
+
+    async def _spawn(self, call: Call, msg: dict[str, Any]
+                     ) -> tuple[AsyncProcess, dict[str, Any], str | None]:
+        if msg.get("pty"):
+            raise ConnectError("unimplemented", "PTY commands are not served by ember's E2B "
+                               "API yet (docs/e2b.md)")
+        config = msg.get("process")
+        if not isinstance(config, dict) or not isinstance(config.get("cmd"), str) \
+                or not config["cmd"]:
+            raise ConnectError("invalid_argument", "Start: process.cmd is required")
+        args = config.get("args", [])
+        envs = config.get("envs", {})
+        cwd = config.get("cwd")
+        if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+            raise ConnectError("invalid_argument", "Start: process.args must be strings")
+        if not isinstance(envs, dict) or not all(isinstance(v, str) for v in envs.values()):
+            raise ConnectError("invalid_argument", "Start: process.envs must map to strings")
+        if cwd is not None and not isinstance(cwd, str):
+            raise ConnectError("invalid_argument", "Start: process.cwd must be a string")
+        tag = msg.get("tag") if isinstance(msg.get("tag"), str) else None
+        if len(call.procs) >= MAX_PROCESSES:
+            for pid in [p for p, t in call.procs.items() if t.proc.result is not None]:
+                del call.procs[pid]
+        if len(call.procs) >= MAX_PROCESSES:
+            raise ConnectError("resource_exhausted", f"{MAX_PROCESSES} processes started "
+                               "through envd are still running in this sandbox")
+        timeout = timeout_of(call.request.headers.get("connect-timeout-ms"))
+        proc = await call.sb._spawn([config["cmd"], *args], env=envs,
+                                    cwd=M.guest_path(cwd, call.user) if cwd else None,
+                                    user=call.user, stdin=msg.get("stdin") is True,
+                                    timeout=timeout, keep_output=False)
+        return proc, {k: v for k, v in config.items() if k in ("cmd", "args", "envs", "cwd")}, tag
+
+    async def _events(self, call: Call, proc: AsyncProcess, every: float) -> AsyncIterator[bytes]:
+        """The Start stream: start, data as produced (keep-alives while quiet), end; then
+        the end-stream envelope. A client that goes away leaves the process running."""
+        queue: asyncio.Queue[tuple[str, bytes] | ConnectError | None] = asyncio.Queue(64)
+        pump = asyncio.create_task(_pump(proc, queue))
+        try:
+            yield envelope(M.start_event(proc.pid))
+            while True:
+                try:
+                    item = await asyncio.wait_for(queue.get(), every)
+                except TimeoutError:
+                    yield envelope(M.keepalive_event())
+                    continue
+                if item is None:
+                    break
+                if isinstance(item, ConnectError):
+                    yield end_stream(item)
+                    return
+                yield envelope(M.data_event(*item))
+            result = proc.result
+            assert result is not None
+            if result.timed_out:
+                yield end_stream(ConnectError("deadline_exceeded",
+                                              f"the command outlived its timeout and was "
+                                              f"killed (pid {proc.pid})"))
+                return
+            yield envelope(M.end_event(result))
+            yield end_stream()
+        finally:
+            pump.cancel()
+            with contextlib.suppress(BaseException):
+                await pump
+            if proc.result is not None:
+                call.procs.pop(proc.pid, None)
+
+    def _tracked(self, call: Call, msg: dict[str, Any]) -> Tracked:
+        sel = msg.get("process")
+        if not isinstance(sel, dict):
+            raise ConnectError("invalid_argument", "a process selector (pid or tag) is required")
+        pid, tag = sel.get("pid"), sel.get("tag")
+        for p, t in call.procs.items():
+            if (isinstance(pid, int) and p == pid) or (isinstance(tag, str) and t.tag == tag):
+                return t
+        raise ConnectError("not_found", f"no process {pid if pid is not None else tag!r} "
+                           "started through envd runs in this sandbox")
+
+    async def _list(self, call: Call, msg: dict[str, Any]) -> dict[str, Any]:
+        running = {p.pid for p in await call.sb.processes() if p.running}
+        out = []
+        for pid, t in call.procs.items():
+            if t.proc.result is None and pid in running:
+                info: dict[str, Any] = {"config": t.config, "pid": pid}
+                if t.tag is not None:
+                    info["tag"] = t.tag
+                out.append(info)
+        return {"processes": out}
+
+    async def _send_input(self, call: Call, msg: dict[str, Any]) -> dict[str, Any]:
+        t = self._tracked(call, msg)
+        given = msg.get("input")
+        if not isinstance(given, dict) or "stdin" not in given:
+            raise ConnectError("invalid_argument", "SendInput: input.stdin is required "
+                               "(PTY input is not served yet)")
+        data = M.b64_field(given, "stdin")
+        for i in range(0, len(data), P.MAX_DATA_PAYLOAD):
+            await t.proc.write_stdin(data[i:i + P.MAX_DATA_PAYLOAD])
+        return {}
+
+    async def _close_stdin(self, call: Call, msg: dict[str, Any]) -> dict[str, Any]:
+        await self._tracked(call, msg).proc.close_stdin()
+        return {}
+
+    async def _send_signal(self, call: Call, msg: dict[str, Any]) -> dict[str, Any]:
+        t = self._tracked(call, msg)
+        raw = msg.get("signal")
+        named = {"SIGNAL_SIGKILL": 9, "SIGNAL_SIGTERM": 15}
+        signum = named.get(raw) if isinstance(raw, str) else raw
+        if signum not in (signals.SIGKILL, signals.SIGTERM):
+            raise ConnectError("invalid_argument", f"SendSignal: signal {raw!r} is not "
+                               "SIGNAL_SIGKILL or SIGNAL_SIGTERM")
+        await t.proc.signal(int(signum))
+        return {}
+
+    # --- filesystem ------------------------------------------------------------------------
+    def _path(self, call: Call, msg: dict[str, Any], key: str = "path") -> str:
+        path = msg.get(key)
+        if not isinstance(path, str) or len(path) > 4096:
+            raise ConnectError("invalid_argument", f"{key} is required (a string)")
+        return M.guest_path(path, call.user)
+
+    async def _stat(self, call: Call, msg: dict[str, Any]) -> dict[str, Any]:
+        return {"entry": M.entry(await call.sb.files.stat(self._path(call, msg)))}
+
+    async def _list_dir(self, call: Call, msg: dict[str, Any]) -> dict[str, Any]:
+        depth = msg.get("depth", 1)
+        if not isinstance(depth, int) or not 0 <= depth <= 64:
+            raise ConnectError("invalid_argument", "ListDir: depth is 1 to 64")
+        entries: list[dict[str, Any]] = []
+        level = [self._path(call, msg)]
+        for _ in range(max(depth, 1)):
+            below: list[str] = []
+            for d in level:
+                for e in await call.sb.files.list(d):
+                    entries.append(M.entry(e))
+                    if e.type == "dir":
+                        below.append(e.path)
+                if len(entries) > MAX_LIST_ENTRIES:
+                    raise ConnectError("resource_exhausted", f"over {MAX_LIST_ENTRIES} "
+                                       "entries: list with a smaller depth")
+            level = below
+        return {"entries": entries}
+
+    async def _make_dir(self, call: Call, msg: dict[str, Any]) -> dict[str, Any]:
+        path = self._path(call, msg)
+        if await call.sb.files.exists(path):
+            raise ConnectError("already_exists", f"{path} already exists")
+        await call.sb.files.mkdir(path, parents=True)
+        return {"entry": M.entry(await call.sb.files.stat(path))}
+
+    async def _move(self, call: Call, msg: dict[str, Any]) -> dict[str, Any]:
+        src, dst = self._path(call, msg, "source"), self._path(call, msg, "destination")
+        await call.sb.files.rename(src, dst)
+        return {"entry": M.entry(await call.sb.files.stat(dst))}
+
+    async def _remove(self, call: Call, msg: dict[str, Any]) -> dict[str, Any]:
+        await call.sb.files.remove(self._path(call, msg), recursive=True)
+        return {}
+
+    # --- /files ----------------------------------------------------------------------------
+    async def _download(self, call: Call) -> Response:
+        path = M.guest_path(call.request.query_params.get("path", ""), call.user)
+        return await file_response(call.sb, path)
+
+    async def _upload(self, call: Call) -> Response:
+        request = call.request
+        ctype = request.headers.get("content-type", "")
+        gzip = request.headers.get("content-encoding", "").lower() == "gzip"
+        default = request.query_params.get("path")
+        if ctype.lower().startswith("multipart/form-data"):
+            if gzip:
+                raise BadRequestError("gzip applies to octet-stream uploads only")
+            written = await self._multipart(call, boundary_of(ctype), default)
+        else:
+            if not default:
+                raise BadRequestError("an octet-stream upload needs ?path=")
+            path = M.guest_path(default, call.user)
+            await self._write(call, path, _chunks(request, gzip))
+            written = [path]
+        if not written:
+            raise BadRequestError("the upload holds no file")
+        return JSONResponse([M.write_info(p) for p in written])
+
+    async def _multipart(self, call: Call, boundary: bytes, default: str | None) -> list[str]:
+        reader = MultipartReader(boundary)
+
+        async def events() -> AsyncIterator[tuple[str, str | bytes]]:
+            async for chunk in call.request.stream():
+                for ev in reader.feed(chunk):
+                    yield ev
+            reader.close()
+
+        written: list[str] = []
+        stream = events()
+        async for kind, value in stream:
+            if kind != "part":
+                continue
+            name = str(value) or default
+            if not name:
+                raise BadRequestError("a multipart part without a file name (its path)")
+            path = M.guest_path(name, call.user)
+
+            async def part() -> AsyncIterator[bytes]:
+                async for k, v in stream:
+                    if k == "end":
+                        return
+                    if isinstance(v, bytes):
+                        for i in range(0, len(v), P.MAX_DATA_PAYLOAD):
+                            yield v[i:i + P.MAX_DATA_PAYLOAD]
+
+            await self._write(call, path, part())
+            written.append(path)
+        return written
+
+    @staticmethod
+    async def _write(call: Call, path: str, chunks: AsyncIterator[bytes]) -> None:
+        parent = path.rsplit("/", 1)[0]
+        if parent:
+            await call.sb.files.mkdir(parent, parents=True)  # envd makes them too
+        await call.sb.files.write_chunks(path, chunks)
+
+
+async def _pump(proc: AsyncProcess,
+                queue: asyncio.Queue[tuple[str, bytes] | ConnectError | None]) -> None:
+    try:
+        async for chunk in proc.output():
+            for i in range(0, len(chunk.data), 32 * 1024):
+                await queue.put((chunk.stream, chunk.data[i:i + 32 * 1024]))
+    except EmberError as err:
+        code = "unavailable" if not isinstance(err, EmberTimeoutError) else "deadline_exceeded"
+        await queue.put(ConnectError(code, f"the command's stream ended: {err}"))
+        return
+    await queue.put(None)
+
+
+async def _chunks(request: Request, gzip: bool) -> AsyncIterator[bytes]:
+    """The body in pieces the agent takes, gunzipped as it arrives (bounded output per
+    step, so that a small bomb cannot fill the daemon's memory)."""
+    z = zlib.decompressobj(wbits=31) if gzip else None
+    async for c in request.stream():
+        pending = c
+        while pending:
+            if z is None:
+                out, pending = pending, b""
+            else:
+                try:
+                    out = z.decompress(pending, P.MAX_DATA_PAYLOAD)
+                except zlib.error as err:
+                    raise BadRequestError(f"the gzip body is corrupt: {err}") from None
+                pending = z.unconsumed_tail
+            for i in range(0, len(out), P.MAX_DATA_PAYLOAD):
+                yield out[i:i + P.MAX_DATA_PAYLOAD]
+
+
+async def _bounded_body(request: Request, limit: int) -> bytes:
+    body = bytearray()
+    async for c in request.stream():
+        body += c
+        if len(body) > limit:
+            raise ConnectError("resource_exhausted", f"a request over {limit} bytes")
+    return bytes(body)
+
+
+def _connect_error(err: ConnectError) -> Response:
+    return Response(unary_error_body(err), status_code=err.http_status,
+                    media_type="application/json")
+
+
+def _stream_error(err: ConnectError) -> Response:
+    return Response(end_stream(err), status_code=200, media_type=STREAM_CONTENT_TYPE)
+
+
+__all__ = ["Envd", "EnvdRouting"]

@@ -1,0 +1,271 @@
+"""E2B's REST API (``E2B_API_URL``): create, list, info, kill, timeout, pause, connect;
+each route translates into the same runtime calls as ember's own routes.
+
+The caller is told apart as everywhere else (:func:`ember.daemon.auth.principal_of`): the
+``X-API-KEY`` header carries an ember API key (``ek_...``), and so may ``Authorization:
+Bearer``; on the Unix socket the peer's uid decides. Errors are E2B's: the HTTP status and
+``{"code": <status>, "message": "..."}``, which the SDK turns into its own exceptions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ConfigDict, Field
+
+from ember.daemon import routes_sandboxes
+from ember.daemon.auth import Principal, own_sandbox, principal_of
+from ember.daemon.deps import ID_PATTERN, Live, Meter, Quota
+from ember.daemon.errors import headers_for, status_for
+from ember.daemon.models import CreateRequest, Env, Meta, NetworkRequest
+from ember.e2b import mapping as M
+from ember.e2b.state import E2bState, e2b_state
+from ember.errors import BadRequestError, EmberError, SandboxStateError
+from ember.sdk.async_sandbox import info_of
+from ember.sdk.results import SandboxInfo
+
+log = logging.getLogger("ember.daemon")
+
+
+def error_response(status: int, message: str,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"code": status, "message": message}, status_code=status,
+                        headers=headers)
+
+
+class E2bRoute(APIRoute):
+    """A route whose errors are E2B's JSON, not ember's."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def answer(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except EmberError as err:
+                return error_response(status_for(err), str(err), headers_for(err))
+            except RequestValidationError as err:
+                first = err.errors()[0] if err.errors() else {}
+                where = ".".join(str(x) for x in first.get("loc", ()))
+                return error_response(400, f"invalid request: {where}: "
+                                      f"{first.get('msg', 'invalid')}")
+
+        return answer
+
+
+router = APIRouter(tags=["e2b"], route_class=E2bRoute)
+
+
+def _who(request: Request, x_api_key: Annotated[str | None, Header()] = None) -> Principal:
+    live = request.app.state.live
+    auth = f"Bearer {x_api_key}" if x_api_key else request.headers.get("authorization")
+    return principal_of(live.mgr.store, request.scope.get("client"), auth)
+
+
+Who = Annotated[Principal, Depends(_who)]
+State = Annotated[E2bState, Depends(e2b_state)]
+SandboxId = Annotated[str, Path(pattern=ID_PATTERN, description="a sandbox id")]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class NewSandbox(_Body):
+    """``NewSandbox`` / ``NewSandboxV2``: what ember has no counterpart for (MCP, IAM,
+    volumes, per-host network rules) is refused, never silently dropped."""
+
+    templateID: Annotated[str, Field(min_length=1, max_length=128)]
+    timeout: Annotated[int, Field(ge=1, le=86400 * 30)] = 300
+    metadata: Meta = Field(default_factory=dict, max_length=64)
+    envVars: Env = Field(default_factory=dict, max_length=256)
+    autoPause: bool = False
+    autoPauseMemory: bool | None = None
+    autoResume: dict[str, Any] | None = None
+    allow_internet_access: bool | None = None
+    secure: bool | None = None
+    network: dict[str, Any] | None = None
+    mcp: dict[str, Any] | None = None
+    iam: dict[str, Any] | None = None
+    volumeMounts: list[dict[str, Any]] | None = None
+
+
+class TimeoutBody(_Body):
+    timeout: Annotated[int, Field(ge=0, le=86400 * 30)]
+
+
+class ConnectBody(_Body):
+    timeout: Annotated[int, Field(ge=0, le=86400 * 30)] | None = None
+    memory: bool | None = None
+    autoPause: bool | None = None
+
+
+class PauseBody(_Body):
+    memory: bool | None = None
+    requireHealthyGuest: bool | None = None
+
+
+def _unsupported(body: NewSandbox) -> str | None:
+    for name in ("mcp", "iam", "volumeMounts", "network", "autoResume"):
+        if getattr(body, name):
+            return name
+    return None
+
+
+async def _owned_info(live: Live, who: Principal, sandbox_id: str) -> SandboxInfo:
+    rec = await asyncio.to_thread(live.mgr.get, sandbox_id)
+    return info_of(own_sandbox(who, rec))
+
+
+async def _create(body: NewSandbox, live: Live, meter: Meter, who: Who, quotas: Quota,
+                  state: State) -> JSONResponse:
+    bad = _unsupported(body)
+    if bad is not None:
+        raise BadRequestError(f"{bad} is not supported by ember's E2B API (docs/e2b.md)")
+    request = CreateRequest(
+        template=M.ember_template(body.templateID), timeout=float(body.timeout),
+        env=body.envVars, metadata=body.metadata,
+        on_timeout="pause" if body.autoPause else "destroy",
+        network=NetworkRequest() if body.allow_internet_access else None)
+    made = await routes_sandboxes.create(request, live, meter, who, quotas)
+    return JSONResponse(M.created(str(made["id"]), template_id=body.templateID,
+                                  secret=state.secret,
+                                  domain=state.domain), status_code=201)
+
+
+@router.post("/sandboxes", status_code=201)
+async def e2b_create(body: NewSandbox, live: Live, meter: Meter, who: Who, quotas: Quota,
+                    state: State) -> JSONResponse:
+    """E2B: create a sandbox (older SDKs)."""
+    return await _create(body, live, meter, who, quotas, state)
+
+
+@router.post("/v2/sandboxes", status_code=201)
+async def e2b_create_v2(body: NewSandbox, live: Live, meter: Meter, who: Who, quotas: Quota,
+                    state: State) -> JSONResponse:
+    """E2B: create a sandbox from a template (``base``: ember's default template)."""
+    return await _create(body, live, meter, who, quotas, state)
+
+
+async def _mine(live: Live, who: Principal) -> list[SandboxInfo]:
+    return [i for i in await live.local.list() if who.sees(i.tenant)]
+
+
+@router.get("/v2/sandboxes")
+async def e2b_list_v2(live: Live, who: Who, response: Response,
+                  metadata: Annotated[str | None, Query(max_length=8192)] = None,
+                  state: Annotated[str | None, Query(max_length=64)] = None,
+                  template: Annotated[str | None, Query(max_length=128)] = None,
+                  startedAfter: Annotated[datetime | None, Query()] = None,
+                  order: Annotated[str, Query(pattern="^(asc|desc)$")] = "asc",
+                  nextToken: Annotated[str | None, Query(max_length=512)] = None,
+                  limit: Annotated[int, Query(ge=1, le=100)] = 100) -> list[dict[str, Any]]:
+    """E2B: the caller's running and paused sandboxes, filtered by metadata and state, a
+    page at a time (the next page's token in ``x-next-token``)."""
+    infos, token = M.page(
+        await _mine(live, who), metadata=M.metadata_filter(metadata),
+        states=M.states_filter(state), template=template,
+        started_after=None if startedAfter is None else startedAfter.timestamp(),
+        desc=order == "desc", limit=limit, next_token=nextToken)
+    if token is not None:
+        response.headers["x-next-token"] = token
+    return [M.listed(i) for i in infos]
+
+
+@router.get("/sandboxes")
+async def e2b_list(live: Live, who: Who,
+                  metadata: Annotated[str | None, Query(max_length=8192)] = None
+                  ) -> list[dict[str, Any]]:
+    """E2B: the caller's running sandboxes (older SDKs; no paging)."""
+    infos, _ = M.page(await _mine(live, who), metadata=M.metadata_filter(metadata),
+                      states={"running"}, template=None, started_after=None, desc=False,
+                      limit=10_000, next_token=None)
+    return [M.listed(i) for i in infos]
+
+
+@router.get("/sandboxes/{sandbox_id}")
+async def e2b_get_info(sandbox_id: SandboxId, live: Live, who: Who,
+                   state: State) -> dict[str, Any]:
+    """E2B: one sandbox (``SandboxDetail``)."""
+    info = await _owned_info(live, who, sandbox_id)
+    return M.detail(info, secret=state.secret, domain=state.domain)
+
+
+@router.delete("/sandboxes/{sandbox_id}", status_code=204)
+async def e2b_kill(sandbox_id: SandboxId, live: Live, meter: Meter, who: Who) -> Response:
+    """E2B: destroy a sandbox (404 when there is none)."""
+    await _owned_info(live, who, sandbox_id)
+    return await routes_sandboxes.kill(live, meter, sandbox_id)
+
+
+@router.post("/sandboxes/{sandbox_id}/timeout", status_code=204)
+async def e2b_set_timeout(sandbox_id: SandboxId, body: TimeoutBody, live: Live,
+                      who: Who) -> Response:
+    """E2B: the sandbox ends ``timeout`` seconds from now."""
+    await _owned_info(live, who, sandbox_id)
+    await live.local.set_timeout(sandbox_id, float(body.timeout) or None)
+    return Response(status_code=204)
+
+
+@router.post("/sandboxes/{sandbox_id}/pause", status_code=204)
+async def e2b_pause(sandbox_id: SandboxId, live: Live, who: Who,
+                body: PauseBody | None = None) -> Response:
+    """E2B: pause (ember stops the vCPUs and keeps memory; 409 when already paused)."""
+    if body is not None and body.memory is False:
+        raise BadRequestError("ember's pause always keeps the sandbox's memory")
+    info = await _owned_info(live, who, sandbox_id)
+    if info.state == "paused":
+        raise SandboxStateError(f"sandbox {sandbox_id} is already paused")
+    await live.pause(sandbox_id)
+    return Response(status_code=204)
+
+
+async def _connect(sandbox_id: str, body: ConnectBody | None, live: Live, who: Principal,
+                   state: E2bState) -> JSONResponse:
+    if body is not None and body.memory is False:
+        raise BadRequestError("ember resumes a paused sandbox with its memory; a reboot "
+                              "(on_resume='reboot') is not supported")
+    info = await _owned_info(live, who, sandbox_id)
+    resumed = info.state == "paused"
+    if resumed:
+        await live.resume(sandbox_id)
+    if body is not None and body.timeout:
+        await live.local.set_timeout(sandbox_id, float(body.timeout))
+    info = await _owned_info(live, who, sandbox_id)
+    return JSONResponse(M.created(info.id, template_id=info.template, secret=state.secret,
+                                  domain=state.domain), status_code=201 if resumed else 200)
+
+
+@router.post("/v2/sandboxes/{sandbox_id}/connect")
+async def e2b_connect_v2(sandbox_id: SandboxId, live: Live, who: Who, state: State,
+                     body: ConnectBody | None = None) -> JSONResponse:
+    """E2B: connect to a sandbox, resuming it if paused (201 resumed, 200 running)."""
+    return await _connect(sandbox_id, body, live, who, state)
+
+
+@router.post("/sandboxes/{sandbox_id}/connect")
+async def e2b_connect(sandbox_id: SandboxId, live: Live, who: Who, state: State,
+                     body: ConnectBody | None = None) -> JSONResponse:
+    """E2B: connect (older SDKs)."""
+    return await _connect(sandbox_id, body, live, who, state)
+
+
+@router.post("/sandboxes/{sandbox_id}/resume", status_code=201)
+async def e2b_resume(sandbox_id: SandboxId, live: Live, who: Who, state: State,
+                 body: ConnectBody | None = None) -> JSONResponse:
+    """E2B: resume a paused sandbox (older SDKs; 409 when it is not paused)."""
+    info = await _owned_info(live, who, sandbox_id)
+    if info.state != "paused":
+        raise SandboxStateError(f"sandbox {sandbox_id} is not paused")
+    return await _connect(sandbox_id, body, live, who, state)
+
+
+__all__ = ["router"]

@@ -1,0 +1,159 @@
+"""E2B's official ``e2b`` SDK against a real daemon (TCP listener, API keys) and real
+guests: lifecycle, commands, files, bad input."""
+
+from __future__ import annotations
+
+import struct
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from ember.daemon import control
+from ember.daemon.auth import new_key
+from ember.paths import Paths
+from ember.store import Store
+from tests.oci_fixtures import free_port
+
+e2b = pytest.importorskip("e2b")
+from e2b import (  # noqa: E402
+    AuthenticationException,
+    CommandExitException,
+    NotFoundException,
+    Sandbox,
+    SandboxException,
+    SandboxNotFoundException,
+    SandboxQuery,
+)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def api(ember_paths: Paths, debian_template: object) -> Iterator[dict[str, Any]]:
+    """The daemon on TCP; the SDK's options for tenant alice, and bob's key."""
+    url = f"http://127.0.0.1:{free_port()}"
+    control.stop(ember_paths)
+    control.start(ember_paths, listen=url.removeprefix("http://"))
+    store = Store(ember_paths.db)
+    _, alice = new_key(store, "alice")
+    _, bob = new_key(store, "bob")
+    try:
+        yield {"opts": {"api_key": alice, "api_url": url, "sandbox_url": url},
+               "bob": bob, "url": url}
+    finally:
+        control.stop(ember_paths)
+
+
+@pytest.fixture(scope="module")
+def sbx(api: dict[str, Any]) -> Iterator[Sandbox]:
+    box = Sandbox.create("base", timeout=900, metadata={"suite": "e2b"}, **api["opts"])
+    yield box
+    box.kill()
+
+
+def test_create_info_list_and_timeout(sbx: Sandbox, api: dict[str, Any]) -> None:
+    info = sbx.get_info()
+    assert info.sandbox_id == sbx.sandbox_id and info.metadata == {"suite": "e2b"}
+    assert info.state.value == "running"
+    mine = Sandbox.list(query=SandboxQuery(metadata={"suite": "e2b"}), **api["opts"])
+    assert [s.sandbox_id for s in mine.next_items()] == [sbx.sandbox_id]
+    none = Sandbox.list(query=SandboxQuery(metadata={"suite": "other"}), **api["opts"])
+    assert none.next_items() == [] and not none.has_next
+    sbx.set_timeout(1200)
+    assert sbx.get_info().end_at > info.end_at
+    assert sbx.is_running()
+
+
+def test_commands_stream_and_background_stdin_and_kill(sbx: Sandbox) -> None:
+    seen: list[str] = []
+    r = sbx.commands.run("echo one; echo two >&2; echo three", on_stdout=seen.append)
+    assert r.exit_code == 0 and r.stdout == "one\nthree\n" and r.stderr == "two\n"
+    assert "".join(seen) == "one\nthree\n"
+    with pytest.raises(CommandExitException) as exc:
+        sbx.commands.run("exit 3")
+    assert exc.value.exit_code == 3
+    h = sbx.commands.run("cat", background=True, stdin=True)
+    assert h.pid in [p.pid for p in sbx.commands.list()]
+    sbx.commands.send_stdin(h.pid, "hello\n")
+    sbx.commands.close_stdin(h.pid)
+    assert h.wait().stdout == "hello\n"
+    sleeper = sbx.commands.run("sleep 600", background=True)
+    assert sbx.commands.kill(sleeper.pid) is True
+    with pytest.raises(CommandExitException):
+        sleeper.wait()
+    assert sbx.commands.kill(sleeper.pid) is False
+
+
+def test_files(sbx: Sandbox) -> None:
+    fs = sbx.files
+    fs.write("/tmp/e2b/a.txt", "hello")  # parent directories made, as envd does
+    assert fs.read("/tmp/e2b/a.txt") == "hello"
+    fs.write("/tmp/e2b/b.bin", b"\x00\x01" * 100_000, use_octet_stream=True)
+    assert fs.read("/tmp/e2b/b.bin", format="bytes") == b"\x00\x01" * 100_000
+    assert fs.exists("/tmp/e2b/a.txt") and not fs.exists("/tmp/e2b/nope")
+    assert fs.make_dir("/tmp/e2b/d") is True and fs.make_dir("/tmp/e2b/d") is False
+    fs.rename("/tmp/e2b/a.txt", "/tmp/e2b/d/c.txt")
+    names = sorted(e.name for e in fs.list("/tmp/e2b"))
+    assert names == ["b.bin", "d"]
+    deep = sorted(e.path for e in fs.list("/tmp/e2b", depth=2))
+    assert "/tmp/e2b/d/c.txt" in deep
+    assert fs.get_info("/tmp/e2b/d/c.txt").size == 5
+    fs.remove("/tmp/e2b/d")
+    assert not fs.exists("/tmp/e2b/d/c.txt")
+    with pytest.raises(NotFoundException):
+        fs.read("/tmp/e2b/nope")
+
+
+def test_bad_input(sbx: Sandbox, api: dict[str, Any]) -> None:
+    opts = api["opts"]
+    with pytest.raises(SandboxException) as exc:
+        Sandbox.create("no-such-template", **opts)
+    assert exc.value.status_code == 404 and "no-such-template" in str(exc.value)
+    with pytest.raises(AuthenticationException):
+        Sandbox.list(**{**opts, "api_key": "ek_nope_nope"}).next_items()
+    bob = {**opts, "api_key": api["bob"]}
+    with pytest.raises(SandboxNotFoundException):
+        Sandbox.get_info(sbx.sandbox_id, **bob)
+    with pytest.raises(SandboxNotFoundException):
+        Sandbox.connect(sbx.sandbox_id, **bob)
+    assert Sandbox.kill(sbx.sandbox_id, **bob) is False
+    envd = {"e2b-sandbox-id": sbx.sandbox_id, "e2b-sandbox-port": "49983"}
+    with httpx.Client(base_url=api["url"], timeout=30) as c:
+        r = c.get("/health", headers={**envd, "x-access-token": "wrong"})
+        assert r.status_code == 401
+        stream = {**envd, "x-access-token": sbx._envd_access_token,
+                  "content-type": "application/connect+json"}
+        for body in (b"\x00\x00\x00\x00\x09{}", b"\x01\x00\x00\x00\x02{}",
+                     struct.pack(">BI", 0, 1 << 30) + b"{}", b"junk"):
+            r = c.post("/process.Process/Start", content=body, headers=stream)
+            assert r.status_code == 200 and r.content[0] == 2, r.content
+            assert b'"error"' in r.content
+        r = c.post("/filesystem.Filesystem/Stat", content=b"[1]",
+                   headers={**stream, "content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["code"] == "invalid_argument"
+
+
+def test_concurrent_commands_and_kill(api: dict[str, Any]) -> None:
+    box = Sandbox.create(timeout=300, **api["opts"])
+    outs: list[str] = []
+
+    def run(n: int) -> None:
+        outs.append(box.commands.run(f"echo {n}").stdout.strip())
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outs) == ["0", "1", "2", "3"]
+    box.pause()
+    assert box.get_info().state.value == "paused"
+    again = Sandbox.connect(box.sandbox_id, **api["opts"])
+    assert again.commands.run("echo back").stdout == "back\n"
+    assert box.kill() is True
+    with pytest.raises(SandboxNotFoundException):
+        box.get_info()
+    assert box.kill() is False
