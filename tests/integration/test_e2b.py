@@ -26,6 +26,7 @@ from e2b import (  # noqa: E402
     SandboxException,
     SandboxNotFoundException,
     SandboxQuery,
+    TimeoutException,
 )
 
 pytestmark = pytest.mark.integration
@@ -85,6 +86,8 @@ def test_commands_stream_and_background_stdin_and_kill(sbx: Sandbox) -> None:
     with pytest.raises(CommandExitException):
         sleeper.wait()
     assert sbx.commands.kill(sleeper.pid) is False
+    with pytest.raises(TimeoutException):
+        sbx.commands.run("sleep 30", timeout=2)
 
 
 def test_files(sbx: Sandbox) -> None:
@@ -94,10 +97,15 @@ def test_files(sbx: Sandbox) -> None:
     fs.write("/tmp/e2b/b.bin", b"\x00\x01" * 100_000, use_octet_stream=True)
     assert fs.read("/tmp/e2b/b.bin", format="bytes") == b"\x00\x01" * 100_000
     assert fs.exists("/tmp/e2b/a.txt") and not fs.exists("/tmp/e2b/nope")
+    fs.write("/tmp/e2b/z/g.txt", "zipped " * 1000, gzip=True)
+    assert fs.read("/tmp/e2b/z/g.txt") == "zipped " * 1000
+    fs.write_files([{"path": "/tmp/e2b/z/m1", "data": "one"},
+                    {"path": "/tmp/e2b/z/m2", "data": b"two"}])
+    assert (fs.read("/tmp/e2b/z/m1"), fs.read("/tmp/e2b/z/m2")) == ("one", "two")
     assert fs.make_dir("/tmp/e2b/d") is True and fs.make_dir("/tmp/e2b/d") is False
     fs.rename("/tmp/e2b/a.txt", "/tmp/e2b/d/c.txt")
     names = sorted(e.name for e in fs.list("/tmp/e2b"))
-    assert names == ["b.bin", "d"]
+    assert names == ["b.bin", "d", "z"]
     deep = sorted(e.path for e in fs.list("/tmp/e2b", depth=2))
     assert "/tmp/e2b/d/c.txt" in deep
     assert fs.get_info("/tmp/e2b/d/c.txt").size == 5
