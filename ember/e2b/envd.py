@@ -1,7 +1,8 @@
 """envd, the in-sandbox API of E2B's SDK, served by the daemon on the guest's behalf (the
-guest runs no second daemon): :class:`EnvdRouting` sends every request that names a
-sandbox in ``E2b-Sandbox-Id`` (what the SDK sends when ``E2B_SANDBOX_URL`` points at the
-daemon) to :class:`Envd`, which checks its ``X-Access-Token`` and translates:
+guest runs no second daemon): :class:`EnvdRouting` sends every request for envd's paths
+that names a sandbox in ``E2b-Sandbox-Id`` or carries an ``X-Access-Token`` (what the SDK
+sends when ``E2B_SANDBOX_URL`` points at the daemon; the token names its sandbox too) to
+:class:`Envd`, which checks the token and translates:
 
 * ``GET /health``; ``GET /files`` (download, streamed) and ``POST /files`` (multipart or
   octet-stream, gzip allowed, streamed to the guest);
@@ -91,6 +92,9 @@ class Tracked:
     proc: AsyncProcess
     config: dict[str, Any]
     tag: str | None
+    #: SIGKILL was sent: it is gone for every later call, as for envd (its Start stream
+    #: still reports its end).
+    killed: bool = False
 
 
 @dataclass
@@ -105,19 +109,27 @@ class Call:
 
 
 class EnvdRouting:
-    """ASGI layer in front of the application: requests naming a sandbox in
-    ``E2b-Sandbox-Id`` go to envd, all others pass."""
+    """ASGI layer in front of the application: requests for envd's paths that name a
+    sandbox in ``E2b-Sandbox-Id`` go to envd, all others pass."""
 
     def __init__(self, app: ASGIApp, envd: Envd) -> None:
         self.app = app
         self.envd = envd
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and any(k == b"e2b-sandbox-id"
-                                           for k, _ in scope.get("headers") or ()):
+        if scope["type"] == "http" and is_envd_path(scope.get("path", "")) and any(
+                k in (b"e2b-sandbox-id", b"x-access-token")
+                for k, _ in scope.get("headers") or ()):
             await self.envd(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+
+def is_envd_path(path: str) -> bool:
+    """envd's own paths (the SDK also sends the sandbox headers to E2B's REST API, on
+    some calls: those must reach the lifecycle routes)."""
+    return path in ("/health", "/files") or path.startswith(
+        ("/process.Process/", "/filesystem.Filesystem/"))
 
 
 class Envd:
@@ -148,13 +160,14 @@ class Envd:
 
     async def _answer(self, request: Request) -> Response:
         path = request.url.path
-        rpc = path.startswith(("/process.Process/", "/filesystem.Filesystem/"))
+        rpc = path not in ("/health", "/files")
         try:
             call = await self._call(request)
         except UnauthorizedError as err:
             return _http_error(401, str(err))
         except SandboxNotFoundError:
-            sid = request.headers.get("e2b-sandbox-id", "")[:64]
+            sid = (request.headers.get("e2b-sandbox-id") or M.sandbox_of_token(
+                request.headers.get("x-access-token")))[:64]
             return _http_error(502, f"sandbox {sid!r} was not found")
         except EmberError as err:
             return _http_error(502, f"the sandbox cannot be reached: {err}")
@@ -163,11 +176,11 @@ class Envd:
                 return await self._rpc(call, path)
             if path == "/health":
                 return Response(status_code=204)
-            if path == "/files" and request.method == "GET":
+            if request.method == "GET":
                 return await self._download(call)
-            if path == "/files" and request.method == "POST":
+            if request.method == "POST":
                 return await self._upload(call)
-            return _http_error(404, f"{request.method} {path} is not part of envd's API")
+            return _http_error(405, f"{request.method} {path} is not part of envd's API")
         except EmberError as err:
             status = {"invalid_argument": 400, "not_found": 404, "unauthenticated": 401,
                       "failed_precondition": 409, "deadline_exceeded": 504}.get(
@@ -175,10 +188,11 @@ class Envd:
             return _http_error(status, str(err))
 
     async def _call(self, request: Request) -> Call:
-        sid = request.headers.get("e2b-sandbox-id", "")
+        token = request.headers.get("x-access-token")
+        sid = request.headers.get("e2b-sandbox-id") or M.sandbox_of_token(token)
         if not _ID.match(sid):
             raise SandboxNotFoundError(f"not a sandbox id: {sid[:64]!r}")
-        if not M.token_matches(self.state.secret, sid, request.headers.get("x-access-token")):
+        if not M.token_matches(self.state.secret, sid, token):
             raise UnauthorizedError("a wrong or missing X-Access-Token for this sandbox")
         port = request.headers.get("e2b-sandbox-port", str(M.ENVD_PORT))
         if port != str(M.ENVD_PORT):
@@ -300,6 +314,8 @@ class Envd:
             raise ConnectError("invalid_argument", "a process selector (pid or tag) is required")
         pid, tag = sel.get("pid"), sel.get("tag")
         for p, t in call.procs.items():
+            if t.killed:
+                continue
             if (isinstance(pid, int) and p == pid) or (isinstance(tag, str) and t.tag == tag):
                 return t
         raise ConnectError("not_found", f"no process {pid if pid is not None else tag!r} "
@@ -309,7 +325,7 @@ class Envd:
         running = {p.pid for p in await call.sb.processes() if p.running}
         out = []
         for pid, t in call.procs.items():
-            if t.proc.result is None and pid in running:
+            if t.proc.result is None and not t.killed and pid in running:
                 info: dict[str, Any] = {"config": t.config, "pid": pid}
                 if t.tag is not None:
                     info["tag"] = t.tag
@@ -340,6 +356,7 @@ class Envd:
             raise ConnectError("invalid_argument", f"SendSignal: signal {raw!r} is not "
                                "SIGNAL_SIGKILL or SIGNAL_SIGTERM")
         await t.proc.signal(int(signum))
+        t.killed = signum == signals.SIGKILL
         return {}
 
     # --- filesystem ------------------------------------------------------------------------

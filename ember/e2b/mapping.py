@@ -42,10 +42,17 @@ def ember_template(template_id: str) -> str:
 
 
 def access_token(secret: bytes, sandbox_id: str) -> str:
-    """The envd access token of a sandbox: an HMAC of its id under the daemon's secret, so
-    that it needs no storage, survives daemon restarts and cannot be guessed."""
+    """The envd access token of a sandbox: its id and an HMAC of it under the daemon's
+    secret, so that it needs no storage, survives daemon restarts, cannot be guessed, and
+    names its sandbox (some SDK versions send envd requests without ``E2b-Sandbox-Id``)."""
     digest = hmac.new(secret, f"e2b-envd:{sandbox_id}".encode(), hashlib.sha256).digest()
-    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+    return f"{sandbox_id}.{base64.urlsafe_b64encode(digest).decode().rstrip('=')}"
+
+
+def sandbox_of_token(token: str | None) -> str:
+    """The sandbox id a token names ("" for none; whether it is genuine is checked by
+    :func:`token_matches`)."""
+    return (token or "").rpartition(".")[0]
 
 
 def token_matches(secret: bytes, sandbox_id: str, token: str | None) -> bool:

@@ -3,7 +3,10 @@ guests: lifecycle, commands, files, bad input."""
 
 from __future__ import annotations
 
+import os
 import struct
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -30,6 +33,9 @@ from e2b import (  # noqa: E402
 )
 
 pytestmark = pytest.mark.integration
+#: Another interpreter with an older ``e2b`` release (>= 2.7.0), for the drive below.
+OLD_SDK_PYTHON = os.environ.get("EMBER_E2B_OLD_PYTHON")
+DRIVE = os.path.join(os.path.dirname(__file__), "e2b_drive.py")
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +171,20 @@ def test_concurrent_commands_and_kill(api: dict[str, Any]) -> None:
     with pytest.raises(SandboxNotFoundException):
         box.get_info()
     assert box.kill() is False
+
+
+@pytest.mark.parametrize("python", [
+    sys.executable,
+    pytest.param(OLD_SDK_PYTHON, marks=pytest.mark.skipif(
+        not OLD_SDK_PYTHON, reason="EMBER_E2B_OLD_PYTHON names no interpreter with an "
+        "older e2b release"))])
+def test_the_same_calls_with_this_and_an_older_sdk_release(api: dict[str, Any],
+                                                           python: str | None) -> None:
+    assert python is not None
+    opts = api["opts"]
+    env = {**os.environ, "E2B_API_KEY": opts["api_key"], "E2B_API_URL": opts["api_url"],
+           "E2B_SANDBOX_URL": opts["sandbox_url"]}
+    done = subprocess.run([python, DRIVE], env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), (
+        done.stdout[-2000:] + done.stderr[-4000:])

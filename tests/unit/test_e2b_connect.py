@@ -144,6 +144,8 @@ def test_tokens_entries_and_events() -> None:
     assert M.token_matches(b"k" * 32, "sb-1", tok)
     assert not M.token_matches(b"k" * 32, "sb-2", tok) and not M.token_matches(
         b"k" * 32, "sb-1", None)
+    assert M.sandbox_of_token(tok) == "sb-1" and M.sandbox_of_token(None) == ""
+    assert not M.token_matches(b"j" * 32, "sb-1", tok)
     e = M.entry(EntryInfo("d", "/x/d", "dir", 4096, 0o40755, 0.0))
     assert e == {"name": "d", "type": "FILE_TYPE_DIRECTORY", "path": "/x/d", "size": "4096",
                  "mode": 0o755, "permissions": "drwxr-xr-x"}
