@@ -6,8 +6,9 @@ sends when ``E2B_SANDBOX_URL`` points at the daemon; the token names its sandbox
 
 * ``GET /health``; ``GET /files`` (download, streamed) and ``POST /files`` (multipart or
   octet-stream, gzip allowed, streamed to the guest);
-* Connect RPCs (JSON, HTTP/1.1) of ``process.Process`` (Start, a server stream of start,
-  data, keep-alive and end events; List, SendInput, CloseStdin, SendSignal) and of
+* Connect RPCs (JSON, HTTP/1.1) of ``process.Process`` (Start and Connect, server streams
+  of start, data, keep-alive and end events; List, SendInput, CloseStdin, SendSignal,
+  Update; terminals included) and of
   ``filesystem.Filesystem`` (Stat, ListDir, MakeDir, Move, Remove).
 
 The ``Authorization: Basic`` header of these requests names a guest user (envd's
@@ -92,6 +93,8 @@ class Tracked:
     proc: AsyncProcess
     config: dict[str, Any]
     tag: str | None
+    #: Started on a terminal: its output and input are envd's ``pty`` fields.
+    pty: bool = False
     #: SIGKILL was sent: it is gone for every later call, as for envd (its Start stream
     #: still reports its end).
     killed: bool = False
@@ -141,6 +144,7 @@ class Envd:
             "/process.Process/List": self._list,
             "/process.Process/SendInput": self._send_input,
             "/process.Process/CloseStdin": self._close_stdin,
+            "/process.Process/Update": self._update,
             "/process.Process/SendSignal": self._send_signal,
             "/filesystem.Filesystem/Stat": self._stat,
             "/filesystem.Filesystem/ListDir": self._list_dir,
@@ -153,7 +157,12 @@ class Envd:
         t0 = time.monotonic()
         request = Request(scope, receive)
         response = await self._answer(request)
-        await response(scope, receive, send)
+        # Starlette watches for the client going away while it streams only under ASGI
+        # spec versions before 2.4 (later ones learn it at the next write, which for a
+        # quiet command is the next keep-alive): ask for the watching, so that a stream the
+        # SDK closes lets go of its process at once (a Connect may be waiting for it).
+        await response({**scope, "asgi": {**scope.get("asgi", {}), "spec_version": "2.3"}},
+                       receive, send)
         access.info("e2b %s %s %s %d %.1fms", request.headers.get("e2b-sandbox-id", "?")[:64],
                     scope.get("method"), scope.get("path"), response.status_code,
                     (time.monotonic() - t0) * 1000)
@@ -205,8 +214,8 @@ class Envd:
     # --- Connect ---------------------------------------------------------------------------
     async def _rpc(self, call: Call, path: str) -> Response:
         ctype = call.request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if path == "/process.Process/Start":
-            return await self._start(call, ctype)
+        if path in ("/process.Process/Start", "/process.Process/Connect"):
+            return await self._stream(call, ctype, path.rsplit("/", 1)[1])
         handler = self._unary.get(path)
         try:
             if call.request.method != "POST":
@@ -225,27 +234,29 @@ class Envd:
             return _connect_error(ConnectError(connect_code(err), str(err)))
         return JSONResponse(reply)
 
-    async def _start(self, call: Call, ctype: str) -> Response:
+    async def _stream(self, call: Call, ctype: str, name: str) -> Response:
+        """Start (a new process) or Connect (to one started before): a server stream of
+        its events."""
         try:
             if ctype != STREAM_CONTENT_TYPE:
-                raise ConnectError("invalid_argument", f"Start: expected {STREAM_CONTENT_TYPE}")
-            msg = single_message(await _bounded_body(call.request, MAX_UNARY_BODY), "Start")
-            proc, config, tag = await self._spawn(call, msg)
+                raise ConnectError("invalid_argument", f"{name}: expected {STREAM_CONTENT_TYPE}")
+            msg = single_message(await _bounded_body(call.request, MAX_UNARY_BODY), name)
+            if name == "Start":
+                tracked = await self._spawn(call, msg)
+                call.procs[tracked.proc.pid] = tracked
+            else:
+                tracked = self._tracked(call, msg)
         except ConnectError as err:
             return _stream_error(err)
         except EmberError as err:
             return _stream_error(ConnectError(connect_code(err), str(err)))
         raw = call.request.headers.get("keepalive-ping-interval", "")
         every = float(raw) if raw.isdigit() and 0 < int(raw) <= 3600 else KEEPALIVE_DEFAULT_S
-        call.procs[proc.pid] = Tracked(proc, config, tag)
-        return StreamingResponse(self._events(call, proc, every), status_code=200,
+        return StreamingResponse(self._events(call, tracked, every), status_code=200,
                                  media_type=STREAM_CONTENT_TYPE)
 
-    async def _spawn(self, call: Call, msg: dict[str, Any]
-                     ) -> tuple[AsyncProcess, dict[str, Any], str | None]:
-        if msg.get("pty"):
-            raise ConnectError("unimplemented", "PTY commands are not served by ember's E2B "
-                               "API yet (docs/e2b.md)")
+    async def _spawn(self, call: Call, msg: dict[str, Any]) -> Tracked:
+        pty = _pty_size(msg.get("pty")) if msg.get("pty") is not None else None
         config = msg.get("process")
         if not isinstance(config, dict) or not isinstance(config.get("cmd"), str) \
                 or not config["cmd"]:
@@ -269,15 +280,20 @@ class Envd:
         timeout = timeout_of(call.request.headers.get("connect-timeout-ms"))
         proc = await call.sb._spawn([config["cmd"], *args], env=envs,
                                     cwd=M.guest_path(cwd, call.user) if cwd else None,
-                                    user=call.user, stdin=msg.get("stdin") is True,
-                                    timeout=timeout, keep_output=False)
-        return proc, {k: v for k, v in config.items() if k in ("cmd", "args", "envs", "cwd")}, tag
+                                    user=call.user,
+                                    stdin=msg.get("stdin") is True or pty is not None,
+                                    timeout=timeout, keep_output=False, pty=pty)
+        kept = {k: v for k, v in config.items() if k in ("cmd", "args", "envs", "cwd")}
+        return Tracked(proc, kept, tag, pty=pty is not None)
 
-    async def _events(self, call: Call, proc: AsyncProcess, every: float) -> AsyncIterator[bytes]:
-        """The Start stream: start, data as produced (keep-alives while quiet), end; then
-        the end-stream envelope. A client that goes away leaves the process running."""
+    async def _events(self, call: Call, tracked: Tracked,
+                      every: float) -> AsyncIterator[bytes]:
+        """A process's stream: start, data as produced (keep-alives while quiet), end; then
+        the end-stream envelope. A client that goes away leaves the process running (one
+        reader at a time: a Connect waits for an earlier stream to end or go away)."""
+        proc = tracked.proc
         queue: asyncio.Queue[tuple[str, bytes] | ConnectError | None] = asyncio.Queue(64)
-        pump = asyncio.create_task(_pump(proc, queue))
+        pump = asyncio.create_task(_pump(proc, queue, "pty" if tracked.pty else None))
         try:
             yield envelope(M.start_event(proc.pid))
             while True:
@@ -335,12 +351,20 @@ class Envd:
     async def _send_input(self, call: Call, msg: dict[str, Any]) -> dict[str, Any]:
         t = self._tracked(call, msg)
         given = msg.get("input")
-        if not isinstance(given, dict) or "stdin" not in given:
-            raise ConnectError("invalid_argument", "SendInput: input.stdin is required "
-                               "(PTY input is not served yet)")
-        data = M.b64_field(given, "stdin")
+        key = "pty" if t.pty else "stdin"
+        if not isinstance(given, dict) or key not in given:
+            raise ConnectError("invalid_argument", f"SendInput: input.{key} is required for "
+                               "this process")
+        data = M.b64_field(given, key)
         for i in range(0, len(data), P.MAX_DATA_PAYLOAD):
             await t.proc.write_stdin(data[i:i + P.MAX_DATA_PAYLOAD])
+        return {}
+
+    async def _update(self, call: Call, msg: dict[str, Any]) -> dict[str, Any]:
+        t = self._tracked(call, msg)
+        if not t.pty:
+            raise ConnectError("failed_precondition", "Update: the process has no terminal")
+        await t.proc.resize(*_pty_size(msg.get("pty")))
         return {}
 
     async def _close_stdin(self, call: Call, msg: dict[str, Any]) -> dict[str, Any]:
@@ -468,16 +492,30 @@ class Envd:
 
 
 async def _pump(proc: AsyncProcess,
-                queue: asyncio.Queue[tuple[str, bytes] | ConnectError | None]) -> None:
+                queue: asyncio.Queue[tuple[str, bytes] | ConnectError | None],
+                stream: str | None) -> None:
+    """``proc``'s output into ``queue`` (as ``stream`` when given: a terminal's output is
+    envd's ``pty``), then None, or the error that ended it."""
     try:
         async for chunk in proc.output():
             for i in range(0, len(chunk.data), 32 * 1024):
-                await queue.put((chunk.stream, chunk.data[i:i + 32 * 1024]))
+                await queue.put((stream or chunk.stream, chunk.data[i:i + 32 * 1024]))
     except EmberError as err:
         code = "unavailable" if not isinstance(err, EmberTimeoutError) else "deadline_exceeded"
         await queue.put(ConnectError(code, f"the command's stream ended: {err}"))
         return
     await queue.put(None)
+
+
+def _pty_size(pty: Any) -> tuple[int, int]:
+    """``(rows, cols)`` of envd's ``PTY`` message."""
+    size = pty.get("size") if isinstance(pty, dict) else None
+    rows = size.get("rows") if isinstance(size, dict) else None
+    cols = size.get("cols") if isinstance(size, dict) else None
+    if not (isinstance(rows, int) and isinstance(cols, int) and 0 < rows <= 1000
+            and 0 < cols <= 1000):
+        raise ConnectError("invalid_argument", "pty.size needs rows and cols, 1 to 1000")
+    return rows, cols
 
 
 async def _chunks(request: Request, gzip: bool) -> AsyncIterator[bytes]:

@@ -25,6 +25,7 @@ from e2b import (  # noqa: E402
     AuthenticationException,
     CommandExitException,
     NotFoundException,
+    PtySize,
     Sandbox,
     SandboxException,
     SandboxNotFoundException,
@@ -94,6 +95,22 @@ def test_commands_stream_and_background_stdin_and_kill(sbx: Sandbox) -> None:
     assert sbx.commands.kill(sleeper.pid) is False
     with pytest.raises(TimeoutException):
         sbx.commands.run("sleep 30", timeout=2)
+
+
+def test_terminal_and_reconnect(sbx: Sandbox) -> None:
+    shown: list[bytes] = []
+    term = sbx.pty.create(PtySize(rows=24, cols=80))
+    sbx.pty.send_stdin(term.pid, b"echo pty-$((6*7))\n")
+    sbx.pty.resize(term.pid, PtySize(rows=30, cols=100))
+    sbx.pty.send_stdin(term.pid, b"stty size; exit 0\n")
+    assert term.wait(on_pty=shown.append).exit_code == 0
+    out = b"".join(shown)
+    assert b"pty-42" in out and b"30 100" in out, out[-500:]
+    h = sbx.commands.run("read x; echo got $x", background=True, stdin=True)
+    h.disconnect()  # the command keeps running; another stream takes it up
+    again = sbx.commands.connect(h.pid)
+    sbx.commands.send_stdin(h.pid, "it\n")
+    assert again.wait().stdout == "got it\n"
 
 
 def test_files(sbx: Sandbox) -> None:
