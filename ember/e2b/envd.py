@@ -7,8 +7,8 @@ sends when ``E2B_SANDBOX_URL`` points at the daemon; the token names its sandbox
 * ``GET /health``; ``GET /files`` (download, streamed) and ``POST /files`` (multipart or
   octet-stream, gzip allowed, streamed to the guest);
 * Connect RPCs (JSON, HTTP/1.1) of ``process.Process`` (Start and Connect, server streams
-  of start, data, keep-alive and end events; List, SendInput, CloseStdin, SendSignal,
-  Update; terminals included) and of
+  of start, data, keep-alive and end events; StreamInput, a client stream; List,
+  SendInput, CloseStdin, SendSignal, Update; terminals included) and of
   ``filesystem.Filesystem`` (Stat, ListDir, MakeDir, Move, Remove).
 
 The ``Authorization: Basic`` header of these requests names a guest user (envd's
@@ -39,6 +39,7 @@ from ember.e2b import mapping as M
 from ember.e2b.connect import (
     STREAM_CONTENT_TYPE,
     ConnectError,
+    EnvelopeReader,
     decode_message,
     end_stream,
     envelope,
@@ -216,6 +217,8 @@ class Envd:
         ctype = call.request.headers.get("content-type", "").split(";")[0].strip().lower()
         if path in ("/process.Process/Start", "/process.Process/Connect"):
             return await self._stream(call, ctype, path.rsplit("/", 1)[1])
+        if path == "/process.Process/StreamInput":
+            return await self._stream_input(call, ctype)
         handler = self._unary.get(path)
         try:
             if call.request.method != "POST":
@@ -254,6 +257,34 @@ class Envd:
         every = float(raw) if raw.isdigit() and 0 < int(raw) <= 3600 else KEEPALIVE_DEFAULT_S
         return StreamingResponse(self._events(call, tracked, every), status_code=200,
                                  media_type=STREAM_CONTENT_TYPE)
+
+    async def _stream_input(self, call: Call, ctype: str) -> Response:
+        """StreamInput, a client stream: a start event naming the process, then its input
+        as it arrives (passed on message by message), keep-alives; answered at its end."""
+        reader = EnvelopeReader()
+        tracked: Tracked | None = None
+        try:
+            if ctype != STREAM_CONTENT_TYPE:
+                raise ConnectError("invalid_argument", "StreamInput: expected "
+                                   f"{STREAM_CONTENT_TYPE}")
+            async for chunk in call.request.stream():
+                for raw in reader.feed(chunk):
+                    event = decode_message(raw, "StreamInput")
+                    if tracked is None:
+                        start = event.get("start")
+                        if not isinstance(start, dict):
+                            raise ConnectError("invalid_argument",
+                                               "StreamInput: the first event must be start")
+                        tracked = self._tracked(call, start)
+                    elif isinstance(event.get("data"), dict):
+                        await self._send_input(call, {"process": {"pid": tracked.proc.pid},
+                                                      **event["data"]})
+            reader.close()
+        except ConnectError as err:
+            return _stream_error(err)
+        except EmberError as err:
+            return _stream_error(ConnectError(connect_code(err), str(err)))
+        return Response(envelope({}) + end_stream(), media_type=STREAM_CONTENT_TYPE)
 
     async def _spawn(self, call: Call, msg: dict[str, Any]) -> Tracked:
         pty = _pty_size(msg.get("pty")) if msg.get("pty") is not None else None

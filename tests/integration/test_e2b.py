@@ -86,8 +86,9 @@ def test_commands_stream_and_background_stdin_and_kill(sbx: Sandbox) -> None:
     h = sbx.commands.run("cat", background=True, stdin=True)
     assert h.pid in [p.pid for p in sbx.commands.list()]
     sbx.commands.send_stdin(h.pid, "hello\n")
+    sbx.commands.stream_input(h.pid, ["str", b"eamed", "\n" * 3])
     sbx.commands.close_stdin(h.pid)
-    assert h.wait().stdout == "hello\n"
+    assert h.wait().stdout == "hello\nstreamed\n\n\n"
     sleeper = sbx.commands.run("sleep 600", background=True)
     assert sbx.commands.kill(sleeper.pid) is True
     with pytest.raises(CommandExitException):
@@ -162,6 +163,9 @@ def test_bad_input(sbx: Sandbox, api: dict[str, Any]) -> None:
             r = c.post("/process.Process/Start", content=body, headers=stream)
             assert r.status_code == 200 and r.content[0] == 2, r.content
             assert b'"error"' in r.content
+        r = c.post("/process.Process/StreamInput", headers=stream,
+                   content=b"\x00\x00\x00\x00\x0b{\"data\":{}}")
+        assert r.status_code == 200 and b"first event must be start" in r.content
         r = c.post("/filesystem.Filesystem/Stat", content=b"[1]",
                    headers={**stream, "content-type": "application/json"})
         assert r.status_code == 400 and r.json()["code"] == "invalid_argument"
