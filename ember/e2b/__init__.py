@@ -23,7 +23,7 @@ def install(app: FastAPI, paths: Paths, live: LiveSandboxes, domain: str) -> Non
     state = E2bState(load_secret(paths.home / SECRET_FILE), domain)
     app.state.e2b = state
     app.include_router(router)
-    app.add_middleware(EnvdRouting, envd=Envd(live, state))
+    app.add_middleware(EnvdRouting, envd=Envd(live, state), domain=domain)
 
 
 __all__ = ["install"]

@@ -1,7 +1,8 @@
 """envd, the in-sandbox API of E2B's SDK, served by the daemon on the guest's behalf (the
 guest runs no second daemon): :class:`EnvdRouting` sends every request for envd's paths
 that names a sandbox in ``E2b-Sandbox-Id`` or carries an ``X-Access-Token`` (what the SDK
-sends when ``E2B_SANDBOX_URL`` points at the daemon; the token names its sandbox too) to
+sends when ``E2B_SANDBOX_URL`` points at the daemon; the token names its sandbox too), or
+whose ``Host`` is ``49983-<id>.<domain>`` (the SDK's ``E2B_DOMAIN`` form), to
 :class:`Envd`, which checks the token and translates:
 
 * ``GET /health``; ``GET /files`` (download, streamed) and ``POST /files`` (multipart or
@@ -34,6 +35,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ember import protocol as P
 from ember.daemon.live import LiveSandboxes
+from ember.daemon.port_proxy import parse_host
 from ember.daemon.routes_files import file_response
 from ember.e2b import mapping as M
 from ember.e2b.connect import (
@@ -116,16 +118,25 @@ class EnvdRouting:
     """ASGI layer in front of the application: requests for envd's paths that name a
     sandbox in ``E2b-Sandbox-Id`` go to envd, all others pass."""
 
-    def __init__(self, app: ASGIApp, envd: Envd) -> None:
+    def __init__(self, app: ASGIApp, envd: Envd, domain: str) -> None:
         self.app = app
         self.envd = envd
+        self.domain = domain
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and is_envd_path(scope.get("path", "")) and any(
-                k in (b"e2b-sandbox-id", b"x-access-token")
-                for k, _ in scope.get("headers") or ()):
-            await self.envd(scope, receive, send)
-            return
+        if scope["type"] == "http" and is_envd_path(scope.get("path", "")):
+            headers: list[tuple[bytes, bytes]] = list(scope.get("headers") or ())
+            names = {k for k, _ in headers}
+            if b"e2b-sandbox-id" not in names:  # E2B_DOMAIN's form: 49983-<id>.<domain>
+                host = next((v for k, v in headers if k == b"host"), b"")
+                named = parse_host(host.decode("latin-1"), self.domain)
+                if named is not None and named[1] == M.ENVD_PORT:
+                    headers.append((b"e2b-sandbox-id", named[0].encode()))
+                    scope = {**scope, "headers": headers}
+                    names.add(b"e2b-sandbox-id")
+            if names & {b"e2b-sandbox-id", b"x-access-token"}:
+                await self.envd(scope, receive, send)
+                return
         await self.app(scope, receive, send)
 
 

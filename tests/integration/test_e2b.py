@@ -156,6 +156,12 @@ def test_bad_input(sbx: Sandbox, api: dict[str, Any]) -> None:
     with httpx.Client(base_url=api["url"], timeout=30) as c:
         r = c.get("/health", headers={**envd, "x-access-token": "wrong"})
         assert r.status_code == 401
+        by_host = {"host": f"49983-{sbx.sandbox_id}.localhost:443",  # E2B_DOMAIN's form
+                   "x-access-token": sbx._envd_access_token}
+        r = c.post("/filesystem.Filesystem/Stat", json={"path": "/etc"}, headers=by_host)
+        assert r.json()["entry"]["type"] == "FILE_TYPE_DIRECTORY", r.text
+        r = c.get("/health", headers={"host": by_host["host"]})  # envd's, by the host alone
+        assert r.status_code == 401 and "X-Access-Token" in r.json()["message"]
         stream = {**envd, "x-access-token": sbx._envd_access_token,
                   "content-type": "application/connect+json"}
         for body in (b"\x00\x00\x00\x00\x09{}", b"\x01\x00\x00\x00\x02{}",
