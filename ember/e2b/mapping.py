@@ -19,7 +19,7 @@ from typing import Any
 
 from ember.errors import BadRequestError
 from ember.runtime.spec import DEFAULT_TEMPLATE
-from ember.sdk.results import EntryInfo, ExecResult, SandboxInfo
+from ember.sdk.results import EntryInfo, ExecResult, SandboxInfo, SandboxUsage
 from ember.store.records import RESERVED_PREFIX
 
 #: The envd version ember answers as: the SDK turns features on by it (0.4.0: commands
@@ -96,6 +96,18 @@ def detail(info: SandboxInfo, *, secret: bytes, domain: str) -> dict[str, Any]:
     """A ``SandboxDetail`` (get info)."""
     return {**listed(info), "envdAccessToken": access_token(secret, info.id),
             "domain": domain, "allowInternetAccess": info.network is not None}
+
+
+def metric(info: SandboxInfo, usage: SandboxUsage) -> dict[str, Any]:
+    """A ``SandboxMetric`` from one usage sample: CPU use is the average since the
+    sandbox started (ember samples cumulative CPU time), memory used is what the host
+    holds for it (guest RAM touched and the VMM), disk figures are not known (0)."""
+    alive = max(usage.sampled_at - info.created_at, 1e-3)
+    pct = min(100.0, 100.0 * usage.cpu_seconds / (alive * max(usage.vcpus, 1)))
+    return {"timestamp": _iso(usage.sampled_at), "timestampUnix": int(usage.sampled_at),
+            "cpuCount": usage.vcpus, "cpuUsedPct": round(pct, 2),
+            "memUsed": usage.memory_bytes, "memTotal": usage.memory_mib << 20, "memCache": 0,
+            "diskUsed": 0, "diskTotal": info.disk_mib << 20}
 
 
 # --- list: filters and paging ---------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""E2B's REST API (``E2B_API_URL``): create, list, info, kill, timeout, pause, connect;
-each route translates into the same runtime calls as ember's own routes.
+"""E2B's REST API (``E2B_API_URL``): create, list, info, kill, timeout, pause, connect,
+metrics; each route translates into the same runtime calls as ember's own routes.
 
 The caller is told apart as everywhere else (:func:`ember.daemon.auth.principal_of`): the
 ``X-API-KEY`` header carries an ember API key (``ek_...``), and so may ``Authorization:
@@ -266,6 +266,15 @@ async def e2b_resume(sandbox_id: SandboxId, live: Live, who: Who, state: State,
     if info.state != "paused":
         raise SandboxStateError(f"sandbox {sandbox_id} is not paused")
     return await _connect(sandbox_id, body, live, who, state)
+
+
+@router.get("/sandboxes/{sandbox_id}/metrics")
+async def e2b_metrics(sandbox_id: SandboxId, live: Live, who: Who) -> list[dict[str, Any]]:
+    """E2B: the sandbox's resource use, one sample taken now (docs/e2b.md says what each
+    figure means on ember)."""
+    info = await _owned_info(live, who, sandbox_id)
+    usage = next((u for u in await live.local.list_usage() if u.id == sandbox_id), None)
+    return [] if usage is None else [M.metric(info, usage)]
 
 
 __all__ = ["router"]

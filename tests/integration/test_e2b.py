@@ -70,6 +70,9 @@ def test_create_info_list_and_timeout(sbx: Sandbox, api: dict[str, Any]) -> None
     assert [s.sandbox_id for s in mine.next_items()] == [sbx.sandbox_id]
     none = Sandbox.list(query=SandboxQuery(metadata={"suite": "other"}), **api["opts"])
     assert none.next_items() == [] and not none.has_next
+    m = sbx.get_metrics()[-1]
+    assert m.cpu_count == info.cpu_count and m.mem_total == info.memory_mb << 20
+    assert m.mem_used > 0 and 0 <= m.cpu_used_pct <= 100
     sbx.set_timeout(1200)
     assert sbx.get_info().end_at > info.end_at
     assert sbx.is_running()
