@@ -189,6 +189,7 @@ class Envd:
         except SandboxNotFoundError:
             sid = (request.headers.get("e2b-sandbox-id") or M.sandbox_of_token(
                 request.headers.get("x-access-token")))[:64]
+            self._procs.pop(sid, None)  # what it ran is gone with it
             return _http_error(502, f"sandbox {sid!r} was not found")
         except EmberError as err:
             return _http_error(502, f"the sandbox cannot be reached: {err}")
@@ -314,7 +315,8 @@ class Envd:
             raise ConnectError("invalid_argument", "Start: process.cwd must be a string")
         tag = msg.get("tag") if isinstance(msg.get("tag"), str) else None
         if len(call.procs) >= MAX_PROCESSES:
-            for pid in [p for p, t in call.procs.items() if t.proc.result is not None]:
+            for pid in [p for p, t in call.procs.items()
+                        if t.proc.result is not None or t.killed]:
                 del call.procs[pid]
         if len(call.procs) >= MAX_PROCESSES:
             raise ConnectError("resource_exhausted", f"{MAX_PROCESSES} processes started "

@@ -3,6 +3,8 @@ guests: lifecycle, commands, files, bad input."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import struct
 import subprocess
@@ -123,6 +125,11 @@ def test_files(sbx: Sandbox) -> None:
     assert fs.read("/tmp/e2b/a.txt") == "hello"
     fs.write("/tmp/e2b/b.bin", b"\x00\x01" * 100_000, use_octet_stream=True)
     assert fs.read("/tmp/e2b/b.bin", format="bytes") == b"\x00\x01" * 100_000
+    big = os.urandom(24 << 20)
+    fs.write("/tmp/e2b/big.bin", io.BytesIO(big))  # a file object: streamed
+    assert hashlib.sha256(fs.read("/tmp/e2b/big.bin", format="bytes")).digest() == \
+        hashlib.sha256(big).digest()
+    fs.remove("/tmp/e2b/big.bin")
     assert fs.exists("/tmp/e2b/a.txt") and not fs.exists("/tmp/e2b/nope")
     fs.write("/tmp/e2b/z/g.txt", "zipped " * 1000, gzip=True)
     assert fs.read("/tmp/e2b/z/g.txt") == "zipped " * 1000
@@ -180,7 +187,7 @@ def test_bad_input(sbx: Sandbox, api: dict[str, Any]) -> None:
         assert r.status_code == 400 and r.json()["code"] == "invalid_argument"
 
 
-def test_concurrent_commands_and_kill(api: dict[str, Any]) -> None:
+def test_concurrent_commands_paging_pause_and_kill(api: dict[str, Any], sbx: Sandbox) -> None:
     box = Sandbox.create(timeout=300, **api["opts"])
     outs: list[str] = []
 
@@ -193,10 +200,20 @@ def test_concurrent_commands_and_kill(api: dict[str, Any]) -> None:
     for t in threads:
         t.join()
     assert sorted(outs) == ["0", "1", "2", "3"]
+    pages = Sandbox.list(limit=1, **api["opts"])
+    ids = pages.next_items()
+    assert pages.has_next and len(ids) == 1
+    ids += pages.next_items()
+    assert not pages.has_next and {i.sandbox_id for i in ids} == {box.sandbox_id, sbx.sandbox_id}
+    box.files.write("/root/kept.txt", "kept")
+    sleeper = box.commands.run("sleep 300", background=True)
     box.pause()
     assert box.get_info().state.value == "paused"
     again = Sandbox.connect(box.sandbox_id, **api["opts"])
+    assert again.get_info().state.value == "running"
     assert again.commands.run("echo back").stdout == "back\n"
+    assert again.files.read("kept.txt") == "kept"  # relative: in the user's home
+    assert sleeper.pid in [p.pid for p in again.commands.list()]
     assert box.kill() is True
     with pytest.raises(SandboxNotFoundException):
         box.get_info()
