@@ -208,6 +208,9 @@ class Envd:
                       "failed_precondition": 409, "deadline_exceeded": 504}.get(
                 connect_code(err), 500)
             return _http_error(status, str(err))
+        except Exception as err:  # a bug here: an answer all the same, and a trace
+            log.exception("envd %s %s failed", request.method, path)
+            return _http_error(500, f"{type(err).__name__}: {err}")
 
     async def _call(self, request: Request) -> Call:
         token = request.headers.get("x-access-token")
@@ -547,6 +550,10 @@ async def _pump(proc: AsyncProcess,
     except EmberError as err:
         code = "unavailable" if not isinstance(err, EmberTimeoutError) else "deadline_exceeded"
         await queue.put(ConnectError(code, f"the command's stream ended: {err}"))
+        return
+    except Exception as err:  # never leave the stream waiting for an end that won't come
+        log.exception("reading the output of pid %d failed", proc.pid)
+        await queue.put(ConnectError("internal", f"{type(err).__name__}: {err}"))
         return
     await queue.put(None)
 
