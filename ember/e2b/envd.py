@@ -215,10 +215,10 @@ class Envd:
     async def _call(self, request: Request) -> Call:
         token = request.headers.get("x-access-token")
         sid = request.headers.get("e2b-sandbox-id") or M.sandbox_of_token(token)
-        if not _ID.match(sid):
-            raise SandboxNotFoundError(f"not a sandbox id: {sid[:64]!r}")
         if not M.token_matches(self.state.secret, sid, token):
             raise UnauthorizedError("a wrong or missing X-Access-Token for this sandbox")
+        if not _ID.match(sid):
+            raise SandboxNotFoundError(f"not a sandbox id: {sid[:64]!r}")
         port = request.headers.get("e2b-sandbox-port", str(M.ENVD_PORT))
         if port != str(M.ENVD_PORT):
             raise BadRequestError(f"port is not open: only envd's port {M.ENVD_PORT} is "
