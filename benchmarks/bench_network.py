@@ -40,7 +40,7 @@ from ember import NetworkPolicy, Sandbox
 from ember.net.manager import NetworkManager
 from ember.net.nsutil import in_netns, netns_path
 from ember.paths import Paths
-from tests.integration.networld import INET_IP, fake_world
+from tests.integration.networld import INET_IP, accept_each, fake_world
 
 BULK_PORT = 9100
 ECHO_PORT = 9101
@@ -96,12 +96,7 @@ def serve(listener: socket.socket, mib: int) -> None:
                     pass
                 c.sendall(b"k")
 
-    while True:
-        try:
-            c, _ = listener.accept()
-        except OSError:
-            return
-        threading.Thread(target=one, args=(c,), daemon=True).start()
+    accept_each(listener, one)
 
 
 def echo(listener: socket.socket) -> None:

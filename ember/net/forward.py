@@ -34,9 +34,6 @@ class Exposed:
     port: int  # in the guest
     host: str
     host_port: int
-    #: Where the port is, seen from inside the sandbox's namespace: the guest's address
-    #: behind its gateway (a microVM's tap, a container's veth): the same on every tier.
-    target: str = GUEST_IP
 
 
 class _Listener:
@@ -152,8 +149,7 @@ class PortForwarder:
         return sorted((lst.exposed for (sid, _), lst in self._open.items()
                        if sid == sandbox_id), key=lambda e: e.port)
 
-    async def expose(self, sandbox_id: str, port: int, host_port: int = 0, *,
-                     target: str = GUEST_IP) -> Exposed:
+    async def expose(self, sandbox_id: str, port: int, host_port: int = 0) -> Exposed:
         if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
             raise BadRequestError(f"port must be 1..65535, not {port!r}")
         if (sandbox_id, port) in self._open:
@@ -180,7 +176,7 @@ class PortForwarder:
             raise NetworkError(f"cannot listen on {self.bind}:{host_port} for port {port} of "
                                f"sandbox {sandbox_id}: {err.strerror}") from None
         bound = server.sockets[0].getsockname()
-        exposed = Exposed(sandbox_id, port, str(bound[0]), int(bound[1]), target)
+        exposed = Exposed(sandbox_id, port, str(bound[0]), int(bound[1]))
         listener = _Listener(exposed, server)
         holder.append(listener)
         self._open[(sandbox_id, port)] = listener
@@ -228,7 +224,7 @@ class PortForwarder:
             sock.setblocking(False)
             try:
                 await asyncio.wait_for(asyncio.get_running_loop().sock_connect(
-                    sock, (exposed.target, exposed.port)), CONNECT_TIMEOUT_S)
+                    sock, (GUEST_IP, exposed.port)), CONNECT_TIMEOUT_S)  # every tier's guest
             except (OSError, TimeoutError):
                 sock.close()
                 return  # nothing listens there: the client sees its connection closed

@@ -37,6 +37,9 @@ import struct
 import sys
 from pathlib import Path
 
+import dns.asyncresolver
+import dns.exception
+
 from ember.net.policy import NetworkPolicy, domain_matches
 from ember.net.sniff import MAX_HEAD, Sniffed, sniff
 
@@ -112,10 +115,6 @@ class Proxy:
     async def resolve(self, name: str) -> list[str]:
         """The name's IPv4 addresses, from the sandbox's own resolver (which, for an
         allowed domain, also lets the host's chain pass them)."""
-        import dns.asyncresolver
-        import dns.exception
-        import dns.resolver
-
         r = dns.asyncresolver.Resolver(configure=False)
         r.nameservers = [self.resolver]
         try:

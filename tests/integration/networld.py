@@ -88,7 +88,7 @@ def _where(listener: socket.socket) -> None:
                 conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n"
                              b"hello from " + conn.getsockname()[0].encode() + b"\n")
 
-    _accept(listener, one)
+    accept_each(listener, one)
 
 
 def _bulk(listener: socket.socket) -> None:
@@ -104,7 +104,7 @@ def _bulk(listener: socket.socket) -> None:
             except (OSError, ValueError):
                 pass
 
-    _accept(listener, one)
+    accept_each(listener, one)
 
 
 def _hold(listener: socket.socket) -> None:
@@ -115,10 +115,11 @@ def _hold(listener: socket.socket) -> None:
                 while conn.recv(4096):
                     pass
 
-    _accept(listener, one)
+    accept_each(listener, one)
 
 
-def _accept(listener: socket.socket, handle: Callable[[socket.socket], None]) -> None:
+def accept_each(listener: socket.socket, handle: Callable[[socket.socket], None]) -> None:
+    """Each connection to ``listener`` handled in a thread of its own, until it is closed."""
     while True:
         try:
             conn, _ = listener.accept()
