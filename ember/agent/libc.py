@@ -1,5 +1,6 @@
-"""The libc calls init needs, through ctypes: mount(2) and reboot(2), which Python's stdlib
-lacks, and sethostname(2), which only the ``socket`` module has (init does not import it:
+"""The libc calls init and the agent need, through ctypes: mount(2), reboot(2) and
+inotify(7), which Python's stdlib lacks, and sethostname(2), which only the ``socket`` module
+has (init does not import it:
 that costs a TCG-emulated guest ~30 ms, and ctypes is loaded here anyway)."""
 
 from __future__ import annotations
@@ -55,3 +56,27 @@ def reboot(command: int = RB_AUTOBOOT) -> None:
     if rc != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"reboot: {os.strerror(err)}")
+
+
+def inotify_init1(flags: int) -> int:
+    """inotify_init1(2): a new inotify fd; raise OSError on failure."""
+    fd = int(_libc().inotify_init1(ctypes.c_int(flags)))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"inotify_init1: {os.strerror(err)}")
+    return fd
+
+
+def inotify_add_watch(fd: int, path: str, mask: int) -> int:
+    """inotify_add_watch(2): the watch descriptor; raise OSError (with ``filename``)."""
+    wd = int(_libc().inotify_add_watch(ctypes.c_int(fd), os.fsencode(path),
+                                       ctypes.c_uint32(mask)))
+    if wd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
+    return wd
+
+
+def inotify_rm_watch(fd: int, wd: int) -> None:
+    """inotify_rm_watch(2); errors (a watch the kernel already dropped) are ignored."""
+    _libc().inotify_rm_watch(ctypes.c_int(fd), ctypes.c_int(wd))

@@ -47,6 +47,7 @@ from .ops_files import (
     stat_path,
     stream_read,
 )
+from .ops_watch import WatchOp
 from .reply import Reply
 from .threads import log, start_thread
 
@@ -71,7 +72,7 @@ class _Discard:
     """FILEDATA for this stream is dropped until ``eof`` (its write failed or never began)."""
 
 
-_Op = ExecOp | FileWriter | _Busy | _Discard
+_Op = ExecOp | FileWriter | WatchOp | _Busy | _Discard
 _FileWork = Callable[[Message], list[Message]]
 _FILE_OPS: dict[str, _FileWork] = {
     "list": list_dir,
@@ -171,6 +172,8 @@ class Agent:
                 op.detach()
             elif isinstance(op, FileWriter):
                 op.abort()
+            elif isinstance(op, WatchOp):
+                op.stop()
 
     def _end_session(self) -> None:
         if self._decoder is not None or self._ops:
@@ -289,6 +292,9 @@ class Agent:
             if isinstance(op, FileWriter):
                 self._unregister(stream, op)
                 op.abort()
+            elif isinstance(op, WatchOp):  # a watch given up: no reply
+                self._unregister(stream, op)
+                op.stop()
             elif isinstance(op, _Discard):
                 self._unregister(stream, op)
             return
@@ -336,6 +342,8 @@ class Agent:
                 raise
         elif op_name == "read":
             self._in_thread(stream, reply, lambda: stream_read(msg, reply))
+        elif op_name == "watch":
+            self._start_watch(stream, msg, reply)
         elif op_name == "shutdown":
             reply.msg({"op": "ok"})
             self._shutdown = True
@@ -358,6 +366,17 @@ class Agent:
         with self._state_lock:
             self._execs.add(op)
         start_thread(f"exec-{stream}", op.run)
+
+    def _start_watch(self, stream: int, msg: Message, reply: Reply) -> None:
+        op: WatchOp | None = None
+
+        def finished() -> None:
+            if op is not None:
+                self._unregister(stream, op)
+
+        op = WatchOp.open(msg, reply, finished)
+        self._register(stream, op)
+        start_thread(f"watch-{stream}", op.run)
 
     def _in_thread(self, stream: int, reply: Reply, work: Callable[[], list[Message]]) -> None:
         """Run ``work`` in a thread; its last message is the final reply."""

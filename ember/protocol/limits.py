@@ -67,3 +67,7 @@ class ErrorKind(enum.StrEnum):
 
 ERROR_KINDS = frozenset(k.value for k in ErrorKind)
 FILE_TYPES = frozenset({"file", "dir", "symlink", "other"})
+WATCH_EVENT_TYPES = frozenset({"create", "write", "remove", "rename", "chmod"})
+"""What a watch reports of an entry (E2B's, after Go's fsnotify)."""
+MAX_WATCH_BATCH = 512
+"""The most events in one ``fs_events`` message."""

@@ -11,7 +11,14 @@ from collections.abc import Callable, Mapping
 
 from .errors import ProtocolViolation
 from .jsonmsg import Message
-from .limits import ERROR_KINDS, FILE_TYPES, MAX_STREAM, PROTOCOL_VERSION
+from .limits import (
+    ERROR_KINDS,
+    FILE_TYPES,
+    MAX_STREAM,
+    MAX_WATCH_BATCH,
+    PROTOCOL_VERSION,
+    WATCH_EVENT_TYPES,
+)
 
 MAX_PATH_BYTES = 4096
 MAX_SIGNAL = 64
@@ -149,6 +156,10 @@ ERROR_KIND = FieldType(
 FILE_TYPE = FieldType(
     "one of " + ", ".join(sorted(FILE_TYPES)), lambda v: isinstance(v, str) and v in FILE_TYPES
 )
+WATCH_EVENT_TYPE = FieldType(
+    "one of " + ", ".join(sorted(WATCH_EVENT_TYPES)),
+    lambda v: isinstance(v, str) and v in WATCH_EVENT_TYPES,
+)
 
 
 class OpSpec:
@@ -186,6 +197,13 @@ def _version_check(msg: Message) -> None:
 
 _ENTRY = OpSpec({"name": STR, "type": FILE_TYPE, "size": UINT, "mode": UINT, "mtime": NUMBER})
 _PROCESS = OpSpec({"stream": STREAM, "pid": UINT, "argv": STR_LIST, "running": BOOL})
+_WATCH_EVENT = OpSpec({"name": STR, "type": WATCH_EVENT_TYPE})
+
+
+def _watch_events(value: object) -> bool:
+    return isinstance(value, list) and len(value) <= MAX_WATCH_BATCH and _objects(
+        "event", _WATCH_EVENT)(value)
+
 
 REQUESTS: Mapping[str, OpSpec] = {
     # "time": the host's wall clock (seconds since the epoch): the guest has no RTC and sets
@@ -226,6 +244,9 @@ REQUESTS: Mapping[str, OpSpec] = {
     "mkdir": OpSpec({"path": PATH}, {"parents": BOOL}),
     "remove": OpSpec({"path": PATH}, {"recursive": BOOL}),
     "rename": OpSpec({"src": PATH, "dst": PATH}),
+    # watch a directory (and, recursive, the directories below it, those made later too)
+    # until the host sends "abort" on the stream: "watching", then "fs_events" as they come
+    "watch": OpSpec({"path": PATH}, {"recursive": BOOL}),
     "shutdown": OpSpec(),
 }
 
@@ -248,6 +269,14 @@ REPLIES: Mapping[str, OpSpec] = {
         {"entries": FieldType("a list of entries", _objects("entry", _ENTRY))}, {"more": BOOL}
     ),
     "stat_result": _ENTRY,
+    # a watch is set up; its events follow (names relative to the watched directory)
+    "watching": OpSpec({"watches": UINT}),
+    # "overflow": events were lost here (the kernel's queue overflowed, or the watch could
+    # not follow a new directory: too many directories)
+    "fs_events": OpSpec(
+        {"events": FieldType(f"a list of at most {MAX_WATCH_BATCH} events", _watch_events)},
+        {"overflow": BOOL},
+    ),
     "error": OpSpec({"kind": ERROR_KIND, "message": STR}),
 }
 
@@ -271,7 +300,7 @@ def check_reply(stream: int, msg: Message) -> None:
 def is_final_reply(msg: Message) -> bool:
     """Whether this (checked) reply ends its request."""
     op = msg["op"]
-    if op in ("started", "file"):
+    if op in ("started", "file", "watching", "fs_events"):
         return False
     if op in ("ps_result", "list_result"):
         return msg.get("more") is not True

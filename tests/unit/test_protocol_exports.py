@@ -10,8 +10,9 @@ import ember.protocol
 EXPECTED = {
     "ALL_KINDS", "ERROR_KINDS", "FILE_TYPES", "GUEST_TO_HOST_KINDS", "HEADER_SIZE",
     "HOST_TO_GUEST_KINDS", "MAGIC", "MAX_DATA_PAYLOAD", "MAX_ERROR_MESSAGE", "MAX_FRAME_SIZE",
-    "MAX_JSON_DEPTH", "MAX_MSG_PAYLOAD", "MAX_STREAM", "PROTOCOL_VERSION", "REPLY_OPS",
-    "REQUEST_OPS", "STREAM_CONTROL_OPS", "ErrorKind", "Frame", "FrameDecoder", "Handshake",
+    "MAX_JSON_DEPTH", "MAX_MSG_PAYLOAD", "MAX_STREAM", "MAX_WATCH_BATCH", "PROTOCOL_VERSION",
+    "REPLY_OPS", "REQUEST_OPS", "STREAM_CONTROL_OPS", "WATCH_EVENT_TYPES", "ErrorKind", "Frame",
+    "FrameDecoder", "Handshake",
     "HelloScanner", "Kind", "Message", "MessageScanner", "ProtocolViolation", "check_reply",
     "check_request", "dump_msg", "encode_frame", "encode_msg", "error", "get_bool", "get_int",
     "get_opt_int", "get_opt_number", "get_opt_str", "get_str", "get_str_list", "get_str_map",

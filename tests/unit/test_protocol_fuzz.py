@@ -52,6 +52,7 @@ from ember.protocol import (
     MAX_STREAM,
     REPLY_OPS,
     REQUEST_OPS,
+    WATCH_EVENT_TYPES,
     Frame,
     FrameDecoder,
     HelloScanner,
@@ -336,6 +337,13 @@ REPLY_FIELDS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         {"more": st.booleans()},
     ),
     "stat_result": (ENTRY, {}),
+    "watching": ({"watches": uints}, {}),
+    "fs_events": (
+        {"events": st.lists(st.fixed_dictionaries(
+            {"name": short_text, "type": st.sampled_from(sorted(WATCH_EVENT_TYPES))}),
+            max_size=3)},
+        {"overflow": st.booleans()},
+    ),
     "error": ({"kind": st.sampled_from(sorted(ERROR_KINDS)), "message": st.text(max_size=40)}, {}),
 }
 assert set(REPLY_FIELDS) == set(REPLY_OPS)
@@ -673,7 +681,7 @@ def check_schema_outcome(stream: int, msg: dict[str, object]) -> None:
         final = is_final_reply(msg)
         assert isinstance(final, bool)
         more = op in ("ps_result", "list_result") and msg.get("more") is True
-        assert final == (op not in ("started", "file") and not more)
+        assert final == (op not in ("started", "file", "watching", "fs_events") and not more)
     # the guest-side check is held to the same standard on the same values
     with contextlib.suppress(ProtocolViolation):
         check_request(stream, msg)
