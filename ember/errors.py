@@ -129,6 +129,12 @@ class ProtocolError(GuestError):
     code: ClassVar[str] = "protocol"
 
 
+class PortNotOpenError(NotFoundError):
+    """Nothing listens on that port in the guest (its connection was refused)."""
+
+    code: ClassVar[str] = "port_not_open"
+
+
 class SandboxStateError(EmberError):
     """The sandbox is not in a state that allows the operation (failed, stopped, busy)."""
 

@@ -47,6 +47,7 @@ from .ops_files import (
     stat_path,
     stream_read,
 )
+from .ops_tunnel import MAX_TUNNELS, TunnelOp
 from .ops_watch import WatchOp
 from .reply import Reply
 from .threads import log, start_thread
@@ -72,7 +73,7 @@ class _Discard:
     """FILEDATA for this stream is dropped until ``eof`` (its write failed or never began)."""
 
 
-_Op = ExecOp | FileWriter | WatchOp | _Busy | _Discard
+_Op = ExecOp | TunnelOp | FileWriter | WatchOp | _Busy | _Discard
 _FileWork = Callable[[Message], list[Message]]
 _FILE_OPS: dict[str, _FileWork] = {
     "list": list_dir,
@@ -170,6 +171,8 @@ class Agent:
         for op in ops.values():
             if isinstance(op, ExecOp):
                 op.detach()
+            elif isinstance(op, TunnelOp):
+                op.close()
             elif isinstance(op, FileWriter):
                 op.abort()
             elif isinstance(op, WatchOp):
@@ -236,7 +239,7 @@ class Agent:
         with self._state_lock:
             op = self._ops.get(stream)
         if frame.kind is Kind.STDIN:
-            if isinstance(op, ExecOp) and op.stdin is not None:
+            if isinstance(op, ExecOp | TunnelOp) and op.stdin is not None:
                 op.stdin.put(frame.payload)
             return  # a finished exec's late input is dropped
         if isinstance(op, FileWriter):
@@ -261,7 +264,7 @@ class Agent:
             reply.error(ErrorKind.BAD_REQUEST, str(exc))
             return
         if op_name in STREAM_CONTROL_OPS:
-            self._on_control(stream, op_name, reply)
+            self._on_control(stream, op_name, msg, reply)
             return
         with self._state_lock:
             if stream in self._ops:
@@ -281,15 +284,21 @@ class Agent:
             log(f"{op_name} on stream {stream} failed: {exc!r}")
             reply.error(ErrorKind.INTERNAL, f"{op_name} failed: {exc!r}")
 
-    def _on_control(self, stream: int, op_name: str, reply: Reply) -> None:
+    def _on_control(self, stream: int, op_name: str, msg: Message, reply: Reply) -> None:
         with self._state_lock:
             op = self._ops.get(stream)
         if op_name == "stdin_eof":
-            if isinstance(op, ExecOp) and op.stdin is not None:
+            if isinstance(op, ExecOp | TunnelOp) and op.stdin is not None:
                 op.stdin.finish()
             return
+        if op_name == "credit":
+            if isinstance(op, TunnelOp):
+                op.grant(get_int(msg, "bytes"))
+            return  # a finished connection's late credit is dropped
         if op_name == "abort":  # its client gave the write up and hears nothing more
-            if isinstance(op, FileWriter):
+            if isinstance(op, TunnelOp):
+                op.close()  # its "closed" follows
+            elif isinstance(op, FileWriter):
                 self._unregister(stream, op)
                 op.abort()
             elif isinstance(op, WatchOp):  # a watch given up: no reply
@@ -314,6 +323,8 @@ class Agent:
             reply.msg({"op": "pong"})
         elif op_name == "exec":
             self._start_exec(stream, msg, reply)
+        elif op_name == "connect":
+            self._start_tunnel(stream, msg, reply)
         elif op_name == "signal":
             with self._state_lock:
                 target = self._ops.get(get_int(msg, "target"))
@@ -366,6 +377,21 @@ class Agent:
         with self._state_lock:
             self._execs.add(op)
         start_thread(f"exec-{stream}", op.run)
+
+    def _start_tunnel(self, stream: int, msg: Message, reply: Reply) -> None:
+        with self._state_lock:
+            carried = sum(isinstance(op, TunnelOp) for op in self._ops.values())
+        if carried >= MAX_TUNNELS:
+            raise OpError(ErrorKind.BAD_REQUEST, f"too many connections at once ({MAX_TUNNELS})")
+        op: TunnelOp | None = None
+
+        def finished() -> None:
+            assert op is not None
+            self._unregister(stream, op)
+
+        op = TunnelOp(get_int(msg, "port"), get_int(msg, "window"), reply, finished)
+        self._register(stream, op)
+        start_thread(f"tunnel-{stream}", op.run)
 
     def _start_watch(self, stream: int, msg: Message, reply: Reply) -> None:
         op: WatchOp | None = None

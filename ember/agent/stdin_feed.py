@@ -11,8 +11,15 @@ import time
 from .threads import log
 
 TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from typing import IO  # not at runtime: typing is slow to import on a TCG guest
+if TYPE_CHECKING:  # not at runtime: typing is slow to import on a TCG guest
+    from typing import Protocol
+
+    class Sink(Protocol):
+        """Where the input goes: a pipe, or a carried connection's sending side."""
+
+        def fileno(self) -> int: ...
+
+        def close(self) -> None: ...
 
 STDIN_BUFFER = 8 << 20
 """Bytes of STDIN buffered per exec. When it is full the agent stops reading the channel
@@ -66,7 +73,7 @@ class StdinFeed:
         self._size = 0
         self._cond.notify_all()
 
-    def pump(self, pipe: IO[bytes]) -> None:
+    def pump(self, pipe: Sink) -> None:
         """Thread body: write queued data to ``pipe`` until eof, abandon or EPIPE."""
         fd = pipe.fileno()
         try:

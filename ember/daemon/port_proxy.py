@@ -162,6 +162,23 @@ def request_headers(headers: list[tuple[bytes, bytes]], *, app_authorization: by
     return out
 
 
+def upstream_headers(scope: Scope, *, prefix: str | None
+                     ) -> tuple[list[tuple[bytes, bytes]], bool]:
+    """The headers a proxied request carries to the guest (:func:`request_headers`, its
+    body chunked when its length is not known), and whether it has a body at all."""
+    client = scope.get("client")
+    peer = str(client[0]) if isinstance(client, tuple | list) and client and \
+        isinstance(client[0], str) and client[0] != "unix-peer-uid" else None
+    headers = request_headers(list(scope.get("headers") or []),
+                              app_authorization=scope.get(APP_AUTH_KEY), client=peer,
+                              scheme=scope.get("scheme", "http"), prefix=prefix)
+    has_body = any(k in (b"content-length", b"transfer-encoding")
+                   for k, _ in scope.get("headers") or [])
+    if not any(k == b"content-length" for k, _ in headers) and has_body:
+        headers.append((b"transfer-encoding", b"chunked"))
+    return headers, has_body
+
+
 def response_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """The guest's answer headers the client gets: hop-by-hop ones dropped."""
     drop = HOP_BY_HOP | _connection_listed(headers)
@@ -253,16 +270,7 @@ class PortProxy:
             location = (raw_path + b"/" + (b"?" + query if query else b"")).decode("latin-1")
             return Response(status_code=308, headers={"location": location})
         target = upstream_target(raw_path, query)
-        client = scope.get("client")
-        peer = str(client[0]) if isinstance(client, tuple | list) and client and \
-            isinstance(client[0], str) and client[0] != "unix-peer-uid" else None
-        headers = request_headers(list(scope.get("headers") or []),
-                                  app_authorization=scope.get(APP_AUTH_KEY), client=peer,
-                                  scheme=scope.get("scheme", "http"), prefix=prefix)
-        has_body = any(k in (b"content-length", b"transfer-encoding")
-                       for k, _ in scope.get("headers") or [])
-        if not any(k == b"content-length" for k, _ in headers) and has_body:
-            headers.append((b"transfer-encoding", b"chunked"))
+        headers, has_body = upstream_headers(scope, prefix=prefix)
         timeout = httpx.Timeout(IO_TIMEOUT_S, connect=CONNECT_TIMEOUT_S,
                                 pool=CONNECT_TIMEOUT_S)
         url = httpx.URL(scheme="http", host=_connect_host(exposed.host),
@@ -314,4 +322,5 @@ async def _relay(answer: httpx.Response, what: str) -> AsyncIterator[bytes]:
 
 
 __all__ = ["DEFAULT_DOMAIN", "HostRouting", "PortProxy", "check_domain", "domain_from_env",
-           "host_name", "http_path", "parse_host", "proxied"]
+           "host_name", "http_path", "parse_host", "proxied", "response_headers",
+           "upstream_headers"]

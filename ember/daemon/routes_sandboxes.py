@@ -36,10 +36,11 @@ async def _info(live: Live, sandbox_id: str) -> dict[str, Any]:
 
 @router.post("/sandboxes", status_code=201)
 async def create(body: CreateRequest, live: Live, meter: Meter, who: Who,
-                 quotas: Quota) -> dict[str, Any]:
+                 quotas: Quota, reserved: dict[str, str] | None = None) -> dict[str, Any]:
     """A new sandbox, started from a pool, a pre-baked snapshot, its template snapshot or
     a boot (``boot: "cold"``: always a boot); answers once its agent does. 429 when the
-    caller's tenant is at a quota."""
+    caller's tenant is at a quota. ``reserved``: the daemon's own ``ember.*`` metadata
+    (never a client's)."""
     t0 = time.monotonic()
     if body.isolation != "microvm":  # a tier this host cannot run: say so before anything
         await asyncio.to_thread(require_tier, body.isolation)
@@ -51,7 +52,8 @@ async def create(body: CreateRequest, live: Live, meter: Meter, who: Who,
         sb = await live.local.create(
             body.template, vcpus=body.vcpus, memory_mib=body.memory_mib,
             disk_mib=body.disk_mib, timeout=body.timeout, env=body.env,
-            metadata=_tagged(body.metadata, who), boot_timeout=body.boot_timeout,
+            metadata={**_tagged(body.metadata, who), **(reserved or {})},
+            boot_timeout=body.boot_timeout,
             on_progress=None, on_timeout=body.on_timeout, isolation=body.isolation,
             boot=body.boot,
             network=None if body.network is None else body.network.model_dump())

@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from ember.daemon.live import LiveSandboxes
 from ember.e2b.envd import Envd, EnvdRouting
+from ember.e2b.ports import E2bPortRouting, E2bPorts
 from ember.e2b.routes_lifecycle import router
 from ember.e2b.state import E2bState, load_secret
 from ember.paths import Paths
@@ -23,6 +24,7 @@ def install(app: FastAPI, paths: Paths, live: LiveSandboxes, domain: str) -> Non
     state = E2bState(load_secret(paths.home / SECRET_FILE), domain)
     app.state.e2b = state
     app.include_router(router)
+    app.add_middleware(E2bPortRouting, ports=E2bPorts(live, state), domain=domain)
     app.add_middleware(EnvdRouting, envd=Envd(live, state), domain=domain)
 
 

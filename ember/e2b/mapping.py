@@ -33,6 +33,11 @@ ENVD_PORT = 49983
 TEMPLATE_ALIASES = {"base": DEFAULT_TEMPLATE}
 #: How long a sandbox without a limit says it lives (E2B's APIs always name an end).
 NO_END_S = 10 * 365 * 86400
+#: Where the daemon notes that a sandbox was made through E2B's API, and whether its
+#: ports (``<port>-<id>.<domain>``) answer anyone or only its traffic token.
+PORTS_KEY = RESERVED_PREFIX + "e2b_ports"
+PORTS_PUBLIC = "public"
+PORTS_PRIVATE = "private"
 FILE_TYPES = {"file": "FILE_TYPE_FILE", "dir": "FILE_TYPE_DIRECTORY",
               "symlink": "FILE_TYPE_SYMLINK"}
 
@@ -47,6 +52,18 @@ def access_token(secret: bytes, sandbox_id: str) -> str:
     names its sandbox (some SDK versions send envd requests without ``E2b-Sandbox-Id``)."""
     digest = hmac.new(secret, f"e2b-envd:{sandbox_id}".encode(), hashlib.sha256).digest()
     return f"{sandbox_id}.{base64.urlsafe_b64encode(digest).decode().rstrip('=')}"
+
+
+def traffic_token(secret: bytes, sandbox_id: str) -> str:
+    """The token that opens a private sandbox's ports (``e2b-traffic-access-token``):
+    derived like :func:`access_token`, under another label, so neither gives the other."""
+    digest = hmac.new(secret, f"e2b-traffic:{sandbox_id}".encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+
+def traffic_token_matches(secret: bytes, sandbox_id: str, token: str | None) -> bool:
+    return token is not None and hmac.compare_digest(
+        traffic_token(secret, sandbox_id).encode(), token.encode())
 
 
 def sandbox_of_token(token: str | None) -> str:
@@ -79,7 +96,7 @@ def created(sandbox_id: str, *, template_id: str, secret: bytes,
     """The ``Sandbox`` answer of create and connect."""
     return {"templateID": template_id, "sandboxID": sandbox_id, "clientID": CLIENT_ID,
             "envdVersion": ENVD_VERSION, "envdAccessToken": access_token(secret, sandbox_id),
-            "domain": domain}
+            "trafficAccessToken": traffic_token(secret, sandbox_id), "domain": domain}
 
 
 def listed(info: SandboxInfo) -> dict[str, Any]:

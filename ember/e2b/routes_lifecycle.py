@@ -114,10 +114,20 @@ class PauseBody(_Body):
 
 
 def _unsupported(body: NewSandbox) -> str | None:
-    for name in ("mcp", "iam", "volumeMounts", "network", "autoResume"):
+    for name in ("mcp", "iam", "volumeMounts", "autoResume"):
         if getattr(body, name):
             return name
-    return None
+    extra = sorted(set(body.network or {}) - {"allowPublicTraffic"})
+    return f"network.{extra[0]}" if extra else None
+
+
+def _ports_mode(body: NewSandbox) -> str:
+    """Whether the sandbox's ports answer anyone who reaches the daemon (E2B's default)
+    or only requests with its traffic token (``allowPublicTraffic: false``)."""
+    public = (body.network or {}).get("allowPublicTraffic")
+    if public is not None and not isinstance(public, bool):
+        raise BadRequestError("network.allowPublicTraffic must be true or false")
+    return M.PORTS_PRIVATE if public is False else M.PORTS_PUBLIC
 
 
 async def _owned_info(live: Live, who: Principal, sandbox_id: str) -> SandboxInfo:
@@ -135,7 +145,8 @@ async def _create(body: NewSandbox, live: Live, meter: Meter, who: Who, quotas: 
         env=body.envVars, metadata=body.metadata,
         on_timeout="pause" if body.autoPause else "destroy",
         network=NetworkRequest() if body.allow_internet_access else None)
-    made = await routes_sandboxes.create(request, live, meter, who, quotas)
+    made = await routes_sandboxes.create(request, live, meter, who, quotas,
+                                         reserved={M.PORTS_KEY: _ports_mode(body)})
     return JSONResponse(M.created(str(made["id"]), template_id=body.templateID,
                                   secret=state.secret,
                                   domain=state.domain), status_code=201)

@@ -24,6 +24,7 @@ MAX_PATH_BYTES = 4096
 MAX_SIGNAL = 64
 MAX_ENTROPY_BYTES = 64
 MAX_PTY_SIZE = 1000
+MAX_WINDOW = 16 << 20
 
 
 TYPE_CHECKING = False
@@ -150,6 +151,8 @@ PTY = FieldType(
 )
 ENTROPY = FieldType(f"1 to {MAX_ENTROPY_BYTES} bytes as hex", _is_entropy)
 TIMEOUT = FieldType("a positive number of seconds or null", _is_timeout)
+PORT = FieldType("a TCP port (1 to 65535)", _int_in(1, 65535))
+WINDOW = FieldType(f"a byte count (1 to {MAX_WINDOW})", _int_in(1, MAX_WINDOW))
 ERROR_KIND = FieldType(
     "one of " + ", ".join(sorted(ERROR_KINDS)), lambda v: isinstance(v, str) and v in ERROR_KINDS
 )
@@ -233,6 +236,10 @@ REQUESTS: Mapping[str, OpSpec] = {
     "signal": OpSpec({"target": STREAM, "signal": SIGNAL}),
     # a new size for the terminal of an exec started with "pty" (SIGWINCH reaches it)
     "resize": OpSpec({"target": STREAM, "rows": PTY_SIZE, "cols": PTY_SIZE}),
+    # a TCP connection to a port on the guest's loopback, carried on this stream: STDIN
+    # frames in, STDOUT frames out within the bytes granted ("window", then "credit")
+    "connect": OpSpec({"port": PORT, "window": WINDOW}),
+    "credit": OpSpec({"bytes": WINDOW}),
     "ps": OpSpec(),
     "read": OpSpec({"path": PATH}),
     "write": OpSpec({"path": PATH}, {"mode": MODE, "append": BOOL}),
@@ -256,6 +263,8 @@ REPLIES: Mapping[str, OpSpec] = {
         check=_version_check,
     ),
     "pong": OpSpec(),
+    "connected": OpSpec(),
+    "closed": OpSpec(),
     "started": OpSpec({"pid": UINT}),
     "exit": OpSpec({"code": INT_OR_NULL, "signal": INT_OR_NULL, "timed_out": BOOL}),
     "ok": OpSpec(optional={"size": UINT}),
@@ -284,7 +293,7 @@ REQUEST_OPS = frozenset(REQUESTS)
 REPLY_OPS = frozenset(REPLIES)
 
 # Requests sent on the stream of a running operation rather than on a fresh stream.
-STREAM_CONTROL_OPS = frozenset({"stdin_eof", "eof", "abort"})
+STREAM_CONTROL_OPS = frozenset({"stdin_eof", "eof", "abort", "credit"})
 
 
 def check_request(stream: int, msg: Message) -> None:
@@ -300,7 +309,7 @@ def check_reply(stream: int, msg: Message) -> None:
 def is_final_reply(msg: Message) -> bool:
     """Whether this (checked) reply ends its request."""
     op = msg["op"]
-    if op in ("started", "file", "watching", "fs_events"):
+    if op in ("started", "file", "watching", "fs_events", "connected"):
         return False
     if op in ("ps_result", "list_result"):
         return msg.get("more") is not True

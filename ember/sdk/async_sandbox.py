@@ -33,6 +33,7 @@ from ember.net.policy import NetworkPolicy
 from ember.net.stats import NetworkStats
 from ember.paths import Paths
 from ember.runtime.agent_client import AgentClient
+from ember.runtime.guest_port import GuestConnection
 from ember.runtime.manager import SandboxDir, SandboxManager, console_tail
 from ember.runtime.spec import DEFAULT_TEMPLATE, DEFAULT_TIMEOUT_S, SandboxSpec
 from ember.sdk.files import AsyncFiles
@@ -359,6 +360,11 @@ class AsyncSandbox:
         msg = exec_request(cmd, env=merged, cwd=cwd, user=user, stdin=stdin, timeout=timeout,
                            pty=pty)
         return await AsyncProcess.start(self._require_client(), msg, keep_output=keep_output)
+
+    async def _connect_port(self, port: int) -> GuestConnection:
+        """A TCP connection to ``port`` on the guest's loopback, carried by the agent (no
+        network device needed); :class:`PortNotOpenError` when nothing listens there."""
+        return await GuestConnection.open(self._require_client(), port)
 
     async def pty(self, cmd: str | Sequence[str] | None = None, *, rows: int = 24,
                   cols: int = 80, env: Mapping[str, str] | None = None, cwd: str | None = None,

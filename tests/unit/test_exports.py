@@ -9,7 +9,7 @@ PUBLIC = {
     "GuestError",
     "GuestPathNotFoundError", "HostCommandError", "HostError", "ImageSourceError",
     "MissingDependencyError", "NetworkError", "NetworkPolicy", "NotFoundError", "OutputChunk",
-    "PoolInfo", "Process", "ProcessInfo",
+    "PoolInfo", "PortNotOpenError", "Process", "ProcessInfo",
     "ProtocolError", "Pty", "Sandbox", "SandboxInfo", "SandboxNotFoundError", "SandboxStateError",
     "SandboxUsage",
     "SnapshotError", "SnapshotInfo", "SnapshotNotFoundError", "TemplateNotFoundError",

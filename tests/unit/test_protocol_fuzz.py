@@ -323,6 +323,8 @@ REPLY_FIELDS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         {},
     ),
     "pong": ({}, {}),
+    "connected": ({}, {}),
+    "closed": ({}, {}),
     "started": ({"pid": uints}, {}),
     "exit": ({"code": int_or_null, "signal": int_or_null, "timed_out": st.booleans()}, {}),
     "ok": ({}, {"size": uints}),
@@ -681,7 +683,8 @@ def check_schema_outcome(stream: int, msg: dict[str, object]) -> None:
         final = is_final_reply(msg)
         assert isinstance(final, bool)
         more = op in ("ps_result", "list_result") and msg.get("more") is True
-        assert final == (op not in ("started", "file", "watching", "fs_events") and not more)
+        assert final == (op not in ("started", "file", "watching", "fs_events", "connected")
+                         and not more)
     # the guest-side check is held to the same standard on the same values
     with contextlib.suppress(ProtocolViolation):
         check_request(stream, msg)
