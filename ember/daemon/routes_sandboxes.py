@@ -36,11 +36,18 @@ async def _info(live: Live, sandbox_id: str) -> dict[str, Any]:
 
 @router.post("/sandboxes", status_code=201)
 async def create(body: CreateRequest, live: Live, meter: Meter, who: Who,
-                 quotas: Quota, reserved: dict[str, str] | None = None) -> dict[str, Any]:
+                 quotas: Quota) -> dict[str, Any]:
     """A new sandbox, started from a pool, a pre-baked snapshot, its template snapshot or
     a boot (``boot: "cold"``: always a boot); answers once its agent does. 429 when the
-    caller's tenant is at a quota. ``reserved``: the daemon's own ``ember.*`` metadata
-    (never a client's)."""
+    caller's tenant is at a quota."""
+    return await create_sandbox(body, live, meter, who, quotas)
+
+
+async def create_sandbox(body: CreateRequest, live: Live, meter: Meter, who: Who,
+                         quotas: Quota, reserved: dict[str, str] | None = None
+                         ) -> dict[str, Any]:
+    """:func:`create`, for the daemon's other fronts too; ``reserved``: the daemon's own
+    ``ember.*`` metadata (never a client's)."""
     t0 = time.monotonic()
     if body.isolation != "microvm":  # a tier this host cannot run: say so before anything
         await asyncio.to_thread(require_tier, body.isolation)

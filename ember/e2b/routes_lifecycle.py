@@ -145,7 +145,7 @@ async def _create(body: NewSandbox, live: Live, meter: Meter, who: Who, quotas: 
         env=body.envVars, metadata=body.metadata,
         on_timeout="pause" if body.autoPause else "destroy",
         network=NetworkRequest() if body.allow_internet_access else None)
-    made = await routes_sandboxes.create(request, live, meter, who, quotas,
+    made = await routes_sandboxes.create_sandbox(request, live, meter, who, quotas,
                                          reserved={M.PORTS_KEY: _ports_mode(body)})
     return JSONResponse(M.created(str(made["id"]), template_id=body.templateID,
                                   secret=state.secret,
