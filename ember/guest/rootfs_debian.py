@@ -73,3 +73,20 @@ def _explain(err: HostCommandError, dest: Path) -> str:
     if "No space left on device" in text:
         return "debootstrap: disk full (No space left on device)"
     return f"debootstrap failed: {proc.tail(text, 1200)}"
+
+
+def quick_login(rootfs: Path) -> None:
+    """Login shells that run no program: E2B's SDK runs every command in ``bash -l``, and
+    Debian's /etc/profile (``$(id -u)``) and root's .profile (``mesg n``) each start one,
+    which a TCG-emulated guest pays for on every command. bash knows its ``EUID``; ``mesg``
+    only matters on a terminal. Other shells and terminals behave as before."""
+    edits = (("etc/profile", '"$(id -u)"', '"${EUID:-$(id -u)}"'),
+             ("root/.profile", "mesg n 2> /dev/null || true",
+              "if [ -t 0 ]; then mesg n 2> /dev/null || true; fi"))
+    for rel, old, new in edits:
+        f = rootfs / rel
+        if f.is_file() and not f.is_symlink():
+            text = f.read_text()
+            if old in text:
+                f.write_text(text.replace(old, new))
+
