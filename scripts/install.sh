@@ -23,6 +23,7 @@ APT_PACKAGES=(
   busybox-static docker-registry        # test fixtures: busybox OCI image, local registry
   strace                                # ember bench: host syscalls of each tier
   nftables iproute2 dnsmasq-base        # sandbox networks: egress policy, NAT, per-sandbox DNS
+  redis-server util-linux               # ember cluster: the head's GCS state; its tests' namespaces
   ca-certificates
 )
 missing=()
@@ -42,9 +43,9 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys; sys.exit(sys.
 fi
 stamp=.venv/.ember-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  say "pip install -e .[dev]"
+  say "pip install -e .[dev,cluster]"
   .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q -e '.[dev]'
+  .venv/bin/pip install -q -e '.[dev,cluster]'
   touch "$stamp"
 fi
 ln -sf "$REPO/.venv/bin/ember" /usr/local/bin/ember

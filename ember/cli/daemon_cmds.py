@@ -28,6 +28,10 @@ def _show(st: object, as_json: bool) -> None:
     elif st.running:
         click.echo(f"emberd running: pid {st.pid}, version {st.version}, socket {st.socket}, "
                    f"{st.open_sandboxes} sandbox connection(s) open")
+        if st.cluster:
+            c = st.cluster
+            click.echo(f"cluster: {c.get('role')} of {c.get('address')}, node "
+                       f"{c.get('node_id')}" if "address" in c else f"cluster: {c}")
     else:
         click.echo(f"emberd not running (socket {st.socket})")
 

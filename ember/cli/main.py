@@ -6,6 +6,7 @@ import click
 
 from ember.cli import (
     apikey_cmds,
+    cluster_cmds,
     daemon_cmds,
     doctor_cmd,
     image_cmds,
@@ -42,6 +43,7 @@ cli.add_command(apikey_cmds.apikey)
 cli.add_command(apikey_cmds.tenant)
 cli.add_command(network_cmds.network)
 cli.add_command(network_cmds.port)
+cli.add_command(cluster_cmds.cluster)
 for _cmd in (sandbox_cmds.run, sandbox_cmds.create, sandbox_cmds.ls, sandbox_cmds.inspect,
              sandbox_cmds.exec_, sandbox_cmds.shell, sandbox_cmds.cp, sandbox_cmds.logs,
              sandbox_cmds.rm):

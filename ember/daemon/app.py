@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
 import ember
+from ember.cluster.record import summary as cluster_summary
 from ember.daemon import (
     API_VERSION,
     routes_exec,
@@ -123,7 +124,8 @@ def create_app(paths: Paths, *, idle_exit: float | None = None,
         """The daemon answers: its version, pid and home, and who the caller is to it."""
         return {"ok": True, "tenant": who.tenant, "admin": who.admin,
                 "version": ember.__version__, "api": API_VERSION, "pid": os.getpid(),
-                "home": str(paths.home), "open": len(live.ids())}
+                "home": str(paths.home), "open": len(live.ids()),
+                "cluster": cluster_summary(paths)}
 
     @app.get("/metrics", tags=["daemon"], response_class=PlainTextResponse)
     async def prometheus(who: Who) -> Response:

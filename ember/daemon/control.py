@@ -31,10 +31,13 @@ class DaemonStatus:
     socket: str
     version: str | None = None
     open_sandboxes: int = 0
+    #: The cluster this home joined (``ember cluster``), as the daemon reports it.
+    cluster: dict[str, object] | None = None
 
     def to_json(self) -> dict[str, object]:
         return {"running": self.running, "pid": self.pid, "socket": self.socket,
-                "version": self.version, "open_sandboxes": self.open_sandboxes}
+                "version": self.version, "open_sandboxes": self.open_sandboxes,
+                "cluster": self.cluster}
 
 
 def status(paths: Paths) -> DaemonStatus:
@@ -47,7 +50,9 @@ def status(paths: Paths) -> DaemonStatus:
     try:
         with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), timeout=5.0) as c:
             h = c.get("http://emberd/v1/health").json()
-        return DaemonStatus(True, pid, str(sock), str(h.get("version")), int(h.get("open", 0)))
+        cluster = h.get("cluster")
+        return DaemonStatus(True, pid, str(sock), str(h.get("version")), int(h.get("open", 0)),
+                            cluster if isinstance(cluster, dict) else None)
     except (httpx.HTTPError, ValueError):
         return DaemonStatus(True, pid, str(sock))  # starting, or stuck: the lock says alive
 

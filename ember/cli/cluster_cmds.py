@@ -1,0 +1,130 @@
+"""``ember cluster``: this host's daemon as a node of a Ray cluster (docs/cluster.md).
+
+Needs the ``cluster`` extra (Ray), imported only when one of these commands runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+from rich.table import Table
+
+from ember.cli.common import handle_errors, out_console, print_json
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@click.group("cluster")
+def cluster() -> None:
+    """Many hosts behind one API: each host's daemon joins a Ray cluster as a node and
+    advertises what it may give sandboxes (vCPUs, memory, tiers, KVM or TCG, templates)
+    as Ray resources. Ray's node table is the membership. Needs pip install ember[cluster]."""
+
+
+def _advertise_options(fn: F) -> F:
+    fn = click.option("--node-ip", default=None, metavar="IP",
+                      help="This node's address in the cluster (default: the local address "
+                      "that reaches the head, or Redis for a head).")(fn)
+    fn = click.option("--memory-mib", type=click.IntRange(min=1), default=None,
+                      help="Memory sandboxes may have on this host (default: all but 1 GiB).")(fn)
+    fn = click.option("--vcpus", type=click.IntRange(min=1), default=None,
+                      help="vCPUs sandboxes may have on this host (default: its CPU count).")(fn)
+    fn = click.option("--json", "as_json", is_flag=True, help="Print the record as JSON.")(fn)
+    return fn
+
+
+def _show(rec: object, as_json: bool) -> None:
+    from ember.cluster.record import ClusterRecord
+
+    assert isinstance(rec, ClusterRecord)
+    if as_json:
+        print_json(rec.to_json())
+        return
+    click.echo(f"{rec.role} of {rec.address}: node {rec.node_id} at {rec.node_ip}")
+    click.echo("advertised: " + ", ".join(f"{k}={v:g}" for k, v in sorted(rec.resources.items())))
+
+
+@cluster.command("start-head")
+@click.option("--redis", required=True, metavar="HOST:PORT", envvar="EMBER_CLUSTER_REDIS",
+              help="The Redis that keeps the cluster's state (GCS), so that a head restart "
+              "loses nothing [env EMBER_CLUSTER_REDIS].")
+@click.option("--redis-password", default=None, envvar="EMBER_CLUSTER_REDIS_PASSWORD",
+              help="Its password [env EMBER_CLUSTER_REDIS_PASSWORD].")
+@click.option("--port", type=click.IntRange(1, 65535), default=None,
+              help="The head's GCS port, the one nodes join (default 6380).")
+@_advertise_options
+@handle_errors
+def start_head(redis: str, redis_password: str | None, port: int | None, as_json: bool,
+               vcpus: int | None, memory_mib: int | None, node_ip: str | None) -> None:
+    """Start the cluster's head on this host (also a node that runs sandboxes). Run it again
+    after the head died, with the same Redis and port: the cluster resumes."""
+    from ember.cluster.advertise import detect_advertisement
+    from ember.cluster.node import DEFAULT_PORT
+    from ember.cluster.node import start_head as start
+    from ember.paths import Paths
+
+    paths = Paths.from_env().ensure()
+    adv = detect_advertisement(paths, vcpus=vcpus, memory_mib=memory_mib)
+    _show(start(paths, adv, redis=redis, node_ip=node_ip, port=port or DEFAULT_PORT,
+                redis_password=redis_password), as_json)
+
+
+@cluster.command("join")
+@click.argument("address", metavar="ADDRESS")
+@_advertise_options
+@handle_errors
+def join(address: str, as_json: bool, vcpus: int | None, memory_mib: int | None,
+         node_ip: str | None) -> None:
+    """Join the cluster whose head is at ADDRESS (HOST:PORT, as start-head printed)."""
+    from ember.cluster.advertise import detect_advertisement
+    from ember.cluster.node import join as join_cluster
+    from ember.paths import Paths
+
+    paths = Paths.from_env().ensure()
+    adv = detect_advertisement(paths, vcpus=vcpus, memory_mib=memory_mib)
+    _show(join_cluster(paths, adv, address, node_ip=node_ip), as_json)
+
+
+@cluster.command("leave")
+@handle_errors
+def leave() -> None:
+    """Stop this host's Ray node and forget the cluster. Its sandboxes keep running."""
+    from ember.cluster.node import leave as leave_cluster
+    from ember.paths import Paths
+
+    rec = leave_cluster(Paths.from_env())
+    click.echo(f"left {rec.address} (node {rec.node_id})" if rec else "was in no cluster")
+
+
+@cluster.command("nodes")
+@click.option("--address", default=None, metavar="HOST:PORT",
+              help="The head's address (default: the cluster this home joined).")
+@click.option("--all", "show_all", is_flag=True, help="Also nodes that are dead or left.")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def nodes(address: str | None, show_all: bool, as_json: bool) -> None:
+    """The cluster's nodes as Ray's node table has them, with what each advertises."""
+    from ember.cluster.nodes import list_nodes
+    from ember.cluster.record import load_record
+    from ember.errors import BadRequestError
+    from ember.paths import Paths
+
+    if address is None:
+        rec = load_record(Paths.from_env())
+        if rec is None:
+            raise BadRequestError("this home joined no cluster: give --address HOST:PORT")
+        address = rec.address
+    views = [v for v in list_nodes(address) if show_all or v.alive]
+    if as_json:
+        print_json([v.to_json() for v in views])
+        return
+    t = Table("NODE", "IP", "STATE", "ROLE", "VCPUS", "MEMORY", "TIERS", "ACCEL", "TEMPLATES")
+    for v in views:
+        a = v.advertised
+        t.add_row(v.node_id[:12], v.ip, v.state, "head" if v.head else "worker",
+                  str(a.vcpus) if a else "-", f"{a.memory_mib} MiB" if a else "-",
+                  ",".join(a.tiers) if a else "-", a.accel if a else "-",
+                  ",".join(a.templates) if a else "-")
+    out_console.print(t)
