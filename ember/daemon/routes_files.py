@@ -1,9 +1,10 @@
 """Files in a sandbox: download and upload streamed in bounded chunks whatever the size
 (the body flows to the guest as it arrives, with backpressure), list, stat, mkdir, rename,
-remove."""
+remove, and a directory's changes watched (an NDJSON stream)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Annotated, Any, cast
 
@@ -13,10 +14,14 @@ from fastapi.responses import StreamingResponse
 from ember import protocol as P
 from ember.daemon.deps import Live, OwnedId
 from ember.daemon.models import MkdirRequest, RemoveRequest, RenameRequest
+from ember.errors import EmberError
 from ember.sdk.async_sandbox import AsyncSandbox
-from ember.sdk.wire import to_json
+from ember.sdk.watch import AsyncWatch, event_json
+from ember.sdk.wire import error_body, event_line, to_json
 
 router = APIRouter(tags=["files"])
+#: A quiet watch sends a keep-alive line this often (proxies and clients keep it open).
+WATCH_KEEPALIVE_S = 30.0
 GuestPath = Annotated[str, Query(min_length=1, max_length=4096, description="absolute guest path")]
 
 
@@ -88,3 +93,35 @@ async def rename(body: RenameRequest, live: Live, sandbox_id: OwnedId) -> Respon
     sb = await live.get(sandbox_id)
     await sb.files.rename(body.src, body.dst)
     return Response(status_code=204)
+
+
+@router.get("/sandboxes/{sandbox_id}/files/watch")
+async def watch(path: GuestPath, live: Live, sandbox_id: OwnedId,
+                recursive: bool = False) -> StreamingResponse:
+    """A directory's changes as NDJSON: ``{"event": "watching"}`` once the watch is set
+    (a missing directory answers 404 instead), then ``{"event": "fs", "name", "type"}``
+    per change, ``{"event": "keepalive"}`` while quiet, and ``{"event": "end"}`` if the
+    directory goes (or an ``error`` event). Closing the answer ends the watch."""
+    sb = await live.get(sandbox_id)
+    w = await sb.files.watch(path, recursive=recursive)
+    return StreamingResponse(watch_lines(w), media_type="application/x-ndjson")
+
+
+async def watch_lines(w: AsyncWatch) -> AsyncIterator[bytes]:
+    try:
+        yield event_line({"event": "watching"})
+        while True:
+            try:
+                ev = await asyncio.wait_for(anext(w), WATCH_KEEPALIVE_S)
+            except EmberError as err:  # before TimeoutError: some are both
+                yield event_line({"event": "error", **error_body(err)["error"]})
+                return
+            except TimeoutError:
+                yield event_line({"event": "keepalive"})
+                continue
+            except StopAsyncIteration:
+                yield event_line({"event": "end"})
+                return
+            yield event_line(event_json(ev))
+    finally:
+        await w.close()

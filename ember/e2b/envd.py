@@ -10,7 +10,8 @@ whose ``Host`` is ``49983-<id>.<domain>`` (the SDK's ``E2B_DOMAIN`` form), to
 * Connect RPCs (JSON, HTTP/1.1) of ``process.Process`` (Start and Connect, server streams
   of start, data, keep-alive and end events; StreamInput, a client stream; List,
   SendInput, CloseStdin, SendSignal, Update; terminals included) and of
-  ``filesystem.Filesystem`` (Stat, ListDir, MakeDir, Move, Remove).
+  ``filesystem.Filesystem`` (Stat, ListDir, MakeDir, Move, Remove; WatchDir, a server
+  stream, and the watchers of CreateWatcher, GetWatcherEvents, RemoveWatcher).
 
 The ``Authorization: Basic`` header of these requests names a guest user (envd's
 convention), never an ember credential: the access token is the credential.
@@ -51,6 +52,7 @@ from ember.e2b.connect import (
 )
 from ember.e2b.multipart import MultipartReader, boundary_of
 from ember.e2b.state import E2bState
+from ember.e2b.watchers import Watchers, watch_options, watch_stream
 from ember.errors import (
     BadRequestError,
     EmberError,
@@ -152,6 +154,7 @@ class Envd:
         self.live = live
         self.state = state
         self._procs: dict[str, dict[int, Tracked]] = {}
+        self._watchers = Watchers()
         self._unary: dict[str, Callable[[Call, dict[str, Any]], Awaitable[dict[str, Any]]]] = {
             "/process.Process/List": self._list,
             "/process.Process/SendInput": self._send_input,
@@ -163,6 +166,9 @@ class Envd:
             "/filesystem.Filesystem/MakeDir": self._make_dir,
             "/filesystem.Filesystem/Move": self._move,
             "/filesystem.Filesystem/Remove": self._remove,
+            "/filesystem.Filesystem/CreateWatcher": self._create_watcher,
+            "/filesystem.Filesystem/GetWatcherEvents": self._watcher_events,
+            "/filesystem.Filesystem/RemoveWatcher": self._remove_watcher,
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -234,6 +240,8 @@ class Envd:
             return await self._stream(call, ctype, path.rsplit("/", 1)[1])
         if path == "/process.Process/StreamInput":
             return await self._stream_input(call, ctype)
+        if path == "/filesystem.Filesystem/WatchDir":
+            return await self._watch_dir(call, ctype)
         handler = self._unary.get(path)
         try:
             if call.request.method != "POST":
@@ -474,6 +482,39 @@ class Envd:
     async def _remove(self, call: Call, msg: dict[str, Any]) -> dict[str, Any]:
         await call.sb.files.remove(self._path(call, msg), recursive=True)
         return {}
+
+    async def _watch_dir(self, call: Call, ctype: str) -> Response:
+        """WatchDir, a server stream: start, then the directory's events (keep-alives while
+        quiet) until the client goes, the directory goes, or events are lost."""
+        try:
+            if ctype != STREAM_CONTENT_TYPE:
+                raise ConnectError("invalid_argument", f"WatchDir: expected {STREAM_CONTENT_TYPE}")
+            msg = single_message(await _bounded_body(call.request, MAX_UNARY_BODY), "WatchDir")
+            recursive = watch_options(msg, "WatchDir")
+            timeout = timeout_of(call.request.headers.get("connect-timeout-ms"))
+            w = await call.sb.files.watch(self._path(call, msg), recursive=recursive)
+        except ConnectError as err:
+            return _stream_error(err)
+        except EmberError as err:
+            return _stream_error(ConnectError(connect_code(err), str(err)))
+        raw = call.request.headers.get("keepalive-ping-interval", "")
+        every = float(raw) if raw.isdigit() and 0 < int(raw) <= 3600 else KEEPALIVE_DEFAULT_S
+        deadline = None if not timeout else asyncio.get_running_loop().time() + timeout
+        return StreamingResponse(watch_stream(w, every, deadline), status_code=200,
+                                 media_type=STREAM_CONTENT_TYPE)
+
+    async def _create_watcher(self, call: Call, msg: dict[str, Any]) -> dict[str, Any]:
+        await self._watchers.sweep()
+        recursive = watch_options(msg, "CreateWatcher")
+        w = await call.sb.files.watch(self._path(call, msg), recursive=recursive)
+        return {"watcherId": await self._watchers.add(call.sandbox_id, w)}
+
+    async def _watcher_events(self, call: Call, msg: dict[str, Any]) -> dict[str, Any]:
+        await self._watchers.sweep()
+        return await self._watchers.events(call.sandbox_id, msg)
+
+    async def _remove_watcher(self, call: Call, msg: dict[str, Any]) -> dict[str, Any]:
+        return await self._watchers.remove(call.sandbox_id, msg)
 
     # --- /files ----------------------------------------------------------------------------
     async def _download(self, call: Call) -> Response:

@@ -12,6 +12,7 @@ from ember import protocol as P
 from ember.errors import BadRequestError, GuestError, ProtocolError
 from ember.runtime.agent_client import AgentClient, error_from_reply, reply_of
 from ember.sdk.results import EntryInfo
+from ember.sdk.watch import AsyncWatch, watch_agent
 
 FILE_TIMEOUT_S = 120.0
 #: The most a ``read`` that returns bytes will accept; larger files: ``download``.
@@ -184,6 +185,16 @@ class AsyncFiles:
     async def rename(self, src: str, dst: str) -> None:
         await self._req(f"rename path {src!r}", op="rename", src=_check_path(src),
                         dst=_check_path(dst))
+
+    # --- changes -------------------------------------------------------------------------
+    async def watch(self, path: str, *, recursive: bool = False) -> AsyncWatch:
+        """Watch the directory ``path`` (and, ``recursive``, every directory below it,
+        those made later too) for changes: returns once the watch is set up (a missing
+        directory raises :class:`~ember.errors.GuestPathNotFoundError`); iterate over it
+        for :class:`~ember.sdk.watch.FsEvent` s, close it to stop."""
+        if not isinstance(recursive, bool):
+            raise BadRequestError(f"recursive must be a boolean, not {recursive!r}")
+        return await watch_agent(self._client, _check_path(path), recursive)
 
 
 __all__ = ["AsyncFiles", "GuestError"]

@@ -38,6 +38,7 @@ from ember.sdk.results import (
     SandboxInfo,
     SnapshotInfo,
 )
+from ember.sdk.watch import AsyncWatch, watch_response
 
 if TYPE_CHECKING:
     from websockets.asyncio.client import ClientConnection
@@ -280,6 +281,13 @@ class RemoteFiles(AsyncFiles):
 
     async def rename(self, src: str, dst: str) -> None:
         await self._t.call("POST", self._base + "/rename", json={"src": src, "dst": dst})
+
+    async def watch(self, path: str, *, recursive: bool = False) -> AsyncWatch:
+        if not isinstance(recursive, bool):
+            raise BadRequestError(f"recursive must be a boolean, not {recursive!r}")
+        r = await self._t.stream("GET", self._base + "/watch",
+                                 params={"path": path, "recursive": str(recursive).lower()})
+        return await watch_response(path, r)
 
 
 class RemotePty(AsyncPty):

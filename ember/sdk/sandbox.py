@@ -32,6 +32,7 @@ from ember.sdk.results import (
     TemplateInfo,
 )
 from ember.sdk.verbs import ByIdOrSelf, SyncVerb
+from ember.sdk.watch import Watch
 
 
 class Process:
@@ -129,6 +130,10 @@ class Files:
 
     def rename(self, src: str, dst: str) -> None:
         portal().call(self._inner.rename(src, dst))
+
+    def watch(self, path: str, *, recursive: bool = False) -> Watch:
+        """Watch a directory: ``with sb.files.watch("/work") as w: for ev in w: ...``."""
+        return Watch(portal().call(self._inner.watch(path, recursive=recursive)))
 
 
 class Network:
