@@ -149,6 +149,56 @@ def test_files(sbx: Sandbox) -> None:
         fs.read("/tmp/e2b/nope")
 
 
+WATCH_SCRIPT = ("cd /tmp/e2b-watch && echo hi > a.txt && chmod 600 a.txt && mv a.txt b.txt "
+                "&& rm b.txt && mkdir -p new/deep && echo x > new/deep/f")
+WATCH_WANT = {("a.txt", "create"), ("a.txt", "write"), ("a.txt", "chmod"),
+              ("a.txt", "rename"), ("b.txt", "create"), ("b.txt", "remove"),
+              ("new", "create"), ("new/deep/f", "create")}
+
+
+def test_watch_dir_polling_and_streamed(sbx: Sandbox, api: dict[str, Any]) -> None:
+    """The blocking SDK polls (CreateWatcher, GetWatcherEvents, RemoveWatcher); the async
+    one reads WatchDir's stream."""
+    import asyncio
+    import time
+
+    from e2b import AsyncSandbox, FileNotFoundException, FilesystemEvent
+
+    sbx.files.make_dir("/tmp/e2b-watch")
+    handle = sbx.files.watch_dir("/tmp/e2b-watch", recursive=True)
+    sbx.commands.run(WATCH_SCRIPT)
+    seen: set[tuple[str, str]] = set()
+    deadline = time.monotonic() + 60
+    while not seen >= WATCH_WANT and time.monotonic() < deadline:
+        seen |= {(e.name, e.type.value) for e in handle.get_new_events()}
+        time.sleep(0.2)
+    assert seen >= WATCH_WANT, WATCH_WANT - seen
+    handle.stop()
+    with pytest.raises(SandboxException):
+        handle.get_new_events()
+    with pytest.raises(FileNotFoundException):
+        sbx.files.watch_dir("/tmp/e2b-watch/no/such/dir")
+
+    async def streamed() -> set[tuple[str, str]]:
+        asbx = await AsyncSandbox.connect(sbx.sandbox_id, **api["opts"])
+        got: list[FilesystemEvent] = []
+        with pytest.raises(FileNotFoundException):
+            await asbx.files.watch_dir("/tmp/e2b-watch/nope", on_event=got.append)
+        h = await asbx.files.watch_dir("/tmp/e2b-watch", on_event=got.append, recursive=True)
+        await asbx.commands.run("cd /tmp/e2b-watch && touch s1 && rm s1 && touch new/s2")
+        want = {("s1", "create"), ("s1", "remove"), ("new/s2", "create")}
+        for _ in range(300):
+            if want <= {(e.name, e.type.value) for e in got}:
+                break
+            await asyncio.sleep(0.2)
+        await h.stop()
+        return {(e.name, e.type.value) for e in got}
+
+    got = asyncio.run(streamed())
+    assert {("s1", "create"), ("s1", "remove"), ("new/s2", "create")} <= got, got
+    sbx.files.remove("/tmp/e2b-watch")
+
+
 def test_bad_input(sbx: Sandbox, api: dict[str, Any]) -> None:
     opts = api["opts"]
     with pytest.raises(SandboxException) as exc:

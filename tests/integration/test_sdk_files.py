@@ -56,3 +56,34 @@ def test_file_errors_are_typed(shared_sandbox: Sandbox, tmp_path: Path) -> None:
     with pytest.raises(NotFoundError):
         fs.download("/no/such/file", tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_watch_a_directory(shared_sandbox: Sandbox) -> None:
+    import threading
+
+    fs = shared_sandbox.files
+    fs.mkdir("/watched/sub", parents=True)
+    with pytest.raises(GuestPathNotFoundError):
+        fs.watch("/watched/no/such/dir")
+    want = {("a.txt", "create"), ("a.txt", "write"), ("a.txt", "chmod"), ("a.txt", "rename"),
+            ("b.txt", "create"), ("b.txt", "remove"), ("new", "create"),
+            ("new/deep/f", "create"), ("sub/g", "create")}
+    seen: set[tuple[str, str]] = set()
+    with fs.watch("/watched", recursive=True) as w:
+        guard = threading.Timer(120, w.close)  # never wait forever on a missing event
+        guard.start()
+        try:
+            shared_sandbox.exec("cd /watched && echo hi > a.txt && chmod 600 a.txt && "
+                                "mv a.txt b.txt && rm b.txt && mkdir -p new/deep && "
+                                "echo x > new/deep/f && touch sub/g")
+            for ev in w:
+                seen.add((ev.name, ev.type))
+                if want <= seen:
+                    break
+        finally:
+            guard.cancel()
+    assert want <= seen, want - seen
+    # the watch is gone, the sandbox serves on; a watch ends when its directory goes
+    with fs.watch("/watched/sub") as w:
+        fs.remove("/watched", recursive=True)
+        assert ("g", "remove") in {(e.name, e.type) for e in w}
