@@ -57,6 +57,7 @@ if TYPE_CHECKING:
         TemplateSnapshotInfo,
     )
     from ember.sdk.sandbox import Files, Process, Pty, Sandbox
+    from ember.sdk.watch import AsyncWatch, FsEvent, Watch
 
 # The SDK is imported on first use, so that `import ember.errors` (and the CLI's start-up)
 # stays light and lower layers can be imported without the SDK.
@@ -82,6 +83,9 @@ _LAZY = {
     "Process": "ember.sdk.sandbox",
     "Pty": "ember.sdk.sandbox",
     "Sandbox": "ember.sdk.sandbox",
+    "AsyncWatch": "ember.sdk.watch",
+    "FsEvent": "ember.sdk.watch",
+    "Watch": "ember.sdk.watch",
 }
 
 
@@ -100,6 +104,7 @@ __all__ = [
     "AsyncProcess",
     "AsyncPty",
     "AsyncSandbox",
+    "AsyncWatch",
     "BadRequestError",
     "BuildError",
     "CommandFailedError",
@@ -112,6 +117,7 @@ __all__ = [
     "ExecResult",
     "ExposedPort",
     "Files",
+    "FsEvent",
     "GuestError",
     "GuestPathNotFoundError",
     "HostCommandError",
@@ -143,4 +149,5 @@ __all__ = [
     "TierUnavailableError",
     "UnauthorizedError",
     "UnsafeLayerError",
+    "Watch",
 ]

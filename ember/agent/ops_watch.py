@@ -49,6 +49,9 @@ MAX_WATCH_OPS = 32
 """Watches running at once in the agent; more are refused with ``bad_request``."""
 MAX_DIRS = 4096
 """Directories one (recursive) watch follows at most."""
+MAX_SCAN = 100_000
+"""Entries one walk of a tree looks at, at most (the set-up of a recursive watch, or a
+directory made or moved in): a huge tree costs bounded time, and ``overflow``."""
 READ_BYTES = 64 * 1024
 """One read of the inotify fd: at most 4096 events, turned into messages before the next."""
 MAX_BATCH_COST = 24 * 1024
@@ -241,6 +244,7 @@ class WatchOp:
         directory just made or moved in, whose entries may predate its watch: report each
         as created."""
         stack = [(path, rel, watched)]
+        scanned = 0
         while stack and not self._stopped:
             here, here_rel, is_watched = stack.pop()
             if not is_watched:
@@ -262,6 +266,10 @@ class WatchOp:
             with entries:
                 for entry in entries:
                     if self._stopped:
+                        return
+                    scanned += 1
+                    if scanned > MAX_SCAN:
+                        self._overflow = True
                         return
                     child = _join(here_rel, _name(os.fsencode(entry.name)))
                     if emit:

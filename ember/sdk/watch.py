@@ -158,6 +158,21 @@ class Watch:
     def __iter__(self) -> Iterator[FsEvent]:
         return portal().iterate(self._inner)
 
+    def pending(self) -> list[FsEvent]:
+        """The events received and not yet taken (taken now), without waiting."""
+        return portal().call(self._pending())
+
+    async def _pending(self) -> list[FsEvent]:
+        return self._inner.pending()
+
+    @property
+    def done(self) -> bool:
+        return self._inner.done
+
+    @property
+    def error(self) -> EmberError | None:
+        return self._inner.error
+
     def close(self) -> None:
         portal().call(self._inner.close())
 

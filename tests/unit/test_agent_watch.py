@@ -211,6 +211,27 @@ def test_a_huge_tree_is_watched_up_to_the_bound_and_says_overflow(
     agent.send_msg(stream, {"op": "abort"})
 
 
+def test_a_wide_directory_is_scanned_up_to_the_bound(
+        agent: AgentHarness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ops_watch, "MAX_SCAN", 10)
+    stream = start(agent, tmp_path, recursive=True)
+    wide = tmp_path / "wide-tmp"
+    wide.mkdir()
+    for i in range(30):
+        (wide / f"f{i}").write_text("")
+    os.rename(wide, tmp_path / "wide")  # moved in whole: its entries are walked
+    overflow = False
+    created: set[str] = set()
+    deadline = time.monotonic() + 10
+    while not (overflow and "wide" in created) and time.monotonic() < deadline:
+        msg = agent.next_msg(stream)
+        overflow = overflow or msg.get("overflow") is True
+        created |= {e["name"] for e in msg["events"] if e["type"] == "create"}
+    assert overflow and "wide" in created
+    assert len([n for n in created if n.startswith("wide/")]) <= 10
+    agent.send_msg(stream, {"op": "abort"})
+
+
 def test_a_new_session_stops_the_watches_of_the_last(tmp_path: Path) -> None:
     harness = AgentHarness()
     try:

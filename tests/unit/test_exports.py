@@ -14,7 +14,7 @@ PUBLIC = {
     "SandboxUsage",
     "SnapshotError", "SnapshotInfo", "SnapshotNotFoundError", "TemplateNotFoundError",
     "TierUnavailableError", "UnsafeLayerError", "QuotaExceededError", "UnauthorizedError",
-    "TemplateInfo", "TemplateSnapshotInfo",
+    "TemplateInfo", "TemplateSnapshotInfo", "AsyncWatch", "FsEvent", "Watch",
 }
 
 

@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from ember import AsyncFiles, AsyncProcess, AsyncPty, AsyncSandbox, Files, Process, Pty, Sandbox
+from ember import (
+    AsyncFiles,
+    AsyncProcess,
+    AsyncPty,
+    AsyncSandbox,
+    AsyncWatch,
+    Files,
+    Process,
+    Pty,
+    Sandbox,
+    Watch,
+)
 from ember.sdk.network import AsyncNetwork
 from ember.sdk.sandbox import Network
 
@@ -15,7 +26,7 @@ def _public(cls: type) -> set[str]:
 
 @pytest.mark.parametrize(("sync", "async_"), [
     (Sandbox, AsyncSandbox), (Process, AsyncProcess), (Files, AsyncFiles), (Pty, AsyncPty),
-    (Network, AsyncNetwork)])
+    (Network, AsyncNetwork), (Watch, AsyncWatch)])
 def test_the_blocking_face_mirrors_the_async_one(sync: type, async_: type) -> None:
     # only the async side has: chunk streams, the factory, a terminal's resize (the
     # blocking face of a terminal is Pty, not Process), the result once known

@@ -165,3 +165,16 @@ def test_files_watch_through_the_agent(tmp_path: Path) -> None:
         await w.close()
 
     run(body)
+
+
+def test_the_blocking_face() -> None:
+    from ember.sdk.portal import portal
+    from ember.sdk.watch import Watch
+
+    async def make() -> AsyncWatch:
+        return _watch([[FsEvent("a", "create"), FsEvent("b", "write")]])
+
+    with Watch(portal().call(make())) as w:
+        assert w.path == "/w"
+        assert list(w) == [FsEvent("a", "create"), FsEvent("b", "write")]
+        assert w.done and w.error is None and w.pending() == []
