@@ -102,6 +102,8 @@ class TunnelOp:
             self._end(os_error(err, f"connect to port {self.port} in the guest"))
             return
         sock.settimeout(None)
+        with contextlib.suppress(OSError):  # our writes go out at once (request heads)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self._cond:
             self._sock = sock
             closed = self._closed
@@ -125,6 +127,8 @@ class TunnelOp:
             self._end(None)
 
     def _forward(self, sock: socket.socket) -> None:
+        import socket
+
         while True:
             with self._cond:
                 while self._credit <= 0 and not self._closed:
@@ -134,6 +138,9 @@ class TunnelOp:
                 want = min(self._credit, CHUNK)
             try:
                 chunk = sock.recv(want)
+                # ACK at once: a server that writes its answer's head and body apart
+                # (Nagle) would otherwise wait out the 40 ms delayed ACK between them
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
             except OSError:
                 return
             if not chunk:

@@ -78,6 +78,7 @@ def create_app(paths: Paths, *, idle_exit: float | None = None,
             stop.set()
             await live.close()
             await proxy.aclose()
+            await app.state.e2b_ports.aclose()
             await asyncio.to_thread(supervisor.join, 30)
 
     app = FastAPI(title="ember daemon API", version=ember.__version__, lifespan=lifespan,

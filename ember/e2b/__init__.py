@@ -24,7 +24,8 @@ def install(app: FastAPI, paths: Paths, live: LiveSandboxes, domain: str) -> Non
     state = E2bState(load_secret(paths.home / SECRET_FILE), domain)
     app.state.e2b = state
     app.include_router(router)
-    app.add_middleware(E2bPortRouting, ports=E2bPorts(live, state), domain=domain)
+    app.state.e2b_ports = ports = E2bPorts(live, state)
+    app.add_middleware(E2bPortRouting, ports=ports, domain=domain)
     app.add_middleware(EnvdRouting, envd=Envd(live, state), domain=domain)
 
 

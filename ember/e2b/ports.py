@@ -20,7 +20,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import httpcore
@@ -38,12 +38,7 @@ from ember.daemon.port_proxy import (
 )
 from ember.e2b import mapping as M
 from ember.e2b.state import E2bState
-from ember.errors import (
-    EmberError,
-    PortNotOpenError,
-    SandboxNotFoundError,
-    SandboxStateError,
-)
+from ember.errors import EmberError, PortNotOpenError, SandboxNotFoundError
 from ember.runtime.guest_port import GuestConnection
 
 log = logging.getLogger("ember.daemon")
@@ -52,6 +47,11 @@ access = logging.getLogger("ember.daemon.access")
 #: Ports the daemon answers itself (envd, the code interpreter): never carried.
 OWN_PORTS = frozenset({M.ENVD_PORT, 49999})
 TRAFFIC_HEADER = b"e2b-traffic-access-token"
+#: Connections to guest servers at once (all sandboxes), kept alive when idle, and for how
+#: long (each holds a connection in its guest and one of its agent's 256).
+MAX_CONNECTIONS = 256
+MAX_KEPT_ALIVE = 32
+KEEPALIVE_S = 5.0
 _ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
@@ -104,6 +104,15 @@ class E2bPorts:
     def __init__(self, live: LiveSandboxes, state: E2bState) -> None:
         self.live = live
         self.state = state
+        # Kept-alive connections to guest servers, by (sandbox, port): a carried
+        # connection costs the agent a connect and two threads, which a TCG guest feels.
+        self._pool = httpcore.AsyncConnectionPool(
+            network_backend=_GuestBackend(live), max_connections=MAX_CONNECTIONS,
+            max_keepalive_connections=MAX_KEPT_ALIVE, keepalive_expiry=KEEPALIVE_S,
+            retries=0)
+
+    async def aclose(self) -> None:
+        await self._pool.aclose()
 
     async def answer(self, target: tuple[str, int], scope: Scope,
                      receive: Receive) -> Response | None:
@@ -132,53 +141,62 @@ class E2bPorts:
         return response
 
     async def _forward(self, sid: str, port: int, scope: Scope, receive: Receive) -> Response:
-        try:
-            sb = await self.live.get(sid)
-            conn = await sb._connect_port(port)
-        except PortNotOpenError:
-            return e2b_error(502, f"the sandbox is running but port {port} is not open",
-                             sid, port)
-        except SandboxNotFoundError:
-            return e2b_error(502, f"sandbox {sid} was not found", sid, port)
-        except SandboxStateError as err:
-            return e2b_error(502, f"sandbox {sid} cannot be reached: {err}", sid, port)
-        except EmberError as err:
-            return e2b_error(502, f"sandbox {sid} cannot be reached: {err}", sid, port)
-        origin = httpcore.Origin(b"http", b"127.0.0.1", port)
-        http = httpcore.AsyncHTTP11Connection(origin, _CarriedStream(conn))
         headers, has_body = upstream_headers(scope, prefix=None)
         query: bytes = scope.get("query_string", b"")
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         request = httpcore.Request(
             scope["method"],
-            httpcore.URL(scheme=b"http", host=b"127.0.0.1", port=port,
+            httpcore.URL(scheme=b"http", host=sid.encode(), port=port,
                          target=raw_path + (b"?" + query if query else b"")),
             headers=headers,
             content=_body(Request(scope, receive)) if has_body else None,
             extensions={"timeout": {"connect": IO_TIMEOUT_S, "read": IO_TIMEOUT_S,
                                     "write": IO_TIMEOUT_S, "pool": IO_TIMEOUT_S}})
         try:
-            answer = await http.handle_async_request(request)
+            answer = await self._pool.handle_async_request(request)
+        except PortNotOpenError:
+            return e2b_error(502, f"the sandbox is running but port {port} is not open",
+                             sid, port)
+        except SandboxNotFoundError:
+            return e2b_error(502, f"sandbox {sid} was not found", sid, port)
+        except EmberError as err:  # gone, paused, broken
+            return e2b_error(502, f"sandbox {sid} cannot be reached: {err}", sid, port)
         except httpcore.TimeoutException:
-            await http.aclose()
             return e2b_error(504, f"port {port} did not answer within {IO_TIMEOUT_S:g} s",
                              sid, port)
         except (httpcore.NetworkError, httpcore.ProtocolError) as err:
-            await http.aclose()
             return e2b_error(502, f"port {port} answered no HTTP: {type(err).__name__}: "
                                   f"{err}"[:500], sid, port)
-        except BaseException:
-            await http.aclose()
-            raise
         if sum(len(k) + len(v) + 4 for k, v in answer.headers) > MAX_RESPONSE_HEADER_BYTES:
             await answer.aclose()
-            await http.aclose()
             return e2b_error(502, f"port {port} answered with headers over "
                                   f"{MAX_RESPONSE_HEADER_BYTES} bytes", sid, port)
-        out = StreamingResponse(_relay(answer, http, f"port {port} of {sid}"),
+        out = StreamingResponse(_relay(answer, f"port {port} of {sid}"),
                                 status_code=answer.status)
         out.raw_headers = response_headers(list(answer.headers))
         return out
+
+
+class _GuestBackend(httpcore.AsyncNetworkBackend):
+    """httpcore's connections, made by the agent: the URL's host is the sandbox's id."""
+
+    def __init__(self, live: LiveSandboxes) -> None:
+        self.live = live
+
+    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                          local_address: str | None = None,
+                          socket_options: Iterable[Any] | None = None
+                          ) -> httpcore.AsyncNetworkStream:
+        sb = await self.live.get(host)
+        return _CarriedStream(await sb._connect_port(port))
+
+    async def connect_unix_socket(self, path: str, timeout: float | None = None,
+                                  socket_options: Iterable[Any] | None = None
+                                  ) -> httpcore.AsyncNetworkStream:
+        raise httpcore.ConnectError("guest ports are TCP")
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
 
 
 class _CarriedStream(httpcore.AsyncNetworkStream):
@@ -217,6 +235,8 @@ class _CarriedStream(httpcore.AsyncNetworkStream):
         raise httpcore.ConnectError("no TLS to a guest port: the daemon's listener has it")
 
     def get_extra_info(self, info: str) -> Any:
+        if info == "is_readable":  # asked of an idle kept-alive connection: is it closed?
+            return bool(self._buf) or self._conn.readable()
         return None
 
 
@@ -226,10 +246,9 @@ async def _body(request: Request) -> AsyncIterator[bytes]:
             yield chunk
 
 
-async def _relay(answer: httpcore.Response, http: httpcore.AsyncHTTP11Connection,
-                 what: str) -> AsyncIterator[bytes]:
-    """The guest's answer body as it arrives; cut (not failed) if the guest stops. The
-    carried connection is closed at the end (one request each)."""
+async def _relay(answer: httpcore.Response, what: str) -> AsyncIterator[bytes]:
+    """The guest's answer body as it arrives; cut (not failed) if the guest stops. Its
+    connection goes back to the pool (or is closed, if the answer was cut)."""
     try:
         async for chunk in answer.aiter_stream():
             yield chunk
@@ -239,7 +258,6 @@ async def _relay(answer: httpcore.Response, http: httpcore.AsyncHTTP11Connection
         log.info("%s: answer cut: %s: %s", what, type(err).__name__, err)
     finally:
         await answer.aclose()
-        await http.aclose()
 
 
 __all__ = ["E2bPortRouting", "E2bPorts", "port_target"]

@@ -283,6 +283,11 @@ class AgentClient:
         st = self._streams.get(sid)
         return st.dropped if st is not None else 0
 
+    def has_frames(self, sid: int) -> bool:
+        """Whether the stream has something to take now (a closed one: its error)."""
+        st = self._streams.get(sid)
+        return st is None or not st.queue.empty() or self.broken is not None
+
     def close_stream(self, sid: int) -> None:
         """Forget the stream: its later frames are dropped, and what it had queued is freed.
 

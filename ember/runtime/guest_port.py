@@ -68,6 +68,11 @@ class GuestConnection:
             raise ProtocolError(f"unexpected {reply['op']!r} on a carried connection")
         return b""
 
+    def readable(self) -> bool:
+        """Whether a read would not wait (data, the end, or an error is there): an idle
+        kept-alive connection that is readable was closed by the guest's server."""
+        return self._done or self._client.has_frames(self._sid)
+
     async def write(self, data: bytes) -> None:
         if data and not self._done:
             await self._client.send_data(self._sid, P.Kind.STDIN, data)

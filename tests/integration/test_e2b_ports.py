@@ -147,6 +147,21 @@ def test_a_closed_port_and_a_gone_client(public: Sandbox, api: dict[str, Any]) -
     assert r.status_code == 200
 
 
+def test_a_kept_alive_connection_whose_server_went(public: Sandbox,
+                                                  api: dict[str, Any]) -> None:  # noqa: F811
+    """Connections to guest servers are kept alive between requests; one that the guest's
+    server closed meanwhile is noticed and replaced, never answered with an error."""
+    headers = {"host": public.get_host(PORT)}
+    first = httpx.get(api["url"] + "/a", headers=headers, timeout=30)
+    assert first.status_code == 200
+    public.commands.run("pkill -f '[s]rv.py'; sleep 0.5", timeout=30)  # not this shell
+    gone = httpx.get(api["url"] + "/b", headers=headers, timeout=30)
+    assert gone.status_code == 502 and "is not open" in gone.json()["message"]
+    _serve(public, api["url"], headers)
+    again = httpx.get(api["url"] + "/c", headers=headers, timeout=30)
+    assert again.status_code == 200 and again.text.startswith("GET /c ")
+
+
 def test_private_ports_need_the_traffic_token(api: dict[str, Any]) -> None:  # noqa: F811
     box = Sandbox.create("base", timeout=600, network={"allow_public_traffic": False},
                          **api["opts"])
