@@ -139,6 +139,10 @@ def _bind_tcp(listen: str) -> socket.socket:
         raise HostError(f"--listen wants HOST:PORT, got {listen!r}")
     sock = socket.create_server((host.strip("[]"), int(port)), reuse_port=False)
     sock.set_inheritable(False)
+    # Accepted connections inherit it. asyncio sets it only on sockets whose proto says
+    # TCP, which create_server's (proto 0) do not: without it an answer written as a head
+    # and then a body waits out the client's 40 ms delayed ACK (Nagle).
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
 
 
