@@ -61,6 +61,8 @@ class E2bRoute(APIRoute):
         return answer
 
 
+#: Sandboxes one many-metrics request may name.
+MAX_METRICS_IDS = 100
 router = APIRouter(tags=["e2b"], route_class=E2bRoute)
 
 
@@ -200,6 +202,21 @@ async def e2b_list(live: Live, who: Who,
                       states={"running"}, template=None, started_after=None, desc=False,
                       limit=10_000, next_token=None)
     return [M.listed(i) for i in infos]
+
+
+@router.get("/sandboxes/metrics")
+async def e2b_metrics_many(live: Live, who: Who,
+                           sandbox_ids: Annotated[str, Query(max_length=8192)]
+                           ) -> dict[str, Any]:
+    """E2B: the latest metrics of several of the caller's sandboxes
+    (``sandbox_ids=a,b,...``, at most 100); ids that are not the caller's are left out."""
+    wanted = [s for s in dict.fromkeys(sandbox_ids.split(",")) if s]
+    if len(wanted) > MAX_METRICS_IDS:
+        raise BadRequestError(f"at most {MAX_METRICS_IDS} sandbox ids at once")
+    mine = {i.id: i for i in await _mine(live, who) if i.id in wanted}
+    usage = {u.id: u for u in await live.local.list_usage() if u.id in mine}
+    return {"sandboxes": {sid: M.metric(mine[sid], usage[sid])
+                          for sid in wanted if sid in usage}}
 
 
 @router.get("/sandboxes/{sandbox_id}")

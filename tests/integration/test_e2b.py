@@ -78,6 +78,15 @@ def test_create_info_list_and_timeout(sbx: Sandbox, api: dict[str, Any]) -> None
     sbx.set_timeout(1200)
     assert sbx.get_info().end_at > info.end_at
     assert sbx.is_running()
+    # the many-sandbox form: the caller's own ids only, others left out
+    many = httpx.get(api["url"] + "/sandboxes/metrics", timeout=30,
+                     params={"sandbox_ids": f"{sbx.sandbox_id},sb-nope"},
+                     headers={"X-API-KEY": api["opts"]["api_key"]})
+    assert many.status_code == 200 and list(many.json()["sandboxes"]) == [sbx.sandbox_id]
+    assert many.json()["sandboxes"][sbx.sandbox_id]["memTotal"] == m.mem_total
+    theirs = httpx.get(api["url"] + "/sandboxes/metrics", timeout=30,
+                       params={"sandbox_ids": sbx.sandbox_id}, headers={"X-API-KEY": api["bob"]})
+    assert theirs.json() == {"sandboxes": {}}
 
 
 def test_commands_stream_and_background_stdin_and_kill(sbx: Sandbox) -> None:
