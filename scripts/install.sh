@@ -58,6 +58,8 @@ $EMBER kernel build
 # --force: re-register it when ember's agent changed (same recipe: a cache hit, instant)
 say "building the default template debian-python (debootstrap; cached by recipe)"
 $EMBER image build debian-python --force
+say "building E2B's code interpreter template code-interpreter-v1 (Jupyter from Debian; cached by recipe)"
+$EMBER image build code-interpreter-v1 --force
 say "booting debian-python once (ember image check)"
 $EMBER image check debian-python
 

@@ -30,7 +30,8 @@ def image() -> None:
 @click.option("--from", "source", metavar="SOURCE",
               help="debian:SUITE | oci-layout:DIR[:TAG] | docker-archive:FILE.tar | "
                    "registry:HOST/REPO[:TAG] | docker://HOST/REPO[:TAG] | dir:PATH. "
-                   "Optional for built-in templates (debian-python, debian).")
+                   "Optional for built-in templates (debian-python, debian, "
+                   "code-interpreter-v1).")
 @click.option("--package", "-p", "packages", multiple=True,
               help="Extra Debian package (debian: sources only); repeatable.")
 @click.option("--force", is_flag=True, help="Replace an existing template of that name.")

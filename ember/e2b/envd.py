@@ -26,7 +26,7 @@ import re
 import signal as signals
 import time
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +50,8 @@ from ember.e2b.connect import (
     timeout_of,
     unary_error_body,
 )
+from ember.e2b.jupyter import Jupyter
+from ember.e2b.jupyter_wire import JUPYTER_PORT
 from ember.e2b.multipart import MultipartReader, boundary_of
 from ember.e2b.state import E2bState
 from ember.e2b.watchers import Watchers, watch_options, watch_stream
@@ -120,12 +122,21 @@ class EnvdRouting:
     """ASGI layer in front of the application: requests for envd's paths that name a
     sandbox in ``E2b-Sandbox-Id`` go to envd, all others pass."""
 
-    def __init__(self, app: ASGIApp, envd: Envd, domain: str) -> None:
+    def __init__(self, app: ASGIApp, envd: Envd, domain: str,
+                 ports: Mapping[int, ASGIApp] | None = None) -> None:
         self.app = app
         self.envd = envd
         self.domain = domain
+        #: Other guest ports the daemon answers itself (49999: the code interpreter).
+        self.ports = dict(ports) if ports is not None else {
+            JUPYTER_PORT: Jupyter(envd.live, envd.state)}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            served = own_port_app(scope, self.ports, self.domain)
+            if served is not None:
+                await served[0](served[1], receive, send)
+                return
         if scope["type"] == "http" and is_envd_path(scope.get("path", "")):
             headers: list[tuple[bytes, bytes]] = list(scope.get("headers") or ())
             names = {k for k, _ in headers}
@@ -140,6 +151,24 @@ class EnvdRouting:
                 await self.envd(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def own_port_app(scope: Scope, ports: Mapping[int, ASGIApp],
+                 domain: str) -> tuple[ASGIApp, Scope] | None:
+    """The application of a port in ``ports`` that the request names (``E2b-Sandbox-Port``,
+    or ``Host: <port>-<id>.<domain>``, which also names the sandbox), with its scope."""
+    headers: list[tuple[bytes, bytes]] = list(scope.get("headers") or ())
+    raw = next((v for k, v in headers if k == b"e2b-sandbox-port"), None)
+    if raw is not None:
+        app = ports.get(int(raw)) if raw.isdigit() and len(raw) <= 5 else None
+        return None if app is None else (app, scope)
+    host = next((v for k, v in headers if k == b"host"), b"")
+    named = parse_host(host.decode("latin-1"), domain)
+    if named is None or named[1] not in ports:
+        return None
+    if not any(k == b"e2b-sandbox-id" for k, _ in headers):
+        headers.append((b"e2b-sandbox-id", named[0].encode()))
+    return ports[named[1]], {**scope, "headers": headers}
 
 
 def is_envd_path(path: str) -> bool:

@@ -33,7 +33,8 @@ from ember.store import Store, TemplateRecord
 Progress = Callable[[str], None] | None
 
 #: Bump when the way images are assembled changes (invalidates cached Debian builds).
-IMAGE_RECIPE = "ember-image-v1: minbase, /dev emptied, /.ember injected, ext4 -m0"
+IMAGE_RECIPE = ("ember-image-v2: minbase, /dev emptied, /.ember injected, ext4 -m0, "
+                "Debian login shells run no program")
 DEBOOTSTRAP_RECIPE = "debootstrap --variant=minbase v1"
 DEFAULT_FREE_MIB = 1024
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
@@ -43,12 +44,24 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 class Recipe:
     source: str
     packages: tuple[str, ...] = ()
+    #: The template's default memory size for its sandboxes (None: ember's default).
+    memory_mib: int | None = None
 
 
 BUILTIN: dict[str, Recipe] = {
     "debian-python": Recipe("debian:bookworm", ("python3", "coreutils", "procps",
                                                 "ca-certificates")),
     "debian": Recipe("debian:bookworm"),
+    # E2B's Code Interpreter template (docs/e2b.md): a Jupyter kernel from Debian's packages,
+    # driven by ember's kernel bridge (ember/e2b/kernel_bridge.py, put in at first use).
+    # debootstrap does not resolve virtual packages: the last two provide python3-zmq's
+    # python3-cffi-backend-api-* and gdb's (via debugpy) libboost-regex1.74.0-icu72.
+    "code-interpreter-v1": Recipe("debian:bookworm", (
+        "python3", "coreutils", "procps", "ca-certificates", "python3-ipykernel",
+        "python3-jupyter-client", "python3-matplotlib", "python3-numpy", "python3-pandas",
+        "python3-cffi-backend", "libboost-regex1.74.0"),
+        # a kernel with pandas and matplotlib loaded holds ~150 MiB; a few contexts fit
+        memory_mib=1024),
 }
 
 
@@ -74,10 +87,13 @@ def build_image(
 ) -> TemplateRecord:
     """Build template ``name`` from ``source`` and register it; return its record."""
     validate_name(name)
+    defaults: dict[str, Any] = {}
     if source is None:
         if name not in BUILTIN:
             raise BadRequestError(f"template {name!r} is not built in: give --from SOURCE")
         source, packages = BUILTIN[name].source, BUILTIN[name].packages
+        if BUILTIN[name].memory_mib is not None:
+            defaults["memory_mib"] = BUILTIN[name].memory_mib
     if not 0 <= free_mib <= 1 << 20:
         raise BadRequestError(f"free space {free_mib} MiB is out of range")
     if not force and any(t.name == name for t in store.list_templates()):
@@ -96,7 +112,7 @@ def build_image(
         if cached is not None:
             if progress:
                 progress(f"reusing cached image {cached['digest']} (same recipe)")
-            return _register(store, name, cached, force)
+            return _register(store, name, cached, force, defaults)
     with _staging(paths) as stage:
         meta = _assemble(paths, stage, source, packages, runtime_dir, free_mib, progress)
         final = paths.images / meta["digest"].split(":", 1)[1]
@@ -111,7 +127,7 @@ def build_image(
                     raise
         if recipe_key is not None:
             _atomic_write(paths.images / "recipes" / f"{recipe_key}.json", json.dumps(meta))
-    return _register(store, name, meta, force)
+    return _register(store, name, meta, force, defaults)
 
 
 def remove_image(paths: Paths, store: Store, name: str) -> TemplateRecord:
@@ -145,6 +161,7 @@ def _assemble(paths: Paths, stage: Path, source: str, packages: Sequence[str],
     try:
         if source.startswith("debian:"):
             _debian_rootfs(paths, source.split(":", 1)[1], packages, rootfs, progress)
+            rootfs_debian.quick_login(rootfs)
         elif source.startswith("dir:") or _is_plain_dir(source):
             _copy_dir(Path(source.removeprefix("dir:")), rootfs, progress)
         else:
@@ -228,7 +245,9 @@ def _debian_rootfs(paths: Paths, suite: str, packages: Sequence[str], rootfs: Pa
         tmp.unlink(missing_ok=True)
 
 
-def _register(store: Store, name: str, meta: dict[str, Any], force: bool) -> TemplateRecord:
+def _register(store: Store, name: str, meta: dict[str, Any], force: bool,
+              defaults: dict[str, Any] | None = None) -> TemplateRecord:
+    """``defaults``: sandbox settings its sandboxes get unless asked (``memory_mib``)."""
     image_path = Path(meta["image_path"])
     if not image_path.is_file():
         raise BuildError(f"cached image {image_path} is missing; rebuild with --rebuild")
@@ -240,7 +259,7 @@ def _register(store: Store, name: str, meta: dict[str, Any], force: bool) -> Tem
         size_bytes=int(meta["size_bytes"]),
         created_at=time.time(),
         config={"oci": meta.get("config") or {}, "packages": meta.get("packages", []),
-                "source_digest": meta.get("source_digest", "")},
+                "source_digest": meta.get("source_digest", ""), **(defaults or {})},
     )
     store.put_template(rec, replace=force)
     return rec
