@@ -57,7 +57,7 @@ def view_of(entry: dict[str, Any]) -> NodeView:
                     death_reason=str(reason) if reason else None)
 
 
-def _bounded(fn: Callable[[], T], timeout: float, what: str) -> T:
+def bounded(fn: Callable[[], T], timeout: float, what: str) -> T:
     """``fn`` in a thread, waited for at most ``timeout`` s: Ray's client cannot be
     cancelled, so a stuck call is left behind (a daemon thread) and the caller is told."""
     box: dict[str, Any] = {}
@@ -98,7 +98,7 @@ def raw_nodes(address: str, *, timeout: float = QUERY_TIMEOUT_S) -> list[dict[st
         finally:
             ray.shutdown()
 
-    return _bounded(query, timeout, f"reading the node table of {address}")
+    return bounded(query, timeout, f"reading the node table of {address}")
 
 
 def list_nodes(address: str, *, timeout: float = QUERY_TIMEOUT_S) -> list[NodeView]:

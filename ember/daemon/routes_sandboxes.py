@@ -7,8 +7,9 @@ import asyncio
 import time
 from typing import Any
 
-from fastapi import APIRouter, Path, Query, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 
+from ember.daemon import cluster_create
 from ember.daemon.auth import Principal, own_snapshot
 from ember.daemon.deps import Live, Meter, OwnedId, Quota, Who
 from ember.daemon.models import (
@@ -36,11 +37,14 @@ async def _info(live: Live, sandbox_id: str) -> dict[str, Any]:
 
 @router.post("/sandboxes", status_code=201)
 async def create(body: CreateRequest, live: Live, meter: Meter, who: Who,
-                 quotas: Quota) -> dict[str, Any]:
+                 quotas: Quota, request: Request) -> dict[str, Any]:
     """A new sandbox, started from a pool, a pre-baked snapshot, its template snapshot or
     a boot (``boot: "cold"``: always a boot); answers once its agent does. 429 when the
     caller's tenant is at a quota."""
-    return await create_sandbox(body, live, meter, who, quotas)
+    placed = await cluster_create.decide(request, body, live, who)  # Ray's, on a cluster
+    if placed.info is not None:
+        return placed.info
+    return await create_sandbox(body, live, meter, placed.who, quotas)
 
 
 async def create_sandbox(body: CreateRequest, live: Live, meter: Meter, who: Who,

@@ -206,13 +206,14 @@ def _redis_answers(switch: str, password: str) -> bool:
 
 
 @contextmanager
-def cluster_world(root: Path, n: int = 3) -> Iterator[ClusterWorld]:
-    """The switch, its Redis and ``n`` booted (not yet joined) nodes; everything removed on
-    the way out, whatever happened."""
+def cluster_world(root: Path, n: int = 3, cache: Path | None = None) -> Iterator[ClusterWorld]:
+    """The switch, its Redis and ``n`` booted (not yet joined) nodes, sharing ``cache`` (the
+    heavy artifacts; default an empty one under ``root``); everything removed on the way
+    out, whatever happened."""
     tag = f"{os.getpid() % 100000}"
     world = ClusterWorld(tag=tag, switch=f"ecl-sw-{tag}", root=root,
                          redis_password=secrets.token_hex(16))
-    cache = root / "cache"
+    cache = cache or root / "cache"
     cache.mkdir(parents=True, exist_ok=True)
     names = [f"ecl-n{i}-{tag}" for i in range(1, n + 1)]
     with ExitStack() as cleanup:

@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -172,3 +173,57 @@ def test_ember_imports_no_ray_until_a_cluster_command_asks() -> None:
     code = ("import sys, ember, ember.cluster, ember.cli.main, ember.daemon.app;"
             "sys.exit(1 if 'ray' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
+def test_a_sandbox_demands_its_shape_and_a_sliver_of_each_capability() -> None:
+    from ember.cluster.placement import SLIVER, demand
+
+    assert demand("py", "microvm", 2, 512) == {
+        "ember:vcpus": 2.0, "ember:memory_mib": 512.0, "ember:tier:microvm": SLIVER,
+        "ember:template:py": SLIVER}
+    # What a node advertises covers what a sandbox demands, name for name.
+    assert set(demand("py3.12", "container", 1, 1)) <= set(ADV.resources())
+
+
+def _request(headers: dict[str, str]) -> Any:
+    from starlette.requests import Request
+
+    return Request({"type": "http", "method": "POST", "path": "/v1/sandboxes",
+                    "headers": [(k.encode(), v.encode()) for k, v in headers.items()]})
+
+
+def _decide(tmp_path: Path, headers: dict[str, str], who: Any, env: str = "") -> Any:
+    import asyncio
+    import os
+    from types import SimpleNamespace
+
+    from ember.daemon.cluster_create import ENV_SWITCH, decide
+    from ember.daemon.models import CreateRequest
+
+    live: Any = SimpleNamespace(paths=Paths(home=tmp_path, cache=tmp_path / "c"))
+    old = os.environ.pop(ENV_SWITCH, None)
+    if env:
+        os.environ[ENV_SWITCH] = env
+    try:
+        return asyncio.run(decide(_request(headers), CreateRequest(), live, who))
+    finally:
+        os.environ.pop(ENV_SWITCH, None)
+        if old is not None:
+            os.environ[ENV_SWITCH] = old
+
+
+def test_creates_stay_local_without_a_cluster_or_when_placed_already(tmp_path: Path) -> None:
+    from ember.cluster.placement import PLACEMENT_HEADER, TENANT_HEADER
+    from ember.daemon.auth import Principal
+
+    admin, alice = Principal("admin", True), Principal("alice", False)
+    d = _decide(tmp_path, {}, alice)
+    assert d.info is None and d.who == alice  # no cluster.json: local
+    save_record(Paths(home=tmp_path, cache=tmp_path), _record())
+    assert _decide(tmp_path, {}, alice, env="off").info is None  # EMBER_CLUSTER_PLACEMENT
+    # A placement actor's create (root on the socket) is for the tenant that asked.
+    d = _decide(tmp_path, {PLACEMENT_HEADER: "ember-sandbox-x", TENANT_HEADER: "bob"}, admin)
+    assert d.info is None and d.who == Principal("bob", False)
+    # Anyone else's marker changes nobody: it only keeps the create local.
+    d = _decide(tmp_path, {PLACEMENT_HEADER: "x", TENANT_HEADER: "admin"}, alice)
+    assert d.info is None and d.who == alice

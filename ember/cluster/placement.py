@@ -1,0 +1,193 @@
+"""Placement: Ray decides which node runs a sandbox; that node's daemon creates it.
+
+Each placed sandbox has a detached, named Ray actor (``ember-sandbox-<uuid>`` in the
+``ember`` namespace) that holds the sandbox's resources (:func:`demand`) for as long as the
+sandbox lives. Ray schedules the actor on a node that has them, preferring the node that was
+asked (soft node affinity); the actor then asks its own node's daemon, over that daemon's
+Unix socket, to create the sandbox. The VM is the daemon's, as any other: never a child of
+a Ray worker. The actor watches its sandbox and ends itself once it is gone, which gives
+its resources back to Ray.
+
+The asking daemon does not become a Ray driver: it runs :func:`main` in a short-lived
+child process (``python -m ember.cluster.placement``), JSON in and out, so that Ray's client
+never lives inside the daemon. Ray is imported only inside the functions that need it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from ember.cluster.advertise import MEMORY_MIB, TEMPLATE, TIER, VCPUS
+
+log = logging.getLogger("ember.cluster")
+
+NAMESPACE = "ember"
+ACTOR_PREFIX = "ember-sandbox-"
+#: What a capability (tier, template) costs a placement: a sliver, so that it only selects.
+SLIVER = 0.001
+#: A request header that marks a create a placement actor sends to its own node's daemon
+#: (never placed again), and the tenant it creates for (honoured from the administrator).
+PLACEMENT_HEADER = "x-ember-placement"
+TENANT_HEADER = "x-ember-tenant"
+#: How long a sandbox may wait for a node with room before the answer is "cluster full".
+PLACE_TIMEOUT_S = 30.0
+#: How long the chosen daemon's create may take (a cold boot under TCG included).
+CREATE_TIMEOUT_S = 300.0
+#: How often a placement actor looks whether its sandbox still lives.
+WATCH_INTERVAL_S = 2.0
+#: Connecting to Ray; past it the cluster counts as unreachable.
+CONNECT_TIMEOUT_S = 20.0
+
+
+@dataclass(frozen=True)
+class Placement:
+    """What :func:`main` is asked (the JSON on its stdin)."""
+
+    address: str  # the cluster's GCS
+    prefer_node: str | None  # the asking node's Ray id (soft affinity)
+    body: dict[str, Any]  # the create request, as the asking daemon received it
+    tenant: str
+    demand: dict[str, float]
+
+
+def demand(template: str, isolation: str, vcpus: int, memory_mib: int) -> dict[str, float]:
+    """The Ray resources a sandbox holds while it lives (pure)."""
+    return {VCPUS: float(vcpus), MEMORY_MIB: float(memory_mib),
+            f"{TIER}{isolation}": SLIVER, f"{TEMPLATE}{template}": SLIVER}
+
+
+def _holder_class() -> Any:
+    """The placement actor's class, made a Ray actor here (Ray imported only now)."""
+    import httpx
+    import ray
+
+    from ember.paths import Paths
+    from ember.runtime.states import LIVE_STATES
+
+    class SandboxHolder:
+        """Runs on the node Ray chose; creates the sandbox through that node's daemon and
+        lives as long as the sandbox does."""
+
+        def __init__(self) -> None:
+            self.node_id = ray.get_runtime_context().get_node_id()
+            self.sock = str(Paths.from_env().daemon_socket)
+            self.sandbox_id: str | None = None
+
+        def _client(self, timeout: float) -> httpx.Client:
+            # Never starts a daemon: one started here would be a child of this Ray worker.
+            return httpx.Client(transport=httpx.HTTPTransport(uds=self.sock), timeout=timeout)
+
+        def node(self) -> str:
+            return str(self.node_id)
+
+        def create(self, body: dict[str, Any], tenant: str, name: str) -> dict[str, Any]:
+            try:
+                with self._client(CREATE_TIMEOUT_S) as c:
+                    r = c.post("http://emberd/v1/sandboxes", json=body,
+                               headers={PLACEMENT_HEADER: name, TENANT_HEADER: tenant})
+            except httpx.HTTPError as err:
+                self._end()
+                return {"status": 503, "error": {
+                    "code": "host", "message": f"the daemon of the node Ray chose "
+                    f"({self.node_id}) does not answer on {self.sock}: {err}"}}
+            if r.status_code != 201:
+                self._end()
+                try:
+                    error = r.json().get("error")
+                except ValueError:
+                    error = None
+                return {"status": r.status_code, "error": error or {
+                    "code": "host", "message": r.text[:500]}}
+            info = r.json()
+            self.sandbox_id = str(info["id"])
+            threading.Thread(target=self._watch, name="ember-watch", daemon=True).start()
+            return {"info": info, "node_id": self.node_id, "actor": name}
+
+        def _watch(self) -> None:
+            misses = 0
+            while True:
+                time.sleep(WATCH_INTERVAL_S)
+                try:
+                    with self._client(10.0) as c:
+                        r = c.get(f"http://emberd/v1/sandboxes/{self.sandbox_id}")
+                except httpx.HTTPError:
+                    misses += 1  # the daemon restarts: its sandboxes live on
+                    continue
+                misses = 0
+                if r.status_code == 404 or (
+                        r.status_code == 200 and r.json().get("state") not in LIVE_STATES):
+                    self._end()
+                    return
+
+        def _end(self) -> None:
+            """Give the resources back: this actor ends."""
+            ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+
+    actor: Any = ray.remote  # Ray's stubs know functions, not actor classes' options
+    return actor(num_cpus=0, max_restarts=0, max_concurrency=4)(SandboxHolder)
+
+
+def place(p: Placement) -> dict[str, Any]:
+    """Place one sandbox (in a Ray driver: :func:`main`'s process). Answers ``{"info",
+    "node_id", "actor"}``, or ``{"status", "error": {"code", "message"}}``, or
+    ``{"unreachable": message}`` when Ray cannot be reached (the asker creates locally)."""
+    from ember.cluster.nodes import bounded
+
+    try:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    except ImportError:
+        return {"unreachable": "Ray is not installed"}
+    try:
+        bounded(lambda: ray.init(address=p.address, namespace=NAMESPACE,
+                                  logging_level=logging.ERROR, log_to_driver=False,
+                                  configure_logging=False),
+                 CONNECT_TIMEOUT_S, f"connecting to the cluster at {p.address}")
+    except Exception as err:
+        return {"unreachable": str(err)}
+    name = f"{ACTOR_PREFIX}{uuid.uuid4().hex}"
+    options: dict[str, Any] = {"name": name, "namespace": NAMESPACE, "lifetime": "detached",
+                               "resources": p.demand}
+    if p.prefer_node:
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(p.prefer_node,
+                                                                        soft=True)
+    holder = _holder_class().options(**options).remote()
+    placed, _ = ray.wait([holder.node.remote()], timeout=PLACE_TIMEOUT_S)
+    if not placed:
+        ray.kill(holder, no_restart=True)
+        return {"status": 429, "error": {
+            "code": "quota_exceeded", "message": f"no node of the cluster has room for "
+            f"{p.demand} (waited {PLACE_TIMEOUT_S:.0f} s)"}}
+    out: dict[str, Any] = ray.get(holder.create.remote(p.body, p.tenant, name),
+                                  timeout=CREATE_TIMEOUT_S + 30)
+    return out
+
+
+def main() -> None:
+    """``python -m ember.cluster.placement``: one :class:`Placement` as JSON on stdin, the
+    answer of :func:`place` as JSON on stdout."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    raw = json.load(sys.stdin)
+    p = Placement(address=str(raw["address"]), prefer_node=raw.get("prefer_node"),
+                  body=dict(raw["body"]), tenant=str(raw["tenant"]),
+                  demand={str(k): float(v) for k, v in raw["demand"].items()})
+    try:
+        answer = place(p)
+    except Exception as err:  # told to the asking daemon, which raises it
+        answer = {"status": 500, "error": {"code": "host",
+                                           "message": f"placement failed: {err}"}}
+    sys.stdout.write(json.dumps(answer) + "\n")
+    sys.stdout.flush()
+    os._exit(0)  # Ray's client threads never hold the asker waiting
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Creates on a node of an ember cluster (docs/cluster.md): the create route asks here
+first. A home in a cluster places each new sandbox with Ray (:mod:`ember.cluster.placement`,
+run in a child process so that the daemon never becomes a Ray driver); the create that the
+placement actor then sends to its own node's daemon is marked, and is created there as any
+other. Without a cluster, with ``EMBER_CLUSTER_PLACEMENT=off``, or while Ray cannot be
+reached, a create is local. No Ray import here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+
+from ember.cluster.placement import (
+    CONNECT_TIMEOUT_S,
+    CREATE_TIMEOUT_S,
+    PLACE_TIMEOUT_S,
+    PLACEMENT_HEADER,
+    TENANT_HEADER,
+    demand,
+)
+from ember.cluster.record import ClusterRecord, load_record
+from ember.daemon.auth import ADMIN, Principal
+from ember.daemon.live import LiveSandboxes
+from ember.daemon.models import CreateRequest
+from ember.errors import EmberError, HostError, TemplateNotFoundError
+from ember.proc import run
+from ember.sdk.wire import error_from_body
+
+log = logging.getLogger("ember.daemon")
+ENV_SWITCH = "EMBER_CLUSTER_PLACEMENT"
+
+
+@dataclass(frozen=True)
+class Decision:
+    #: The placed sandbox's info (the answer), or None: create here, as ``who``.
+    info: dict[str, Any] | None
+    who: Principal
+
+
+async def decide(request: Request, body: CreateRequest, live: LiveSandboxes,
+                 who: Principal) -> Decision:
+    """Place the create with Ray, or say to create it here (and for whom)."""
+    if request.headers.get(PLACEMENT_HEADER) is not None:
+        # A placement actor's create on its own node: never placed again. It comes from
+        # root on this host's socket, for the tenant that asked the first daemon.
+        tenant = request.headers.get(TENANT_HEADER)
+        if who.admin and tenant:
+            return Decision(None, Principal(tenant, tenant == ADMIN))
+        return Decision(None, who)
+    if os.environ.get(ENV_SWITCH, "").lower() in ("off", "0", "no"):
+        return Decision(None, who)
+    try:
+        rec = await asyncio.to_thread(load_record, live.paths)
+    except HostError as err:
+        log.warning("creating locally: %s", err)
+        return Decision(None, who)
+    if rec is None:
+        return Decision(None, who)
+    answer = await asyncio.to_thread(_place, rec, body, who, live)
+    if "unreachable" in answer:
+        log.warning("the cluster at %s cannot be reached (%s): creating locally",
+                    rec.address, answer["unreachable"])
+        return Decision(None, who)
+    if "info" not in answer:
+        raise error_from_body(answer, int(answer.get("status", 500)))
+    log.info("sandbox %s placed by Ray on node %s (actor %s)", answer["info"].get("id"),
+             answer.get("node_id"), answer.get("actor"))
+    info: dict[str, Any] = answer["info"]
+    return Decision(info, who)
+
+
+def _place(rec: ClusterRecord, body: CreateRequest, who: Principal,
+           live: LiveSandboxes) -> dict[str, Any]:
+    vcpus, memory = body.vcpus, body.memory_mib
+    try:  # the template's own shape when this node has it
+        config = live.mgr.store.get_template(body.template).config
+        vcpus = vcpus or int(config.get("vcpus", 1))
+        memory = memory or int(config.get("memory_mib", 256))
+    except TemplateNotFoundError:
+        pass
+    request = {"address": rec.address, "prefer_node": rec.node_id, "tenant": who.tenant,
+               "body": body.model_dump(mode="json", exclude_unset=True),
+               "demand": demand(body.template, body.isolation, vcpus or 1, memory or 256)}
+    try:
+        out = run([sys.executable, "-m", "ember.cluster.placement"],
+                  input=json.dumps(request).encode(), what="placing a sandbox with Ray",
+                  timeout=CONNECT_TIMEOUT_S + PLACE_TIMEOUT_S + CREATE_TIMEOUT_S + 60)
+        answer = json.loads(out.stdout.strip().splitlines()[-1])
+    except (EmberError, ValueError, IndexError) as err:
+        raise HostError(f"placing a sandbox with Ray failed: {err}") from err
+    if not isinstance(answer, dict):
+        raise HostError(f"placing a sandbox with Ray answered {str(answer)[:200]}")
+    return answer
