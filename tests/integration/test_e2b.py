@@ -37,7 +37,10 @@ from e2b import (  # noqa: E402
 
 pytestmark = pytest.mark.integration
 #: Another interpreter with an older ``e2b`` release (>= 2.7.0), for the drive below.
-OLD_SDK_PYTHON = os.environ.get("EMBER_E2B_OLD_PYTHON")
+#: scripts/install.sh makes one in ember's cache; EMBER_E2B_OLD_PYTHON names another.
+OLD_SDK_PYTHON = os.environ.get("EMBER_E2B_OLD_PYTHON") or next(
+    (p for p in [os.path.join(os.environ.get("EMBER_CACHE") or "/var/lib/ember/cache",
+                              "e2b-sdk-2.7.0", "bin", "python")] if os.path.exists(p)), None)
 DRIVE = os.path.join(os.path.dirname(__file__), "e2b_drive.py")
 
 
