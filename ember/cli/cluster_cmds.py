@@ -35,15 +35,21 @@ def _advertise_options(fn: F) -> F:
     return fn
 
 
-def _show(rec: object, as_json: bool) -> None:
+def _serve_and_show(rec: object, as_json: bool) -> None:
+    """A node serves: its daemon runs (started here unless it does, never by Ray), so that
+    what Ray places on it can be created; then the record is shown."""
     from ember.cluster.record import ClusterRecord
+    from ember.daemon import control
+    from ember.paths import Paths
 
     assert isinstance(rec, ClusterRecord)
+    st = control.start(Paths.from_env())
     if as_json:
         print_json(rec.to_json())
         return
     click.echo(f"{rec.role} of {rec.address}: node {rec.node_id} at {rec.node_ip}")
     click.echo("advertised: " + ", ".join(f"{k}={v:g}" for k, v in sorted(rec.resources.items())))
+    click.echo(f"emberd running: pid {st.pid}, socket {st.socket}")
 
 
 @cluster.command("start-head")
@@ -58,8 +64,9 @@ def _show(rec: object, as_json: bool) -> None:
 @handle_errors
 def start_head(redis: str, redis_password: str | None, port: int | None, as_json: bool,
                vcpus: int | None, memory_mib: int | None, node_ip: str | None) -> None:
-    """Start the cluster's head on this host (also a node that runs sandboxes). Run it again
-    after the head died, with the same Redis and port: the cluster resumes."""
+    """Start the cluster's head on this host (also a node that runs sandboxes; its daemon
+    is started unless it runs). Run it again after the head died, with the same Redis and
+    port: the cluster resumes."""
     from ember.cluster.advertise import detect_advertisement
     from ember.cluster.node import DEFAULT_PORT
     from ember.cluster.node import start_head as start
@@ -67,7 +74,7 @@ def start_head(redis: str, redis_password: str | None, port: int | None, as_json
 
     paths = Paths.from_env().ensure()
     adv = detect_advertisement(paths, vcpus=vcpus, memory_mib=memory_mib)
-    _show(start(paths, adv, redis=redis, node_ip=node_ip, port=port or DEFAULT_PORT,
+    _serve_and_show(start(paths, adv, redis=redis, node_ip=node_ip, port=port or DEFAULT_PORT,
                 redis_password=redis_password), as_json)
 
 
@@ -77,14 +84,15 @@ def start_head(redis: str, redis_password: str | None, port: int | None, as_json
 @handle_errors
 def join(address: str, as_json: bool, vcpus: int | None, memory_mib: int | None,
          node_ip: str | None) -> None:
-    """Join the cluster whose head is at ADDRESS (HOST:PORT, as start-head printed)."""
+    """Join the cluster whose head is at ADDRESS (HOST:PORT, as start-head printed); this
+    home's daemon is started unless it runs."""
     from ember.cluster.advertise import detect_advertisement
     from ember.cluster.node import join as join_cluster
     from ember.paths import Paths
 
     paths = Paths.from_env().ensure()
     adv = detect_advertisement(paths, vcpus=vcpus, memory_mib=memory_mib)
-    _show(join_cluster(paths, adv, address, node_ip=node_ip), as_json)
+    _serve_and_show(join_cluster(paths, adv, address, node_ip=node_ip), as_json)
 
 
 @cluster.command("leave")

@@ -260,6 +260,25 @@ def cluster_world(root: Path, n: int = 3, cache: Path | None = None) -> Iterator
         yield world
 
 
+def leftover_processes(world: ClusterWorld) -> list[str]:
+    """Live processes of a world that should be gone: any naming its root or one of its
+    nodes' Ray directories (checked after :func:`cluster_world` has ended)."""
+    needles = [str(world.root).encode()]
+    needles += [str(ray_temp_dir(node.paths)).encode() for node in world.nodes]
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes()
+            state = (d / "stat").read_text().rsplit(") ", 1)[1][0]
+        except (OSError, IndexError):
+            continue
+        if state != "Z" and any(n in cmd for n in needles):
+            out.append(f"{d.name}: {cmd[:120]!r}")
+    return out
+
+
 def _stop(child: subprocess.Popen[bytes]) -> None:
     child.terminate()
     try:

@@ -19,7 +19,13 @@ import pytest
 from ember.cluster.node import DEFAULT_PORT
 from ember.store import Store
 from ember.store.records import TemplateRecord
-from tests.integration.cluster_world import ClusterWorld, Node, cluster_world, wait_for
+from tests.integration.cluster_world import (
+    ClusterWorld,
+    Node,
+    cluster_world,
+    leftover_processes,
+    wait_for,
+)
 
 pytestmark = [
     pytest.mark.integration, pytest.mark.slow, pytest.mark.cluster,
@@ -28,7 +34,7 @@ pytestmark = [
                        reason="redis-server is not installed (scripts/install.sh)"),
 ]
 #: How long Ray may take to declare a killed raylet dead. Ray's defaults (a health check
-#: every 3 s, 5 misses) measured 14-20 s here; the bound leaves room for a loaded machine.
+#: every 3 s, 5 misses) measured 13-15 s here; the bound leaves room for a loaded machine.
 DEAD_BOUND_S = 90.0
 
 
@@ -41,22 +47,9 @@ def world() -> Iterator[ClusterWorld]:
             yield w
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    left = _processes_mentioning(str(root)) + _processes_mentioning("/tmp/ember-ray-")
+    left = leftover_processes(w)
     assert not left, f"processes left behind by the cluster world: {left}"
 
-
-def _processes_mentioning(needle: str) -> list[str]:
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                cmd = (d / "cmdline").read_bytes()
-                state = (d / "stat").read_text().rsplit(") ", 1)[1][0]
-            except (OSError, IndexError):
-                continue
-            if needle.encode() in cmd and state != "Z" and int(d.name) != os.getpid():
-                out.append(f"{d.name}: {cmd[:120]!r}")
-    return out
 
 
 def _join(node: Node, world: ClusterWorld, vcpus: int, memory_mib: int) -> dict[str, Any]:
@@ -106,9 +99,9 @@ def test_nodes_join_advertise_leave_and_die(world: ClusterWorld) -> None:
         assert alive[w2["node_id"]]["advertised"]["templates"] == ["py-test"]
         assert alive[w2["node_id"]]["resources"]["ember:template:py-test"] == 1
 
-    # The daemon of a member says which cluster its home belongs to.
-    n2.ember("daemon", "start")
+    # Joining started the member's daemon, which says which cluster its home belongs to.
     status = json.loads(n2.ember("daemon", "status", "--json").stdout)
+    assert status["running"]
     assert status["cluster"]["role"] == "worker"
     assert status["cluster"]["node_id"] == w2["node_id"]
     assert status["cluster"]["address"] == head["address"]

@@ -22,8 +22,13 @@ from ember.cluster.placement import ACTOR_PREFIX, NAMESPACE, PLACE_TIMEOUT_S
 from ember.paths import Paths
 from ember.store import Store
 from tests.conftest import DEFAULT_TEST_CACHE
-from tests.integration.cluster_world import ClusterWorld, Node, cluster_world, wait_for
-from tests.integration.test_cluster import _processes_mentioning
+from tests.integration.cluster_world import (
+    ClusterWorld,
+    Node,
+    cluster_world,
+    leftover_processes,
+    wait_for,
+)
 
 pytestmark = [
     pytest.mark.integration, pytest.mark.slow, pytest.mark.cluster,
@@ -68,7 +73,7 @@ def world() -> Iterator[ClusterWorld]:
                         node.ember("daemon", "stop", check=False, timeout=60)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    left = _processes_mentioning(str(root)) + _processes_mentioning("/tmp/ember-ray-")
+    left = leftover_processes(w)
     assert not left, f"processes left behind by the cluster world: {left}"
 
 
@@ -141,8 +146,7 @@ def test_creates_through_any_node_are_placed_by_ray(world: ClusterWorld) -> None
     for node, vcpus in ((n2, 4), (n3, 2)):
         node.ember("cluster", "join", f"{n1.ip}:{DEFAULT_PORT}", "--vcpus", str(vcpus),
                    "--memory-mib", "4096")
-    for node in world.nodes:
-        node.ember("daemon", "start")
+    # start-head and join started every node's daemon: Ray's actors never start one
     total = _ray_state(n1, address)["available"]["ember:vcpus"]
     assert total == 2 + 4 + 2
 
