@@ -53,7 +53,8 @@ access = logging.getLogger("ember.daemon.access")
 BRIDGE_SOURCE = (Path(__file__).parent / "kernel_bridge.py").read_bytes()
 #: Where the bridge goes in the guest (named by its content: an older daemon's copy is
 #: never run by a newer one).
-BRIDGE_PATH = f"/tmp/.ember/kernel_bridge-{hashlib.sha256(BRIDGE_SOURCE).hexdigest()[:16]}.py"
+BRIDGE_DIR = "/tmp/.ember"
+BRIDGE_PATH = f"{BRIDGE_DIR}/kernel_bridge-{hashlib.sha256(BRIDGE_SOURCE).hexdigest()[:16]}.py"
 #: A context's working directory unless its creator names one (E2B's default).
 DEFAULT_CWD = "/home/user"
 #: Contexts one sandbox may have (each is a kernel and a bridge: two Python processes).
@@ -95,6 +96,7 @@ class Kernel:
         self.gone: str | None = None
         self.fatal = ""
         self.stderr_tail = b""
+        self.bad_lines = 0
         self._pump: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.on_gone: list[asyncio.Event] = []
@@ -104,7 +106,7 @@ class Kernel:
         return self.gone is None
 
     async def start(self) -> None:
-        await self.sb.files.mkdir(BRIDGE_PATH.rsplit("/", 1)[0], parents=True)
+        await self.sb.files.mkdir(BRIDGE_DIR, parents=True)
         await self.sb.files.write(BRIDGE_PATH, BRIDGE_SOURCE, mode=0o644)
         try:
             self.proc = await self.sb._spawn(["python3", "-u", BRIDGE_PATH, self.cwd],
@@ -164,8 +166,10 @@ class Kernel:
     def _dispatch(self, raw: bytes) -> None:
         ev = W.parse_event(raw)
         if ev is None:
-            log.warning("context %s: a line that is not the bridge's was dropped",
-                        self.context_id)
+            self.bad_lines += 1
+            if self.bad_lines <= 3:  # a guest flooding garbage does not flood the log
+                log.warning("context %s: a line that is not the bridge's was dropped",
+                            self.context_id)
             return
         if ev.kind == "ready":
             self.ready.set()
@@ -266,6 +270,9 @@ class Contexts:
     kernels: dict[str, Kernel] = field(default_factory=dict)
     default_id: str | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: Bridges left in the guest by an earlier daemon (or connection) were ended.
+    swept: bool = False
+    sweep_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class Jupyter:
@@ -372,6 +379,10 @@ class Jupyter:
         if len(live) >= MAX_CONTEXTS:
             raise QuotaExceededError(f"this sandbox has {MAX_CONTEXTS} contexts: remove one "
                                      "first")
+        async with box.sweep_lock:  # before this box starts any bridge of its own
+            if not box.swept:
+                await _sweep(box.sb)
+                box.swept = True
         kernel = Kernel(uuid.uuid4().hex, cwd, box.sb)
         box.kernels[kernel.context_id] = kernel
         gone = asyncio.Event()
@@ -416,6 +427,18 @@ class Jupyter:
                   else await self._default(box))
         run = await kernel.run(req)
         return StreamingResponse(_lines(kernel, run), media_type="application/x-ndjson")
+
+
+async def _sweep(sb: AsyncSandbox) -> None:
+    """End kernel bridges that nobody drives any more (their contexts were an earlier
+    daemon's, or an earlier connection's): their kernels follow them (ipykernel exits
+    when its parent goes)."""
+    stale = [p.pid for p in await sb.processes()
+             if p.running and any(a.startswith(f"{BRIDGE_DIR}/kernel_bridge-") for a in p.argv)]
+    if stale:
+        log.info("sandbox %s: ending %d kernel bridge(s) left by an earlier connection",
+                 sb.id, len(stale))
+        await sb.exec(["kill", "-TERM", *map(str, stale)], timeout=30)
 
 
 async def _lines(kernel: Kernel, run: Run) -> AsyncIterator[bytes]:

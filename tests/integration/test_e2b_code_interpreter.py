@@ -63,6 +63,7 @@ def test_state_persists_and_executions_count(sbx: Sandbox) -> None:
     t0 = time.monotonic()
     second = sbx.run_code("x + 1")
     print(f"first run_code (kernel start) {started:.1f} s, next {time.monotonic() - t0:.2f} s")
+    assert sbx.get_info().memory_mb == 1024  # the template's default
     assert second.text == "42" and second.results[0].is_main_result
     assert second.execution_count == first.execution_count + 1
 
@@ -106,7 +107,7 @@ def test_errors_come_with_name_and_traceback(sbx: Sandbox) -> None:
 def test_env_vars_apply_to_one_run(sbx: Sandbox) -> None:
     code = "import os\nos.environ.get('EMBER_CI_VAR')"
     assert sbx.run_code(code, envs={"EMBER_CI_VAR": "for this run"}).text == "'for this run'"
-    assert sbx.run_code(code).text is None or sbx.run_code(code).text == "None"
+    assert sbx.run_code(code).text is None  # restored: the cell's value is None
 
 
 def test_contexts_create_list_restart_remove(sbx: Sandbox) -> None:
@@ -179,6 +180,23 @@ def test_runs_on_one_context_queue_in_order(sbx: Sandbox) -> None:
     for t in threads:
         t.join(120)
     assert {i: got[i].text for i in range(3)} == {0: "0", 1: "1", 2: "2"}
+
+
+def test_a_restarted_daemon_ends_the_old_bridges(sbx: Sandbox, api: dict[str, Any],
+                                                 ember_paths: Paths) -> None:
+    def bridges() -> int:
+        ps = sbx.commands.run("ps -eo args").stdout
+        return sum("kernel_bridge-" in line for line in ps.splitlines())
+
+    sbx.run_code("before_restart = 1")
+    assert bridges() >= 1
+    control.stop(ember_paths)  # its sandboxes (and their kernels) keep running
+    control.start(ember_paths, listen=api["url"].removeprefix("http://"))
+    # the daemon forgot its contexts: the next run starts a new default context, and the
+    # bridges nobody drives are ended first
+    assert sbx.run_code("before_restart").error.name == "NameError"
+    assert [c.cwd for c in sbx.list_code_contexts()] == ["/home/user"]
+    assert bridges() == 1
 
 
 def test_contexts_go_with_their_sandbox(api: dict[str, Any]) -> None:
