@@ -49,6 +49,16 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   touch "$stamp"
 fi
 ln -sf "$REPO/.venv/bin/ember" /usr/local/bin/ember
+# The oldest e2b SDK release the tests drive too (2.7.0, the first with E2B_SANDBOX_URL),
+# in a venv of its own next to ember's caches (tests/integration/test_e2b.py finds it there)
+OLD_E2B="${EMBER_CACHE:-/var/lib/ember/cache}/e2b-sdk-2.7.0"
+if ! "$OLD_E2B/bin/python" -c 'import importlib.metadata as m; assert m.version("e2b") == "2.7.0"' 2>/dev/null; then
+  say "a virtualenv with e2b 2.7.0 for the tests: $OLD_E2B"
+  rm -rf "$OLD_E2B"
+  mkdir -p "$(dirname "$OLD_E2B")"
+  /usr/bin/python3 -m venv "$OLD_E2B"
+  "$OLD_E2B/bin/pip" install -q 'e2b==2.7.0'
+fi
 
 EMBER=.venv/bin/ember
 say "ember doctor"
