@@ -113,12 +113,17 @@ def leave() -> None:
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
 def nodes(address: str | None, show_all: bool, as_json: bool) -> None:
-    """The cluster's nodes as Ray's node table has them, with what each advertises."""
+    """The cluster's nodes as Ray's node table has them, with what each advertises (on a
+    node of the cluster: Ray's client reads it through this host's raylet)."""
+    from ember.cluster.node import running_raylet
     from ember.cluster.nodes import list_nodes
     from ember.cluster.record import load_record
     from ember.errors import BadRequestError
     from ember.paths import Paths
 
+    if running_raylet(None) is None:
+        raise BadRequestError("no Ray node runs on this host: run this on a node of the "
+                              "cluster (ember cluster join)")
     if address is None:
         rec = load_record(Paths.from_env())
         if rec is None:

@@ -115,15 +115,18 @@ def ray_env(opts: JoinOptions, base: Mapping[str, str] | None = None) -> dict[st
     return env
 
 
-def running_raylet(temp_dir: Path, proc: Path = Path("/proc")) -> int | None:
-    """The pid of a raylet (in this PID namespace) whose session lives in ``temp_dir``."""
-    needle = os.fsencode(str(temp_dir).rstrip("/") + "/")
+def running_raylet(temp_dir: Path | None, proc: Path = Path("/proc")) -> int | None:
+    """The pid of a raylet (in this PID namespace) whose session lives in ``temp_dir``
+    (None: any raylet, whoever started it)."""
+    needle = os.fsencode(str(temp_dir).rstrip("/") + "/") if temp_dir else b""
     for entry in proc.iterdir():
         if not entry.name.isdigit():
             continue
         try:
             if (entry / "comm").read_bytes().strip() != b"raylet":
                 continue
+            if (entry / "stat").read_bytes().rsplit(b") ", 1)[-1][:1] == b"Z":
+                continue  # exited, not yet reaped
             if needle in (entry / "cmdline").read_bytes():
                 return int(entry.name)
         except OSError:

@@ -158,15 +158,21 @@ def test_a_node_table_row_as_ember_shows_it() -> None:
 
 def test_this_homes_raylet_is_found_by_its_session_dir(tmp_path: Path) -> None:
     proc = tmp_path / "proc"
-    for pid, comm, cmd in ((10, "raylet", b"/r\0--session_dir=/tmp/ember-ray-k/s_1\0"),
-                           (11, "raylet", b"/r\0--session_dir=/tmp/ember-ray-other/s\0"),
-                           (12, "python", b"x\0/tmp/ember-ray-k/\0")):
+    for pid, comm, state, cmd in (
+            (9, "raylet", "Z", b""),  # a zombie: gone
+            (10, "raylet", "S", b"/r\0--session_dir=/tmp/ember-ray-k/s_1\0"),
+            (11, "raylet", "S", b"/r\0--session_dir=/tmp/ember-ray-other/s\0"),
+            (12, "python", "S", b"x\0/tmp/ember-ray-k/\0")):
         (proc / str(pid)).mkdir(parents=True)
         (proc / str(pid) / "comm").write_text(comm + "\n")
+        (proc / str(pid) / "stat").write_text(f"{pid} ({comm}) {state} 1 1 1\n")
         (proc / str(pid) / "cmdline").write_bytes(cmd)
     (proc / "self").mkdir()
     assert running_raylet(Path("/tmp/ember-ray-k"), proc) == 10
     assert running_raylet(Path("/tmp/ember-ray-none"), proc) is None
+    assert running_raylet(None, proc) in (10, 11)  # any live raylet at all
+    (proc / "10" / "stat").write_text("10 (raylet) Z 1 1 1\n")
+    assert running_raylet(Path("/tmp/ember-ray-k"), proc) is None
 
 
 def test_ember_imports_no_ray_until_a_cluster_command_asks() -> None:
