@@ -62,6 +62,18 @@ EVENT = struct.Struct("iIII")
 """struct inotify_event without its name: wd, mask, cookie, len."""
 
 _slots = threading.BoundedSemaphore(MAX_WATCH_OPS)
+_pseudo: set[int] = set()
+"""The devices of /proc and /sys: a recursive walk does not enter them (thousands of
+directories whose changes inotify does not report)."""
+
+
+def _pseudo_devices() -> set[int]:
+    if not _pseudo:
+        for path in ("/proc", "/sys"):
+            with contextlib.suppress(OSError):
+                _pseudo.add(os.stat(path).st_dev)
+        _pseudo.add(-1)  # looked once
+    return _pseudo
 
 
 def parse_events(buf: bytes) -> list[tuple[int, int, int, bytes]]:
@@ -245,6 +257,7 @@ class WatchOp:
         as created."""
         stack = [(path, rel, watched)]
         scanned = 0
+        pseudo = _pseudo_devices()
         while stack and not self._stopped:
             here, here_rel, is_watched = stack.pop()
             if not is_watched:
@@ -275,7 +288,8 @@ class WatchOp:
                     if emit:
                         self._add(child, "create")
                     try:
-                        is_dir = entry.is_dir(follow_symlinks=False)
+                        is_dir = (entry.is_dir(follow_symlinks=False)
+                                  and entry.stat(follow_symlinks=False).st_dev not in pseudo)
                     except OSError:
                         is_dir = False
                     if is_dir:
