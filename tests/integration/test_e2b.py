@@ -211,6 +211,25 @@ def test_watch_dir_polling_and_streamed(sbx: Sandbox, api: dict[str, Any]) -> No
     sbx.files.remove("/tmp/e2b-watch")
 
 
+def test_watch_dir_over_a_huge_tree_says_events_were_lost(sbx: Sandbox) -> None:
+    import time
+
+    sbx.commands.run("mkdir -p /tmp/e2b-huge && cd /tmp/e2b-huge && seq 4200 | xargs mkdir")
+    handle = sbx.files.watch_dir("/tmp/e2b-huge", recursive=True)
+    with pytest.raises(SandboxException, match="events were lost"):
+        handle.get_new_events()
+    sbx.files.write("/tmp/e2b-huge/top.txt", "x")
+    seen: list[tuple[str, str]] = []
+    for _ in range(100):
+        seen += [(e.name, e.type.value) for e in handle.get_new_events()]
+        if ("top.txt", "create") in seen:
+            break
+        time.sleep(0.2)
+    assert ("top.txt", "create") in seen  # the watcher goes on
+    handle.stop()
+    sbx.files.remove("/tmp/e2b-huge")
+
+
 def test_bad_input(sbx: Sandbox, api: dict[str, Any]) -> None:
     opts = api["opts"]
     with pytest.raises(SandboxException) as exc:
