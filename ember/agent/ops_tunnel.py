@@ -5,9 +5,10 @@ STDIN frames on the stream are written to the connection (``stdin_eof`` shuts it
 side); what the guest's server sends comes back as STDOUT frames, but only as much as the
 host has room for: the host grants bytes (``window`` in the request, then ``credit``
 messages as its reader consumes), and the agent stops reading the connection when the grant
-is used up. So a slow reader on the host holds back the guest's server, never the agent's
-channel. ``abort`` (or the session's end) closes the connection; the final reply is
-``closed`` once it is gone.
+is used up; each frame costs at least ``CONNECT_FRAME_CHARGE``, so the grant bounds the
+frames in flight as well. So a slow reader on the host holds back the guest's server,
+never the agent's channel. ``abort`` (or the session's end) closes the connection; the
+final reply is ``closed`` once it is gone.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import contextlib
 import threading
 from collections.abc import Callable
 
-from ember.protocol import ErrorKind, Kind
+from ember.protocol import CONNECT_FRAME_CHARGE, ErrorKind, Kind
 
 from .errors import OpError, os_error
 from .reply import Reply
@@ -145,8 +146,8 @@ class TunnelOp:
                 return
             if not chunk:
                 return
-            with self._cond:
-                self._credit -= len(chunk)
+            with self._cond:  # may go below zero, by less than a charge: then it waits
+                self._credit -= max(len(chunk), CONNECT_FRAME_CHARGE)
             if not self.reply.data(Kind.STDOUT, chunk):
                 return  # the session is gone
 

@@ -21,6 +21,7 @@ from .frames import Frame, FrameDecoder, encode_frame, encode_msg
 from .jsonmsg import Message, dump_msg, parse_msg
 from .limits import (
     ALL_KINDS,
+    CONNECT_FRAME_CHARGE,
     ERROR_KINDS,
     FILE_TYPES,
     GUEST_TO_HOST_KINDS,
@@ -52,6 +53,7 @@ from .schema import (
 
 __all__ = [
     "ALL_KINDS",
+    "CONNECT_FRAME_CHARGE",
     "ERROR_KINDS",
     "FILE_TYPES",
     "GUEST_TO_HOST_KINDS",

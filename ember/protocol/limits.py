@@ -69,5 +69,9 @@ ERROR_KINDS = frozenset(k.value for k in ErrorKind)
 FILE_TYPES = frozenset({"file", "dir", "symlink", "other"})
 WATCH_EVENT_TYPES = frozenset({"create", "write", "remove", "rename", "chmod"})
 """What a watch reports of an entry (E2B's, after Go's fsnotify)."""
+CONNECT_FRAME_CHARGE = 32 * 1024
+"""What each STDOUT frame of a carried connection (``connect``) costs of the bytes the host
+granted, however small: so a granted window bounds the frames in flight too, not only the
+bytes (a server writing a byte at a time cannot fill the host's queue with frames)."""
 MAX_WATCH_BATCH = 512
 """The most events in one ``fs_events`` message."""

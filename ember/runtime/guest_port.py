@@ -16,7 +16,9 @@ from ember import protocol as P
 from ember.errors import EmberError, PortNotOpenError, ProtocolError
 from ember.runtime.agent_client import AgentClient, error_from_reply, reply_of
 
-#: Bytes in flight from the guest at most (well within the stream's frame queue).
+#: Bytes in flight from the guest at most; each frame costs at least
+#: ``CONNECT_FRAME_CHARGE`` of it, so at most 33 frames (and the final reply) are queued,
+#: within the stream's queue (``STREAM_QUEUE_FRAMES``): the agent's reader never waits.
 WINDOW = 1 << 20
 #: How long the agent gets to answer a connect (its own connect gives up after 5 s).
 CONNECT_WAIT_S = 15.0
@@ -55,7 +57,7 @@ class GuestConnection:
             return b""
         frame = await self._client.next_frame(self._sid, None)
         if frame.kind is P.Kind.STDOUT:
-            self._unacked += len(frame.payload)
+            self._unacked += max(len(frame.payload), P.CONNECT_FRAME_CHARGE)
             if self._unacked >= WINDOW // 2:
                 grant, self._unacked = self._unacked, 0
                 await self._client.send_msg(self._sid, {"op": "credit", "bytes": grant})

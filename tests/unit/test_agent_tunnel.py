@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from ember.agent.ops_tunnel import CHUNK
-from ember.protocol import Frame, Kind
+from ember.protocol import CONNECT_FRAME_CHARGE, Frame, Kind
 
 from .test_agent_harness import AgentHarness
 
@@ -105,7 +105,7 @@ def test_output_waits_for_credit(agent: AgentHarness, listener: socket.socket) -
     assert len(got) == 1000
     with pytest.raises(TimeoutError):
         agent.next_frame(stream, timeout=0.5)  # nothing beyond the grant
-    agent.send_msg(stream, {"op": "credit", "bytes": total})
+    agent.send_msg(stream, {"op": "credit", "bytes": 2 * total})  # the first frame overdrew
     while len(got) < total:
         got += agent.next_frame(stream).payload
     done.set()
@@ -149,3 +149,37 @@ def test_session_end_closes_connections(listener: socket.socket) -> None:
     assert time.monotonic() - t0 < 10
     conn.close()
     harness.close()
+
+
+def test_small_writes_cost_a_frame_charge_each(agent: AgentHarness,
+                                               listener: socket.socket) -> None:
+    """A server writing a byte at a time gets no more frames out than the grant allows:
+    each costs at least CONNECT_FRAME_CHARGE, so a window bounds frames, not just bytes."""
+    done = threading.Event()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for _ in range(10):
+                conn.sendall(b"a")
+                time.sleep(0.05)
+            done.wait(20)
+
+    t = threading.Thread(target=serve)
+    t.start()
+    stream = agent.new_stream()
+    agent.send_msg(stream, {"op": "connect", "port": _port(listener),
+                            "window": 2 * CONNECT_FRAME_CHARGE})
+    assert agent.next_msg(stream) == {"op": "connected"}
+    frames = [agent.next_frame(stream), agent.next_frame(stream)]
+    time.sleep(0.8)  # the server wrote everything by now
+    with pytest.raises(TimeoutError):
+        agent.next_frame(stream, timeout=0.3)
+    agent.send_msg(stream, {"op": "credit", "bytes": 16 * CONNECT_FRAME_CHARGE})
+    got = b"".join(f.payload for f in frames)
+    while len(got) < 10:
+        got += agent.next_frame(stream).payload
+    done.set()
+    assert got == b"a" * 10 and agent.collect(stream)[-1].msg() == {"op": "closed"}
+    t.join(10)
