@@ -93,13 +93,11 @@ def _holder_class() -> Any:
                 with self._client(CREATE_TIMEOUT_S) as c:
                     r = c.post("http://emberd/v1/sandboxes", json=body,
                                headers={PLACEMENT_HEADER: name, TENANT_HEADER: tenant})
-            except httpx.HTTPError as err:
-                self._end()
+            except httpx.HTTPError as err:  # the driver ends this actor on an error
                 return {"status": 503, "error": {
                     "code": "host", "message": f"the daemon of the node Ray chose "
                     f"({self.node_id}) does not answer on {self.sock}: {err}"}}
             if r.status_code != 201:
-                self._end()
                 try:
                     error = r.json().get("error")
                 except ValueError:
@@ -166,8 +164,14 @@ def place(p: Placement) -> dict[str, Any]:
         return {"status": 429, "error": {
             "code": "quota_exceeded", "message": f"no node of the cluster has room for "
             f"{p.demand} (waited {PLACE_TIMEOUT_S:.0f} s)"}}
-    out: dict[str, Any] = ray.get(holder.create.remote(p.body, p.tenant, name),
-                                  timeout=CREATE_TIMEOUT_S + 30)
+    try:
+        out: dict[str, Any] = ray.get(holder.create.remote(p.body, p.tenant, name),
+                                      timeout=CREATE_TIMEOUT_S + 30)
+    except Exception:
+        ray.kill(holder, no_restart=True)
+        raise
+    if "info" not in out:  # no sandbox: nothing to hold
+        ray.kill(holder, no_restart=True)
     return out
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from ember import QuotaExceededError, Sandbox
+from ember import EmberError, QuotaExceededError, Sandbox
 from ember.cluster.node import DEFAULT_PORT
 from ember.cluster.placement import ACTOR_PREFIX, NAMESPACE, PLACE_TIMEOUT_S
 from ember.paths import Paths
@@ -181,6 +181,14 @@ def test_creates_through_any_node_are_placed_by_ray(world: ClusterWorld) -> None
         Sandbox.create("debian-python", url=_url(n3), vcpus=8, timeout=600)
     assert time.monotonic() - t0 < PLACE_TIMEOUT_S + 60
     print(f"cluster full answered after {time.monotonic() - t0:.1f} s")
+    assert len(_holders(_ray_state(n1, address))) == 2
+
+    # The chosen node's error comes back as the same error, and its actor ends.
+    with pytest.raises(EmberError) as failed:
+        Sandbox.create("debian-python", url=_url(n1), boot="cold", boot_timeout=0.05,
+                       timeout=600)
+    print(f"a failing create, placed: {type(failed.value).__name__}: {failed.value}")
+    assert "placement failed" not in str(failed.value)
     assert len(_holders(_ray_state(n1, address))) == 2
 
     # A sandbox that ends gives its resources back: its actor ends too.
