@@ -25,6 +25,7 @@ from ember.errors import (
 )
 from ember.net.forward import Exposed, PortForwarder
 from ember.paths import Paths
+from ember.runtime.guest_port import GuestConnection
 from ember.runtime.manager import SandboxManager
 from ember.runtime.states import LIVE_STATES
 from ember.sdk.async_sandbox import AsyncSandbox, manager
@@ -53,7 +54,8 @@ class LiveSandboxes:
         #: Exposed ports, listening on EMBER_PORTS_BIND (default 127.0.0.1); a sandbox
         #: idle on them past its limit is paused, and woken by the next connection.
         self.ports = PortForwarder(os.environ.get("EMBER_PORTS_BIND") or "127.0.0.1",
-                                   pause=self.pause, resume=self.resume)
+                                   pause=self.pause, resume=self.resume,
+                                   carrier=self._connect_port)
 
     @property
     def mgr(self) -> SandboxManager:
@@ -122,6 +124,11 @@ class LiveSandboxes:
             await self.local.resume(sandbox_id)
 
     # --- exposed ports (kept in the registry: a restarted daemon exposes them again) -----
+    async def _connect_port(self, sandbox_id: str, port: int) -> GuestConnection:
+        """A connection to a guest port carried by the sandbox's agent (no NIC needed)."""
+        sb = await self.get(sandbox_id)
+        return await sb._connect_port(port)
+
     async def expose(self, sandbox_id: str, port: int, *,
                      pause_after_idle: float | None = None) -> Exposed:
         await asyncio.to_thread(self.mgr.get, sandbox_id)  # 404 for an unknown one

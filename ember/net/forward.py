@@ -1,8 +1,9 @@
 """Exposed ports: a TCP listener on the host (the daemon's) for each exposed guest port,
 whose connections are carried to the guest from inside the sandbox's own network
-namespace. Nothing else reaches a guest: the host table lets nothing new into a sandbox
-link, so an unexposed port is unreachable, and exposing one needs no outbound network
-(a sandbox created with ``network={"internet": False}`` serves ports and reaches nothing).
+namespace when it has a NIC, and by its agent (a connection to the guest's loopback,
+``ember.runtime.guest_port``) when it has none. Nothing else reaches a guest: the host
+table lets nothing new into a sandbox link, so an unexposed port is unreachable, and
+exposing one needs no network at all.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
-from ember.errors import BadRequestError, NetworkError
+from ember.errors import BadRequestError, EmberError, NetworkError, SandboxNotFoundError
 from ember.net.addressing import GUEST_IP, netns_name
 from ember.net.nsutil import in_netns, netns_path
 
@@ -44,6 +46,22 @@ class _Listener:
 
 
 Wake = Callable[[str], Awaitable[None]]
+
+
+class Carried(Protocol):
+    """A connection to a guest port that the sandbox's agent carries."""
+
+    async def read(self) -> bytes: ...
+
+    async def write(self, data: bytes) -> None: ...
+
+    async def write_eof(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+#: Opens a carried connection to (sandbox id, guest port), for sandboxes without a NIC.
+Carrier = Callable[[str, int], Awaitable[Carried]]
 #: How often idle sandboxes are looked for.
 IDLE_CHECK_S = 0.5
 
@@ -58,8 +76,9 @@ class PortForwarder:
     """
 
     def __init__(self, bind: str = "127.0.0.1", *, pause: Wake | None = None,
-                 resume: Wake | None = None) -> None:
+                 resume: Wake | None = None, carrier: Carrier | None = None) -> None:
         self.bind = bind
+        self._carrier = carrier
         self._open: dict[tuple[str, int], _Listener] = {}
         self._pause, self._resume = pause, resume
         self._idle: dict[str, float] = {}  # sandbox -> seconds of idleness that pause it
@@ -159,7 +178,8 @@ class PortForwarder:
         if len(self.exposed(sandbox_id)) >= MAX_PORTS:
             raise BadRequestError(f"sandbox {sandbox_id} exposes {MAX_PORTS} ports already")
         ns = netns_path(netns_name(sandbox_id))
-        if not ns.exists():
+        by_agent = not ns.exists()
+        if by_agent and self._carrier is None:
             raise BadRequestError(
                 f"sandbox {sandbox_id} has no network: exposed ports reach a guest through "
                 "its NIC; create it with network={'internet': False} to serve ports without "
@@ -167,7 +187,10 @@ class PortForwarder:
         holder: list[_Listener] = []
 
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await self._carry(holder[0], ns, reader, writer)
+            if by_agent:
+                await self._carry_by_agent(holder[0], reader, writer)
+            else:
+                await self._carry(holder[0], ns, reader, writer)
 
         try:
             server = await asyncio.start_server(handle, host=self.bind, port=host_port,
@@ -241,6 +264,72 @@ class PortForwarder:
             listener.active -= 1
             self._last[sid] = time.monotonic()
             writer.close()
+
+
+    async def _carry_by_agent(self, listener: _Listener, reader: asyncio.StreamReader,
+                              writer: asyncio.StreamWriter) -> None:
+        """A connection to a sandbox without a NIC: its agent carries it to the guest's
+        loopback (so the guest's server must listen there, or on every address)."""
+        exposed = listener.exposed
+        sid = exposed.sandbox_id
+        if listener.active >= MAX_CONNECTIONS:
+            writer.close()
+            return
+        listener.active += 1
+        try:
+            await self._wake(sid)
+            assert self._carrier is not None
+            try:
+                conn = await asyncio.wait_for(self._carrier(sid, exposed.port),
+                                              CONNECT_TIMEOUT_S)
+            except SandboxNotFoundError:  # the sandbox is gone: so is its port
+                with contextlib.suppress(BadRequestError):
+                    await self.close(sid, exposed.port)
+                return
+            except (EmberError, TimeoutError):
+                return  # nothing listens there: the client sees its connection closed
+
+            def seen() -> None:
+                self._last[sid] = time.monotonic()
+
+            try:
+                await asyncio.gather(_to_guest(reader, conn, seen),
+                                     _from_guest(conn, writer, seen))
+            finally:
+                await conn.aclose()
+        except Exception as err:  # one connection's trouble never stops the listener
+            log.debug("sandbox %s port %d: connection ended: %s", sid, exposed.port, err)
+        finally:
+            listener.active -= 1
+            self._last[sid] = time.monotonic()
+            writer.close()
+
+
+async def _to_guest(src: asyncio.StreamReader, conn: Carried,
+                    seen: Callable[[], None]) -> None:
+    try:
+        while data := await src.read(CHUNK):
+            seen()
+            await conn.write(data)
+        await conn.write_eof()
+    except (ConnectionError, OSError, EmberError):
+        await conn.aclose()  # the other direction ends too
+
+
+async def _from_guest(conn: Carried, dst: asyncio.StreamWriter,
+                      seen: Callable[[], None]) -> None:
+    try:
+        while data := await conn.read():
+            seen()
+            dst.write(data)
+            await dst.drain()
+        if dst.can_write_eof():
+            dst.write_eof()
+    except (ConnectionError, OSError, EmberError):
+        pass
+    finally:
+        if not dst.can_write_eof():
+            dst.close()
 
 
 async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter,

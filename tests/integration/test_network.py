@@ -595,12 +595,28 @@ def test_exposed_ports_reach_the_guest_and_nothing_else_does(home: Paths, world:
         sb.kill()
     with pytest.raises(OSError):  # killing the sandbox closed its ports
         socket.create_connection((again.host, again.host_port), timeout=3).close()
+    # a sandbox without a NIC exposes ports too: its agent carries each connection to the
+    # guest's loopback
     plain = Sandbox.create("debian-python", timeout=600, paths=home)
     try:
-        with pytest.raises(BadRequestError, match="has no network"):
-            plain.expose(8000)
+        assert plain.network.policy() is None
+        serve_http(plain)
+        carried = plain.expose(8000)
+        for _ in range(2):  # one connection each
+            with socket.create_connection((carried.host, carried.host_port), timeout=30) as c:
+                c.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                reply = b""
+                while chunk := c.recv(65536):
+                    reply += chunk
+            assert reply.startswith(b"HTTP/1.0 200") and b"Directory listing" in reply
+        closed = plain.expose(8001)  # nothing listens there: the connection just closes
+        with socket.create_connection((closed.host, closed.host_port), timeout=30) as c:
+            c.settimeout(30)
+            assert c.recv(10) == b""
     finally:
         plain.kill()
+    with pytest.raises(OSError):  # killing it closed its ports
+        socket.create_connection((carried.host, carried.host_port), timeout=3).close()
 
 
 def test_bandwidth_and_connection_limits_hold_and_are_counted(home: Paths) -> None:
