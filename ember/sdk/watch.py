@@ -65,6 +65,7 @@ class AsyncWatch:
         self._lost = False
         self._done = False
         self._closed = False
+        self._stopped = False
         self._error: EmberError | None = None
         self._wake = asyncio.Event()
         self._pump = asyncio.create_task(self._run())
@@ -80,6 +81,14 @@ class AsyncWatch:
         finally:
             self._done = True
             self._wake.set()
+        # ended by itself (the directory went, or an error): let go of its stream at once,
+        # so that nothing more the guest sends for it can wait on this reader
+        await self._stop_once()
+
+    async def _stop_once(self) -> None:
+        if not self._stopped:
+            self._stopped = True
+            await self._stop()
 
     def _push(self, event: FsEvent) -> None:
         if event.type == "overflow":
@@ -137,7 +146,7 @@ class AsyncWatch:
         self._pump.cancel()
         with contextlib.suppress(BaseException):
             await self._pump
-        await self._stop()
+        await self._stop_once()
 
     async def __aenter__(self) -> AsyncWatch:
         return self

@@ -83,6 +83,29 @@ def test_after_a_loss_the_mark_comes_before_the_next_events(
     asyncio.run(body())
 
 
+def test_a_watch_that_ends_by_itself_lets_go_of_its_stream_at_once() -> None:
+    async def body() -> None:
+        stopped: list[bool] = []
+
+        async def source() -> AsyncIterator[list[FsEvent]]:
+            yield [FsEvent("a", "create")]
+            raise GuestError("a reply that broke the protocol")
+
+        async def stop() -> None:
+            stopped.append(True)
+
+        w = AsyncWatch("/w", source(), stop)
+        await asyncio.sleep(0.01)
+        assert stopped == [True]  # before anyone reads or closes
+        assert await anext(w) == FsEvent("a", "create")
+        with pytest.raises(GuestError):
+            await anext(w)
+        await w.close()
+        assert stopped == [True]
+
+    asyncio.run(body())
+
+
 def test_guest_overflow_is_passed_on_and_errors_end_iteration() -> None:
     async def body() -> None:
         w = _watch([[OVERFLOW, FsEvent("x", "chmod")]], fail=True)
