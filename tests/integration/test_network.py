@@ -158,6 +158,16 @@ def serve_http(sb: Sandbox, port: int = 8000) -> Process:
     return server
 
 
+def http_get(host: str, port: int) -> bytes:
+    """``GET /`` over HTTP/1.0 from this host: the whole answer, head and body."""
+    with socket.create_connection((host, port), timeout=30) as c:
+        c.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        reply = b""
+        while chunk := c.recv(65536):
+            reply += chunk
+    return reply
+
+
 def web(sb: Sandbox, *targets: str) -> dict[str, str]:
     """Each ``KIND,NAME,ADDRESS`` (KIND ``http`` on port 80 with ``Host: NAME``, or ``tls``
     on 443 with a ClientHello naming NAME): ``OK <address the server saw>``, ``403`` (the
@@ -568,11 +578,7 @@ def test_exposed_ports_reach_the_guest_and_nothing_else_does(home: Paths, world:
         exposed = sb.expose(8000)
         assert exposed.port == 8000 and exposed.host == "127.0.0.1"
         assert sb.ports() == [exposed]
-        with socket.create_connection((exposed.host, exposed.host_port), timeout=30) as c:
-            c.sendall(b"GET / HTTP/1.0\r\n\r\n")
-            reply = b""
-            while chunk := c.recv(65536):
-                reply += chunk
+        reply = http_get(exposed.host, exposed.host_port)
         assert reply.startswith(b"HTTP/1.0 200") and b"Directory listing" in reply
         with pytest.raises(BadRequestError, match="exposed already"):
             sb.expose(8000)
@@ -603,11 +609,7 @@ def test_exposed_ports_reach_the_guest_and_nothing_else_does(home: Paths, world:
         serve_http(plain)
         carried = plain.expose(8000)
         for _ in range(2):  # one connection each
-            with socket.create_connection((carried.host, carried.host_port), timeout=30) as c:
-                c.sendall(b"GET / HTTP/1.0\r\n\r\n")
-                reply = b""
-                while chunk := c.recv(65536):
-                    reply += chunk
+            reply = http_get(carried.host, carried.host_port)
             assert reply.startswith(b"HTTP/1.0 200") and b"Directory listing" in reply
         closed = plain.expose(8001)  # nothing listens there: the connection just closes
         with socket.create_connection((closed.host, closed.host_port), timeout=30) as c:
