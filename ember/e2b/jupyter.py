@@ -310,19 +310,20 @@ class Jupyter:
                 return Response(status_code=204)
             box = await self._box(sid)
             if (method, path) == ("POST", "/execute"):
-                return await self._execute(request, box)
+                return await self._execute(request, sid)
             if path == "/contexts" and method == "GET":
-                return JSONResponse([W.context_json(k, v.cwd)
-                                     for k, v in box.kernels.items() if v.alive])
+                return JSONResponse([] if box is None else [
+                    W.context_json(k, v.cwd) for k, v in box.kernels.items() if v.alive])
             if path == "/contexts" and method == "POST":
                 req = W.parse_context(await _body(request))
-                kernel = await self._new(box, req.cwd or DEFAULT_CWD)
+                kernel = await self._new(self._add(sid), req.cwd or DEFAULT_CWD)
                 return JSONResponse(W.context_json(kernel.context_id, kernel.cwd))
             parts = path.split("/")
             if len(parts) in (3, 4) and parts[1] == "contexts":
                 kernel = self._kernel(box, parts[2])
                 if len(parts) == 3 and method == "DELETE":
-                    box.kernels.pop(kernel.context_id, None)
+                    if box is not None:
+                        box.kernels.pop(kernel.context_id, None)
                     await kernel.close()
                     return Response(status_code=204)
                 if len(parts) == 4 and parts[3] == "restart" and method == "POST":
@@ -349,15 +350,26 @@ class Jupyter:
             log.exception("code interpreter %s %s failed", method, path)
             return _error(500, f"{type(err).__name__}: {err}")
 
-    async def _box(self, sid: str) -> Contexts:
-        """The sandbox's contexts (forgotten, with their kernels, when the daemon's
-        connection to it is a new one: they ran on the old one)."""
+    async def _box(self, sid: str) -> Contexts | None:
+        """The sandbox's contexts, if it has any (forgotten, with their kernels, when the
+        daemon's connection to it is a new one: they ran on the old one). Raises
+        SandboxNotFoundError for a sandbox that is gone."""
         sb = await self.live.get(sid)
         box = self._boxes.get(sid)
         if box is not None and box.sb is not sb:
             self._drop(sid)
             box = None
+        return box
+
+    def _add(self, sid: str) -> Contexts:
+        """The sandbox's table, made for its first context (``_box`` has looked the
+        sandbox up; lists, restarts and removals never make one). Called with no wait
+        before the context's start takes the table's locks, which keep it."""
+        box = self._boxes.get(sid)
         if box is None:
+            sb = self.live.peek(sid)
+            if sb is None:
+                raise SandboxNotFoundError(f"sandbox {sid!r} is not open")
             box = self._boxes[sid] = Contexts(sb)
         return box
 
@@ -367,10 +379,11 @@ class Jupyter:
             for kernel in box.kernels.values():
                 kernel._end("the sandbox is gone")
 
-    def _kernel(self, box: Contexts, context_id: str) -> Kernel:
-        kernel = box.kernels.get(context_id)
+    def _kernel(self, box: Contexts | None, context_id: str) -> Kernel:
+        kernel = None if box is None else box.kernels.get(context_id)
         if kernel is None or not kernel.alive:
-            box.kernels.pop(context_id, None)
+            if box is not None:
+                box.kernels.pop(context_id, None)
             raise NotFoundError(f"context {context_id[:64]!r} was not found")
         return kernel
 
@@ -406,7 +419,8 @@ class Jupyter:
             if box.default_id == kernel.context_id:
                 box.default_id = None
             sid = box.sb.id
-            if not box.kernels and self._boxes.get(sid) is box:
+            if not box.kernels and self._boxes.get(sid) is box and not (
+                    box.lock.locked() or box.sweep_lock.locked()):  # none being started
                 del self._boxes[sid]
 
         kernel._keep(asyncio.get_running_loop().create_task(watch()))
@@ -421,10 +435,10 @@ class Jupyter:
             box.default_id = kernel.context_id
             return kernel
 
-    async def _execute(self, request: Request, box: Contexts) -> Response:
+    async def _execute(self, request: Request, sid: str) -> Response:
         req = W.parse_run(await _body(request))
-        kernel = (self._kernel(box, req.context_id) if req.context_id is not None
-                  else await self._default(box))
+        kernel = (self._kernel(self._boxes.get(sid), req.context_id)
+                  if req.context_id is not None else await self._default(self._add(sid)))
         run = await kernel.run(req)
         return StreamingResponse(_lines(kernel, run), media_type="application/x-ndjson")
 
