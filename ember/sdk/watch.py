@@ -26,6 +26,8 @@ from ember.sdk.portal import portal
 
 #: Events held for a consumer that is not reading; beyond, events are lost (``overflow``).
 MAX_PENDING_EVENTS = 10_000
+#: ... and the most their names may hold (a guest chooses them: up to 64 KiB each).
+MAX_PENDING_BYTES = 8 << 20
 #: How long the guest has to set a watch up (a recursive one walks its tree first).
 START_TIMEOUT_S = 120.0
 
@@ -62,6 +64,7 @@ class AsyncWatch:
         self._source = source
         self._stop = stop
         self._queue: collections.deque[FsEvent] = collections.deque()
+        self._bytes = 0  # of the names queued
         self._lost = False
         self._done = False
         self._closed = False
@@ -94,13 +97,15 @@ class AsyncWatch:
         if event.type == "overflow":
             self._lost = True
             return
-        if len(self._queue) >= MAX_PENDING_EVENTS - 1:  # room for the overflow mark
+        if (len(self._queue) >= MAX_PENDING_EVENTS - 1  # room for the overflow mark
+                or self._bytes + len(event.name) > MAX_PENDING_BYTES):
             self._lost = True
             return
         if self._lost:
             self._queue.append(OVERFLOW)
             self._lost = False
         self._queue.append(event)
+        self._bytes += len(event.name)
 
     def __aiter__(self) -> AsyncWatch:
         return self
@@ -108,7 +113,9 @@ class AsyncWatch:
     async def __anext__(self) -> FsEvent:
         while True:
             if self._queue:
-                return self._queue.popleft()
+                event = self._queue.popleft()
+                self._bytes -= len(event.name)
+                return event
             if self._lost:
                 self._lost = False
                 return OVERFLOW
@@ -123,6 +130,7 @@ class AsyncWatch:
         """The events received and not yet taken (taken now), without waiting."""
         out = list(self._queue)
         self._queue.clear()
+        self._bytes = 0
         if self._lost:
             self._lost = False
             out.append(OVERFLOW)

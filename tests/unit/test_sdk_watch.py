@@ -58,6 +58,19 @@ def test_a_consumer_that_falls_behind_sees_overflow_where_events_were_lost(
     asyncio.run(body())
 
 
+def test_the_buffer_is_bounded_in_bytes_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(W, "MAX_PENDING_BYTES", 100)
+
+    async def body() -> None:
+        w = _watch([[FsEvent("x" * 60, "create"), FsEvent("y" * 60, "create"),
+                     FsEvent("z", "write")]])
+        await asyncio.sleep(0.01)
+        assert [e async for e in w] == [FsEvent("x" * 60, "create"), OVERFLOW,
+                                        FsEvent("z", "write")]
+
+    asyncio.run(body())
+
+
 def test_after_a_loss_the_mark_comes_before_the_next_events(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(W, "MAX_PENDING_EVENTS", 3)
