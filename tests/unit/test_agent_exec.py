@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import pwd
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,14 +13,6 @@ from ember.agent.users import Account
 from ember.protocol import Kind
 
 from .test_agent_harness import AgentHarness
-
-
-@pytest.fixture
-def agent() -> Iterator[AgentHarness]:
-    harness = AgentHarness()
-    harness.handshake()
-    yield harness
-    harness.close()
 
 
 def test_echo(agent: AgentHarness) -> None:

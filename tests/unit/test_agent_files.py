@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import stat
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +14,6 @@ from ember.agent.errors import ERRNO_KINDS
 from ember.protocol import MAX_DATA_PAYLOAD, Kind
 
 from .test_agent_harness import AgentHarness
-
-
-@pytest.fixture
-def agent() -> Iterator[AgentHarness]:
-    harness = AgentHarness()
-    harness.handshake()
-    yield harness
-    harness.close()
 
 
 def write(agent: AgentHarness, path: Path | str, data: bytes, **fields: Any) -> dict[str, Any]:

@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pytest
 
 from ember.protocol import Kind
 
 from .test_agent_harness import AgentHarness
-
-
-@pytest.fixture
-def agent() -> Iterator[AgentHarness]:
-    harness = AgentHarness()
-    harness.handshake()
-    yield harness
-    harness.close()
 
 
 def _until(agent: AgentHarness, stream: int, needle: bytes, timeout: float = 10.0) -> bytes:

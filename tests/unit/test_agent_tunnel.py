@@ -17,14 +17,6 @@ from .test_agent_harness import AgentHarness
 
 
 @pytest.fixture
-def agent() -> Iterator[AgentHarness]:
-    harness = AgentHarness()
-    harness.handshake()
-    yield harness
-    harness.close()
-
-
-@pytest.fixture
 def listener() -> Iterator[socket.socket]:
     srv = socket.create_server(("127.0.0.1", 0))
     srv.settimeout(10)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import struct
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,14 +87,6 @@ def test_event_struct_is_the_kernels() -> None:
 
 
 # --- against the agent ------------------------------------------------------------------------
-@pytest.fixture
-def agent() -> Iterator[AgentHarness]:
-    harness = AgentHarness()
-    harness.handshake()
-    yield harness
-    harness.close()
-
-
 def start(agent: AgentHarness, path: Path | str, **fields: Any) -> int:
     stream = agent.new_stream()
     agent.send_msg(stream, {"op": "watch", "path": str(path), **fields})
