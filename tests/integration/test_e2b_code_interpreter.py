@@ -207,3 +207,16 @@ def test_contexts_go_with_their_sandbox(api: dict[str, Any]) -> None:
         box.kill()
     with pytest.raises((SandboxException, TimeoutException)):
         box.run_code("1 + 1", timeout=30)
+
+
+def test_a_template_without_jupyter_says_so(api: dict[str, Any], debian_template: object
+                                            ) -> None:
+    box = Sandbox.create("base", timeout=300, **api["opts"])  # debian-python: no kernel
+    try:
+        with pytest.raises(SandboxException) as exc:
+            box.run_code("1")
+        assert "500" in str(exc.value) and "jupyter_client" in str(exc.value)
+        assert box.list_code_contexts() == []
+        assert box.commands.run("echo fine").stdout == "fine\n"  # the sandbox itself is
+    finally:
+        box.kill()
