@@ -111,6 +111,25 @@ class UnsafeLayerError(ImageSourceError):
     code: ClassVar[str] = "unsafe_layer"
 
 
+class DockerfileError(BadRequestError):
+    """A Dockerfile ember cannot build (syntax, an unsupported instruction, a COPY source
+    outside the context); the message names the line. ``line`` is 1-based, 0 for the whole
+    file."""
+
+    code: ClassVar[str] = "dockerfile_invalid"
+    line: int = 0
+
+
+class BuildStepError(BuildError):
+    """A step of a Dockerfile build failed (a RUN exited non-zero): the message names the
+    line, the exit code and the tail of the step's output."""
+
+    code: ClassVar[str] = "build_step_failed"
+    line: int = 0
+    exit_code: int | None = None
+    output_tail: str = ""
+
+
 class EngineError(EmberError):
     """The VMM failed to start, answer or stop."""
 

@@ -29,7 +29,9 @@ def image() -> None:
 @click.argument("name")
 @click.option("--from", "source", metavar="SOURCE",
               help="debian:SUITE | oci-layout:DIR[:TAG] | docker-archive:FILE.tar | "
-                   "registry:HOST/REPO[:TAG] | docker://HOST/REPO[:TAG] | dir:PATH. "
+                   "registry:HOST/REPO[:TAG] | docker://HOST/REPO[:TAG] | dir:PATH | "
+                   "dockerfile:PATH (a context directory or a Dockerfile; "
+                   "docs/dockerfile.md). "
                    "Optional for built-in templates (debian-python, debian, "
                    "code-interpreter-v1).")
 @click.option("--package", "-p", "packages", multiple=True,
@@ -38,24 +40,82 @@ def image() -> None:
 @click.option("--rebuild", is_flag=True, help="Ignore the cached image of the same recipe.")
 @click.option("--free-mib", type=click.IntRange(0, 1 << 20), default=1024, show_default=True,
               help="Free space in the image's filesystem (sparse: costs no host disk).")
+@click.option("--file", "-f", "dockerfile", metavar="FILE",
+              help="dockerfile: the Dockerfile (default: PATH/Dockerfile).")
+@click.option("--build-arg", "build_args", multiple=True, metavar="KEY=VALUE",
+              help="dockerfile: a value for an ARG; repeatable.")
+@click.option("--target", metavar="STAGE", help="dockerfile: the stage to build.")
+@click.option("--no-cache", is_flag=True, help="dockerfile: run every step again.")
+@click.option("--network", "network", type=click.Choice(("none", "internet", "off")),
+              default="none", show_default=True,
+              help="dockerfile: the RUN steps' network (none: no NIC; internet; off: only "
+                   "--allow); see docs/networking.md.")
+@click.option("--allow", multiple=True, metavar="CIDR|DOMAIN",
+              help="dockerfile: destinations the RUN steps may reach; repeatable.")
+@click.option("--deny", multiple=True, metavar="CIDR|DOMAIN",
+              help="dockerfile: destinations denied (wins over --allow); repeatable.")
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
 def build(name: str, source: str | None, packages: tuple[str, ...], force: bool, rebuild: bool,
-          free_mib: int, as_json: bool) -> None:
+          free_mib: int, dockerfile: str | None, build_args: tuple[str, ...],
+          target: str | None, no_cache: bool, network: str, allow: tuple[str, ...],
+          deny: tuple[str, ...], as_json: bool) -> None:
     """Build template NAME from SOURCE into the image cache and register it (the home's
     daemon builds it; its progress is shown here)."""
+    import os
+
+    from ember.cli.sandbox_cmds import network_policy
+    from ember.errors import BadRequestError
     from ember.sdk.sandbox import Sandbox
 
+    df_opts: dict[str, object] = {}
+    if source is not None and source.startswith("dockerfile:"):
+        path = os.path.abspath(source.removeprefix("dockerfile:") or ".")
+        source = f"dockerfile:{path}"
+        args: dict[str, str] = {}
+        for item in build_args:
+            k, eq, v = item.partition("=")
+            if not eq:
+                v = os.environ.get(k, "")  # docker build's --build-arg NAME
+            args[k] = v
+        file = None
+        if dockerfile is not None:
+            file = os.path.abspath(dockerfile)
+        df_opts = {"dockerfile": file, "build_args": args, "target": target,
+                   "no_cache": no_cache,
+                   "build_network": network_policy(network, allow, deny)}
+    elif dockerfile or build_args or target or no_cache or network != "none" or allow or deny:
+        raise BadRequestError("-f, --build-arg, --target, --no-cache, --network, --allow and "
+                              "--deny are for --from dockerfile:PATH")
     t0 = time.monotonic()
     with progress(not as_json, f"image {name}") as p:
         rec = Sandbox.build_template(name, source, packages=packages, force=force,
-                                     rebuild=rebuild, free_mib=free_mib, on_progress=p)
+                                     rebuild=rebuild, free_mib=free_mib, on_progress=p,
+                                     **df_opts)  # type: ignore[arg-type]
     took = time.monotonic() - t0
     if as_json:
         print_json({**rec.__dict__, "seconds": round(took, 2)})
     else:
         out_console.print(f"template [bold]{rec.name}[/] ready: {rec.digest} "
                           f"({rec.size_bytes >> 20} MiB image, {took:.1f} s)")
+
+
+@image.command("prune")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def prune(as_json: bool) -> None:
+    """Free the Dockerfile step cache entries no template uses (and build sandboxes
+    whose builder died)."""
+    from ember.sdk.sandbox import Sandbox
+
+    got = Sandbox.prune_build_cache()
+    if as_json:
+        print_json(dataclasses.asdict(got))
+        return
+    out_console.print(f"removed {len(got.removed)} cache entries, "
+                      f"{got.freed_bytes / (1 << 20):.1f} MiB freed"
+                      + (f"; {len(got.sandboxes)} orphaned build sandbox(es) destroyed"
+                         if got.sandboxes else ""))
 
 
 @image.command("ls")

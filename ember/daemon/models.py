@@ -6,7 +6,7 @@ runtime's own validation (SandboxSpec, exec_request, guest paths) runs again beh
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -114,6 +114,18 @@ class PoolRequest(Strict):
     disk_mib: Annotated[int, Field(ge=1, le=1 << 24)] | None = None
 
 
+class DockerfileBuildOptions(Strict):
+    """The options of a build from ``dockerfile:PATH`` (docs/dockerfile.md)."""
+
+    file: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
+    build_args: dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")],
+                     Annotated[str, Field(max_length=65536)]] = Field(
+        default_factory=dict, max_length=256)
+    target: Annotated[str, Field(min_length=1, max_length=63)] | None = None
+    no_cache: bool = False
+    network: dict[str, Any] | None = None  # a NetworkPolicy's JSON, checked by the build
+
+
 class TemplateBuildRequest(Strict):
     """``ember image build``: a template from a source, with the image build's options."""
 
@@ -124,6 +136,7 @@ class TemplateBuildRequest(Strict):
     force: bool = False
     rebuild: bool = False
     free_mib: Annotated[int, Field(ge=0, le=1 << 20)] = 1024
+    dockerfile: DockerfileBuildOptions | None = None
 
 
 class TimeoutRequest(Strict):

@@ -22,6 +22,7 @@ from ember.daemon.models import (
 )
 from ember.engine.container import require_tier
 from ember.sdk.async_sandbox import info_of, snapshot_info
+from ember.sdk.dockerfile_build import is_step_snapshot
 from ember.sdk.results import SandboxInfo
 from ember.sdk.wire import to_json
 from ember.store.records import TENANT_KEY
@@ -185,7 +186,8 @@ async def fork(body: ForkRequest, live: Live, who: Who, quotas: Quota,
 @router.get("/snapshots", tags=["snapshots"])
 async def list_snapshots(live: Live, who: Who) -> list[dict[str, Any]]:
     recs = await asyncio.to_thread(live.mgr.store.list_snapshots)
-    return [to_json(snapshot_info(s)) for s in recs if who.owns(s.metadata)]
+    return [to_json(snapshot_info(s)) for s in recs if who.owns(s.metadata)
+            and not is_step_snapshot(s)]  # Dockerfile step cache entries: ember image prune
 
 
 async def _own_snapshot(live: Live, who: Who, ref: str) -> None:

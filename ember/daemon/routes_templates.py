@@ -26,6 +26,8 @@ from ember.daemon.auth import Principal
 from ember.daemon.deps import Live, Who
 from ember.daemon.models import TemplateBuildRequest
 from ember.errors import BadRequestError, EmberError, NotFoundError, TemplateNotFoundError
+from ember.net.policy import NetworkPolicy
+from ember.sdk.results import DockerfileOptions
 from ember.sdk.wire import error_body, event_line, to_json
 
 router = APIRouter(tags=["templates"])
@@ -65,9 +67,13 @@ async def build(body: TemplateBuildRequest, live: Live, who: Who) -> StreamingRe
         loop.call_soon_threadsafe(tell, event_line({"event": "progress",
                                                     "message": msg[:2000]}))
 
+    d = body.dockerfile
+    opts = None if d is None else DockerfileOptions(
+        file=d.file, build_args=dict(d.build_args), target=d.target, no_cache=d.no_cache,
+        network=None if d.network is None else NetworkPolicy.from_json(d.network).to_json())
     job = asyncio.ensure_future(live.local.build_template(
         body.name, body.source, packages=body.packages, force=body.force,
-        rebuild=body.rebuild, free_mib=body.free_mib, on_progress=progress))
+        rebuild=body.rebuild, free_mib=body.free_mib, on_progress=progress, dockerfile=opts))
     job.add_done_callback(lambda _: tell(None))
 
     async def events() -> AsyncIterator[bytes]:
@@ -84,6 +90,13 @@ async def build(body: TemplateBuildRequest, live: Live, who: Who) -> StreamingRe
                               "message": f"{type(err).__name__}: {err}"})
 
     return StreamingResponse(events(), media_type=NDJSON)
+
+
+@router.post("/templates/prune")
+async def prune(live: Live, who: Who) -> dict[str, Any]:
+    """Remove the Dockerfile step cache entries no template uses (``ember image prune``)."""
+    _admin(who)
+    return to_json(await live.local.prune_build_cache())
 
 
 @router.delete("/templates/{name}", status_code=204)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import dataclasses
 import functools
 import os
 import threading
@@ -24,6 +25,7 @@ from ember.errors import (
     EmberError,
     EmberTimeoutError,
     GuestError,
+    ProtocolError,
     SandboxNotFoundError,
     SandboxStateError,
 )
@@ -45,6 +47,7 @@ from ember.sdk.results import (
     ExposedPort,
     PoolInfo,
     ProcessInfo,
+    PruneInfo,
     SandboxInfo,
     SandboxUsage,
     SnapshotInfo,
@@ -582,21 +585,58 @@ class AsyncSandbox:
                              rebuild: bool = False, free_mib: int = 1024,
                              on_progress: Callable[[str], None] | None = None,
                              paths: Paths | None = None, url: str | None = None,
-                             api_key: str | None = None) -> TemplateInfo:
+                             api_key: str | None = None, dockerfile: str | None = None,
+                             build_args: Mapping[str, str] | None = None,
+                             target: str | None = None, no_cache: bool = False,
+                             build_network: NetworkPolicy | Mapping[str, Any] | None = None,
+                             ) -> TemplateInfo:
         """Build template ``name`` from ``source`` (``ember image build``; docs/images.md)
         and register it; ``on_progress`` gets its status lines as they come. The
-        administrator's; builds whose image is cached by recipe take a moment."""
-        from ember.sdk import template_ops
+        administrator's; builds whose image is cached by recipe take a moment.
 
+        ``source="dockerfile:PATH"`` (an absolute context directory or Dockerfile on the
+        building host) builds from a Dockerfile, its RUN steps in microVMs
+        (docs/dockerfile.md), with ``dockerfile`` (the file, relative to the context),
+        ``build_args``, ``target`` (a stage), ``no_cache`` and ``build_network`` (the RUN
+        steps' network policy; None: no NIC)."""
+        from ember.sdk import template_ops
+        from ember.sdk.results import DockerfileOptions
+
+        opts = None
+        if (dockerfile is not None or build_args or target is not None or no_cache
+                or build_network is not None):
+            opts = DockerfileOptions(
+                file=dockerfile, build_args=dict(build_args or {}), target=target,
+                no_cache=no_cache, network=None if build_network is None
+                else NetworkPolicy.from_json(build_network).to_json())
         t = await _target(url, api_key, paths)
         if t is None:
             return await _local(paths).build_template(
                 name, source, packages=packages, force=force, rebuild=rebuild,
-                free_mib=free_mib, on_progress=on_progress)
-        body = {"name": name, "source": source, "packages": builtins.list(packages),
-                "force": force, "rebuild": rebuild, "free_mib": free_mib}
+                free_mib=free_mib, on_progress=on_progress, dockerfile=opts)
+        body: dict[str, Any] = {"name": name, "source": source,
+                                "packages": builtins.list(packages), "force": force,
+                                "rebuild": rebuild, "free_mib": free_mib}
+        if opts is not None:
+            body["dockerfile"] = dataclasses.asdict(opts)
         async with _closing(t):
             return await template_ops.build_remote(t, body, on_progress)
+
+    @classmethod
+    async def prune_build_cache(cls, *, paths: Paths | None = None, url: str | None = None,
+                                api_key: str | None = None) -> PruneInfo:
+        """Remove the Dockerfile step cache entries that no template uses (``ember image
+        prune``). The administrator's."""
+        t = await _target(url, api_key, paths)
+        if t is None:
+            return await _local(paths).prune_build_cache()
+        async with _closing(t):
+            got = await t.call("POST", "/templates/prune")
+        if not isinstance(got, dict) or not isinstance(got.get("removed"), list):
+            raise ProtocolError("malformed answer to a build cache prune")
+        return PruneInfo(removed=[str(i) for i in got["removed"]],
+                         freed_bytes=int(got.get("freed_bytes", 0)),
+                         sandboxes=[str(i) for i in got.get("sandboxes", [])])
 
     @classmethod
     async def list_templates(cls, *, paths: Paths | None = None, url: str | None = None,

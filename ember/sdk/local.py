@@ -35,8 +35,11 @@ from ember.sdk.async_sandbox import (
     manager,
     snapshot_info,
 )
+from ember.sdk.dockerfile_build import is_step_snapshot
 from ember.sdk.results import (
+    DockerfileOptions,
     PoolInfo,
+    PruneInfo,
     SandboxInfo,
     SandboxUsage,
     SnapshotInfo,
@@ -276,7 +279,8 @@ class Local:
         templates)."""
         return [snapshot_info(s)
                 for s in await asyncio.to_thread(self.mgr.store.list_snapshots)
-                if not template_snapshots.is_template_snapshot(s)]
+                if not template_snapshots.is_template_snapshot(s)
+                and not is_step_snapshot(s)]
 
     async def delete_snapshot(self, ref: str) -> None:
         await asyncio.to_thread(self.mgr.remove_snapshot, ref)
@@ -284,10 +288,32 @@ class Local:
     # --- templates -----------------------------------------------------------------------
     async def build_template(self, name: str, source: str | None, *, packages: Sequence[str],
                              force: bool, rebuild: bool, free_mib: int,
-                             on_progress: Progress) -> TemplateInfo:
+                             on_progress: Progress,
+                             dockerfile: DockerfileOptions | None = None) -> TemplateInfo:
+        if source is not None and source.startswith("dockerfile:"):
+            from ember.sdk import dockerfile_build as dfb
+
+            d = dockerfile or DockerfileOptions()
+            src = dfb.DockerfileSource.resolve(source.removeprefix("dockerfile:"), d.file)
+            rec = await dfb.build_dockerfile(self, name, src, dfb.BuildOptions(
+                build_args=dict(d.build_args), target=d.target, no_cache=d.no_cache or rebuild,
+                network=None if d.network is None else NetworkPolicy.from_json(d.network),
+                force=force), on_progress)
+            return template_ops.info(rec)
+        if dockerfile is not None:
+            raise BadRequestError("Dockerfile options need --from dockerfile:PATH")
         return await asyncio.to_thread(functools.partial(
             template_ops.build_here, self.mgr, name, source, packages=packages, force=force,
             rebuild=rebuild, free_mib=free_mib, progress=on_progress))
+
+    async def prune_build_cache(self) -> PruneInfo:
+        """Remove the Dockerfile step cache entries no template uses (``ember image
+        prune``)."""
+        from ember.sdk import dockerfile_build as dfb
+
+        got = await asyncio.to_thread(dfb.prune, self)
+        return PruneInfo(removed=got.removed, freed_bytes=got.freed_bytes,
+                         sandboxes=got.sandboxes)
 
     async def list_templates(self) -> builtins.list[TemplateInfo]:
         return await asyncio.to_thread(template_ops.list_here, self.mgr)

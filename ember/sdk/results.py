@@ -226,3 +226,24 @@ class TemplateInfo:
     config: dict[str, Any] = field(default_factory=dict)  # image config, bake and snapshot
     snapshots: list[TemplateSnapshotInfo] = field(default_factory=list)
 
+
+
+@dataclass(frozen=True)
+class DockerfileOptions:
+    """The options of a build ``--from dockerfile:PATH`` (docs/dockerfile.md)."""
+
+    file: str | None = None  # the Dockerfile, if not PATH/Dockerfile (relative: to PATH)
+    build_args: dict[str, str] = field(default_factory=dict)
+    target: str | None = None  # the stage to build (default: the last)
+    no_cache: bool = False
+    network: dict[str, Any] | None = None  # the RUN steps' NetworkPolicy (JSON); None: no NIC
+
+
+@dataclass(frozen=True)
+class PruneInfo:
+    """What ``ember image prune`` freed: step cache entries (snapshot ids), their bytes, and
+    build sandboxes whose builder had died."""
+
+    removed: list[str]
+    freed_bytes: int
+    sandboxes: list[str] = field(default_factory=list)

@@ -26,6 +26,7 @@ from ember.sdk.results import (
     OutputChunk,
     PoolInfo,
     ProcessInfo,
+    PruneInfo,
     SandboxInfo,
     SandboxUsage,
     SnapshotInfo,
@@ -229,11 +230,24 @@ class Sandbox:
                        rebuild: bool = False, free_mib: int = 1024,
                        on_progress: Callable[[str], None] | None = None,
                        paths: Paths | None = None, url: str | None = None,
-                       api_key: str | None = None) -> TemplateInfo:
+                       api_key: str | None = None, dockerfile: str | None = None,
+                       build_args: Mapping[str, str] | None = None,
+                       target: str | None = None, no_cache: bool = False,
+                       build_network: NetworkPolicy | Mapping[str, Any] | None = None,
+                       ) -> TemplateInfo:
         """Build and register a template; see :meth:`AsyncSandbox.build_template`."""
         return portal().call(AsyncSandbox.build_template(
             name, source, packages=packages, force=force, rebuild=rebuild, free_mib=free_mib,
-            on_progress=on_progress, paths=paths, url=url, api_key=api_key))
+            on_progress=on_progress, paths=paths, url=url, api_key=api_key,
+            dockerfile=dockerfile, build_args=build_args, target=target, no_cache=no_cache,
+            build_network=build_network))
+
+    @classmethod
+    def prune_build_cache(cls, *, paths: Paths | None = None, url: str | None = None,
+                          api_key: str | None = None) -> PruneInfo:
+        """See :meth:`AsyncSandbox.prune_build_cache`."""
+        return portal().call(AsyncSandbox.prune_build_cache(paths=paths, url=url,
+                                                            api_key=api_key))
 
     @classmethod
     def list_templates(cls, *, paths: Paths | None = None, url: str | None = None,

@@ -15,6 +15,7 @@ PUBLIC = {
     "SnapshotError", "SnapshotInfo", "SnapshotNotFoundError", "TemplateNotFoundError",
     "TierUnavailableError", "UnsafeLayerError", "QuotaExceededError", "UnauthorizedError",
     "TemplateInfo", "TemplateSnapshotInfo", "AsyncWatch", "FsEvent", "Watch",
+    "BuildStepError", "DockerfileError",
 }
 
 

@@ -1,0 +1,427 @@
+"""Templates from a Dockerfile, its RUN steps run in microVMs (``ember image build NAME
+--from dockerfile:PATH``; docs/dockerfile.md).
+
+The Dockerfile is parsed and planned first (:mod:`ember.guest.dockerfile`): nothing
+unsupported reaches a VM. The build then walks the plan's file-system steps (RUN, COPY,
+ADD, WORKDIR). Each step's result is a snapshot of the build sandbox, kept as the step
+cache's entry under the step's key (parent key, instruction after expansion, content
+digest of what it copies). A step whose key has an entry is not run ("cached"); the
+first one that has none restores its parent's entry (or creates a sandbox from the base
+template) and the rest run in that one sandbox, a snapshot after each. RUN goes through
+``exec`` (the instruction's env, workdir and user), COPY through the files API (a tar the
+guest unpacks). The result is registered the way ``ember image bake`` registers a baked
+template: the base template's image plus the last step's snapshot, which its sandboxes are
+restored from, and the ENV/WORKDIR/USER/CMD/ENTRYPOINT/EXPOSE/LABEL metadata under
+``config["oci"]``. The template is registered last: a failed or killed build registers
+nothing. Build sandboxes carry their builder's identity, and the next build (or prune)
+destroys those whose builder is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import secrets
+import shlex
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ember.errors import (
+    BuildStepError,
+    CommandNotFoundError,
+    CommandTimeoutError,
+    DockerfileError,
+    EmberError,
+    TemplateNotFoundError,
+)
+from ember.guest import dockerfile as df
+from ember.guest.dockerfile_context import Context, ContextError, extract_guest_tar
+from ember.net.policy import NetworkPolicy
+from ember.runtime.states import LIVE_STATES
+from ember.store import SnapshotRecord, TemplateRecord
+
+if TYPE_CHECKING:
+    from ember.sdk.async_sandbox import AsyncSandbox
+    from ember.sdk.local import Local
+
+Progress = Callable[[str], None] | None
+
+#: Snapshot metadata of a step cache entry: its key.
+STEP_META = "ember.build-step"
+#: Sandbox metadata of a build sandbox: "pid:start time" of the process building.
+BUILDER_META = "ember.builder"
+RUN_TIMEOUT_S = 3600.0
+#: A build sandbox's lifetime: the reaper ends it if its builder never does.
+BUILD_LIFETIME_S = 4 * 3600.0
+TAIL_BYTES = 2000
+GUEST_TAR = "/tmp/.ember-copy.tar"
+
+
+@dataclass(frozen=True)
+class DockerfileSource:
+    """Where a Dockerfile build reads from (on the host that builds)."""
+
+    context: Path
+    dockerfile: Path
+
+    @classmethod
+    def resolve(cls, path: str, dockerfile: str | None = None) -> DockerfileSource:
+        """``path``: the context directory, or a Dockerfile (its directory is the context);
+        ``dockerfile``: the Dockerfile (relative: to the context)."""
+        p = Path(path)
+        if not p.is_absolute():
+            raise ContextError(f"dockerfile:{path}: give an absolute path")
+        if p.is_file() and dockerfile is None:
+            return cls(p.parent, p)
+        if not p.is_dir():
+            raise ContextError(f"dockerfile:{path}: no such file or directory")
+        f = Path(dockerfile) if dockerfile else Path("Dockerfile")
+        return cls(p, f if f.is_absolute() else p / f)
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    build_args: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    target: str | None = None
+    no_cache: bool = False
+    network: NetworkPolicy | None = None
+    force: bool = False
+
+
+async def build_dockerfile(local: Local, name: str, src: DockerfileSource,
+                           opts: BuildOptions, progress: Progress = None) -> TemplateRecord:
+    """Build template ``name`` from ``src``; register it and return its record."""
+    from ember.guest.image import validate_name
+
+    validate_name(name)
+    mgr = local.mgr
+    if not opts.force and _template(local, name) is not None:
+        raise DockerfileError(f"template {name!r} already exists (use --force to replace it)")
+    try:
+        raw = src.dockerfile.read_bytes()[:df.MAX_DOCKERFILE_BYTES + 1]
+    except OSError as err:
+        raise ContextError(f"cannot read the Dockerfile {src.dockerfile}: {err}") from err
+    plan = df.plan(raw.decode("utf-8", "replace"), opts.build_args, opts.target)
+    ctx = Context(src.context)
+    size, count = await asyncio.to_thread(ctx.check)
+    say = progress or (lambda _m: None)
+    say(f"context {src.context}: {count} entries, {size >> 10} KiB")
+    await asyncio.to_thread(sweep_orphans, local)
+    b = _Build(local, ctx, opts, say)
+    snap, key = await b.run(plan)
+    base = mgr.store.get_template(snap.template)  # the image template under the snapshot
+    rec = TemplateRecord(
+        name=name, source=f"dockerfile:{src.dockerfile}", digest=base.digest,
+        image_path=base.image_path, size_bytes=base.size_bytes, created_at=time.time(),
+        config={**base.config, "oci": plan.final.config(), "snapshot": snap.id,
+                "base": plan.base, "dockerfile": {"path": str(src.dockerfile), "key": key,
+                                                  "target": opts.target or ""},
+                "vcpus": snap.vcpus, "memory_mib": snap.memory_mib, "disk_mib": snap.disk_mib})
+    await asyncio.to_thread(mgr.store.put_template, rec, replace=opts.force)
+    say(f"template {name}: {len(b.ran)} step(s) run, {b.cached} cached")
+    return rec
+
+
+class _Build:
+    def __init__(self, local: Local, ctx: Context, opts: BuildOptions,
+                 say: Callable[[str], None]) -> None:
+        self.local, self.ctx, self.opts, self.say = local, ctx, opts, say
+        self.done: dict[str, SnapshotRecord] = {}  # this build's entries, by key
+        self.stages: dict[str, tuple[SnapshotRecord, str]] = {}  # built stages, by index
+        self.ran: list[str] = []
+        self.cached = 0
+
+    async def run(self, plan: df.Plan) -> tuple[SnapshotRecord, str]:
+        """Build ``plan``; (its last state's snapshot, that state's key)."""
+        for idx, dep in plan.deps.items():  # COPY --from stages first
+            if idx not in self.stages:
+                self.stages[idx] = await self.run(dep)
+        base = await self._base(plan)
+        key = df.base_key(plan.base, base.digest, str(base.config.get("snapshot", "")),
+                          {"network": None if self.opts.network is None
+                           else self.opts.network.to_json()})
+        steps = [s for s in plan.steps if s.kind != "meta"]
+        current: SnapshotRecord | None = None
+        sb: AsyncSandbox | None = None
+        try:
+            for i, step in enumerate(steps, 1):
+                content = await self._content(step, plan)
+                key = df.step_key(key, step, content)
+                where = f"step {i}/{len(steps)} (line {step.instruction.line})"
+                found = self._lookup(key)
+                if found is not None:
+                    self.say(f"{where} {_short(step)}: cached")
+                    self.cached += 1
+                    if sb is not None:
+                        await sb.kill()
+                        sb = None
+                    current = found
+                    continue
+                self.say(f"{where} {_short(step)}")
+                if sb is None:
+                    sb = await self._start(plan, current)
+                await self._execute(sb, step, plan)
+                current = await self._snapshot(sb, key)
+                self.ran.append(key)
+            if current is None:  # no step changes the file system: the base's state
+                found = self._lookup(key)
+                if found is None:
+                    sb = sb or await self._start(plan, None)
+                    found = await self._snapshot(sb, key)
+                current = found
+        finally:
+            if sb is not None:
+                with contextlib.suppress(EmberError):
+                    await sb.kill()
+        return current, key
+
+    async def _base(self, plan: df.Plan) -> TemplateRecord:
+        tpl = _template(self.local, plan.base)
+        if tpl is not None:
+            return tpl
+        raise df.dockerfile_error(plan.stage.line, f"FROM {plan.base}: no template of that "
+                                  "name (see ember image ls; build it first with ember image "
+                                  "build NAME --from SOURCE)")
+
+    async def _start(self, plan: df.Plan, parent: SnapshotRecord | None) -> AsyncSandbox:
+        from ember.runtime.spec import SandboxSpec
+
+        meta = {BUILDER_META: builder_identity()}
+        if parent is None:
+            return await self.local.create(
+                plan.base, vcpus=None, memory_mib=None, disk_mib=None,
+                timeout=BUILD_LIFETIME_S, env=None, metadata=meta, boot_timeout=None,
+                on_progress=self.say, on_timeout="destroy", isolation="microvm",
+                network=self.opts.network)
+        spec = SandboxSpec(template=parent.template, vcpus=parent.vcpus,
+                           memory_mib=parent.memory_mib, timeout=BUILD_LIFETIME_S, env={},
+                           metadata=meta, on_timeout="destroy", network=self.opts.network)
+        return await self.local.start_restore(parent, spec, None, self.say, None)
+
+    def _lookup(self, key: str) -> SnapshotRecord | None:
+        if key in self.done:
+            return self.done[key]
+        if self.opts.no_cache:
+            return None
+        found = [s for s in self.local.mgr.store.list_snapshots()
+                 if s.metadata.get(STEP_META) == key]
+        return max(found, key=lambda s: s.created_at) if found else None
+
+    async def _snapshot(self, sb: AsyncSandbox, key: str) -> SnapshotRecord:
+        await sb.exec(["sync"], timeout=120)
+        name = f"build-{key[:24]}-{secrets.token_hex(4)}"
+        taken = await asyncio.to_thread(self.local.mgr.snapshot, sb.id, name,
+                                        shared={STEP_META: key})
+        self.done[key] = taken.record
+        return taken.record
+
+    async def _content(self, step: df.Step, plan: df.Plan) -> str:
+        c = step.copy
+        if c is None:
+            return ""
+        if c.from_stage is not None:
+            return self.stages[c.from_stage][1]
+        try:
+            entries = await asyncio.to_thread(self.ctx.resolve, c.sources, c.dest)
+            return await asyncio.to_thread(self.ctx.digest, entries)
+        except ContextError as err:
+            raise df.dockerfile_error(step.instruction.line, str(err)) from err
+
+    async def _execute(self, sb: AsyncSandbox, step: df.Step, plan: df.Plan) -> None:
+        st = step.state
+        if step.kind == "run":
+            root = step.instruction.name == "WORKDIR"
+            await self._run(sb, step, list(step.argv), env=st.vars(),
+                            cwd=None if root else st.workdir,
+                            user=None if root else _user(st.user))
+            return
+        c = step.copy
+        assert c is not None
+        with tempfile.TemporaryDirectory(prefix="ember-copy-") as tmp:
+            tar = Path(tmp) / "copy.tar"
+            if c.from_stage is not None:
+                await self._copy_from_stage(step, plan, Path(tmp), tar)
+            else:
+                entries = await asyncio.to_thread(self.ctx.resolve, c.sources, c.dest)
+                await asyncio.to_thread(self.ctx.write_tar, entries, tar, c.chmod)
+            await sb.files.upload(tar, GUEST_TAR, mode=0o600)
+        script = f"tar -xpf {GUEST_TAR} -C / && "
+        if c.chown:
+            script += (f"tar -tf {GUEST_TAR} | while IFS= read -r p; do "
+                       f"chown -h {shlex.quote(c.chown)} \"/$p\" || exit 1; done && ")
+        script += f"rm -f {GUEST_TAR}"
+        await self._run(sb, step, ["/bin/sh", "-c", script], env={}, cwd="/", user=None)
+
+    async def _copy_from_stage(self, step: df.Step, plan: df.Plan, tmp: Path,
+                               tar: Path) -> None:
+        """COPY --from: tar the sources in a sandbox of that stage's last state, unpack
+        them on the host (refusing anything that leaves the directory) and take them
+        from there as from a context."""
+        c = step.copy
+        assert c is not None and c.from_stage is not None
+        snap = self.stages[c.from_stage][0]
+        src = await self._start(plan, snap)
+        try:
+            # the guest's shell expands the globs (sources are words without spaces)
+            names = " ".join(s.lstrip("/") or "." for s in c.sources)
+            script = f"cd / && tar -cf {GUEST_TAR} -- {names}"
+            await self._run(src, step, ["/bin/sh", "-c", script], env={}, cwd="/", user=None)
+            await src.files.download(GUEST_TAR, tmp / "from.tar")
+        finally:
+            with contextlib.suppress(EmberError):
+                await src.kill()
+        root = tmp / "from"
+        root.mkdir()
+        try:
+            await asyncio.to_thread(extract_guest_tar, tmp / "from.tar", root)
+            ctx = Context(root, guest_links=True)
+            entries = ctx.resolve([s.lstrip("/") for s in c.sources], c.dest)
+        except ContextError as err:
+            raise df.dockerfile_error(step.instruction.line, str(err)) from err
+        await asyncio.to_thread(ctx.write_tar, entries, tar, c.chmod)
+
+    async def _run(self, sb: AsyncSandbox, step: df.Step, argv: list[str], *,
+                   env: Mapping[str, str], cwd: str | None, user: str | int | None) -> None:
+        tail = bytearray()
+        partial = [""]
+
+        def out(chunk: str) -> None:
+            tail.extend(chunk.encode(errors="replace"))
+            del tail[:-TAIL_BYTES]
+            text = partial[0] + chunk
+            *lines, partial[0] = text.split("\n")
+            for line in lines:
+                self.say(f"  | {line}"[:2000])
+
+        try:
+            res = await sb.exec(argv, env=env, cwd=cwd, user=user, timeout=RUN_TIMEOUT_S,
+                                on_stdout=out, on_stderr=out)
+            code = res.exit_code
+        except CommandNotFoundError as err:
+            code = 127
+            tail.extend(str(err).encode())
+        except CommandTimeoutError as err:
+            raise _step_error(step, None, bytes(tail),
+                              f"ran past {RUN_TIMEOUT_S:.0f} s") from err
+        if partial[0]:
+            self.say(f"  | {partial[0]}"[:2000])
+        if code != 0:
+            raise _step_error(step, code, bytes(tail), f"exited with code {code}")
+
+
+def _step_error(step: df.Step, code: int | None, tail: bytes, what: str) -> BuildStepError:
+    text = tail.decode("utf-8", "replace").strip()
+    err = BuildStepError(f"Dockerfile line {step.instruction.line}: "
+                         f"{step.instruction.text.splitlines()[0][:200]} {what}"
+                         + (f"; last output:\n{text}" if text else ""))
+    err.line, err.exit_code, err.output_tail = step.instruction.line, code, text
+    return err
+
+
+def _short(step: df.Step) -> str:
+    text = " ".join(step.instruction.text.split())
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _user(user: str) -> str | int | None:
+    if not user:
+        return None
+    name = user.split(":", 1)[0]
+    return int(name) if name.isdigit() else name
+
+
+def _template(local: Local, name: str) -> TemplateRecord | None:
+    try:
+        return local.mgr.store.get_template(name)
+    except TemplateNotFoundError:
+        return None
+
+
+# --- the builder's identity, orphans and prune -----------------------------------------
+def builder_identity(pid: int | None = None) -> str:
+    """"pid:start time" of a process (the start time tells a reused pid apart)."""
+    pid = os.getpid() if pid is None else pid
+    return f"{pid}:{_start_time(pid)}"
+
+
+def _start_time(pid: int) -> str:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[-1].split()[19]
+
+
+def _alive(identity: str) -> bool:
+    pid, _, start = identity.partition(":")
+    return pid.isdigit() and bool(start) and _start_time(int(pid)) == start
+
+
+def sweep_orphans(local: Local) -> list[str]:
+    """Destroy build sandboxes whose builder died; return their ids."""
+    gone = []
+    for rec in local.mgr.store.list_sandboxes():
+        who = rec.metadata.get(BUILDER_META)
+        if who and not _alive(who):
+            with contextlib.suppress(EmberError):
+                local.mgr.destroy(rec.id)
+                gone.append(rec.id)
+    return gone
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    removed: list[str]  # snapshot ids
+    freed_bytes: int
+    sandboxes: list[str]  # orphaned build sandboxes destroyed
+
+
+def prune(local: Local) -> PruneResult:
+    """Remove the step cache entries that no template uses (and no live sandbox was
+    restored from), and the build sandboxes of dead builders."""
+    from ember.runtime import snapshots
+
+    mgr = local.mgr
+    orphans = sweep_orphans(local)
+    used = {str(t.config.get("snapshot")) for t in mgr.store.list_templates()
+            if t.config.get("snapshot")}
+    removed, freed = [], 0
+    for snap in mgr.store.list_snapshots():
+        if STEP_META not in snap.metadata or snap.id in used:
+            continue
+        if snapshots.users(mgr.store, snap.id, LIVE_STATES):
+            continue
+        size = _dir_size(snapshots.snapshot_dir(mgr.paths, snap.id))
+        try:
+            snapshots.remove(mgr.paths, mgr.store, snap, LIVE_STATES)
+        except EmberError:
+            continue
+        removed.append(snap.id)
+        freed += size
+    return PruneResult(removed, freed, orphans)
+
+
+def _dir_size(d: Path) -> int:
+    total = 0
+    with contextlib.suppress(OSError):
+        for f in d.iterdir():
+            total += f.stat().st_blocks * 512
+    return total
+
+
+def is_step_snapshot(snap: SnapshotRecord) -> bool:
+    return STEP_META in snap.metadata
+
+
+def cache_entries(local: Local) -> list[SnapshotRecord]:
+    return [s for s in local.mgr.store.list_snapshots() if is_step_snapshot(s)]
+
+
+__all__: Sequence[str] = ("BuildOptions", "DockerfileSource", "PruneResult",
+                          "build_dockerfile", "cache_entries", "is_step_snapshot", "prune")

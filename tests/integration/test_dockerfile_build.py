@@ -1,0 +1,292 @@
+"""Templates from Dockerfiles, their RUN steps run in real microVMs (docs/dockerfile.md).
+
+Each test uses a fresh home with the default template; builds go through the home's
+daemon (the SDK's default) unless a test sets ``EMBER_LOCAL=1``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ember import Sandbox
+from ember.errors import BuildStepError, DockerfileError
+from ember.paths import Paths
+from ember.sdk.dockerfile_build import STEP_META
+from ember.store import SnapshotRecord, Store
+from tests.integration.leaks import assert_no_leaks_anywhere
+
+pytestmark = pytest.mark.integration
+
+EVERYTHING = """\
+# syntax is Docker's; every instruction ember supports
+ARG BASE=debian-python
+FROM ${BASE} AS app
+ARG GREETING=hello
+ENV APP_HOME=/app NAME="ember user"
+LABEL org.example.name="demo app"
+WORKDIR $APP_HOME
+COPY --chmod=640 *.txt ./
+COPY --chown=nobody:nogroup src/ ./src/
+ADD data.csv /data/
+SHELL ["/bin/bash", "-c"]
+RUN echo "$GREETING, $NAME from $(pwd) in ${BASH_VERSION:+bash}" > greeting \\
+    && id -un >> greeting && echo greeted
+RUN ["python3", "-c", "open('/app/exec-form', 'w').write('exec form')"]
+USER nobody
+RUN id -un > /tmp/who
+EXPOSE 8000
+ENTRYPOINT ["python3"]
+CMD ["-m", "http.server"]
+"""
+
+
+@pytest.fixture
+def home(ember_paths: Paths, debian_template) -> Iterator[Paths]:  # type: ignore[no-untyped-def]
+    from ember.guest.image import build_image
+
+    root = Path(tempfile.mkdtemp(prefix="edf-", dir="/tmp"))
+    paths = Paths(home=root, cache=ember_paths.cache,
+                  ram=Path(f"/dev/shm/ember-test-{root.name}")).ensure()
+    store = Store(paths.db)
+    build_image(paths, store, "debian-python", force=True)
+    store.close()
+    yield paths
+    from ember.daemon.control import stop as stop_daemon
+
+    try:
+        for info in Sandbox.list(paths=paths):
+            Sandbox.kill(info.id, paths=paths)
+        stop_daemon(paths)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(paths.ram, ignore_errors=True)
+
+
+@pytest.fixture
+def context(tmp_path: Path) -> Path:
+    ctx = tmp_path / "ctx"
+    (ctx / "src").mkdir(parents=True)
+    (ctx / "a.txt").write_text("a\n")
+    (ctx / "b.txt").write_text("b\n")
+    (ctx / "src" / "main.py").write_text("print('main')\n")
+    (ctx / "data.csv").write_text("x,y\n1,2\n")
+    (ctx / "secret.txt.env").write_text("TOKEN=1\n")
+    (ctx / ".dockerignore").write_text("*.env\n")
+    (ctx / "Dockerfile").write_text(EVERYTHING)
+    return ctx
+
+
+def entries(paths: Paths) -> list[SnapshotRecord]:
+    store = Store(paths.db)
+    try:
+        return [s for s in store.list_snapshots() if STEP_META in s.metadata]
+    finally:
+        store.close()
+
+
+def build(paths: Paths, ctx: Path, name: str = "app", **kw: object) -> tuple[object, list[str]]:
+    lines: list[str] = []
+    info = Sandbox.build_template(name, f"dockerfile:{ctx}", paths=paths,
+                                  on_progress=lines.append, **kw)  # type: ignore[arg-type]
+    return info, lines
+
+
+def test_every_instruction_then_a_sandbox_of_it(home: Paths, context: Path) -> None:
+    info, lines = build(home, context, build_args={"GREETING": "hi"})
+    assert any("step 1/" in ln for ln in lines), lines  # progress streamed by the daemon
+    assert "  | greeted" in lines, lines  # the RUN steps' output
+    cfg = info.config  # type: ignore[attr-defined]
+    assert cfg["oci"]["env"] == ["APP_HOME=/app", "NAME=ember user"]
+    assert cfg["oci"]["working_dir"] == "/app" and cfg["oci"]["user"] == "nobody"
+    assert cfg["oci"]["entrypoint"] == ["python3"]
+    assert cfg["oci"]["cmd"] == ["-m", "http.server"]
+    assert cfg["oci"]["exposed_ports"] == ["8000/tcp"]
+    assert cfg["oci"]["labels"] == {"org.example.name": "demo app"}
+    assert cfg["snapshot"]
+    with Sandbox.create("app", paths=home, timeout=300) as sb:
+        out = sb.exec("cat /app/greeting /app/exec-form /tmp/who; echo; "
+                      "stat -c '%a %U %n' /app/a.txt /app/b.txt /app/src/main.py "
+                      "/data/data.csv; ls /app").check().stdout
+    assert "hi, ember user from /app in bash\nroot\n" in out
+    assert "exec form" in out and "nobody\n" in out
+    assert "640 root /app/a.txt" in out and "640 root /app/b.txt" in out
+    assert "nobody /app/src/main.py" in out and "/data/data.csv" in out
+    assert "secret" not in out
+    # cache entries are not user snapshots
+    assert not [s for s in Sandbox.list_snapshots(paths=home) if s.name
+                and s.name.startswith("build-")]
+
+
+def test_a_rebuild_is_cached_and_a_changed_file_rebuilds_from_its_copy(
+        home: Paths, context: Path) -> None:
+    build(home, context)
+    n = len(entries(home))
+    t0 = time.monotonic()
+    _, lines = build(home, context, name="app2")
+    cached = [ln for ln in lines if ln.endswith(": cached")]
+    assert len(cached) == 7, lines  # WORKDIR, 3 copies, 3 RUNs
+    assert len(entries(home)) == n
+    cached_s = time.monotonic() - t0
+    (context / "src" / "main.py").write_text("print('changed')\n")
+    _, lines = build(home, context, name="app3")
+    steps = [ln for ln in lines if ln.startswith("step ")]
+    assert [ln.endswith(": cached") for ln in steps] == [True, True, False, False, False,
+                                                          False, False], steps
+    _, lines = build(home, context, name="app4", no_cache=True)
+    assert not [ln for ln in lines if ln.endswith(": cached")]
+    print(f"cached rebuild: {cached_s:.2f} s")
+    for name in ("app", "app2", "app3", "app4"):
+        Sandbox.delete_template(name, paths=home)
+    pruned = Sandbox.prune_build_cache(paths=home)
+    assert pruned.removed and pruned.freed_bytes > 0
+    assert entries(home) == []
+    assert_no_leaks_anywhere(home, keep_snapshots=())
+
+
+def test_multi_stage_copy_from_and_target(home: Paths, tmp_path: Path) -> None:
+    ctx = tmp_path / "ms"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(
+        "FROM debian-python AS build\n"
+        "RUN mkdir -p /out && echo built > /out/artifact && echo other > /out/other\n"
+        "FROM debian-python\n"
+        "COPY --from=build /out/artifact /opt/\n"
+        "COPY --from=0 /out /opt/all/\n")
+    build(home, ctx, name="ms")
+    with Sandbox.create("ms", paths=home, timeout=300) as sb:
+        out = sb.exec("cat /opt/artifact; ls /opt/all; test -e /out || echo no-out").stdout
+    assert out == "built\nartifact\nother\nno-out\n"
+    build(home, ctx, name="ms-build", target="build")
+    with Sandbox.create("ms-build", paths=home, timeout=300) as sb:
+        assert sb.exec("cat /out/artifact").check().stdout == "built\n"
+
+
+def _nothing_registered(paths: Paths, name: str) -> None:
+    assert name not in [t.name for t in Sandbox.list_templates(paths=paths)]
+    assert Sandbox.list(paths=paths) == []
+
+
+def test_bad_dockerfiles_are_refused_before_any_vm(home: Paths, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    ctx = tmp_path / "bad"
+    ctx.mkdir()
+    cases = {
+        "FROM debian-python\nRUN true\nFROBNICATE x\n": (3, "unknown instruction"),
+        "FROM no-such-template\nRUN true\n": (1, "no template of that name"),
+        "FROM debian-python\nCOPY ../etc /x\n": (2, "leaves the build context"),
+        "FROM debian-python\nCOPY /etc/passwd /x\n": (2, "absolute"),
+        "FROM debian-python\nCOPY link /x\n": (2, "leaves the build context"),
+        "FROM debian-python\nRUN echo \\": (2, "ends inside an instruction"),
+    }
+    os.symlink("/etc/passwd", ctx / "link")
+    for text, (line, words) in cases.items():
+        (ctx / "Dockerfile").write_text(text)
+        with pytest.raises(DockerfileError) as got:
+            build(home, ctx, name="bad")
+        assert f"line {line}" in str(got.value) and words in str(got.value), text
+    (ctx / "link").unlink()
+    (ctx / "big").write_bytes(os.urandom(3 << 20))
+    (ctx / "Dockerfile").write_text("FROM debian-python\nRUN true\n")
+    monkeypatch.setenv("EMBER_LOCAL", "1")  # in this process, which has the bound set
+    monkeypatch.setenv("EMBER_BUILD_CONTEXT_MAX_MIB", "2")
+    with pytest.raises(DockerfileError, match="larger than the bound of 2 MiB"):
+        build(home, ctx, name="bad")
+    _nothing_registered(home, "bad")
+    assert entries(home) == []
+    assert_no_leaks_anywhere(home, keep_snapshots=())
+
+
+def test_a_failing_run_names_its_line_exit_code_and_output(home: Paths,
+                                                            tmp_path: Path) -> None:
+    ctx = tmp_path / "fail"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(
+        "FROM debian-python\n"
+        "RUN echo first > /first\n"
+        "RUN echo 'about to fail' && echo 'on stderr' >&2 && exit 7\n"
+        "RUN echo never\n")
+    with pytest.raises(BuildStepError) as got:
+        build(home, ctx, name="fails")
+    msg = str(got.value)
+    assert msg.startswith("Dockerfile line 3:") and "exit" in msg and "code 7" in msg
+    assert "about to fail" in msg and "on stderr" in msg
+    _nothing_registered(home, "fails")
+    kept = entries(home)
+    assert len(kept) == 1  # the step before it: a valid cache entry
+    assert_no_leaks_anywhere(home, keep_snapshots=[s.id for s in kept])
+    # exec form of a program that does not exist
+    (ctx / "Dockerfile").write_text("FROM debian-python\nRUN [\"/no/such/program\"]\n")
+    with pytest.raises(BuildStepError, match=r"line 2.*code 127"):
+        build(home, ctx, name="fails")
+    _nothing_registered(home, "fails")
+
+
+BUILDER = """\
+import sys
+from ember import Sandbox
+Sandbox.build_template("killed", "dockerfile:" + sys.argv[1],
+                       on_progress=lambda m: print(m, flush=True))
+"""
+
+
+def test_a_build_killed_midway_leaves_nothing_half_made(home: Paths, tmp_path: Path) -> None:
+    ctx = tmp_path / "kill"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text("FROM debian-python\nRUN echo one > /one\n"
+                                    "RUN echo sleeping && sleep 300\nRUN echo never\n")
+    env = {**os.environ, "EMBER_LOCAL": "1", "EMBER_HOME": str(home.home),
+           "EMBER_RAM_DIR": str(home.ram)}
+    p = subprocess.Popen([sys.executable, "-c", BUILDER, str(ctx)], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    try:
+        assert p.stdout is not None
+        for line in p.stdout:
+            seen.append(line)
+            if "| sleeping" in line:
+                break
+        else:
+            pytest.fail("the build ended before its sleep: " + "".join(seen))
+        p.send_signal(signal.SIGKILL)
+        p.wait(30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert "killed" not in [t.name for t in Sandbox.list_templates(paths=home)]
+    (done,) = entries(home)  # RUN echo one: complete, a valid cache entry
+    # the build sandbox outlives its builder; the next build (or prune) ends it
+    pruned = Sandbox.prune_build_cache(paths=home)
+    assert len(pruned.sandboxes) == 1, pruned
+    assert pruned.removed == [done.id]  # no template uses it
+    assert_no_leaks_anywhere(home, keep_snapshots=(), settle=10)
+
+
+def test_the_cli_builds_prunes_and_reports_json(home: Paths, context: Path) -> None:
+    env = {**os.environ, "EMBER_HOME": str(home.home), "EMBER_RAM_DIR": str(home.ram)}
+    cmd = [sys.executable, "-m", "ember.cli", "image", "build", "cli-app", "--from",
+           f"dockerfile:{context}", "--build-arg", "GREETING=cli", "--json"]
+    got = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert got.returncode == 0, got.stderr
+    doc = json.loads(got.stdout)
+    assert doc["name"] == "cli-app" and doc["config"]["oci"]["user"] == "nobody"
+    bad = subprocess.run([sys.executable, "-m", "ember.cli", "image", "build", "x",
+                          "--build-arg", "A=1"], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode != 0 and "dockerfile:PATH" in bad.stderr
+    subprocess.run([sys.executable, "-m", "ember.cli", "image", "rm", "cli-app"], env=env,
+                   check=True, capture_output=True, timeout=120)
+    pruned = subprocess.run([sys.executable, "-m", "ember.cli", "image", "prune", "--json"],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert pruned.returncode == 0, pruned.stderr
+    assert len(json.loads(pruned.stdout)["removed"]) == 7

@@ -1,0 +1,130 @@
+"""A Dockerfile's build context: .dockerignore, COPY sources, symlinks, bounds, digest, tar."""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from ember.errors import DockerfileError
+from ember.guest.dockerfile_context import Context, ContextError, Ignore
+
+
+@pytest.fixture
+def ctx(tmp_path: Path) -> Path:
+    root = tmp_path / "ctx"
+    (root / "src" / "pkg").mkdir(parents=True)
+    (root / "src" / "pkg" / "m.py").write_text("x = 1\n")
+    (root / "src" / "top.py").write_text("import pkg\n")
+    (root / "a1.txt").write_text("a1")
+    (root / "a2.txt").write_text("a2")
+    (root / "b.txt").write_text("b")
+    (root / "secret.env").write_text("TOKEN=1")
+    (root / "build").mkdir()
+    (root / "build" / "out.o").write_text("obj")
+    (root / ".dockerignore").write_text("# comment\n*.env\nbuild\n**/*.pyc\n!keep.pyc\n")
+    (root / "src" / "pkg" / "m.pyc").write_text("cached")
+    (root / "keep.pyc").write_text("kept")
+    os.symlink("a1.txt", root / "inside-link")
+    return root
+
+
+def test_dockerignore_rules() -> None:
+    ig = Ignore(["*.env", "build", "**/*.pyc", "!keep.pyc", "docs/*.md", "!docs/README.md"])
+    assert ig.ignored("x.env") and not ig.ignored("d/x.env")
+    assert ig.ignored("build") and ig.ignored("build/deep/file")
+    assert ig.ignored("a/b/c.pyc") and ig.ignored("c.pyc") and not ig.ignored("keep.pyc")
+    assert ig.ignored("docs/x.md") and not ig.ignored("docs/README.md")
+
+
+def test_sources_follow_dockers_rules(ctx: Path) -> None:
+    c = Context(ctx)
+    got = {e.dest: e.kind for e in c.resolve(["a*.txt"], "/app/")}
+    assert got == {"/app/a1.txt": "file", "/app/a2.txt": "file"}
+    got = {e.dest for e in c.resolve(["b.txt"], "/app/renamed")}
+    assert got == {"/app/renamed"}
+    got = {e.dest for e in c.resolve(["src"], "/app")}  # a directory's contents
+    assert got == {"/app/pkg", "/app/pkg/m.py", "/app/top.py"}  # no .pyc
+
+
+def test_ignored_files_are_not_sources(ctx: Path) -> None:
+    c = Context(ctx)
+    with pytest.raises(ContextError, match="matches nothing"):
+        c.resolve(["secret.env"], "/x")
+    with pytest.raises(ContextError, match="matches nothing"):
+        c.resolve(["build/out.o"], "/x")
+    assert [e.dest for e in c.resolve(["keep.pyc"], "/x/")] == ["/x/keep.pyc"]
+
+
+@pytest.mark.parametrize("src", ["../x", "/etc/passwd", "a/../../x"])
+def test_sources_outside_the_context_are_refused(ctx: Path, src: str) -> None:
+    with pytest.raises(ContextError, match="outside the build context") as got:
+        Context(ctx).resolve([src], "/x")
+    assert isinstance(got.value, DockerfileError)
+
+
+def test_symlinks_leaving_the_context_are_refused(ctx: Path, tmp_path: Path) -> None:
+    (tmp_path / "outside").write_text("host secret")
+    os.symlink(str(tmp_path / "outside"), ctx / "abs-link")
+    os.symlink("../outside", ctx / "rel-link")
+    os.symlink("../..", ctx / "src" / "up")
+    c = Context(ctx)
+    for name in ("abs-link", "rel-link"):
+        with pytest.raises(ContextError, match="leaves the build context"):
+            c.resolve([name], "/x")
+    with pytest.raises(ContextError, match="leaves the build context"):
+        c.resolve(["."], "/x")  # the whole context holds them
+    with pytest.raises(ContextError, match="leaves the build context"):
+        c.resolve(["src"], "/x")  # a directory holding one
+    with pytest.raises(ContextError, match="symlink that leaves"):
+        c.resolve(["src/up/outside"], "/x")  # through a directory symlink
+    inside = c.resolve(["inside-link"], "/x")
+    assert inside[0].kind == "link" and inside[0].target == "a1.txt"
+
+
+def test_a_link_to_an_absolute_path_inside_is_made_relative(ctx: Path) -> None:
+    os.symlink(str(ctx / "b.txt"), ctx / "abs-inside")
+    (e,) = Context(ctx).resolve(["abs-inside"], "/x/")
+    assert e.target == "b.txt"
+
+
+def test_the_context_is_bounded(ctx: Path) -> None:
+    (ctx / "big").write_bytes(b"\0" * 5000)
+    with pytest.raises(ContextError, match="larger than the bound"):
+        Context(ctx, max_bytes=4096).check()
+    with pytest.raises(ContextError, match="larger than the bound"):
+        Context(ctx, max_entries=3).check()
+    size, count = Context(ctx).check()
+    assert size >= 5000 and count > 5
+
+
+def test_a_missing_context_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ContextError, match="does not exist"):
+        Context(tmp_path / "nope")
+
+
+def test_digest_follows_content_not_mtime(ctx: Path) -> None:
+    c = Context(ctx)
+    d1 = c.digest(c.resolve(["src"], "/app"))
+    os.utime(ctx / "src" / "top.py", (1, 1))
+    assert c.digest(c.resolve(["src"], "/app")) == d1
+    (ctx / "src" / "top.py").write_text("changed\n")
+    assert c.digest(c.resolve(["src"], "/app")) != d1
+    assert c.digest(c.resolve(["src"], "/other")) != c.digest(c.resolve(["src"], "/app"))
+    (ctx / "src" / "top.py").chmod(0o700)
+    assert c.digest(c.resolve(["src"], "/app")) != d1
+
+
+def test_tar_holds_destinations_root_owned_with_chmod(ctx: Path, tmp_path: Path) -> None:
+    c = Context(ctx)
+    out = tmp_path / "x.tar"
+    c.write_tar(c.resolve(["src", "inside-link"], "/app/"), out, 0o640)
+    with tarfile.open(out) as t:
+        members = {m.name: m for m in t.getmembers()}
+    assert set(members) == {"app/pkg", "app/pkg/m.py", "app/top.py", "app/inside-link"}
+    for m in members.values():
+        assert m.uid == 0 and m.gid == 0
+        if not m.issym():
+            assert m.mode == 0o640
