@@ -4,6 +4,7 @@ ember's kernel bridge. State, streams, charts, errors, contexts, timeouts, bad i
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import re
 import threading
@@ -220,3 +221,28 @@ def test_a_template_without_jupyter_says_so(api: dict[str, Any], debian_template
         assert box.commands.run("echo fine").stdout == "fine\n"  # the sandbox itself is
     finally:
         box.kill()
+
+
+def test_the_async_sdk(api: dict[str, Any]) -> None:
+    from e2b_code_interpreter import AsyncSandbox
+
+    async def go() -> None:
+        box = await AsyncSandbox.create(timeout=600, **api["opts"])
+        try:
+            seen: list[str] = []
+
+            async def on_stdout(msg: Any) -> None:
+                seen.append(msg.line)
+
+            ex = await box.run_code("print('async'); 6 * 7", on_stdout=on_stdout)
+            assert ex.text == "42" and seen == ["async\n"]
+            ctx = await box.create_code_context()
+            assert ctx.cwd == "/home/user"
+            assert [c.id for c in await box.list_code_contexts()].count(ctx.id) == 1
+            with pytest.raises(TimeoutException):
+                await box.run_code("import time\ntime.sleep(600)", context=ctx, timeout=3)
+            assert (await box.run_code("'free'", context=ctx, timeout=90)).text == "'free'"
+        finally:
+            await box.kill()
+
+    asyncio.run(go())
