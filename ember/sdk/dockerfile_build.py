@@ -9,12 +9,12 @@ digest of what it copies). A step whose key has an entry is not run ("cached"); 
 first one that has none restores its parent's entry (or creates a sandbox from the base
 template) and the rest run in that one sandbox, a snapshot after each. RUN goes through
 ``exec`` (the instruction's env, workdir and user), COPY through the files API (a tar the
-guest unpacks). The result is registered the way ``ember image bake`` registers a baked
-template: the base template's image plus the last step's snapshot, which its sandboxes are
-restored from, and the ENV/WORKDIR/USER/CMD/ENTRYPOINT/EXPOSE/LABEL metadata under
-``config["oci"]``. The template is registered last: a failed or killed build registers
-nothing. Build sandboxes carry their builder's identity, and the next build (or prune)
-destroys those whose builder is gone.
+guest unpacks). The result is an ordinary template: the last step's disk flattened into
+an image of its own (:mod:`ember.guest.dockerfile_image`), the ENV/WORKDIR/USER/CMD/
+ENTRYPOINT/EXPOSE/LABEL metadata under ``config["oci"]``, and its template snapshot made
+by a first create before the build returns. The template is registered last: a failed or
+killed build registers nothing. Build sandboxes carry their builder's identity, and the
+next build (or prune) destroys those whose builder is gone.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import os
 import secrets
 import shlex
@@ -100,7 +101,6 @@ async def build_dockerfile(local: Local, name: str, src: DockerfileSource,
     from ember.guest.image import validate_name
 
     validate_name(name)
-    mgr = local.mgr
     if not opts.force and _template(local, name) is not None:
         raise DockerfileError(f"template {name!r} already exists (use --force to replace it)")
     try:
@@ -115,16 +115,44 @@ async def build_dockerfile(local: Local, name: str, src: DockerfileSource,
     await asyncio.to_thread(sweep_orphans, local)
     b = _Build(local, ctx, opts, say)
     snap, key = await b.run(plan)
-    base = mgr.store.get_template(snap.template)  # the image template under the snapshot
+    rec = await asyncio.to_thread(_register, local, name, src, opts, plan, snap, key,
+                                  list(dict.fromkeys(b.keys)), say)
+    say(f"template {name}: {len(b.ran)} step(s) run, {b.cached} cached; making its "
+        "template snapshot")
+    sb = await local.create(name, vcpus=None, memory_mib=None, disk_mib=None, timeout=600,
+                            env=None, metadata={BUILDER_META: builder_identity()},
+                            boot_timeout=None, on_progress=say, on_timeout="destroy",
+                            isolation="microvm")
+    await sb.kill()
+    return rec
+
+
+def _register(local: Local, name: str, src: DockerfileSource, opts: BuildOptions,
+              plan: df.Plan, snap: SnapshotRecord, key: str, keys: list[str],
+              say: Callable[[str], None]) -> TemplateRecord:
+    """Flatten the last step's disk into the template's own image and register it."""
+    from ember.guest.dockerfile_image import flatten
+    from ember.runtime import snapshots, template_snapshots
+
+    mgr = local.mgr
+    base = mgr.store.get_template(snap.template)  # the image under the snapshot's disk
+    oci = plan.final.config()
+    source = f"dockerfile:{src.dockerfile}"
+    digest = "sha256:" + hashlib.sha256(f"ember-dockerfile\0{key}".encode()).hexdigest()
+    disk = snapshots.snapshot_dir(mgr.paths, snap.id) / snapshots.DISK
+    meta = flatten(mgr.paths, disk, digest, {"digest": digest, "source": source,
+                                             "config": oci},
+                   {"source": source, "source_digest": base.digest, "packages": [],
+                    "config": oci, "recipe": df.STEP_RECIPE}, say)
+    defaults = {k: base.config[k] for k in ("memory_mib",) if k in base.config}
     rec = TemplateRecord(
-        name=name, source=f"dockerfile:{src.dockerfile}", digest=base.digest,
-        image_path=base.image_path, size_bytes=base.size_bytes, created_at=time.time(),
-        config={**base.config, "oci": plan.final.config(), "snapshot": snap.id,
-                "base": plan.base, "dockerfile": {"path": str(src.dockerfile), "key": key,
-                                                  "target": opts.target or ""},
-                "vcpus": snap.vcpus, "memory_mib": snap.memory_mib, "disk_mib": snap.disk_mib})
-    await asyncio.to_thread(mgr.store.put_template, rec, replace=opts.force)
-    say(f"template {name}: {len(b.ran)} step(s) run, {b.cached} cached")
+        name=name, source=source, digest=digest, image_path=meta["image_path"],
+        size_bytes=int(meta["size_bytes"]), created_at=time.time(),
+        config={"oci": oci, "packages": [], "source_digest": base.digest, **defaults,
+                "dockerfile": {"path": str(src.dockerfile), "from": plan.base,
+                               "target": opts.target or "", "keys": keys}})
+    mgr.store.put_template(rec, replace=opts.force)
+    template_snapshots.collect(mgr, name)  # a replaced template's snapshots
     return rec
 
 
@@ -135,6 +163,7 @@ class _Build:
         self.done: dict[str, SnapshotRecord] = {}  # this build's entries, by key
         self.stages: dict[str, tuple[SnapshotRecord, str]] = {}  # built stages, by index
         self.ran: list[str] = []
+        self.keys: list[str] = []  # every state's key, cached or built
         self.cached = 0
 
     async def run(self, plan: df.Plan) -> tuple[SnapshotRecord, str]:
@@ -153,6 +182,7 @@ class _Build:
             for i, step in enumerate(steps, 1):
                 content = await self._content(step, plan)
                 key = df.step_key(key, step, content)
+                self.keys.append(key)
                 where = f"step {i}/{len(steps)} (line {step.instruction.line})"
                 found = self._lookup(key)
                 if found is not None:
@@ -170,6 +200,7 @@ class _Build:
                 current = await self._snapshot(sb, key)
                 self.ran.append(key)
             if current is None:  # no step changes the file system: the base's state
+                self.keys.append(key)
                 found = self._lookup(key)
                 if found is None:
                     sb = sb or await self._start(plan, None)
@@ -383,18 +414,30 @@ class PruneResult:
 
 
 def prune(local: Local) -> PruneResult:
-    """Remove the step cache entries that no template uses (and no live sandbox was
-    restored from), and the build sandboxes of dead builders."""
+    """Remove the step cache entries that no template was built from (a template keeps
+    the newest entry of each of its steps: rebuilding it is all cache hits) and no live
+    sandbox was restored from, and the build sandboxes of dead builders."""
     from ember.runtime import snapshots
 
     mgr = local.mgr
     orphans = sweep_orphans(local)
-    used = {str(t.config.get("snapshot")) for t in mgr.store.list_templates()
-            if t.config.get("snapshot")}
+    used: set[str] = set()
+    keys: set[str] = set()
+    for t in mgr.store.list_templates():
+        if t.config.get("snapshot"):
+            used.add(str(t.config["snapshot"]))
+        built = t.config.get("dockerfile")
+        if isinstance(built, dict) and isinstance(built.get("keys"), list):
+            keys.update(str(k) for k in built["keys"])
     removed, freed = [], 0
-    for snap in mgr.store.list_snapshots():
-        if STEP_META not in snap.metadata or snap.id in used:
-            continue
+    found = sorted(cache_entries(local), key=lambda s: s.created_at, reverse=True)
+    newest: dict[str, str] = {}
+    for snap in found:
+        newest.setdefault(snap.metadata[STEP_META], snap.id)
+    for snap in found:
+        key = snap.metadata[STEP_META]
+        if snap.id in used or (key in keys and newest[key] == snap.id):
+            continue  # what a template was made of (an older one a --no-cache superseded goes)
         if snapshots.users(mgr.store, snap.id, LIVE_STATES):
             continue
         size = _dir_size(snapshots.snapshot_dir(mgr.paths, snap.id))

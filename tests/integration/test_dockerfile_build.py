@@ -43,7 +43,7 @@ RUN echo "$GREETING, $NAME from $(pwd) in ${BASH_VERSION:+bash}" > greeting \\
     && id -un >> greeting && echo greeted
 RUN ["python3", "-c", "open('/app/exec-form', 'w').write('exec form')"]
 USER nobody
-RUN id -un > /tmp/who
+RUN id -un > /var/tmp/who
 EXPOSE 8000
 ENTRYPOINT ["python3"]
 CMD ["-m", "http.server"]
@@ -67,6 +67,13 @@ def home(ember_paths: Paths, debian_template) -> Iterator[Paths]:  # type: ignor
         for info in Sandbox.list(paths=paths):
             Sandbox.kill(info.id, paths=paths)
         stop_daemon(paths)
+        store = Store(paths.db)
+        try:  # the images of Dockerfile builds: the cache is shared, these are ours
+            for t in store.list_templates():
+                if t.source.startswith("dockerfile:"):
+                    shutil.rmtree(Path(t.image_path).parent, ignore_errors=True)
+        finally:
+            store.close()
     finally:
         shutil.rmtree(root, ignore_errors=True)
         shutil.rmtree(paths.ram, ignore_errors=True)
@@ -112,9 +119,21 @@ def test_every_instruction_then_a_sandbox_of_it(home: Paths, context: Path) -> N
     assert cfg["oci"]["cmd"] == ["-m", "http.server"]
     assert cfg["oci"]["exposed_ports"] == ["8000/tcp"]
     assert cfg["oci"]["labels"] == {"org.example.name": "demo app"}
-    assert cfg["snapshot"]
+    assert cfg["dockerfile"]["from"] == "debian-python" and len(cfg["dockerfile"]["keys"]) == 7
+    (tpl,) = [t for t in Sandbox.list_templates(paths=home) if t.name == "app"]
+    assert tpl.digest != next(t for t in Sandbox.list_templates(paths=home)
+                              if t.name == "debian-python").digest  # an image of its own
+    assert [s for s in tpl.snapshots if s.current]  # its template snapshot, made already
+    from ember.guest.check import check_image
+
+    store = Store(home.db)
+    try:
+        checked = check_image(home, store, "app", timeout=180)
+    finally:
+        store.close()
+    assert checked.ok and checked.digest == tpl.digest  # /.ember/image.json rewritten
     with Sandbox.create("app", paths=home, timeout=300) as sb:
-        out = sb.exec("cat /app/greeting /app/exec-form /tmp/who; echo; "
+        out = sb.exec("cat /app/greeting /app/exec-form /var/tmp/who; echo; "
                       "stat -c '%a %U %n' /app/a.txt /app/b.txt /app/src/main.py "
                       "/data/data.csv; ls /app").check().stdout
     assert "hi, ember user from /app in bash\nroot\n" in out
@@ -145,7 +164,14 @@ def test_a_rebuild_is_cached_and_a_changed_file_rebuilds_from_its_copy(
     _, lines = build(home, context, name="app4", no_cache=True)
     assert not [ln for ln in lines if ln.endswith(": cached")]
     print(f"cached rebuild: {cached_s:.2f} s")
-    for name in ("app", "app2", "app3", "app4"):
+    before = {s.id for s in entries(home)}
+    pruned = Sandbox.prune_build_cache(paths=home)
+    # kept: the newest entry of every step the four templates were made of (app4's
+    # --no-cache superseded app's and app2's for the same keys)
+    assert len(before) == 7 + 5 + 7 and len(pruned.removed) == 7, pruned
+    _, lines = build(home, context, name="app5")
+    assert len([ln for ln in lines if ln.endswith(": cached")]) == 7
+    for name in ("app", "app2", "app3", "app4", "app5"):
         Sandbox.delete_template(name, paths=home)
     pruned = Sandbox.prune_build_cache(paths=home)
     assert pruned.removed and pruned.freed_bytes > 0
