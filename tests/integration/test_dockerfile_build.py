@@ -60,6 +60,7 @@ def home(ember_paths: Paths, debian_template) -> Iterator[Paths]:  # type: ignor
     store = Store(paths.db)
     build_image(paths, store, "debian-python", force=True)
     store.close()
+    images_before = set(paths.images.iterdir())
     yield paths
     from ember.daemon.control import stop as stop_daemon
 
@@ -67,13 +68,11 @@ def home(ember_paths: Paths, debian_template) -> Iterator[Paths]:  # type: ignor
         for info in Sandbox.list(paths=paths):
             Sandbox.kill(info.id, paths=paths)
         stop_daemon(paths)
-        store = Store(paths.db)
-        try:  # the images of Dockerfile builds: the cache is shared, these are ours
-            for t in store.list_templates():
-                if t.source.startswith("dockerfile:"):
-                    shutil.rmtree(Path(t.image_path).parent, ignore_errors=True)
-        finally:
-            store.close()
+        for d in set(paths.images.iterdir()) - images_before:  # the cache is shared
+            meta = d / "meta.json"
+            if meta.is_file() and json.loads(meta.read_text())["source"].startswith(
+                    "dockerfile:"):
+                shutil.rmtree(d, ignore_errors=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
         shutil.rmtree(paths.ram, ignore_errors=True)
