@@ -205,6 +205,13 @@ class NetworkError(HostError):
     code: ClassVar[str] = "network_error"
 
 
+class NodeUnavailableError(HostError):
+    """The sandbox lives on another node of the cluster whose daemon does not answer (the
+    node is down, cut off, or its daemon stopped); the message names the node."""
+
+    code: ClassVar[str] = "node_unavailable"
+
+
 def _all_classes(root: type[EmberError]) -> list[type[EmberError]]:
     out = [root]
     for sub in root.__subclasses__():

@@ -32,6 +32,9 @@ def _advertise_options(fn: F) -> F:
     fn = click.option("--vcpus", type=click.IntRange(min=1), default=None,
                       help="vCPUs sandboxes may have on this host (default: its CPU count).")(fn)
     fn = click.option("--json", "as_json", is_flag=True, help="Print the record as JSON.")(fn)
+    fn = click.option("--daemon-port", type=click.IntRange(1, 65535), default=None,
+                      help="TCP port of this node's daemon on --node-ip, where the other "
+                      "nodes' daemons forward requests for its sandboxes (default 7707).")(fn)
     return fn
 
 
@@ -43,7 +46,7 @@ def _serve_and_show(rec: object, as_json: bool) -> None:
     from ember.paths import Paths
 
     assert isinstance(rec, ClusterRecord)
-    st = control.start(Paths.from_env())
+    st = control.start(Paths.from_env(), listen=rec.daemon)
     if as_json:
         print_json(rec.to_json())
         return
@@ -63,19 +66,21 @@ def _serve_and_show(rec: object, as_json: bool) -> None:
 @_advertise_options
 @handle_errors
 def start_head(redis: str, redis_password: str | None, port: int | None, as_json: bool,
-               vcpus: int | None, memory_mib: int | None, node_ip: str | None) -> None:
+               vcpus: int | None, memory_mib: int | None, node_ip: str | None,
+               daemon_port: int | None) -> None:
     """Start the cluster's head on this host (also a node that runs sandboxes; its daemon
     is started unless it runs). Run it again after the head died, with the same Redis and
     port: the cluster resumes."""
     from ember.cluster.advertise import detect_advertisement
-    from ember.cluster.node import DEFAULT_PORT
+    from ember.cluster.node import DEFAULT_DAEMON_PORT, DEFAULT_PORT
     from ember.cluster.node import start_head as start
     from ember.paths import Paths
 
     paths = Paths.from_env().ensure()
     adv = detect_advertisement(paths, vcpus=vcpus, memory_mib=memory_mib)
     _serve_and_show(start(paths, adv, redis=redis, node_ip=node_ip, port=port or DEFAULT_PORT,
-                redis_password=redis_password), as_json)
+                redis_password=redis_password,
+                daemon_port=daemon_port or DEFAULT_DAEMON_PORT), as_json)
 
 
 @cluster.command("join")
@@ -83,16 +88,18 @@ def start_head(redis: str, redis_password: str | None, port: int | None, as_json
 @_advertise_options
 @handle_errors
 def join(address: str, as_json: bool, vcpus: int | None, memory_mib: int | None,
-         node_ip: str | None) -> None:
+         node_ip: str | None, daemon_port: int | None) -> None:
     """Join the cluster whose head is at ADDRESS (HOST:PORT, as start-head printed); this
     home's daemon is started unless it runs."""
     from ember.cluster.advertise import detect_advertisement
+    from ember.cluster.node import DEFAULT_DAEMON_PORT
     from ember.cluster.node import join as join_cluster
     from ember.paths import Paths
 
     paths = Paths.from_env().ensure()
     adv = detect_advertisement(paths, vcpus=vcpus, memory_mib=memory_mib)
-    _serve_and_show(join_cluster(paths, adv, address, node_ip=node_ip), as_json)
+    _serve_and_show(join_cluster(paths, adv, address, node_ip=node_ip,
+                                 daemon_port=daemon_port or DEFAULT_DAEMON_PORT), as_json)
 
 
 @cluster.command("leave")

@@ -191,13 +191,15 @@ def ls(as_json: bool) -> None:
     if as_json:
         print_json([dataclasses.asdict(i) for i in infos])
         return
-    t = Table("ID", "TEMPLATE", "ISOLATION", "STATE", "VCPUS", "MEMORY", "CREATED", "EXPIRES",
-              "NOTE")
+    cluster = any(i.node for i in infos)  # a node of a cluster lists the whole cluster
+    t = Table("ID", *(["NODE"] if cluster else []), "TEMPLATE", "ISOLATION", "STATE", "VCPUS",
+              "MEMORY", "CREATED", "EXPIRES", "NOTE")
     for i in infos:
         created = datetime.datetime.fromtimestamp(i.created_at).strftime("%H:%M:%S")
         expires = (f"in {max(0, int(i.expires_at - time.time()))} s" if i.expires_at else "-")
-        t.add_row(i.id, i.template, i.isolation, i.state, str(i.vcpus),
-                  f"{i.memory_mib} MiB", created, expires, (i.error or "")[:60])
+        t.add_row(i.id, *([(i.node or "-")[:12]] if cluster else []), i.template, i.isolation,
+                  i.state, str(i.vcpus), f"{i.memory_mib} MiB", created, expires,
+                  (i.error or "")[:60])
     out_console.print(t)
 
 

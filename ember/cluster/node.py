@@ -22,8 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ember.cluster.advertise import Advertisement
-from ember.cluster.nodes import INSTALL_HINT, own_node_id
-from ember.cluster.record import ClusterRecord, Role, clear_record, load_record, save_record
+from ember.cluster.directory import publish_node
+from ember.cluster.nodes import INSTALL_HINT, QUERY_TIMEOUT_S, bounded, own_node_id
+from ember.cluster.record import (
+    ClusterRecord,
+    Role,
+    clear_record,
+    load_record,
+    save_record,
+    save_secret,
+)
 from ember.errors import BadRequestError, HostError, MissingDependencyError
 from ember.paths import Paths
 from ember.proc import run
@@ -39,6 +47,8 @@ START_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 60.0
 #: How long a started node may take to appear alive in the node table.
 REGISTER_WAIT_S = 60.0
+#: The TCP port of a node's daemon, where other nodes' daemons forward requests to.
+DEFAULT_DAEMON_PORT = 7707
 
 
 @dataclass(frozen=True)
@@ -51,6 +61,7 @@ class JoinOptions:
     redis: str | None = None  # the head's Redis, host:port
     redis_password: str | None = None
     redis_username: str = "default"
+    daemon_port: int = DEFAULT_DAEMON_PORT
 
 
 def ray_executable() -> str:
@@ -158,29 +169,37 @@ def _start(paths: Paths, opts: JoinOptions, adv: Advertisement, role: Role) -> C
                 raise HostError(f"Ray's node started but is not alive in the node table of "
                                 f"{address} after {REGISTER_WAIT_S:.0f} s (logs: {temp})")
             time.sleep(0.5)
+    daemon = f"{opts.node_ip}:{opts.daemon_port}"
+    secret = bounded(lambda: publish_node(address, str(node_id), daemon), QUERY_TIMEOUT_S,
+                     f"publishing this node's daemon ({daemon}) to {address}")
+    save_secret(paths, secret)
     rec = ClusterRecord(address=address, role=role, node_ip=opts.node_ip, node_id=node_id,
                         resources=adv.resources(), ray_temp_dir=str(temp),
-                        joined_at=time.time(), redis=opts.redis if role == "head" else None)
+                        joined_at=time.time(), redis=opts.redis if role == "head" else None,
+                        daemon=daemon)
     save_record(paths, rec)
     return rec
 
 
 def start_head(paths: Paths, adv: Advertisement, *, redis: str, node_ip: str | None = None,
                port: int = DEFAULT_PORT, redis_password: str | None = None,
-               redis_username: str = "default") -> ClusterRecord:
+               redis_username: str = "default",
+               daemon_port: int = DEFAULT_DAEMON_PORT) -> ClusterRecord:
     """Start the cluster's head on this host, its GCS state in ``redis``; again after a
     head restart, with the same Redis, address and port: the cluster resumes."""
     split_address(redis)
     opts = JoinOptions(node_ip=node_ip or source_ip_towards(redis), port=port, redis=redis,
-                       redis_password=redis_password, redis_username=redis_username)
+                       redis_password=redis_password, redis_username=redis_username,
+                       daemon_port=daemon_port)
     return _start(paths, opts, adv, "head")
 
 
-def join(paths: Paths, adv: Advertisement, address: str, *,
-         node_ip: str | None = None) -> ClusterRecord:
+def join(paths: Paths, adv: Advertisement, address: str, *, node_ip: str | None = None,
+         daemon_port: int = DEFAULT_DAEMON_PORT) -> ClusterRecord:
     """Join the cluster whose head's GCS is at ``address`` as a worker node."""
     split_address(address)
-    opts = JoinOptions(node_ip=node_ip or source_ip_towards(address), address=address)
+    opts = JoinOptions(node_ip=node_ip or source_ip_towards(address), address=address,
+                       daemon_port=daemon_port)
     return _start(paths, opts, adv, "worker")
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ember.cluster.advertise import MEMORY_MIB, TEMPLATE, TIER, VCPUS
+from ember.cluster.directory import forget_sandbox, record_sandbox
 
 log = logging.getLogger("ember.cluster")
 
@@ -126,7 +127,12 @@ def _holder_class() -> Any:
                     return
 
         def _end(self) -> None:
-            """Give the resources back: this actor ends."""
+            """Forget where the sandbox was and give the resources back: this actor ends."""
+            try:
+                forget_sandbox(str(self.sandbox_id))
+            except Exception as err:  # a stale record answers 404 from the node itself
+                log.warning("could not forget sandbox %s in the directory: %s",
+                            self.sandbox_id, err)
             ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
     actor: Any = ray.remote  # Ray's stubs know functions, not actor classes' options
@@ -172,6 +178,9 @@ def place(p: Placement) -> dict[str, Any]:
         raise
     if "info" not in out:  # no sandbox: nothing to hold
         ray.kill(holder, no_restart=True)
+        return out
+    # Where it lives, for every node's daemon to find (Ray stays off the data path).
+    record_sandbox(str(out["info"]["id"]), str(out["node_id"]))
     return out
 
 

@@ -20,6 +20,9 @@ from ember.paths import Paths
 Role = Literal["head", "worker"]
 ROLES: tuple[Role, ...] = ("head", "worker")
 FILENAME = "cluster.json"
+#: The cluster's shared secret (:mod:`ember.cluster.vouch`), apart from the record, which
+#: the daemon shows in ``GET /v1/health``.
+SECRET_FILENAME = "cluster.secret"
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,8 @@ class ClusterRecord:
     joined_at: float = 0.0
     #: The head's Redis (``host:port``) that keeps the GCS state; head only.
     redis: str | None = None
+    #: This node's daemon on TCP (``ip:port``), where other nodes' daemons forward to.
+    daemon: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,6 +65,9 @@ class ClusterRecord:
         redis = data.get("redis")
         if redis is not None and not isinstance(redis, str):
             raise ValueError("redis must be a string")
+        daemon = data.get("daemon")
+        if daemon is not None and not isinstance(daemon, str):
+            raise ValueError("daemon must be a string")
         temp = data.get("ray_temp_dir", "")
         joined = data.get("joined_at", 0.0)
         if not isinstance(temp, str) or not isinstance(joined, int | float):
@@ -67,7 +75,7 @@ class ClusterRecord:
         return cls(address=str(strings["address"]), role=role, node_ip=str(strings["node_ip"]),
                    node_id=str(strings["node_id"]),
                    resources={k: float(v) for k, v in resources.items()},
-                   ray_temp_dir=temp, joined_at=float(joined), redis=redis)
+                   ray_temp_dir=temp, joined_at=float(joined), redis=redis, daemon=daemon)
 
 
 def load_record(paths: Paths) -> ClusterRecord | None:
@@ -99,8 +107,31 @@ def save_record(paths: Paths, rec: ClusterRecord) -> None:
         raise HostError(f"cannot write {path}: {err.strerror}") from err
 
 
+def save_secret(paths: Paths, secret: str) -> None:
+    """Keep the cluster's secret in the home, readable by its owner only."""
+    path = paths.home / SECRET_FILENAME
+    tmp = path.with_name(f".{SECRET_FILENAME}.{os.getpid()}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secret + "\n")
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise HostError(f"cannot write {path}: {err.strerror}") from err
+
+
+def load_secret(paths: Paths) -> str | None:
+    """The cluster's secret, or None when this home has none."""
+    try:
+        return (paths.home / SECRET_FILENAME).read_text().strip() or None
+    except OSError:
+        return None
+
+
 def clear_record(paths: Paths) -> bool:
     """Forget the cluster; True when there was a record."""
+    (paths.home / SECRET_FILENAME).unlink(missing_ok=True)
     path = paths.home / FILENAME
     try:
         path.unlink()

@@ -34,6 +34,7 @@ from ember.daemon import (
     routes_usage,
 )
 from ember.daemon.auth import Principal, Quotas
+from ember.daemon.cluster_forward import ClusterForward
 from ember.daemon.deps import Who
 from ember.daemon.errors import headers_for, status_for
 from ember.daemon.live import LiveSandboxes
@@ -89,6 +90,7 @@ def create_app(paths: Paths, *, idle_exit: float | None = None,
     app.state.metrics = metrics
     app.state.quotas = Quotas(live.mgr.store)
     app.state.proxy = proxy
+    app.add_middleware(ClusterForward, paths=paths)  # another node's sandboxes: there
     app.add_middleware(EdgeMiddleware)
     app.add_middleware(HostRouting, domain=proxy.domain)  # before the edge
     install_e2b(app, paths, live, proxy.domain)  # E2B's API; envd's requests outermost

@@ -8,7 +8,9 @@ from typing import Annotated
 
 from fastapi import Depends, Path, Request
 
-from ember.daemon.auth import Principal, Quotas, own_sandbox, principal_of
+from ember.cluster.record import load_secret
+from ember.cluster.vouch import VOUCH_HEADER, verify
+from ember.daemon.auth import ADMIN, Principal, Quotas, own_sandbox, principal_of
 from ember.daemon.live import LiveSandboxes
 from ember.daemon.metrics import Metrics
 from ember.daemon.port_proxy import PortProxy
@@ -38,6 +40,10 @@ def _proxy(request: Request) -> PortProxy:
 
 def _principal(request: Request) -> Principal:
     live: LiveSandboxes = request.app.state.live
+    vouch = request.headers.get(VOUCH_HEADER)
+    if vouch is not None:  # another node of the cluster forwards for its caller
+        tenant = verify(load_secret(live.paths), vouch, request.method, request.url.path)
+        return Principal(tenant, tenant == ADMIN)
     return principal_of(live.mgr.store, request.scope.get("client"),
                         request.headers.get("authorization"))
 

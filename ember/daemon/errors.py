@@ -6,6 +6,7 @@ from ember.errors import (
     BadRequestError,
     EmberError,
     EmberTimeoutError,
+    NodeUnavailableError,
     NotFoundError,
     QuotaExceededError,
     SandboxStateError,
@@ -24,6 +25,7 @@ _STATUS: list[tuple[type[EmberError], int]] = [
     (SnapshotError, 409),
     (EmberTimeoutError, 504),
     (TierUnavailableError, 501),
+    (NodeUnavailableError, 503),
 ]
 
 

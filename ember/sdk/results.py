@@ -117,6 +117,7 @@ class SandboxInfo:
     isolation: Isolation = "microvm"
     tenant: str | None = None  # the daemon tenant it belongs to (None: made outside one)
     network: NetworkPolicy | None = None  # its egress policy; None: no network at all
+    node: str | None = None  # the cluster node that holds it (cluster-wide lists only)
 
 
 @dataclass(frozen=True)

@@ -94,8 +94,19 @@ def _holders(state: dict[str, Any]) -> list[str]:
 
 
 def _where(world: ClusterWorld, sandbox_id: str) -> list[Node]:
-    return [n for n in world.nodes if n.holder is not None
-            and sandbox_id in {i.id for i in Sandbox.list(url=_url(n))}]
+    """The nodes whose own home holds the sandbox (their registries: a daemon's list is
+    the whole cluster's)."""
+    out = []
+    for n in world.nodes:
+        if n.holder is None or not n.paths.db.exists():
+            continue
+        store = Store(n.paths.db)
+        try:
+            if sandbox_id in {r.id for r in store.list_sandboxes()}:
+                out.append(n)
+        finally:
+            store.close()
+    return out
 
 
 def _vmm_of(node: Node, sandbox_id: str) -> list[int]:
