@@ -315,3 +315,105 @@ def test_the_cli_builds_prunes_and_reports_json(home: Paths, context: Path) -> N
                             env=env, capture_output=True, text=True, timeout=120)
     assert pruned.returncode == 0, pruned.stderr
     assert len(json.loads(pruned.stdout)["removed"]) == 7
+
+
+def _wheel(path: Path, name: str, version: str, files: dict[str, str]) -> Path:
+    """A minimal pure-Python wheel (PEP 427) holding ``files``."""
+    import base64
+    import hashlib
+    import zipfile
+
+    dist = f"{name.replace('-', '_')}-{version}"
+    out = path / f"{dist}-py3-none-any.whl"
+    entries = {**files,
+               f"{dist}.dist-info/METADATA":
+                   f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+               f"{dist}.dist-info/WHEEL":
+                   "Wheel-Version: 1.0\nGenerator: ember-tests\nRoot-Is-Purelib: true\n"
+                   "Tag: py3-none-any\n"}
+    record = []
+    for n, text in entries.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest())
+        record.append(f"{n},sha256={digest.decode().rstrip('=')},{len(text.encode())}")
+    record.append(f"{dist}.dist-info/RECORD,,")
+    with zipfile.ZipFile(out, "w") as z:
+        for n, text in entries.items():
+            z.writestr(n, text)
+        z.writestr(f"{dist}.dist-info/RECORD", "\n".join(record) + "\n")
+    return out
+
+
+def _serve_index(world: object, root: Path, port: int) -> object:
+    """A PEP 503 simple index of ``root`` on the fake internet (a thread of this process
+    whose socket was opened inside its namespace: no name lookups)."""
+    import functools
+    import socket
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    from ember.net.nsutil import in_netns, netns_path
+
+    sock = in_netns(netns_path(world.inet),  # type: ignore[attr-defined]
+                    lambda: socket.create_server(("0.0.0.0", port)))
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(root))
+    server = ThreadingHTTPServer(("0.0.0.0", port), handler, bind_and_activate=False)
+    server.socket.close()
+    server.socket = sock
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.mark.slow
+def test_a_python_app_from_a_local_index_with_the_builds_network_only(
+        home: Paths, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pip installs from a package index on the fake internet (a namespace this test
+    makes; nothing leaves the machine) during the build; the template's sandboxes have
+    no network, and a build without --network has none either."""
+    from ember import NetworkPolicy
+    from tests.integration.networld import INET_IP, fake_world
+
+    pip_whl = sorted(Path("/usr/share/python-wheels").glob("pip-*.whl"))
+    if not pip_whl:
+        pytest.skip("Debian's python3-pip-whl (pip's wheel) is not installed")
+    index = tmp_path / "index"
+    (index / "simple" / "demo-app").mkdir(parents=True)
+    (index / "packages").mkdir()
+    whl = _wheel(index / "packages", "demo-app", "1.0",
+                 {"demo_app/__init__.py": "VALUE = 'from the local index'\n"})
+    (index / "simple" / "demo-app" / "index.html").write_text(
+        f'<html><body><a href="../../packages/{whl.name}">{whl.name}</a></body></html>\n')
+    ctx = tmp_path / "app"
+    (ctx / "wheels").mkdir(parents=True)
+    shutil.copy(pip_whl[-1], ctx / "wheels")
+    (ctx / "main.py").write_text("import demo_app\nprint(demo_app.VALUE)\n")
+    port = 8090
+    (ctx / "Dockerfile").write_text(
+        "FROM debian-python\n"
+        "ENV PIP_BREAK_SYSTEM_PACKAGES=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 \\\n"
+        "    PIP_RETRIES=0\n"
+        "COPY wheels/ /opt/wheels/\n"
+        f"RUN python3 /opt/wheels/{pip_whl[-1].name}/pip install --no-index "
+        f"/opt/wheels/{pip_whl[-1].name} && rm -r /opt/wheels\n"
+        "WORKDIR /app\n"
+        "COPY main.py .\n"
+        f"RUN pip install --index-url http://{INET_IP}:{port}/simple/ "
+        f"--trusted-host {INET_IP} demo-app\n"
+        'CMD ["python3", "/app/main.py"]\n')
+    monkeypatch.setenv("EMBER_LOCAL", "1")  # in this process, with the fake host below
+    with fake_world() as world:
+        monkeypatch.setenv("EMBER_NET_HOST_NS", world.host)
+        server = _serve_index(world, index, port)
+        try:
+            with pytest.raises(BuildStepError, match="line 8") as got:  # no --network
+                build(home, ctx, name="pyapp")
+            assert "No matching distribution found for demo-app" in str(got.value)
+            _, lines = build(home, ctx, name="pyapp", build_network=NetworkPolicy(
+                internet=False, allow=(f"{INET_IP}/32",)))
+        finally:
+            server.shutdown()  # type: ignore[attr-defined]
+            server.server_close()  # type: ignore[attr-defined]
+    assert any("Successfully installed demo-app-1.0" in ln for ln in lines), lines
+    with Sandbox.create("pyapp", paths=home, timeout=300) as sb:
+        assert sb.exec("python3 /app/main.py").check().stdout == "from the local index\n"
+        assert sb.info().network is None
+    assert_no_leaks_anywhere(home, keep_snapshots=[s.id for s in entries(home)])
