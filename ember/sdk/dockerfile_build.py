@@ -195,7 +195,7 @@ class _Build:
                     continue
                 self.say(f"{where} {_short(step)}")
                 if sb is None:
-                    sb = await self._start(plan, current)
+                    sb = await self._start(base.name, current)
                 await self._execute(sb, step, plan)
                 current = await self._snapshot(sb, key)
                 self.ran.append(key)
@@ -203,7 +203,7 @@ class _Build:
                 self.keys.append(key)
                 found = self._lookup(key)
                 if found is None:
-                    sb = sb or await self._start(plan, None)
+                    sb = sb or await self._start(base.name, None)
                     found = await self._snapshot(sb, key)
                 current = found
         finally:
@@ -213,20 +213,37 @@ class _Build:
         return current, key
 
     async def _base(self, plan: df.Plan) -> TemplateRecord:
+        """The FROM template: a template's name, or an image source (``registry:...``,
+        ``docker://...``, ``oci-layout:...``, ``debian:SUITE``, ...) built first as the
+        template ``from-<hash>`` (kept: a later build of the same source reuses it)."""
         tpl = _template(self.local, plan.base)
         if tpl is not None:
             return tpl
-        raise df.dockerfile_error(plan.stage.line, f"FROM {plan.base}: no template of that "
-                                  "name (see ember image ls; build it first with ember image "
-                                  "build NAME --from SOURCE)")
+        if not is_source(plan.base):
+            raise df.dockerfile_error(
+                plan.stage.line, f"FROM {plan.base}: no template of that name (see ember "
+                "image ls), and not an image source (registry:HOST/REPO:TAG, docker://..., "
+                "oci-layout:DIR, docker-archive:FILE, debian:SUITE, dir:PATH)")
+        name = base_template_name(plan.base)
+        tpl = _template(self.local, name)
+        if tpl is not None and tpl.source == plan.base:
+            self.say(f"FROM {plan.base}: template {name}")
+            return tpl
+        self.say(f"FROM {plan.base}: building it as template {name}")
+        info = await self.local.build_template(name, plan.base, packages=(), force=True,
+                                               rebuild=False, free_mib=1024,
+                                               on_progress=self.say)
+        del info
+        return self.local.mgr.store.get_template(name)
 
-    async def _start(self, plan: df.Plan, parent: SnapshotRecord | None) -> AsyncSandbox:
+    async def _start(self, template: str, parent: SnapshotRecord | None) -> AsyncSandbox:
+        """A build sandbox: restored from ``parent``, else created from ``template``."""
         from ember.runtime.spec import SandboxSpec
 
         meta = {BUILDER_META: builder_identity()}
         if parent is None:
             return await self.local.create(
-                plan.base, vcpus=None, memory_mib=None, disk_mib=None,
+                template, vcpus=None, memory_mib=None, disk_mib=None,
                 timeout=BUILD_LIFETIME_S, env=None, metadata=meta, boot_timeout=None,
                 on_progress=self.say, on_timeout="destroy", isolation="microvm",
                 network=self.opts.network)
@@ -297,7 +314,7 @@ class _Build:
         c = step.copy
         assert c is not None and c.from_stage is not None
         snap = self.stages[c.from_stage][0]
-        src = await self._start(plan, snap)
+        src = await self._start("", snap)
         try:
             # the guest's shell expands the globs (sources are words without spaces)
             names = " ".join(s.lstrip("/") or "." for s in c.sources)
@@ -344,6 +361,19 @@ class _Build:
             self.say(f"  | {partial[0]}"[:2000])
         if code != 0:
             raise _step_error(step, code, bytes(tail), f"exited with code {code}")
+
+
+SOURCE_PREFIXES = ("registry:", "docker://", "oci-layout:", "docker-archive:", "debian:",
+                   "dir:")
+
+
+def is_source(base: str) -> bool:
+    """Whether FROM names an image source ``ember image build --from`` accepts."""
+    return base.startswith(SOURCE_PREFIXES)
+
+
+def base_template_name(source: str) -> str:
+    return "from-" + hashlib.sha256(source.encode()).hexdigest()[:12]
 
 
 def _step_error(step: df.Step, code: int | None, tail: bytes, what: str) -> BuildStepError:

@@ -417,3 +417,32 @@ def test_a_python_app_from_a_local_index_with_the_builds_network_only(
         assert sb.exec("python3 /app/main.py").check().stdout == "from the local index\n"
         assert sb.info().network is None
     assert_no_leaks_anywhere(home, keep_snapshots=[s.id for s in entries(home)])
+
+
+def test_from_an_image_source_builds_it_first(home: Paths, tmp_path: Path) -> None:
+    """FROM an OCI layout of busybox (no Debian, no Python of its own): the source is built
+    as template from-<hash> first, and reused by the next build."""
+    from ember.sdk.dockerfile_build import base_template_name
+    from tests.oci_fixtures import make_busybox_oci_layout
+
+    layout = make_busybox_oci_layout(tmp_path / "busybox-oci")
+    ctx = tmp_path / "bb"
+    ctx.mkdir()
+    (ctx / "hello.txt").write_text("hello busybox\n")
+    (ctx / "Dockerfile").write_text(
+        "ARG SRC\n"
+        "FROM oci-layout:$SRC\n"
+        "COPY --chmod=600 hello.txt /srv/\n"
+        "RUN cp /srv/hello.txt /srv/copy && busybox --help >/dev/null\n")
+    _, lines = build(home, ctx, name="bb", build_args={"SRC": str(layout)})
+    base = base_template_name(f"oci-layout:{layout}")
+    assert any(f"building it as template {base}" in ln for ln in lines), lines
+    assert base in [t.name for t in Sandbox.list_templates(paths=home)]
+    with Sandbox.create("bb", paths=home, timeout=300) as sb:
+        assert sb.exec("cat /srv/copy; stat -c %a /srv/hello.txt").check().stdout == (
+            "hello busybox\n600\n")
+    _, lines = build(home, ctx, name="bb2", build_args={"SRC": str(layout)})
+    assert any(f"template {base}" in ln and "building" not in ln for ln in lines), lines
+    with pytest.raises(DockerfileError, match="not an image source"):
+        (ctx / "Dockerfile").write_text("FROM python:3.11-slim\nRUN true\n")
+        build(home, ctx, name="bb3")
