@@ -256,10 +256,10 @@ def bake(name: str, base: str, setup: str | None, vcpus: int, memory_mib: int,
 
     from ember.sdk.bake import bake_template_sync
 
-    def echo(chunk: bytes) -> None:
+    def echo(chunk: str) -> None:  # the setup command's output, as it comes
         if not as_json:
-            sys.stderr.buffer.write(chunk)
-            sys.stderr.buffer.flush()
+            sys.stderr.write(chunk)
+            sys.stderr.flush()
 
     with progress(not as_json, f"bake {name}") as p:
         rec = bake_template_sync(name, base, setup, vcpus=vcpus, memory_mib=memory_mib,

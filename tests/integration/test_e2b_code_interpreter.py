@@ -94,6 +94,14 @@ def test_matplotlib_show_is_a_png_result(sbx: Sandbox) -> None:
     assert html.results[0].html and "<table" in html.results[0].html
 
 
+def test_numpy_runs_outside_a_kernel_too(sbx: Sandbox) -> None:
+    """A matrix product through plain commands: under TCG the guest CPU is QEMU's ``max``
+    (qemu64 sent OpenBLAS down 3DNow! code that TCG cannot run: SIGILL)."""
+    r = sbx.commands.run("python3 -c 'import numpy as n; a = n.ones((300, 300)); "
+                         "print(int((a @ a).sum()))'", timeout=120)
+    assert (r.exit_code, r.stdout) == (0, "27000000\n")
+
+
 def test_errors_come_with_name_and_traceback(sbx: Sandbox) -> None:
     errors: list[Any] = []
     ex = sbx.run_code("def f():\n    return 1 / 0\nf()", on_error=errors.append)

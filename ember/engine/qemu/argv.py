@@ -22,6 +22,10 @@ from ember.engine.qemu.cpu import KVM_CPU_MODEL
 #: 18.6 MiB less than 64 per long-lived VM (16 of buffer, 2.6 of QEMU's bookkeeping) with
 #: the same boot and exec times; at 32 a guest's Python starts 1.6x slower, at 16 3x.
 TCG_TB_SIZE_MIB = 48
+#: The CPU a TCG guest sees: every feature TCG emulates. QEMU's default (qemu64) claims an
+#: AMD CPU without SSSE3, for which OpenBLAS (numpy) picks code using 3DNow! instructions
+#: that TCG does not emulate: a matrix product died with SIGILL.
+TCG_CPU_MODEL = "max"
 
 #: seccomp filter QEMU installs on itself: no obsolete syscalls, no setuid/setgid/setsid,
 #: no fork/exec, no scheduler/affinity changes.
@@ -92,7 +96,7 @@ def build_argv(
         accel = ["-accel", "kvm", "-cpu", KVM_CPU_MODEL]
     else:
         # Under TCG the guest needs the PIT and PIC to calibrate its TSC (host notes).
-        accel = ["-accel", f"tcg,tb-size={TCG_TB_SIZE_MIB}"]
+        accel = ["-accel", f"tcg,tb-size={TCG_TB_SIZE_MIB}", "-cpu", TCG_CPU_MODEL]
 
     # cache=unsafe: writes go to the host page cache and guest flushes are ignored. A
     # sandbox disk is a throwaway overlay (or a read-only template image) that does not
