@@ -314,3 +314,12 @@ def extract_guest_tar(tar: Path, root: Path, max_bytes: int | None = None) -> No
                                    "symlink")
             if not m.issym():
                 os.utime(dest, (m.mtime, m.mtime), follow_symlinks=False)
+
+
+def is_archive(path: Path) -> bool:
+    """Whether ADD unpacks ``path``: a tar archive, plain or compressed with gzip, bzip2
+    or xz (what Python's tarfile and the guest's tar both read)."""
+    try:
+        return tarfile.is_tarfile(path)
+    except OSError:
+        return False

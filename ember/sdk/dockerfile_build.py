@@ -42,7 +42,13 @@ from ember.errors import (
     TemplateNotFoundError,
 )
 from ember.guest import dockerfile as df
-from ember.guest.dockerfile_context import Context, ContextError, extract_guest_tar
+from ember.guest.dockerfile_context import (
+    Context,
+    ContextError,
+    Entry,
+    extract_guest_tar,
+    is_archive,
+)
 from ember.net.policy import NetworkPolicy
 from ember.runtime.states import LIVE_STATES
 from ember.store import SnapshotRecord, TemplateRecord
@@ -291,18 +297,29 @@ class _Build:
             return
         c = step.copy
         assert c is not None
+        archives: list[Entry] = []
         with tempfile.TemporaryDirectory(prefix="ember-copy-") as tmp:
             tar = Path(tmp) / "copy.tar"
             if c.from_stage is not None:
                 await self._copy_from_stage(step, plan, Path(tmp), tar)
             else:
                 entries = await asyncio.to_thread(self.ctx.resolve, c.sources, c.dest)
+                if c.add:  # ADD unpacks local tar archives (any compression tar reads)
+                    archives = [e for e in entries if e.kind == "file"
+                                and is_archive(self.ctx.root / e.rel)]
+                    entries = [e for e in entries if e not in archives]
                 await asyncio.to_thread(self.ctx.write_tar, entries, tar, c.chmod)
             await sb.files.upload(tar, GUEST_TAR, mode=0o600)
+            for i, a in enumerate(archives):
+                await sb.files.upload(self.ctx.root / a.rel, f"{GUEST_TAR}.{i}", mode=0o600)
         script = f"tar -xpf {GUEST_TAR} -C / && "
         if c.chown:
             script += (f"tar -tf {GUEST_TAR} | while IFS= read -r p; do "
                        f"chown -h {shlex.quote(c.chown)} \"/$p\" || exit 1; done && ")
+        into = shlex.quote(c.dest if c.dest.endswith("/") else c.dest + "/")
+        for i in range(len(archives)):
+            script += (f"mkdir -p {into} && tar -xf {GUEST_TAR}.{i} -C {into} && "
+                       f"rm -f {GUEST_TAR}.{i} && ")
         script += f"rm -f {GUEST_TAR}"
         await self._run(sb, step, ["/bin/sh", "-c", script], env={}, cwd="/", user=None)
 

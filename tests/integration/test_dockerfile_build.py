@@ -446,3 +446,21 @@ def test_from_an_image_source_builds_it_first(home: Paths, tmp_path: Path) -> No
     with pytest.raises(DockerfileError, match="not an image source"):
         (ctx / "Dockerfile").write_text("FROM python:3.11-slim\nRUN true\n")
         build(home, ctx, name="bb3")
+
+
+def test_add_unpacks_a_local_archive(home: Paths, tmp_path: Path) -> None:
+    import tarfile
+
+    ctx = tmp_path / "add"
+    (ctx / "src" / "pkg").mkdir(parents=True)
+    (ctx / "src" / "pkg" / "x.txt").write_text("inside the archive\n")
+    with tarfile.open(ctx / "app.tar.gz", "w:gz") as t:
+        t.add(ctx / "src" / "pkg", arcname="pkg")
+    shutil.rmtree(ctx / "src")
+    (ctx / "plain.txt").write_text("plain\n")
+    (ctx / "Dockerfile").write_text("FROM debian-python\nADD app.tar.gz /opt/app/\n"
+                                    "ADD plain.txt /opt/\n")
+    build(home, ctx, name="added")
+    with Sandbox.create("added", paths=home, timeout=300) as sb:
+        out = sb.exec("cat /opt/app/pkg/x.txt /opt/plain.txt; ls /opt/app").check().stdout
+    assert out == "inside the archive\nplain\npkg\n"

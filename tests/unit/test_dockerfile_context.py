@@ -128,3 +128,14 @@ def test_tar_holds_destinations_root_owned_with_chmod(ctx: Path, tmp_path: Path)
         assert m.uid == 0 and m.gid == 0
         if not m.issym():
             assert m.mode == 0o640
+
+
+def test_archives_are_recognised_by_content(ctx: Path, tmp_path: Path) -> None:
+    from ember.guest.dockerfile_context import is_archive
+
+    for mode, name in (("w", "a.tar"), ("w:gz", "a.tgz"), ("w:xz", "a.bin")):
+        with tarfile.open(tmp_path / name, mode) as t:
+            t.add(ctx / "b.txt", arcname="b.txt")
+        assert is_archive(tmp_path / name)
+    assert not is_archive(ctx / "b.txt")
+    assert not is_archive(tmp_path / "missing")
