@@ -85,3 +85,13 @@ def test_help_is_helpful() -> None:
     for cmd in ("run", "create", "exec", "cp", "logs", "ls", "rm", "doctor", "image", "kernel"):
         assert cmd in out
     assert "ember run -- python3" in ember("run", "--help").stdout
+
+
+def test_bake_shows_its_setup_output(debian_template) -> None:  # type: ignore[no-untyped-def]
+    """Without --json, the setup command's output streams to stderr as text."""
+    cp = ember("image", "bake", "cli-baked", "--run", "echo setting up; echo warn >&2")
+    try:
+        assert "setting up" in cp.stderr and "warn" in cp.stderr
+        assert "cli-baked" in ember("image", "ls", "--json").stdout
+    finally:
+        ember("image", "rm", "cli-baked")
