@@ -163,11 +163,15 @@ class ClusterForward:
         return self._client
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or _header(scope, FORWARDED_HEADER) is not None:
+        if scope["type"] not in ("http", "websocket") \
+                or _header(scope, FORWARDED_HEADER) is not None:
             await self.app(scope, receive, send)
             return
         path: str = scope.get("path", "")
         sid = sandbox_of(path)
+        if scope["type"] == "websocket":
+            await self._websocket(scope, receive, send, sid)
+            return
         if sid is None and not (path == LIST_PATH and scope.get("method") == "GET"):
             await self.app(scope, receive, send)
             return
@@ -267,6 +271,71 @@ class ClusterForward:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             await resp.aclose()
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send,
+                         sid: str | None) -> None:
+        """A terminal (``.../pty``) of another node's sandbox: both directions carried,
+        message by message, to that node's daemon."""
+        rec = await _record(self.paths) if sid is not None else None
+        node = await self._elsewhere(scope, sid, rec) if rec and rec.daemon and sid else None
+        secret = await asyncio.to_thread(load_secret, self.paths) if node else None
+        who = None
+        if node is not None and secret is not None:
+            with contextlib.suppress(EmberError):  # the app answers an unknown caller
+                who = await asyncio.to_thread(_principal, scope)
+        if rec is None or node is None or sid is None or secret is None or who is None:
+            await self.app(scope, receive, send)
+            return
+        from websockets.asyncio.client import connect
+        from websockets.exceptions import ConnectionClosed, WebSocketException
+
+        path: str = scope["path"]
+        headers = {VOUCH_HEADER: sign(secret, who.tenant, "WS", path),
+                   FORWARDED_HEADER: rec.node_id}
+        if (await receive())["type"] != "websocket.connect":
+            return
+        await send({"type": "websocket.accept"})
+        try:
+            upstream = await asyncio.wait_for(
+                connect(f"ws://{node.daemon}{path}", additional_headers=headers,
+                        max_size=1 << 20, open_timeout=CONNECT_TIMEOUT_S),
+                CONNECT_TIMEOUT_S + 1)
+        except (OSError, TimeoutError, WebSocketException) as err:
+            err_body = unavailable(sid, node, _why(err))["error"]
+            await send({"type": "websocket.send",
+                        "text": json.dumps({"event": "error", **err_body})})
+            await send({"type": "websocket.close", "code": 1011})
+            return
+
+        async def down() -> None:  # the owning node to the caller
+            try:
+                async for msg in upstream:
+                    key = "bytes" if isinstance(msg, bytes) else "text"
+                    await send({"type": "websocket.send", key: msg})
+            except ConnectionClosed:
+                pass
+            code = upstream.close_code or 1000
+            with contextlib.suppress(Exception):
+                await send({"type": "websocket.close", "code": code})
+
+        async def up() -> None:  # the caller to the owning node
+            while True:
+                msg = await receive()
+                if msg["type"] == "websocket.disconnect":
+                    return
+                data = msg.get("bytes") if msg.get("bytes") is not None else msg.get("text")
+                if data is not None:
+                    await upstream.send(data)
+
+        tasks = [asyncio.ensure_future(down()), asyncio.ensure_future(up())]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+            await upstream.close()
 
     async def _list(self, scope: Scope, receive: Receive, send: Send,
                     rec: ClusterRecord) -> None:

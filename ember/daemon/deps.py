@@ -7,6 +7,7 @@ import asyncio
 from typing import Annotated
 
 from fastapi import Depends, Path, Request
+from starlette.requests import HTTPConnection
 
 from ember.cluster.record import load_secret
 from ember.cluster.vouch import VOUCH_HEADER, verify
@@ -38,14 +39,19 @@ def _proxy(request: Request) -> PortProxy:
     return p
 
 
-def _principal(request: Request) -> Principal:
-    live: LiveSandboxes = request.app.state.live
-    vouch = request.headers.get(VOUCH_HEADER)
-    if vouch is not None:  # another node of the cluster forwards for its caller
-        tenant = verify(load_secret(live.paths), vouch, request.method, request.url.path)
+def caller(live: LiveSandboxes, conn: HTTPConnection, method: str) -> Principal:
+    """Who asks: another node's vouch (it forwards for its caller), else the request's own
+    credentials (``method``: the request's, ``WS`` for a WebSocket)."""
+    vouch = conn.headers.get(VOUCH_HEADER)
+    if vouch is not None:
+        tenant = verify(load_secret(live.paths), vouch, method, conn.url.path)
         return Principal(tenant, tenant == ADMIN)
-    return principal_of(live.mgr.store, request.scope.get("client"),
-                        request.headers.get("authorization"))
+    return principal_of(live.mgr.store, conn.scope.get("client"),
+                        conn.headers.get("authorization"))
+
+
+def _principal(request: Request) -> Principal:
+    return caller(request.app.state.live, request, request.method)
 
 
 Live = Annotated[LiveSandboxes, Depends(_live)]

@@ -25,7 +25,8 @@ from typing import Any
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
-from ember.daemon.auth import own_sandbox, principal_of
+from ember.daemon.auth import own_sandbox
+from ember.daemon.deps import caller
 from ember.daemon.live import LiveSandboxes
 from ember.daemon.models import PtyControl, PtyRequest
 from ember.errors import BadRequestError, EmberError
@@ -51,8 +52,7 @@ async def pty(ws: WebSocket, sandbox_id: str) -> None:
         await _fail(ws, BadRequestError(f"invalid sandbox id {sandbox_id[:80]!r}"))
         return
     try:
-        who = principal_of(live.mgr.store, ws.scope.get("client"),
-                           ws.headers.get("authorization"))
+        who = caller(live, ws, "WS")  # a vouch from another node of the cluster, too
         own_sandbox(who, await asyncio.to_thread(live.mgr.get, sandbox_id))
         raw = await asyncio.wait_for(ws.receive_text(), FIRST_MESSAGE_S)
         req = PtyRequest.model_validate_json(raw)

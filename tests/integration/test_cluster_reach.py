@@ -87,6 +87,17 @@ def test_a_sandbox_is_reached_through_any_node(world: ClusterWorld) -> None:  # 
         assert there.files.read(f"/tmp/from-{via.name}") == data
         assert Sandbox.get_info(sb.id, url=_url(via)).id == sb.id
         there.close()
+    # A terminal through A: keys in, output out, the exit code (a WebSocket, carried).
+    term = Sandbox.connect(sb.id, url=_url(n1)).pty(
+        ["sh", "-c", "stty size; read x; echo got:$x; exit 3"], rows=10, cols=50)
+    seen, out = b"", term.output()
+    while b"10 50" not in seen:
+        seen += next(out)
+    term.write("hi\r")
+    for chunk in out:
+        seen += chunk
+    assert b"got:hi" in seen and term.wait() == 3
+
     # Written through A, read on B itself: one sandbox.
     on_b = Sandbox.connect(sb.id, url=_url(b))
     t0 = time.monotonic()
@@ -94,6 +105,20 @@ def test_a_sandbox_is_reached_through_any_node(world: ClusterWorld) -> None:  # 
     print(f"exec on {b.name} itself: {time.monotonic() - t0:.3f} s")
     assert on_b.files.read(f"/tmp/from-{n1.name}") == bytes(range(256)) * 4096
     on_b.close()
+
+    # An exposed port, exposed through C, answers HTTP through A (path and Host forms).
+    via_c = Sandbox.connect(sb.id, url=_url(c))
+    exposed = via_c.expose(8000)
+    via_c.spawn(["python3", "-m", "http.server", "8000", "--directory", "/tmp"])
+    via_c.close()
+    assert exposed.http_path is not None and exposed.http_host is not None
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(n1.paths.daemon_socket)),
+                      base_url="http://emberd", timeout=30) as a:
+        wait_for("the guest's web server answers through A", lambda: a.get(
+            exposed.http_path + f"/from-{n1.name}").status_code == 200, 60, 0.5)
+        assert a.get(exposed.http_path + f"/from-{n1.name}").content == bytes(range(256)) * 4096
+        r = a.get("/", headers={"host": exposed.http_host})
+        assert r.status_code == 200 and f"from-{c.name}" in r.text
 
     # An API key made on the head: its tenant's sandbox, reached over TCP through the head
     # (the key is checked there; B believes the head's vouch), and not with a made-up key.
