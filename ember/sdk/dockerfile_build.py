@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ember.errors import (
     BuildStepError,
@@ -39,6 +39,8 @@ from ember.errors import (
     CommandTimeoutError,
     DockerfileError,
     EmberError,
+    SnapshotError,
+    SnapshotNotFoundError,
     TemplateNotFoundError,
 )
 from ember.guest import dockerfile as df
@@ -125,11 +127,16 @@ async def build_dockerfile(local: Local, name: str, src: DockerfileSource,
                                   list(dict.fromkeys(b.keys)), say)
     say(f"template {name}: {len(b.ran)} step(s) run, {b.cached} cached; making its "
         "template snapshot")
-    sb = await local.create(name, vcpus=None, memory_mib=None, disk_mib=None, timeout=600,
-                            env=None, metadata={BUILDER_META: builder_identity()},
-                            boot_timeout=None, on_progress=say, on_timeout="destroy",
-                            isolation="microvm")
-    await sb.kill()
+    try:
+        sb = await local.create(name, vcpus=None, memory_mib=None, disk_mib=None,
+                                timeout=600, env=None,
+                                metadata={BUILDER_META: builder_identity()},
+                                boot_timeout=None, on_progress=say, on_timeout="destroy",
+                                isolation="microvm")
+        await sb.kill()
+    except EmberError as err:  # the template is whole; its first create makes the snapshot
+        say(f"template {name}: its template snapshot was not made ({err}); the first "
+            "create makes it")
     return rec
 
 
@@ -179,8 +186,7 @@ class _Build:
                 self.stages[idx] = await self.run(dep)
         base = await self._base(plan)
         key = df.base_key(plan.base, base.digest, str(base.config.get("snapshot", "")),
-                          {"network": None if self.opts.network is None
-                           else self.opts.network.to_json()})
+                          await asyncio.to_thread(self._vm_identity))
         steps = [s for s in plan.steps if s.kind != "meta"]
         current: SnapshotRecord | None = None
         sb: AsyncSandbox | None = None
@@ -201,7 +207,18 @@ class _Build:
                     continue
                 self.say(f"{where} {_short(step)}")
                 if sb is None:
-                    sb = await self._start(base.name, current)
+                    try:
+                        sb = await self._start(base.name, current)
+                    except (SnapshotError, SnapshotNotFoundError) as err:
+                        if current is None or current in self.done.values():
+                            raise
+                        # a cache entry that cannot be restored (damaged, removed
+                        # meanwhile): drop it and build this stage without the cache
+                        self.say(f"cache entry {current.id[:12]} cannot be restored "
+                                 f"({err}); building without the cache")
+                        await asyncio.to_thread(self._drop, current)
+                        self.opts = dataclasses.replace(self.opts, no_cache=True)
+                        return await self.run(plan)
                 await self._execute(sb, step, plan)
                 current = await self._snapshot(sb, key)
                 self.ran.append(key)
@@ -257,6 +274,24 @@ class _Build:
                            memory_mib=parent.memory_mib, timeout=BUILD_LIFETIME_S, env={},
                            metadata=meta, on_timeout="destroy", network=self.opts.network)
         return await self.local.start_restore(parent, spec, None, self.say, None)
+
+    def _vm_identity(self) -> dict[str, Any]:
+        """What a cache entry (a snapshot) can only be restored under: kernel, agent, QEMU
+        build, accelerator; and the build's network policy."""
+        from ember.guest.image import agent_hash
+
+        mgr = self.local.mgr
+        return {"kernel": mgr.kernel().key, "agent": agent_hash(), "vmm": mgr.engine.version(),
+                "accel": mgr.accel.accel, "network": None if self.opts.network is None
+                else self.opts.network.to_json()}
+
+    def _drop(self, snap: SnapshotRecord) -> None:
+        from ember.runtime import snapshots
+
+        with contextlib.suppress(EmberError):
+            if not snapshots.users(self.local.mgr.store, snap.id, LIVE_STATES):
+                snapshots.remove(self.local.mgr.paths, self.local.mgr.store, snap,
+                                 LIVE_STATES)
 
     def _lookup(self, key: str) -> SnapshotRecord | None:
         if key in self.done:

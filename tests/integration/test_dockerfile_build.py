@@ -464,3 +464,24 @@ def test_add_unpacks_a_local_archive(home: Paths, tmp_path: Path) -> None:
     with Sandbox.create("added", paths=home, timeout=300) as sb:
         out = sb.exec("cat /opt/app/pkg/x.txt /opt/plain.txt; ls /opt/app").check().stdout
     assert out == "inside the archive\nplain\npkg\n"
+
+
+def test_a_damaged_cache_entry_is_dropped_and_the_stage_rebuilt(home: Paths,
+                                                               tmp_path: Path) -> None:
+    from ember.runtime.snapshots import STATE, snapshot_dir
+
+    ctx = tmp_path / "dmg"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text("FROM debian-python\nRUN echo a > /a\nRUN echo b > /b\n")
+    build(home, ctx, name="dmg")
+    first = min(entries(home), key=lambda s: s.created_at)  # RUN echo a
+    state = snapshot_dir(home, first.id) / STATE
+    with open(state, "r+b") as f:
+        f.truncate(state.stat().st_size // 2)
+    (ctx / "Dockerfile").write_text("FROM debian-python\nRUN echo a > /a\nRUN echo c > /c\n")
+    _, lines = build(home, ctx, name="dmg2")
+    assert any("cannot be restored" in ln for ln in lines), lines
+    with Sandbox.create("dmg2", paths=home, timeout=300) as sb:
+        assert sb.exec("cat /a /c").check().stdout == "a\nc\n"
+    assert first.id not in {s.id for s in entries(home)}
+    assert_no_leaks_anywhere(home, keep_snapshots=[s.id for s in entries(home)])
