@@ -54,12 +54,18 @@ def image() -> None:
               help="dockerfile: destinations the RUN steps may reach; repeatable.")
 @click.option("--deny", multiple=True, metavar="CIDR|DOMAIN",
               help="dockerfile: destinations denied (wins over --allow); repeatable.")
+@click.option("--build-vcpus", type=click.IntRange(1, 64), default=None,
+              help="dockerfile: the build VM's vCPUs (default: the FROM template's).")
+@click.option("--build-memory", "build_memory", type=click.IntRange(64, 1 << 20),
+              default=None, help="dockerfile: the build VM's memory in MiB (default: the "
+                                 "FROM template's, 256 for debian-python).")
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
 def build(name: str, source: str | None, packages: tuple[str, ...], force: bool, rebuild: bool,
           free_mib: int, dockerfile: str | None, build_args: tuple[str, ...],
           target: str | None, no_cache: bool, network: str, allow: tuple[str, ...],
-          deny: tuple[str, ...], as_json: bool) -> None:
+          deny: tuple[str, ...], build_vcpus: int | None, build_memory: int | None,
+          as_json: bool) -> None:
     """Build template NAME from SOURCE into the image cache and register it (the home's
     daemon builds it; its progress is shown here)."""
     import os
@@ -83,10 +89,13 @@ def build(name: str, source: str | None, packages: tuple[str, ...], force: bool,
             file = os.path.abspath(dockerfile)
         df_opts = {"dockerfile": file, "build_args": args, "target": target,
                    "no_cache": no_cache,
-                   "build_network": network_policy(network, allow, deny)}
-    elif dockerfile or build_args or target or no_cache or network != "none" or allow or deny:
-        raise BadRequestError("-f, --build-arg, --target, --no-cache, --network, --allow and "
-                              "--deny are for --from dockerfile:PATH")
+                   "build_network": network_policy(network, allow, deny),
+                   "build_vcpus": build_vcpus, "build_memory_mib": build_memory}
+    elif (dockerfile or build_args or target or no_cache or network != "none" or allow
+          or deny or build_vcpus or build_memory):
+        raise BadRequestError("-f, --build-arg, --target, --no-cache, --network, --allow, "
+                              "--deny, --build-vcpus and --build-memory are for --from "
+                              "dockerfile:PATH")
     t0 = time.monotonic()
     with progress(not as_json, f"image {name}") as p:
         rec = Sandbox.build_template(name, source, packages=packages, force=force,

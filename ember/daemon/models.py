@@ -124,6 +124,8 @@ class DockerfileBuildOptions(Strict):
     target: Annotated[str, Field(min_length=1, max_length=63)] | None = None
     no_cache: bool = False
     network: dict[str, Any] | None = None  # a NetworkPolicy's JSON, checked by the build
+    vcpus: Annotated[int, Field(ge=1, le=64)] | None = None
+    memory_mib: Annotated[int, Field(ge=64, le=1 << 20)] | None = None
 
 
 class TemplateBuildRequest(Strict):

@@ -70,6 +70,7 @@ async def build(body: TemplateBuildRequest, live: Live, who: Who) -> StreamingRe
     d = body.dockerfile
     opts = None if d is None else DockerfileOptions(
         file=d.file, build_args=dict(d.build_args), target=d.target, no_cache=d.no_cache,
+        vcpus=d.vcpus, memory_mib=d.memory_mib,
         network=None if d.network is None else NetworkPolicy.from_json(d.network).to_json())
     job = asyncio.ensure_future(live.local.build_template(
         body.name, body.source, packages=body.packages, force=body.force,

@@ -589,7 +589,8 @@ class AsyncSandbox:
                              build_args: Mapping[str, str] | None = None,
                              target: str | None = None, no_cache: bool = False,
                              build_network: NetworkPolicy | Mapping[str, Any] | None = None,
-                             ) -> TemplateInfo:
+                             build_vcpus: int | None = None,
+                             build_memory_mib: int | None = None) -> TemplateInfo:
         """Build template ``name`` from ``source`` (``ember image build``; docs/images.md)
         and register it; ``on_progress`` gets its status lines as they come. The
         administrator's; builds whose image is cached by recipe take a moment.
@@ -597,18 +598,21 @@ class AsyncSandbox:
         ``source="dockerfile:PATH"`` (an absolute context directory or Dockerfile on the
         building host) builds from a Dockerfile, its RUN steps in microVMs
         (docs/dockerfile.md), with ``dockerfile`` (the file, relative to the context),
-        ``build_args``, ``target`` (a stage), ``no_cache`` and ``build_network`` (the RUN
-        steps' network policy; None: no NIC)."""
+        ``build_args``, ``target`` (a stage), ``no_cache``, ``build_network`` (the RUN
+        steps' network policy; None: no NIC) and the build VM's ``build_vcpus`` and
+        ``build_memory_mib`` (default: the FROM template's)."""
         from ember.sdk import template_ops
         from ember.sdk.results import DockerfileOptions
 
         opts = None
         if (dockerfile is not None or build_args or target is not None or no_cache
-                or build_network is not None):
+                or build_network is not None or build_vcpus is not None
+                or build_memory_mib is not None):
             opts = DockerfileOptions(
                 file=dockerfile, build_args=dict(build_args or {}), target=target,
                 no_cache=no_cache, network=None if build_network is None
-                else NetworkPolicy.from_json(build_network).to_json())
+                else NetworkPolicy.from_json(build_network).to_json(), vcpus=build_vcpus,
+                memory_mib=build_memory_mib)
         t = await _target(url, api_key, paths)
         if t is None:
             return await _local(paths).build_template(

@@ -101,6 +101,8 @@ class BuildOptions:
     no_cache: bool = False
     network: NetworkPolicy | None = None
     force: bool = False
+    vcpus: int | None = None  # the build VM's shape (None: the FROM template's default)
+    memory_mib: int | None = None
 
 
 async def build_dockerfile(local: Local, name: str, src: DockerfileSource,
@@ -266,7 +268,7 @@ class _Build:
         meta = {BUILDER_META: builder_identity()}
         if parent is None:
             return await self.local.create(
-                template, vcpus=None, memory_mib=None, disk_mib=None,
+                template, vcpus=self.opts.vcpus, memory_mib=self.opts.memory_mib, disk_mib=None,
                 timeout=BUILD_LIFETIME_S, env=None, metadata=meta, boot_timeout=None,
                 on_progress=self.say, on_timeout="destroy", isolation="microvm",
                 network=self.opts.network)
@@ -283,7 +285,8 @@ class _Build:
         mgr = self.local.mgr
         return {"kernel": mgr.kernel().key, "agent": agent_hash(), "vmm": mgr.engine.version(),
                 "accel": mgr.accel.accel, "network": None if self.opts.network is None
-                else self.opts.network.to_json()}
+                else self.opts.network.to_json(), "vcpus": self.opts.vcpus,
+                "memory_mib": self.opts.memory_mib}
 
     def _drop(self, snap: SnapshotRecord) -> None:
         from ember.runtime import snapshots

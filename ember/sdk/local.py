@@ -297,6 +297,7 @@ class Local:
             src = dfb.DockerfileSource.resolve(source.removeprefix("dockerfile:"), d.file)
             rec = await dfb.build_dockerfile(self, name, src, dfb.BuildOptions(
                 build_args=dict(d.build_args), target=d.target, no_cache=d.no_cache or rebuild,
+                vcpus=d.vcpus, memory_mib=d.memory_mib,
                 network=None if d.network is None else NetworkPolicy.from_json(d.network),
                 force=force), on_progress)
             return template_ops.info(rec)

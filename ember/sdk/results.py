@@ -238,6 +238,8 @@ class DockerfileOptions:
     target: str | None = None  # the stage to build (default: the last)
     no_cache: bool = False
     network: dict[str, Any] | None = None  # the RUN steps' NetworkPolicy (JSON); None: no NIC
+    vcpus: int | None = None  # the build VM's (None: the FROM template's default)
+    memory_mib: int | None = None
 
 
 @dataclass(frozen=True)

@@ -234,13 +234,15 @@ class Sandbox:
                        build_args: Mapping[str, str] | None = None,
                        target: str | None = None, no_cache: bool = False,
                        build_network: NetworkPolicy | Mapping[str, Any] | None = None,
-                       ) -> TemplateInfo:
+                       build_vcpus: int | None = None,
+                       build_memory_mib: int | None = None) -> TemplateInfo:
         """Build and register a template; see :meth:`AsyncSandbox.build_template`."""
         return portal().call(AsyncSandbox.build_template(
             name, source, packages=packages, force=force, rebuild=rebuild, free_mib=free_mib,
             on_progress=on_progress, paths=paths, url=url, api_key=api_key,
             dockerfile=dockerfile, build_args=build_args, target=target, no_cache=no_cache,
-            build_network=build_network))
+            build_network=build_network, build_vcpus=build_vcpus,
+            build_memory_mib=build_memory_mib))
 
     @classmethod
     def prune_build_cache(cls, *, paths: Paths | None = None, url: str | None = None,

@@ -465,8 +465,10 @@ def test_add_unpacks_a_local_archive(home: Paths, tmp_path: Path) -> None:
     shutil.rmtree(ctx / "src")
     (ctx / "plain.txt").write_text("plain\n")
     (ctx / "Dockerfile").write_text("FROM debian-python\nADD app.tar.gz /opt/app/\n"
-                                    "ADD plain.txt /opt/\n")
-    build(home, ctx, name="added")
+                                    "ADD plain.txt /opt/\nRUN grep MemTotal /proc/meminfo\n")
+    _, lines = build(home, ctx, name="added", build_memory_mib=384)  # the build VM's size
+    (mem,) = [ln for ln in lines if ln.startswith("  | MemTotal")]
+    assert 300_000 < int(mem.split()[-2]) <= 384 * 1024, mem
     with Sandbox.create("added", paths=home, timeout=300) as sb:
         out = sb.exec("cat /opt/app/pkg/x.txt /opt/plain.txt; ls /opt/app").check().stdout
     assert out == "inside the archive\nplain\npkg\n"
