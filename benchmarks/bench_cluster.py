@@ -48,10 +48,46 @@ def timed_create(node: Node) -> tuple[float, str]:
 
 
 def kill_everywhere(world: ClusterWorld, ids: list[str]) -> None:
+    """Kill each once, through the first node that lists it (a node of the cluster lists,
+    and forwards to, the whole cluster)."""
+    left = set(ids)
     for node in world.nodes:
         for info in Sandbox.list(url=url(node)):
-            if info.id in ids:
+            if info.id in left:
+                left.discard(info.id)
                 Sandbox.kill(info.id, url=url(node))
+
+
+def reach(world: ClusterWorld, reps: int) -> None:
+    """An exec and an 8 MiB read of a sandbox on another node, through the head (forwarded
+    daemon to daemon) and on its own node."""
+    head = world.nodes[0]
+    sid = timed_create(head)[1]
+    [info] = [i for i in Sandbox.list(url=url(head)) if i.id == sid]
+    owner = next(n for n in world.nodes if (n.home / "cluster.json").exists()
+                 and json.loads((n.home / "cluster.json").read_text())["node_id"] == info.node)
+    data = os.urandom(8 << 20)
+    Sandbox.connect(sid, url=url(owner)).files.write("/tmp/blob", data)
+    print(f"reaching a sandbox on {owner.name} (exec `true`, n={reps}; read 8 MiB, n=5)")
+    for name, via in (("through the head, forwarded", head), ("on its own node", owner)):
+        sb = Sandbox.connect(sid, url=url(via))
+        sb.exec("true")  # the first through the head reads the directory
+        execs, reads = [], []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            sb.exec("true")
+            execs.append(time.perf_counter() - t0)
+        for _ in range(5):
+            t0 = time.perf_counter()
+            assert sb.files.read("/tmp/blob") == data
+            reads.append(time.perf_counter() - t0)
+        print(f"  {name:28s} exec {ms(execs)}; read {ms(reads)}")
+    kill_everywhere(world, [sid])
+
+
+def ms(xs: list[float]) -> str:
+    return (f"{statistics.median(xs) * 1000:.1f} ms (min {min(xs) * 1000:.1f}, "
+            f"max {max(xs) * 1000:.1f}, n={len(xs)})")
 
 
 def med(xs: list[float]) -> str:
@@ -95,6 +131,8 @@ def main() -> None:
             print(f"  through the head, placed on another node:  {med(remote)}")
             print(f"  through a node, placed on itself:          {med(placed_here)}")
             print(f"  local, in no cluster:                       {med(local)}")
+
+            reach(world, 20)
 
             t0 = time.perf_counter()
             asked = [world.nodes[i % 3] for i in range(args.burst)]

@@ -163,6 +163,20 @@ def test_a_sandbox_is_reached_through_any_node(world: ClusterWorld) -> None:  # 
         Sandbox.kill(sid, url=_url(n1))
     wait_for("no sandbox left anywhere",
              lambda: not [i for i in _ls(c) if i["state"] in ("running", "booting")], 60, 1)
+    # Their placement actors end and take their directory records with them.
+    wait_for("no sandbox left in the directory", lambda: not _directory(n1)["sandboxes"],
+             60, 1)
+    nodes = {n["node_id"]: n for n in _directory(n1)["nodes"]}
+    assert nodes[ids[b.name]]["daemon"] == f"{b.ip}:{DEFAULT_DAEMON_PORT}"
+
+
+def _directory(node: Node) -> dict[str, Any]:
+    """The cluster's directory as a daemon reads it (the same child process)."""
+    rec = json.loads((node.home / "cluster.json").read_text())
+    py = node.env()["PATH"].split(":")[0] + "/python"
+    out: dict[str, Any] = json.loads(node.run(py, "-m", "ember.cluster.directory",
+                                              rec["address"]).stdout)["directory"]
+    return out
 
 
 def _gone(node: Node, pid: str) -> bool:
