@@ -51,7 +51,7 @@ CMD ["-m", "http.server"]
 
 
 @pytest.fixture
-def home(ember_paths: Paths, debian_template) -> Iterator[Paths]:  # type: ignore[no-untyped-def]
+def home(ember_paths: Paths, debian_template, tmp_path: Path) -> Iterator[Paths]:  # type: ignore[no-untyped-def]
     from ember.guest.image import build_image
 
     root = Path(tempfile.mkdtemp(prefix="edf-", dir="/tmp"))
@@ -70,8 +70,8 @@ def home(ember_paths: Paths, debian_template) -> Iterator[Paths]:  # type: ignor
         stop_daemon(paths)
         for d in set(paths.images.iterdir()) - images_before:  # the cache is shared
             meta = d / "meta.json"
-            if meta.is_file() and json.loads(meta.read_text())["source"].startswith(
-                    "dockerfile:"):
+            source = json.loads(meta.read_text())["source"] if meta.is_file() else ""
+            if source.startswith("dockerfile:") or str(tmp_path) in source:  # ours
                 shutil.rmtree(d, ignore_errors=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
