@@ -8,6 +8,7 @@ Three nodes in namespaces (cluster_world), real daemons and guests."""
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from typing import Any
 
@@ -158,6 +159,24 @@ def test_a_sandbox_is_reached_through_any_node(world: ClusterWorld) -> None:  # 
 
     # B's daemon back: reached again; everything killed through A, nothing left.
     b.ember("daemon", "start", "--listen", f"{b.ip}:{DEFAULT_DAEMON_PORT}")
+    wait_for("reached again through A", lambda: _exec_ok(n1, sb.id), 60, 1)
+
+    # B cut off (its link down; back before Ray's health check gives it up, about 15 s):
+    # the connect timeout bounds the answer, and a list does not wait for B.
+    subprocess.run(["ip", "-n", b.netns, "link", "set", "eth0", "down"], check=True)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(NodeUnavailableError, match="does not answer"):
+            Sandbox.connect(sb.id, url=_url(n1)).exec("echo never")
+        took = time.monotonic() - t0
+        t0 = time.monotonic()
+        listed = {i["id"]: i for i in _ls(n1)}
+        print(f"B cut off: NodeUnavailableError through A after {took:.2f} s, "
+              f"ls in {time.monotonic() - t0:.2f} s")
+        assert took < UNAVAILABLE_BOUND_S
+        assert listed[sb.id]["state"] == "unknown"
+    finally:
+        subprocess.run(["ip", "-n", b.netns, "link", "set", "eth0", "up"], check=True)
     wait_for("reached again through A", lambda: _exec_ok(n1, sb.id), 60, 1)
     for sid in (sb.id, alice):
         Sandbox.kill(sid, url=_url(n1))
