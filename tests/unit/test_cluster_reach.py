@@ -198,3 +198,80 @@ def test_a_dead_node_answers_503_at_once(tmp_path: Path, monkeypatch: pytest.Mon
     assert sent[0]["status"] == 503
     body = json.loads(sent[1]["body"])
     assert body["error"]["code"] == "node_unavailable"
+
+
+def test_a_forwarded_request_is_vouched_for_and_carried_both_ways(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The middleware against an in-process owning daemon (httpx's ASGI transport): the
+    caller's body goes there, the vouch verifies with the cluster's secret, the caller's
+    key does not travel, and the owner's status, headers and body come back."""
+    import httpx
+
+    paths = Paths(home=tmp_path, cache=tmp_path / "cache")
+    save_record(paths, ClusterRecord(address="127.0.0.1:1", role="worker", node_ip="127.0.0.1",
+                                     node_id=A, daemon="127.0.0.1:9"))
+    save_secret(paths, "k")
+    directory = Directory(nodes={B: NodeEntry(B, "192.0.2.2", True, "192.0.2.2:7707")},
+                          sandboxes={"sb-1": B})
+    monkeypatch.setattr(cluster_forward, "read_directory", lambda address: directory)
+    monkeypatch.setattr(cluster_forward, "_principal",
+                        lambda scope: cluster_forward.Principal("alice", False))
+    seen: dict[str, Any] = {}
+
+    async def owner(scope: Any, receive: Any, send: Any) -> None:
+        body = b""
+        while True:
+            msg = await receive()
+            body += msg.get("body", b"")
+            if not msg.get("more_body"):
+                break
+        headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+        seen.update(path=scope["path"], query=scope["query_string"], body=body,
+                    headers=headers)
+        await send({"type": "http.response.start", "status": 207,
+                    "headers": [(b"content-type", b"application/x-ndjson"),
+                                (b"x-owner", b"b")]})
+        for part in (b'{"a":1}\n', b'{"b":2}\n'):
+            await send({"type": "http.response.body", "body": part, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    class Store:
+        def get_sandbox(self, sid: str) -> None:
+            from ember.errors import SandboxNotFoundError
+            raise SandboxNotFoundError(sid)
+
+    class State:
+        live = type("Live", (), {"mgr": type("Mgr", (), {"store": Store()})()})()
+
+    async def inner(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("not for this node")
+
+    mw = ClusterForward(inner, paths)
+    mw._client = httpx.AsyncClient(transport=httpx.ASGITransport(app=owner))
+    sent: list[dict[str, Any]] = []
+    parts = [{"type": "http.request", "body": b"echo ", "more_body": True},
+             {"type": "http.request", "body": b"hi", "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        if parts:
+            return parts.pop(0)
+        await asyncio.sleep(3600)  # the caller stays
+        raise AssertionError
+
+    async def send(msg: Any) -> None:
+        sent.append(msg)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/sandboxes/sb-1/exec",
+             "query_string": b"x=1", "app": type("App", (), {"state": State()})(),
+             "headers": [(b"authorization", b"Bearer ek_1_secret"),
+                         (b"content-type", b"application/json"), (b"content-length", b"7")]}
+    asyncio.run(mw.__call__(scope, receive, send))
+    assert seen["path"] == "/v1/sandboxes/sb-1/exec" and seen["query"] == b"x=1"
+    assert seen["body"] == b"echo hi"
+    assert "authorization" not in seen["headers"]
+    assert seen["headers"][FORWARDED_HEADER] == A
+    assert verify("k", seen["headers"][VOUCH_HEADER], "POST",
+                  "/v1/sandboxes/sb-1/exec") == "alice"
+    assert sent[0]["status"] == 207 and (b"x-owner", b"b") in sent[0]["headers"]
+    assert b"".join(m.get("body", b"") for m in sent[1:]) == b'{"a":1}\n{"b":2}\n'
+    assert sent[-1].get("more_body") is False
