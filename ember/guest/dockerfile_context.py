@@ -266,54 +266,68 @@ def _join(dest: str, tail: str) -> str:
     return f"{dest.rstrip('/')}/{tail}"
 
 
-def extract_guest_tar(tar: Path, root: Path, max_bytes: int | None = None) -> None:
-    """Unpack a tar a guest made (COPY --from) into the empty directory ``root``, refusing
-    what could write outside it: absolute names, ``..``, a parent that is a symlink, hard
-    links and special files; symlinks are created, never followed. Bounded like a
-    context."""
+def extract_guest_tar(tar: Path, root: Path, max_bytes: int | None = None,
+                      max_entries: int = MAX_CONTEXT_ENTRIES) -> None:
+    """Unpack a tar a guest made (COPY --from: hostile input) into the empty directory
+    ``root``, refusing what could write outside it: absolute names, ``..``, a parent that
+    is a symlink, hard links and special files; symlinks are created, never followed.
+    Bounded like a context. Raises ContextError (also for a tar that cannot be read)."""
     bound = max_context_bytes() if max_bytes is None else max_bytes
-    total = 0
-    with tarfile.open(tar) as t:
-        for m in t:
-            name = m.name.lstrip("./") if m.name not in (".", "./") else ""
-            parts = [p for p in name.split("/") if p not in ("", ".")]
-            if m.name.startswith("/") or ".." in parts:
-                raise ContextError(f"COPY --from: {m.name!r} leaves the copied tree")
-            if not parts:
-                continue
-            parent = root
-            for p in parts[:-1]:
-                parent = parent / p
-                if parent.is_symlink():
-                    raise ContextError(f"COPY --from: {m.name!r} goes through a symlink")
-                if not parent.exists():
-                    parent.mkdir(mode=0o755)
-            dest = parent / parts[-1]
-            if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
-                dest.unlink()
-            if m.isdir():
-                if not dest.is_dir():
-                    dest.mkdir(mode=0o755)
-                dest.chmod(m.mode & 0o777)
-            elif m.issym():
-                os.symlink(m.linkname, dest)
-            elif m.isreg():
-                total += m.size
-                if total > bound:
-                    raise ContextError(f"COPY --from: more than {bound >> 20} MiB")
-                src = t.extractfile(m)
-                assert src is not None
-                fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
-                             m.mode & 0o777)
-                with os.fdopen(fd, "wb") as out:
-                    while chunk := src.read(1 << 20):
-                        out.write(chunk)
-                os.chmod(dest, m.mode & 0o777)
-            else:
-                raise ContextError(f"COPY --from: {m.name!r} is not a file, directory or "
-                                   "symlink")
-            if not m.issym():
-                os.utime(dest, (m.mtime, m.mtime), follow_symlinks=False)
+    total = count = 0
+    try:
+        with tarfile.open(tar) as t:
+            for m in t:
+                count += 1
+                if count > max_entries:
+                    raise ContextError(f"COPY --from: more than {max_entries} entries")
+                if m.isreg():
+                    total += m.size
+                    if total > bound:
+                        raise ContextError(f"COPY --from: more than {bound >> 20} MiB")
+                _extract_one(t, m, root)
+    except (OSError, tarfile.TarError) as err:
+        raise ContextError(f"COPY --from: cannot unpack what the stage gave: {err}") from err
+
+
+def _extract_one(t: tarfile.TarFile, m: tarfile.TarInfo, root: Path) -> None:
+    parts = [p for p in m.name.split("/") if p not in ("", ".")]
+    if m.name.startswith("/") or ".." in parts:
+        raise ContextError(f"COPY --from: {m.name!r} leaves the copied tree")
+    if not parts:
+        return
+    parent = root
+    for p in parts[:-1]:
+        parent = parent / p
+        if parent.is_symlink():
+            raise ContextError(f"COPY --from: {m.name!r} goes through a symlink")
+        if not parent.exists():
+            parent.mkdir(mode=0o755)
+    dest = parent / parts[-1]
+    if m.isdir():
+        if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
+            dest.unlink()
+        if not dest.is_dir():
+            dest.mkdir(mode=0o755)
+        dest.chmod(m.mode & 0o777)
+    elif m.issym() or m.isreg():
+        if dest.is_dir() and not dest.is_symlink():
+            raise ContextError(f"COPY --from: {m.name!r} replaces a directory")
+        if dest.is_symlink() or dest.exists():
+            dest.unlink()
+        if m.issym():
+            os.symlink(m.linkname, dest)
+            return
+        src = t.extractfile(m)
+        if src is None:
+            raise ContextError(f"COPY --from: cannot read {m.name!r}")
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            while chunk := src.read(1 << 20):
+                out.write(chunk)
+        os.chmod(dest, m.mode & 0o777)
+    else:
+        raise ContextError(f"COPY --from: {m.name!r} is not a file, directory or symlink")
+    os.utime(dest, (m.mtime, m.mtime), follow_symlinks=False)
 
 
 def is_archive(path: Path) -> bool:

@@ -50,6 +50,7 @@ from ember.guest.dockerfile_context import (
     Entry,
     extract_guest_tar,
     is_archive,
+    max_context_bytes,
 )
 from ember.net.policy import NetworkPolicy
 from ember.runtime.states import LIVE_STATES
@@ -375,7 +376,8 @@ class _Build:
             names = " ".join(s.lstrip("/") or "." for s in c.sources)
             script = f"cd / && tar -cf {GUEST_TAR} -- {names}"
             await self._run(src, step, ["/bin/sh", "-c", script], env={}, cwd="/", user=None)
-            await src.files.download(GUEST_TAR, tmp / "from.tar")
+            await _download_bounded(src, GUEST_TAR, tmp / "from.tar",
+                                    max_context_bytes() + (64 << 20))
         finally:
             with contextlib.suppress(EmberError):
                 await src.kill()
@@ -429,6 +431,19 @@ def is_source(base: str) -> bool:
 
 def base_template_name(source: str) -> str:
     return "from-" + hashlib.sha256(source.encode()).hexdigest()[:12]
+
+
+async def _download_bounded(sb: AsyncSandbox, path: str, dest: Path, limit: int) -> None:
+    """A guest file to ``dest``, refusing more than ``limit`` bytes (the guest is not
+    trusted to stop)."""
+    size = 0
+    with open(dest, "xb") as f:
+        async for chunk in sb.files.read_chunks(path):
+            size += len(chunk)
+            if size > limit:
+                raise ContextError(f"COPY --from: the stage's files are larger than "
+                                   f"{limit >> 20} MiB")
+            f.write(chunk)
 
 
 def _step_error(step: df.Step, code: int | None, tail: bytes, what: str) -> BuildStepError:

@@ -139,3 +139,71 @@ def test_archives_are_recognised_by_content(ctx: Path, tmp_path: Path) -> None:
         assert is_archive(tmp_path / name)
     assert not is_archive(ctx / "b.txt")
     assert not is_archive(tmp_path / "missing")
+
+
+def _guest_tar(path: Path, members: list[tuple[tarfile.TarInfo, bytes]]) -> Path:
+    import io
+
+    with tarfile.open(path, "w") as t:
+        for info, data in members:
+            t.addfile(info, io.BytesIO(data) if info.isreg() else None)
+    return path
+
+
+def _member(name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"x",
+            link: str = "") -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.size = len(data) if kind == tarfile.REGTYPE else 0
+    info.linkname = link
+    info.mode = 0o644
+    return info, data
+
+
+def test_a_guest_tar_unpacks_inside_its_root(tmp_path: Path) -> None:
+    from ember.guest.dockerfile_context import extract_guest_tar
+
+    root = tmp_path / "root"
+    root.mkdir()
+    tar = _guest_tar(tmp_path / "ok.tar", [
+        _member("out", tarfile.DIRTYPE), _member("out/.hidden", data=b"h"),
+        _member("./out/file", data=b"f"), _member("out/link", tarfile.SYMTYPE,
+                                                  link="/usr/lib/x")])
+    extract_guest_tar(tar, root)
+    assert (root / "out" / ".hidden").read_bytes() == b"h"
+    assert (root / "out" / "file").read_bytes() == b"f"
+    assert os.readlink(root / "out" / "link") == "/usr/lib/x"  # kept, never followed
+    c = Context(root, guest_links=True)
+    assert {e.dest: e.kind for e in c.resolve(["out"], "/dst/")}["/dst/link"] == "link"
+
+
+@pytest.mark.parametrize(("members", "words"), [
+    ([_member("/etc/passwd")], "leaves"),
+    ([_member("../escape")], "leaves"),
+    ([_member("a/../../escape")], "leaves"),
+    ([_member("d", tarfile.SYMTYPE, link="/"), _member("d/etc/x")], "through a symlink"),
+    ([_member("h", tarfile.LNKTYPE, link="/etc/shadow")], "not a file"),
+    ([_member("dev", tarfile.CHRTYPE)], "not a file"),
+    ([_member("f", data=b"y" * 5000)], "more than"),
+])
+def test_hostile_guest_tars_are_refused(tmp_path: Path, members: list[tuple[tarfile.TarInfo,
+                                                                               bytes]],
+                                        words: str) -> None:
+    from ember.guest.dockerfile_context import extract_guest_tar
+
+    root = tmp_path / "root"
+    root.mkdir()
+    tar = _guest_tar(tmp_path / "bad.tar", members)
+    with pytest.raises(ContextError, match=words):
+        extract_guest_tar(tar, root, max_bytes=4096)
+    assert not (tmp_path / "escape").exists()
+
+
+def test_a_truncated_guest_tar_is_a_context_error(tmp_path: Path) -> None:
+    from ember.guest.dockerfile_context import extract_guest_tar
+
+    tar = _guest_tar(tmp_path / "t.tar", [_member("f", data=b"z" * 10000)])
+    tar.write_bytes(tar.read_bytes()[:3000])
+    (tmp_path / "root").mkdir()
+    with pytest.raises(ContextError):
+        extract_guest_tar(tar, tmp_path / "root")
