@@ -4,7 +4,9 @@ the node that holds it, streamed both ways (exec output, file contents, uploads)
 ``GET /v1/sandboxes`` lists the whole cluster, each sandbox with its ``node``.
 
 Ray is asked only *where* (:mod:`ember.cluster.directory`, read in a child process that is
-killed past :data:`LOOKUP_TIMEOUT_S` and cached :data:`DIRECTORY_TTL_S`); the bytes go
+killed past :data:`LOOKUP_TIMEOUT_S` and cached :data:`DIRECTORY_TTL_S`; a sandbox it does
+not know, created on its node without placement, is found by asking the other nodes'
+daemons, :func:`ClusterForward._probe`); the bytes go
 from daemon to daemon over the TCP listener each node published when it joined. The
 caller is authenticated here, as any request, and the owning daemon is told the tenant
 with a vouch signed by the cluster's secret (:mod:`ember.cluster.vouch`). A node whose
@@ -49,6 +51,12 @@ CONNECT_TIMEOUT_S = 3.0
 HEADERS_TIMEOUT_S = 120.0
 #: Each other node's part of a cluster-wide list.
 LIST_TIMEOUT_S = 5.0
+#: Asking the other nodes whether they hold a sandbox the directory does not know; how
+#: long a found one and a miss are remembered; how many are remembered at most.
+PROBE_TIMEOUT_S = 3.0
+PROBE_HIT_S = 60.0
+PROBE_MISS_S = 2.0
+PROBE_MEMORY = 10_000
 #: The error code (and HTTP status) of a sandbox whose node does not answer.
 UNAVAILABLE_CODE = NodeUnavailableError.code
 UNAVAILABLE_STATUS = 503
@@ -153,6 +161,8 @@ class ClusterForward:
         self.app = app
         self.paths = paths
         self.directory = DirectoryCache()
+        #: sandbox id -> (node id or "" for nowhere, until when): what probes found
+        self._probed: dict[str, tuple[str, float]] = {}
         self._client: httpx.AsyncClient | None = None
 
     def client(self) -> httpx.AsyncClient:
@@ -203,15 +213,56 @@ class ClusterForward:
         except SandboxNotFoundError:
             pass
         try:
-            found = (await self.directory.get(rec.address)).node_of(sid)
+            directory = await self.directory.get(rec.address)
+            found = directory.node_of(sid)
             if found is None:  # perhaps placed a moment ago
-                found = (await self.directory.get(rec.address,
-                                                  max_age=MISS_REFRESH_S)).node_of(sid)
+                directory = await self.directory.get(rec.address, max_age=MISS_REFRESH_S)
+                found = directory.node_of(sid)
         except EmberError as err:
             log.warning("cannot tell where sandbox %s lives: %s", sid, err)
             return None
+        if found is None:  # not placed by Ray (a local create): the nodes are asked
+            found = await self._probe(scope, sid, rec, directory)
         if found is None or found.node_id == rec.node_id:
             return None
+        return found
+
+    async def _probe(self, scope: Scope, sid: str, rec: ClusterRecord,
+                     directory: Directory) -> NodeEntry | None:
+        """Ask every other live node, at once, whether it holds ``sid`` for this caller
+        (a sandbox created there without placement: the directory does not know it);
+        answers are remembered a while, a miss for :data:`PROBE_MISS_S`."""
+        now = time.monotonic()
+        known = self._probed.get(sid)
+        if known is not None and known[1] > now:
+            return directory.nodes.get(known[0]) if known[0] else None
+        secret = await asyncio.to_thread(load_secret, self.paths)
+        try:
+            who = await asyncio.to_thread(_principal, scope)
+        except EmberError:
+            return None
+        peers = [p for p in directory.peers(rec.node_id) if p.alive]
+        if secret is None or not peers:
+            return None
+        path = f"{LIST_PATH}/{sid}"
+        headers = {VOUCH_HEADER: sign(secret, who.tenant, "GET", path),
+                   FORWARDED_HEADER: rec.node_id}
+
+        async def holds(node: NodeEntry) -> bool:
+            try:
+                r = await asyncio.wait_for(
+                    self.client().get(f"http://{node.daemon}{path}", headers=headers),
+                    PROBE_TIMEOUT_S)
+            except (httpx.HTTPError, TimeoutError, OSError):
+                return False
+            return r.status_code == 200
+
+        answers = await asyncio.gather(*(holds(p) for p in peers))
+        found = next((p for p, yes in zip(peers, answers, strict=True) if yes), None)
+        if len(self._probed) > PROBE_MEMORY:
+            self._probed.clear()
+        self._probed[sid] = (found.node_id, now + PROBE_HIT_S) if found else \
+            ("", now + PROBE_MISS_S)
         return found
 
     async def _forward(self, scope: Scope, receive: Receive, send: Send, rec: ClusterRecord,

@@ -121,6 +121,22 @@ def test_a_sandbox_is_reached_through_any_node(world: ClusterWorld) -> None:  # 
         r = a.get("/", headers={"host": exposed.http_host})
         assert r.status_code == 200 and f"from-{c.name}" in r.text
 
+    # A sandbox made on C without placement (as a placement actor's create is): the
+    # directory does not know it, the nodes are asked; reached through A.
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(c.paths.daemon_socket)),
+                      timeout=600) as raw:
+        made = raw.post("http://emberd/v1/sandboxes", json={"template": "debian-python"},
+                        headers={"x-ember-placement": "none"})
+    assert made.status_code == 201, made.text
+    unplaced = made.json()["id"]
+    assert _where(world, unplaced) == [c]
+    t0 = time.monotonic()
+    assert Sandbox.connect(unplaced, url=_url(n1)).exec("echo found").stdout == "found\n"
+    print(f"exec through {n1.name} on a sandbox made on {c.name} without placement: "
+          f"{time.monotonic() - t0:.2f} s (first: the nodes asked)")
+    Sandbox.kill(unplaced, url=_url(n1))
+    assert _where(world, unplaced) == []  # killed on C, through A
+
     # An API key made on the head: its tenant's sandbox, reached over TCP through the head
     # (the key is checked there; B believes the head's vouch), and not with a made-up key.
     key = json.loads(n1.ember("apikey", "create", "--tenant", "alice", "--json").stdout)["key"]
