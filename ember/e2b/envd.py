@@ -171,6 +171,13 @@ def own_port_app(scope: Scope, ports: Mapping[int, ASGIApp],
     return ports[named[1]], {**scope, "headers": headers}
 
 
+def keepalive_every(request: Request) -> float:
+    """Seconds between keep-alive events of a stream: the client's
+    ``Keepalive-Ping-Interval`` (1 to 3600), else envd's default."""
+    raw = request.headers.get("keepalive-ping-interval", "")
+    return float(raw) if raw.isdigit() and 0 < int(raw) <= 3600 else KEEPALIVE_DEFAULT_S
+
+
 def is_envd_path(path: str) -> bool:
     """envd's own paths (the SDK also sends the sandbox headers to E2B's REST API, on
     some calls: those must reach the lifecycle routes)."""
@@ -305,8 +312,7 @@ class Envd:
             return _stream_error(err)
         except EmberError as err:
             return _stream_error(ConnectError(connect_code(err), str(err)))
-        raw = call.request.headers.get("keepalive-ping-interval", "")
-        every = float(raw) if raw.isdigit() and 0 < int(raw) <= 3600 else KEEPALIVE_DEFAULT_S
+        every = keepalive_every(call.request)
         return StreamingResponse(self._events(call, tracked, every), status_code=200,
                                  media_type=STREAM_CONTENT_TYPE)
 
@@ -526,8 +532,7 @@ class Envd:
             return _stream_error(err)
         except EmberError as err:
             return _stream_error(ConnectError(connect_code(err), str(err)))
-        raw = call.request.headers.get("keepalive-ping-interval", "")
-        every = float(raw) if raw.isdigit() and 0 < int(raw) <= 3600 else KEEPALIVE_DEFAULT_S
+        every = keepalive_every(call.request)
         deadline = None if not timeout else asyncio.get_running_loop().time() + timeout
         return StreamingResponse(watch_stream(w, every, deadline), status_code=200,
                                  media_type=STREAM_CONTENT_TYPE)

@@ -29,10 +29,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from ember.cluster.node import ray_temp_dir
 from ember.net.nsutil import in_netns, netns_path, remove_netns
 from ember.paths import Paths
 
+#: The marks of every test module that runs a cluster world.
+MARKS = [
+    pytest.mark.integration, pytest.mark.slow, pytest.mark.cluster,
+    pytest.mark.skipif(os.geteuid() != 0, reason="namespaces need root"),
+    pytest.mark.skipif(shutil.which("redis-server") is None,
+                       reason="redis-server is not installed (scripts/install.sh)"),
+]
 SUBNET = "192.0.2"
 SWITCH_IP = f"{SUBNET}.254"
 REDIS_PORT = 6379

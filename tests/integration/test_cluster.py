@@ -20,6 +20,7 @@ from ember.cluster.node import DEFAULT_PORT
 from ember.store import Store
 from ember.store.records import TemplateRecord
 from tests.integration.cluster_world import (
+    MARKS,
     ClusterWorld,
     Node,
     cluster_world,
@@ -27,12 +28,7 @@ from tests.integration.cluster_world import (
     wait_for,
 )
 
-pytestmark = [
-    pytest.mark.integration, pytest.mark.slow, pytest.mark.cluster,
-    pytest.mark.skipif(os.geteuid() != 0, reason="namespaces need root"),
-    pytest.mark.skipif(shutil.which("redis-server") is None,
-                       reason="redis-server is not installed (scripts/install.sh)"),
-]
+pytestmark = MARKS
 #: How long Ray may take to declare a killed raylet dead. Ray's defaults (a health check
 #: every 3 s, 5 misses) measured 13-15 s here; the bound leaves room for a loaded machine.
 DEAD_BOUND_S = 90.0

@@ -23,6 +23,7 @@ from ember.paths import Paths
 from ember.store import Store
 from tests.conftest import DEFAULT_TEST_CACHE
 from tests.integration.cluster_world import (
+    MARKS,
     ClusterWorld,
     Node,
     cluster_world,
@@ -30,12 +31,7 @@ from tests.integration.cluster_world import (
     wait_for,
 )
 
-pytestmark = [
-    pytest.mark.integration, pytest.mark.slow, pytest.mark.cluster,
-    pytest.mark.skipif(os.geteuid() != 0, reason="namespaces need root"),
-    pytest.mark.skipif(shutil.which("redis-server") is None,
-                       reason="redis-server is not installed (scripts/install.sh)"),
-]
+pytestmark = MARKS
 #: How long a placement actor may take to notice its sandbox is gone (it looks every 2 s).
 RELEASE_BOUND_S = 60.0
 RAY_STATE = """

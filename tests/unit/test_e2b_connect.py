@@ -169,3 +169,17 @@ def test_the_sdk_decodes_what_envd_answers() -> None:
     entry = fs.StatResponse.from_json(json.dumps(
         {"entry": M.entry(EntryInfo("f", "/f", "file", 5, 0o100644, 1.5e9))}))
     assert entry.entry.size == 5 and entry.entry.type == fs.FileType.FILE
+
+
+def test_keepalive_interval_is_bounded() -> None:
+    from starlette.requests import Request
+
+    from ember.e2b.envd import KEEPALIVE_DEFAULT_S, keepalive_every
+
+    def every(value: str | None) -> float:
+        headers = [] if value is None else [(b"keepalive-ping-interval", value.encode())]
+        return keepalive_every(Request({"type": "http", "headers": headers}))
+
+    assert every("15") == 15.0 and every("3600") == 3600.0
+    for bad in (None, "0", "3601", "-1", "1.5", "x", "9" * 40):
+        assert every(bad) == KEEPALIVE_DEFAULT_S, bad
