@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ember.engine.accel import detect_accel, host_tsc_khz
-from ember.engine.qemu.argv import TCG_TB_SIZE_MIB
+from ember.engine.qemu.argv import TCG_CPU_MODEL, TCG_TB_SIZE_MIB
 
 if TYPE_CHECKING:
     from ember.paths import Paths
@@ -34,8 +34,8 @@ def machine_args(memory_mib: int = 256) -> list[str]:
     if accel.accel == "kvm":
         return ["-M", machine + ",pit=off,pic=off", "-accel", "kvm", "-cpu", "host",
                 "-m", str(memory_mib), "-smp", "1"]
-    return ["-M", machine, "-accel", f"tcg,tb-size={TCG_TB_SIZE_MIB}", "-m", str(memory_mib),
-            "-smp", "1"]
+    return ["-M", machine, "-accel", f"tcg,tb-size={TCG_TB_SIZE_MIB}", "-cpu", TCG_CPU_MODEL,
+            "-m", str(memory_mib), "-smp", "1"]
 
 
 def base_cmdline(extra: str) -> str:
@@ -213,6 +213,21 @@ def pct(xs: Sequence[float], q: float) -> float:
 
 def fmt_ms(x: float) -> str:
     return f"{x * 1000:8.1f} ms"
+
+
+def daemon_on_tcp(paths: Paths, store: Store, tenant: str = "bench") -> tuple[str, str]:
+    """(Re)start the home's daemon with a TCP listener on a free loopback port; its URL and
+    a new API key of ``tenant`` (stop it with ``control.stop(paths)``)."""
+    from ember.daemon import control
+    from ember.daemon.auth import new_key
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    control.stop(paths)
+    control.start(paths, listen=url.removeprefix("http://"))
+    _, key = new_key(store, tenant)
+    return url, key
 
 
 def home_with_default_template() -> tuple[Paths, Store]:

@@ -11,7 +11,6 @@ Run (as root, in a scratch home so that the daemon is this script's own):
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
 import sys
 import time
@@ -24,10 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import e2b
 import httpx
 
-from benchmarks._common import home_with_default_template
+from benchmarks._common import daemon_on_tcp, home_with_default_template
 from ember import NetworkPolicy, Sandbox
 from ember.daemon import control
-from ember.daemon.auth import new_key
 
 
 def via_e2b(opts: dict[str, str]) -> float:
@@ -103,12 +101,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     args = ap.parse_args()
     paths, store = home_with_default_template()
-    with socket.socket() as probe:  # a free port for the daemon's listener
-        probe.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{probe.getsockname()[1]}"
-    control.stop(paths)
-    control.start(paths, listen=url.removeprefix("http://"))
-    _, key = new_key(store, "bench")
+    url, key = daemon_on_tcp(paths, store)
     opts = {"api_key": key, "api_url": url, "sandbox_url": url}
     try:
         via_e2b(opts), via_ember(url, key)  # warm-up: template snapshot, connections

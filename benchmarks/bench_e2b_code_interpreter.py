@@ -13,7 +13,6 @@ Run (as root, in a scratch home so that the daemon is this script's own):
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
 import sys
 import time
@@ -25,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from e2b_code_interpreter import Sandbox as CodeSandbox
 
+from benchmarks._common import daemon_on_tcp
 from ember import Sandbox
 from ember.daemon import control
-from ember.daemon.auth import new_key
 from ember.errors import TemplateNotFoundError
 from ember.guest.image import build_image
 from ember.paths import Paths
@@ -60,12 +59,7 @@ def main() -> None:
         store.get_template(TEMPLATE)
     except TemplateNotFoundError:
         build_image(paths, store, TEMPLATE)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{probe.getsockname()[1]}"
-    control.stop(paths)
-    control.start(paths, listen=url.removeprefix("http://"))
-    _, key = new_key(store, "bench")
+    url, key = daemon_on_tcp(paths, store)
     opts = {"api_key": key, "api_url": url, "sandbox_url": url}
     first: list[float] = []
     small: list[float] = []
