@@ -5,12 +5,9 @@ checks, before any guest is involved."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from ember.daemon.app import create_app
 from ember.daemon.auth import new_key
@@ -20,12 +17,6 @@ from ember.paths import Paths
 from ember.store import Store, TemplateRecord
 from ember.store.records import TenantRecord
 from tests.unit.test_daemon_app import _row
-
-
-@pytest.fixture
-def paths(tmp_path: Path) -> Iterator[Paths]:
-    yield Paths(home=tmp_path / "home", cache=tmp_path / "cache",
-                ram=tmp_path / "ram").ensure()
 
 
 def call(paths: Paths, method: str, url: str, **kw: Any) -> httpx.Response:

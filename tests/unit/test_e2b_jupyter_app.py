@@ -3,13 +3,7 @@ requests reach it, its token check before anything else, its errors, before any 
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
-
-import httpx
-import pytest
 
 from ember.daemon.app import create_app
 from ember.daemon.port_proxy import domain_from_env, host_name
@@ -17,23 +11,9 @@ from ember.e2b import SECRET_FILE
 from ember.e2b.envd import own_port_app
 from ember.e2b.mapping import access_token, traffic_token
 from ember.paths import Paths
+from tests.unit.test_e2b_app import call
 
 PORT = {"e2b-sandbox-port": "49999"}
-
-
-@pytest.fixture
-def paths(tmp_path: Path) -> Iterator[Paths]:
-    yield Paths(home=tmp_path / "home", cache=tmp_path / "cache",
-                ram=tmp_path / "ram").ensure()
-
-
-def call(paths: Paths, method: str, url: str, **kw: Any) -> httpx.Response:
-    async def go() -> httpx.Response:
-        transport = httpx.ASGITransport(app=create_app(paths))
-        async with httpx.AsyncClient(transport=transport, base_url="http://emberd") as c:
-            return await c.request(method, url, **kw)
-
-    return asyncio.run(go())
 
 
 def test_port_49999_is_told_apart_by_header_or_host() -> None:
