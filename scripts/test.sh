@@ -14,7 +14,7 @@ echo "==> mypy --strict" >&2
 .venv/bin/mypy
 echo "==> pytest" >&2
 set +e
-.venv/bin/pytest -q "$@"
+.venv/bin/pytest -q --durations=30 "$@"
 rc=$?
 set -e
 if [ "$rc" = 5 ]; then
