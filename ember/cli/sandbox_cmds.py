@@ -137,7 +137,7 @@ def _copy_output(sb: Sandbox, cmd: list[str], stdin: bool, timeout: float | None
 @create_options
 @click.option("--stdin", "-i", "stdin", is_flag=True, help="Send this process's stdin.")
 @click.option("--cmd-timeout", type=float, default=None, help="Command timeout in seconds.")
-@click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.argument("cmd", nargs=-1, required=False, type=click.UNPROCESSED)
 @handle_errors
 def run(template: str, vcpus: int | None, memory_mib: int | None, disk_mib: int | None,
         timeout: float, on_timeout: OnTimeout, isolation: Isolation, boot: Boot, network: str,
@@ -147,9 +147,14 @@ def run(template: str, vcpus: int | None, memory_mib: int | None, disk_mib: int 
         cmd: tuple[str, ...]) -> None:
     """Create a sandbox, run CMD in it with streamed output, destroy it; exit with CMD's code.
 
+    Without CMD, the template's image command runs (its ENTRYPOINT followed by its CMD,
+    from a Dockerfile or an OCI image); a template without one is an error.
+
     Example: ember run -- python3 -c "print(6*7)"
     """
     net = network_policy(network, allow, deny, rate_out, rate_in, max_connections)
+    if not cmd:
+        cmd = _image_command(template)
     sb = _create(template, vcpus, memory_mib, disk_mib, timeout, on_timeout, isolation, boot,
                  net, env, metadata, True)
     try:
@@ -157,6 +162,23 @@ def run(template: str, vcpus: int | None, memory_mib: int | None, disk_mib: int 
     finally:
         sb.kill()
     sys.exit(code)
+
+
+def _image_command(template: str) -> tuple[str, ...]:
+    """ENTRYPOINT + CMD of ``template``'s image (asked before any sandbox is made)."""
+    from ember.errors import TemplateNotFoundError
+    from ember.runtime.exec_defaults import image_command
+    from ember.sdk.sandbox import Sandbox
+
+    found = [t for t in Sandbox.list_templates() if t.name == template]
+    if not found:
+        raise TemplateNotFoundError(f"no template named {template!r} (see ember image ls)")
+    oci = found[0].config.get("oci")
+    command = image_command(oci) if isinstance(oci, dict) else ()
+    if not command:
+        raise BadRequestError(f"template {template!r} has no CMD or ENTRYPOINT: give the "
+                              "command to run (ember run -t TEMPLATE -- CMD...)")
+    return command
 
 
 @click.command("create")

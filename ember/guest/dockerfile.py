@@ -95,6 +95,36 @@ class State:
     exposed: tuple[str, ...] = ()
     cmd: tuple[str, ...] = ()
     entrypoint: tuple[str, ...] = ()
+    #: Whether a WORKDIR (here or in the base image) named ``workdir``: if not, the
+    #: template names none and its commands run where ember's do (the user's home).
+    workdir_set: bool = False
+    #: Whether this stage set CMD (an ENTRYPOINT then keeps it, as Docker does).
+    cmd_set: bool = False
+
+    @classmethod
+    def from_image(cls, oci: Mapping[str, Any] | None) -> State:
+        """The state a stage starts in: its base template's image metadata (``config
+        ["oci"]``: ENV, WORKDIR, USER, CMD, ENTRYPOINT, EXPOSE, LABEL are inherited, as
+        from a Docker base image). Malformed values are ignored."""
+        if not isinstance(oci, Mapping):
+            return cls()
+
+        def strings(key: str) -> tuple[str, ...]:
+            v = oci.get(key)
+            return tuple(x for x in v if isinstance(x, str)) if isinstance(v, list) else ()
+
+        env = tuple((k, v) for k, eq, v in (e.partition("=") for e in strings("env"))
+                    if eq and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k))
+        wd = oci.get("working_dir")
+        workdir = _normpath(wd) if isinstance(wd, str) and wd.startswith("/") else ""
+        user = oci.get("user")
+        labels = oci.get("labels")
+        return cls(env=env, workdir=workdir or "/", workdir_set=bool(workdir),
+                   user=user if isinstance(user, str) else "",
+                   cmd=strings("cmd"), entrypoint=strings("entrypoint"),
+                   exposed=strings("exposed_ports"),
+                   labels=tuple((k, v) for k, v in labels.items() if isinstance(k, str)
+                                and isinstance(v, str)) if isinstance(labels, dict) else ())
 
     def vars(self) -> dict[str, str]:
         """What ``$VAR`` expands to: ENV wins over ARG."""
@@ -102,7 +132,8 @@ class State:
 
     def config(self) -> dict[str, Any]:
         """The template's metadata, in the shape of an OCI image's (``config["oci"]``)."""
-        return {"env": [f"{k}={v}" for k, v in self.env], "working_dir": self.workdir,
+        return {"env": [f"{k}={v}" for k, v in self.env],
+                "working_dir": self.workdir if self.workdir_set else "",
                 "user": self.user, "cmd": list(self.cmd), "entrypoint": list(self.entrypoint),
                 "exposed_ports": list(self.exposed), "labels": dict(self.labels)}
 
@@ -125,10 +156,11 @@ class Plan:
     steps: tuple[Step, ...]
     #: Stages the built one copies from (COPY --from), by alias or index, planned too.
     deps: Mapping[str, Plan] = field(default_factory=dict)
+    start: State = field(default_factory=State)  # the base image's metadata
 
     @property
     def final(self) -> State:
-        return self.steps[-1].state if self.steps else State()
+        return self.steps[-1].state if self.steps else self.start
 
 
 # --- parsing --------------------------------------------------------------------------
@@ -307,20 +339,33 @@ def select(stages: Sequence[Stage], target: str | None) -> Stage:
     raise dockerfile_error(0, f"no stage named {target!r} (--target)")
 
 
-def plan(text: str, build_args: Mapping[str, str], target: str | None = None) -> Plan:
-    """Parse and plan the build of stage ``target`` (default: the last)."""
+def plan(text: str, build_args: Mapping[str, str], target: str | None = None,
+         bases: Mapping[str, Mapping[str, Any]] | None = None) -> Plan:
+    """Parse and plan the build of stage ``target`` (default: the last). ``bases``: the
+    image metadata (``config["oci"]``) of the FROM templates, by the FROM as expanded
+    (a stage starts from its base's metadata; without it, from none)."""
     global_args, stages = parse(text)
     declared = {n for n, _ in global_args} | {
         n for s in stages for i in s.instructions if i.name == "ARG" for n, _ in _parse_arg(i)}
     unknown = sorted(set(build_args) - declared)
     if unknown:
         raise dockerfile_error(0, f"--build-arg {', '.join(unknown)}: not declared by any ARG")
-    return _plan_stage(stages, select(stages, target), global_args, build_args, set())
+    return _plan_stage(stages, select(stages, target), global_args, build_args, set(),
+                       bases or {})
+
+
+def bases_of(p: Plan) -> list[tuple[str, int]]:
+    """Every FROM a plan starts from that is not a stage (its own and its COPY --from
+    stages'), with the line of that FROM."""
+    out = [(p.base, p.stage.line)]
+    for dep in p.deps.values():
+        out.extend(b for b in bases_of(dep) if b not in out)
+    return out
 
 
 def _plan_stage(stages: Sequence[Stage], stage: Stage,
                 global_args: Sequence[tuple[str, str | None]], build_args: Mapping[str, str],
-                seen: set[int]) -> Plan:
+                seen: set[int], bases: Mapping[str, Mapping[str, Any]]) -> Plan:
     if stage.index in seen:
         raise dockerfile_error(stage.line, "stages copy from each other in a cycle")
     seen = seen | {stage.index}
@@ -332,12 +377,13 @@ def _plan_stage(stages: Sequence[Stage], stage: Stage,
     parent = next((s for s in stages if s.alias == base.lower() and s.index < stage.index),
                   None)
     if parent is not None:  # FROM an earlier stage: go on from its plan
-        prior = _plan_stage(stages, parent, global_args, build_args, seen)
-        state = replace(prior.final, args=())
+        prior = _plan_stage(stages, parent, global_args, build_args, seen, bases)
+        state = replace(prior.final, args=(), cmd_set=False)
         steps: list[Step] = list(prior.steps)
-        base, deps = prior.base, dict(prior.deps)
+        base, deps, start = prior.base, dict(prior.deps), prior.start
     else:
-        state, steps = State(), []
+        state, steps = State.from_image(bases.get(base)), []
+        start = state
     for ins in stage.instructions:
         step = _step(ins, state, global_args, build_args)
         if step.copy is not None and step.copy.from_stage is not None:
@@ -347,11 +393,12 @@ def _plan_stage(stages: Sequence[Stage], stage: Stage,
             if dep is None or dep.index >= stage.index:
                 raise dockerfile_error(ins.line, f"COPY --from={src}: no earlier stage of that "
                                                 "name (images are not supported as --from)")
-            deps[str(dep.index)] = _plan_stage(stages, dep, global_args, build_args, seen)
+            deps[str(dep.index)] = _plan_stage(stages, dep, global_args, build_args, seen,
+                                               bases)
             step = replace(step, copy=replace(step.copy, from_stage=str(dep.index)))
         steps.append(step)
         state = step.state
-    return Plan(base=base, stage=stage, steps=tuple(steps), deps=deps)
+    return Plan(base=base, stage=stage, steps=tuple(steps), deps=deps, start=start)
 
 
 def _step(ins: Instruction, st: State, global_args: Sequence[tuple[str, str | None]],
@@ -387,7 +434,7 @@ def _step(ins: Instruction, st: State, global_args: Sequence[tuple[str, str | No
             raise dockerfile_error(ins.line, "WORKDIR takes one path")
         path = words[0] if words[0].startswith("/") else f"{st.workdir.rstrip('/')}/{words[0]}"
         path = _normpath(path)
-        new = replace(st, workdir=path)
+        new = replace(st, workdir=path, workdir_set=True)
         return Step("run", ins, new, argv=("mkdir", "-p", path), expanded=f"WORKDIR {path}")
     if n == "USER":
         user = expand(ins.value, v, ins.line).strip()
@@ -410,7 +457,9 @@ def _step(ins: Instruction, st: State, global_args: Sequence[tuple[str, str | No
             return Step("meta", ins, replace(st, shell=exec_form),
                         expanded=f"SHELL {json.dumps(exec_form)}")
         form: tuple[str, ...] = exec_form if exec_form is not None else (*st.shell, ins.value)
-        new = replace(st, cmd=form) if n == "CMD" else replace(st, entrypoint=form, cmd=())
+        # an ENTRYPOINT resets a CMD the base image gave, not one this stage set
+        new = replace(st, cmd=form, cmd_set=True) if n == "CMD" else \
+            replace(st, entrypoint=form, cmd=st.cmd if st.cmd_set else ())
         return Step("meta", ins, new, expanded=f"{n} {json.dumps(form)}")
     if n == "RUN":
         if _RUN_FLAGS.match(ins.value):
@@ -498,6 +547,35 @@ def _normpath(path: str) -> str:
             continue
         parts.append(p)
     return "/" + "/".join(parts)
+
+
+# --- FROM an image reference ----------------------------------------------------------
+def image_source(base: str, default_registry: str | None = None) -> str | None:
+    """The ``registry:`` source a FROM that names no template means, read the way Docker
+    reads an image reference: ``python:3.11-slim`` is
+    ``registry:registry-1.docker.io/library/python:3.11-slim``, ``user/repo`` is
+    ``docker.io/user/repo:latest``, ``ghcr.io/o/r@sha256:...`` is that registry's.
+    ``default_registry`` (``HOST[:PORT]``, ``EMBER_DEFAULT_REGISTRY``) stands in for
+    Docker Hub (a mirror, or the registry of an air-gapped site). None: not a reference."""
+    from ember.errors import ImageSourceError
+    from ember.guest.oci.reference import DOCKER_HUB, parse_registry_ref
+
+    try:
+        ref = parse_registry_ref(base)
+        host = ref.host
+        if host == DOCKER_HUB and default_registry:
+            host = parse_registry_ref(f"{default_registry.strip()}/x").host
+            if host == DOCKER_HUB and default_registry.strip() not in (
+                    "docker.io", "index.docker.io", DOCKER_HUB):
+                raise ImageSourceError(f"bad default registry {default_registry!r}")
+    except ImageSourceError:
+        return None
+    text = f"registry:{host}/{ref.repository}"
+    if ref.tag:
+        text += f":{ref.tag}"
+    if ref.digest:
+        text += f"@{ref.digest}"
+    return text
 
 
 # --- cache keys ------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from ember.errors import (
     ProtocolError,
     SandboxNotFoundError,
     SandboxStateError,
+    TemplateNotFoundError,
 )
 from ember.kinds import Boot, Isolation, OnTimeout, SandboxState
 from ember.locks import FileLock
@@ -35,6 +36,7 @@ from ember.net.policy import NetworkPolicy
 from ember.net.stats import NetworkStats
 from ember.paths import Paths
 from ember.runtime.agent_client import AgentClient
+from ember.runtime.exec_defaults import ExecDefaults, exec_defaults
 from ember.runtime.guest_port import GuestConnection
 from ember.runtime.manager import SandboxDir, SandboxManager, console_tail
 from ember.runtime.spec import DEFAULT_TEMPLATE, DEFAULT_TIMEOUT_S, SandboxSpec
@@ -123,6 +125,7 @@ class AsyncSandbox:
         self._client: AgentClient | None = None
         self._killed = False
         self._paused = False
+        self._defaults: ExecDefaults | None = None
         self.files = AsyncFiles(self._require_client)
         self.network = AsyncNetwork(self)
 
@@ -359,10 +362,24 @@ class AsyncSandbox:
                      cwd: str | None, user: str | int | None, stdin: bool,
                      timeout: float | None, keep_output: bool = True,
                      pty: tuple[int, int] | None = None) -> AsyncProcess:
-        merged = {**self._rec.env, **(env or {})}
+        # the template image's ENV, WORKDIR and USER (docs/images.md), under the
+        # sandbox's env and the caller's env, cwd and user
+        merged, cwd, user = self._exec_defaults().apply({**self._rec.env, **(env or {})},
+                                                       cwd, user)
         msg = exec_request(cmd, env=merged, cwd=cwd, user=user, stdin=stdin, timeout=timeout,
                            pty=pty)
         return await AsyncProcess.start(self._require_client(), msg, keep_output=keep_output)
+
+    def _exec_defaults(self) -> ExecDefaults:
+        """What the sandbox's template image says commands run with (env, working
+        directory, user; read once)."""
+        if self._defaults is None:
+            try:
+                config = self._mgr.store.get_template(self._rec.template).config
+            except TemplateNotFoundError:  # removed since: ember's own defaults
+                config = {}
+            self._defaults = exec_defaults(config)
+        return self._defaults
 
     async def _connect_port(self, port: int) -> GuestConnection:
         """A TCP connection to ``port`` on the guest's loopback, carried by the agent (no

@@ -39,6 +39,7 @@ from ember.errors import (
     CommandTimeoutError,
     DockerfileError,
     EmberError,
+    ImageSourceError,
     SnapshotError,
     SnapshotNotFoundError,
     TemplateNotFoundError,
@@ -71,6 +72,9 @@ RUN_TIMEOUT_S = 3600.0
 BUILD_LIFETIME_S = 4 * 3600.0
 TAIL_BYTES = 2000
 GUEST_TAR = "/tmp/.ember-copy.tar"
+#: ember's own steps (COPY's unpacking, WORKDIR's mkdir, sync) run as root, whatever USER
+#: the base image names (a build sandbox's commands get its template's defaults otherwise).
+ROOT = 0
 
 
 @dataclass(frozen=True)
@@ -118,13 +122,18 @@ async def build_dockerfile(local: Local, name: str, src: DockerfileSource,
         raw = src.dockerfile.read_bytes()[:df.MAX_DOCKERFILE_BYTES + 1]
     except OSError as err:
         raise ContextError(f"cannot read the Dockerfile {src.dockerfile}: {err}") from err
-    plan = df.plan(raw.decode("utf-8", "replace"), opts.build_args, opts.target)
+    text = raw.decode("utf-8", "replace")
+    plan = df.plan(text, opts.build_args, opts.target)  # everything checked before any VM
     ctx = Context(src.context)
     size, count = await asyncio.to_thread(ctx.check)
     say = progress or (lambda _m: None)
     say(f"context {src.context}: {count} entries, {size >> 10} KiB")
     await asyncio.to_thread(sweep_orphans, local)
     b = _Build(local, ctx, opts, say)
+    # each stage starts from its base image's metadata (ENV, WORKDIR, USER, CMD, ...)
+    bases = {base: (await b.base(base, line)).config.get("oci") or {}
+             for base, line in df.bases_of(plan)}
+    plan = df.plan(text, opts.build_args, opts.target, bases)
     snap, key = await b.run(plan)
     rec = await asyncio.to_thread(_register, local, name, src, opts, plan, snap, key,
                                   list(dict.fromkeys(b.keys)), say)
@@ -181,13 +190,14 @@ class _Build:
         self.ran: list[str] = []
         self.keys: list[str] = []  # every state's key, cached or built
         self.cached = 0
+        self.bases: dict[str, TemplateRecord] = {}  # FROM templates, by the FROM
 
     async def run(self, plan: df.Plan) -> tuple[SnapshotRecord, str]:
         """Build ``plan``; (its last state's snapshot, that state's key)."""
         for idx, dep in plan.deps.items():  # COPY --from stages first
             if idx not in self.stages:
                 self.stages[idx] = await self.run(dep)
-        base = await self._base(plan)
+        base = await self.base(plan.base, plan.stage.line)
         key = df.base_key(plan.base, base.digest, str(base.config.get("snapshot", "")),
                           await asyncio.to_thread(self._vm_identity))
         steps = [s for s in plan.steps if s.kind != "meta"]
@@ -238,28 +248,45 @@ class _Build:
                     await sb.kill()
         return current, key
 
-    async def _base(self, plan: df.Plan) -> TemplateRecord:
-        """The FROM template: a template's name, or an image source (``registry:...``,
-        ``docker://...``, ``oci-layout:...``, ``debian:SUITE``, ...) built first as the
-        template ``from-<hash>`` (kept: a later build of the same source reuses it)."""
-        tpl = _template(self.local, plan.base)
-        if tpl is not None:
-            return tpl
-        if not is_source(plan.base):
+    async def base(self, base: str, line: int) -> TemplateRecord:
+        """The FROM template: a template's name; else an image source (``registry:...``,
+        ``docker://...``, ``oci-layout:...``, ``debian:SUITE``, ...) or an image reference
+        as Docker reads it (``python:3.11-slim``: Docker Hub, or ``EMBER_DEFAULT_REGISTRY``),
+        built first as the template ``from-<hash>`` (kept: a later build of the same source
+        reuses it)."""
+        if base in self.bases:
+            return self.bases[base]
+        tpl = _template(self.local, base)
+        if tpl is None:
+            tpl = await self._from_source(base, line)
+        self.bases[base] = tpl
+        return tpl
+
+    async def _from_source(self, base: str, line: int) -> TemplateRecord:
+        source = base if is_source(base) else df.image_source(base, default_registry())
+        if source is None:
             raise df.dockerfile_error(
-                plan.stage.line, f"FROM {plan.base}: no template of that name (see ember "
-                "image ls), and not an image source (registry:HOST/REPO:TAG, docker://..., "
-                "oci-layout:DIR, docker-archive:FILE, debian:SUITE, dir:PATH)")
-        name = base_template_name(plan.base)
+                line, f"FROM {base}: no template of that name (see ember image ls), and not "
+                "an image reference (python:3.11-slim, ghcr.io/org/repo:tag) or an image "
+                "source (registry:HOST/REPO:TAG, docker://..., oci-layout:DIR, "
+                "docker-archive:FILE, debian:SUITE, dir:PATH)")
+        name = base_template_name(source)
         tpl = _template(self.local, name)
-        if tpl is not None and tpl.source == plan.base:
-            self.say(f"FROM {plan.base}: template {name}")
+        via = "" if source == base else f" ({source})"
+        if tpl is not None and tpl.source == source:
+            self.say(f"FROM {base}: template {name}{via}")
             return tpl
-        self.say(f"FROM {plan.base}: building it as template {name}")
-        info = await self.local.build_template(name, plan.base, packages=(), force=True,
-                                               rebuild=False, free_mib=1024,
-                                               on_progress=self.say)
-        del info
+        self.say(f"FROM {base}: building it as template {name}{via}")
+        try:
+            await self.local.build_template(name, source, packages=(), force=True,
+                                            rebuild=False, free_mib=1024,
+                                            on_progress=self.say)
+        except ImageSourceError as err:
+            if source == base:
+                raise
+            raise df.dockerfile_error(
+                line, f"FROM {base}: no template of that name, and the image "
+                f"{source.removeprefix('registry:')} cannot be pulled: {err}") from err
         return self.local.mgr.store.get_template(name)
 
     async def _start(self, template: str, parent: SnapshotRecord | None) -> AsyncSandbox:
@@ -307,7 +334,7 @@ class _Build:
         return max(found, key=lambda s: s.created_at) if found else None
 
     async def _snapshot(self, sb: AsyncSandbox, key: str) -> SnapshotRecord:
-        await sb.exec(["sync"], timeout=120)
+        await sb.exec(["sync"], cwd="/", user=ROOT, timeout=120)
         name = f"build-{key[:24]}-{secrets.token_hex(4)}"
         taken = await asyncio.to_thread(self.local.mgr.snapshot, sb.id, name,
                                         shared={STEP_META: key})
@@ -329,10 +356,11 @@ class _Build:
     async def _execute(self, sb: AsyncSandbox, step: df.Step, plan: df.Plan) -> None:
         st = step.state
         if step.kind == "run":
-            root = step.instruction.name == "WORKDIR"
-            await self._run(sb, step, list(step.argv), env=st.vars(),
-                            cwd=None if root else st.workdir,
-                            user=None if root else _user(st.user))
+            if step.instruction.name == "WORKDIR":  # ember's own step: as root
+                await self._run(sb, step, list(step.argv), env=st.vars(), cwd="/", user=ROOT)
+                return
+            await self._run(sb, step, list(step.argv), env=st.vars(), cwd=st.workdir,
+                            user=_user(st.user) or ROOT)
             return
         c = step.copy
         assert c is not None
@@ -360,7 +388,7 @@ class _Build:
             script += (f"mkdir -p {into} && tar -xf {GUEST_TAR}.{i} -C {into} && "
                        f"rm -f {GUEST_TAR}.{i} && ")
         script += f"rm -f {GUEST_TAR}"
-        await self._run(sb, step, ["/bin/sh", "-c", script], env={}, cwd="/", user=None)
+        await self._run(sb, step, ["/bin/sh", "-c", script], env={}, cwd="/", user=ROOT)
 
     async def _copy_from_stage(self, step: df.Step, plan: df.Plan, tmp: Path,
                                tar: Path) -> None:
@@ -375,7 +403,7 @@ class _Build:
             # the guest's shell expands the globs (sources are words without spaces)
             names = " ".join(s.lstrip("/") or "." for s in c.sources)
             script = f"cd / && tar -cf {GUEST_TAR} -- {names}"
-            await self._run(src, step, ["/bin/sh", "-c", script], env={}, cwd="/", user=None)
+            await self._run(src, step, ["/bin/sh", "-c", script], env={}, cwd="/", user=ROOT)
             await _download_bounded(src, GUEST_TAR, tmp / "from.tar",
                                     max_context_bytes() + (64 << 20))
         finally:
@@ -427,6 +455,15 @@ SOURCE_PREFIXES = ("registry:", "docker://", "oci-layout:", "docker-archive:", "
 def is_source(base: str) -> bool:
     """Whether FROM names an image source ``ember image build --from`` accepts."""
     return base.startswith(SOURCE_PREFIXES)
+
+
+#: Where FROM's Docker Hub names are pulled from instead of Docker Hub (``HOST[:PORT]``):
+#: a mirror, or an air-gapped site's registry (read by the process that builds).
+DEFAULT_REGISTRY_ENV = "EMBER_DEFAULT_REGISTRY"
+
+
+def default_registry() -> str | None:
+    return os.environ.get(DEFAULT_REGISTRY_ENV) or None
 
 
 def base_template_name(source: str) -> str:

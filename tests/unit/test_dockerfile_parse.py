@@ -184,3 +184,69 @@ def test_hostile_text_gives_a_plan_or_a_dockerfile_error(text: str) -> None:
 def test_instruction_soup_gives_a_plan_or_a_dockerfile_error(lines: list[str]) -> None:
     with contextlib.suppress(DockerfileError):
         df.plan("\n".join(lines), {})
+
+
+PYTHON_IMAGE = {"env": ["PATH=/usr/local/bin:/usr/bin:/bin", "LANG=C.UTF-8"],
+                "working_dir": "/srv", "user": "app:app", "cmd": ["python3"],
+                "entrypoint": [], "exposed_ports": ["9000/tcp"], "labels": {"from": "base"}}
+
+
+def test_a_stage_starts_from_its_base_images_metadata() -> None:
+    text = ("FROM python:3.11-slim\nENV PATH=/opt/venv/bin:$PATH\nWORKDIR app\n"
+            "RUN pip list\nEXPOSE 8000\nLABEL mine=1\n")
+    p = df.plan(text, {}, bases={"python:3.11-slim": PYTHON_IMAGE})
+    run = next(s for s in p.steps if s.kind == "run" and s.instruction.name == "RUN")
+    assert run.state.vars()["PATH"] == "/opt/venv/bin:/usr/local/bin:/usr/bin:/bin"
+    assert run.state.workdir == "/srv/app" and run.state.user == "app:app"
+    cfg = p.final.config()
+    assert cfg["env"] == ["PATH=/opt/venv/bin:/usr/local/bin:/usr/bin:/bin", "LANG=C.UTF-8"]
+    assert cfg["working_dir"] == "/srv/app" and cfg["user"] == "app:app"
+    assert cfg["cmd"] == ["python3"]  # inherited
+    assert cfg["exposed_ports"] == ["9000/tcp", "8000/tcp"]
+    assert cfg["labels"] == {"from": "base", "mine": "1"}
+    # without the base's metadata (before the base is known): none of it
+    assert df.plan(text, {}).final.config()["user"] == ""
+    # a stage that only names its base gives that base's metadata
+    assert df.plan("FROM python:3.11-slim", {},
+                   bases={"python:3.11-slim": PYTHON_IMAGE}).final.config()["cmd"] == [
+        "python3"]
+
+
+def test_entrypoint_resets_the_base_images_cmd_but_not_this_stages() -> None:
+    bases = {"b": PYTHON_IMAGE}
+    cfg = df.plan("FROM b\nENTRYPOINT [\"tini\"]\n", {}, bases=bases).final.config()
+    assert cfg["entrypoint"] == ["tini"] and cfg["cmd"] == []
+    cfg = df.plan("FROM b\nCMD [\"x\"]\nENTRYPOINT [\"tini\"]\n", {}, bases=bases).final.config()
+    assert cfg["entrypoint"] == ["tini"] and cfg["cmd"] == ["x"]
+
+
+def test_no_workdir_names_none_and_malformed_base_metadata_is_ignored() -> None:
+    assert df.plan("FROM a\nRUN true", {}).final.config()["working_dir"] == ""
+    bad = {"env": ["NOEQUALS", "1BAD=x", "OK=1", 7], "working_dir": "relative",
+           "user": 5, "cmd": "not a list", "labels": ["x"]}
+    st = df.plan("FROM a\nRUN true", {}, bases={"a": bad}).final
+    assert st.env == (("OK", "1"),) and st.workdir == "/" and st.user == "" and st.cmd == ()
+    assert df.bases_of(df.plan("FROM x AS one\nRUN true\nFROM y\nCOPY --from=one /a /b\n",
+                               {})) == [("y", 3), ("x", 1)]
+
+
+@pytest.mark.parametrize(("base", "mirror", "want"), [
+    ("python:3.11-slim", None, "registry:registry-1.docker.io/library/python:3.11-slim"),
+    ("ubuntu", None, "registry:registry-1.docker.io/library/ubuntu:latest"),
+    ("user/repo", None, "registry:registry-1.docker.io/user/repo:latest"),
+    ("docker.io/library/alpine:3", None, "registry:registry-1.docker.io/library/alpine:3"),
+    ("python@sha256:" + "b" * 64, None,
+     "registry:registry-1.docker.io/library/python@sha256:" + "b" * 64),
+    ("ghcr.io/org/r:1", None, "registry:ghcr.io/org/r:1"),
+    ("localhost:5000/x", None, "registry:localhost:5000/x:latest"),
+    # the default registry stands in for Docker Hub only
+    ("python:3.11-slim", "127.0.0.1:5000", "registry:127.0.0.1:5000/library/python:3.11-slim"),
+    ("user/repo", "mirror.example:443", "registry:mirror.example:443/user/repo:latest"),
+    ("ghcr.io/org/r:1", "127.0.0.1:5000", "registry:ghcr.io/org/r:1"),
+    ("Not A Ref", None, None),
+    ("a/b:c:d", None, None),
+    ("python", "not a host!", None),
+])
+def test_docker_image_references_resolve_as_docker_reads_them(base: str, mirror: str | None,
+                                                              want: str | None) -> None:
+    assert df.image_source(base, mirror) == want
