@@ -212,6 +212,20 @@ class NodeUnavailableError(HostError):
     code: ClassVar[str] = "node_unavailable"
 
 
+class TemplateTransferError(HostError):
+    """A template could not be fetched from another node of the cluster (no node holds
+    it, the holder does not answer, or what it sent does not fit what it announced)."""
+
+    code: ClassVar[str] = "template_transfer"
+
+
+class TemplateDigestError(TemplateTransferError):
+    """A template fetched from another node does not have the digest it should have (the
+    holder's copy or the transfer is corrupt): it was refused and nothing was kept."""
+
+    code: ClassVar[str] = "template_digest_mismatch"
+
+
 def _all_classes(root: type[EmberError]) -> list[type[EmberError]]:
     out = [root]
     for sub in root.__subclasses__():

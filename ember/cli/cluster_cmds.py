@@ -148,3 +148,73 @@ def nodes(address: str | None, show_all: bool, as_json: bool) -> None:
                   ",".join(a.tiers) if a else "-", a.accel if a else "-",
                   ",".join(a.templates) if a else "-")
     out_console.print(t)
+
+
+@cluster.command("pull")
+@click.argument("template")
+@click.option("--force", is_flag=True,
+              help="Replace this node's template of that name when it has another digest.")
+@click.option("--url", default=None, envvar="EMBER_URL",
+              help="The daemon to ask (default: this home's) [env EMBER_URL].")
+@click.option("--json", "as_json", is_flag=True, help="Print the template as JSON.")
+@handle_errors
+def pull(template: str, force: bool, url: str | None, as_json: bool) -> None:
+    """Fetch TEMPLATE from a node of the cluster that holds it, check its digest and
+    register it on this node (a create of a template a node does not hold does this
+    itself). The administrator's."""
+    import asyncio
+    import dataclasses
+    import time
+
+    from ember.cli.common import progress
+
+    t0 = time.monotonic()
+    with progress(not as_json, f"pull {template}") as p:
+        info = asyncio.run(_pull(template, force, url, p))
+    if as_json:
+        print_json({**dataclasses.asdict(info), "seconds": round(time.monotonic() - t0, 3)})
+        return
+    click.echo(f"{info.name}: {info.digest} ({info.size_bytes >> 20} MiB image) in "
+               f"{time.monotonic() - t0:.1f} s")
+
+
+async def _pull(template: str, force: bool, url: str | None,
+                on_progress: Callable[[str], None]) -> Any:
+    """``POST /v1/cluster/templates/NAME/pull`` and its NDJSON events."""
+    import asyncio
+    import os
+    from urllib.parse import quote
+
+    from ember.errors import ProtocolError
+    from ember.paths import Paths
+    from ember.sdk import wire
+    from ember.sdk.remote import Transport
+
+    if url:
+        t = Transport(url, os.environ.get("EMBER_API_KEY"))
+    else:
+        from ember.daemon.control import ensure_running
+
+        home = Paths.from_env()
+        await asyncio.to_thread(ensure_running, home)
+        t = Transport(f"unix://{home.daemon_socket}", os.environ.get("EMBER_API_KEY"))
+    try:
+        r = await t.stream("POST", f"/cluster/templates/{quote(template, safe='')}/pull",
+                           json={"force": force})
+        try:
+            async for line in r.aiter_lines():
+                if not line:
+                    continue
+                ev = wire.parse_event(line.encode())
+                if ev["event"] == "progress":
+                    on_progress(str(ev.get("message", ""))[:2000])
+                elif ev["event"] == "error":
+                    raise wire.error_for_event(ev)
+                elif ev["event"] == "done":
+                    return wire.template_info(ev.get("template"))
+        finally:
+            await r.aclose()
+    finally:
+        await t.close()
+    raise ProtocolError(f"the daemon ended the pull of {template!r} without a result")
+

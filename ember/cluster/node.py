@@ -32,6 +32,8 @@ from ember.cluster.record import (
     save_record,
     save_secret,
 )
+from ember.cluster.templates import home_held
+from ember.cluster.templates import sync as sync_templates
 from ember.errors import BadRequestError, HostError, MissingDependencyError
 from ember.paths import Paths
 from ember.proc import run
@@ -173,6 +175,8 @@ def _start(paths: Paths, opts: JoinOptions, adv: Advertisement, role: Role) -> C
     secret = bounded(lambda: publish_node(address, str(node_id), daemon), QUERY_TIMEOUT_S,
                      f"publishing this node's daemon ({daemon}) to {address}")
     save_secret(paths, secret)
+    bounded(lambda: sync_templates(address, str(node_id), home_held(paths)), QUERY_TIMEOUT_S,
+            f"publishing this node's templates to {address}")  # who holds what: the directory
     rec = ClusterRecord(address=address, role=role, node_ip=opts.node_ip, node_id=node_id,
                         resources=adv.resources(), ray_temp_dir=str(temp),
                         joined_at=time.time(), redis=opts.redis if role == "head" else None,

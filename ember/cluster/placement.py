@@ -25,8 +25,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from ember.cluster.advertise import MEMORY_MIB, TEMPLATE, TIER, VCPUS
+from ember.cluster.advertise import MEMORY_MIB, TIER, VCPUS
 from ember.cluster.directory import forget_sandbox, record_sandbox
+from ember.cluster.templates import placement_preference
 
 log = logging.getLogger("ember.cluster")
 
@@ -57,12 +58,16 @@ class Placement:
     body: dict[str, Any]  # the create request, as the asking daemon received it
     tenant: str
     demand: dict[str, float]
+    #: The template's name (its holders are preferred: a soft affinity).
+    template: str | None = None
 
 
 def demand(template: str, isolation: str, vcpus: int, memory_mib: int) -> dict[str, float]:
-    """The Ray resources a sandbox holds while it lives (pure)."""
+    """The Ray resources a sandbox holds while it lives (pure). The template is no hard
+    demand: any node can fetch it (ember.cluster.templates); its holders are preferred
+    (:func:`ember.cluster.templates.placement_preference`)."""
     return {VCPUS: float(vcpus), MEMORY_MIB: float(memory_mib),
-            f"{TIER}{isolation}": SLIVER, f"{TEMPLATE}{template}": SLIVER}
+            f"{TIER}{isolation}": SLIVER}
 
 
 def _holder_class() -> Any:
@@ -160,9 +165,9 @@ def place(p: Placement) -> dict[str, Any]:
     name = f"{ACTOR_PREFIX}{uuid.uuid4().hex}"
     options: dict[str, Any] = {"name": name, "namespace": NAMESPACE, "lifetime": "detached",
                                "resources": p.demand}
-    if p.prefer_node:
-        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(p.prefer_node,
-                                                                        soft=True)
+    prefer = placement_preference(p.address, p.prefer_node, p.template)  # its holders
+    if prefer:
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(prefer, soft=True)
     holder = _holder_class().options(**options).remote()
     placed, _ = ray.wait([holder.node.remote()], timeout=PLACE_TIMEOUT_S)
     if not placed:
@@ -191,7 +196,8 @@ def main() -> None:
     raw = json.load(sys.stdin)
     p = Placement(address=str(raw["address"]), prefer_node=raw.get("prefer_node"),
                   body=dict(raw["body"]), tenant=str(raw["tenant"]),
-                  demand={str(k): float(v) for k, v in raw["demand"].items()})
+                  demand={str(k): float(v) for k, v in raw["demand"].items()},
+                  template=raw["template"] if isinstance(raw.get("template"), str) else None)
     try:
         answer = place(p)
     except Exception as err:  # told to the asking daemon, which raises it

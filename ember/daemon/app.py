@@ -25,6 +25,8 @@ import ember
 from ember.cluster.record import summary as cluster_summary
 from ember.daemon import (
     API_VERSION,
+    cluster_templates,
+    routes_cluster_templates,
     routes_exec,
     routes_files,
     routes_ports,
@@ -64,6 +66,7 @@ def create_app(paths: Paths, *, idle_exit: float | None = None,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        cluster_templates.on_start(paths, live.mgr.store)  # the directory: what is here
         stop = threading.Event()  # lifetimes and pool refills: the reaper's work, done here
         supervisor = threading.Thread(
             target=reaper.supervise, args=(paths, stop, _stop_this_process),
@@ -174,6 +177,7 @@ def create_app(paths: Paths, *, idle_exit: float | None = None,
     app.include_router(routes_usage.router, prefix=f"/{API_VERSION}")
     app.include_router(routes_ports.router, prefix=f"/{API_VERSION}")
     app.include_router(routes_templates.router, prefix=f"/{API_VERSION}")
+    app.include_router(routes_cluster_templates.router, prefix=f"/{API_VERSION}")
     return app
 
 

@@ -28,6 +28,7 @@ from ember.cluster.placement import (
 )
 from ember.cluster.record import ClusterRecord, load_record
 from ember.daemon.auth import ADMIN, Principal
+from ember.daemon.cluster_templates import ensure as ensure_template
 from ember.daemon.live import LiveSandboxes
 from ember.daemon.models import CreateRequest
 from ember.errors import EmberError, HostError, TemplateNotFoundError
@@ -51,6 +52,7 @@ async def decide(request: Request, body: CreateRequest, live: LiveSandboxes,
     if request.headers.get(PLACEMENT_HEADER) is not None:
         # A placement actor's create on its own node: never placed again. It comes from
         # root on this host's socket, for the tenant that asked the first daemon.
+        await ensure_template(live.paths, live.mgr.store, body.template)  # fetched here
         tenant = request.headers.get(TENANT_HEADER)
         if who.admin and tenant:
             return Decision(None, Principal(tenant, tenant == ADMIN))
@@ -88,7 +90,8 @@ def _place(rec: ClusterRecord, body: CreateRequest, who: Principal,
         pass
     request = {"address": rec.address, "prefer_node": rec.node_id, "tenant": who.tenant,
                "body": body.model_dump(mode="json", exclude_unset=True),
-               "demand": demand(body.template, body.isolation, vcpus or 1, memory or 256)}
+               "demand": demand(body.template, body.isolation, vcpus or 1, memory or 256),
+               "template": body.template}
     try:
         out = run([sys.executable, "-m", "ember.cluster.placement"],
                   input=json.dumps(request).encode(), what="placing a sandbox with Ray",

@@ -11,6 +11,7 @@ from ember.errors import (
     QuotaExceededError,
     SandboxStateError,
     SnapshotError,
+    TemplateTransferError,
     TierUnavailableError,
     UnauthorizedError,
 )
@@ -26,6 +27,7 @@ _STATUS: list[tuple[type[EmberError], int]] = [
     (EmberTimeoutError, 504),
     (TierUnavailableError, 501),
     (NodeUnavailableError, 503),
+    (TemplateTransferError, 502),
 ]
 
 

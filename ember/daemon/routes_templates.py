@@ -23,11 +23,12 @@ from fastapi import APIRouter, Path, Response
 from fastapi.responses import StreamingResponse
 
 from ember.daemon.auth import Principal
+from ember.daemon.cluster_templates import publish_async
 from ember.daemon.deps import Live, Who
 from ember.daemon.models import TemplateBuildRequest
 from ember.errors import BadRequestError, EmberError, NotFoundError, TemplateNotFoundError
 from ember.net.policy import NetworkPolicy
-from ember.sdk.results import DockerfileOptions
+from ember.sdk.results import DockerfileOptions, TemplateInfo
 from ember.sdk.wire import error_body, event_line, to_json
 
 router = APIRouter(tags=["templates"])
@@ -72,9 +73,15 @@ async def build(body: TemplateBuildRequest, live: Live, who: Who) -> StreamingRe
         file=d.file, build_args=dict(d.build_args), target=d.target, no_cache=d.no_cache,
         vcpus=d.vcpus, memory_mib=d.memory_mib,
         network=None if d.network is None else NetworkPolicy.from_json(d.network).to_json())
-    job = asyncio.ensure_future(live.local.build_template(
-        body.name, body.source, packages=body.packages, force=body.force,
-        rebuild=body.rebuild, free_mib=body.free_mib, on_progress=progress, dockerfile=opts))
+    async def build_and_publish() -> TemplateInfo:
+        info = await live.local.build_template(
+            body.name, body.source, packages=body.packages, force=body.force,
+            rebuild=body.rebuild, free_mib=body.free_mib, on_progress=progress,
+            dockerfile=opts)
+        await publish_async(live.paths, live.mgr.store)  # on a cluster: it is here now
+        return info
+
+    job = asyncio.ensure_future(build_and_publish())
     job.add_done_callback(lambda _: tell(None))
 
     async def events() -> AsyncIterator[bytes]:
@@ -106,6 +113,7 @@ async def remove(live: Live, who: Who,
     """Remove a template (refused while sandboxes use it)."""
     _admin(who)
     await live.local.delete_template(name)
+    await publish_async(live.paths, live.mgr.store)  # on a cluster: no longer here
     return Response(status_code=204)
 
 

@@ -17,6 +17,7 @@ PUBLIC = {
     "TierUnavailableError", "UnsafeLayerError", "QuotaExceededError", "UnauthorizedError",
     "TemplateInfo", "TemplateSnapshotInfo", "AsyncWatch", "FsEvent", "Watch",
     "BuildStepError", "DockerfileError",
+    "TemplateDigestError", "TemplateTransferError",
 }
 
 
