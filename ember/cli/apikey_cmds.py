@@ -4,7 +4,8 @@ much each tenant may hold at once."""
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 import click
 from rich.table import Table
@@ -22,6 +23,27 @@ def _store() -> Store:
     return Store(Paths.from_env().ensure().db)
 
 
+T = TypeVar("T")
+
+
+def _to_cluster(what: str, fn: Callable[[str], T]) -> T | None:
+    """``fn(address)`` on the cluster this home joined (bounded; docs/cluster.md): None
+    outside a cluster; a failure is said, and this node keeps what it did."""
+    from ember.cluster.nodes import QUERY_TIMEOUT_S, bounded
+    from ember.cluster.record import load_record
+    from ember.errors import EmberError
+    from ember.paths import Paths
+
+    rec = load_record(Paths.from_env())
+    if rec is None:
+        return None
+    try:
+        return bounded(lambda: fn(rec.address), QUERY_TIMEOUT_S, what)
+    except EmberError as err:
+        click.echo(f"warning: {what}: {err} (done on this node only)", err=True)
+        return None
+
+
 @click.group("apikey")
 def apikey() -> None:
     """API keys for the daemon (required over TCP; on the Unix socket the caller's uid
@@ -34,9 +56,11 @@ def apikey() -> None:
 @handle_errors
 def apikey_create(tenant: str, as_json: bool) -> None:
     """Create a key for TENANT and print it (shown this once)."""
+    from ember.cluster.keys import publish_key
     from ember.daemon.auth import new_key
 
     rec, token = new_key(_store(), tenant)
+    _to_cluster("giving the key to the cluster", lambda address: publish_key(address, rec))
     if as_json:
         print_json({**rec.to_json(), "key": token})
     else:
@@ -65,8 +89,23 @@ def apikey_ls(as_json: bool) -> None:
 @click.argument("key_id")
 @handle_errors
 def apikey_revoke(key_id: str) -> None:
-    """Revoke a key: the daemon refuses it from the next request on."""
-    rec = _store().revoke_api_key(key_id, time.time())
+    """Revoke a key: the daemon refuses it from the next request on (on a cluster, every
+    node within a few seconds, whichever node made it)."""
+    from ember.cluster.keys import revoke_key
+    from ember.errors import NotFoundError
+
+    now = time.time()
+    try:
+        rec = _store().revoke_api_key(key_id, now)
+    except NotFoundError:  # a key another node of the cluster made
+        there = _to_cluster("revoking the key in the cluster",
+                            lambda address: revoke_key(address, key_id, now))
+        if there is None:
+            raise
+        click.echo(f"revoked {there.id} (tenant {there.tenant}) in the cluster")
+        return
+    _to_cluster("revoking the key in the cluster",
+                lambda address: revoke_key(address, key_id, now))
     click.echo(f"revoked {rec.id} (tenant {rec.tenant})")
 
 
@@ -85,9 +124,13 @@ def tenant() -> None:
 def tenant_set(name: str, max_sandboxes: int | None, max_vcpus: int | None,
                max_memory_mib: int | None) -> None:
     """Set NAME's limits (an option left out: no limit)."""
+    from ember.cluster.keys import publish_tenant
     from ember.store.records import TenantRecord
 
-    _store().put_tenant(TenantRecord(name, max_sandboxes, max_vcpus, max_memory_mib))
+    rec = TenantRecord(name, max_sandboxes, max_vcpus, max_memory_mib)
+    _store().put_tenant(rec)
+    _to_cluster("giving the limits to the cluster",
+                lambda address: publish_tenant(address, rec))
     click.echo(f"tenant {name}: sandboxes {max_sandboxes}, vcpus {max_vcpus}, "
                f"memory {max_memory_mib} MiB")
 

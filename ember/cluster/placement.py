@@ -58,6 +58,10 @@ class Placement:
     body: dict[str, Any]  # the create request, as the asking daemon received it
     tenant: str
     demand: dict[str, float]
+    #: The chosen daemon's create route: ``/v1/sandboxes``, or E2B's ``/v2/sandboxes``.
+    path: str = "/v1/sandboxes"
+    #: The tenant's limits on the asking node, where the cluster has none (quota.py).
+    limits: dict[str, Any] | None = None
     #: The template's name (its holders are preferred: a soft affinity).
     template: str | None = None
 
@@ -94,10 +98,11 @@ def _holder_class() -> Any:
         def node(self) -> str:
             return str(self.node_id)
 
-        def create(self, body: dict[str, Any], tenant: str, name: str) -> dict[str, Any]:
+        def create(self, body: dict[str, Any], tenant: str, name: str,
+                   path: str = "/v1/sandboxes") -> dict[str, Any]:
             try:
                 with self._client(CREATE_TIMEOUT_S) as c:
-                    r = c.post("http://emberd/v1/sandboxes", json=body,
+                    r = c.post(f"http://emberd{path}", json=body,
                                headers={PLACEMENT_HEADER: name, TENANT_HEADER: tenant})
             except httpx.HTTPError as err:  # the driver ends this actor on an error
                 return {"status": 503, "error": {
@@ -105,13 +110,16 @@ def _holder_class() -> Any:
                     f"({self.node_id}) does not answer on {self.sock}: {err}"}}
             if r.status_code != 201:
                 try:
-                    error = r.json().get("error")
-                except ValueError:
+                    got = r.json()
+                    error = got.get("error") or (  # E2B's route answers {code, message}
+                        {"code": "host", "message": str(got["message"])[:2000]}
+                        if isinstance(got.get("message"), str) else None)
+                except (ValueError, AttributeError):
                     error = None
                 return {"status": r.status_code, "error": error or {
                     "code": "host", "message": r.text[:500]}}
             info = r.json()
-            self.sandbox_id = str(info["id"])
+            self.sandbox_id = str(info.get("id") or info["sandboxID"])  # ember's or E2B's
             threading.Thread(target=self._watch, name="ember-watch", daemon=True).start()
             return {"info": info, "node_id": self.node_id, "actor": name}
 
@@ -169,6 +177,13 @@ def place(p: Placement) -> dict[str, Any]:
     if prefer:
         options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(prefer, soft=True)
     holder = _holder_class().options(**options).remote()
+    from ember.cluster.quota import admit  # the tenant's cluster-wide quotas, one at a time
+
+    refused = admit(name, p.tenant, int(p.demand.get(VCPUS, 0)),
+                    int(p.demand.get(MEMORY_MIB, 0)), p.limits)
+    if refused is not None:
+        ray.kill(holder, no_restart=True)
+        return refused
     placed, _ = ray.wait([holder.node.remote()], timeout=PLACE_TIMEOUT_S)
     if not placed:
         ray.kill(holder, no_restart=True)
@@ -176,7 +191,7 @@ def place(p: Placement) -> dict[str, Any]:
             "code": "quota_exceeded", "message": f"no node of the cluster has room for "
             f"{p.demand} (waited {PLACE_TIMEOUT_S:.0f} s)"}}
     try:
-        out: dict[str, Any] = ray.get(holder.create.remote(p.body, p.tenant, name),
+        out: dict[str, Any] = ray.get(holder.create.remote(p.body, p.tenant, name, p.path),
                                       timeout=CREATE_TIMEOUT_S + 30)
     except Exception:
         ray.kill(holder, no_restart=True)
@@ -185,7 +200,7 @@ def place(p: Placement) -> dict[str, Any]:
         ray.kill(holder, no_restart=True)
         return out
     # Where it lives, for every node's daemon to find (Ray stays off the data path).
-    record_sandbox(str(out["info"]["id"]), str(out["node_id"]))
+    record_sandbox(str(out["info"].get("id") or out["info"]["sandboxID"]), str(out["node_id"]))
     return out
 
 
@@ -197,6 +212,8 @@ def main() -> None:
     p = Placement(address=str(raw["address"]), prefer_node=raw.get("prefer_node"),
                   body=dict(raw["body"]), tenant=str(raw["tenant"]),
                   demand={str(k): float(v) for k, v in raw["demand"].items()},
+                  path="/v2/sandboxes" if raw.get("path") == "/v2/sandboxes" else
+                  "/v1/sandboxes", limits=raw.get("limits"),
                   template=raw["template"] if isinstance(raw.get("template"), str) else None)
     try:
         answer = place(p)

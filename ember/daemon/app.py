@@ -35,8 +35,9 @@ from ember.daemon import (
     routes_templates,
     routes_usage,
 )
-from ember.daemon.auth import Principal, Quotas
+from ember.daemon.auth import Principal, Quotas, use_cluster_view
 from ember.daemon.cluster_forward import ClusterForward
+from ember.daemon.cluster_keys import ClusterKeys
 from ember.daemon.deps import Who
 from ember.daemon.errors import headers_for, status_for
 from ember.daemon.live import LiveSandboxes
@@ -92,6 +93,7 @@ def create_app(paths: Paths, *, idle_exit: float | None = None,
     app.state.live = live
     app.state.metrics = metrics
     app.state.quotas = Quotas(live.mgr.store)
+    use_cluster_view(live.mgr.store, ClusterKeys(paths))  # the cluster's keys and limits
     app.state.proxy = proxy
     app.add_middleware(ClusterForward, paths=paths)  # another node's sandboxes: there
     app.add_middleware(EdgeMiddleware)

@@ -24,7 +24,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -39,7 +39,13 @@ from ember.errors import (
 )
 from ember.runtime.states import LIVE_STATES
 from ember.store import Store
-from ember.store.records import TENANT_KEY, ApiKeyRecord, SandboxRecord, SnapshotRecord
+from ember.store.records import (
+    TENANT_KEY,
+    ApiKeyRecord,
+    SandboxRecord,
+    SnapshotRecord,
+    TenantRecord,
+)
 
 log = logging.getLogger("ember.daemon")
 
@@ -139,11 +145,51 @@ def new_key(store: Store, tenant: str) -> tuple[ApiKeyRecord, str]:
     return rec, f"{KEY_PREFIX}{key_id}_{secret}"
 
 
+# --- the cluster's keys and limits (docs/cluster.md) --------------------------------------
+class ClusterView(Protocol):
+    """The keys and tenants' limits a cluster holds (:mod:`ember.daemon.cluster_keys`)."""
+
+    def key(self, key_id: str, *, unknown_here: bool) -> ApiKeyRecord | None: ...
+
+    def limits(self, tenant: str) -> Any: ...
+
+
+#: Per store (its database's path): the view of the cluster its home may belong to.
+_cluster_views: dict[str, ClusterView] = {}
+
+
+def use_cluster_view(store: Store, view: ClusterView) -> None:
+    """Check keys and limits of ``store``'s home against its cluster's too (the daemon
+    does this once; a home in no cluster answers nothing)."""
+    _cluster_views[str(store.path)] = view
+
+
+def _cluster_key(store: Store, key_id: str,
+                 local: ApiKeyRecord | None) -> ApiKeyRecord | None:
+    view = _cluster_views.get(str(store.path))
+    if view is None:
+        return local
+    from ember.cluster.keys import merged_key
+
+    return merged_key(local, view.key(key_id, unknown_here=local is None))
+
+
+def tenant_limits(store: Store, tenant: str) -> TenantRecord | None:
+    """A tenant's limits: its cluster's when the home is in one that has them, else the
+    home's own."""
+    view = _cluster_views.get(str(store.path))
+    limits = view.limits(tenant) if view is not None else None
+    if limits is not None:
+        return TenantRecord(tenant, limits.max_sandboxes, limits.max_vcpus,
+                            limits.max_memory_mib)
+    return store.get_tenant(tenant)
+
+
 def check_key(store: Store, token: str) -> ApiKeyRecord:
     if not token.startswith(KEY_PREFIX) or token.count("_") < 2 or len(token) > 200:
         raise UnauthorizedError("malformed API key (expected ek_<id>_<secret>)")
     key_id, _, secret = token[len(KEY_PREFIX):].partition("_")
-    rec = store.get_api_key(key_id)
+    rec = _cluster_key(store, key_id, store.get_api_key(key_id))
     digest = hashlib.sha256(secret.encode()).hexdigest()
     if rec is None or not hmac.compare_digest(digest, rec.secret_sha256):
         raise UnauthorizedError("unknown API key")
@@ -192,7 +238,7 @@ class Quotas:
         return self._locks.setdefault(who.tenant, asyncio.Lock())
 
     def check(self, who: Principal, *, sandboxes: int, vcpus: int, memory_mib: int) -> None:
-        limits = self._store.get_tenant(who.tenant)
+        limits = tenant_limits(self._store, who.tenant)
         if limits is None:
             return
         mine = [r for r in self._store.list_sandboxes()

@@ -49,6 +49,19 @@ class Decision:
 async def decide(request: Request, body: CreateRequest, live: LiveSandboxes,
                  who: Principal) -> Decision:
     """Place the create with Ray, or say to create it here (and for whom)."""
+    return await _decide(request, body, live, who, "/v1/sandboxes", None)
+
+
+async def decide_e2b(request: Request, body: CreateRequest, e2b_body: dict[str, Any],
+                     live: LiveSandboxes, who: Principal) -> Decision:
+    """:func:`decide` for a create through E2B's API: ``body`` its ember translation (the
+    demand), ``e2b_body`` what the chosen node's E2B route is sent, so that the answer
+    (E2B's, with that node's envd token) comes from the node that holds the sandbox."""
+    return await _decide(request, body, live, who, "/v2/sandboxes", e2b_body)
+
+
+async def _decide(request: Request, body: CreateRequest, live: LiveSandboxes,
+                  who: Principal, path: str, payload: dict[str, Any] | None) -> Decision:
     if request.headers.get(PLACEMENT_HEADER) is not None:
         # A placement actor's create on its own node: never placed again. It comes from
         # root on this host's socket, for the tenant that asked the first daemon.
@@ -66,7 +79,7 @@ async def decide(request: Request, body: CreateRequest, live: LiveSandboxes,
         return Decision(None, who)
     if rec is None:
         return Decision(None, who)
-    answer = await asyncio.to_thread(_place, rec, body, who, live)
+    answer = await asyncio.to_thread(_place, rec, body, who, live, path, payload)
     if "unreachable" in answer:
         log.warning("the cluster at %s cannot be reached (%s): creating locally",
                     rec.address, answer["unreachable"])
@@ -80,7 +93,8 @@ async def decide(request: Request, body: CreateRequest, live: LiveSandboxes,
 
 
 def _place(rec: ClusterRecord, body: CreateRequest, who: Principal,
-           live: LiveSandboxes) -> dict[str, Any]:
+           live: LiveSandboxes, path: str = "/v1/sandboxes",
+           payload: dict[str, Any] | None = None) -> dict[str, Any]:
     vcpus, memory = body.vcpus, body.memory_mib
     try:  # the template's own shape when this node has it
         config = live.mgr.store.get_template(body.template).config
@@ -89,8 +103,10 @@ def _place(rec: ClusterRecord, body: CreateRequest, who: Principal,
     except TemplateNotFoundError:
         pass
     request = {"address": rec.address, "prefer_node": rec.node_id, "tenant": who.tenant,
-               "body": body.model_dump(mode="json", exclude_unset=True),
+               "body": payload if payload is not None else
+               body.model_dump(mode="json", exclude_unset=True),
                "demand": demand(body.template, body.isolation, vcpus or 1, memory or 256),
+               "path": path, "limits": _local_limits(live, who.tenant),
                "template": body.template}
     try:
         out = run([sys.executable, "-m", "ember.cluster.placement"],
@@ -102,3 +118,12 @@ def _place(rec: ClusterRecord, body: CreateRequest, who: Principal,
     if not isinstance(answer, dict):
         raise HostError(f"placing a sandbox with Ray answered {str(answer)[:200]}")
     return answer
+
+
+def _local_limits(live: LiveSandboxes, tenant: str) -> dict[str, Any] | None:
+    """This node's own limits for ``tenant`` (the cluster's, where it has them, win in the
+    quota keeper: ember.cluster.quota)."""
+    rec = live.mgr.store.get_tenant(tenant)
+    return None if rec is None else {"max_sandboxes": rec.max_sandboxes,
+                                     "max_vcpus": rec.max_vcpus,
+                                     "max_memory_mib": rec.max_memory_mib}

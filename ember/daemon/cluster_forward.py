@@ -266,7 +266,10 @@ class ClusterForward:
         return found
 
     async def _forward(self, scope: Scope, receive: Receive, send: Send, rec: ClusterRecord,
-                       node: NodeEntry, sid: str, who: Principal) -> None:
+                       node: NodeEntry, sid: str, who: Principal | None,
+                       headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        """Carry the request to ``node`` (``headers``: the ones it carries, as made for
+        E2B's requests by :mod:`ember.daemon.cluster_e2b`; else the caller's, vouched)."""
         secret = await asyncio.to_thread(load_secret, self.paths)
         if node.daemon is None or secret is None:
             why = "it published no daemon address" if node.daemon is None else \
@@ -276,8 +279,11 @@ class ClusterForward:
         path: str = scope["path"]
         query = scope.get("query_string", b"").decode("latin-1")
         url = f"http://{node.daemon}{path}" + (f"?{query}" if query else "")
-        headers = forward_headers(list(scope.get("headers") or []),
-                                  sign(secret, who.tenant, scope["method"], path), rec.node_id)
+        if headers is None:
+            assert who is not None
+            headers = forward_headers(list(scope.get("headers") or []),
+                                      sign(secret, who.tenant, scope["method"], path),
+                                      rec.node_id)
         body_done = asyncio.Event()
 
         async def body() -> AsyncIterator[bytes]:

@@ -27,6 +27,10 @@ def install(app: FastAPI, paths: Paths, live: LiveSandboxes, domain: str) -> Non
     app.state.e2b_ports = ports = E2bPorts(live, state)
     app.add_middleware(E2bPortRouting, ports=ports, domain=domain)
     app.add_middleware(EnvdRouting, envd=Envd(live, state), domain=domain)
+    from ember.daemon.cluster_e2b import E2bClusterForward
+
+    # On a cluster: what is for another node's sandbox goes there, before anything here.
+    app.add_middleware(E2bClusterForward, paths=paths, domain=domain)
 
 
 __all__ = ["install"]

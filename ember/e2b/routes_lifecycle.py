@@ -21,9 +21,9 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 
-from ember.daemon import routes_sandboxes
+from ember.daemon import cluster_create, routes_sandboxes
 from ember.daemon.auth import Principal, own_sandbox, principal_of
-from ember.daemon.deps import ID_PATTERN, Live, Meter, Quota
+from ember.daemon.deps import ID_PATTERN, Live, Meter, Quota, caller
 from ember.daemon.errors import headers_for, status_for
 from ember.daemon.models import CreateRequest, Env, Meta, NetworkRequest
 from ember.e2b import mapping as M
@@ -68,8 +68,9 @@ router = APIRouter(tags=["e2b"], route_class=E2bRoute)
 
 def _who(request: Request, x_api_key: Annotated[str | None, Header()] = None) -> Principal:
     live = request.app.state.live
-    auth = f"Bearer {x_api_key}" if x_api_key else request.headers.get("authorization")
-    return principal_of(live.mgr.store, request.scope.get("client"), auth)
+    if not x_api_key:  # a key in Authorization, another node's vouch, or the socket's uid
+        return caller(live, request, request.method)
+    return principal_of(live.mgr.store, request.scope.get("client"), f"Bearer {x_api_key}")
 
 
 Who = Annotated[Principal, Depends(_who)]
@@ -138,7 +139,7 @@ async def _owned_info(live: Live, who: Principal, sandbox_id: str) -> SandboxInf
 
 
 async def _create(body: NewSandbox, live: Live, meter: Meter, who: Who, quotas: Quota,
-                  state: State) -> JSONResponse:
+                  state: State, http: Request) -> JSONResponse:
     bad = _unsupported(body)
     if bad is not None:
         raise BadRequestError(f"{bad} is not supported by ember's E2B API (docs/e2b.md)")
@@ -147,6 +148,12 @@ async def _create(body: NewSandbox, live: Live, meter: Meter, who: Who, quotas: 
         env=body.envVars, metadata=body.metadata,
         on_timeout="pause" if body.autoPause else "destroy",
         network=NetworkRequest() if body.allow_internet_access else None)
+    # On a cluster, placed by Ray as /v1 creates are; the chosen node's E2B route answers.
+    placed = await cluster_create.decide_e2b(
+        http, request, body.model_dump(mode="json", exclude_unset=True), live, who)
+    if placed.info is not None:
+        return JSONResponse(placed.info, status_code=201)
+    who = placed.who
     made = await routes_sandboxes.create_sandbox(request, live, meter, who, quotas,
                                          reserved={M.PORTS_KEY: _ports_mode(body)})
     return JSONResponse(M.created(str(made["id"]), template_id=body.templateID,
@@ -156,16 +163,16 @@ async def _create(body: NewSandbox, live: Live, meter: Meter, who: Who, quotas: 
 
 @router.post("/sandboxes", status_code=201)
 async def e2b_create(body: NewSandbox, live: Live, meter: Meter, who: Who, quotas: Quota,
-                    state: State) -> JSONResponse:
+                    state: State, http: Request) -> JSONResponse:
     """E2B: create a sandbox (older SDKs)."""
-    return await _create(body, live, meter, who, quotas, state)
+    return await _create(body, live, meter, who, quotas, state, http)
 
 
 @router.post("/v2/sandboxes", status_code=201)
 async def e2b_create_v2(body: NewSandbox, live: Live, meter: Meter, who: Who, quotas: Quota,
-                    state: State) -> JSONResponse:
+                    state: State, http: Request) -> JSONResponse:
     """E2B: create a sandbox from a template (``base``: ember's default template)."""
-    return await _create(body, live, meter, who, quotas, state)
+    return await _create(body, live, meter, who, quotas, state, http)
 
 
 async def _mine(live: Live, who: Principal) -> list[SandboxInfo]:

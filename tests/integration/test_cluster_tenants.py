@@ -1,0 +1,156 @@
+"""Tenants, API keys and E2B's API across an ember cluster: a tenant's quota holds across
+nodes (creates through different nodes count together, and of two at once at the limit
+only one gets in), a key made on one node works on the others and a revocation on any
+node stops it everywhere within the bound, and E2B's SDK creates through one node a
+sandbox Ray places on another and runs a command and reads a file through a third.
+Three nodes in namespaces (cluster_world), real daemons and guests."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any
+
+from ember.cluster.node import DEFAULT_DAEMON_PORT, DEFAULT_PORT
+from ember.daemon.cluster_keys import READ_TIMEOUT_S, TTL_S
+from tests.integration.cluster_world import ClusterWorld, Node, wait_for
+from tests.integration.test_cluster_placement import (  # noqa: F401 (the fixture)
+    _holders,
+    _ray_state,
+    _where,
+    pytestmark,
+    world,
+)
+from tests.integration.test_cluster_reach import _py
+
+#: A key revoked on one node is refused by every node within this.
+REVOKE_BOUND_S = TTL_S + READ_TIMEOUT_S + 5
+#: A killed sandbox's placement actor ends (it looks every 2 s): its quota is free again.
+RELEASE_BOUND_S = 60.0
+CREATE = """
+import json, sys
+from ember import Sandbox, EmberError
+try:
+    sb = Sandbox.create("debian-python", url=sys.argv[1], api_key=sys.argv[2], timeout=600)
+    print(json.dumps({"id": sb.id}))
+except EmberError as err:
+    print(json.dumps({"error": type(err).__name__, "message": str(err)}))
+"""
+KILL = """
+import sys
+from ember import Sandbox
+Sandbox.kill(sys.argv[3], url=sys.argv[1], api_key=sys.argv[2])
+print("{}")
+"""
+HEALTH = """
+import json, sys, httpx
+r = httpx.get(sys.argv[1] + "/v1/health", headers={"authorization": "Bearer " + sys.argv[2]},
+              timeout=30)
+print(json.dumps({"status": r.status_code}))
+"""
+E2B_CREATE = """
+import json, sys
+from e2b import Sandbox
+sbx = Sandbox.create("base", timeout=600, api_key=sys.argv[2], api_url=sys.argv[1],
+                     sandbox_url=sys.argv[1])
+print(json.dumps({"id": sbx.sandbox_id}))
+"""
+E2B_USE = """
+import json, sys
+from e2b import Sandbox
+url, key, sid = sys.argv[1], sys.argv[2], sys.argv[3]
+sbx = Sandbox.connect(sid, api_key=key, api_url=url, sandbox_url=url)
+out = {"run": sbx.commands.run("echo e2b-$((6*7)) > /tmp/e2b.txt; cat /tmp/e2b.txt").stdout}
+out["read"] = sbx.files.read("/tmp/e2b.txt")
+out["info"] = sbx.get_info().sandbox_id
+sbx.set_timeout(900)
+print(json.dumps(out))
+"""
+E2B_KILL = """
+import json, sys
+from e2b import Sandbox
+print(json.dumps({"killed": Sandbox.kill(sys.argv[3], api_key=sys.argv[2], api_url=sys.argv[1])}))
+"""
+
+
+def _tcp(node: Node) -> str:
+    return f"http://{node.ip}:{DEFAULT_DAEMON_PORT}"
+
+
+def _create(node: Node, key: str) -> dict[str, Any]:
+    """A create through ``node``'s TCP listener, run on that node."""
+    return _py(node, CREATE, _tcp(node), key)
+
+
+def _status(node: Node, key: str) -> int:
+    return int(_py(node, HEALTH, _tcp(node), key)["status"])
+
+
+def test_tenants_keys_and_e2b_across_the_cluster(world: ClusterWorld) -> None:  # noqa: F811
+    n1, n2, n3 = world.nodes
+    address = world.start_head()["address"]
+    for node in (n2, n3):
+        node.ember("cluster", "join", f"{n1.ip}:{DEFAULT_PORT}", "--vcpus", "4",
+                   "--memory-mib", "4096")
+
+    # Limits set on the head, a key made on B: both the cluster's.
+    n1.ember("tenant", "set", "acme", "--max-sandboxes", "2")
+    made = json.loads(n2.ember("apikey", "create", "--tenant", "acme", "--json").stdout)
+    key, key_id = made["key"], made["id"]
+
+    # Two creates through two different nodes (the key made on B works on C) ...
+    first = _create(n2, key)
+    second = _create(n3, key)
+    assert "id" in first and "id" in second, (first, second)
+    # ... and the third, through the head (which holds no sandbox of acme's), is over.
+    t0 = time.monotonic()
+    third = _create(n1, key)
+    print(f"\nthird create of acme through the head: {third.get('error')} after "
+          f"{time.monotonic() - t0:.1f} s")
+    assert third["error"] == "QuotaExceededError", third
+    assert "tenant acme" in third["message"] and "limit 2" in third["message"]
+
+    # One killed: once its placement actor is gone, two creates at once through two
+    # nodes: exactly one fits.
+    _py(n1, KILL, _tcp(n1), key, first["id"])
+    wait_for("the killed sandbox's placement actor ends",
+             lambda: len(_holders(_ray_state(n1, address))) == 1, RELEASE_BOUND_S, 1)
+    both: dict[str, dict[str, Any]] = {}
+    threads = [threading.Thread(target=lambda n=n: both.update({n.name: _create(n, key)}))
+               for n in (n1, n3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    print(f"two at once at the limit: {both}")
+    fits = [r["id"] for r in both.values() if "id" in r]
+    over = [r for r in both.values() if r.get("error") == "QuotaExceededError"]
+    assert len(fits) == 1 and len(over) == 1, both
+
+    # The key revoked on C (which did not make it): B, which made it, refuses it too.
+    assert _status(n2, key) == 200
+    n3.ember("apikey", "revoke", key_id)
+    t0 = time.monotonic()
+    wait_for("the revoked key refused on every node",
+             lambda: all(_status(n, key) == 401 for n in (n2, n1, n3)), REVOKE_BOUND_S, 0.5)
+    print(f"revoked on {n3.name}: refused everywhere after {time.monotonic() - t0:.1f} s")
+    for sid in (second["id"], fits[0]):
+        n1.ember("rm", sid)
+
+    # E2B's SDK: created through the head (no template there: placed on B or C), then
+    # used through the third node: lifecycle, envd's commands and files, all forwarded.
+    e2b_key = json.loads(n1.ember("apikey", "create", "--tenant", "bob", "--json").stdout)["key"]
+    t0 = time.monotonic()
+    sid = _py(n1, E2B_CREATE, _tcp(n1), e2b_key)["id"]
+    print(f"E2B create through the head: {time.monotonic() - t0:.1f} s")
+    [holder] = _where(world, sid)
+    assert holder in (n2, n3)
+    third_node = n3 if holder is n2 else n2
+    t0 = time.monotonic()
+    used = _py(third_node, E2B_USE, _tcp(third_node), e2b_key, sid)
+    print(f"E2B connect, command, file read through {third_node.name}: "
+          f"{time.monotonic() - t0:.1f} s")
+    assert used == {"run": "e2b-42\n", "read": "e2b-42\n", "info": sid}
+    assert _py(third_node, E2B_KILL, _tcp(third_node), e2b_key, sid) == {"killed": True}
+    assert _where(world, sid) == []
