@@ -15,13 +15,15 @@ A tenant's limits come from the cluster (``tenant/<name>`` in Ray's KV, written 
 tenant set`` on any node: :mod:`ember.cluster.keys`), or, where the cluster has none for
 that tenant, from the asking node's own store (passed with the placement).
 
-The book is the keeper's memory: if the keeper dies (its node dies; a head restart), the
-next admission starts a new, empty one, and sandboxes placed before count again only as
-they are replaced. Everything but :func:`admit` and the actor is pure and tested without Ray.
+The keeper writes its book to Ray's KV as it changes (``quota/<placement actor name>``:
+tenant, vCPUs, MiB), so a keeper started again (its node died; the head restarted, Redis
+keeping the KV) reads it back and drops what ended meanwhile. Everything but :func:`admit`
+and the actor is pure and tested without Ray.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -35,6 +37,10 @@ ADMIT_TIMEOUT_S = 60.0
 #: A full sweep of every tenant's entries every this many admissions (tenants that stop
 #: creating would otherwise keep their dead entries).
 SWEEP_EVERY = 100
+#: The keeper's book in Ray's KV (namespace ``ember``): ``quota/<placement actor name>``.
+BOOK_PREFIX = "quota/"
+#: Entries a keeper reads back at most.
+MAX_BOOK = 1_000_000
 #: The limits' names, as ``TenantRecord`` and ``tenant/<name>`` carry them.
 LIMITS = ("max_sandboxes", "max_vcpus", "max_memory_mib")
 
@@ -120,6 +126,29 @@ class Book:
         return refused
 
 
+def held_value(h: Held) -> bytes:
+    """A book entry as the KV keeps it (``quota/<placement actor name>``)."""
+    return json.dumps({"tenant": h.tenant, "vcpus": h.vcpus,
+                       "memory_mib": h.memory_mib}).encode()
+
+
+def book_from_kv(kv: dict[bytes, bytes]) -> Book:
+    """The book as the KV kept it (pure; untrusted: what does not parse is left out)."""
+    entries: dict[str, Held] = {}
+    for raw_key, raw in kv.items():
+        name = raw_key.decode(errors="replace").removeprefix(BOOK_PREFIX)
+        try:
+            doc = json.loads(raw[:4096])
+        except (ValueError, TypeError):
+            continue
+        if not isinstance(doc, dict) or not 0 < len(name) <= 128:
+            continue
+        tenant, vcpus, memory = doc.get("tenant"), doc.get("vcpus"), doc.get("memory_mib")
+        if isinstance(tenant, str) and isinstance(vcpus, int) and isinstance(memory, int):
+            entries[name] = Held(tenant, vcpus, memory)
+    return Book(entries=entries)
+
+
 def quota_error(message: str) -> dict[str, Any]:
     """A placement's answer for a create over its tenant's cluster-wide quota (pure)."""
     return {"status": 429, "error": {"code": "quota_exceeded", "message": message}}
@@ -133,23 +162,58 @@ def _keeper_class() -> Any:
 
     class QuotaKeeper:
         def __init__(self) -> None:
-            self.book = Book()
+            # A keeper started again (its node died, the head restarted) reads its book
+            # back from the KV (Redis keeps it) and drops what has ended meanwhile.
+            from ray.experimental.internal_kv import (
+                _internal_kv_get,
+                _internal_kv_list,
+            )
+
+            from ember.cluster.directory import KV_NAMESPACE
+
+            names = _internal_kv_list(BOOK_PREFIX, namespace=KV_NAMESPACE)[:MAX_BOOK]
+            kv = {bytes(n): bytes(v) for n in names
+                  if (v := _internal_kv_get(n, namespace=KV_NAMESPACE)) is not None}
+            self.book = book_from_kv(kv)
+            self._keep(None)
+
+        @staticmethod
+        def _alive() -> set[str]:
+            from ember.cluster.placement import NAMESPACE
+
+            return {str(a["name"]) for a in ray.util.list_named_actors(all_namespaces=True)
+                    if a.get("namespace") == NAMESPACE}
+
+        def _keep(self, before: set[str] | None) -> None:
+            """Write the book's changes since ``before`` to the KV (None: prune every
+            tenant's ended entries first, as at the start)."""
+            from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
+
+            from ember.cluster.directory import KV_NAMESPACE
+
+            if before is None:
+                before = set(self.book.entries)
+                self.book.prune(self._alive(), None)
+            now = set(self.book.entries)
+            for name in before - now:
+                _internal_kv_del(f"{BOOK_PREFIX}{name}", namespace=KV_NAMESPACE)
+            for name in now - before:
+                _internal_kv_put(f"{BOOK_PREFIX}{name}", held_value(self.book.entries[name]),
+                                 True, namespace=KV_NAMESPACE)
 
         def admit(self, name: str, tenant: str, vcpus: int, memory_mib: int,
                   fallback: dict[str, Any] | None) -> str | None:
             from ray.experimental.internal_kv import _internal_kv_get
 
             from ember.cluster.directory import KV_NAMESPACE
-            from ember.cluster.placement import NAMESPACE
 
             raw = _internal_kv_get(f"{TENANT_PREFIX}{tenant}", namespace=KV_NAMESPACE)
             limits = parse_limits(raw) if raw else Limits.from_json(fallback)
-
-            def alive() -> set[str]:
-                return {str(a["name"]) for a in ray.util.list_named_actors(all_namespaces=True)
-                        if a.get("namespace") == NAMESPACE}
-
-            return self.book.admit(name, Held(tenant, vcpus, memory_mib), limits, alive)
+            before = set(self.book.entries)
+            refused = self.book.admit(name, Held(tenant, vcpus, memory_mib), limits,
+                                      self._alive)
+            self._keep(before)
+            return refused
 
     actor: Any = ray.remote
     return actor(num_cpus=0, max_restarts=0, max_concurrency=1)(QuotaKeeper)

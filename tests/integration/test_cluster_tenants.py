@@ -1,9 +1,9 @@
 """Tenants, API keys and E2B's API across an ember cluster: a tenant's quota holds across
-nodes (creates through different nodes count together, and of two at once at the limit
-only one gets in), a key made on one node works on the others and a revocation on any
-node stops it everywhere within the bound, and E2B's SDK creates through one node a
-sandbox Ray places on another and runs a command and reads a file through a third.
-Three nodes in namespaces (cluster_world), real daemons and guests."""
+nodes (creates through different nodes count together, of two at once at the limit only
+one gets in, and a keeper started again keeps the count), a key made on one node works on
+the others and a revocation on any node stops it everywhere within the bound, and E2B's
+SDK creates through one node a sandbox Ray places on another and runs a command and reads
+a file through a third. Three nodes in namespaces (cluster_world), real daemons, guests."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from ember.cluster.node import DEFAULT_DAEMON_PORT, DEFAULT_PORT
+from ember.cluster.quota import KEEPER_NAME
 from ember.daemon.cluster_keys import READ_TIMEOUT_S, TTL_S
 from tests.integration.cluster_world import ClusterWorld, Node, wait_for
 from tests.integration.test_cluster_placement import (  # noqa: F401 (the fixture)
@@ -49,6 +50,13 @@ r = httpx.get(sys.argv[1] + "/v1/health", headers={"authorization": "Bearer " + 
               timeout=30)
 print(json.dumps({"status": r.status_code}))
 """
+KILL_KEEPER = """
+import json, sys, ray
+ray.init(address=sys.argv[1], namespace="ember", logging_level="ERROR", log_to_driver=False,
+         configure_logging=False)
+ray.kill(ray.get_actor("ember-quota", namespace="ember"), no_restart=True)
+print("{}")
+"""
 E2B_CREATE = """
 import json, sys
 from e2b import Sandbox
@@ -81,6 +89,10 @@ def _tcp(node: Node) -> str:
 def _create(node: Node, key: str) -> dict[str, Any]:
     """A create through ``node``'s TCP listener, run on that node."""
     return _py(node, CREATE, _tcp(node), key)
+
+
+def _named(node: Node, address: str) -> list[str]:
+    return [a["name"] for a in _ray_state(node, address)["actors"]]
 
 
 def _status(node: Node, key: str) -> int:
@@ -127,6 +139,13 @@ def test_tenants_keys_and_e2b_across_the_cluster(world: ClusterWorld) -> None:  
     fits = [r["id"] for r in both.values() if "id" in r]
     over = [r for r in both.values() if r.get("error") == "QuotaExceededError"]
     assert len(fits) == 1 and len(over) == 1, both
+
+    # The keeper killed (as when its node dies): the next one reads the book back from
+    # Ray's KV, so acme is still at its limit.
+    _py(n1, KILL_KEEPER, address)
+    wait_for("the keeper gone", lambda: KEEPER_NAME not in _named(n1, address), 60, 1)
+    again = _create(n2, key)
+    assert again.get("error") == "QuotaExceededError", again
 
     # The key revoked on C (which did not make it): B, which made it, refuses it too.
     assert _status(n2, key) == 200

@@ -25,7 +25,16 @@ from ember.cluster.keys import (
     parse_limits,
     tenant_value,
 )
-from ember.cluster.quota import Book, Held, Limits, over_limit, quota_error
+from ember.cluster.quota import (
+    BOOK_PREFIX,
+    Book,
+    Held,
+    Limits,
+    book_from_kv,
+    held_value,
+    over_limit,
+    quota_error,
+)
 from ember.daemon import auth
 from ember.daemon.auth import Principal, Quotas, check_key, new_key, use_cluster_view
 from ember.errors import QuotaExceededError, UnauthorizedError
@@ -88,6 +97,20 @@ def test_a_sweep_drops_every_tenants_dead_entries() -> None:
     assert len(book.entries) == SWEEP_EVERY - 1  # no limits: nobody asked who is alive
     book.admit("last", Held("z", 1, 1), None, set)
     assert set(book.entries) == {"last"}
+
+
+def test_the_book_as_the_kv_keeps_it() -> None:
+    """A keeper started again reads its book back; what does not parse is left out."""
+    kv = {f"{BOOK_PREFIX}p1".encode(): held_value(Held("acme", 2, 512)),
+          f"{BOOK_PREFIX}p2".encode(): b"not json",
+          f"{BOOK_PREFIX}p3".encode(): b'{"tenant": "acme", "vcpus": "2", "memory_mib": 1}',
+          BOOK_PREFIX.encode(): held_value(Held("acme", 1, 1))}
+    assert book_from_kv(kv).entries == {"p1": Held("acme", 2, 512)}
+
+
+@given(st.dictionaries(st.binary(max_size=40), st.binary(max_size=200), max_size=8))
+def test_a_hostile_book_never_crashes(kv: dict[bytes, bytes]) -> None:
+    book_from_kv(kv)
 
 
 def test_limits_parse_and_refuse_hostile_values() -> None:
