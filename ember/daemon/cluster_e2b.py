@@ -105,6 +105,8 @@ def carried_headers(headers: list[tuple[bytes, bytes]], target: Target, own_node
     if vouch is not None and credential is not None:
         drop.add(credential)
     out = [(k, v) for k, v in headers if k.lower() not in drop]
+    if vouch is not None and credential == EMBER_AUTH:  # still says: Authorization is the
+        out.append((EMBER_AUTH, b""))                  # guest's (port_proxy), now empty
     if target.kind == "traffic":
         names = {k.lower() for k, _ in out}
         if b"e2b-sandbox-id" not in names:
@@ -134,7 +136,7 @@ class E2bClusterForward(ClusterForward):
         if target is None or rec is None or rec.daemon is None:
             await self.app(scope, receive, send)
             return
-        node = await self._elsewhere(scope, target.sandbox_id, rec)
+        node = await self._elsewhere(_as_bearer(scope), target.sandbox_id, rec)
         if node is None:
             await self.app(scope, receive, send)
             return
@@ -171,3 +173,13 @@ class E2bClusterForward(ClusterForward):
         if target.kind == "host":  # what the owning node's HostRouting makes of it
             path = rewrite_host_form(scope, self.domain).get("path", path)
         return sign(secret, who.tenant, scope["method"], path), credential
+
+
+def _as_bearer(scope: Scope) -> Scope:
+    """``scope`` with E2B's ``X-API-KEY`` also as ``Authorization: Bearer`` (for the
+    lookup's probe of the other nodes, which knows ember's header only)."""
+    key = _header(scope, "x-api-key")
+    if not key or _header(scope, "authorization") is not None:
+        return scope
+    return {**scope, "headers": [*(scope.get("headers") or ()),
+                                 (b"authorization", f"Bearer {key}".encode())]}

@@ -52,7 +52,9 @@ async def pty(ws: WebSocket, sandbox_id: str) -> None:
         await _fail(ws, BadRequestError(f"invalid sandbox id {sandbox_id[:80]!r}"))
         return
     try:
-        who = caller(live, ws, "WS")  # a vouch from another node of the cluster, too
+        # a vouch from another node of the cluster, too; a key may need the cluster's
+        # records read (ember.daemon.cluster_keys): off the event loop
+        who = await asyncio.to_thread(caller, live, ws, "WS")
         own_sandbox(who, await asyncio.to_thread(live.mgr.get, sandbox_id))
         raw = await asyncio.wait_for(ws.receive_text(), FIRST_MESSAGE_S)
         req = PtyRequest.model_validate_json(raw)

@@ -73,6 +73,18 @@ def test_what_a_carried_request_keeps() -> None:
     port = dict(carried_headers(_h(host="8000-sb-1.localhost", authorization="Bearer k"),
                                 Target("sb-1", "host", 8000), A, "v", b"authorization"))
     assert port[b"host"] == b"8000-sb-1.localhost" and b"authorization" not in port
+    # Ember's credential in X-Ember-Authorization: Authorization is the guest's and stays.
+    guest = carried_headers(_h(host="8000-sb-1.localhost", authorization="Basic g",
+                               x_ember_authorization="Bearer k"),
+                            Target("sb-1", "host", 8000), A, "v", b"x-ember-authorization")
+    assert (b"authorization", b"Basic g") in guest and (b"x-ember-authorization", b"") in guest
+
+
+def test_an_e2b_key_is_offered_to_the_lookup_as_a_bearer() -> None:
+    scope = {"headers": _h(x_api_key="ek_1_s")}
+    assert (b"authorization", b"Bearer ek_1_s") in cluster_e2b._as_bearer(scope)["headers"]
+    own = {"headers": _h(x_api_key="ek_1_s", authorization="Bearer ek_2_t")}
+    assert cluster_e2b._as_bearer(own) is own
 
 
 def _world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Paths, Any]:
