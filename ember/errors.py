@@ -226,6 +226,14 @@ class TemplateDigestError(TemplateTransferError):
     code: ClassVar[str] = "template_digest_mismatch"
 
 
+class SandboxLostError(EmberError):
+    """The sandbox lived on a node of the cluster that Ray reports dead (it died, or was
+    cut off past Ray's health checks): it is gone for good, and that node kills it if it
+    still runs (fencing). The message names the node and when and why it died."""
+
+    code: ClassVar[str] = "sandbox_lost"
+
+
 def _all_classes(root: type[EmberError]) -> list[type[EmberError]]:
     out = [root]
     for sub in root.__subclasses__():

@@ -58,10 +58,15 @@ class NodeEntry:
     alive: bool
     #: Its daemon's TCP listener, ``ip:port``; None: the node published none.
     daemon: str | None
+    #: When Ray's node table says it died (epoch seconds; None: alive, or not dated) and
+    #: why (Ray's words).
+    died_at: float | None = None
+    death_reason: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {"node_id": self.node_id, "ip": self.ip, "alive": self.alive,
-                "daemon": self.daemon}
+                "daemon": self.daemon, "died_at": self.died_at,
+                "death_reason": self.death_reason}
 
 
 @dataclass(frozen=True)
@@ -106,16 +111,21 @@ class Directory:
             if not isinstance(node_id, str) or not _ok_id(node_id):
                 continue
             ok_daemon = daemon if isinstance(daemon, str) and _ok_address(daemon) else None
-            nodes[node_id] = NodeEntry(node_id, ip if isinstance(ip, str) else "",
-                                       n.get("alive") is True, ok_daemon)
+            died, why = n.get("died_at"), n.get("death_reason")
+            nodes[node_id] = NodeEntry(
+                node_id, ip if isinstance(ip, str) else "", n.get("alive") is True, ok_daemon,
+                float(died) if isinstance(died, int | float) and not isinstance(died, bool)
+                and died > 0 else None, why[:500] if isinstance(why, str) else "")
         sandboxes = {k: v for k, v in raw_sandboxes.items()
                      if isinstance(k, str) and isinstance(v, str) and _ok_id(k) and _ok_id(v)}
         return cls(nodes=nodes, sandboxes=sandboxes)
 
 
-def build(node_infos: Mapping[str, tuple[str, bool]], kv: Mapping[bytes, bytes]) -> Directory:
-    """A :class:`Directory` from Ray's node table (node id -> (ip, alive)) and the KV
-    records under ``node/`` and ``sandbox/`` (pure)."""
+def build(node_infos: Mapping[str, tuple[str, bool]], kv: Mapping[bytes, bytes],
+          deaths: Mapping[str, tuple[float | None, str]] | None = None) -> Directory:
+    """A :class:`Directory` from Ray's node table (node id -> (ip, alive); ``deaths``: node
+    id -> (when, why) of the dead ones) and the KV records under ``node/`` and
+    ``sandbox/`` (pure)."""
     daemons: dict[str, str] = {}
     sandboxes: dict[str, str] = {}
     for raw_key, raw_value in kv.items():
@@ -130,7 +140,9 @@ def build(node_infos: Mapping[str, tuple[str, bool]], kv: Mapping[bytes, bytes])
         elif key.startswith(SANDBOX_KEY) and _ok_id(value) \
                 and _ok_id(key[len(SANDBOX_KEY):]):
             sandboxes[key[len(SANDBOX_KEY):]] = value
-    nodes = {nid: NodeEntry(nid, ip, alive, daemons.get(nid))
+    deaths = deaths or {}
+    nodes = {nid: NodeEntry(nid, ip, alive, daemons.get(nid),
+                            *(deaths.get(nid, (None, "")) if not alive else (None, "")))
              for nid, (ip, alive) in node_infos.items() if _ok_id(nid)}
     for nid, daemon in daemons.items():  # a node Ray forgot: known, not alive
         if nid not in nodes and _ok_id(nid):
@@ -152,14 +164,37 @@ def read(address: str) -> Directory:
     from ray.core.generated import gcs_pb2
 
     gcs = _client(address)
+    table = gcs.get_all_node_info(timeout=RPC_TIMEOUT_S)
     infos = {nid.hex(): (str(info.node_manager_address),
                          info.state == gcs_pb2.GcsNodeInfo.ALIVE)  # type: ignore[attr-defined]
-             for nid, info in gcs.get_all_node_info(timeout=RPC_TIMEOUT_S).items()}
+             for nid, info in table.items()}
+    deaths = {nid.hex(): _death(info) for nid, info in table.items()}
     keys = [k for prefix in (NODE_KEY, SANDBOX_KEY)
             for k in gcs.internal_kv_keys(prefix.encode(), KV_NAMESPACE,
                                           timeout=RPC_TIMEOUT_S)]
     kv = gcs.internal_kv_multi_get(keys, KV_NAMESPACE, timeout=RPC_TIMEOUT_S) if keys else {}
-    return build(infos, kv)
+    return build(infos, kv, deaths)
+
+
+def _death(info: Any) -> tuple[float | None, str]:
+    """When and why Ray's node table says a node died (its fields as Ray fills them)."""
+    end_ms = getattr(info, "end_time_ms", 0) or 0
+    why = str(getattr(getattr(info, "death_info", None), "reason_message", "") or "")
+    return (end_ms / 1000.0 if end_ms > 0 else None), why[:500]
+
+
+def forget_records(address: str, records: list[tuple[str, str]]) -> int:
+    """Drop ``sandbox/<id>`` records, each only while it still names the node given with
+    it (lost records: :mod:`ember.cluster.lost`); answers how many were dropped."""
+    gcs = _client(address)
+    dropped = 0
+    for sid, node_id in records:
+        key = f"{SANDBOX_KEY}{sid}".encode()
+        got = gcs.internal_kv_get(key, KV_NAMESPACE, timeout=RPC_TIMEOUT_S)
+        if got is not None and bytes(got).decode(errors="replace") == node_id:
+            gcs.internal_kv_del(key, False, KV_NAMESPACE, timeout=RPC_TIMEOUT_S)
+            dropped += 1
+    return dropped
 
 
 def publish_node(address: str, node_id: str, daemon: str) -> str:
@@ -190,9 +225,15 @@ def forget_sandbox(sandbox_id: str) -> None:
 
 
 def main() -> None:
-    """``python -m ember.cluster.directory ADDRESS``: the directory as JSON on stdout."""
+    """``python -m ember.cluster.directory ADDRESS``: the directory as JSON on stdout;
+    ``ADDRESS --forget ID=NODE...``: drop those lost records (:func:`forget_records`)."""
     try:
-        answer: dict[str, Any] = {"directory": read(sys.argv[1]).to_json()}
+        if sys.argv[2:3] == ["--forget"]:
+            pairs = [tuple(a.split("=", 1)) for a in sys.argv[3:] if "=" in a]
+            ok = [(sid, nid) for sid, nid in pairs if _ok_id(sid) and _ok_id(nid)]
+            answer: dict[str, Any] = {"forgotten": forget_records(sys.argv[1], ok)}
+        else:
+            answer = {"directory": read(sys.argv[1]).to_json()}
     except Exception as err:
         answer = {"error": f"{type(err).__name__}: {err}"[:2000]}
     sys.stdout.write(json.dumps(answer) + "\n")

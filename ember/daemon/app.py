@@ -7,6 +7,7 @@ stable code of an :class:`~ember.errors.EmberError` class, which the SDK raises 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -36,8 +37,9 @@ from ember.daemon import (
     routes_usage,
 )
 from ember.daemon.auth import Principal, Quotas, use_cluster_view
-from ember.daemon.cluster_forward import ClusterForward
+from ember.daemon.cluster_forward import ClusterForward, DirectoryCache
 from ember.daemon.cluster_keys import ClusterKeys
+from ember.daemon.cluster_watch import ClusterWatch, PlacedHere
 from ember.daemon.deps import Who
 from ember.daemon.errors import headers_for, status_for
 from ember.daemon.live import LiveSandboxes
@@ -64,6 +66,8 @@ def create_app(paths: Paths, *, idle_exit: float | None = None,
     live = LiveSandboxes(paths)
     metrics = Metrics(live.mgr)
     proxy = PortProxy(check_domain(ports_domain) if ports_domain else domain_from_env())
+    placed, directory = PlacedHere(), DirectoryCache()
+    watch = ClusterWatch(paths, live, placed, directory)  # fencing, lost records
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -77,9 +81,13 @@ def create_app(paths: Paths, *, idle_exit: float | None = None,
             await live.restore_ports()
         except Exception:  # the API serves anyway; the ports can be exposed again
             log.exception("exposed ports of the previous daemon could not be restored")
+        watching = asyncio.ensure_future(watch.run())
         try:
             yield
         finally:
+            watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await watching
             stop.set()
             await live.close()
             await proxy.aclose()
@@ -95,7 +103,9 @@ def create_app(paths: Paths, *, idle_exit: float | None = None,
     app.state.quotas = Quotas(live.mgr.store)
     use_cluster_view(live.mgr.store, ClusterKeys(paths))  # the cluster's keys and limits
     app.state.proxy = proxy
-    app.add_middleware(ClusterForward, paths=paths)  # another node's sandboxes: there
+    app.state.placed = placed
+    app.add_middleware(ClusterForward, paths=paths,  # another node's sandboxes: there
+                       directory=directory)
     app.add_middleware(EdgeMiddleware)
     app.add_middleware(HostRouting, domain=proxy.domain)  # before the edge
     install_e2b(app, paths, live, proxy.domain)  # E2B's API; envd's requests outermost
@@ -133,7 +143,7 @@ def create_app(paths: Paths, *, idle_exit: float | None = None,
         return {"ok": True, "tenant": who.tenant, "admin": who.admin,
                 "version": ember.__version__, "api": API_VERSION, "pid": os.getpid(),
                 "home": str(paths.home), "open": len(live.ids()),
-                "cluster": cluster_summary(paths)}
+                "cluster": cluster_summary(paths), "fence": watch.status()}
 
     @app.get("/metrics", tags=["daemon"], response_class=PlainTextResponse)
     async def prometheus(who: Who) -> Response:

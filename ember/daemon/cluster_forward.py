@@ -30,6 +30,8 @@ import httpx
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ember.cluster.directory import Directory, NodeEntry
+from ember.cluster.lost import LOST_STATUS, listed_lost, lost_error, lost_info
+from ember.cluster.placement import PLACEMENT_HEADER
 from ember.cluster.record import ClusterRecord, load_record, load_secret
 from ember.cluster.vouch import FORWARDED_HEADER, VOUCH_HEADER, sign
 from ember.daemon.auth import Principal, principal_of
@@ -102,7 +104,9 @@ def merge_lists(own: str, local: list[dict[str, Any]],
     ``unknown`` with the reason as its error."""
     out = [{**i, "node": own} for i in local]
     for node, part in others:
-        if isinstance(part, str):
+        if isinstance(part, str) and not node.alive:  # Ray reports it dead: lost, for good
+            out += listed_lost(directory, node)
+        elif isinstance(part, str):
             for sid, where in sorted(directory.sandboxes.items()):
                 if where == node.node_id:
                     out.append({"id": sid, "template": "", "state": "unknown", "vcpus": 0,
@@ -123,6 +127,11 @@ class DirectoryCache:
         self._dir: Directory | None = None
         self._at = 0.0
         self._lock = asyncio.Lock()
+
+    def put(self, directory: Directory) -> None:
+        """A reading made elsewhere (the daemon's cluster watch keeps this one warm)."""
+        self._dir = directory
+        self._at = time.monotonic()
 
     async def get(self, address: str, *, max_age: float = DIRECTORY_TTL_S) -> Directory:
         if self._dir is not None and time.monotonic() - self._at < max_age:
@@ -157,10 +166,11 @@ def read_directory(address: str) -> Directory:
 class ClusterForward:
     """ASGI middleware: forwards what belongs to another node (see the module)."""
 
-    def __init__(self, app: ASGIApp, paths: Paths) -> None:
+    def __init__(self, app: ASGIApp, paths: Paths,
+                 directory: DirectoryCache | None = None) -> None:
         self.app = app
         self.paths = paths
-        self.directory = DirectoryCache()
+        self.directory = directory or DirectoryCache()
         #: sandbox id -> (node id or "" for nowhere, until when): what probes found
         self._probed: dict[str, tuple[str, float]] = {}
         self._client: httpx.AsyncClient | None = None
@@ -183,7 +193,7 @@ class ClusterForward:
             await self._websocket(scope, receive, send, sid)
             return
         if sid is None and not (path == LIST_PATH and scope.get("method") == "GET"):
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, _noting_placed(scope, send))
             return
         rec = await _record(self.paths)
         if rec is None or rec.daemon is None:
@@ -196,6 +206,9 @@ class ClusterForward:
         if node is None:
             await self.app(scope, receive, send)
             return
+        if not node.alive:  # Ray reports its node dead: the sandbox is lost (Failures)
+            await self._lost(scope, receive, send, sid, node)
+            return
         try:
             who = await asyncio.to_thread(_principal, scope)
         except EmberError as err:
@@ -203,6 +216,20 @@ class ClusterForward:
             log.debug("not forwarding for an unknown caller: %s", err)
             return
         await self._forward(scope, receive, send, rec, node, sid, who)
+
+    async def _lost(self, scope: Scope, receive: Receive, send: Send, sid: str,
+                    node: NodeEntry) -> None:
+        """A lost sandbox, for a caller who may know of it: its info says ``lost`` and
+        why; anything else is a 410 ``sandbox_lost``."""
+        try:
+            await asyncio.to_thread(_principal, scope)
+        except EmberError:
+            await self.app(scope, receive, send)  # the app answers an unknown caller
+            return
+        if scope.get("method") == "GET" and scope.get("path") == f"{LIST_PATH}/{sid}":
+            await _answer(send, 200, lost_info(sid, node))
+        else:
+            await _answer(send, LOST_STATUS, lost_error(sid, node))
 
     async def _elsewhere(self, scope: Scope, sid: str, rec: ClusterRecord) -> NodeEntry | None:
         """The other node that holds ``sid``, or None (this home's, or unknown)."""
@@ -308,6 +335,12 @@ class ClusterForward:
             resp = await asyncio.wait_for(self.client().send(req, stream=True),
                                           HEADERS_TIMEOUT_S)
         except (httpx.ConnectError, httpx.ConnectTimeout, OSError) as err:
+            # Silent (not refused): perhaps cut off long enough for Ray to declare it dead.
+            dead = await self._now_dead(rec, sid) \
+                if isinstance(err, httpx.ConnectTimeout) else None
+            if dead is not None:
+                await self._lost(scope, receive, send, sid, dead)
+                return
             await _answer(send, UNAVAILABLE_STATUS, unavailable(sid, node, _why(err)))
             return
         except (httpx.HTTPError, TimeoutError) as err:
@@ -328,6 +361,16 @@ class ClusterForward:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             await resp.aclose()
+
+    async def _now_dead(self, rec: ClusterRecord, sid: str) -> NodeEntry | None:
+        """After a node did not answer: a fresher reading, which may say Ray has declared
+        it dead meanwhile (then the sandbox is lost, not merely unavailable)."""
+        try:
+            directory = await self.directory.get(rec.address, max_age=MISS_REFRESH_S)
+        except EmberError:
+            return None
+        node = directory.node_of(sid)
+        return node if node is not None and not node.alive else None
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send,
                          sid: str | None) -> None:
@@ -352,6 +395,11 @@ class ClusterForward:
         if (await receive())["type"] != "websocket.connect":
             return
         await send({"type": "websocket.accept"})
+        if not node.alive:  # lost: said once, then closed
+            await send({"type": "websocket.send", "text": json.dumps(
+                {"event": "error", **lost_error(sid, node)["error"]})})
+            await send({"type": "websocket.close", "code": 1011})
+            return
         try:
             upstream = await asyncio.wait_for(
                 connect(f"ws://{node.daemon}{path}", additional_headers=headers,
@@ -442,6 +490,18 @@ class ClusterForward:
         if r.status_code != 200 or not isinstance(got, list):
             return f"answered {r.status_code}"
         return got
+
+
+def _noting_placed(scope: Scope, send: Send) -> Send:
+    """``send``, or for a placement actor's create on this node (``POST /v1/sandboxes``
+    marked by its header) one that notes the new sandbox as placed here, which fencing
+    kills (:mod:`ember.daemon.cluster_watch`)."""
+    placed = getattr(scope["app"].state, "placed", None) if "app" in scope else None
+    if placed is None or scope.get("method") != "POST" or scope.get("path") != LIST_PATH \
+            or _header(scope, PLACEMENT_HEADER) is None:
+        return send
+    noting: Send = placed.noting(send)
+    return noting
 
 
 def _why(err: BaseException) -> str:

@@ -9,6 +9,7 @@ from ember.errors import (
     NodeUnavailableError,
     NotFoundError,
     QuotaExceededError,
+    SandboxLostError,
     SandboxStateError,
     SnapshotError,
     TemplateTransferError,
@@ -28,6 +29,7 @@ _STATUS: list[tuple[type[EmberError], int]] = [
     (TierUnavailableError, 501),
     (NodeUnavailableError, 503),
     (TemplateTransferError, 502),
+    (SandboxLostError, 410),
 ]
 
 

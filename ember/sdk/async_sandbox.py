@@ -26,6 +26,7 @@ from ember.errors import (
     EmberTimeoutError,
     GuestError,
     ProtocolError,
+    SandboxLostError,
     SandboxNotFoundError,
     SandboxStateError,
     TemplateNotFoundError,
@@ -861,9 +862,11 @@ async def _remote_sandbox(t: Transport, method: str, path: str, body: dict[str, 
 
     try:
         info = sandbox_info(await t.call(method, path, json=body))
-        if running and info.state != "running":
-            raise SandboxStateError(f"sandbox {info.id} is {info.state}"
-                                    + (f": {info.error}" if info.error else ""))
+        if running and info.state != "running":  # lost: its node died (a cluster's)
+            state: str = info.state  # "lost" is a cluster-wide view's state only
+            cls = SandboxLostError if state == "lost" else SandboxStateError
+            raise cls(f"sandbox {info.id} is {info.state}"
+                      + (f": {info.error}" if info.error else ""))
     except BaseException:
         await t.close()
         raise

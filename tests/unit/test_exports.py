@@ -16,7 +16,7 @@ PUBLIC = {
     "SnapshotError", "SnapshotInfo", "SnapshotNotFoundError", "TemplateNotFoundError",
     "TierUnavailableError", "UnsafeLayerError", "QuotaExceededError", "UnauthorizedError",
     "TemplateInfo", "TemplateSnapshotInfo", "AsyncWatch", "FsEvent", "Watch",
-    "BuildStepError", "DockerfileError",
+    "BuildStepError", "DockerfileError", "SandboxLostError",
     "TemplateDigestError", "TemplateTransferError",
 }
 
