@@ -5,6 +5,10 @@ capabilities are resources of 1 that a placement asks a sliver of (``ember:tier:
 ``ember:accel:tcg``, ``ember:template:debian-python``), so that Ray's scheduler alone
 decides where a sandbox fits. Everything here is data: detection reads the host and the
 home; building and parsing resource maps does no I/O.
+
+Resources are fixed when a node starts, so the templates are advertised for information
+only: placement demands none (any node can fetch a template) and asks the cluster's
+directory who holds what (:mod:`ember.cluster.templates`), which every build updates.
 """
 
 from __future__ import annotations

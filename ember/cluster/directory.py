@@ -11,6 +11,8 @@ Keys (values are UTF-8):
   once the sandbox exists and removed by its placement actor when the sandbox is gone.
 * ``secret``: the cluster's shared secret (daemons vouch for callers with it:
   :mod:`ember.cluster.vouch`), made once by the first node that asks for it.
+* ``template/<name>/<ray node id>``: the digest that node holds under that name
+  (:mod:`ember.cluster.templates`, which reads and writes them).
 
 Ray's GCS client blocks for 40 s or more when the head is down and cannot be cancelled, so
 a daemon reads the directory in a short-lived child process (``python -m
