@@ -407,3 +407,43 @@ def test_a_dead_pulls_staging_is_swept(tmp_path: Path) -> None:
     assert ct.sweep_stale(paths) == ["pull-stage-dead"]
     assert live.exists() and not dead.exists()
     lock.release()
+
+
+@needs_e2fs
+def test_concurrent_pulls_of_one_template_transfer_it_once(
+        holder: tuple[Paths, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two creates that need the same template at once: one pulls, the other waits for it
+    and uses what it registered (the directory read, Ray's part, is the faked edge)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ember.daemon import cluster_templates as ct
+    from ember.store import Store
+
+    hpaths, address = holder
+    hstore = Store(hpaths.db)
+    digest = hstore.get_template("t").digest
+    hstore.close()
+    paths, (store, rec) = _puller(tmp_path)
+    store.close()
+    directory = Directory(nodes={B: NodeEntry(B, "127.0.0.1", True, address)})
+    monkeypatch.setattr(ct, "read_cluster", lambda address: (directory, {"t": {B: digest}}))
+    monkeypatch.setattr(ct, "publish", lambda paths, store: None)
+    fetched: list[str] = []
+    real_fetch = ct._fetch
+
+    def counting(*args: Any) -> None:
+        fetched.append(args[5].name)
+        real_fetch(*args)
+
+    monkeypatch.setattr(ct, "_fetch", counting)
+
+    def one(_: int) -> str:
+        s = Store(paths.db)
+        try:
+            return ct.pull(paths, s, rec, "t").digest
+        finally:
+            s.close()
+
+    with ThreadPoolExecutor(2) as pool:
+        assert list(pool.map(one, range(2))) == [digest, digest]
+    assert sorted(fetched) == ["meta.json", "rootfs.ext4"]  # once each
