@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,6 +148,33 @@ def test_commands_get_the_images_env_workdir_and_user_unless_given(world: World,
     finally:
         with contextlib.suppress(SnapshotNotFoundError):  # gone with its last sandbox
             Sandbox.delete_snapshot(snap.id, paths=world.paths)
+
+
+def test_a_pool_member_and_a_baked_template_get_them_too(world: World, template: str) -> None:
+    from ember.sdk.bake import bake_template_sync
+
+    pool = Sandbox.set_pool(template, 1, paths=world.paths)
+    try:
+        deadline = time.monotonic() + 300
+        while not [p for p in Sandbox.list_pools(paths=world.paths)
+                   if p.key == pool.key and p.ready >= 1]:
+            assert time.monotonic() < deadline, "the pool did not fill in 300 s"
+            time.sleep(0.5)
+        pooled = {i.id for i in Sandbox.list(paths=world.paths) if i.state == "pooled"}
+        with Sandbox.create(template, paths=world.paths, timeout=300) as sb:
+            assert sb.id in pooled  # handed out from the pool
+            assert sb.exec(PROBE).check().stdout == DEFAULTS_OUT
+    finally:
+        Sandbox.remove_pool(pool.key, paths=world.paths)
+    # the setup runs like any command (as nobody, in /srv/app); the baked template keeps
+    # the image's metadata
+    rec = bake_template_sync("defaults-baked", template, "touch baked", paths=world.paths)
+    assert rec.config["oci"]["user"] == "nobody"
+    with Sandbox.create("defaults-baked", paths=world.paths, timeout=300) as sb:
+        assert sb.info().snapshot == rec.config["snapshot"]
+        out = sb.exec(f"stat -c %U baked; {PROBE}").check().stdout
+    assert out == "nobody\n" + DEFAULTS_OUT
+    Sandbox.delete_template("defaults-baked", paths=world.paths)
 
 
 def test_the_cli_runs_entrypoint_and_cmd_without_a_command(world: World, template: str) -> None:
