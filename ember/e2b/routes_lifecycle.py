@@ -10,6 +10,7 @@ Bearer``; on the Unix socket the peer's uid decides. Errors are E2B's: the HTTP 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable, Coroutine
 from datetime import datetime
@@ -21,6 +22,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 
+from ember.cluster.placement import PLACEMENT_HEADER
 from ember.daemon import cluster_create, routes_sandboxes
 from ember.daemon.auth import Principal, own_sandbox, principal_of
 from ember.daemon.deps import ID_PATTERN, Live, Meter, Quota, caller
@@ -156,6 +158,9 @@ async def _create(body: NewSandbox, live: Live, meter: Meter, who: Who, quotas: 
     who = placed.who
     made = await routes_sandboxes.create_sandbox(request, live, meter, who, quotas,
                                          reserved={M.PORTS_KEY: _ports_mode(body)})
+    placed_here = getattr(http.app.state, "placed", None)
+    if placed_here is not None and http.headers.get(PLACEMENT_HEADER) is not None:
+        placed_here.note(json.dumps({"id": made["id"]}).encode())  # fencing: cluster_watch
     return JSONResponse(M.created(str(made["id"]), template_id=body.templateID,
                                   secret=state.secret,
                                   domain=state.domain), status_code=201)
