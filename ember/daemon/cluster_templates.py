@@ -204,23 +204,25 @@ def _pull(paths: Paths, store: Store, rec: ClusterRecord, name: str, force: bool
     if not nodes:
         raise TemplateTransferError(f"no live node that holds template {name!r} at {digest} "
                                     "published a daemon")
-    last: EmberError | None = None
-    for node in nodes:
+    errors: list[TemplateTransferError] = []
+    for node in nodes:  # a holder that fails (its copy corrupt included): the next one
         if time.monotonic() > deadline:
             break
         try:
             got = _pull_from(paths, store, rec, node, secret, name, digest, force or
                              mine is not None, progress, deadline)
-        except TemplateDigestError:
-            raise  # the directory's digest was not what came: said at once
         except TemplateTransferError as err:
             log.warning("pulling %s from node %s: %s", name, node.node_id[:12], err)
-            last = err
+            if progress:
+                progress(f"node {node.node_id[:12]}: {err}")
+            errors.append(err)
             continue
         publish(paths, store)
         return got
-    raise last or EmberTimeoutError(f"pulling {name!r} did not end within "
-                                    f"{PULL_TIMEOUT_S:.0f} s")
+    corrupt = [e for e in errors if isinstance(e, TemplateDigestError)]
+    if corrupt or errors:
+        raise (corrupt or errors)[-1]  # a corrupt copy is the news, else the last failure
+    raise EmberTimeoutError(f"pulling {name!r} did not end within {PULL_TIMEOUT_S:.0f} s")
 
 
 def _pull_from(paths: Paths, store: Store, rec: ClusterRecord, node: NodeEntry, secret: str,

@@ -81,6 +81,7 @@ def test_hostile_manifests_are_refused(over: dict[str, Any]) -> None:
         Manifest.from_json(_manifest(**over), name="py")
 
 
+@settings(deadline=None)
 @given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
                     lambda kids: st.lists(kids, max_size=3)
                     | st.dictionaries(st.text(max_size=8), kids, max_size=3), max_leaves=12))
@@ -153,7 +154,7 @@ def test_a_stream_that_stops_short_is_refused() -> None:
         dec.finish()
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=300))
 def test_any_bytes_are_frames_or_a_typed_refusal(stream: bytes) -> None:
     dec = FrameDecoder(FileEntry("rootfs.ext4", 1000, 100))
