@@ -2,7 +2,8 @@
 is created through another node and runs on a node that did not hold it, which fetched it
 from the holder (daemon to daemon), checked its digest and registered it; an explicit
 ``ember cluster pull``; a holder whose image was altered after registration is refused
-with the typed error and nothing is kept. Three nodes in namespaces (cluster_world), each
+with the typed error and nothing is kept; a pull killed midway registers nothing and the
+daemon's next start sweeps its staging. Three nodes in namespaces (cluster_world), each
 a real daemon with real guests; each node has a cache of its own for images (the kernel
 and the guest runtime are the shared test cache's), so that a pull has something to do."""
 
@@ -13,6 +14,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +23,7 @@ from typing import Any
 import pytest
 
 from ember import Sandbox
-from ember.cluster.node import DEFAULT_PORT
+from ember.cluster.node import DEFAULT_DAEMON_PORT, DEFAULT_PORT
 from ember.paths import Paths
 from ember.store import Store
 from tests.conftest import DEFAULT_TEST_CACHE
@@ -31,6 +33,7 @@ from tests.integration.cluster_world import (
     Node,
     cluster_world,
     leftover_processes,
+    wait_for,
 )
 
 pytestmark = MARKS
@@ -174,3 +177,24 @@ def test_a_template_built_on_one_node_is_created_on_another(world: ClusterWorld)
     assert "bb-bad" not in _templates(other)
     assert not (other.cache / "images" / hexd).exists()
     assert not list((other.cache / "tmp").glob("pull-stage-*"))
+
+    # A pull killed midway (its daemon SIGKILLed while it writes its staging): nothing is
+    # registered, and the daemon's next start sweeps what it left.
+    big_tree = _busybox_tree(world.root / "big-tree")
+    (big_tree / "blob").write_bytes(os.urandom(96 << 20))
+    big = _build(n2, "bb-big", big_tree)
+    staging = other.cache / "tmp"
+    puller = threading.Thread(target=other.ember, args=("cluster", "pull", "bb-big"),
+                              kwargs={"check": False}, daemon=True)
+    puller.start()
+    wait_for("the pull's staging", lambda: list(staging.glob("pull-stage-*")), 120, 0.01)
+    daemon_pid = other.run("cat", str(other.paths.daemon_lock)).stdout.split()[0]
+    other.run("kill", "-9", daemon_pid)
+    puller.join(120)
+    assert list(staging.glob("pull-stage-*")), "the killed pull left no staging to sweep"
+    assert "bb-big" not in _templates(other)
+    other.ember("daemon", "start", "--listen", f"{other.ip}:{DEFAULT_DAEMON_PORT}")
+    wait_for("the staging swept at the daemon's start",
+             lambda: not list(staging.glob("pull-stage-*")), 60, 0.5)
+    assert "bb-big" not in _templates(other)
+    assert not (other.cache / "images" / big["digest"].split(":")[1]).exists()
