@@ -34,7 +34,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -354,7 +354,7 @@ def _check(manifest: Manifest, image: Path, work: Path, progress: Progress) -> N
 
 
 @contextlib.contextmanager
-def staging(paths: Paths) -> Any:
+def staging(paths: Paths) -> Iterator[Path]:
     """A pull's staging directory, flock-ed while the pull lives; removed after it."""
     sweep_stale(paths)
     stage = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX + "stage-", dir=paths.cache_tmp))

@@ -4,10 +4,11 @@ names ``images/<digest>/`` by), so that an image that came from elsewhere (anoth
 a cluster) is checked before it is registered.
 
 Nothing is mounted (a hostile image never reaches the host's kernel): e2fsprogs' debugfs,
-a user-space reader, dumps the tree (``rdump``: contents, directories, symbolic links) into
-a work directory and lists every directory by inode (``ls -p``: mode, owner and group of
-each entry), one depth per run; the dumped tree then gets those modes and owners and is
-hashed as a build hashes its root. ``mkfs.ext4 -d`` adds an empty ``/lost+found``, which is
+a user-space reader, lists every directory by inode (``ls -p``: mode, owner and group of
+each entry), one depth per run, which refuses a name that could not be a file's (a "/" or
+a newline in a crafted image) before anything is written; then it dumps the tree
+(``rdump``: contents, directories, symbolic links) into a work directory, which gets those
+modes and owners and is hashed as a build hashes its root. ``mkfs.ext4 -d`` adds an empty ``/lost+found``, which is
 left out. Device nodes cannot be checked this way (the builds put none outside ``/dev``,
 which they empty): an image holding one is refused.
 """
@@ -63,7 +64,7 @@ def parse_listing(text: str) -> dict[int, list[Entry]]:
         except ValueError as err:
             raise TemplateDigestError(f"cannot read the image's listing: {line[:200]!r}") \
                 from err
-        if parts[5] in (".", ".."):
+        if parts[5] in (".", "..") or not parts[5]:
             continue
         out[current].append(Entry(ino, mode, uid, gid, parts[5]))
     return out
@@ -72,6 +73,9 @@ def parse_listing(text: str) -> dict[int, list[Entry]]:
 def image_digest(image: Path, work: Path) -> str:
     """The tree digest of ext4 ``image``, using ``work`` (an empty directory on a
     filesystem with room for the tree; left for the caller to remove)."""
+    # Listed first: a name rdump would write outside the work directory (a "/" in a name
+    # of a crafted image) does not parse, and the image is refused before any dump.
+    metadata = _list_tree(image, work)
     tree = work / "tree"
     tree.mkdir()
     try:
@@ -79,7 +83,6 @@ def image_digest(image: Path, work: Path) -> str:
                  what="dump the image's tree (debugfs rdump)", timeout=DUMP_TIMEOUT_S)
     except HostCommandError as err:
         raise TemplateDigestError(f"cannot read the image: {err}") from err
-    metadata = _list_tree(image, work)
     for rel, e in metadata.items():
         path = tree / rel
         kind = stat.S_IFMT(e.mode)

@@ -216,6 +216,8 @@ def test_a_listing_parses_and_a_broken_one_is_refused() -> None:
     assert got[12] == []
     with pytest.raises(TemplateDigestError):
         parse_listing("debugfs: ls -p <2>\n/2/040755/0/0/a\nb//\n")
+    with pytest.raises(TemplateDigestError):  # a crafted name with "/": refused before rdump
+        parse_listing("debugfs: ls -p <2>\n/12/100644/0/0/../../etc/passwd/3/\n")
 
 
 def _tree(root: Path) -> Path:
