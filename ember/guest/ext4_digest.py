@@ -8,9 +8,9 @@ a user-space reader, lists every directory by inode (``ls -p``: mode, owner and 
 each entry), one depth per run, which refuses a name that could not be a file's (a "/" or
 a newline in a crafted image) before anything is written; then it dumps the tree
 (``rdump``: contents, directories, symbolic links) into a work directory, which gets those
-modes and owners and is hashed as a build hashes its root. ``mkfs.ext4 -d`` adds an empty ``/lost+found``, which is
-left out. Device nodes cannot be checked this way (the builds put none outside ``/dev``,
-which they empty): an image holding one is refused.
+modes and owners and is hashed as a build hashes its root. ``mkfs.ext4 -d`` adds an
+empty ``/lost+found``, which is left out. Device nodes cannot be checked this way (the
+builds put none outside ``/dev``, which they empty): an image holding one is refused.
 """
 
 from __future__ import annotations
