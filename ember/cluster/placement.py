@@ -177,12 +177,12 @@ def place(p: Placement) -> dict[str, Any]:
     if prefer:
         options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(prefer, soft=True)
     holder = _holder_class().options(**options).remote()
-    from ember.cluster.quota import admit  # the tenant's cluster-wide quotas, one at a time
+    from ember.cluster.quota import admit, end_actor  # the tenant's cluster-wide quotas
 
     refused = admit(name, p.tenant, int(p.demand.get(VCPUS, 0)),
                     int(p.demand.get(MEMORY_MIB, 0)), p.limits)
     if refused is not None:
-        ray.kill(holder, no_restart=True)
+        end_actor(holder, name)
         return refused
     placed, _ = ray.wait([holder.node.remote()], timeout=PLACE_TIMEOUT_S)
     if not placed:

@@ -34,6 +34,8 @@ log = logging.getLogger("ember.cluster")
 KEEPER_NAME = "ember-quota"
 #: An admission (the keeper's start included, once per cluster) may take this long.
 ADMIT_TIMEOUT_S = 60.0
+#: Waiting for a killed placement actor's name to be gone.
+END_TIMEOUT_S = 10.0
 #: A full sweep of every tenant's entries every this many admissions (tenants that stop
 #: creating would otherwise keep their dead entries).
 SWEEP_EVERY = 100
@@ -217,6 +219,28 @@ def _keeper_class() -> Any:
 
     actor: Any = ray.remote
     return actor(num_cpus=0, max_restarts=0, max_concurrency=1)(QuotaKeeper)
+
+
+def end_actor(handle: Any, name: str, timeout: float = END_TIMEOUT_S) -> None:
+    """Kill a placement actor that will hold no sandbox, and wait (bounded) until Ray no
+    longer knows its name: Ray's kill is only sent, and the driver exits right after its
+    answer (a kill lost with it would leave a detached actor holding resources)."""
+    import time
+
+    import ray
+
+    from ember.cluster.placement import NAMESPACE
+
+    ray.kill(handle, no_restart=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            return
+        time.sleep(0.05)
+    log.warning("placement actor %s still known to Ray %.0f s after it was killed", name,
+                timeout)
 
 
 def admit(name: str, tenant: str, vcpus: int, memory_mib: int,

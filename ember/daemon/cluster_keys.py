@@ -1,7 +1,8 @@
 """The cluster's API keys and tenants' limits as one node's daemon sees them
 (:mod:`ember.cluster.keys`; docs/cluster.md): read in a child process (``python -m
 ember.cluster.keys``, killed past :data:`READ_TIMEOUT_S`), a reading trusted
-:data:`TTL_S`, an unknown key id making it be read again at most every
+:data:`TTL_S` (and served :data:`GRACE_S` longer while the next is read in the
+background), an unknown key id making it be read again at most every
 :data:`MISS_REFRESH_S`; while the cluster cannot be read, the last good reading serves
 (and a failed reading is not tried again for :data:`TTL_S`). Outside a cluster it answers
 nothing and costs a read of ``cluster.json``. Keys are looked up synchronously, from the
@@ -27,9 +28,12 @@ from ember.store.records import ApiKeyRecord
 
 log = logging.getLogger("ember.daemon")
 
-#: A reading is trusted this long: a key revoked on another node stops working here within
-#: it (plus one reading, about a second).
+#: A reading is trusted this long; for this much longer it still serves while a new one is
+#: read in the background (a request waits for a reading only when the last is older than
+#: both: the first after a quiet while). A key revoked on another node stops working here
+#: within their sum plus one reading.
 TTL_S = 5.0
+GRACE_S = 5.0
 MISS_REFRESH_S = 1.0
 READ_TIMEOUT_S = 10.0
 
@@ -68,6 +72,12 @@ class ClusterKeys:
         address = self._address()
         if address is None:
             return None
+        age = time.monotonic() - self._at
+        if age < max_age:
+            return self._reg
+        if self._reg is not None and max_age >= TTL_S and age < max_age + GRACE_S:
+            self._renew()
+            return self._reg
         with self._lock:
             if time.monotonic() - self._at < max_age:
                 return self._reg
@@ -92,8 +102,13 @@ class ClusterKeys:
         check holds the event loop): a stale reading is renewed in the background."""
         if self._address() is None:
             return None
-        if time.monotonic() - self._at >= TTL_S and not self._lock.locked():
-            threading.Thread(target=self.registry, name="ember-cluster-keys",
-                             daemon=True).start()
+        if time.monotonic() - self._at >= TTL_S:
+            self._renew()
         reg = self._reg
         return None if reg is None else reg.tenants.get(tenant)
+
+    def _renew(self) -> None:
+        """Read again in the background (one reading at a time)."""
+        if not self._lock.locked():
+            threading.Thread(target=self.registry, kwargs={"max_age": MISS_REFRESH_S},
+                             name="ember-cluster-keys", daemon=True).start()

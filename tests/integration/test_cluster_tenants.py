@@ -14,7 +14,7 @@ from typing import Any
 
 from ember.cluster.node import DEFAULT_DAEMON_PORT, DEFAULT_PORT
 from ember.cluster.quota import KEEPER_NAME
-from ember.daemon.cluster_keys import READ_TIMEOUT_S, TTL_S
+from ember.daemon.cluster_keys import GRACE_S, READ_TIMEOUT_S, TTL_S
 from tests.integration.cluster_world import ClusterWorld, Node, wait_for
 from tests.integration.test_cluster_placement import (  # noqa: F401 (the fixture)
     _holders,
@@ -26,7 +26,7 @@ from tests.integration.test_cluster_placement import (  # noqa: F401 (the fixtur
 from tests.integration.test_cluster_reach import _py
 
 #: A key revoked on one node is refused by every node within this.
-REVOKE_BOUND_S = TTL_S + READ_TIMEOUT_S + 5
+REVOKE_BOUND_S = TTL_S + GRACE_S + READ_TIMEOUT_S + 5
 #: A killed sandbox's placement actor ends (it looks every 2 s): its quota is free again.
 RELEASE_BOUND_S = 60.0
 CREATE = """
@@ -122,6 +122,8 @@ def test_tenants_keys_and_e2b_across_the_cluster(world: ClusterWorld) -> None:  
           f"{time.monotonic() - t0:.1f} s")
     assert third["error"] == "QuotaExceededError", third
     assert "tenant acme" in third["message"] and "limit 2" in third["message"]
+    holders = _holders(_ray_state(n1, address))
+    assert len(holders) == 2, holders  # the refused create's placement actor is gone
 
     # One killed: once its placement actor is gone, two creates at once through two
     # nodes: exactly one fits.

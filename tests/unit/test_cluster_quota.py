@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -239,3 +240,57 @@ def test_the_clusters_limits_win_over_a_nodes_own(store: Store) -> None:
         quotas.check(who, sandboxes=1, vcpus=1, memory_mib=256)
     view.tenants["acme"] = Limits(max_sandboxes=5)
     quotas.check(who, sandboxes=1, vcpus=1, memory_mib=256)
+
+
+def test_a_nodes_reading_of_the_clusters_keys(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside a cluster nothing is read; a fresh reading serves; a stale one serves a
+    while longer as the next is read in the background; an older one is waited for; a key
+    id nobody knows makes it be read again; a failed reading keeps the last good one."""
+    import threading
+
+    from ember.cluster.record import ClusterRecord, save_record
+    from ember.daemon import cluster_keys
+    from ember.daemon.cluster_keys import GRACE_S, TTL_S, ClusterKeys
+    from ember.errors import HostError
+    from ember.paths import Paths
+
+    paths = Paths(home=tmp_path, cache=tmp_path / "cache")
+    reads: list[float] = []
+    answers: list[Registry | Exception] = []
+    done = threading.Event()
+
+    def read(address: str) -> Registry:
+        reads.append(time.monotonic())
+        done.set()
+        got = answers.pop(0) if answers else Registry()
+        if isinstance(got, Exception):
+            raise got
+        return got
+
+    monkeypatch.setattr(cluster_keys, "read_registry", read)
+    view = ClusterKeys(paths)
+    assert view.key("abc", unknown_here=True) is None and view.limits("acme") is None
+    assert reads == []  # no cluster.json: nothing read
+    save_record(paths, ClusterRecord(address="127.0.0.1:1", role="worker",
+                                     node_ip="127.0.0.1", node_id="a" * 56))
+    answers.append(Registry(keys={"abc": _key()}, tenants={"acme": ACME}))
+    assert view.key("abc", unknown_here=False) == _key() and len(reads) == 1
+    assert view.limits("acme") == ACME and len(reads) == 1  # fresh: no reading
+    view._at -= TTL_S + 0.1  # stale, within the grace: served, renewed in the background
+    done.clear()
+    answers.append(Registry(keys={"abc": _key(revoked=2.0)}))
+    assert view.key("abc", unknown_here=False) == _key()
+    assert done.wait(10)
+    for _ in range(100):  # the background reading lands
+        if view.key("abc", unknown_here=False) == _key(revoked=2.0):
+            break
+        time.sleep(0.01)
+    assert view.key("abc", unknown_here=False) == _key(revoked=2.0)
+    view._at -= TTL_S + GRACE_S + 0.1  # too old: the request waits for a reading
+    n = len(reads)
+    answers.append(HostError("the head is down"))
+    assert view.key("abc", unknown_here=False) == _key(revoked=2.0)  # the last good one
+    assert len(reads) == n + 1
+    view._at -= 1.1  # a key id nobody knows: read again (at most once a second)
+    assert view.key("new", unknown_here=True) is None and len(reads) == n + 2
