@@ -15,8 +15,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from ember.paths import Paths
+
+# Property tests check behaviour, not speed: on these shared 2-core hosts, with guests
+# booting beside them, hypothesis's default 200 ms deadline per example fails at random.
+settings.register_profile("ember", deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("ember")
 
 DEFAULT_TEST_CACHE = "/var/lib/ember/cache"
 
