@@ -7,9 +7,18 @@ machine), each node a real daemon with real guests:
   next to a plain local create (a fourth node whose home is in no cluster);
 * placement throughput: N creates at once through the three nodes, creates per second;
 * time to report a lost node: a worker's raylet killed, until ``ember cluster nodes``
-  on the head lists it DEAD (the node rejoins between repetitions).
+  on the head lists it DEAD (the node rejoins between repetitions);
+* time to report a lost sandbox: a worker holding a sandbox cut off (its link down), until
+  the head answers its info ``lost``, next to when the cut node fenced it (killed it
+  itself); healed, the node rejoins between repetitions.
+
+``--health fast`` starts the head with Ray's health checks shortened (a check every
+second, given a second, three misses: the test's settings) and the daemons with a 15 s
+fencing threshold; ``default`` keeps Ray's (about a minute to declare a cut-off node
+dead) and ember's 90 s. ``--parts`` picks what runs.
 
 Run (as root): .venv/bin/python benchmarks/bench_cluster.py [--reps 5] [--burst 6] [--lost 3]
+    [--cut 3] [--health default|fast] [--parts create,reach,burst,dead,cut]
 """
 
 from __future__ import annotations
@@ -28,13 +37,25 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ember import Sandbox
-from ember.cluster.node import DEFAULT_PORT
+from ember.cluster.node import DEFAULT_DAEMON_PORT, DEFAULT_PORT
+from ember.daemon.cluster_watch import FENCE_ENV
 from ember.guest.image import build_image
 from ember.guest.kernel import build_kernel
 from ember.paths import Paths
 from ember.store import Store
 from tests.conftest import DEFAULT_TEST_CACHE
-from tests.integration.cluster_world import ClusterWorld, Node, cluster_world, wait_for
+from tests.integration.cluster_world import (
+    VENV_BIN,
+    ClusterWorld,
+    Node,
+    cluster_world,
+    wait_for,
+)
+
+#: ``--health fast``: the head's environment (Ray's health checks) and the daemons' fencing.
+FAST_HEALTH = ["RAY_health_check_period_ms=1000", "RAY_health_check_timeout_ms=1000",
+               "RAY_health_check_failure_threshold=3"]
+FAST_FENCE_S = 15.0
 
 
 def url(node: Node) -> str:
@@ -85,6 +106,48 @@ def reach(world: ClusterWorld, reps: int) -> None:
     kill_everywhere(world, [sid])
 
 
+def state_via(via: Node, sid: str) -> str:
+    try:
+        return Sandbox.get_info(sid, url=url(via)).state
+    except Exception as err:  # a 503 while the node is merely unreachable
+        return type(err).__name__
+
+
+def local_state(node: Node, sid: str) -> str:
+    """As the node's own daemon has it (its registry: no other node asked)."""
+    return Sandbox.get_info(sid, url=url(node)).state
+
+
+def cut(world: ClusterWorld, node: Node, index: int, reps: int) -> None:
+    """A sandbox on ``node``; its link cut: until the head says ``lost``, and until the
+    node fenced it; healed, the node rejoins (Ray declared it dead) between repetitions."""
+    import subprocess
+
+    head = world.nodes[0]
+    lost, fenced = [], []
+    for _ in range(reps):
+        sid = timed_create(node)[1]
+        subprocess.run(["ip", "-n", world.switch, "link", "set", f"v{index}", "down"],
+                       check=True)
+        t0 = time.perf_counter()
+        try:
+            wait_for("reported lost", lambda sid=sid: state_via(head, sid) == "lost", 300,
+                     0.25)
+            lost.append(time.perf_counter() - t0)
+            wait_for("fenced", lambda sid=sid: local_state(node, sid) != "running", 300,
+                     0.25)
+            fenced.append(time.perf_counter() - t0)
+        finally:
+            subprocess.run(["ip", "-n", world.switch, "link", "set", f"v{index}", "up"],
+                           check=True)
+        wait_for("its raylet gone", lambda: node.pid_of("raylet") is None, 120, 1)
+        node.ember("cluster", "join", f"{head.ip}:{DEFAULT_PORT}", "--vcpus", "16",
+                   "--memory-mib", "8192")
+        Sandbox.kill(sid, url=url(node))  # its failed row
+    print(f"a worker cut off: its sandbox reported lost through the head {med(lost)}")
+    print(f"                  the cut node fenced it (its own kill)  {med(fenced)}")
+
+
 def ms(xs: list[float]) -> str:
     return (f"{statistics.median(xs) * 1000:.1f} ms (min {min(xs) * 1000:.1f}, "
             f"max {max(xs) * 1000:.1f}, n={len(xs)})")
@@ -99,7 +162,11 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--burst", type=int, default=6)
     ap.add_argument("--lost", type=int, default=3)
+    ap.add_argument("--cut", type=int, default=3)
+    ap.add_argument("--health", choices=("default", "fast"), default="default")
+    ap.add_argument("--parts", default="create,reach,burst,dead,cut")
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
     cache = Path(os.environ.get("EMBER_CACHE") or DEFAULT_TEST_CACHE)
     root = Path(tempfile.mkdtemp(prefix="ecl-bench-", dir="/tmp"))
     try:
@@ -113,7 +180,16 @@ def main() -> None:
                     build_image(paths, store, "debian-python", force=True)
                 finally:
                     store.close()
-            world.start_head()
+            if args.health == "fast":
+                for node in (head, n2, n3):
+                    node.run("env", f"{FENCE_ENV}={FAST_FENCE_S:g}", str(VENV_BIN / "ember"),
+                             "daemon", "start", "--listen", f"{node.ip}:{DEFAULT_DAEMON_PORT}")
+                head.run("env", *FAST_HEALTH, str(VENV_BIN / "ember"), "cluster",
+                         "start-head", "--redis", world.redis_address, "--redis-password",
+                         world.redis_password, "--vcpus", "2", "--memory-mib", "2048")
+            else:
+                world.start_head()
+            print(f"Ray's health checks and ember's fencing: {args.health}")
             for node in (n2, n3):
                 node.ember("cluster", "join", f"{head.ip}:{DEFAULT_PORT}", "--vcpus", "16",
                            "--memory-mib", "8192")
@@ -122,30 +198,36 @@ def main() -> None:
                 kill_everywhere(world, [timed_create(node)[1]])
 
             remote, placed_here, local = [], [], []
-            for _ in range(args.reps):
+            for _ in range(args.reps if "create" in parts else 0):
                 for node, out in ((head, remote), (n2, placed_here), (alone, local)):
                     dt, sid = timed_create(node)
                     out.append(dt)
                     kill_everywhere(world, [sid])
-            print("create latency (to a running sandbox, through the daemon's socket)")
-            print(f"  through the head, placed on another node:  {med(remote)}")
-            print(f"  through a node, placed on itself:          {med(placed_here)}")
-            print(f"  local, in no cluster:                       {med(local)}")
+            if remote:
+                print("create latency (to a running sandbox, through the daemon's socket)")
+                print(f"  through the head, placed on another node:  {med(remote)}")
+                print(f"  through a node, placed on itself:          {med(placed_here)}")
+                print(f"  local, in no cluster:                       {med(local)}")
+            if "reach" in parts:
+                reach(world, 20)
+            if "cut" in parts:
+                cut(world, n2, 2, args.cut)
+            if "burst" not in parts:
+                args.burst = 0
 
-            reach(world, 20)
-
-            t0 = time.perf_counter()
-            asked = [world.nodes[i % 3] for i in range(args.burst)]
-            with ThreadPoolExecutor(args.burst) as pool:
-                results = list(pool.map(timed_create, asked))
-            wall = time.perf_counter() - t0
-            print(f"placement throughput: {args.burst} creates at once through 3 nodes in "
-                  f"{wall:.1f} s: {args.burst / wall:.2f} creates/s "
-                  f"(each {med([r[0] for r in results])})")
-            kill_everywhere(world, [r[1] for r in results])
+            if args.burst:
+                t0 = time.perf_counter()
+                asked = [world.nodes[i % 3] for i in range(args.burst)]
+                with ThreadPoolExecutor(args.burst) as pool:
+                    results = list(pool.map(timed_create, asked))
+                wall = time.perf_counter() - t0
+                print(f"placement throughput: {args.burst} creates at once through 3 nodes "
+                      f"in {wall:.1f} s: {args.burst / wall:.2f} creates/s "
+                      f"(each {med([r[0] for r in results])})")
+                kill_everywhere(world, [r[1] for r in results])
 
             lost = []
-            for _ in range(args.lost):
+            for _ in range(args.lost if "dead" in parts else 0):
                 me = json.loads((n3.home / "cluster.json").read_text())
                 raylet = n3.pid_of("raylet")
                 assert raylet is not None
@@ -159,7 +241,9 @@ def main() -> None:
                 n3.ember("cluster", "leave")
                 n3.ember("cluster", "join", f"{head.ip}:{DEFAULT_PORT}", "--vcpus", "16",
                          "--memory-mib", "8192")
-            print(f"time to report a lost node (raylet killed -> DEAD on the head): {med(lost)}")
+            if lost:
+                print(f"time to report a lost node (raylet killed -> DEAD on the head): "
+                      f"{med(lost)}")
             for node in world.nodes:
                 node.ember("daemon", "stop", check=False)
     finally:
