@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from starlette.types import Message, Send
 
@@ -44,6 +46,7 @@ from ember.paths import Paths
 from ember.proc import run
 
 log = logging.getLogger("ember.daemon")
+T = TypeVar("T")
 
 #: How often the head's GCS address is looked at, and how long a look may take.
 LOOK_INTERVAL_S = 1.0
@@ -58,6 +61,8 @@ RETENTION_ENV = "EMBER_CLUSTER_LOST_RETENTION_S"
 FORGET_TIMEOUT_S = 15.0
 #: Placement creates remembered at most (the oldest are dropped first).
 MAX_NOTED = 10_000
+#: Closing the daemon's connection to a sandbox being fenced, at most.
+CLOSE_TIMEOUT_S = 10.0
 
 
 def _seconds(env: str, default: float) -> float:
@@ -161,6 +166,13 @@ class ClusterWatch:
         self.fence: Fence | None = None
         self._last_read = -1e9
         self._was_ok = True
+        #: The watch's own threads: requests that wait on a cut-off cluster (their reads
+        #: of it) may hold the loop's default ones, and fencing must not wait behind them.
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ember-watch")
+
+    async def _io(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
 
     def status(self) -> dict[str, Any] | None:
         """What ``GET /v1/health`` says of it (None: this home is in no cluster)."""
@@ -171,18 +183,21 @@ class ClusterWatch:
                 "threshold_s": f.threshold_s, "reason": f.reason or None}
 
     async def run(self) -> None:
-        while True:
-            await asyncio.sleep(LOOK_INTERVAL_S)
-            try:
-                await self.step()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # the watch goes on; the next look retries
-                log.exception("cluster watch: a step failed")
+        try:
+            while True:
+                await asyncio.sleep(LOOK_INTERVAL_S)
+                try:
+                    await self.step()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # the watch goes on; the next look retries
+                    log.exception("cluster watch: a step failed")
+        finally:
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def step(self) -> None:
         try:
-            rec = await asyncio.to_thread(load_record, self.paths)
+            rec = await self._io(load_record, self.paths)
         except HostError:
             rec = None
         if rec is None or rec.daemon is None:
@@ -193,14 +208,18 @@ class ClusterWatch:
             self._last_read = -1e9
         reach = await look(rec.address)
         now = time.monotonic()
+        before = self.fence.phase
         decision = self.fence.observe_reach(now, reach)
+        if self.fence.phase is not before:
+            log.info("cluster watch: %s -> %s (the head's GCS: %s, silent %.0f s)",
+                     before.value, self.fence.phase.value, reach.value, self.fence.silent_s)
         if decision is not None:
             await self.fence_placed(rec, decision.reason)
         healed = reach is Reach.OK and not self._was_ok
         self._was_ok = reach is Reach.OK
         if reach is not Reach.OK:
             return
-        local = await asyncio.to_thread(self._local)
+        local = await self._io(self._local)
         every = READ_EVERY_S if any(st in KILLABLE for st in local.values()) \
             else IDLE_READ_EVERY_S
         confirming = self.fence.dead_seen_at is not None \
@@ -215,13 +234,13 @@ class ClusterWatch:
     async def reconcile(self, rec: ClusterRecord, local: dict[str, str], now: float) -> None:
         """One reading of the directory, and what follows from it."""
         try:
-            directory = await asyncio.to_thread(read_directory, rec.address)
+            directory = await self._io(read_directory, rec.address)
         except EmberError as err:
             log.info("cluster watch: no reading of the directory: %s", err)
             return
         if self.directory is not None:
             self.directory.put(directory)
-        if (await asyncio.to_thread(load_record, self.paths)) != rec:
+        if (await self._io(load_record, self.paths)) != rec:
             return  # left or joined again meanwhile: the next step sees the new record
         assert self.fence is not None
         self.placed.update(directory, rec.node_id, local)
@@ -241,7 +260,7 @@ class ClusterWatch:
                                       if r not in plan.forget]
         if forget:
             try:
-                await asyncio.to_thread(forget_records, rec.address, forget)
+                await self._io(forget_records, rec.address, forget)
                 log.info("cluster watch: dropped %d lost record(s) from the directory",
                          len(forget))
             except (EmberError, ValueError, IndexError) as err:
@@ -249,7 +268,7 @@ class ClusterWatch:
 
     async def fence_placed(self, rec: ClusterRecord, why: str) -> None:
         """Kill every sandbox Ray placed on this node that still holds anything."""
-        local = await asyncio.to_thread(self._local)
+        local = await self._io(self._local)
         doomed = sorted(s for s in self.placed.ids() if local.get(s) in KILLABLE)
         log.warning("fencing node %s: %s; killing its %d placed sandbox(es)",
                     rec.node_id[:12], why, len(doomed))
@@ -261,17 +280,18 @@ class ClusterWatch:
         so); a paused one, whose agent need not answer, is destroyed."""
         live = self.live
         with contextlib.suppress(Exception):
-            await live.ports.close(sid)
+            await asyncio.wait_for(live.ports.close(sid), CLOSE_TIMEOUT_S)
         with contextlib.suppress(EmberError):
-            await asyncio.to_thread(live.mgr.store.delete_exposed_ports, sid)
-        await live.forget(sid)
+            await self._io(live.mgr.store.delete_exposed_ports, sid)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(live.forget(sid), CLOSE_TIMEOUT_S)
         try:
-            await asyncio.to_thread(live.mgr.fail, sid, why)
-            rec = await asyncio.to_thread(live.mgr.get, sid)
+            await self._io(live.mgr.fail, sid, why)
+            rec = await self._io(live.mgr.get, sid)
             if rec.state in KILLABLE:
-                await asyncio.to_thread(live.mgr.destroy, sid)
+                await self._io(live.mgr.destroy, sid)
             elif rec.error != why:  # a look at it meanwhile saw the VM gone: say why
-                await asyncio.to_thread(live.mgr.set_state, sid, "failed", error=why)
+                await self._io(live.mgr.set_state, sid, "failed", error=why)
         except SandboxNotFoundError:
             pass
         except EmberError as err:

@@ -145,8 +145,12 @@ def test_lost_nodes_fencing_head_restart_and_rejoin(world: ClusterWorld) -> None
         print(f"B cut off: lost through the head after {lost_after:.1f} s; "
               f"SandboxLostError in {typed_after:.2f} s")
         # B fences: past its threshold its placed sandbox is killed, the reason kept.
-        wait_for("B fences its sandbox", lambda: (_local(n2, sb_b).get("error") or "")
-                 .startswith("fenced: this node has not reached"), FENCED_BOUND_S, 0.5)
+        try:
+            wait_for("B fences its sandbox", lambda: (_local(n2, sb_b).get("error") or "")
+                     .startswith("fenced: this node has not reached"), FENCED_BOUND_S, 0.5)
+        except AssertionError:
+            print(f"B's sandbox: {_local(n2, sb_b)}\nB's log:\n{_log_tail(n2)}")
+            raise
         fenced_after = time.monotonic() - cut
         assert _local(n2, sb_b)["state"] == "failed"
         assert _vmm_of(n2, sb_b) == []
@@ -190,6 +194,15 @@ def test_lost_nodes_fencing_head_restart_and_rejoin(world: ClusterWorld) -> None
              DIRECTORY_TTL_S + LOOKUP_TIMEOUT_S + 10, 0.5)
     wait_for("C's actor is gone with its node",
              lambda: not _holders(_ray_state(n1, new_head["address"])), 60, 1)
+
+
+def _log_tail(node: Node) -> str:
+    try:
+        lines = (node.paths.logs / "ember.log").read_text(errors="replace").splitlines()
+    except OSError as err:
+        return str(err)
+    return "\n".join(ln for ln in lines[-400:] if "cluster" in ln or "fenc" in ln
+                     or "sandbox" in ln)[-6000:]
 
 
 def _ls_if(node: Node, sid: str, state: str) -> dict[str, dict[str, Any]] | None:
