@@ -31,6 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ember.cluster import child
 from ember.errors import HostError
 
 KV_NAMESPACE = b"ember"
@@ -229,18 +230,14 @@ def forget_sandbox(sandbox_id: str) -> None:
 def main() -> None:
     """``python -m ember.cluster.directory ADDRESS``: the directory as JSON on stdout;
     ``ADDRESS --forget ID=NODE...``: drop those lost records (:func:`forget_records`)."""
-    try:
+    def compute() -> dict[str, Any]:
         if sys.argv[2:3] == ["--forget"]:
             pairs = [tuple(a.split("=", 1)) for a in sys.argv[3:] if "=" in a]
             ok = [(sid, nid) for sid, nid in pairs if _ok_id(sid) and _ok_id(nid)]
-            answer: dict[str, Any] = {"forgotten": forget_records(sys.argv[1], ok)}
-        else:
-            answer = {"directory": read(sys.argv[1]).to_json()}
-    except Exception as err:
-        answer = {"error": f"{type(err).__name__}: {err}"[:2000]}
-    sys.stdout.write(json.dumps(answer) + "\n")
-    sys.stdout.flush()
-    os._exit(0)  # Ray's client threads never hold the daemon waiting
+            return {"forgotten": forget_records(sys.argv[1], ok)}
+        return {"directory": read(sys.argv[1]).to_json()}
+
+    child.answer(compute)
 
 
 if __name__ == "__main__":

@@ -17,13 +17,13 @@ Ray; what comes back from the KV is untrusted and bounded.
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ember.cluster import child
 from ember.cluster.quota import LIMITS, Limits
 from ember.store.records import ApiKeyRecord, TenantRecord
 
@@ -189,13 +189,7 @@ def publish_tenant(address: str, rec: TenantRecord) -> None:
 
 def main() -> None:
     """``python -m ember.cluster.keys ADDRESS``: the cluster's keys and tenants as JSON."""
-    try:
-        answer: dict[str, Any] = {"registry": read(sys.argv[1]).to_json()}
-    except Exception as err:
-        answer = {"error": f"{type(err).__name__}: {err}"[:2000]}
-    sys.stdout.write(json.dumps(answer) + "\n")
-    sys.stdout.flush()
-    os._exit(0)  # Ray's client threads never hold the daemon waiting
+    child.answer(lambda: {"registry": read(sys.argv[1]).to_json()})
 
 
 if __name__ == "__main__":

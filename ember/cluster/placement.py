@@ -25,6 +25,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from ember.cluster import child
 from ember.cluster.advertise import MEMORY_MIB, TIER, VCPUS
 from ember.cluster.directory import forget_sandbox, record_sandbox
 from ember.cluster.templates import placement_preference
@@ -215,14 +216,15 @@ def main() -> None:
                   path="/v2/sandboxes" if raw.get("path") == "/v2/sandboxes" else
                   "/v1/sandboxes", limits=raw.get("limits"),
                   template=raw["template"] if isinstance(raw.get("template"), str) else None)
-    try:
-        answer = place(p)
-    except Exception as err:  # told to the asking daemon, which raises it
-        answer = {"status": 500, "error": {"code": "host",
-                                           "message": f"placement failed: {err}"}}
-    sys.stdout.write(json.dumps(answer) + "\n")
-    sys.stdout.flush()
-    os._exit(0)  # Ray's client threads never hold the asker waiting
+
+    def compute() -> dict[str, Any]:
+        try:
+            return place(p)
+        except Exception as err:  # told to the asking daemon, which raises it
+            return {"status": 500, "error": {"code": "host",
+                                             "message": f"placement failed: {err}"}}
+
+    child.answer(compute)
 
 
 if __name__ == "__main__":

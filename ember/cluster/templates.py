@@ -18,12 +18,12 @@ and the preferred node is pure and tested without Ray.
 from __future__ import annotations
 
 import json
-import os
 import random
 import sys
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from ember.cluster import child
 from ember.cluster.directory import (
     KV_NAMESPACE,
     RPC_TIMEOUT_S,
@@ -187,22 +187,18 @@ def main() -> None:
     """``python -m ember.cluster.templates read ADDRESS`` (the directory and the template
     holders) or ``sync ADDRESS NODE_ID`` (stdin: ``{name: digest}`` this node holds): JSON
     on stdout."""
-    try:
+    def compute() -> dict[str, Any]:
         cmd, address = sys.argv[1], sys.argv[2]
         if cmd == "read":
-            answer: dict[str, Any] = read_all(address)
-        elif cmd == "sync":
+            return read_all(address)
+        if cmd == "sync":
             held = json.load(sys.stdin)
             if not isinstance(held, dict):
                 raise ValueError("sync reads {name: digest} on stdin")
-            answer = sync(address, sys.argv[3], {str(k): str(v) for k, v in held.items()})
-        else:
-            raise ValueError(f"unknown command {cmd!r}")
-    except Exception as err:
-        answer = {"error": f"{type(err).__name__}: {err}"[:2000]}
-    sys.stdout.write(json.dumps(answer) + "\n")
-    sys.stdout.flush()
-    os._exit(0)  # Ray's client threads never hold the daemon waiting
+            return sync(address, sys.argv[3], {str(k): str(v) for k, v in held.items()})
+        raise ValueError(f"unknown command {cmd!r}")
+
+    child.answer(compute)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,12 @@ import asyncio
 import json
 import logging
 import os
-import sys
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
 
+from ember.cluster import child
 from ember.cluster.placement import (
     CONNECT_TIMEOUT_S,
     CREATE_TIMEOUT_S,
@@ -32,7 +32,6 @@ from ember.daemon.cluster_templates import ensure as ensure_template
 from ember.daemon.live import LiveSandboxes
 from ember.daemon.models import CreateRequest
 from ember.errors import EmberError, HostError, TemplateNotFoundError
-from ember.proc import run
 from ember.sdk.wire import error_from_body
 
 log = logging.getLogger("ember.daemon")
@@ -109,15 +108,13 @@ def _place(rec: ClusterRecord, body: CreateRequest, who: Principal,
                "path": path, "limits": _local_limits(live, who.tenant),
                "template": body.template}
     try:
-        out = run([sys.executable, "-m", "ember.cluster.placement"],
-                  input=json.dumps(request).encode(), what="placing a sandbox with Ray",
-                  timeout=CONNECT_TIMEOUT_S + PLACE_TIMEOUT_S + CREATE_TIMEOUT_S + 60)
-        answer = json.loads(out.stdout.strip().splitlines()[-1])
-    except (EmberError, ValueError, IndexError) as err:
+        return child.ask("placement", what="placing a sandbox with Ray",
+                         stdin=json.dumps(request).encode(), error_is_failure=False,
+                         timeout=CONNECT_TIMEOUT_S + PLACE_TIMEOUT_S + CREATE_TIMEOUT_S + 60)
+    except HostError:
+        raise
+    except EmberError as err:
         raise HostError(f"placing a sandbox with Ray failed: {err}") from err
-    if not isinstance(answer, dict):
-        raise HostError(f"placing a sandbox with Ray answered {str(answer)[:200]}")
-    return answer
 
 
 def _local_limits(live: LiveSandboxes, tenant: str) -> dict[str, Any] | None:

@@ -21,7 +21,6 @@ import contextlib
 import json
 import logging
 import re
-import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -29,6 +28,7 @@ from typing import Any
 import httpx
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ember.cluster import child
 from ember.cluster.directory import Directory, NodeEntry
 from ember.cluster.lost import LOST_STATUS, listed_lost, lost_error, lost_info
 from ember.cluster.placement import PLACEMENT_HEADER
@@ -37,7 +37,6 @@ from ember.cluster.vouch import FORWARDED_HEADER, VOUCH_HEADER, sign
 from ember.daemon.auth import Principal, principal_of
 from ember.errors import EmberError, HostError, NodeUnavailableError, SandboxNotFoundError
 from ember.paths import Paths
-from ember.proc import run
 
 log = logging.getLogger("ember.daemon")
 
@@ -152,14 +151,11 @@ class DirectoryCache:
 
 def read_directory(address: str) -> Directory:
     """One reading, by ``python -m ember.cluster.directory`` (killed past the bound)."""
+    answer = child.ask("directory", address, what="reading the cluster's directory",
+                       timeout=LOOKUP_TIMEOUT_S)
     try:
-        out = run([sys.executable, "-m", "ember.cluster.directory", address],
-                  what="reading the cluster's directory", timeout=LOOKUP_TIMEOUT_S)
-        answer = json.loads(out.stdout.strip().splitlines()[-1])
-        if "error" in answer:
-            raise HostError(str(answer["error"]))
         return Directory.from_json(answer["directory"])
-    except (ValueError, IndexError, KeyError, TypeError) as err:
+    except (ValueError, KeyError, TypeError) as err:
         raise HostError(f"reading the cluster's directory failed: {err}") from err
 
 

@@ -12,18 +12,16 @@ loop): a stale reading is renewed in the background. No Ray import here.
 
 from __future__ import annotations
 
-import json
 import logging
-import sys
 import threading
 import time
 
+from ember.cluster import child
 from ember.cluster.keys import Registry
 from ember.cluster.quota import Limits
 from ember.cluster.record import load_record
 from ember.errors import EmberError, HostError
 from ember.paths import Paths
-from ember.proc import run
 from ember.store.records import ApiKeyRecord
 
 log = logging.getLogger("ember.daemon")
@@ -39,14 +37,11 @@ READ_TIMEOUT_S = 10.0
 
 
 def read_registry(address: str) -> Registry:
+    answer = child.ask("keys", address, what="reading the cluster's API keys",
+                       timeout=READ_TIMEOUT_S)
     try:
-        out = run([sys.executable, "-m", "ember.cluster.keys", address],
-                  what="reading the cluster's API keys", timeout=READ_TIMEOUT_S)
-        answer = json.loads(out.stdout.strip().splitlines()[-1])
-        if "error" in answer:
-            raise HostError(str(answer["error"]))
         return Registry.from_json(answer["registry"])
-    except (ValueError, IndexError, KeyError, TypeError) as err:
+    except (ValueError, KeyError, TypeError) as err:
         raise HostError(f"reading the cluster's API keys failed: {err}") from err
 
 

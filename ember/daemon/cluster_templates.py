@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -40,6 +39,7 @@ from typing import Any
 
 import httpx
 
+from ember.cluster import child
 from ember.cluster.directory import Directory, NodeEntry
 from ember.cluster.record import ClusterRecord, load_record, load_secret
 from ember.cluster.templates import Holders, held, parse_holders, sources, wanted_digest
@@ -58,7 +58,6 @@ from ember.errors import (
 from ember.guest.ext4_digest import image_digest
 from ember.locks import FileLock
 from ember.paths import Paths
-from ember.proc import run
 from ember.store import Store, TemplateRecord
 
 log = logging.getLogger("ember.daemon")
@@ -84,14 +83,11 @@ _locks: dict[str, threading.Lock] = {}
 # --- the directory ------------------------------------------------------------------------
 def read_cluster(address: str) -> tuple[Directory, Holders]:
     """One reading of the directory and the template holders (a child process)."""
+    answer = child.ask("templates", "read", address,
+                       what="reading the cluster's template directory", timeout=LOOKUP_TIMEOUT_S)
     try:
-        out = run([sys.executable, "-m", "ember.cluster.templates", "read", address],
-                  what="reading the cluster's template directory", timeout=LOOKUP_TIMEOUT_S)
-        answer = json.loads(out.stdout.strip().splitlines()[-1])
-        if "error" in answer:
-            raise HostError(str(answer["error"]))
         return Directory.from_json(answer["directory"]), parse_holders(answer.get("templates"))
-    except (ValueError, IndexError, KeyError, TypeError) as err:
+    except (ValueError, KeyError, TypeError) as err:
         raise HostError(f"reading the cluster's template directory failed: {err}") from err
 
 
@@ -105,17 +101,12 @@ def publish(paths: Paths, store: Store) -> dict[str, Any] | None:
     if rec is None:
         return None
     try:
-        out = run([sys.executable, "-m", "ember.cluster.templates", "sync", rec.address,
-                   rec.node_id], input=json.dumps(held(store)).encode(),
-                  what="publishing this node's templates", timeout=SYNC_TIMEOUT_S)
-        answer: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
-    except (EmberError, ValueError, IndexError) as err:
+        return child.ask("templates", "sync", rec.address, rec.node_id,
+                         stdin=json.dumps(held(store)).encode(),
+                         what="publishing this node's templates", timeout=SYNC_TIMEOUT_S)
+    except EmberError as err:
         log.warning("could not publish this node's templates to the cluster: %s", err)
         return None
-    if "error" in answer:
-        log.warning("could not publish this node's templates: %s", answer["error"])
-        return None
-    return answer
 
 
 async def publish_async(paths: Paths, store: Store) -> None:

@@ -27,7 +27,6 @@ import functools
 import json
 import logging
 import os
-import sys
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +34,7 @@ from typing import Any, TypeVar
 
 from starlette.types import Message, Send
 
+from ember.cluster import child
 from ember.cluster.directory import Directory
 from ember.cluster.fencing import DEFAULT_THRESHOLD_S, Fence, Reach
 from ember.cluster.lost import KILLABLE, RETENTION_S, expired, reason, reconcile
@@ -43,7 +43,6 @@ from ember.daemon.cluster_forward import DirectoryCache, read_directory
 from ember.daemon.live import LiveSandboxes
 from ember.errors import EmberError, HostError, SandboxNotFoundError
 from ember.paths import Paths
-from ember.proc import run
 
 log = logging.getLogger("ember.daemon")
 T = TypeVar("T")
@@ -144,13 +143,9 @@ def forget_records(address: str, records: list[tuple[str, str]]) -> None:
     """Drop lost records, by ``python -m ember.cluster.directory ADDRESS --forget``."""
     if not records:
         return
-    out = run([sys.executable, "-m", "ember.cluster.directory", address, "--forget",
-               *(f"{sid}={node}" for sid, node in records[:500])],
+    child.ask("directory", address, "--forget", *(f"{sid}={node}" for sid, node in records[:500]),
               what="dropping lost records from the cluster's directory",
               timeout=FORGET_TIMEOUT_S)
-    answer = json.loads(out.stdout.strip().splitlines()[-1])
-    if "error" in answer:
-        raise HostError(str(answer["error"]))
 
 
 class ClusterWatch:
