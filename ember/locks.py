@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from ember.errors import SandboxStateError
@@ -84,6 +86,25 @@ class FileLock:
     @property
     def held(self) -> bool:
         return self._fd is not None
+
+
+def sweep_abandoned(dirs: Iterable[Path]) -> list[str]:
+    """Remove each directory whose ``.lock`` nobody holds (its writer died: killed,
+    crashed, power lost); a live writer holds it. The names of those removed."""
+    gone = []
+    for d in dirs:
+        lock = FileLock(d / ".lock")
+        try:
+            if not lock.try_acquire():
+                continue  # a live writer
+        except OSError:
+            continue
+        try:
+            shutil.rmtree(d, ignore_errors=True)
+            gone.append(d.name)
+        finally:
+            lock.release()
+    return gone
 
 
 def owner_gone(pid_text: str) -> bool:

@@ -185,10 +185,9 @@ async def _pull(template: str, force: bool, url: str | None,
     import os
     from urllib.parse import quote
 
-    from ember.errors import ProtocolError
     from ember.paths import Paths
-    from ember.sdk import wire
     from ember.sdk.remote import Transport
+    from ember.sdk.template_ops import template_events
 
     if url:
         t = Transport(url, os.environ.get("EMBER_API_KEY"))
@@ -201,20 +200,7 @@ async def _pull(template: str, force: bool, url: str | None,
     try:
         r = await t.stream("POST", f"/cluster/templates/{quote(template, safe='')}/pull",
                            json={"force": force})
-        try:
-            async for line in r.aiter_lines():
-                if not line:
-                    continue
-                ev = wire.parse_event(line.encode())
-                if ev["event"] == "progress":
-                    on_progress(str(ev.get("message", ""))[:2000])
-                elif ev["event"] == "error":
-                    raise wire.error_for_event(ev)
-                elif ev["event"] == "done":
-                    return wire.template_info(ev.get("template"))
-        finally:
-            await r.aclose()
+        return await template_events(r, on_progress, f"the pull of {template!r}")
     finally:
         await t.close()
-    raise ProtocolError(f"the daemon ended the pull of {template!r} without a result")
 

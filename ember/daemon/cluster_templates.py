@@ -56,7 +56,7 @@ from ember.errors import (
     TemplateTransferError,
 )
 from ember.guest.ext4_digest import image_digest
-from ember.locks import FileLock
+from ember.locks import FileLock, sweep_abandoned
 from ember.paths import Paths
 from ember.store import Store, TemplateRecord
 
@@ -360,20 +360,7 @@ def staging(paths: Paths) -> Iterator[Path]:
 
 def sweep_stale(paths: Paths) -> list[str]:
     """Remove the staging directories of pulls that died (killed, crashed)."""
-    gone = []
-    for d in paths.cache_tmp.glob(f"{STAGING_PREFIX}stage-*"):
-        lock = FileLock(d / ".lock")
-        try:
-            if not lock.try_acquire():
-                continue  # a live pull
-        except OSError:
-            continue
-        try:
-            shutil.rmtree(d, ignore_errors=True)
-            gone.append(d.name)
-        finally:
-            lock.release()
-    return gone
+    return sweep_abandoned(paths.cache_tmp.glob(f"{STAGING_PREFIX}stage-*"))
 
 
 # --- the holder's side ----------------------------------------------------------------------

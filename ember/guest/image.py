@@ -26,7 +26,7 @@ from ember import proc
 from ember.errors import BadRequestError, BuildError, HostCommandError, ImageSourceError
 from ember.guest import digest as digests
 from ember.guest import inject, rootfs_debian
-from ember.locks import FileLock
+from ember.locks import FileLock, sweep_abandoned
 from ember.paths import Paths
 from ember.store import Store, TemplateRecord
 
@@ -352,17 +352,7 @@ def _staging(paths: Paths) -> Iterator[Path]:
 
 def sweep_stale_staging(paths: Paths) -> None:
     """Remove staging directories of builds that died (killed, crashed, power lost)."""
-    for d in paths.cache_tmp.glob("image-*"):
-        lock = FileLock(d / ".lock")
-        try:
-            if not lock.try_acquire():
-                continue  # a live build
-        except OSError:
-            continue
-        try:
-            shutil.rmtree(d, ignore_errors=True)
-        finally:
-            lock.release()
+    sweep_abandoned(paths.cache_tmp.glob("image-*"))
 
 
 def _atomic_write(path: Path, text: str) -> None:

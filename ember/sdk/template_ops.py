@@ -80,9 +80,16 @@ def list_here(mgr: SandboxManager) -> list[TemplateInfo]:
 
 async def build_remote(t: Transport, body: dict[str, Any],
                        progress: Callable[[str], None] | None) -> TemplateInfo:
+    r = await t.stream("POST", "/templates", json=body)
+    return await template_events(r, progress, f"the build of {body.get('name')!r}")
+
+
+async def template_events(r: Any, progress: Callable[[str], None] | None,
+                          what: str) -> TemplateInfo:
+    """Read a daemon's NDJSON answer about a template (a build, a pull): its progress
+    lines to ``progress``, its error raised, its result returned; ``r`` is closed."""
     from ember.sdk import wire
 
-    r = await t.stream("POST", "/templates", json=body)
     try:
         async for line in r.aiter_lines():
             if not line:
@@ -96,7 +103,7 @@ async def build_remote(t: Transport, body: dict[str, Any],
                 return wire.template_info(ev.get("template"))
     finally:
         await r.aclose()
-    raise ProtocolError(f"the daemon ended the build of {body.get('name')!r} without a result")
+    raise ProtocolError(f"the daemon ended {what} without a result")
 
 
 async def list_remote(t: Transport) -> list[TemplateInfo]:

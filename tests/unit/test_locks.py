@@ -1,9 +1,10 @@
-"""``owner_gone``: when a pid-named staging leftover may be removed."""
+"""``owner_gone`` and ``sweep_abandoned``: when a staging leftover may be removed."""
 
 from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 from ember.locks import FileLock, owner_gone
@@ -31,3 +32,22 @@ def test_a_holder_says_what_it_holds_the_lock_for(tmp_path: Path) -> None:
     lock.release()
     assert other.try_acquire() and not lock.marked("recovering")  # a new holder, no note
     other.release()
+
+
+def test_sweep_abandoned_removes_only_directories_no_writer_holds(tmp_path: Path) -> None:
+    dead, live = tmp_path / "stage-dead", tmp_path / "stage-live"
+    for d in (dead, live):
+        (d / "sub").mkdir(parents=True)
+        (d / "sub" / "f").write_text("x")
+    holder = FileLock(live / ".lock")
+    assert holder.try_acquire()
+    try:
+        # another process's view: the live one's lock is held, the dead one's is free
+        code = ("import sys; from pathlib import Path; from ember.locks import sweep_abandoned;"
+                f"print(sweep_abandoned(sorted(Path({str(tmp_path)!r}).glob('stage-*'))))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=60, check=True).stdout
+    finally:
+        holder.release()
+    assert out.strip() == "['stage-dead']"
+    assert not dead.exists() and (live / "sub" / "f").exists()
