@@ -73,15 +73,22 @@ def apikey_create(tenant: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
 def apikey_ls(as_json: bool) -> None:
-    """Keys: id, tenant, created, revoked."""
-    keys = _store().list_api_keys()
+    """Keys: id, tenant, created, revoked. On a node of a cluster, the cluster's keys and
+    this node's, with where each is kept (WHERE: here, here-only, cluster)."""
+    from ember.cluster.keys import listed_keys, read
+
+    local = _store().list_api_keys()
+    reg = _to_cluster("reading the cluster's keys", read)
+    rows = [(k, None) for k in local] if reg is None else listed_keys(local, reg)
     if as_json:
-        print_json([k.to_json() for k in keys])
+        print_json([{**k.to_json(), **({"where": w} if w else {})} for k, w in rows])
         return
-    t = Table("ID", "TENANT", "CREATED", "REVOKED")
-    for k in keys:
+    cols = ("ID", "TENANT", "CREATED", "REVOKED") + (("WHERE",) if reg is not None else ())
+    t = Table(*cols)
+    for k, w in rows:
         t.add_row(k.id, k.tenant, time.strftime("%F %T", time.localtime(k.created_at)),
-                  time.strftime("%F %T", time.localtime(k.revoked_at)) if k.revoked_at else "")
+                  time.strftime("%F %T", time.localtime(k.revoked_at)) if k.revoked_at else "",
+                  *((w or "",) if reg is not None else ()))
     out_console.print(t)
 
 
@@ -139,13 +146,22 @@ def tenant_set(name: str, max_sandboxes: int | None, max_vcpus: int | None,
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
 def tenant_ls(as_json: bool) -> None:
-    """Tenants with limits."""
-    rows = _store().list_tenants()
+    """Tenants with limits. On a node of a cluster, the cluster's and this node's, with
+    the limits that apply (the cluster's) and where each is kept (WHERE: here, here-only,
+    cluster)."""
+    from ember.cluster.keys import listed_tenants, read
+
+    local = _store().list_tenants()
+    reg = _to_cluster("reading the cluster's tenants", read)
+    rows = [(r, None) for r in local] if reg is None else listed_tenants(local, reg)
     if as_json:
-        print_json([r.to_json() for r in rows])
+        print_json([{**r.to_json(), **({"where": w} if w else {})} for r, w in rows])
         return
-    t = Table("TENANT", "MAX SANDBOXES", "MAX VCPUS", "MAX MEMORY MIB")
-    for r in rows:
+    cols = ("TENANT", "MAX SANDBOXES", "MAX VCPUS", "MAX MEMORY MIB") + (
+        ("WHERE",) if reg is not None else ())
+    t = Table(*cols)
+    for r, w in rows:
         t.add_row(r.name, *(str(v) if v is not None else "-" for v in
-                            (r.max_sandboxes, r.max_vcpus, r.max_memory_mib)))
+                            (r.max_sandboxes, r.max_vcpus, r.max_memory_mib)),
+                  *((w or "",) if reg is not None else ()))
     out_console.print(t)

@@ -91,6 +91,44 @@ def merged_key(local: ApiKeyRecord | None, cluster: ApiKeyRecord | None
     return replace(local, revoked_at=min(times) if times else None)
 
 
+#: Where a listed key or tenant is kept (``ember apikey ls`` / ``ember tenant ls`` on a
+#: node of a cluster): this node's store and the cluster's; this node's only (made before
+#: joining, or while the cluster could not be reached: a key that works on this node only,
+#: limits that apply where the cluster has none); the cluster's only (another node's).
+HERE, HERE_ONLY, ELSEWHERE = "here", "here-only", "cluster"
+
+
+def listed_keys(local: list[ApiKeyRecord], reg: Registry
+                ) -> list[tuple[ApiKeyRecord, str]]:
+    """The cluster's keys and this node's (pure), each as this node checks it
+    (:func:`merged_key`) with where it is kept, oldest first."""
+    mine = {k.id: k for k in local}
+    out: list[tuple[ApiKeyRecord, str]] = []
+    for key_id in mine.keys() | reg.keys.keys():
+        here, there = mine.get(key_id), reg.keys.get(key_id)
+        rec = merged_key(here, there)
+        if rec is not None:
+            out.append((rec, ELSEWHERE if here is None else HERE if there else HERE_ONLY))
+    return sorted(out, key=lambda r: (r[0].created_at, r[0].id))
+
+
+def listed_tenants(local: list[TenantRecord], reg: Registry
+                   ) -> list[tuple[TenantRecord, str]]:
+    """The cluster's tenants and this node's (pure), with the limits that apply (the
+    cluster's where it has them) and where each is kept, by name."""
+    mine = {t.name: t for t in local}
+    out: list[tuple[TenantRecord, str]] = []
+    for name in sorted(mine.keys() | reg.tenants.keys()):
+        lim = reg.tenants.get(name)
+        if lim is None:
+            out.append((mine[name], HERE_ONLY))
+        else:
+            out.append((TenantRecord(name, lim.max_sandboxes, lim.max_vcpus,
+                                     lim.max_memory_mib),
+                        HERE if name in mine else ELSEWHERE))
+    return out
+
+
 @dataclass(frozen=True)
 class Registry:
     """One reading of the cluster's keys and tenants."""

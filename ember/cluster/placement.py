@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -48,6 +49,23 @@ CREATE_TIMEOUT_S = 300.0
 WATCH_INTERVAL_S = 2.0
 #: Connecting to Ray; past it the cluster counts as unreachable.
 CONNECT_TIMEOUT_S = 20.0
+#: The routes a placement actor may send its own node's daemon: a create (ember's or
+#: E2B's), or a fork or restore of what that node holds (placed there: a hard affinity).
+HERE_PATH = re.compile(r"^(?:/v1/sandboxes/(?!\.)[A-Za-z0-9_.-]{1,64}/fork"
+                       r"|/v1/snapshots/(?!\.)[A-Za-z0-9_.:-]{1,128}/restore)$")
+
+
+def route_of(raw: object) -> str:
+    """The chosen daemon's route a placement names (pure; anything else: ember's create)."""
+    if raw == "/v2/sandboxes" or (isinstance(raw, str) and HERE_PATH.fullmatch(raw)):
+        return str(raw)
+    return "/v1/sandboxes"
+
+
+def created_ids(info: object) -> list[str]:
+    """The sandboxes a create, restore (one object) or fork (a list) answered (pure)."""
+    items = info if isinstance(info, list) else [info]
+    return [str(i.get("id") or i["sandboxID"]) for i in items if isinstance(i, dict)]
 
 
 @dataclass(frozen=True)
@@ -65,6 +83,10 @@ class Placement:
     limits: dict[str, Any] | None = None
     #: The template's name (its holders are preferred: a soft affinity).
     template: str | None = None
+    #: Only ``prefer_node`` may run it (a fork or restore of what that node holds).
+    hard: bool = False
+    #: How many sandboxes it makes (a fork of n), for the tenant's quota.
+    sandboxes: int = 1
 
 
 def demand(template: str, isolation: str, vcpus: int, memory_mib: int) -> dict[str, float]:
@@ -90,7 +112,7 @@ def _holder_class() -> Any:
         def __init__(self) -> None:
             self.node_id = ray.get_runtime_context().get_node_id()
             self.sock = str(Paths.from_env().daemon_socket)
-            self.sandbox_id: str | None = None
+            self.sandbox_ids: list[str] = []
 
         def _client(self, timeout: float) -> httpx.Client:
             # Never starts a daemon: one started here would be a child of this Ray worker.
@@ -101,6 +123,7 @@ def _holder_class() -> Any:
 
         def create(self, body: dict[str, Any], tenant: str, name: str,
                    path: str = "/v1/sandboxes") -> dict[str, Any]:
+            """Create (or fork, or restore: ``path``) through this node's daemon."""
             try:
                 with self._client(CREATE_TIMEOUT_S) as c:
                     r = c.post(f"http://emberd{path}", json=body,
@@ -120,33 +143,32 @@ def _holder_class() -> Any:
                 return {"status": r.status_code, "error": error or {
                     "code": "host", "message": r.text[:500]}}
             info = r.json()
-            self.sandbox_id = str(info.get("id") or info["sandboxID"])  # ember's or E2B's
+            self.sandbox_ids = created_ids(info)  # ember's or E2B's; a fork's n
             threading.Thread(target=self._watch, name="ember-watch", daemon=True).start()
             return {"info": info, "node_id": self.node_id, "actor": name}
 
         def _watch(self) -> None:
-            misses = 0
-            while True:
+            left = list(self.sandbox_ids)  # a fork's clones: held until the last is gone
+            while left:
                 time.sleep(WATCH_INTERVAL_S)
-                try:
-                    with self._client(10.0) as c:
-                        r = c.get(f"http://emberd/v1/sandboxes/{self.sandbox_id}")
-                except httpx.HTTPError:
-                    misses += 1  # the daemon restarts: its sandboxes live on
-                    continue
-                misses = 0
-                if r.status_code == 404 or (
-                        r.status_code == 200 and r.json().get("state") not in LIVE_STATES):
-                    self._end()
-                    return
+                for sid in list(left):
+                    try:
+                        with self._client(10.0) as c:
+                            r = c.get(f"http://emberd/v1/sandboxes/{sid}")
+                    except httpx.HTTPError:
+                        break  # the daemon restarts: its sandboxes live on
+                    if r.status_code == 404 or (
+                            r.status_code == 200 and r.json().get("state") not in LIVE_STATES):
+                        left.remove(sid)
+            self._end()
 
         def _end(self) -> None:
             """Forget where the sandbox was and give the resources back: this actor ends."""
-            try:
-                forget_sandbox(str(self.sandbox_id))
-            except Exception as err:  # a stale record answers 404 from the node itself
-                log.warning("could not forget sandbox %s in the directory: %s",
-                            self.sandbox_id, err)
+            for sid in self.sandbox_ids:
+                try:
+                    forget_sandbox(sid)
+                except Exception as err:  # a stale record answers 404 from the node itself
+                    log.warning("could not forget sandbox %s in the directory: %s", sid, err)
             ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
     actor: Any = ray.remote  # Ray's stubs know functions, not actor classes' options
@@ -174,22 +196,25 @@ def place(p: Placement) -> dict[str, Any]:
     name = f"{ACTOR_PREFIX}{uuid.uuid4().hex}"
     options: dict[str, Any] = {"name": name, "namespace": NAMESPACE, "lifetime": "detached",
                                "resources": p.demand}
-    prefer = placement_preference(p.address, p.prefer_node, p.template)  # its holders
-    if prefer:
+    if p.hard and p.prefer_node:  # a fork or restore: where its source is, or nowhere
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(p.prefer_node,
+                                                                        soft=False)
+    elif prefer := placement_preference(p.address, p.prefer_node, p.template):  # holders
         options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(prefer, soft=True)
     holder = _holder_class().options(**options).remote()
     from ember.cluster.quota import admit, end_actor  # the tenant's cluster-wide quotas
 
     refused = admit(name, p.tenant, int(p.demand.get(VCPUS, 0)),
-                    int(p.demand.get(MEMORY_MIB, 0)), p.limits)
+                    int(p.demand.get(MEMORY_MIB, 0)), p.limits, p.sandboxes)
     if refused is not None:
         end_actor(holder, name)
         return refused
     placed, _ = ray.wait([holder.node.remote()], timeout=PLACE_TIMEOUT_S)
     if not placed:
         ray.kill(holder, no_restart=True)
+        where = f"node {p.prefer_node} has no" if p.hard else "no node of the cluster has"
         return {"status": 429, "error": {
-            "code": "quota_exceeded", "message": f"no node of the cluster has room for "
+            "code": "quota_exceeded", "message": f"{where} room for "
             f"{p.demand} (waited {PLACE_TIMEOUT_S:.0f} s)"}}
     try:
         out: dict[str, Any] = ray.get(holder.create.remote(p.body, p.tenant, name, p.path),
@@ -201,7 +226,8 @@ def place(p: Placement) -> dict[str, Any]:
         ray.kill(holder, no_restart=True)
         return out
     # Where it lives, for every node's daemon to find (Ray stays off the data path).
-    record_sandbox(str(out["info"].get("id") or out["info"]["sandboxID"]), str(out["node_id"]))
+    for sid in created_ids(out["info"]):
+        record_sandbox(sid, str(out["node_id"]))
     return out
 
 
@@ -213,9 +239,9 @@ def main() -> None:
     p = Placement(address=str(raw["address"]), prefer_node=raw.get("prefer_node"),
                   body=dict(raw["body"]), tenant=str(raw["tenant"]),
                   demand={str(k): float(v) for k, v in raw["demand"].items()},
-                  path="/v2/sandboxes" if raw.get("path") == "/v2/sandboxes" else
-                  "/v1/sandboxes", limits=raw.get("limits"),
-                  template=raw["template"] if isinstance(raw.get("template"), str) else None)
+                  path=route_of(raw.get("path")), limits=raw.get("limits"),
+                  template=raw["template"] if isinstance(raw.get("template"), str) else None,
+                  hard=raw.get("hard") is True, sandboxes=max(1, int(raw.get("sandboxes", 1))))
 
     def compute() -> dict[str, Any]:
         try:

@@ -1,6 +1,7 @@
 """Tenants' quotas across the cluster: one admission at a time, whichever node was asked.
 
-Every placed create is admitted by one detached, named Ray actor, ``ember-quota``
+Every placed create (and every fork or restore on a node of a cluster, placed on that
+node with a hard affinity) is admitted by one detached, named Ray actor, ``ember-quota``
 (namespace ``ember``), before it may go on: the placement driver
 (:func:`ember.cluster.placement.place`) has just named its placement actor, and asks the
 keeper :func:`admit`. The keeper is a Ray actor with one thread, so its admissions are
@@ -81,6 +82,9 @@ class Held:
     tenant: str
     vcpus: int
     memory_mib: int
+    #: Sandboxes it holds: 1 for a create or restore, ``n`` for a fork of ``n`` (the
+    #: vCPUs and MiB are then all of theirs).
+    sandboxes: int = 1
 
 
 def over_limit(tenant: str, held: Iterable[Held], asked: Held,
@@ -90,8 +94,9 @@ def over_limit(tenant: str, held: Iterable[Held], asked: Held,
     if limits is None:
         return None
     mine = [h for h in held if h.tenant == tenant]
-    used = (len(mine), sum(h.vcpus for h in mine), sum(h.memory_mib for h in mine))
-    more = (1, asked.vcpus, asked.memory_mib)
+    used = (sum(h.sandboxes for h in mine), sum(h.vcpus for h in mine),
+            sum(h.memory_mib for h in mine))
+    more = (asked.sandboxes, asked.vcpus, asked.memory_mib)
     caps = (limits.max_sandboxes, limits.max_vcpus, limits.max_memory_mib)
     for what, have, add, cap in zip(("sandboxes", "vCPUs", "MiB of memory"), used, more,
                                     caps, strict=True):
@@ -130,8 +135,8 @@ class Book:
 
 def held_value(h: Held) -> bytes:
     """A book entry as the KV keeps it (``quota/<placement actor name>``)."""
-    return json.dumps({"tenant": h.tenant, "vcpus": h.vcpus,
-                       "memory_mib": h.memory_mib}).encode()
+    return json.dumps({"tenant": h.tenant, "vcpus": h.vcpus, "memory_mib": h.memory_mib,
+                       "sandboxes": h.sandboxes}).encode()
 
 
 def book_from_kv(kv: dict[bytes, bytes]) -> Book:
@@ -146,8 +151,10 @@ def book_from_kv(kv: dict[bytes, bytes]) -> Book:
         if not isinstance(doc, dict) or not 0 < len(name) <= 128:
             continue
         tenant, vcpus, memory = doc.get("tenant"), doc.get("vcpus"), doc.get("memory_mib")
-        if isinstance(tenant, str) and isinstance(vcpus, int) and isinstance(memory, int):
-            entries[name] = Held(tenant, vcpus, memory)
+        count = doc.get("sandboxes", 1)  # books written before forks counted: 1
+        if isinstance(tenant, str) and isinstance(vcpus, int) and isinstance(memory, int) \
+                and isinstance(count, int) and 0 < count <= 1024:
+            entries[name] = Held(tenant, vcpus, memory, count)
     return Book(entries=entries)
 
 
@@ -204,7 +211,7 @@ def _keeper_class() -> Any:
                                  True, namespace=KV_NAMESPACE)
 
         def admit(self, name: str, tenant: str, vcpus: int, memory_mib: int,
-                  fallback: dict[str, Any] | None) -> str | None:
+                  fallback: dict[str, Any] | None, sandboxes: int = 1) -> str | None:
             from ray.experimental.internal_kv import _internal_kv_get
 
             from ember.cluster.directory import KV_NAMESPACE
@@ -212,7 +219,7 @@ def _keeper_class() -> Any:
             raw = _internal_kv_get(f"{TENANT_PREFIX}{tenant}", namespace=KV_NAMESPACE)
             limits = parse_limits(raw) if raw else Limits.from_json(fallback)
             before = set(self.book.entries)
-            refused = self.book.admit(name, Held(tenant, vcpus, memory_mib), limits,
+            refused = self.book.admit(name, Held(tenant, vcpus, memory_mib, sandboxes), limits,
                                       self._alive)
             self._keep(before)
             return refused
@@ -244,10 +251,10 @@ def end_actor(handle: Any, name: str, timeout: float = END_TIMEOUT_S) -> None:
 
 
 def admit(name: str, tenant: str, vcpus: int, memory_mib: int,
-          fallback: dict[str, Any] | None) -> dict[str, Any] | None:
+          fallback: dict[str, Any] | None, sandboxes: int = 1) -> dict[str, Any] | None:
     """Ask the cluster's keeper (started here when there is none) to admit the placement
-    ``name`` for ``tenant``; None when admitted, else the placement's error answer. In a
-    Ray driver (the placement's child process)."""
+    ``name`` for ``tenant`` (``sandboxes`` of them: a fork of n); None when admitted, else
+    the placement's error answer. In a Ray driver (the placement's child process)."""
     import ray
 
     from ember.cluster.placement import NAMESPACE
@@ -255,8 +262,8 @@ def admit(name: str, tenant: str, vcpus: int, memory_mib: int,
     try:
         keeper = _keeper_class().options(name=KEEPER_NAME, namespace=NAMESPACE,
                                          lifetime="detached", get_if_exists=True).remote()
-        refused = ray.get(keeper.admit.remote(name, tenant, vcpus, memory_mib, fallback),
-                          timeout=ADMIT_TIMEOUT_S)
+        refused = ray.get(keeper.admit.remote(name, tenant, vcpus, memory_mib, fallback,
+                                              sandboxes), timeout=ADMIT_TIMEOUT_S)
     except Exception as err:  # no admission, no sandbox
         return {"status": 503, "error": {"code": "host", "message": (
             f"the cluster's quota keeper ({KEEPER_NAME}) did not answer: "

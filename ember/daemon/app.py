@@ -104,6 +104,7 @@ def create_app(paths: Paths, *, idle_exit: float | None = None,
     use_cluster_view(live.mgr.store, ClusterKeys(paths))  # the cluster's keys and limits
     app.state.proxy = proxy
     app.state.placed = placed
+    app.state.directory = directory  # the cluster's, for lists across nodes (cluster_peers)
     app.add_middleware(ClusterForward, paths=paths,  # another node's sandboxes: there
                        directory=directory)
     app.add_middleware(EdgeMiddleware)

@@ -117,6 +117,63 @@ def _place(rec: ClusterRecord, body: CreateRequest, who: Principal,
         raise HostError(f"placing a sandbox with Ray failed: {err}") from err
 
 
+@dataclass(frozen=True)
+class HereDecision:
+    #: The placed fork's or restore's answer (a list of infos, or one), or None: do it
+    #: here, as ``who``.
+    info: Any
+    who: Principal
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What a fork or restore makes (pure): all of it counts for the tenant at once."""
+
+    isolation: str
+    vcpus: int
+    memory_mib: int
+    sandboxes: int = 1
+
+
+async def decide_here(request: Request, live: LiveSandboxes, who: Principal, path: str,
+                      payload: dict[str, Any], shape: Shape) -> HereDecision:
+    """A fork or restore (``path``, ``payload``: its route and body) on a node of a
+    cluster: placed by Ray on this node (a hard affinity: its source is here), so that the
+    cluster's quota keeper admits it and its placement actor counts it while it lives, as
+    a placed create is; or, marked as that actor's own request, or off a cluster, or while
+    Ray cannot be reached, to be done here (and for whom)."""
+    if request.headers.get(PLACEMENT_HEADER) is not None:
+        tenant = request.headers.get(TENANT_HEADER)
+        if who.admin and tenant:
+            return HereDecision(None, Principal(tenant, tenant == ADMIN))
+        return HereDecision(None, who)
+    if os.environ.get(ENV_SWITCH, "").lower() in ("off", "0", "no"):
+        return HereDecision(None, who)
+    try:
+        rec = await asyncio.to_thread(load_record, live.paths)
+    except HostError as err:
+        log.warning("forking or restoring without the cluster's quota: %s", err)
+        return HereDecision(None, who)
+    if rec is None or not rec.node_id:
+        return HereDecision(None, who)
+    ask = {"address": rec.address, "prefer_node": rec.node_id, "tenant": who.tenant,
+           "body": payload, "path": path, "limits": _local_limits(live, who.tenant),
+           "demand": demand("", shape.isolation, shape.vcpus, shape.memory_mib),
+           "hard": True, "sandboxes": shape.sandboxes}
+    answer = await asyncio.to_thread(
+        child.ask, "placement", what="placing a fork or restore with Ray",
+        stdin=json.dumps(ask).encode(), error_is_failure=False,
+        timeout=CONNECT_TIMEOUT_S + PLACE_TIMEOUT_S + CREATE_TIMEOUT_S + 60)
+    if "unreachable" in answer:
+        log.warning("the cluster at %s cannot be reached (%s): %s here, counted against "
+                    "this node's quota only", rec.address, answer["unreachable"], path)
+        return HereDecision(None, who)
+    if "info" not in answer:
+        raise error_from_body(answer, int(answer.get("status", 500)))
+    log.info("%s placed by Ray on this node (actor %s)", path, answer.get("actor"))
+    return HereDecision(answer["info"], who)
+
+
 def _local_limits(live: LiveSandboxes, tenant: str) -> dict[str, Any] | None:
     """This node's own limits for ``tenant`` (the cluster's, where it has them, win in the
     quota keeper: ember.cluster.quota)."""

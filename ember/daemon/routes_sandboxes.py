@@ -168,10 +168,18 @@ async def snapshot(body: SnapshotRequest, live: Live, meter: Meter,
 
 @router.post("/sandboxes/{sandbox_id}/fork", status_code=201, tags=["snapshots"])
 async def fork(body: ForkRequest, live: Live, who: Who, quotas: Quota,
-               sandbox_id: OwnedId) -> list[dict[str, Any]]:
-    """``n`` new sandboxes from this one's current state (all or none)."""
+               request: Request, sandbox_id: OwnedId) -> list[dict[str, Any]]:
+    """``n`` new sandboxes from this one's current state (all or none). On a cluster,
+    admitted by the cluster's quota keeper and counted while they live."""
     sb = await live.get(sandbox_id)
     rec = await asyncio.to_thread(live.mgr.get, sandbox_id)
+    placed = await cluster_create.decide_here(
+        request, live, who, f"/v1/sandboxes/{sandbox_id}/fork",
+        body.model_dump(mode="json"), cluster_create.Shape(
+            rec.isolation, rec.vcpus * body.n, rec.memory_mib * body.n, body.n))
+    if placed.info is not None:
+        return list(placed.info)
+    who = placed.who
     async with quotas.lock(who):
         quotas.check(who, sandboxes=body.n, vcpus=rec.vcpus * body.n,
                      memory_mib=rec.memory_mib * body.n)
@@ -205,11 +213,19 @@ async def delete_snapshot(live: Live, who: Who, ref: str = SnapRef) -> Response:
 
 @router.post("/snapshots/{ref}/restore", status_code=201, tags=["snapshots"])
 async def restore(body: RestoreRequest, live: Live, meter: Meter, who: Who, quotas: Quota,
-                  ref: str = SnapRef) -> dict[str, Any]:
-    """A new sandbox restored from a snapshot."""
+                  request: Request, ref: str = SnapRef) -> dict[str, Any]:
+    """A new sandbox restored from a snapshot. On a cluster, admitted by the cluster's
+    quota keeper and counted while it lives."""
     t0 = time.monotonic()
     await _own_snapshot(live, who, ref)
     snap = await asyncio.to_thread(live.mgr.store.get_snapshot, ref)
+    placed = await cluster_create.decide_here(
+        request, live, who, f"/v1/snapshots/{ref}/restore",
+        body.model_dump(mode="json", exclude_unset=True),
+        cluster_create.Shape("microvm", snap.vcpus, snap.memory_mib))
+    if placed.info is not None:
+        return dict(placed.info)
+    who = placed.who
     async with quotas.lock(who):
         quotas.check(who, sandboxes=1, vcpus=snap.vcpus, memory_mib=snap.memory_mib)
         sb = await live.local.restore(

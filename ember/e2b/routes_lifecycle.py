@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable, Coroutine
 from datetime import datetime
 from typing import Annotated, Any
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -25,14 +26,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from ember.cluster.placement import PLACEMENT_HEADER
 from ember.daemon import cluster_create, routes_sandboxes
 from ember.daemon.auth import Principal, own_sandbox, principal_of
+from ember.daemon.cluster_peers import ask_peers
 from ember.daemon.deps import ID_PATTERN, Live, Meter, Quota, caller
 from ember.daemon.errors import headers_for, status_for
 from ember.daemon.models import CreateRequest, Env, Meta, NetworkRequest
 from ember.e2b import mapping as M
 from ember.e2b.state import E2bState, e2b_state
-from ember.errors import BadRequestError, EmberError, SandboxStateError
+from ember.errors import BadRequestError, EmberError, ProtocolError, SandboxStateError
 from ember.sdk.async_sandbox import info_of
 from ember.sdk.results import SandboxInfo
+from ember.sdk.wire import sandbox_info
 
 log = logging.getLogger("ember.daemon")
 
@@ -180,12 +183,30 @@ async def e2b_create_v2(body: NewSandbox, live: Live, meter: Meter, who: Who, qu
     return await _create(body, live, meter, who, quotas, state, http)
 
 
-async def _mine(live: Live, who: Principal) -> list[SandboxInfo]:
-    return [i for i in await live.local.list() if who.sees(i.tenant)]
+async def _mine(live: Live, who: Principal,
+                http: Request | None = None) -> list[SandboxInfo]:
+    """The caller's sandboxes here, and (given ``http``, on a node of a cluster) on every
+    other live node that answers in time (ember.daemon.cluster_peers)."""
+    mine = [i for i in await live.local.list() if who.sees(i.tenant)]
+    if http is None:
+        return mine
+    seen = {i.id for i in mine}
+    for part in await ask_peers(http, who, "/v1/sandboxes"):
+        for raw in part.doc if isinstance(part.doc, list) else []:
+            try:
+                info = sandbox_info(raw)
+            except ProtocolError as err:
+                log.warning("node %s listed a malformed sandbox: %s", part.node.node_id[:12],
+                            err)
+                continue
+            if info.id not in seen and who.sees(info.tenant):
+                seen.add(info.id)
+                mine.append(info)
+    return mine
 
 
 @router.get("/v2/sandboxes")
-async def e2b_list_v2(live: Live, who: Who, response: Response,
+async def e2b_list_v2(live: Live, who: Who, response: Response, http: Request,
                   metadata: Annotated[str | None, Query(max_length=8192)] = None,
                   state: Annotated[str | None, Query(max_length=64)] = None,
                   template: Annotated[str | None, Query(max_length=128)] = None,
@@ -194,9 +215,10 @@ async def e2b_list_v2(live: Live, who: Who, response: Response,
                   nextToken: Annotated[str | None, Query(max_length=512)] = None,
                   limit: Annotated[int, Query(ge=1, le=100)] = 100) -> list[dict[str, Any]]:
     """E2B: the caller's running and paused sandboxes, filtered by metadata and state, a
-    page at a time (the next page's token in ``x-next-token``)."""
+    page at a time (the next page's token in ``x-next-token``); on a cluster, every live
+    node's."""
     infos, token = M.page(
-        await _mine(live, who), metadata=M.metadata_filter(metadata),
+        await _mine(live, who, http), metadata=M.metadata_filter(metadata),
         states=M.states_filter(state), template=template,
         started_after=None if startedAfter is None else startedAfter.timestamp(),
         desc=order == "desc", limit=limit, next_token=nextToken)
@@ -206,29 +228,39 @@ async def e2b_list_v2(live: Live, who: Who, response: Response,
 
 
 @router.get("/sandboxes")
-async def e2b_list(live: Live, who: Who,
+async def e2b_list(live: Live, who: Who, http: Request,
                   metadata: Annotated[str | None, Query(max_length=8192)] = None
                   ) -> list[dict[str, Any]]:
-    """E2B: the caller's running sandboxes (older SDKs; no paging)."""
-    infos, _ = M.page(await _mine(live, who), metadata=M.metadata_filter(metadata),
+    """E2B: the caller's running sandboxes (older SDKs; no paging); on a cluster, every
+    live node's."""
+    infos, _ = M.page(await _mine(live, who, http), metadata=M.metadata_filter(metadata),
                       states={"running"}, template=None, started_after=None, desc=False,
                       limit=10_000, next_token=None)
     return [M.listed(i) for i in infos]
 
 
 @router.get("/sandboxes/metrics")
-async def e2b_metrics_many(live: Live, who: Who,
+async def e2b_metrics_many(live: Live, who: Who, http: Request,
                            sandbox_ids: Annotated[str, Query(max_length=8192)]
                            ) -> dict[str, Any]:
     """E2B: the latest metrics of several of the caller's sandboxes
-    (``sandbox_ids=a,b,...``, at most 100); ids that are not the caller's are left out."""
+    (``sandbox_ids=a,b,...``, at most 100); ids that are not the caller's are left out.
+    On a cluster, those another live node holds are asked of it."""
     wanted = [s for s in dict.fromkeys(sandbox_ids.split(",")) if s]
     if len(wanted) > MAX_METRICS_IDS:
         raise BadRequestError(f"at most {MAX_METRICS_IDS} sandbox ids at once")
     mine = {i.id: i for i in await _mine(live, who) if i.id in wanted}
     usage = {u.id: u for u in await live.local.list_usage() if u.id in mine}
-    return {"sandboxes": {sid: M.metric(mine[sid], usage[sid])
-                          for sid in wanted if sid in usage}}
+    out = {sid: M.metric(mine[sid], usage[sid]) for sid in wanted if sid in usage}
+    elsewhere = [s for s in wanted if s not in out]
+    if elsewhere:
+        query = urlencode({"sandbox_ids": ",".join(elsewhere)})
+        for part in await ask_peers(http, who, "/sandboxes/metrics", query):
+            got = part.doc.get("sandboxes") if isinstance(part.doc, dict) else None
+            for sid, metric in (got.items() if isinstance(got, dict) else ()):
+                if sid in elsewhere and sid not in out and isinstance(metric, dict):
+                    out[sid] = metric
+    return {"sandboxes": {sid: out[sid] for sid in wanted if sid in out}}
 
 
 @router.get("/sandboxes/{sandbox_id}")
