@@ -1,9 +1,11 @@
 """Tenants, API keys and E2B's API across an ember cluster: a tenant's quota holds across
 nodes (creates through different nodes count together, of two at once at the limit only
 one gets in, and a keeper started again keeps the count), a key made on one node works on
-the others and a revocation on any node stops it everywhere within the bound, and E2B's
-SDK creates through one node a sandbox Ray places on another and runs a command and reads
-a file through a third. Three nodes in namespaces (cluster_world), real daemons, guests."""
+the others and a revocation on any node stops it everywhere within the bound, a fork over
+the tenant's cluster-wide limit is refused and one within it counts, ``ember apikey ls``
+/ ``ember tenant ls`` show the cluster's records, and E2B's SDK creates through one node a
+sandbox Ray places on another, runs a command and reads a file through a third, and E2B's
+lists through the head list it. Three nodes in namespaces (cluster_world), real daemons, guests."""
 
 from __future__ import annotations
 
@@ -73,6 +75,24 @@ out = {"run": sbx.commands.run("echo e2b-$((6*7)) > /tmp/e2b.txt; cat /tmp/e2b.t
 out["read"] = sbx.files.read("/tmp/e2b.txt")
 out["info"] = sbx.get_info().sandbox_id
 sbx.set_timeout(900)
+print(json.dumps(out))
+"""
+FORK = """
+import json, sys, httpx
+r = httpx.post(sys.argv[1] + f"/v1/sandboxes/{sys.argv[3]}/fork", json={"n": 1},
+               headers={"authorization": "Bearer " + sys.argv[2]}, timeout=300)
+print(json.dumps({"status": r.status_code, "body": r.json()}))
+"""
+E2B_LIST = """
+import json, sys, httpx
+url, key, sid = sys.argv[1], sys.argv[2], sys.argv[3]
+h = {"X-API-KEY": key}
+out = {"v2": [s["sandboxID"] for s in httpx.get(url + "/v2/sandboxes", headers=h,
+                                                 timeout=60).json()],
+       "v1": [s["sandboxID"] for s in httpx.get(url + "/sandboxes", headers=h,
+                                                 timeout=60).json()],
+       "metrics": sorted(httpx.get(url + "/sandboxes/metrics", params={"sandbox_ids": sid},
+                                   headers=h, timeout=60).json()["sandboxes"])}
 print(json.dumps(out))
 """
 E2B_KILL = """
@@ -149,6 +169,48 @@ def test_tenants_keys_and_e2b_across_the_cluster(world: ClusterWorld) -> None:  
     again = _create(n2, key)
     assert again.get("error") == "QuotaExceededError", again
 
+    # A fork counts cluster-wide too: acme is at 2 across the cluster, so a fork of one
+    # (through the head, forwarded to its node) is refused by the keeper, whatever that
+    # node holds itself, and leaves no placement actor.
+    t0 = time.monotonic()
+    forked = _py(n1, FORK, _tcp(n1), key, second["id"])
+    print(f"fork over acme's cluster-wide limit: {forked} after "
+          f"{time.monotonic() - t0:.1f} s (the source on "
+          f"{[n.name for n in _where(world, second['id'])]}, the other on "
+          f"{[n.name for n in _where(world, fits[0])]})")
+    assert forked["status"] == 429 and forked["body"]["error"]["code"] == "quota_exceeded"
+    message = forked["body"]["error"]["message"]
+    assert "tenant acme" in message and "across the cluster" in message \
+        and "limit 2" in message, message
+    assert len(_holders(_ray_state(n1, address))) == 2
+
+    # One of the two killed: a fork of the other fits, on the source's node, and counts
+    # while it lives (its placement actor holds it): the next create is over the limit.
+    _py(n1, KILL, _tcp(n1), key, fits[0])
+    wait_for("the killed sandbox's placement actor ends",
+             lambda: len(_holders(_ray_state(n1, address))) == 1, RELEASE_BOUND_S, 1)
+    t0 = time.monotonic()
+    forked = _py(n1, FORK, _tcp(n1), key, second["id"])
+    print(f"fork within acme's limit, through the head: {forked['status']} after "
+          f"{time.monotonic() - t0:.1f} s")
+    assert forked["status"] == 201, forked
+    [clone] = [c["id"] for c in forked["body"]]
+    assert _where(world, clone) == _where(world, second["id"])
+    assert len(_holders(_ray_state(n1, address))) == 2
+    over = _create(n2, key)
+    assert over.get("error") == "QuotaExceededError" \
+        and "across the cluster" in over["message"], over
+
+    # The administrator's lists on C: the cluster's key (made on B) and limits (set on
+    # the head), marked as another node's; on B, the key is its own.
+    keys_c = json.loads(n3.ember("apikey", "ls", "--json").stdout)
+    assert {k["id"]: k.get("where") for k in keys_c}.get(key_id) == "cluster", keys_c
+    keys_b = json.loads(n2.ember("apikey", "ls", "--json").stdout)
+    assert {k["id"]: k.get("where") for k in keys_b}.get(key_id) == "here", keys_b
+    tenants_c = json.loads(n3.ember("tenant", "ls", "--json").stdout)
+    assert [(t["name"], t["max_sandboxes"], t["where"]) for t in tenants_c
+            if t["name"] == "acme"] == [("acme", 2, "cluster")], tenants_c
+
     # The key revoked on C (which did not make it): B, which made it, refuses it too.
     assert _status(n2, key) == 200
     n3.ember("apikey", "revoke", key_id)
@@ -156,7 +218,7 @@ def test_tenants_keys_and_e2b_across_the_cluster(world: ClusterWorld) -> None:  
     wait_for("the revoked key refused on every node",
              lambda: all(_status(n, key) == 401 for n in (n2, n1, n3)), REVOKE_BOUND_S, 0.5)
     print(f"revoked on {n3.name}: refused everywhere after {time.monotonic() - t0:.1f} s")
-    for sid in (second["id"], fits[0]):
+    for sid in (second["id"], clone):
         n1.ember("rm", sid)
 
     # E2B's SDK: created through the head (no template there: placed on B or C), then
@@ -173,5 +235,12 @@ def test_tenants_keys_and_e2b_across_the_cluster(world: ClusterWorld) -> None:  
     print(f"E2B connect, command, file read through {third_node.name}: "
           f"{time.monotonic() - t0:.1f} s")
     assert used == {"run": "e2b-42\n", "read": "e2b-42\n", "info": sid}
+    # E2B's lists and many-sandbox metrics through the head, which does not hold it.
+    t0 = time.monotonic()
+    listed = _py(n1, E2B_LIST, _tcp(n1), e2b_key, sid)
+    own = _py(holder, E2B_LIST, _tcp(holder), e2b_key, sid)
+    print(f"E2B lists through the head: {listed} ({time.monotonic() - t0:.1f} s for both)")
+    assert listed["v2"] == [sid] and listed["v1"] == [sid], listed
+    assert listed["metrics"] == own["metrics"], (listed, own)
     assert _py(third_node, E2B_KILL, _tcp(third_node), e2b_key, sid) == {"killed": True}
     assert _where(world, sid) == []
