@@ -145,7 +145,9 @@ def test_a_sandbox_is_reached_through_any_node(world: ClusterWorld) -> None:  # 
     assert _py(n1, CLIENT, head_tcp, key, alice) == {"exec": "tenant-42\n"}
     assert _py(n1, CLIENT, head_tcp, key, sb.id) == {"error": "SandboxNotFoundError"}
     assert _py(n1, CLIENT, head_tcp, "ek_0000_nope", alice) == {"error": "UnauthorizedError"}
-    with httpx.Client(transport=httpx.HTTPTransport(uds=str(b.paths.daemon_socket))) as raw:
+    [alices] = _where(world, alice)  # a forged vouch to the node that holds it (another
+    # node's socket, as root, is the administrator's and forwards as such)
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(alices.paths.daemon_socket))) as raw:
         forged = raw.get(f"http://emberd/v1/sandboxes/{alice}",  # another cluster's secret
                          headers={"x-ember-vouch": f"alice:{int(time.time())}:{'0' * 64}"})
     assert forged.status_code == 401, forged.text

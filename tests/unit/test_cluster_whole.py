@@ -180,3 +180,27 @@ def test_ask_peers_is_empty_for_a_forwarded_request_and_off_a_cluster(tmp_path: 
 
     asyncio.run(go())
     assert seen == [[], []]
+
+
+def test_the_cli_lists_mark_where_each_record_is_kept(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ember apikey ls`` / ``ember tenant ls`` with the cluster's reading faked at its
+    edge (``_to_cluster``): a WHERE column and ``"where"`` in ``--json``."""
+    from click.testing import CliRunner
+
+    from ember.cli import apikey_cmds
+
+    monkeypatch.setenv("EMBER_HOME", str(tmp_path))
+    apikey_cmds._store().put_tenant(TenantRecord("mine", 1))
+    reg = Registry(keys={"c3": _key("c3", 3.0)}, tenants={"bob": Limits(max_vcpus=8)})
+    monkeypatch.setattr(apikey_cmds, "_to_cluster", lambda what, fn: reg)
+    runner = CliRunner()
+    got = runner.invoke(apikey_cmds.apikey, ["ls", "--json"])
+    assert got.exit_code == 0, got.output
+    assert [(k["id"], k["where"]) for k in json.loads(got.output)] == [("c3", ELSEWHERE)]
+    got = runner.invoke(apikey_cmds.tenant, ["ls", "--json"])
+    assert [(t["name"], t["where"]) for t in json.loads(got.output)] == [
+        ("bob", ELSEWHERE), ("mine", HERE_ONLY)]
+    for group in (apikey_cmds.apikey, apikey_cmds.tenant):
+        table = runner.invoke(group, ["ls"])
+        assert table.exit_code == 0 and "WHERE" in table.output, table.output
