@@ -83,6 +83,17 @@ r = httpx.post(sys.argv[1] + f"/v1/sandboxes/{sys.argv[3]}/fork", json={"n": 1},
                headers={"authorization": "Bearer " + sys.argv[2]}, timeout=300)
 print(json.dumps({"status": r.status_code, "body": r.json()}))
 """
+SNAP_RESTORE = """
+import json, sys, httpx
+url, key, sid = sys.argv[1], sys.argv[2], sys.argv[3]
+h = {"authorization": "Bearer " + key}
+snap = httpx.post(url + f"/v1/sandboxes/{sid}/snapshots", json={}, headers=h, timeout=300)
+ref = snap.json()["id"]
+r = httpx.post(url + f"/v1/snapshots/{ref}/restore", json={}, headers=h, timeout=300)
+gone = httpx.delete(url + f"/v1/snapshots/{ref}", headers=h, timeout=60)
+print(json.dumps({"snapshot": snap.status_code, "status": r.status_code, "body": r.json(),
+                  "deleted": gone.status_code}))
+"""
 E2B_LIST = """
 import json, sys, httpx
 url, key, sid = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -182,6 +193,15 @@ def test_tenants_keys_and_e2b_across_the_cluster(world: ClusterWorld) -> None:  
     message = forked["body"]["error"]["message"]
     assert "tenant acme" in message and "across the cluster" in message \
         and "limit 2" in message, message
+    assert len(_holders(_ray_state(n1, address))) == 2
+    # A restore too (on the snapshot's node: snapshots are not forwarded).
+    [src] = _where(world, second["id"])
+    t0 = time.monotonic()
+    restored = _py(src, SNAP_RESTORE, _tcp(src), key, second["id"])
+    print(f"snapshot, restore over the limit, delete on {src.name}: {restored['status']} "
+          f"after {time.monotonic() - t0:.1f} s")
+    assert restored["snapshot"] == 201 and restored["deleted"] == 204, restored
+    assert restored["status"] == 429 and "across the cluster" in str(restored["body"]), restored
     assert len(_holders(_ray_state(n1, address))) == 2
 
     # One of the two killed: a fork of the other fits, on the source's node, and counts
