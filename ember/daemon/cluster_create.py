@@ -61,9 +61,10 @@ async def decide_e2b(request: Request, body: CreateRequest, e2b_body: dict[str, 
 
 async def _decide(request: Request, body: CreateRequest, live: LiveSandboxes,
                   who: Principal, path: str, payload: dict[str, Any] | None) -> Decision:
-    if request.headers.get(PLACEMENT_HEADER) is not None:
+    if request.headers.get(PLACEMENT_HEADER) is not None and who.admin:
         # A placement actor's create on its own node: never placed again. It comes from
-        # root on this host's socket, for the tenant that asked the first daemon.
+        # root on this host's socket, for the tenant that asked the first daemon (from
+        # anyone else the header is ignored: it would skip the cluster's quota).
         await ensure_template(live.paths, live.mgr.store, body.template)  # fetched here
         tenant = request.headers.get(TENANT_HEADER)
         if who.admin and tenant:
@@ -142,9 +143,9 @@ async def decide_here(request: Request, live: LiveSandboxes, who: Principal, pat
     cluster's quota keeper admits it and its placement actor counts it while it lives, as
     a placed create is; or, marked as that actor's own request, or off a cluster, or while
     Ray cannot be reached, to be done here (and for whom)."""
-    if request.headers.get(PLACEMENT_HEADER) is not None:
-        tenant = request.headers.get(TENANT_HEADER)
-        if who.admin and tenant:
+    if request.headers.get(PLACEMENT_HEADER) is not None and who.admin:
+        tenant = request.headers.get(TENANT_HEADER)  # else ignored, as for creates
+        if tenant:
             return HereDecision(None, Principal(tenant, tenant == ADMIN))
         return HereDecision(None, who)
     if os.environ.get(ENV_SWITCH, "").lower() in ("off", "0", "no"):

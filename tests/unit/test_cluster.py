@@ -220,7 +220,8 @@ def _decide(tmp_path: Path, headers: dict[str, str], who: Any, env: str = "") ->
             os.environ[ENV_SWITCH] = old
 
 
-def test_creates_stay_local_without_a_cluster_or_when_placed_already(tmp_path: Path) -> None:
+def test_creates_stay_local_without_a_cluster_or_when_placed_already(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from ember.cluster.placement import PLACEMENT_HEADER, TENANT_HEADER
     from ember.daemon.auth import Principal
 
@@ -232,6 +233,10 @@ def test_creates_stay_local_without_a_cluster_or_when_placed_already(tmp_path: P
     # A placement actor's create (root on the socket) is for the tenant that asked.
     d = _decide(tmp_path, {PLACEMENT_HEADER: "ember-sandbox-x", TENANT_HEADER: "bob"}, admin)
     assert d.info is None and d.who == Principal("bob", False)
-    # Anyone else's marker changes nobody: it only keeps the create local.
+    # Anyone else's marker is ignored (it would skip the cluster's quota): placed by Ray
+    # (faked here at the child's edge) for the caller.
+    from ember.daemon import cluster_create
+
+    monkeypatch.setattr(cluster_create, "_place", lambda *a, **k: {"info": {"id": "p"}})
     d = _decide(tmp_path, {PLACEMENT_HEADER: "x", TENANT_HEADER: "admin"}, alice)
-    assert d.info is None and d.who == alice
+    assert d.info == {"id": "p"} and d.who == alice

@@ -204,3 +204,45 @@ def test_the_cli_lists_mark_where_each_record_is_kept(
     for group in (apikey_cmds.apikey, apikey_cmds.tenant):
         table = runner.invoke(group, ["ls"])
         assert table.exit_code == 0 and "WHERE" in table.output, table.output
+
+
+def test_a_fork_is_placed_here_and_a_tenants_placement_header_is_ignored(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """decide_here, Ray's child faked at its edge: a tenant's fork on a node of a cluster
+    goes to the keeper (a hard affinity to this node, n sandboxes), even when the tenant
+    sends the placement actor's header; the actor's own request (the administrator's,
+    with the header) is done here for the tenant it names."""
+    from types import SimpleNamespace
+
+    from ember.cluster.placement import PLACEMENT_HEADER, TENANT_HEADER
+    from ember.daemon import cluster_create as C
+    from ember.daemon.auth import Principal
+
+    asked: list[dict[str, Any]] = []
+
+    def ask(module: str, *args: str, stdin: bytes, **kw: Any) -> dict[str, Any]:
+        asked.append(json.loads(stdin))
+        return {"info": [{"id": "clone"}], "actor": "ember-sandbox-x"}
+
+    rec = SimpleNamespace(address="10.0.0.1:6380", node_id="me")
+    monkeypatch.setattr(C, "load_record", lambda paths: rec)
+    monkeypatch.setattr("ember.cluster.child.ask", ask)
+    store = SimpleNamespace(get_tenant=lambda t: None)
+    live = SimpleNamespace(paths=None, mgr=SimpleNamespace(store=store))
+    shape = C.Shape("microvm", 2, 512, 2)
+
+    def decide(headers: dict[str, str], who: Principal) -> Any:
+        request = SimpleNamespace(headers=headers)
+        return asyncio.run(C.decide_here(request, live, who,  # type: ignore[arg-type]
+                                         "/v1/sandboxes/sb-1/fork", {"n": 2}, shape))
+
+    acme = Principal("acme", False)
+    for headers in ({}, {PLACEMENT_HEADER: "x", TENANT_HEADER: "admin"}):
+        got = decide(headers, acme)
+        assert got.info == [{"id": "clone"}] and got.who == acme
+    assert len(asked) == 2
+    assert asked[0]["hard"] is True and asked[0]["prefer_node"] == "me" \
+        and asked[0]["sandboxes"] == 2 and asked[0]["tenant"] == "acme" \
+        and asked[0]["path"] == "/v1/sandboxes/sb-1/fork"
+    got = decide({PLACEMENT_HEADER: "x", TENANT_HEADER: "acme"}, Principal("admin", True))
+    assert got.info is None and got.who == acme and len(asked) == 2
