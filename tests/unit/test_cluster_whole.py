@@ -246,3 +246,65 @@ def test_a_fork_is_placed_here_and_a_tenants_placement_header_is_ignored(
         and asked[0]["path"] == "/v1/sandboxes/sb-1/fork"
     got = decide({PLACEMENT_HEADER: "x", TENANT_HEADER: "acme"}, Principal("admin", True))
     assert got.info is None and got.who == acme and len(asked) == 2
+
+
+def test_a_peer_that_does_not_answer_is_left_out_within_the_bound(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """ask_peers with one peer that answers and one that accepts and says nothing (real
+    loopback sockets; the cluster's record and directory faked at their edge): the silent
+    one is left out with a warning after the bound, never waited on."""
+    import socket
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from ember.cluster.vouch import FORWARDED_HEADER, VOUCH_HEADER
+    from ember.daemon import cluster_peers as P
+    from ember.daemon.auth import Principal
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(4)
+    talker = socket.socket()
+    talker.bind(("127.0.0.1", 0))
+    talker.listen(4)
+    seen: list[bytes] = []
+
+    def answer() -> None:
+        conn, _ = talker.accept()
+        with conn:
+            seen.append(conn.recv(65536))
+            body = b'[{"id": "sb-there"}]'
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                         b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+                         % (len(body), body))
+
+    threading.Thread(target=answer, daemon=True).start()
+    directory = Directory(nodes={
+        "me": NodeEntry("me", "127.0.0.1", True, "127.0.0.1:1"),
+        "quiet": NodeEntry("quiet", "127.0.0.1", True,
+                           f"127.0.0.1:{silent.getsockname()[1]}"),
+        "talks": NodeEntry("talks", "127.0.0.1", True,
+                           f"127.0.0.1:{talker.getsockname()[1]}")})
+
+    class Cache:
+        async def get(self, address: str) -> Directory:
+            return directory
+
+    rec = SimpleNamespace(address="127.0.0.1:6380", node_id="me", daemon="127.0.0.1:1")
+    monkeypatch.setattr(P, "load_record", lambda paths: rec)
+    monkeypatch.setattr(P, "load_secret", lambda paths: "s" * 64)
+    monkeypatch.setattr(P, "PEER_TIMEOUT_S", 0.5)
+    conn = SimpleNamespace(headers={}, app=SimpleNamespace(state=SimpleNamespace(
+        live=SimpleNamespace(paths=None), directory=Cache())))
+    t0 = time.monotonic()
+    got = asyncio.run(P.ask_peers(conn, Principal("acme", False),  # type: ignore[arg-type]
+                                  "/v1/sandboxes"))
+    took = time.monotonic() - t0
+    silent.close()
+    talker.close()
+    assert [(a.node.node_id, a.doc) for a in got] == [("talks", [{"id": "sb-there"}])]
+    assert took < 5.0  # the bound (0.5 s here), generously
+    assert "quiet" in caplog.text and "left out" in caplog.text
+    request = seen[0].decode().lower()
+    assert VOUCH_HEADER in request and FORWARDED_HEADER in request
