@@ -331,9 +331,9 @@ class ClusterForward:
             resp = await asyncio.wait_for(self.client().send(req, stream=True),
                                           HEADERS_TIMEOUT_S)
         except (httpx.ConnectError, httpx.ConnectTimeout, OSError) as err:
-            # Silent (not refused): perhaps cut off long enough for Ray to declare it dead.
-            dead = await self._now_dead(rec, sid) \
-                if isinstance(err, httpx.ConnectTimeout) else None
+            # Silent, refused or unreachable: perhaps its host died, or it was cut off long
+            # enough for Ray to declare it dead (a fresher reading says; at most one a second).
+            dead = await self._now_dead(rec, sid)
             if dead is not None:
                 await self._lost(scope, receive, send, sid, dead)
                 return

@@ -166,34 +166,10 @@ def test_a_dead_node_answers_503_at_once(tmp_path: Path, monkeypatch: pytest.Mon
     directory = Directory(nodes={B: NodeEntry(B, "127.0.0.1", True, f"127.0.0.1:{port}")},
                           sandboxes={"sb-1": B})
     monkeypatch.setattr(cluster_forward, "read_directory", lambda address: directory)
-
-    class Store:
-        def get_sandbox(self, sid: str) -> None:
-            from ember.errors import SandboxNotFoundError
-            raise SandboxNotFoundError(sid)
-
-    class State:
-        live = type("Live", (), {"mgr": type("Mgr", (), {"store": Store()})()})()
-
     monkeypatch.setattr(cluster_forward, "_principal",
                         lambda scope: cluster_forward.Principal("admin", True))
-
-    async def inner(scope: Any, receive: Any, send: Any) -> None:
-        raise AssertionError("not for this node")
-
-    sent: list[dict[str, Any]] = []
-
-    async def send(msg: Any) -> None:
-        sent.append(msg)
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    mw = ClusterForward(inner, paths)
-    scope = {"type": "http", "method": "GET", "path": "/v1/sandboxes/sb-1", "headers": [],
-             "query_string": b"", "app": type("App", (), {"state": State()})()}
     t0 = time.monotonic()
-    asyncio.run(mw.__call__(scope, receive, send))
+    sent = _forward(paths, "GET", "/v1/sandboxes/sb-1")
     assert time.monotonic() - t0 < cluster_forward.CONNECT_TIMEOUT_S + 2
     assert sent[0]["status"] == 503
     body = json.loads(sent[1]["body"])
@@ -275,3 +251,60 @@ def test_a_forwarded_request_is_vouched_for_and_carried_both_ways(
     assert sent[0]["status"] == 207 and (b"x-owner", b"b") in sent[0]["headers"]
     assert b"".join(m.get("body", b"") for m in sent[1:]) == b'{"a":1}\n{"b":2}\n'
     assert sent[-1].get("more_body") is False
+
+
+def test_a_refused_node_that_a_fresh_reading_says_died_answers_lost(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node whose host died refuses (or is unreachable) before the daemon's last reading
+    knew it dead: the forwarder reads again at once, and the sandbox is lost (410), not
+    merely unavailable."""
+    import socket
+
+    paths = Paths(home=tmp_path, cache=tmp_path / "cache")
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    save_record(paths, ClusterRecord(address="127.0.0.1:1", role="worker", node_ip="127.0.0.1",
+                                     node_id=A, daemon="127.0.0.1:9"))
+    save_secret(paths, "k")
+    alive = Directory(nodes={B: NodeEntry(B, "127.0.0.1", True, f"127.0.0.1:{port}")},
+                      sandboxes={"sb-1": B})
+    dead = Directory(nodes={B: NodeEntry(B, "127.0.0.1", False, f"127.0.0.1:{port}")},
+                     sandboxes={"sb-1": B})
+    readings = iter([alive, dead])
+    monkeypatch.setattr(cluster_forward, "read_directory", lambda address: next(readings))
+    monkeypatch.setattr(cluster_forward, "MISS_REFRESH_S", 0.0)
+    monkeypatch.setattr(cluster_forward, "_principal",
+                        lambda scope: cluster_forward.Principal("admin", True))
+    sent = _forward(paths, "DELETE", "/v1/sandboxes/sb-1")
+    assert sent[0]["status"] == 410
+    assert json.loads(sent[1]["body"])["error"]["code"] == "sandbox_lost"
+
+
+def _forward(paths: Paths, method: str, path: str) -> list[dict[str, Any]]:
+    """One request through the middleware of a node that holds no sandbox (read_directory
+    and _principal patched by the caller): what it sent back."""
+
+    class Store:
+        def get_sandbox(self, sid: str) -> None:
+            from ember.errors import SandboxNotFoundError
+            raise SandboxNotFoundError(sid)
+
+    class State:
+        live = type("Live", (), {"mgr": type("Mgr", (), {"store": Store()})()})()
+
+    async def inner(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("not for this node")
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(msg: Any) -> None:
+        sent.append(msg)
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    scope = {"type": "http", "method": method, "path": path, "headers": [],
+             "query_string": b"", "app": type("App", (), {"state": State()})()}
+    asyncio.run(ClusterForward(inner, paths)(scope, receive, send))
+    return sent
