@@ -170,7 +170,8 @@ def test_watches_are_bounded(agent: AgentHarness, tmp_path: Path,
                              monkeypatch: pytest.MonkeyPatch) -> None:
     import threading
 
-    monkeypatch.setattr(ops_watch, "_slots", threading.BoundedSemaphore(2))
+    slots = threading.BoundedSemaphore(2)
+    monkeypatch.setattr(ops_watch, "_slots", slots)
     streams = [start(agent, tmp_path) for _ in range(2)]
     refused = agent.request({"op": "watch", "path": str(tmp_path)})
     assert refused["op"] == "error" and "too many directory watches" in refused["message"]
@@ -184,6 +185,12 @@ def test_watches_are_bounded(agent: AgentHarness, tmp_path: Path,
             break
         assert time.monotonic() < deadline, msg
         time.sleep(0.05)
+    # End the two watches still open and wait until their slots are back: they were taken
+    # from this test's semaphore, which the module must have again when they give them back.
+    for open_one in (streams[1], stream):
+        agent.send_msg(open_one, {"op": "abort"})
+    for _ in range(2):
+        assert slots.acquire(timeout=10), "the watches did not give their slots back"
 
 
 def test_a_huge_tree_is_watched_up_to_the_bound_and_says_overflow(
