@@ -5,7 +5,6 @@ middleware's answers for a sandbox whose node Ray reports dead."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -27,11 +26,12 @@ from ember.cluster.lost import (
 )
 from ember.cluster.record import ClusterRecord, save_record, save_secret
 from ember.daemon import cluster_forward
-from ember.daemon.cluster_forward import ClusterForward, merge_lists
+from ember.daemon.cluster_forward import merge_lists
 from ember.daemon.errors import status_for
-from ember.errors import SandboxNotFoundError, error_for_code
+from ember.errors import error_for_code
 from ember.paths import Paths
 from ember.sdk.wire import error_from_body, sandbox_info
+from tests.unit.test_cluster_reach import forward_once
 
 A, B, C, OLD = "a" * 56, "b" * 56, "c" * 56, "0" * 56
 DIED = 1_780_000_000.0
@@ -138,28 +138,7 @@ def _call(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str,
     monkeypatch.setattr(cluster_forward, "read_directory", lambda address: _dir())
     monkeypatch.setattr(cluster_forward, "_principal",
                         lambda scope: cluster_forward.Principal("admin", True))
-
-    class Store:
-        def get_sandbox(self, sid: str) -> None:
-            raise SandboxNotFoundError(sid)
-
-    class State:
-        live = type("Live", (), {"mgr": type("Mgr", (), {"store": Store()})()})()
-
-    async def inner(scope: Any, receive: Any, send: Any) -> None:
-        raise AssertionError("not for this node")
-
-    sent: list[dict[str, Any]] = []
-
-    async def send(msg: Any) -> None:
-        sent.append(msg)
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    scope = {"type": "http", "method": method, "path": path, "headers": [],
-             "query_string": b"", "app": type("App", (), {"state": State()})()}
-    asyncio.run(ClusterForward(inner, paths)(scope, receive, send))
+    sent = forward_once(paths, method, path)
     return sent[0]["status"], json.loads(sent[1]["body"])
 
 

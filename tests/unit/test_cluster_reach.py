@@ -169,7 +169,7 @@ def test_a_dead_node_answers_503_at_once(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(cluster_forward, "_principal",
                         lambda scope: cluster_forward.Principal("admin", True))
     t0 = time.monotonic()
-    sent = _forward(paths, "GET", "/v1/sandboxes/sb-1")
+    sent = forward_once(paths, "GET", "/v1/sandboxes/sb-1")
     assert time.monotonic() - t0 < cluster_forward.CONNECT_TIMEOUT_S + 2
     assert sent[0]["status"] == 503
     body = json.loads(sent[1]["body"])
@@ -276,12 +276,12 @@ def test_a_refused_node_that_a_fresh_reading_says_died_answers_lost(
     monkeypatch.setattr(cluster_forward, "MISS_REFRESH_S", 0.0)
     monkeypatch.setattr(cluster_forward, "_principal",
                         lambda scope: cluster_forward.Principal("admin", True))
-    sent = _forward(paths, "DELETE", "/v1/sandboxes/sb-1")
+    sent = forward_once(paths, "DELETE", "/v1/sandboxes/sb-1")
     assert sent[0]["status"] == 410
     assert json.loads(sent[1]["body"])["error"]["code"] == "sandbox_lost"
 
 
-def _forward(paths: Paths, method: str, path: str) -> list[dict[str, Any]]:
+def forward_once(paths: Paths, method: str, path: str) -> list[dict[str, Any]]:
     """One request through the middleware of a node that holds no sandbox (read_directory
     and _principal patched by the caller): what it sent back."""
 
