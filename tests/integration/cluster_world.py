@@ -269,6 +269,24 @@ def cluster_world(root: Path, n: int = 3, cache: Path | None = None) -> Iterator
         yield world
 
 
+@contextmanager
+def checked_world(root: Path, cache: Path | None = None) -> Iterator[ClusterWorld]:
+    """:func:`cluster_world` for a test module: the nodes' daemons stopped on the way out,
+    ``root`` removed, and then no process of the world may be left (an assertion)."""
+    try:
+        with cluster_world(root, cache=cache) as w:
+            try:
+                yield w
+            finally:
+                for node in w.nodes:
+                    if node.holder is not None:
+                        node.ember("daemon", "stop", check=False, timeout=60)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    left = leftover_processes(w)
+    assert not left, f"processes left behind by the cluster world: {left}"
+
+
 def leftover_processes(world: ClusterWorld) -> list[str]:
     """Live processes of a world that should be gone: any naming its root or one of its
     nodes' Ray directories (checked after :func:`cluster_world` has ended)."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -23,8 +22,7 @@ from tests.integration.cluster_world import (
     MARKS,
     ClusterWorld,
     Node,
-    cluster_world,
-    leftover_processes,
+    checked_world,
     wait_for,
 )
 
@@ -38,13 +36,8 @@ DEAD_BOUND_S = 90.0
 def world() -> Iterator[ClusterWorld]:
     pytest.importorskip("ray", reason="the cluster extra is not installed")
     root = Path(tempfile.mkdtemp(prefix="ecl-", dir="/tmp"))
-    try:
-        with cluster_world(root) as w:
-            yield w
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-    left = leftover_processes(w)
-    assert not left, f"processes left behind by the cluster world: {left}"
+    with checked_world(root) as w:
+        yield w
 
 
 

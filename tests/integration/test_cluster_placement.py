@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -26,8 +25,7 @@ from tests.integration.cluster_world import (
     MARKS,
     ClusterWorld,
     Node,
-    cluster_world,
-    leftover_processes,
+    checked_world,
     wait_for,
 )
 
@@ -51,26 +49,16 @@ def world() -> Iterator[ClusterWorld]:
 
     root = Path(tempfile.mkdtemp(prefix="ecl-", dir="/tmp"))
     cache = Path(os.environ.get("EMBER_CACHE") or DEFAULT_TEST_CACHE)
-    try:
-        with cluster_world(root, cache=cache) as w:
-            for node in w.nodes[1:]:  # the head holds no template: what it is asked goes on
-                paths = node.paths.ensure()
-                build_kernel(paths)
-                store = Store(paths.db)
-                try:
-                    build_image(paths, store, "debian-python", force=True)  # a cache hit
-                finally:
-                    store.close()
+    with checked_world(root, cache=cache) as w:
+        for node in w.nodes[1:]:  # the head holds no template: what it is asked goes on
+            paths = node.paths.ensure()
+            build_kernel(paths)
+            store = Store(paths.db)
             try:
-                yield w
+                build_image(paths, store, "debian-python", force=True)  # a cache hit
             finally:
-                for node in w.nodes:
-                    if node.holder is not None:
-                        node.ember("daemon", "stop", check=False, timeout=60)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-    left = leftover_processes(w)
-    assert not left, f"processes left behind by the cluster world: {left}"
+                store.close()
+        yield w
 
 
 def _url(node: Node) -> str:

@@ -31,8 +31,7 @@ from tests.integration.cluster_world import (
     MARKS,
     ClusterWorld,
     Node,
-    cluster_world,
-    leftover_processes,
+    checked_world,
     wait_for,
 )
 
@@ -51,24 +50,14 @@ def world() -> Iterator[ClusterWorld]:
     prep = Paths(home=root / "prep", cache=shared).ensure()
     build_kernel(prep)  # cache hits: what every node's cache links to
     build_runtime(prep)
-    try:
-        with cluster_world(root, cache=shared) as w:
-            for node in w.nodes:  # images of its own; the kernel and runtime shared
-                node.cache = root / f"cache-{node.name}"
-                node.cache.mkdir()
-                node.cache.chmod(0o755)
-                for heavy in ("kernels", "runtime"):
-                    (node.cache / heavy).symlink_to(shared / heavy)
-            try:
-                yield w
-            finally:
-                for node in w.nodes:
-                    if node.holder is not None:
-                        node.ember("daemon", "stop", check=False, timeout=60)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-    left = leftover_processes(w)
-    assert not left, f"processes left behind by the cluster world: {left}"
+    with checked_world(root, cache=shared) as w:
+        for node in w.nodes:  # images of its own; the kernel and runtime shared
+            node.cache = root / f"cache-{node.name}"
+            node.cache.mkdir()
+            node.cache.chmod(0o755)
+            for heavy in ("kernels", "runtime"):
+                (node.cache / heavy).symlink_to(shared / heavy)
+        yield w
 
 
 def _url(node: Node) -> str:

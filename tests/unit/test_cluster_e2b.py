@@ -18,8 +18,8 @@ from ember.daemon import cluster_e2b, cluster_forward
 from ember.daemon.auth import Principal
 from ember.daemon.cluster_e2b import E2bClusterForward, Target, carried_headers, target_of
 from ember.e2b import mapping as M
-from ember.errors import SandboxNotFoundError
 from ember.paths import Paths
+from tests.unit.test_cluster_reach import app_holding_nothing
 
 A, B = "a" * 56, "b" * 56
 D = "localhost"
@@ -97,15 +97,7 @@ def _world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Paths, Any]
     monkeypatch.setattr(cluster_forward, "read_directory", lambda address: directory)
     monkeypatch.setattr(cluster_e2b, "principal_of",
                         lambda store, client, auth: Principal("alice", False))
-
-    class Store:
-        def get_sandbox(self, sid: str) -> None:
-            raise SandboxNotFoundError(sid)
-
-    class State:
-        live = type("Live", (), {"mgr": type("Mgr", (), {"store": Store()})()})()
-
-    return paths, type("App", (), {"state": State()})()
+    return paths, app_holding_nothing()
 
 
 def _run(mw: E2bClusterForward, scope: dict[str, Any], body: bytes = b"") -> list[Any]:

@@ -211,14 +211,6 @@ def test_a_forwarded_request_is_vouched_for_and_carried_both_ways(
             await send({"type": "http.response.body", "body": part, "more_body": True})
         await send({"type": "http.response.body", "body": b""})
 
-    class Store:
-        def get_sandbox(self, sid: str) -> None:
-            from ember.errors import SandboxNotFoundError
-            raise SandboxNotFoundError(sid)
-
-    class State:
-        live = type("Live", (), {"mgr": type("Mgr", (), {"store": Store()})()})()
-
     async def inner(scope: Any, receive: Any, send: Any) -> None:
         raise AssertionError("not for this node")
 
@@ -238,7 +230,7 @@ def test_a_forwarded_request_is_vouched_for_and_carried_both_ways(
         sent.append(msg)
 
     scope = {"type": "http", "method": "POST", "path": "/v1/sandboxes/sb-1/exec",
-             "query_string": b"x=1", "app": type("App", (), {"state": State()})(),
+             "query_string": b"x=1", "app": app_holding_nothing(),
              "headers": [(b"authorization", b"Bearer ek_1_secret"),
                          (b"content-type", b"application/json"), (b"content-length", b"7")]}
     asyncio.run(mw.__call__(scope, receive, send))
@@ -285,14 +277,6 @@ def forward_once(paths: Paths, method: str, path: str) -> list[dict[str, Any]]:
     """One request through the middleware of a node that holds no sandbox (read_directory
     and _principal patched by the caller): what it sent back."""
 
-    class Store:
-        def get_sandbox(self, sid: str) -> None:
-            from ember.errors import SandboxNotFoundError
-            raise SandboxNotFoundError(sid)
-
-    class State:
-        live = type("Live", (), {"mgr": type("Mgr", (), {"store": Store()})()})()
-
     async def inner(scope: Any, receive: Any, send: Any) -> None:
         raise AssertionError("not for this node")
 
@@ -305,6 +289,20 @@ def forward_once(paths: Paths, method: str, path: str) -> list[dict[str, Any]]:
         return {"type": "http.request", "body": b"", "more_body": False}
 
     scope = {"type": "http", "method": method, "path": path, "headers": [],
-             "query_string": b"", "app": type("App", (), {"state": State()})()}
+             "query_string": b"", "app": app_holding_nothing()}
     asyncio.run(ClusterForward(inner, paths)(scope, receive, send))
     return sent
+
+
+def app_holding_nothing() -> Any:
+    """The fake ASGI app of a node whose store holds no sandbox (``app.state.live``)."""
+
+    class Store:
+        def get_sandbox(self, sid: str) -> None:
+            from ember.errors import SandboxNotFoundError
+            raise SandboxNotFoundError(sid)
+
+    class State:
+        live = type("Live", (), {"mgr": type("Mgr", (), {"store": Store()})()})()
+
+    return type("App", (), {"state": State()})()
