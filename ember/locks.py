@@ -3,11 +3,13 @@ live image build's staging directory, a home's reaper."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
+import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ember.errors import SandboxStateError
@@ -105,6 +107,21 @@ def sweep_abandoned(dirs: Iterable[Path]) -> list[str]:
         finally:
             lock.release()
     return gone
+
+
+@contextlib.contextmanager
+def locked_staging(parent: Path, prefix: str) -> Iterator[Path]:
+    """A new staging directory ``parent/<prefix>...``, its ``.lock`` held while the work
+    lives and removed after it; abandoned ones of the same prefix are swept first."""
+    sweep_abandoned(parent.glob(f"{prefix}*"))
+    stage = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    lock = FileLock(stage / ".lock")
+    lock.try_acquire()
+    try:
+        yield stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        lock.release()
 
 
 def owner_gone(pid_text: str) -> bool:

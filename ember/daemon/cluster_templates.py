@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -56,7 +55,7 @@ from ember.errors import (
     TemplateTransferError,
 )
 from ember.guest.ext4_digest import image_digest
-from ember.locks import FileLock, sweep_abandoned
+from ember.locks import FileLock, locked_staging, sweep_abandoned
 from ember.paths import Paths
 from ember.store import Store, TemplateRecord
 
@@ -347,15 +346,8 @@ def _check(manifest: Manifest, image: Path, work: Path, progress: Progress) -> N
 @contextlib.contextmanager
 def staging(paths: Paths) -> Iterator[Path]:
     """A pull's staging directory, flock-ed while the pull lives; removed after it."""
-    sweep_stale(paths)
-    stage = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX + "stage-", dir=paths.cache_tmp))
-    lock = FileLock(stage / ".lock")
-    lock.try_acquire()
-    try:
+    with locked_staging(paths.cache_tmp, f"{STAGING_PREFIX}stage-") as stage:
         yield stage
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-        lock.release()
 
 
 def sweep_stale(paths: Paths) -> list[str]:

@@ -14,7 +14,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -26,7 +25,7 @@ from ember import proc
 from ember.errors import BadRequestError, BuildError, HostCommandError, ImageSourceError
 from ember.guest import digest as digests
 from ember.guest import inject, rootfs_debian
-from ember.locks import FileLock, sweep_abandoned
+from ember.locks import locked_staging
 from ember.paths import Paths
 from ember.store import Store, TemplateRecord
 
@@ -339,20 +338,8 @@ def _prepare_rootfs(rootfs: Path) -> None:
 @contextmanager
 def _staging(paths: Paths) -> Iterator[Path]:
     """A staging directory, flock-ed while this build lives; stale ones are swept first."""
-    sweep_stale_staging(paths)
-    stage = Path(tempfile.mkdtemp(prefix="image-", dir=paths.cache_tmp))
-    lock = FileLock(stage / ".lock")
-    lock.try_acquire()
-    try:
+    with locked_staging(paths.cache_tmp, "image-") as stage:
         yield stage
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-        lock.release()
-
-
-def sweep_stale_staging(paths: Paths) -> None:
-    """Remove staging directories of builds that died (killed, crashed, power lost)."""
-    sweep_abandoned(paths.cache_tmp.glob("image-*"))
 
 
 def _atomic_write(path: Path, text: str) -> None:
