@@ -15,7 +15,7 @@ root on the socket or with an ``admin`` key; anyone else gets 404 as for an unkn
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Path
@@ -27,14 +27,13 @@ from ember.daemon import cluster_templates as ct
 from ember.daemon.auth import Principal
 from ember.daemon.deps import Live, Who
 from ember.daemon.models import Strict
-from ember.errors import EmberError, NotFoundError
+from ember.daemon.routes_templates import NDJSON, template_job_events
+from ember.errors import NotFoundError
+from ember.sdk.results import TemplateInfo
 from ember.sdk.template_ops import info as template_info
-from ember.sdk.wire import error_body, event_line, to_json
 
 router = APIRouter(tags=["cluster"])
-NDJSON = "application/x-ndjson"
 TemplateName = Path(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")
-MAX_QUEUED = 1024
 
 
 class TemplatePullRequest(Strict):
@@ -79,37 +78,14 @@ async def pull(body: TemplatePullRequest, live: Live, who: Who,
     rec = await asyncio.to_thread(load_record, live.paths)
     if rec is None:
         raise NotFoundError("this node is in no cluster (ember cluster join)")
-    loop = asyncio.get_running_loop()
-    news: asyncio.Queue[bytes | None] = asyncio.Queue(MAX_QUEUED)
+    cluster = rec
 
-    def tell(line: bytes | None) -> None:
-        if news.full():
-            news.get_nowait()
-        news.put_nowait(line)
+    async def pull_here(progress: Callable[[str], None]) -> TemplateInfo:
+        return template_info(await asyncio.to_thread(
+            ct.pull, live.paths, live.mgr.store, cluster, name, force=body.force,
+            progress=progress))
 
-    def progress(msg: str) -> None:  # in the pull's thread
-        loop.call_soon_threadsafe(tell, event_line({"event": "progress",
-                                                    "message": msg[:2000]}))
-
-    job = asyncio.ensure_future(asyncio.to_thread(
-        ct.pull, live.paths, live.mgr.store, rec, name, force=body.force, progress=progress))
-    job.add_done_callback(lambda _: tell(None))
-
-    async def events() -> AsyncIterator[bytes]:
-        yield event_line({"event": "started", "name": name})
-        while (line := await news.get()) is not None:
-            yield line
-        err = job.exception()
-        if err is None:
-            yield event_line({"event": "done", "template": to_json(
-                template_info(job.result()))})
-        elif isinstance(err, EmberError):
-            yield event_line({"event": "error", **error_body(err)["error"]})
-        else:
-            yield event_line({"event": "error", "code": "internal",
-                              "message": f"{type(err).__name__}: {err}"})
-
-    return StreamingResponse(events(), media_type=NDJSON)
+    return template_job_events(name, pull_here)
 
 
 __all__ = ["router"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Path, Response
@@ -56,6 +56,29 @@ async def build(body: TemplateBuildRequest, live: Live, who: Who) -> StreamingRe
         with contextlib.suppress(TemplateNotFoundError):
             await asyncio.to_thread(live.mgr.store.get_template, body.name)
             raise BadRequestError(f"template {body.name!r} exists already (use force)")
+    d = body.dockerfile
+    opts = None if d is None else DockerfileOptions(
+        file=d.file, build_args=dict(d.build_args), target=d.target, no_cache=d.no_cache,
+        vcpus=d.vcpus, memory_mib=d.memory_mib,
+        network=None if d.network is None else NetworkPolicy.from_json(d.network).to_json())
+    async def build_and_publish(progress: Callable[[str], None]) -> TemplateInfo:
+        info = await live.local.build_template(
+            body.name, body.source, packages=body.packages, force=body.force,
+            rebuild=body.rebuild, free_mib=body.free_mib, on_progress=progress,
+            dockerfile=opts)
+        await publish_async(live.paths, live.mgr.store)  # on a cluster: it is here now
+        return info
+
+    return template_job_events(body.name, build_and_publish)
+
+
+def template_job_events(
+        name: str, start: Callable[[Callable[[str], None]], Awaitable[TemplateInfo]],
+) -> StreamingResponse:
+    """Run a template job (a build, a pull) as a task that goes on if the client leaves:
+    ``start(progress)``, where ``progress`` may be called from any thread. Its progress and
+    result (or error) as NDJSON events: ``started``, ``progress``..., ``done`` or
+    ``error``. At most :data:`MAX_QUEUED` lines wait for a slow reader (the oldest go)."""
     loop = asyncio.get_running_loop()
     news: asyncio.Queue[bytes | None] = asyncio.Queue(MAX_QUEUED)
 
@@ -64,28 +87,15 @@ async def build(body: TemplateBuildRequest, live: Live, who: Who) -> StreamingRe
             news.get_nowait()
         news.put_nowait(line)
 
-    def progress(msg: str) -> None:  # called in the build's thread
+    def progress(msg: str) -> None:  # called in the job's thread
         loop.call_soon_threadsafe(tell, event_line({"event": "progress",
                                                     "message": msg[:2000]}))
 
-    d = body.dockerfile
-    opts = None if d is None else DockerfileOptions(
-        file=d.file, build_args=dict(d.build_args), target=d.target, no_cache=d.no_cache,
-        vcpus=d.vcpus, memory_mib=d.memory_mib,
-        network=None if d.network is None else NetworkPolicy.from_json(d.network).to_json())
-    async def build_and_publish() -> TemplateInfo:
-        info = await live.local.build_template(
-            body.name, body.source, packages=body.packages, force=body.force,
-            rebuild=body.rebuild, free_mib=body.free_mib, on_progress=progress,
-            dockerfile=opts)
-        await publish_async(live.paths, live.mgr.store)  # on a cluster: it is here now
-        return info
-
-    job = asyncio.ensure_future(build_and_publish())
+    job = asyncio.ensure_future(start(progress))
     job.add_done_callback(lambda _: tell(None))
 
     async def events() -> AsyncIterator[bytes]:
-        yield event_line({"event": "started", "name": body.name})
+        yield event_line({"event": "started", "name": name})
         while (line := await news.get()) is not None:
             yield line
         err = job.exception()
