@@ -75,7 +75,8 @@ def create_app(paths: Paths, *, idle_exit: float | None = None,
         stop = threading.Event()  # lifetimes and pool refills: the reaper's work, done here
         supervisor = threading.Thread(
             target=reaper.supervise, args=(paths, stop, _stop_this_process),
-            kwargs={"idle_exit": idle_exit}, name="ember-supervisor", daemon=True)
+            kwargs={"idle_exit": idle_exit, "busy": live.activity.busy},
+            name="ember-supervisor", daemon=True)
         supervisor.start()
         try:
             await live.restore_ports()
@@ -107,7 +108,7 @@ def create_app(paths: Paths, *, idle_exit: float | None = None,
     app.state.directory = directory  # the cluster's, for lists across nodes (cluster_peers)
     app.add_middleware(ClusterForward, paths=paths,  # another node's sandboxes: there
                        directory=directory)
-    app.add_middleware(EdgeMiddleware)
+    app.add_middleware(EdgeMiddleware, activity=live.activity)
     app.add_middleware(HostRouting, domain=proxy.domain)  # before the edge
     install_e2b(app, paths, live, proxy.domain)  # E2B's API; envd's requests outermost
 

@@ -15,6 +15,7 @@ import logging
 import os
 from collections.abc import Sequence
 
+from ember.daemon.activity import Activity
 from ember.errors import (
     BadRequestError,
     EmberError,
@@ -47,6 +48,8 @@ class LiveSandboxes:
 
     def __init__(self, paths: Paths) -> None:
         self.paths = paths
+        #: Requests and template jobs in progress (see :mod:`ember.daemon.activity`).
+        self.activity = Activity()
         self.local = Local(paths)  # the home's operations, in the daemon's process
         self._open: dict[str, AsyncSandbox] = {}
         self._attaching: dict[str, asyncio.Lock] = {}

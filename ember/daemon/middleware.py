@@ -15,6 +15,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ember.daemon.activity import Activity
 from ember.daemon.port_proxy import proxied
 from ember.errors import BadRequestError
 from ember.sdk.wire import error_body, event_line
@@ -34,15 +35,21 @@ def _streamed(scope: Scope) -> bool:
 
 
 class EdgeMiddleware:
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, activity: Activity | None = None) -> None:
         self.app = app
+        #: Held while a request runs (a daemon started on demand is not idle meanwhile).
+        self.activity = activity or Activity()
         self._ids = itertools.count(1)
         self._prefix = f"{os.getpid():x}"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+        with self.activity.hold():
+            if scope["type"] != "http":
+                await self.app(scope, receive, send)
+            else:
+                await self._http(scope, receive, send)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         rid = f"{self._prefix}-{next(self._ids)}"
         t0 = time.monotonic()
         status = [0]

@@ -85,7 +85,7 @@ async def pull(body: TemplatePullRequest, live: Live, who: Who,
             ct.pull, live.paths, live.mgr.store, cluster, name, force=body.force,
             progress=progress))
 
-    return template_job_events(name, pull_here)
+    return template_job_events(name, pull_here, live.activity)
 
 
 __all__ = ["router"]

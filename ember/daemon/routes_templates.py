@@ -22,6 +22,7 @@ from typing import Any
 from fastapi import APIRouter, Path, Response
 from fastapi.responses import StreamingResponse
 
+from ember.daemon.activity import Activity
 from ember.daemon.auth import Principal
 from ember.daemon.cluster_templates import publish_async
 from ember.daemon.deps import Live, Who
@@ -69,13 +70,14 @@ async def build(body: TemplateBuildRequest, live: Live, who: Who) -> StreamingRe
         await publish_async(live.paths, live.mgr.store)  # on a cluster: it is here now
         return info
 
-    return template_job_events(body.name, build_and_publish)
+    return template_job_events(body.name, build_and_publish, live.activity)
 
 
 def template_job_events(
         name: str, start: Callable[[Callable[[str], None]], Awaitable[TemplateInfo]],
-) -> StreamingResponse:
-    """Run a template job (a build, a pull) as a task that goes on if the client leaves:
+        activity: Activity) -> StreamingResponse:
+    """Run a template job (a build, a pull) as a task that goes on if the client leaves
+    (holding ``activity`` until it ends: the daemon is not idle meanwhile):
     ``start(progress)``, where ``progress`` may be called from any thread. Its progress and
     result (or error) as NDJSON events: ``started``, ``progress``..., ``done`` or
     ``error``. At most :data:`MAX_QUEUED` lines wait for a slow reader (the oldest go)."""
@@ -91,7 +93,11 @@ def template_job_events(
         loop.call_soon_threadsafe(tell, event_line({"event": "progress",
                                                     "message": msg[:2000]}))
 
-    job = asyncio.ensure_future(start(progress))
+    async def held() -> TemplateInfo:
+        with activity.hold():
+            return await start(progress)
+
+    job = asyncio.ensure_future(held())
     job.add_done_callback(lambda _: tell(None))
 
     async def events() -> AsyncIterator[bytes]:

@@ -549,7 +549,9 @@ class SandboxManager:
                     if child.name not in KEEP_ON_FAILURE:
                         _remove(child)
             with contextlib.suppress(SandboxNotFoundError):  # destroyed meanwhile
-                self.set_state(rec.id, "failed", error=error, pid=None)
+                if not self.store.mark_failed(rec.id, error):
+                    log.info("sandbox %s had failed already; its first cause stands (not: "
+                             "%s)", rec.id, error)
         else:
             shutil.rmtree(d.root, ignore_errors=True)
             self.store.delete_sandbox(rec.id)

@@ -42,12 +42,14 @@ def step(mgr: SandboxManager) -> float | None:
 
 def supervise(paths: Paths, stop: threading.Event,
               on_end: Callable[[], None] | None = None, *,
-              idle_exit: float | None = None) -> None:
+              idle_exit: float | None = None,
+              busy: Callable[[], bool] | None = None) -> None:
     """The supervision loop, a thread of the daemon, for as long as the daemon runs (the
     daemon lock makes it the only one of its home). ``on_end`` is called when the home is
     removed under it, or, with ``idle_exit``, once nothing was left to watch (no live
     sandbox, no pool) for that many seconds: a daemon started on demand goes away, as
-    the detached reaper it replaces did."""
+    the detached reaper it replaces did. ``busy``: whether work is in progress (a request,
+    a template build), which is not idle either."""
     log.info("the daemon supervises %s", paths.home)
     mgr = SandboxManager(paths)
     idle_since: float | None = None
@@ -58,7 +60,7 @@ def supervise(paths: Paths, stop: threading.Event,
             except Exception:  # one bad pass must not end supervision
                 log.exception("supervision pass failed")
                 pause = MAX_SLEEP_S
-            if pause is not None:
+            if pause is not None or (busy is not None and busy()):
                 idle_since = None
             elif idle_since is None:
                 idle_since = time.monotonic()

@@ -273,6 +273,20 @@ class Store:
             if cur.rowcount == 0:
                 raise SandboxNotFoundError(f"no sandbox {sandbox_id!r}")
 
+    def mark_failed(self, sandbox_id: str, error: str | None) -> bool:
+        """Move a live sandbox to ``failed`` with ``error``, in one statement; False when
+        it is failed already (its first cause stands: two releases racing, say a client's
+        look at a dead VM and the kill that made it dead, keep the kill's reason)."""
+        with self._tx() as db:
+            cur = db.execute("UPDATE sandboxes SET state='failed', error=?, pid=NULL "
+                             "WHERE id=? AND state != 'failed'", (error, sandbox_id))
+            if cur.rowcount:
+                return True
+            if db.execute("SELECT 1 FROM sandboxes WHERE id=?", (sandbox_id,)).fetchone() \
+                    is None:
+                raise SandboxNotFoundError(f"no sandbox {sandbox_id!r}")
+            return False
+
     def get_sandbox(self, sandbox_id: str) -> SandboxRecord:
         row = self._one(
             f"SELECT {_SANDBOX_COLS} FROM sandboxes WHERE id=?", (sandbox_id,)

@@ -220,8 +220,8 @@ def _log_tail(node: Node) -> str:
         lines = (node.paths.logs / "ember.log").read_text(errors="replace").splitlines()
     except OSError as err:
         return str(err)
-    return "\n".join(ln for ln in lines[-400:] if "cluster" in ln or "fenc" in ln
-                     or "sandbox" in ln)[-6000:]
+    return "\n".join(ln for ln in lines if "ember.daemon.access" not in ln
+                     and ("cluster" in ln or "fenc" in ln or "sandbox" in ln))[-6000:]
 
 
 def _ls_if(node: Node, sid: str, state: str) -> dict[str, dict[str, Any]] | None:

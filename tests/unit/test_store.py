@@ -50,6 +50,18 @@ def test_sandboxes_roundtrip_and_update(tmp_path: Path) -> None:
     assert s.list_sandboxes() == []
 
 
+def test_the_first_failure_of_a_sandbox_stands(tmp_path: Path) -> None:
+    s = Store(tmp_path / "e.db")
+    s.add_sandbox(sbx())
+    s.update_sandbox("sb-1", state="running", pid=123)
+    assert s.mark_failed("sb-1", "fenced: cut off")
+    assert not s.mark_failed("sb-1", "the VM process exited unexpectedly")  # a late look
+    got = s.get_sandbox("sb-1")
+    assert (got.state, got.error, got.pid) == ("failed", "fenced: cut off", None)
+    with pytest.raises(SandboxNotFoundError):
+        s.mark_failed("sb-none", "x")
+
+
 def test_schema_version_and_reopen(tmp_path: Path) -> None:
     Store(tmp_path / "e.db").put_template(tpl())
     s2 = Store(tmp_path / "e.db")  # reopening does not re-run migrations
