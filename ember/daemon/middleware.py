@@ -43,7 +43,10 @@ class EdgeMiddleware:
         self._prefix = f"{os.getpid():x}"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        with self.activity.hold():
+        if scope["type"] == "lifespan":  # the app's whole life: not work in progress
+            await self.app(scope, receive, send)
+            return
+        with self.activity.hold():  # a request or a websocket, while it runs
             if scope["type"] != "http":
                 await self.app(scope, receive, send)
             else:

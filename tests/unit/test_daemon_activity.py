@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from ember.daemon.activity import Activity
 from ember.daemon.middleware import EdgeMiddleware
@@ -90,3 +90,34 @@ def test_a_template_job_holds_it_after_its_client_left() -> None:
         return during, activity.busy()
 
     assert asyncio.run(go()) == (True, False)
+
+
+
+def test_the_apps_lifespan_is_not_work_in_progress(paths: Paths) -> None:
+    """The lifespan scope passes the edge for the app's whole life (as uvicorn drives
+    it): it holds nothing, so a started daemon can still be idle."""
+    from ember.daemon.app import create_app
+
+    app = create_app(paths)
+
+    async def go() -> tuple[bool, list[str]]:
+        inbox: asyncio.Queue[dict[str, str]] = asyncio.Queue()
+        sent: list[str] = []
+
+        async def send(msg: Message) -> None:
+            sent.append(msg["type"])
+
+        await inbox.put({"type": "lifespan.startup"})
+        life = asyncio.ensure_future(app({"type": "lifespan", "asgi": {"version": "3.0"}},
+                                         inbox.get, send))
+        for _ in range(500):
+            if sent:
+                break
+            await asyncio.sleep(0.01)
+        busy = app.state.live.activity.busy()
+        await inbox.put({"type": "lifespan.shutdown"})
+        await asyncio.wait_for(life, 30)
+        return busy, sent
+
+    assert asyncio.run(go()) == (False, ["lifespan.startup.complete",
+                                         "lifespan.shutdown.complete"])
