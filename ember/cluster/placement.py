@@ -211,7 +211,7 @@ def place(p: Placement) -> dict[str, Any]:
         return refused
     placed, _ = ray.wait([holder.node.remote()], timeout=PLACE_TIMEOUT_S)
     if not placed:
-        ray.kill(holder, no_restart=True)
+        end_actor(holder, name)  # waited for: the driver exits right after
         where = f"node {p.prefer_node} has no" if p.hard else "no node of the cluster has"
         return {"status": 429, "error": {
             "code": "quota_exceeded", "message": f"{where} room for "
@@ -220,10 +220,10 @@ def place(p: Placement) -> dict[str, Any]:
         out: dict[str, Any] = ray.get(holder.create.remote(p.body, p.tenant, name, p.path),
                                       timeout=CREATE_TIMEOUT_S + 30)
     except Exception:
-        ray.kill(holder, no_restart=True)
+        end_actor(holder, name)  # waited for: the driver exits right after
         raise
     if "info" not in out:  # no sandbox: nothing to hold
-        ray.kill(holder, no_restart=True)
+        end_actor(holder, name)  # waited for: the driver exits right after
         return out
     # Where it lives, for every node's daemon to find (Ray stays off the data path).
     for sid in created_ids(out["info"]):

@@ -70,9 +70,9 @@ class ClusterKeys:
         age = time.monotonic() - self._at
         if age < max_age:
             return self._reg
-        if self._reg is not None and max_age >= TTL_S and age < max_age + GRACE_S:
+        if (stale := self._reg) is not None and max_age >= TTL_S and age < max_age + GRACE_S:
             self._renew()
-            return self._reg
+            return stale  # this one: the renewal may land before the return
         with self._lock:
             if time.monotonic() - self._at < max_age:
                 return self._reg
@@ -97,9 +97,9 @@ class ClusterKeys:
         check holds the event loop): a stale reading is renewed in the background."""
         if self._address() is None:
             return None
+        reg = self._reg
         if time.monotonic() - self._at >= TTL_S:
             self._renew()
-        reg = self._reg
         return None if reg is None else reg.tenants.get(tenant)
 
     def _renew(self) -> None:
