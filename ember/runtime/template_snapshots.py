@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ember.template_snapshots")
 
-KEY_VERSION = 1
+KEY_VERSION = 2  # 2: the snapshot is taken after one command (a warm exec path)
 KEY_META = "ember.template-snapshot"
 DISK_META = "ember.disk"
 #: "1" on the template snapshots of guests with a NIC (what networked creates restore).
