@@ -162,3 +162,35 @@ def test_a_home_removed_under_its_daemon(home: Paths) -> None:
     assert not qemu_pids_under(home.home), "its sandbox outlived the home"
     assert not Path(f"/proc/{pid}").exists(), "its daemon outlived the home"
     assert not home.ram.exists()
+
+
+
+def test_an_on_demand_daemon_does_not_stop_during_a_build(home: Paths, tmp_path: Path) -> None:
+    """A build (no VM: a directory made an image) outlasting the idle period completes:
+    its request and job keep the on-demand daemon up; it stops once they are done."""
+    src = tmp_path / "tree"
+    (src / "data").mkdir(parents=True)
+    for i in range(6):  # enough to hash, copy and write that it takes seconds here
+        (src / "data" / f"blob{i}").write_bytes(os.urandom(24 << 20))
+    env = {**_env(home), "EMBER_DAEMON_IDLE_S": "1"}
+    started = time.monotonic()
+    cp = subprocess.run([sys.executable, "-m", "ember.cli", "image", "build", "blobs",
+                         "--from", f"dir:{src}"], env=env, capture_output=True, text=True,
+                        timeout=300)
+    took = time.monotonic() - started
+    assert cp.returncode == 0, cp.stderr[-3000:]
+    print(f"\nbuild took {took:.1f} s with an idle period of 1 s")
+    assert took > 1.2  # longer than the idle period
+    assert "blobs" in {t["name"] for t in json.loads(_ember(home, "image", "ls", "--json").stdout)}
+    deadline = time.monotonic() + IDLE_S + 30
+    while control.status(home).running and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not control.status(home).running, "the on-demand daemon did not stop after"
+    # It began to stop only once the build's request had ended (before the fix it began
+    # during the build; uvicorn's graceful shutdown then hid it for builds under 10 s).
+    lines = (home.logs / "ember.log").read_text(errors="replace").splitlines()
+    [answered] = [i for i, ln in enumerate(lines) if "POST /v1/templates 200" in ln]
+    pid = lines[answered].split()[2]  # the daemon that built it
+    stopping = [i for i, ln in enumerate(lines)
+                if ln.split()[2:3] == [pid] and "nothing to watch for" in ln]
+    assert stopping and stopping[0] > answered, "\n".join(lines[answered - 20:answered + 5])
