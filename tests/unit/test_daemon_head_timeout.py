@@ -46,6 +46,8 @@ def _serve_and_probe(path: Path) -> tuple[float, bytes, bytes]:
                     except OSError:
                         break
                     continue
+                except ConnectionResetError:  # closed with our last bytes unread: cut off
+                    break
                 if not chunk:
                     break
                 got += chunk
