@@ -150,19 +150,26 @@ def test_the_secret_is_the_owners_alone(tmp_path: Path) -> None:
     assert load_secret(paths) is None
 
 
-def test_a_dead_node_answers_503_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                         ) -> None:
-    """The middleware, with a directory that places the sandbox on a node whose daemon
-    address refuses connections: a typed 503 well within the connect bound."""
+def _worker_home_and_a_closed_port(tmp_path: Path) -> tuple[Paths, int]:
+    """A home joined as a worker (with the cluster's secret), and a port nothing listens
+    on (a node whose daemon refuses)."""
     import socket
 
     paths = Paths(home=tmp_path, cache=tmp_path / "cache")
-    with socket.socket() as s:  # a port nothing listens on
+    with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     save_record(paths, ClusterRecord(address="127.0.0.1:1", role="worker", node_ip="127.0.0.1",
                                      node_id=A, daemon="127.0.0.1:9"))
     save_secret(paths, "k")
+    return paths, port
+
+
+def test_a_dead_node_answers_503_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         ) -> None:
+    """The middleware, with a directory that places the sandbox on a node whose daemon
+    address refuses connections: a typed 503 well within the connect bound."""
+    paths, port = _worker_home_and_a_closed_port(tmp_path)
     directory = Directory(nodes={B: NodeEntry(B, "127.0.0.1", True, f"127.0.0.1:{port}")},
                           sandboxes={"sb-1": B})
     monkeypatch.setattr(cluster_forward, "read_directory", lambda address: directory)
@@ -250,15 +257,7 @@ def test_a_refused_node_that_a_fresh_reading_says_died_answers_lost(
     """A node whose host died refuses (or is unreachable) before the daemon's last reading
     knew it dead: the forwarder reads again at once, and the sandbox is lost (410), not
     merely unavailable."""
-    import socket
-
-    paths = Paths(home=tmp_path, cache=tmp_path / "cache")
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    save_record(paths, ClusterRecord(address="127.0.0.1:1", role="worker", node_ip="127.0.0.1",
-                                     node_id=A, daemon="127.0.0.1:9"))
-    save_secret(paths, "k")
+    paths, port = _worker_home_and_a_closed_port(tmp_path)
     alive = Directory(nodes={B: NodeEntry(B, "127.0.0.1", True, f"127.0.0.1:{port}")},
                       sandboxes={"sb-1": B})
     dead = Directory(nodes={B: NodeEntry(B, "127.0.0.1", False, f"127.0.0.1:{port}")},
