@@ -72,6 +72,8 @@ READ_TIMEOUT_S = 60.0
 PULL_TIMEOUT_S = 1800.0
 MANIFEST_MAX_BYTES = 1 << 20
 STAGING_PREFIX = "pull-"
+#: A pull's staging directories (its data, before the digest is checked).
+STAGE_PREFIX = f"{STAGING_PREFIX}stage-"
 #: How often the progress says how far the transfer is.
 PROGRESS_EVERY = 64 << 20
 
@@ -346,13 +348,13 @@ def _check(manifest: Manifest, image: Path, work: Path, progress: Progress) -> N
 @contextlib.contextmanager
 def staging(paths: Paths) -> Iterator[Path]:
     """A pull's staging directory, flock-ed while the pull lives; removed after it."""
-    with locked_staging(paths.cache_tmp, f"{STAGING_PREFIX}stage-") as stage:
+    with locked_staging(paths.cache_tmp, STAGE_PREFIX) as stage:
         yield stage
 
 
 def sweep_stale(paths: Paths) -> list[str]:
     """Remove the staging directories of pulls that died (killed, crashed)."""
-    return sweep_abandoned(paths.cache_tmp.glob(f"{STAGING_PREFIX}stage-*"))
+    return sweep_abandoned(paths.cache_tmp.glob(f"{STAGE_PREFIX}*"))
 
 
 # --- the holder's side ----------------------------------------------------------------------
