@@ -96,15 +96,29 @@ def write_identity(hostname: str) -> None:
     """/etc/hostname, /etc/machine-id and a /etc/hosts entry, so that programs resolving the
     hostname work and programs keyed by the machine id tell sandboxes apart. Raises
     OSError."""
-    with open("/etc/hostname", "w", encoding="utf-8") as f:
-        f.write(hostname + "\n")
-    with open("/etc/machine-id", "w", encoding="ascii") as f:
-        f.write(new_machine_id() + "\n")
+    rewrite("/etc/hostname", (hostname + "\n").encode())
+    rewrite("/etc/machine-id", (new_machine_id() + "\n").encode())
     try:
         with open("/etc/hosts", encoding="utf-8") as f:
             lines = [ln for ln in f.read(1 << 20).splitlines() if "# ember" not in ln]
     except FileNotFoundError:
         lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
     lines.append(f"127.0.1.1\t{hostname}  # ember")
-    with open("/etc/hosts", "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
+    rewrite("/etc/hosts", ("\n".join(lines) + "\n").encode())
+
+
+def rewrite(path: str, data: bytes) -> None:
+    """Make a small file hold ``data``, overwriting it in place and truncating it only if
+    it was longer. A restored clone's new identity has the same lengths as its snapshot's,
+    and ext4 handles a file truncated and written again by freeing its blocks, allocating
+    new ones and writing them out at once (``auto_da_alloc``): under TCG that kernel code
+    was translated anew in every clone. Raises OSError."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        done = 0
+        while done < len(data):
+            done += os.pwrite(fd, data[done:], done)
+        if os.fstat(fd).st_size != len(data):
+            os.ftruncate(fd, len(data))
+    finally:
+        os.close(fd)

@@ -84,7 +84,7 @@ ROW_LABELS: tuple[str, ...] = (
     "start to first exec, p50",
     "start to first exec, p99",
     "host memory per idle instance (PSS)",
-    "density (idle instances before a bound)",
+    "density (idle instances within the bounds)",
     "parallel creation throughput",
     "distinct host syscalls (fixed workload)",
 )
@@ -140,7 +140,8 @@ def method_lines(result: BenchResult) -> list[str]:
         f"Density: instances started one by one and kept idle until the total PSS exceeds "
         f"{fmt_bytes(p.get('memory_budget_bytes'))}, an exec of `true` in the newest takes "
         f"over {p.get('latency_bound_ms')} ms, a start fails, or --max-density "
-        f"({p.get('max_density')}) is reached; the stop reason is in brackets.",
+        f"({p.get('max_density')}) is reached; the stop reason is in brackets. The "
+        "density counts the instances that fit: not the one that crossed a bound.",
         f"Parallel creation throughput: N={p.get('parallel')} instances created (to first "
         "exec) at once from N threads; successful instances divided by the wall time.",
         "Host syscalls: `strace -f -c` attached to the instance's host processes while it "

@@ -162,6 +162,7 @@ class _Run:
         res = self.results[name]
         tier = self.tiers[name]
         insts: list[Instance] = []
+        fitted = 0  # instances started, answering, and within the bounds with all before
         try:
             stop = f"max {p.max_density}"
             while len(insts) < p.max_density:
@@ -194,14 +195,16 @@ class _Run:
                 if lat * 1000 > p.latency_bound_ms:
                     stop = "latency bound"
                     break
-            res.density = len(insts)
+                fitted += 1
+            # the instance that crossed a bound (or did not answer) is not counted
+            res.density = fitted
             res.density_stop = stop
             if not insts:
                 res.notes["density"] = stop
             res.idle_pss_bytes = [v for v in (tree_pss(i) for i in insts) if v > 0]
             if insts and not res.idle_pss_bytes:
                 res.notes["memory"] = "no host process found for the instance"
-            self.step(f"{name}: density {len(insts)}")
+            self.step(f"{name}: density {fitted}")
             if p.syscalls:
                 self.on_step(f"{name}: host syscalls (strace)", self.done, self.total)
                 if insts:

@@ -104,6 +104,7 @@ def _holder_class() -> Any:
 
     from ember.paths import Paths
     from ember.runtime.states import LIVE_STATES
+    from ember.uds_http import uds_transport
 
     class SandboxHolder:
         """Runs on the node Ray chose; creates the sandbox through that node's daemon and
@@ -116,7 +117,7 @@ def _holder_class() -> Any:
 
         def _client(self, timeout: float) -> httpx.Client:
             # Never starts a daemon: one started here would be a child of this Ray worker.
-            return httpx.Client(transport=httpx.HTTPTransport(uds=self.sock), timeout=timeout)
+            return httpx.Client(transport=uds_transport(self.sock), timeout=timeout)
 
         def node(self) -> str:
             return str(self.node_id)

@@ -20,6 +20,7 @@ from ember.errors import HostError
 from ember.locks import FileLock
 from ember.paths import Paths
 from ember.runtime.supervisor import daemon_running, on_demand_idle_s, out_path, spawn_daemon
+from ember.uds_http import uds_transport
 
 START_WAIT_S = 30.0
 
@@ -48,7 +49,7 @@ def status(paths: Paths) -> DaemonStatus:
         return DaemonStatus(False, None, str(sock))
     pid = probe.holder()
     try:
-        with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), timeout=5.0) as c:
+        with httpx.Client(transport=uds_transport(str(sock)), timeout=5.0) as c:
             h = c.get("http://emberd/v1/health").json()
         cluster = h.get("cluster")
         return DaemonStatus(True, pid, str(sock), str(h.get("version")), int(h.get("open", 0)),

@@ -76,6 +76,9 @@ class JailSpec:
     network: bool = False
     #: Descriptors of the caller handed to the program: ``(caller's fd, fd in the jail)``.
     pass_fds: tuple[tuple[int, int], ...] = ()
+    #: Transparent huge pages off for the program (``PR_SET_THP_DISABLE``, which survives
+    #: ``execve``): its memory is then counted and given in 4 KiB pages, not 2 MiB ones.
+    no_thp: bool = False
 
     def __post_init__(self) -> None:
         for label, value in (("uid", self.uid), ("gid", self.gid), *(("group", g) for g in
@@ -107,6 +110,7 @@ class JailSpec:
             "cgroup_procs": [str(p) for p in self.cgroup_procs],
             "network": self.network,
             "fds": [[src, dst] for src, dst in self.pass_fds],
+            "no_thp": self.no_thp,
         }
         return marshal.dumps(doc)
 

@@ -22,7 +22,8 @@ on stdout as ``{"error": ...}`` and nothing keeps running):
 6. stdin from /dev/null, stdout and stderr to the VMM log, every other descriptor closed;
    an empty environment but ``PATH``;
 7. the unprivileged uid, gid and groups of the spec (which clears every capability), and
-   ``no_new_privs``; then ``execve``.
+   ``no_new_privs``; transparent huge pages off if the spec says ``no_thp``; then
+   ``execve``.
 
 On success the jailer prints ``pid N`` (the VMM's pid as the host sees it) once the
 ``execve`` succeeded, and exits; the VMM is re-parented to the host's init. On failure it
@@ -60,6 +61,7 @@ MS_PRIVATE = 1 << 18
 MNT_DETACH = 2
 SYS_PIVOT_ROOT = 155  # x86_64
 PR_SET_NO_NEW_PRIVS = 38
+PR_SET_THP_DISABLE = 41
 PR_CAPBSET_DROP = 24
 
 MAX_SPEC_BYTES = 1 << 20
@@ -203,6 +205,8 @@ def _child(spec: dict[str, Any], report: int) -> None:
     if os.getuid() == 0 or os.geteuid() == 0:
         raise JailError("still root after setresuid")
     _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(no_new_privs)")
+    if spec.get("no_thp"):
+        _check(_libc.prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0), "prctl(PR_SET_THP_DISABLE)")
     argv = spec["argv"]
     os.execve(argv[0], argv, {"PATH": "/usr/bin:/bin"})
 

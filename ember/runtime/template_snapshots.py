@@ -40,7 +40,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ember.template_snapshots")
 
-KEY_VERSION = 2  # 2: the snapshot is taken after one command (a warm exec path)
+#: 2: the snapshot is taken after one command (a warm exec path); 3: that command goes
+#: through the shell paths too (``sh -c``, ``bash -l -c``) and ends with a ``sync``
+KEY_VERSION = 3
 KEY_META = "ember.template-snapshot"
 DISK_META = "ember.disk"
 #: "1" on the template snapshots of guests with a NIC (what networked creates restore).

@@ -39,6 +39,7 @@ from ember.sdk.results import (
     SnapshotInfo,
 )
 from ember.sdk.watch import AsyncWatch, watch_response
+from ember.uds_http import async_uds_transport
 
 if TYPE_CHECKING:
     from websockets.asyncio.client import ClientConnection
@@ -67,8 +68,7 @@ class Transport:
             # A connection per request (a Unix socket connects in microseconds): a daemon
             # that died or idled out is then a refused connection, which is safe to send
             # again once it is back, never a stale pooled one that fails mid-request.
-            transport = httpx.AsyncHTTPTransport(
-                uds=parts.path, limits=httpx.Limits(max_keepalive_connections=0))
+            transport = async_uds_transport(parts.path, keepalive=False)
             self._http = httpx.AsyncClient(transport=transport, base_url="http://emberd",
                                            headers=headers, timeout=timeout)
         elif parts.scheme in ("http", "https") and parts.netloc:

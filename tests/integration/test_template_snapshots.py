@@ -85,11 +85,13 @@ def test_first_create_makes_it_and_the_next_ones_restore_it(home: Paths) -> None
     cold = create(home, boot="cold")
     assert [c.info().snapshot for c in clones] == [snap.id, snap.id]
     assert cold.info().snapshot is None
-    # the snapshot was taken after one command: its program's pages are in the guest's
-    # page cache of every clone (and not in a cold-booted guest's)
-    resident = "fincore --raw --noheadings -o RES /usr/bin/true"
-    assert clones[0].exec(resident).stdout.strip() not in ("", "0B")
-    assert cold.exec(resident).stdout.strip() == "0B"
+    # the snapshot was taken after one command: the pages of a program it ran and of bash
+    # (the login shell E2B's SDKs run commands in) are in every clone's page cache (and
+    # not in a cold-booted guest's)
+    for program in ("/usr/bin/true", "/usr/bin/bash"):
+        resident = f"fincore --raw --noheadings -o RES {program}"
+        assert clones[0].exec(resident).stdout.strip() not in ("", "0B"), program
+        assert cold.exec(resident).stdout.strip() == "0B", program
     ids = [identity(s) for s in (first, *clones, cold)]
     for sb, (hostname, _, _, _, _) in zip((first, *clones, cold), ids, strict=True):
         assert hostname == sb.id

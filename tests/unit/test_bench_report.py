@@ -47,7 +47,7 @@ def test_measured_cells() -> None:
     assert rows["status"][2] == "measured"
     assert rows["start to first exec, p50"][2] == "2200 ms (n=3)"
     assert rows["host memory per idle instance (PSS)"][2] == "145 MiB"
-    assert rows["density (idle instances before a bound)"][2] == "2 (max 2)"
+    assert rows["density (idle instances within the bounds)"][2] == "2 (max 2)"
     assert rows["parallel creation throughput"][2] == "0.50/s (N=2)"
     assert rows["parallel creation throughput"][0] == "2.00/s (N=2, 1 failed)"
     assert rows["distinct host syscalls (fixed workload)"][2].startswith("2 ")

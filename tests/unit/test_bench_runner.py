@@ -80,7 +80,9 @@ def test_density_stops_at_the_memory_budget() -> None:
     params = BenchParams(reps=1, parallel=0, max_density=5, memory_budget_bytes=1,
                          settle_s=0.0, syscalls=False)
     res = run_bench([LocalTier("container")], params)
-    assert res.tiers[0].density == 1 and res.tiers[0].density_stop == "memory budget"
+    # the one instance started is already over the budget: none fits
+    assert res.tiers[0].density == 0 and res.tiers[0].density_stop == "memory budget"
+    assert len(res.tiers[0].density_pss_total_bytes) == 1
     assert not LocalInstance.live
 
 

@@ -56,6 +56,8 @@ def test_spec_encoding_carries_everything_the_jailer_needs() -> None:
     assert {"source": "/usr", "exec": True} in doc["binds"]  # system binds come first
     assert doc["rlimits"] == {"nofile": [10, 20]}
     assert doc["network"] is False
+    assert doc["no_thp"] is False
+    assert marshal.loads(_spec(no_thp=True).encode(["/bin/x"]))["no_thp"] is True
 
 
 def test_ids_are_unique_and_released(tmp_path: Path) -> None:
