@@ -26,6 +26,7 @@ def log(message: str) -> None:
 RNDADDENTROPY = 0x40085203  # _IOW('R', 0x03, int[2])
 RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07)
 MAX_ENTROPY_BYTES = 64
+MAX_HOSTS_BYTES = 1 << 20  # what is kept of a guest's /etc/hosts
 
 
 def set_clock(host_time: float) -> None:
@@ -66,8 +67,11 @@ def set_hostname(name: str) -> bool:
     if os.geteuid() != 0 or os.uname().nodename == name:
         return False
     try:
-        with open("/proc/sys/kernel/hostname", "w", encoding="ascii") as f:
-            f.write(name)
+        fd = os.open("/proc/sys/kernel/hostname", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, name.encode())
+        finally:
+            os.close(fd)
     except OSError as err:
         log(f"cannot set the hostname {name}: {err}")
         return False
@@ -94,17 +98,23 @@ def new_machine_id() -> str:
 
 def write_identity(hostname: str) -> None:
     """/etc/hostname, /etc/machine-id and a /etc/hosts entry, so that programs resolving the
-    hostname work and programs keyed by the machine id tell sandboxes apart. Raises
-    OSError."""
-    rewrite("/etc/hostname", (hostname + "\n").encode())
-    rewrite("/etc/machine-id", (new_machine_id() + "\n").encode())
+    hostname work and programs keyed by the machine id tell sandboxes apart. Bytes
+    throughout (whatever else /etc/hosts holds is kept as it is). Raises OSError."""
+    name = hostname.encode()
+    rewrite("/etc/hostname", name + b"\n")
+    rewrite("/etc/machine-id", new_machine_id().encode() + b"\n")
     try:
-        with open("/etc/hosts", encoding="utf-8") as f:
-            lines = [ln for ln in f.read(1 << 20).splitlines() if "# ember" not in ln]
+        fd = os.open("/etc/hosts", os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
-        lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
-    lines.append(f"127.0.1.1\t{hostname}  # ember")
-    rewrite("/etc/hosts", ("\n".join(lines) + "\n").encode())
+        lines = [b"127.0.0.1\tlocalhost", b"::1\tlocalhost ip6-localhost ip6-loopback"]
+    else:
+        try:
+            lines = [ln for ln in os.read(fd, MAX_HOSTS_BYTES).splitlines()
+                     if b"# ember" not in ln]
+        finally:
+            os.close(fd)
+    lines.append(b"127.0.1.1\t" + name + b"  # ember")
+    rewrite("/etc/hosts", b"\n".join(lines) + b"\n")
 
 
 def rewrite(path: str, data: bytes) -> None:

@@ -6,6 +6,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
+from ember.agent import identity
 from ember.agent.identity import rewrite
 
 
@@ -32,3 +35,26 @@ def test_rewrite_shortens_lengthens_and_creates(tmp_path: Path) -> None:
     finally:
         os.umask(old_umask)
     assert new.read_bytes() == b"ab\n" and new.stat().st_mode & 0o777 == 0o644
+
+
+def test_write_identity_keeps_the_rest_of_hosts_byte_for_byte(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "hosts").write_bytes(b"127.0.0.1\tlocalhost\n10.0.0.1 caf\xe9  \xff\n"
+                                b"127.0.1.1\told-name  # ember\n")
+    real_open = os.open
+
+    def into_tmp(path: str, flags: int, mode: int = 0o777) -> int:
+        return real_open(str(etc / Path(path).name) if path.startswith("/etc/") else path,
+                         flags, mode)
+
+    monkeypatch.setattr(identity.os, "open", into_tmp)
+    identity.write_identity("sb-123456789abc")
+    # not UTF-8, and kept as it was: only ember's own line is replaced
+    assert (etc / "hosts").read_bytes() == (b"127.0.0.1\tlocalhost\n10.0.0.1 caf\xe9  \xff\n"
+                                            b"127.0.1.1\tsb-123456789abc  # ember\n")
+    assert (etc / "hostname").read_bytes() == b"sb-123456789abc\n"
+    machine_id = (etc / "machine-id").read_bytes()
+    assert len(machine_id) == 33 and int(machine_id, 16) >= 0
