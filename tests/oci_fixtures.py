@@ -19,7 +19,6 @@ import socket
 import subprocess
 import tarfile
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.parse
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ember import proc
+from tests.serving import serving
 
 MTIME = 1_700_000_000
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -559,14 +559,8 @@ def start_token_proxy(upstream: str) -> Iterator[TokenProxy]:
     state = TokenProxy(f"127.0.0.1:{server.server_address[1]}")
     server.upstream = upstream.rstrip("/")  # type: ignore[attr-defined]
     server.state = state  # type: ignore[attr-defined]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving(server):
         yield state
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
 
 
 class _ProxyHandler(http.server.BaseHTTPRequestHandler):

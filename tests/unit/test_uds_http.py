@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import http.server
 import socketserver
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import httpx
 import pytest
 
 from ember import uds_http
+from tests.serving import serving
 
 
 class _Hello(http.server.BaseHTTPRequestHandler):
@@ -34,15 +34,8 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 @pytest.fixture
 def sock(tmp_path: Path) -> Iterator[str]:
     path = str(tmp_path / "s.sock")
-    srv = _Server(path, _Hello)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    try:
+    with serving(_Server(path, _Hello)):
         yield path
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        t.join(5)
 
 
 def test_requests_go_over_the_socket(sock: str) -> None:
