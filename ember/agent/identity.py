@@ -127,7 +127,10 @@ def rewrite(path: str, data: bytes) -> None:
     try:
         done = 0
         while done < len(data):
-            done += os.pwrite(fd, data[done:], done)
+            wrote = os.pwrite(fd, data[done:], done)
+            if wrote <= 0:
+                raise OSError(f"cannot write {path}: nothing written")
+            done += wrote
         if os.fstat(fd).st_size != len(data):
             os.ftruncate(fd, len(data))
     finally:
