@@ -32,6 +32,18 @@ def _wait_ready(paths: Paths, key: str, n: int, timeout: float = 120) -> None:
     raise AssertionError(f"pool {key} did not fill to {n} within {timeout} s; {states}\n{log}")
 
 
+def _wait_gone(pid: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z":
+                return
+        except OSError:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} still runs {timeout:g} s after SIGKILL")
+
+
 def _daemon_pid(paths: Paths) -> int | None:
     from ember.daemon.control import status
 
@@ -50,6 +62,9 @@ def test_pool_hands_out_ready_sandboxes_once_and_refills(ember_paths: Paths,
         pid = _daemon_pid(ember_paths)
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
+        # Dead, not dying: a connection a dying daemon's socket still accepted is lost
+        # mid-request, which the SDK rightly does not send again (it may have been done).
+        _wait_gone(pid)
         with concurrent.futures.ThreadPoolExecutor(4) as ex:
             got = list(ex.map(lambda _: Sandbox.create(memory_mib=192, paths=ember_paths,
                                                        metadata={"who": "test"}), range(2)))
