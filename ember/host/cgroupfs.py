@@ -83,8 +83,10 @@ class CgroupFS:
         """
         try:
             listed = _pids(self.read(procs))
-        except FileNotFoundError:
-            return
+        except OSError as err:
+            if _gone(err):
+                return
+            raise
         if not hasattr(os, "pidfd_open"):  # pragma: no cover - Linux < 5.3 / non-Linux
             for pid in listed:
                 _quiet_kill(pid, sig)
@@ -98,8 +100,10 @@ class CgroupFS:
                     continue
             try:
                 still = set(_pids(self.read(procs)))
-            except FileNotFoundError:
-                return
+            except OSError as err:
+                if _gone(err):
+                    return
+                raise
             for pid, fd in fds.items():
                 if pid in still:
                     with contextlib.suppress(ProcessLookupError):
@@ -107,6 +111,12 @@ class CgroupFS:
         finally:
             for fd in fds.values():
                 os.close(fd)
+
+
+def _gone(err: OSError) -> bool:
+    """The cgroup was removed: its directory is gone (ENOENT), or its control file was
+    opened as it was being removed (ENODEV, seen under cgroup v1)."""
+    return err.errno in (errno.ENOENT, errno.ENODEV)
 
 
 def _pids(text: str) -> list[int]:

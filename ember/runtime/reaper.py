@@ -76,9 +76,13 @@ def supervise(paths: Paths, stop: threading.Event,
         if not stop.is_set():  # its home was removed under its sandboxes
             log.warning("%s is gone: stopping its sandboxes' processes and the daemon",
                         paths.home)
-            mgr.confinement.sweep(set)  # no registry to manage them by any more
-            shutil.rmtree(paths.ram, ignore_errors=True)  # their guest RAM files
-            if on_end is not None:
-                on_end()
+            try:
+                mgr.confinement.sweep(set)  # no registry to manage them by any more
+            except Exception:  # the daemon must stop all the same
+                log.exception("stopping the processes of the removed home %s", paths.home)
+            finally:
+                shutil.rmtree(paths.ram, ignore_errors=True)  # their guest RAM files
+                if on_end is not None:
+                    on_end()
     finally:
         mgr.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -32,16 +33,18 @@ def _wait_ready(paths: Paths, key: str, n: int, timeout: float = 120) -> None:
     raise AssertionError(f"pool {key} did not fill to {n} within {timeout} s; {states}\n{log}")
 
 
-def _wait_gone(pid: int, timeout: float = 10.0) -> None:
+def _wait_refused(sock: Path, timeout: float = 10.0) -> None:
+    """Until the daemon's socket refuses connections: a killed daemon's other threads may
+    still hold it open (and accept into its backlog) after its main thread is a zombie."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            if Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z":
+        with socket.socket(socket.AF_UNIX) as probe:
+            try:
+                probe.connect(str(sock))
+            except (ConnectionRefusedError, FileNotFoundError):
                 return
-        except OSError:
-            return
         time.sleep(0.01)
-    raise AssertionError(f"process {pid} still runs {timeout:g} s after SIGKILL")
+    raise AssertionError(f"{sock} still accepts connections {timeout:g} s after SIGKILL")
 
 
 def _daemon_pid(paths: Paths) -> int | None:
@@ -64,7 +67,7 @@ def test_pool_hands_out_ready_sandboxes_once_and_refills(ember_paths: Paths,
         os.kill(pid, signal.SIGKILL)
         # Dead, not dying: a connection a dying daemon's socket still accepted is lost
         # mid-request, which the SDK rightly does not send again (it may have been done).
-        _wait_gone(pid)
+        _wait_refused(ember_paths.daemon_socket)
         with concurrent.futures.ThreadPoolExecutor(4) as ex:
             got = list(ex.map(lambda _: Sandbox.create(memory_mib=192, paths=ember_paths,
                                                        metadata={"who": "test"}), range(2)))
