@@ -20,8 +20,8 @@ def test_parallel_creates_survive_a_concurrent_sweep(ember_paths: Paths, debian_
         pytest.skip(f"isolation={isolation} unavailable here")
     stop = threading.Event()
 
-    def lister() -> None:
-        while not stop.is_set():
+    def lister() -> None:  # lists as the creates run (paced: a tight loop starves a 2-core CI)
+        while not stop.wait(0.02):
             Sandbox.list(paths=ember_paths)
 
     t = threading.Thread(target=lister)
