@@ -84,7 +84,7 @@ class CgroupFS:
         try:
             listed = _pids(self.read(procs))
         except OSError as err:
-            if _gone(err):
+            if cgroup_gone(err):
                 return
             raise
         if not hasattr(os, "pidfd_open"):  # pragma: no cover - Linux < 5.3 / non-Linux
@@ -101,7 +101,7 @@ class CgroupFS:
             try:
                 still = set(_pids(self.read(procs)))
             except OSError as err:
-                if _gone(err):
+                if cgroup_gone(err):
                     return
                 raise
             for pid, fd in fds.items():
@@ -113,7 +113,7 @@ class CgroupFS:
                 os.close(fd)
 
 
-def _gone(err: OSError) -> bool:
+def cgroup_gone(err: OSError) -> bool:
     """The cgroup was removed: its directory is gone (ENOENT), or its control file was
     opened as it was being removed (ENODEV, seen under cgroup v1)."""
     return err.errno in (errno.ENOENT, errno.ENODEV)

@@ -783,3 +783,17 @@ def test_without_a_freezer_freeze_is_a_cgroup_error_naming_why(tmp_path: Path) -
     with pytest.raises(CgroupError, match="no usable freezer"):
         cg.freeze()
     cg.destroy()
+
+
+def test_a_cgroup_going_while_its_members_are_read_has_none(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    fk = hybrid(tmp_path)
+    cg = SandboxCgroup(detect_cgroups(fk), "k1", "sb-1", fs=fk).create()
+    cg.add_pid(4242)
+
+    def going(path: Path) -> str:  # cgroup v1: the file of a cgroup being removed
+        raise OSError(errno.ENODEV, "No such device", str(path))
+
+    monkeypatch.setattr(fk, "read", going)
+    assert cg.pids() == []
