@@ -7,7 +7,6 @@ from __future__ import annotations
 import errno
 import shutil
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -18,11 +17,19 @@ from ember.runtime import reaper
 from ember.runtime.confinement import Confinement
 
 
-def _removed_home_ends(paths: Paths) -> bool:
-    ended, stop = threading.Event(), threading.Event()
+def _removed_home_ends(paths: Paths, monkeypatch: pytest.MonkeyPatch) -> bool:
+    ended, stop, opened = threading.Event(), threading.Event(), threading.Event()
+    real = reaper.SandboxManager
+
+    def opening(p: Paths) -> object:
+        mgr = real(p)
+        opened.set()
+        return mgr
+
+    monkeypatch.setattr(reaper, "SandboxManager", opening)
     t = threading.Thread(target=reaper.supervise, args=(paths, stop, ended.set), daemon=True)
     t.start()
-    time.sleep(0.5)  # its registry opened: the home goes while it supervises
+    assert opened.wait(30.0)  # its registry opened: the home goes while it supervises
     try:
         while paths.home.exists():  # the supervisor may be writing its SQLite files meanwhile
             shutil.rmtree(paths.home, ignore_errors=True)
@@ -43,7 +50,7 @@ def test_the_daemon_stops_even_if_stopping_the_processes_fails(
         raise OSError(errno.ENODEV, "No such device")
 
     monkeypatch.setattr(Confinement, "sweep", broken)
-    assert _removed_home_ends(paths)
+    assert _removed_home_ends(paths, monkeypatch)
     assert not paths.ram.exists()
 
 
