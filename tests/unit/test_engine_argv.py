@@ -195,6 +195,42 @@ def test_restore_maps_snapshot_memory_privately_and_waits_for_state() -> None:
     assert opt(argv, "-incoming") == ["defer"]
 
 
+def test_only_a_boot_gets_the_kernel() -> None:
+    """A restored guest's kernel is in its RAM: QEMU is not given one to hold."""
+    from ember.engine.qemu.vm import vm_binds
+
+    boot = make_spec(disk_format="raw")
+    restore = make_spec(disk_format="raw", memory_file=Path("/snap/ram"), incoming=True)
+    assert opt(build_argv(boot), "-kernel") == [str(boot.kernel)]
+    assert opt(build_argv(restore), "-kernel") == opt(build_argv(restore), "-append") == []
+    assert opt(build_argv(restore, kernel=True), "-kernel") == [str(restore.kernel)]
+    assert boot.kernel in [b.source for b in vm_binds(boot)]
+    assert restore.kernel not in [b.source for b in vm_binds(restore)]
+
+
+def test_a_restore_does_not_need_the_kernel_file(tmp_path: Path) -> None:
+    from ember.engine.qemu.vm import _preflight
+    from ember.errors import EngineError
+
+    disk = tmp_path / "disk.qcow2"
+    disk.write_bytes(b"")
+    files = {"kernel": tmp_path / "gone", "disk": disk, "console_log": tmp_path / "console",
+             "qmp_socket": tmp_path / "qmp", "agent_socket": tmp_path / "agent",
+             "pidfile": tmp_path / "pid"}
+    _preflight(make_spec(**files, incoming=True))
+    with pytest.raises(EngineError, match="kernel"):
+        _preflight(make_spec(**files))
+
+
+def test_the_device_model_digest_is_the_one_earlier_versions_recorded() -> None:
+    """Snapshots made before restores stopped getting ``-kernel`` keep their digest and
+    load. Changing this value makes every existing snapshot unloadable: do it on purpose."""
+    from ember.engine.qemu.argv import device_model
+
+    assert device_model(TCG, 1, 256) == (
+        "d10fdea52000f8432bf34bb333e1fad9d14169330e9642ebd0589a83606bd4d0")
+
+
 def test_shared_memory_needs_a_file() -> None:
     with pytest.raises(BadRequestError, match="memory_file"):
         make_spec(memory_shared=True)

@@ -67,6 +67,14 @@ def kernel_cmdline(spec: VMSpec) -> str:
     return " ".join(parts)
 
 
+def loads_kernel(spec: VMSpec) -> bool:
+    """Whether QEMU is given the guest kernel: only to boot. A restored guest's kernel is
+    in its RAM already, and QEMU keeps a ``-kernel`` image it was given (read whole, for
+    the firmware to load) in its own memory for the VM's whole life: 2.7 MiB of every
+    restored sandbox here (issue 12, docs/snapshots.md "Memory")."""
+    return not spec.incoming
+
+
 def build_argv(
     spec: VMSpec,
     *,
@@ -74,13 +82,18 @@ def build_argv(
     daemonize: bool = True,
     sandbox: bool = True,
     pidfile: bool = True,
+    kernel: bool | None = None,
 ) -> list[str]:
     """The full argv that boots ``spec``.
 
     ``sandbox`` adds QEMU's seccomp filter (``-sandbox``; weaker with ``daemonize``, see
     :data:`SANDBOX_OPTS_DAEMONIZE`); pass False only for a QEMU built without seccomp
     support (the engine detects that once). ``pidfile=False`` leaves out ``-pidfile``.
+    ``kernel``: put ``-kernel`` and ``-append`` on it; by default (None) when the VM boots,
+    not when it restores (see :func:`loads_kernel`).
     """
+    if kernel is None:
+        kernel = loads_kernel(spec)
     # Guest RAM is always a named backend ("mem") so that a saved state loads into either
     # kind: file-backed (shared or private) or anonymous.
     machine = f"{MICROVM_OPTS},memory-backend=mem"
@@ -123,8 +136,7 @@ def build_argv(
         "-m", str(spec.memory_mib),
         "-object", memory,
         "-smp", str(spec.vcpus),
-        "-kernel", str(spec.kernel),
-        "-append", kernel_cmdline(spec),
+        *(["-kernel", str(spec.kernel), "-append", kernel_cmdline(spec)] if kernel else []),
         # append: the host may write a line first (a restore says what it restored)
         "-chardev", f"file,id=console,path={qemu_opt(str(spec.console_log))},append=on",
         "-serial", "chardev:console",
@@ -172,7 +184,9 @@ def device_model(accel: AccelDecision, vcpus: int, memory_mib: int, *,
                   console_log=p / "console", qmp_socket=p / "qmp", agent_socket=p / "agent",
                   pidfile=p / "pid", accel=accel, memory_file=p / "ram", incoming=True,
                   net_fd=NET_FD if network else None)
-    argv = build_argv(spec)
+    # With ``-kernel`` (which a restore no longer gets): the digest of the snapshots that
+    # earlier versions made stays what it was, and they still load.
+    argv = build_argv(spec, kernel=True)
     i = argv.index("-append")
     del argv[i:i + 2]
     return hashlib.sha256("\0".join(argv).encode()).hexdigest()

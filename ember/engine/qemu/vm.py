@@ -20,7 +20,7 @@ from ember.engine.base import (
     process_runs,
     remove_stale_socket,
 )
-from ember.engine.qemu.argv import NET_FD, build_argv
+from ember.engine.qemu.argv import NET_FD, build_argv, loads_kernel
 from ember.engine.qemu.caps import seccomp_supported
 from ember.engine.qemu.cpu import KVM_CPU_MODEL, GuestCpu, from_expansion, restore_problem
 from ember.engine.qemu.migration import load_state, save_state
@@ -207,7 +207,8 @@ class QemuEngine:
 def vm_binds(spec: VMSpec) -> list[Bind]:
     """What a jailed QEMU must see of the host for ``spec``, each at its own path."""
     chain = backing_chain(spec.disk) if spec.disk_format == "qcow2" else [spec.disk]
-    binds = [Bind(spec.kernel), Bind(chain[0], writable=not spec.disk_readonly),
+    binds = [*([Bind(spec.kernel)] if loads_kernel(spec) else []),
+             Bind(chain[0], writable=not spec.disk_readonly),
              *(Bind(p) for p in chain[1:]), Bind(spec.console_log, writable=True),
              Bind(spec.qmp_socket.parent, writable=True),
              Bind(Path("/dev/null"), writable=True, device=True),
@@ -261,7 +262,8 @@ def _failure(err: HostCommandError) -> str:
 
 def _preflight(spec: VMSpec) -> None:
     """Refuse early, with the cause named, what QEMU would refuse obscurely (or worse)."""
-    for label, path in (("kernel", spec.kernel), ("disk", spec.disk)):
+    needed = [("kernel", spec.kernel)] if loads_kernel(spec) else []
+    for label, path in (*needed, ("disk", spec.disk)):
         if not path.is_file():
             raise EngineError(
                 f"cannot start VM {spec.name}: {label} {path} does not exist "
