@@ -37,6 +37,13 @@ MIN_MEMORY_MIB = 64
 MAX_SOCKET_PATH_BYTES = 107
 #: x86 COMMAND_LINE_SIZE is 2048; keep room for the engine's own arguments.
 MAX_EXTRA_CMDLINE = 1024
+#: Where process information is read (tests point it at a fake).
+PROC = Path("/proc")
+#: ``/proc/<pid>/stat`` flags (include/linux/sched.h): exiting, kernel thread.
+PF_EXITING = 0x4
+PF_KTHREAD = 0x200000
+#: How long reading a process's argv waits for an exec in progress to set it up.
+EXEC_SETTLE_S = 2.0
 
 
 def host_memory_mib() -> int:
@@ -127,14 +134,39 @@ def _check_path(label: str, value: object) -> None:
 
 
 def proc_cmdline(pid: int) -> list[str] | None:
-    """The argv of ``pid`` from /proc, or None if it is gone (or a zombie: empty cmdline)."""
+    """The argv of ``pid`` from /proc, or None if it is gone, a zombie, exiting or a kernel
+    thread (each reads as an empty cmdline).
+
+    A process in the middle of an execve() reads empty too, from the switch to its new
+    program's memory until the kernel has set up its arguments there (a container's init
+    exec'ing its program, a jailer exec'ing QEMU): milliseconds, more on a loaded host.
+    That is waited out (up to :data:`EXEC_SETTLE_S`), never taken for a process that
+    exited."""
+    deadline = time.monotonic() + EXEC_SETTLE_S
+    while True:
+        try:
+            raw = (PROC / str(pid) / "cmdline").read_bytes()
+        except OSError:
+            return None
+        if raw:
+            return [os.fsdecode(a) for a in raw.rstrip(b"\0").split(b"\0")]
+        if not _in_exec(pid) or time.monotonic() >= deadline:
+            return None
+        time.sleep(0.002)
+
+
+def _in_exec(pid: int) -> bool:
+    """Whether an empty cmdline of ``pid`` can only mean an exec in progress: the process
+    is neither gone, a zombie, exiting (its memory is released before it turns zombie) nor
+    a kernel thread (which has no cmdline at all)."""
     try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return None
-    if not raw:
-        return None
-    return [os.fsdecode(a) for a in raw.rstrip(b"\0").split(b"\0")]
+        stat = (PROC / str(pid) / "stat").read_text(errors="replace")
+        # The command name, in parentheses, may hold anything: fields follow the last ')'.
+        fields = stat.rsplit(")", 1)[1].split()
+        state, flags = fields[0], int(fields[6])
+    except (OSError, IndexError, ValueError):
+        return False
+    return state not in ("Z", "X", "x") and not flags & (PF_EXITING | PF_KTHREAD)
 
 
 def process_runs(pid: int, token: str) -> bool:

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from ember.engine.base import VMHandle, process_runs, remove_stale_socket
+from ember.engine import base
+from ember.engine.base import VMHandle, proc_cmdline, process_runs, remove_stale_socket
 
 
 class ProcessHandle(VMHandle):
@@ -150,3 +152,79 @@ def test_pid_must_be_positive(vm_dir: Path) -> None:
 
     with pytest.raises(BadRequestError):
         handle_for(vm_dir, 0)
+
+
+#: An exec chain: each stage execs the next (``$1`` counts down, the token stays in
+#: ``$0``); the last one waits for its stdin to close.
+EXEC_CHAIN = 'if [ "$1" -gt 0 ]; then exec sh -c "$CHAIN" "$0" $(($1 - 1)); fi; read -r _'
+
+
+def test_a_process_exec_ing_is_never_taken_for_gone() -> None:
+    """A process's cmdline reads empty while it execs (its new program's arguments are
+    not set up yet): a container's init did that as ember waited for its agent, which
+    took it for dead (the CI failure: "container exited right after starting")."""
+    proc = subprocess.Popen(["sh", "-c", EXEC_CHAIN, "ember-exec-chain", "300"],
+                            stdin=subprocess.PIPE, env={**os.environ, "CHAIN": EXEC_CHAIN})
+    try:
+        deadline = time.monotonic() + 10
+        while not process_runs(proc.pid, "ember-exec-chain"):  # before its first exec
+            assert time.monotonic() < deadline
+        seen = set()
+        while (argv := proc_cmdline(proc.pid)) is None or argv[-1] != "0":
+            assert argv is not None, f"taken for gone after {len(seen)} execs"
+            seen.add(argv[-1])
+        assert len(seen) > 10  # the poll saw the chain go by, not only its end
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait()
+
+
+def fake_proc(root: Path, pid: int, *, cmdline: bytes, state: str = "R",
+              flags: int = 0x400100, comm: str = "python3") -> None:
+    d = root / str(pid)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "cmdline").write_bytes(cmdline)
+    (d / "stat").write_text(f"{pid} ({comm}) {state} 1 {pid} {pid} 0 -1 {flags} 55 0 1 0\n")
+
+
+def test_process_runs_waits_out_an_exec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Measured: a container's init read empty 10 ms before showing its argv (state R,
+    the new program's name already, no exit flag)."""
+    monkeypatch.setattr(base, "PROC", tmp_path)
+    fake_proc(tmp_path, 42, cmdline=b"", comm="odd) R 1 (name")
+    later = threading.Timer(0.05, fake_proc, (tmp_path, 42),
+                            {"cmdline": b"python3\0-c\0...\0sb-1\0"})
+    later.start()
+    try:
+        assert process_runs(42, "sb-1")
+    finally:
+        later.cancel()
+
+
+@pytest.mark.parametrize(("state", "flags"), [
+    ("Z", 0x400100),  # a zombie
+    ("R", 0x400104),  # exiting: its memory is gone, it is not a zombie yet
+    ("S", 0x208040),  # a kernel thread (a reused pid)
+])
+def test_process_runs_does_not_wait_for_the_dead(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 state: str, flags: int) -> None:
+    monkeypatch.setattr(base, "PROC", tmp_path)
+    fake_proc(tmp_path, 42, cmdline=b"", state=state, flags=flags)
+    # An argv showing up later would make a waiting read answer True.
+    later = threading.Timer(0.2, fake_proc, (tmp_path, 42), {"cmdline": b"x\0sb-1\0"})
+    later.start()
+    try:
+        assert not process_runs(42, "sb-1")
+    finally:
+        later.cancel()
+
+
+def test_an_empty_cmdline_is_waited_for_only_so_long(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(base, "PROC", tmp_path)
+    monkeypatch.setattr(base, "EXEC_SETTLE_S", 0.05)
+    fake_proc(tmp_path, 42, cmdline=b"")
+    assert proc_cmdline(42) is None
+    (tmp_path / "43").mkdir()  # gone between its directory and its files
+    assert proc_cmdline(43) is None
