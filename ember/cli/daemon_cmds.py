@@ -77,7 +77,12 @@ def stop(as_json: bool) -> None:
     from ember.store import Store
 
     paths = Paths.from_env()
-    _show(control.stop(paths), as_json)
+    before = control.status(paths)
+    after = control.stop(paths)
+    if as_json or not before.running:
+        _show(after, as_json)
+    else:
+        click.echo(f"emberd stopped (was pid {before.pid}, socket {after.socket})")
     if paths.db.exists() and not as_json:
         store = Store(paths.db)
         try:
