@@ -41,8 +41,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("ember.template_snapshots")
 
 #: 2: the snapshot is taken after one command (a warm exec path); 3: that command goes
-#: through the shell paths too (``sh -c``, ``bash -l -c``) and ends with a ``sync``
-KEY_VERSION = 3
+#: through the shell paths too (``sh -c``, ``bash -l -c``) and ends with a ``sync``; 4: the
+#: guest's root is mounted with a 600 s journal commit (``argv.ROOT_FLAGS``: the kernel
+#: command line, which the key does not otherwise see)
+KEY_VERSION = 4
 KEY_META = "ember.template-snapshot"
 DISK_META = "ember.disk"
 #: "1" on the template snapshots of guests with a NIC (what networked creates restore).

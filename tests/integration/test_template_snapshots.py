@@ -92,6 +92,10 @@ def test_first_create_makes_it_and_the_next_ones_restore_it(home: Paths) -> None
         resident = f"fincore --raw --noheadings -o RES {program}"
         assert clones[0].exec(resident).stdout.strip() not in ("", "0B"), program
         assert cold.exec(resident).stdout.strip() == "0B", program
+    # every guest's root journal commits every 600 s (argv.ROOT_FLAGS), restored or booted
+    for sb in (clones[0], cold):
+        root = sb.exec("awk '$2 == \"/\" {print $4}' /proc/mounts").check().stdout
+        assert "commit=600" in root.strip().split(","), root
     ids = [identity(s) for s in (first, *clones, cold)]
     for sb, (hostname, _, _, _, _) in zip((first, *clones, cold), ids, strict=True):
         assert hostname == sb.id

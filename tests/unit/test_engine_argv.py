@@ -47,8 +47,8 @@ def test_tcg_argv_exactly() -> None:
         "-object", "memory-backend-ram,id=mem,size=512M",
         "-smp", "2",
         "-kernel", "/cache/bzImage",
-        "-append", "console=ttyS0 reboot=t panic=-1 root=/dev/vda rootfstype=ext4 rw quiet "
-                   "init=/sbin/ember-init",
+        "-append", "console=ttyS0 reboot=t panic=-1 root=/dev/vda rootfstype=ext4 "
+                   "rootflags=commit=600 rw quiet init=/sbin/ember-init",
         "-chardev", f"file,id=console,path={d}/console.log,append=on",
         "-serial", "chardev:console",
         "-drive", f"id=root,file={d}/root.qcow2,format=qcow2,if=none,cache=unsafe,readonly=off",
