@@ -73,6 +73,17 @@ class CgroupFS:
         except FileNotFoundError:
             return []
 
+    def pids_in(self, procs: Path) -> list[int]:
+        """The pids listed in the ``cgroup.procs`` file ``procs``; none if the cgroup is
+        gone (:func:`cgroup_gone`). Other errors raise OSError."""
+        try:
+            text = self.read(procs)
+        except OSError as err:
+            if cgroup_gone(err):
+                return []
+            raise
+        return [int(w) for w in text.split() if w.isdigit()]
+
     def signal_members(self, procs: Path, sig: int) -> None:
         """Send ``sig`` to every process listed in the ``cgroup.procs`` file ``procs``.
 
@@ -81,12 +92,7 @@ class CgroupFS:
         reused between the two reads cannot be a member, since its pidfd then refers to
         the dead process and signalling it fails harmlessly).
         """
-        try:
-            listed = _pids(self.read(procs))
-        except OSError as err:
-            if cgroup_gone(err):
-                return
-            raise
+        listed = self.pids_in(procs)
         if not hasattr(os, "pidfd_open"):  # pragma: no cover - Linux < 5.3 / non-Linux
             for pid in listed:
                 _quiet_kill(pid, sig)
@@ -98,12 +104,7 @@ class CgroupFS:
                     fds[pid] = os.pidfd_open(pid)
                 except ProcessLookupError:
                     continue
-            try:
-                still = set(_pids(self.read(procs)))
-            except OSError as err:
-                if cgroup_gone(err):
-                    return
-                raise
+            still = set(self.pids_in(procs))
             for pid, fd in fds.items():
                 if pid in still:
                     with contextlib.suppress(ProcessLookupError):
@@ -117,10 +118,6 @@ def cgroup_gone(err: OSError) -> bool:
     """The cgroup was removed: its directory is gone (ENOENT), or its control file was
     opened as it was being removed (ENODEV, seen under cgroup v1)."""
     return err.errno in (errno.ENOENT, errno.ENODEV)
-
-
-def _pids(text: str) -> list[int]:
-    return [int(w) for w in text.split() if w.isdigit()]
 
 
 def _quiet_kill(pid: int, sig: int) -> None:

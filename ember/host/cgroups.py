@@ -35,7 +35,7 @@ from typing import Literal
 
 from ember.errors import BadRequestError, HostError
 from ember.host.cgroup_detect import FREEZER, CgroupSupport
-from ember.host.cgroupfs import CgroupFS, cgroup_gone
+from ember.host.cgroupfs import CgroupFS
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
@@ -328,10 +328,8 @@ class SandboxCgroup:
 
     def _read_pids(self, procs: Path) -> list[int]:
         try:
-            return [int(w) for w in self._fs.read(procs).split() if w.isdigit()]
+            return self._fs.pids_in(procs)
         except OSError as err:
-            if cgroup_gone(err):
-                return []
             raise CgroupError(f"reading {procs}: {err.strerror or err}") from err
 
     # -- counters -----------------------------------------------------------------------
