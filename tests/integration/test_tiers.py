@@ -164,12 +164,14 @@ def test_a_paused_sandbox_is_destroyed_from_another_process(ember_paths: Paths, 
     loops = _loops_backed_by(image)
     sb = Sandbox.create("debian-python", isolation=tier, timeout=600, paths=ember_paths)
     sid, sdir = sb.id, Path(manager(ember_paths).get(sb.id).dir)
-    sb.spawn("sleep 300")
-    sb.pause()
-    rm = _ember("rm", sid)
-    assert rm.returncode == 0, rm.stderr
-    assert_nothing_left(ember_paths, sid, sdir, image, loops, tier)
-    sb.kill()  # idempotent on a destroyed sandbox
+    try:
+        sb.spawn("sleep 300")
+        sb.pause()
+        rm = _ember("rm", sid)
+        assert rm.returncode == 0, rm.stderr
+        assert_nothing_left(ember_paths, sid, sdir, image, loops, tier)
+    finally:  # idempotent on a destroyed sandbox; after a failure above, nothing outlives it
+        sb.kill()
 
 
 def test_disk_limit_is_enforced(sandbox: Sandbox, tier: str) -> None:
